@@ -1,0 +1,2 @@
+"""HALO offline planning compiler."""
+__version__ = "0.1.0"

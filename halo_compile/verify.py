@@ -1,0 +1,64 @@
+"""`halo-compile verify`: the files are the ones the manifest names, and the shards together hold
+exactly the model's weights, every row and column once.
+
+Example:
+    >>> from halo_compile.verify import verify_plan
+    >>> verify_plan("artifacts/smollm2-135m-pi5")     # doctest: +SKIP
+    ['manifest: 6 files match', 'shards: 272 tensors reassemble to the model (fingerprint 3f2a...)']
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from halo_runtime.plan import MANIFEST_FILE, PlanError, load_plan
+from halo_runtime.shards import assemble, load_shard
+
+from .emit import sha256_file
+from .load import fingerprint, load_model
+
+
+def check_manifest(directory: Path) -> int:
+    path = directory / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise PlanError(f"{path}: missing") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise PlanError(f"{path}: not a HALO manifest") from None
+    for name, entry in sorted(files.items()):
+        f = directory / name
+        if not f.exists():
+            raise PlanError(f"{f}: listed in the manifest but missing")
+        if sha256_file(f) != entry["sha256"]:
+            raise PlanError(f"{f}: SHA-256 does not match the manifest (corrupted or modified)")
+    return len(files)
+
+
+def verify_plan(directory: str | Path, model_spec: str | None = None) -> list[str]:
+    """Raise PlanError on the first problem; return what was checked."""
+    directory = Path(directory)
+    n = check_manifest(directory)
+    plan = load_plan(directory)
+    shards = {dev: load_shard(directory, plan, dev) for dev in plan.device_names}
+    full = assemble(plan, shards)
+    done = [f"manifest: {n} files match their SHA-256"]
+    fp = fingerprint(full)
+    if fp != plan.model_fingerprint:
+        raise PlanError(f"{directory}: shards reassemble to fingerprint {fp[:12]}, plan says "
+                        f"{plan.model_fingerprint[:12]}")
+    done.append(f"shards: {len(full)} tensors reassemble to the plan's model (fingerprint {fp[:12]})")
+    if model_spec:
+        model = load_model(model_spec, progress=False)
+        missing = sorted(set(model.weights) - set(full))
+        extra = sorted(set(full) - set(model.weights))
+        if missing or extra:
+            raise PlanError(f"{directory}: shards lack {missing[:1]} or hold extra {extra[:1]} vs {model_spec}")
+        for name, t in model.weights.items():
+            if not torch.equal(t.float(), full[name].float()):
+                raise PlanError(f"{directory}: {name} differs from {model_spec}")
+        done.append(f"model: every weight of {model_spec} is held exactly once, bit for bit")
+    return done

@@ -1,0 +1,308 @@
+"""`halo-run`: run a compiled plan. `worker` on each device, `generate` on the coordinator, or
+`local` to start every device as a process on this machine's loopback.
+
+Example:
+    $ halo-run local --plan artifacts/smollm2-135m-pi5 --prompt "The capital of France is" --plr 0.05
+    $ halo-run worker --plan DIR --device pi5-1 --bind 0.0.0.0:7700          # on each board
+    $ halo-run generate --plan DIR --prompt "Hello" --max-tokens 32 --json   # on the coordinator
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+EXIT_USER_ERROR = 2
+
+
+def _fail(msg: str) -> None:
+    print(f"halo-run: error: {msg}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        _fail(f"{what}: {text!r} is not HOST:PORT")
+    return host or "0.0.0.0", int(port)
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", required=True, help="compiled plan directory")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--sync", choices=["relaxed", "strict"], default="relaxed",
+                   help="relaxed: UDP, deadlines and compensation (default); strict: TCP, await everything")
+    p.add_argument("--wire", choices=["fp16", "fp32"], default="fp16", help="activation dtype on the wire")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--redundancy", type=int, default=1, help="copies of each message on lossy links (1-4)")
+    p.add_argument("--relaxed-retries", type=int, default=1, help="fast re-requests of a late relaxed part")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT",
+                   help="override a device's address from the plan")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no per-token lines")
+    p.add_argument("--seed", type=int, default=0, help="seed of the loss emulation (local)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="halo-run", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="serve one device's part of the plan")
+    w.add_argument("--plan", required=True)
+    w.add_argument("--device", required=True)
+    w.add_argument("--bind", default=None, help="HOST:PORT to listen on [default: the plan's address]")
+    w.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
+    w.add_argument("--shim-loss", type=float, default=0.0, help=argparse.SUPPRESS)
+    w.add_argument("--shim-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    w.add_argument("--shim-jitter-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    w.add_argument("--shim-seed", type=int, default=0, help=argparse.SUPPRESS)
+    g = sub.add_parser("generate", help="generate text as the coordinator")
+    _generate_args(g)
+    loc = sub.add_parser("local", help="run every device as a local process on loopback (emulated loss)")
+    _generate_args(loc)
+    loc.add_argument("--plr", type=float, default=None,
+                     help="packet loss rate on the plan's lossy links [default: the plan's own rates]")
+    loc.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added on every link")
+    loc.add_argument("--jitter-ms", type=float, default=0.0, help="std of that delay")
+    loc.add_argument("--compare", action="store_true", help="run relaxed and strict, and print both")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from .plan import PlanError
+    from .transport import TransportError
+
+    torch.set_num_threads(1)  # one thread per device process: several share this machine's cores
+    try:
+        {"worker": run_worker, "generate": run_generate, "local": run_local}[args.command](args)
+    except (PlanError, TransportError, OSError, ValueError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# ---- worker --------------------------------------------------------------------------------------
+
+def run_worker(args) -> None:
+    from .plan import load_plan
+    from .shards import load_shard
+    from .transport import LossShim
+    from .worker import Worker
+
+    plan = load_plan(args.plan)
+    if args.device not in plan.device_names:
+        _fail(f"{args.plan}: no device {args.device!r} in this plan (devices: {', '.join(plan.device_names)})")
+    host, port = _hostport(args.bind, "--bind") if args.bind else (plan.device(args.device).host,
+                                                                    plan.device(args.device).port)
+    shim = None
+    if args.shim_loss or args.shim_delay_ms:
+        shim = LossShim(args.shim_loss, args.shim_delay_ms, args.shim_jitter_ms, args.shim_seed)
+    worker = Worker(plan, args.device, load_shard(args.plan, plan, args.device), host, port, shim)
+    if args.announce:
+        print(json.dumps({"device": args.device, "host": worker.address[0], "port": worker.address[1]}), flush=True)
+    else:
+        print(f"halo-run worker {args.device} listening on {worker.address[0]}:{worker.address[1]} (UDP and TCP)",
+              file=sys.stderr, flush=True)
+    try:
+        worker.serve_forever()
+    finally:
+        worker.close()
+        if shim:
+            shim.close()
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+def _peers(plan, overrides: list[str]) -> dict[str, tuple[str, int]]:
+    peers = {d.name: (d.host, d.port) for d in plan.devices}
+    for item in overrides:
+        name, sep, addr = item.partition("=")
+        if not sep or name not in peers:
+            _fail(f"--peer {item!r}: expected NAME=HOST:PORT with NAME one of {', '.join(plan.device_names)}")
+        peers[name] = _hostport(addr, f"--peer {name}")
+    return peers
+
+
+def _prompt_ids(tok, text: str, chat: bool, bos: int | None) -> list[int]:
+    if chat:
+        text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    return tok.encode(text)
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    s = sorted(values)
+    pick = lambda q: round(s[min(len(s) - 1, int(round(q * (len(s) - 1))))], 3)  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+
+
+def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") -> dict:
+    from .coordinator import Coordinator
+
+    coord = Coordinator(plan, shard, exchange)
+    prompt = _prompt_ids(tok, args.prompt, args.chat, plan.model.bos_token_id)
+
+    def on_token(step, token, st):
+        if args.quiet:
+            return
+        missing = sum(st.missing.values())
+        print(f"{label}token {step:>3} {tok.decode([token])!r:<14} total {st.total_ms:7.1f} ms  compute "
+              f"{st.compute_ms:6.1f}  wait {st.wait_ms:7.1f}  missing {missing}", file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    gen = coord.generate(prompt, args.max_tokens, eos=plan.model.eos_token_id, on_token=on_token)
+    elapsed = time.perf_counter() - started
+    decode = [s.total_ms for s in gen.token_stats[1:]]
+    relaxed = sum(s.relaxed_parts for s in gen.token_stats)
+    missing = sum(sum(s.missing.values()) for s in gen.token_stats)
+    per_device = {}
+    for s in gen.token_stats:
+        for d, n in s.missing.items():
+            per_device[d] = per_device.get(d, 0) + n
+    return {
+        "sync": sync, "wire": args.wire, "prompt_tokens": len(prompt), "tokens": gen.tokens,
+        "text": tok.decode(gen.tokens, skip_special=True),
+        "ttft_ms": round(gen.token_stats[0].total_ms, 3) if gen.token_stats else None,
+        "tpot_ms": _percentiles(decode),
+        "tokens_per_s": round(len(gen.tokens) / elapsed, 3) if elapsed else None,
+        "compensated_share": round(missing / relaxed, 6) if relaxed else 0.0,
+        "compensated_by_device": per_device,
+        "wait_ms_per_token": round(sum(s.wait_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
+        "compute_ms_per_token": round(sum(s.compute_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
+        "exchange": exchange.stats(),
+    }
+
+
+def _load_coordinator(args):
+    from .netexchange import DeliveryPolicy
+    from .plan import load_plan
+    from .shards import load_shard
+    from .tokenizer import Tokenizer
+
+    plan = load_plan(args.plan)
+    shard = load_shard(args.plan, plan, plan.coordinator)
+    tok_path = os.path.join(args.plan, "tokenizer.json")
+    if not os.path.exists(tok_path):
+        _fail(f"{tok_path}: missing (it is written by halo-compile plan)")
+    policy = DeliveryPolicy(wire=args.wire, relaxed_retries=args.relaxed_retries, redundancy=args.redundancy)
+    return plan, shard, Tokenizer.from_file(tok_path), policy
+
+
+def _peak_rss_mb(pid: int | None = None) -> float:
+    if pid is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _report(result: dict, args) -> None:
+    if args.json:
+        return
+    t = result["tpot_ms"]
+    print(f"\n[{result['sync']}] {result['text']!r}")
+    print(f"[{result['sync']}] {len(result['tokens'])} tokens; TPOT p50 {t['p50']} ms, p90 {t['p90']} ms, "
+          f"p99 {t['p99']} ms; first token {result['ttft_ms']} ms; compensated "
+          f"{100 * result['compensated_share']:.2f}% of relaxed parts")
+
+
+def run_generate(args) -> None:
+    from .netexchange import TcpExchange, UdpExchange
+
+    plan, shard, tok, policy = _load_coordinator(args)
+    peers = _peers(plan, args.peer)
+    if args.sync == "strict":
+        exchange = TcpExchange(plan, peers, policy)
+    else:
+        exchange = UdpExchange(plan, peers, policy)
+    try:
+        result = generate_once(args, plan, shard, tok, exchange, args.sync)
+    finally:
+        exchange.close()
+    result["peak_rss_mb"] = {plan.coordinator: round(_peak_rss_mb(), 1)}
+    _report(result, args)
+    if args.json:
+        print(json.dumps(result))
+
+
+def run_local(args) -> None:
+    from .netexchange import PeerShims, TcpExchange, UdpExchange
+    from .transport import LossShim
+
+    plan, shard, tok, policy = _load_coordinator(args)
+    if args.plr is not None and not 0 <= args.plr < 1:
+        _fail(f"--plr {args.plr}: must be in [0, 1)")
+    loss = {d.name: (args.plr if args.plr is not None and d.loss > 0 else d.loss) for d in plan.devices}
+    workers, peers = {}, {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    try:
+        for i, d in enumerate(plan.device_names):
+            if d == plan.coordinator:
+                continue
+            cmd = [sys.executable, "-m", "halo_runtime.cli", "worker", "--plan", args.plan, "--device", d,
+                   "--bind", "127.0.0.1:0", "--announce", "--shim-loss", str(loss[d]),
+                   "--shim-delay-ms", str(args.delay_ms), "--shim-jitter-ms", str(args.jitter_ms),
+                   "--shim-seed", str(args.seed * 1000 + i)]
+            workers[d] = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
+        for d, proc in workers.items():
+            line = proc.stdout.readline()
+            if not line:
+                _fail(f"worker {d} did not start (exit code {proc.wait()})")
+            info = json.loads(line)
+            peers[d] = (info["host"], info["port"])
+        modes = ["relaxed", "strict"] if args.compare else [args.sync]
+        results = []
+        for n, mode in enumerate(modes):
+            shims = {d: LossShim(loss[d], args.delay_ms, args.jitter_ms, seed=args.seed * 1000 + 500 + n * 50 + i)
+                     for i, d in enumerate(peers) if loss[d] > 0 or args.delay_ms > 0}
+            if mode == "strict":
+                exchange = TcpExchange(plan, peers, policy, shims)
+            else:
+                exchange = UdpExchange(plan, peers, policy, bind_host="127.0.0.1",
+                                       shim=PeerShims({peers[d]: s for d, s in shims.items()}))
+            try:
+                result = generate_once(args, plan, shard, tok, exchange, mode, label=f"[{mode}] ")
+            finally:
+                exchange.close()
+                for s in shims.values():
+                    s.close()
+            result["plr"] = max(loss.values())
+            result["peak_rss_mb"] = {plan.coordinator: round(_peak_rss_mb(), 1),
+                                     **{d: round(_peak_rss_mb(p.pid), 1) for d, p in workers.items()}}
+            _report(result, args)
+            results.append(result)
+        if args.compare and not args.json:
+            r, s = results
+            if r["tpot_ms"]["p50"] and s["tpot_ms"]["p50"]:
+                print(f"\nrelaxed vs strict at {100 * results[0]['plr']:.1f}% loss: TPOT p50 {r['tpot_ms']['p50']} "
+                      f"vs {s['tpot_ms']['p50']} ms ({s['tpot_ms']['p50'] / r['tpot_ms']['p50']:.2f}x); "
+                      f"same tokens: {r['tokens'] == s['tokens']}")
+            print("peak RSS MB per device: " + ", ".join(f"{k} {v}" for k, v in r["peak_rss_mb"].items()))
+        if args.json:
+            print(json.dumps(results[0] if len(results) == 1 else {"runs": results}))
+    finally:
+        for proc in workers.values():
+            proc.terminate()
+        for proc in workers.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+if __name__ == "__main__":
+    main()

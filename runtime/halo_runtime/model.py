@@ -1,0 +1,218 @@
+"""LLaMA math without transformers: the pieces a device or the coordinator computes.
+
+Every function works on a *subset* of the model (some KV-head groups, some MLP neurons), so the
+same code runs the whole model on one device and a slice of it on each of several devices.
+Numerics follow transformers' LlamaForCausalLM exactly (fp32 RMSNorm, rotate-half RoPE,
+optional llama3 RoPE scaling, GQA, SwiGLU).
+
+Example:
+    >>> import torch
+    >>> from halo_runtime.model import ModelConfig, rope_tables, rms_norm
+    >>> cfg = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1,
+    ...                   num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> cos, sin = rope_tables(cfg, torch.arange(3))
+    >>> tuple(cos.shape), float(rms_norm(torch.ones(1, 8), torch.ones(8), cfg.rms_norm_eps).sum())
+    ((3, 4), 7.999...)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a LLaMA-architecture decoder."""
+
+    vocab_size: int
+    """Number of token ids."""
+    hidden_size: int
+    """Width of the residual stream."""
+    intermediate_size: int
+    """MLP neurons per layer."""
+    num_layers: int
+    """Decoder layers."""
+    num_heads: int
+    """Query heads per layer."""
+    num_kv_heads: int
+    """Key/value heads per layer (GQA); each serves num_heads // num_kv_heads query heads."""
+    head_dim: int
+    """Width of one attention head."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon inside every RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base wavelength."""
+    rope_scaling: dict | None = None
+    """None for plain RoPE, or llama3 scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
+    "high_freq_factor", "original_max_position_embeddings"}."""
+    max_position_embeddings: int = 2048
+    """Longest context the checkpoint was trained for."""
+    tie_word_embeddings: bool = False
+    """True when the LM head reuses the token embedding matrix."""
+    bos_token_id: int | None = None
+    """Token prepended to prompts, if the model uses one."""
+    eos_token_id: int | None = None
+    """Token that ends generation."""
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model config: num_heads {self.num_heads} is not a multiple of "
+                             f"num_kv_heads {self.num_kv_heads}")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("llama3", "default"):
+            raise ValueError(f"model config: unsupported rope_scaling {self.rope_scaling.get('rope_type')!r} "
+                             "(supported: default, llama3)")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads that read one KV head."""
+        return self.num_heads // self.num_kv_heads
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") != "llama3":
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, shape [T, head_dim], for the given absolute positions."""
+    freqs = positions.float()[:, None] * inv_frequencies(cfg)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [heads, T, head_dim]."""
+    return x * cos[None] + _rotate_half(x) * sin[None]
+
+
+@dataclass
+class KVCache:
+    """Keys and values of some KV heads of one layer, grown one step at a time."""
+
+    keys: torch.Tensor = field(default=None)  # [kv_heads, T, head_dim]
+    values: torch.Tensor = field(default=None)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = k if self.keys is None else torch.cat((self.keys, k), dim=1)
+        self.values = v if self.values is None else torch.cat((self.values, v), dim=1)
+        return self.keys, self.values
+
+    def truncate(self, length: int) -> None:
+        if self.keys is not None:
+            self.keys, self.values = self.keys[:, :length], self.values[:, :length]
+
+
+def attention_heads(cfg: ModelConfig, x: torch.Tensor, positions: torch.Tensor, q_proj: torch.Tensor,
+                    k_proj: torch.Tensor, v_proj: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Per-head attention outputs [T, local query heads, head_dim], before o_proj.
+
+    x is the normalised hidden state [T, hidden] at absolute `positions` (contiguous, following
+    what the cache already holds). The projections hold only this subset's rows, with query
+    heads ordered so that local KV head j serves local query heads j*g .. j*g+g-1.
+    """
+    T, hd, g = x.shape[0], cfg.head_dim, cfg.group_size
+    q = (x @ q_proj.T).view(T, -1, hd).transpose(0, 1)
+    k = (x @ k_proj.T).view(T, -1, hd).transpose(0, 1)
+    v = (x @ v_proj.T).view(T, -1, hd).transpose(0, 1)
+    cos, sin = rope_tables(cfg, positions)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, values = cache.append(k, v)
+    keys = keys.repeat_interleave(g, dim=0)
+    values = values.repeat_interleave(g, dim=0)
+    scores = (q @ keys.transpose(1, 2)) * (hd ** -0.5)
+    past = keys.shape[1] - T
+    mask = torch.ones(T, keys.shape[1], dtype=torch.bool).tril(diagonal=past)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return (probs @ values).transpose(0, 1)
+
+
+def attention_partial(cfg: ModelConfig, x: torch.Tensor, positions: torch.Tensor,
+                      q_proj: torch.Tensor, k_proj: torch.Tensor, v_proj: torch.Tensor,
+                      o_proj: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Output of some KV-head groups: o_proj[:, heads] @ attention(heads), shape [T, hidden]."""
+    heads = attention_heads(cfg, x, positions, q_proj, k_proj, v_proj, cache)
+    return heads.reshape(x.shape[0], -1) @ o_proj.T
+
+
+def mlp_activations(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor) -> torch.Tensor:
+    """SwiGLU intermediate act(gate(x)) * up(x) for the neurons whose rows are given: [T, n]."""
+    return F.silu(x @ gate_proj.T) * (x @ up_proj.T)
+
+
+def mlp_partial(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
+                down_proj: torch.Tensor) -> torch.Tensor:
+    """down_proj[:, G] @ act[G] for a neuron subset G: [T, hidden]."""
+    return mlp_activations(x, gate_proj, up_proj) @ down_proj.T
+
+
+def lm_logits(cfg: ModelConfig, x: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    return rms_norm(x, norm, cfg.rms_norm_eps) @ lm_head.T
+
+
+class FullModel:
+    """The whole model on one device, from an HF-named state dict: the reference the plan must match.
+
+    >>> # FullModel(cfg, state_dict).logits(torch.tensor([1, 2, 3]))  -> [3, vocab]
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+        self.cfg, self.w = cfg, weights
+        self.caches = [KVCache() for _ in range(cfg.num_layers)]
+
+    def reset(self) -> None:
+        self.caches = [KVCache() for _ in range(self.cfg.num_layers)]
+
+    def layer_weight(self, layer: int, name: str) -> torch.Tensor:
+        return self.w[f"model.layers.{layer}.{name}.weight"]
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed `tokens` after what the cache holds; returns logits [T, vocab]."""
+        cfg, w = self.cfg, self.w
+        start = self.caches[0].length
+        positions = torch.arange(start, start + tokens.shape[0])
+        h = w["model.embed_tokens.weight"][tokens]
+        for i in range(cfg.num_layers):
+            lw = lambda n: self.layer_weight(i, n)  # noqa: E731
+            x = rms_norm(h, lw("input_layernorm"), cfg.rms_norm_eps)
+            h = h + attention_partial(cfg, x, positions, lw("self_attn.q_proj"), lw("self_attn.k_proj"),
+                                      lw("self_attn.v_proj"), lw("self_attn.o_proj"), self.caches[i])
+            x = rms_norm(h, lw("post_attention_layernorm"), cfg.rms_norm_eps)
+            h = h + mlp_partial(x, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"))
+        head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+        return lm_logits(cfg, h, w["model.norm.weight"], head)

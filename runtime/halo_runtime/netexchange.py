@@ -1,0 +1,325 @@
+"""Coordinator side of the network: UDP with relaxed synchronisation, and TCP for the strict baseline.
+
+UDP delivery policy, per layer round:
+- critical parts (attention, critical MLP, and relaxed parts the predictor promoted) are awaited;
+  a missing one is re-requested after the device's RTO (smoothed RTT + 4 x variance, floored at
+  a few ms, not TCP's 200 ms), backing off, until `dead_after_s` says the device is gone;
+- a relaxed part is used if it arrives before its deadline, sent + (1 + relaxed_retries) x RTO,
+  with one fast re-request at sent + RTO; after the deadline it is compensated;
+- `redundancy` > 1 sends every request to a lossy device that many times, and asks it to reply
+  that many times (copies are dropped on arrival), turning a miss rate q into about q^copies.
+RTT is sampled per device and round kind, only from first attempts (Karn's rule); it includes
+the device's compute time, which is what a deadline must allow for.
+
+The strict exchange sends the same requests over TCP and awaits every part, as
+distributed-llama does; TCP's own retransmission handles loss.
+
+Example:
+    >>> # ex = UdpExchange(plan, {"pi5-1": ("10.0.0.2", 7700), ...}, DeliveryPolicy())
+    >>> # Coordinator(plan, shard, ex).generate(prompt, 32)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .coordinator import RoundResult
+from .plan import Plan
+from .transport import LossShim, RttEstimator, TcpChannel, TransportError, UdpEndpoint
+from .wire import Kind, Message, WireError, attempt_of, decode_tensor, make_flags
+from .worker import encode_request
+
+PHASE_REQUEST = {"attn": Kind.REQUEST_ATTN, "mlp": Kind.REQUEST_MLP}
+
+
+class DeviceLost(RuntimeError):
+    """A device stopped answering; the message names it."""
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """How the coordinator waits for partial sums."""
+
+    wire: str = "fp16"
+    """Activation dtype on the wire: fp16 (default) or fp32 (bit-exact)."""
+    relaxed_retries: int = 1
+    """Fast re-requests of a late relaxed part before its deadline."""
+    redundancy: int = 1
+    """Copies of every message to and from a lossy device (1 = none)."""
+    rto_floor_ms: float = 2.0
+    """Lowest retransmission timeout."""
+    dead_after_s: float = 10.0
+    """A device silent this long on an awaited part is declared lost."""
+
+    def __post_init__(self):
+        if self.wire not in ("fp16", "fp32", "bf16"):
+            raise ValueError(f"wire must be fp16, fp32 or bf16, got {self.wire!r}")
+        if self.relaxed_retries < 0 or not 1 <= self.redundancy <= 4:
+            raise ValueError("relaxed_retries must be >= 0 and redundancy in 1..4")
+        if self.rto_floor_ms <= 0 or self.dead_after_s <= 0:
+            raise ValueError("rto_floor_ms and dead_after_s must be positive")
+
+
+class PeerShims:
+    """Per-destination LossShim, for `halo-run local`: only the lossy links lose packets."""
+
+    def __init__(self, shims: dict[tuple, LossShim]):
+        self.shims = shims
+
+    def send_datagram(self, send, data: bytes, addr) -> None:
+        shim = self.shims.get(tuple(addr[:2]))
+        if shim is None:
+            send(data, addr)
+        else:
+            shim.send_datagram(send, data, addr)
+
+    def close(self) -> None:
+        for s in self.shims.values():
+            s.close()
+
+
+def _layout(plan: Plan) -> dict:
+    """Per layer: which remote devices answer which round with which parts."""
+    remote = [d for d in plan.device_names if d != plan.coordinator]
+    out = {"attn": [], "crit": [], "relaxed": []}
+    for layer in range(plan.model.num_layers):
+        on = {d: plan.groups_on(d, layer) for d in remote}
+        out["attn"].append([d for d in remote if any(g.kind == "attn" for g in on[d])])
+        out["crit"].append([d for d in remote if any(g.kind == "mlp" and g.critical for g in on[d])])
+        out["relaxed"].append([d for d in remote if any(g.kind == "mlp" and not g.critical for g in on[d])])
+    return out
+
+
+@dataclass
+class _Round:
+    phase: str
+    step: int
+    layer: int
+    payload: dict
+    targets: list
+    sent: dict = field(default_factory=dict)
+    attempts: dict = field(default_factory=dict)
+    next_try: dict = field(default_factory=dict)
+
+
+class UdpExchange:
+    def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
+                 bind_host: str = "0.0.0.0", shim=None):
+        self.plan, self.policy, self.peers = plan, policy, peers
+        self.width = plan.model.hidden_size
+        self.index = {d: i for i, d in enumerate(plan.device_names)}
+        self.names = {i: d for d, i in self.index.items()}
+        self.remote = [d for d in plan.device_names if d != plan.coordinator]
+        self.lossy = {d for d in self.remote if plan.device(d).loss > 0}
+        self.layout = _layout(plan)
+        self.endpoint = UdpEndpoint(bind_host, 0, shim=shim)
+        floor = policy.rto_floor_ms / 1000
+        self.rtt = {(d, p): RttEstimator(floor_s=floor) for d in self.remote for p in ("attn", "mlp")}
+        self.session = 0
+        self.round: _Round | None = None
+        self.counters = {"retransmissions": 0, "late": 0, "malformed": 0, "compensated": 0,
+                         "relaxed_parts": 0, "awaited_relaxed": 0, "max_relaxed_overshoot_ms": 0.0}
+
+    # ---- session --------------------------------------------------------------------------------
+
+    def begin(self, session: int, timeout_s: float = 5.0) -> None:
+        self.session = session
+        self.endpoint.reassembler.set_watermark(0)
+        waiting, attempt, deadline = set(self.remote), 0, time.monotonic() + timeout_s
+        while waiting:
+            for d in sorted(waiting):
+                self.endpoint.send(Message(Kind.HELLO, session, 0, 0, self.index[self.plan.coordinator]),
+                                   self.peers[d], make_flags(min(attempt, 15)))
+            attempt += 1
+            until = min(deadline, time.monotonic() + 0.05 * attempt)
+            while waiting and time.monotonic() < until:
+                got = self.endpoint.recv(until - time.monotonic())
+                if got and got[0].kind == Kind.HELLO and got[0].session == session:
+                    waiting.discard(self.names.get(got[0].sender))
+            if time.monotonic() >= deadline and waiting:
+                d = sorted(waiting)[0]
+                raise DeviceLost(f"device {d} at {self.peers[d][0]}:{self.peers[d][1]} does not answer "
+                                 f"(is `halo-run worker --device {d}` running there?)")
+
+    # ---- rounds ---------------------------------------------------------------------------------
+
+    def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None:
+        if phase == "attn":
+            targets = self.layout["attn"][layer]
+        else:
+            targets = sorted(set(self.layout["crit"][layer]) | set(self.layout["relaxed"][layer]),
+                             key=self.remote.index)
+        payload = {d: encode_request(x, start, self.policy.wire,
+                                     self.policy.redundancy if d in self.lossy else 1) for d in targets}
+        self.round = _Round(phase, step, layer, payload, targets)
+        if step > 2:
+            self.endpoint.reassembler.set_watermark(step - 2)
+        for d in targets:
+            self._send(d, 0)
+
+    def _send(self, d: str, attempt: int) -> None:
+        r = self.round
+        msg = Message(PHASE_REQUEST[r.phase], self.session, r.step, r.layer, self.index[self.plan.coordinator],
+                      r.payload[d])
+        copies = self.policy.redundancy if d in self.lossy else 1
+        for c in range(copies):
+            self.endpoint.send(msg, self.peers[d], make_flags(min(attempt, 15), redundant=c > 0))
+        now = time.monotonic()
+        if attempt == 0:
+            r.sent[d] = now
+        else:
+            self.counters["retransmissions"] += 1
+        r.attempts[d] = attempt
+        rtt = self.rtt[(d, r.phase)]
+        r.next_try[d] = now + rtt.rto_s * (2 ** min(attempt, 6) if attempt else 1)
+
+    def collect(self, phase: str, step: int, layer: int, awaited: set[str]) -> RoundResult:
+        r = self.round
+        relaxed: set[str] = set()
+        if phase == "attn":
+            want = {(d, Kind.REPLY_ATTN) for d in self.layout["attn"][layer]}
+        else:
+            want = {(d, Kind.REPLY_MLP_CRITICAL) for d in self.layout["crit"][layer]}
+            for d in self.layout["relaxed"][layer]:
+                self.counters["relaxed_parts"] += 1
+                if d in awaited:
+                    self.counters["awaited_relaxed"] += 1
+                    want.add((d, Kind.REPLY_MLP_RELAXED))
+                else:
+                    relaxed.add(d)
+        deadline = {d: r.sent[d] + (1 + self.policy.relaxed_retries) * self.rtt[(d, phase)].rto_s for d in relaxed}
+        got: dict[tuple, torch.Tensor] = {}
+        first_reply: set[str] = set()
+        silent_since = crit_done = time.monotonic()
+        while True:
+            now = time.monotonic()
+            pending_crit = [k for k in want if k not in got]
+            if pending_crit:
+                crit_done = now
+            pending_rlx = [d for d in relaxed if (d, Kind.REPLY_MLP_RELAXED) not in got and now < deadline[d]]
+            if not pending_crit and not pending_rlx:
+                break
+            timers = []
+            crit_devices = {k[0] for k in pending_crit}
+            for d in crit_devices | set(pending_rlx):
+                if d in crit_devices or r.attempts[d] < self.policy.relaxed_retries:
+                    if now >= r.next_try[d]:
+                        self._send(d, r.attempts[d] + 1)
+                    timers.append(r.next_try[d])
+            timers += [deadline[d] for d in pending_rlx]
+            if pending_crit and now - silent_since > self.policy.dead_after_s:
+                d = sorted(k[0] for k in pending_crit)[0]
+                raise DeviceLost(f"device {d} stopped answering (no reply for layer {layer} {phase} of step "
+                                 f"{step} in {self.policy.dead_after_s:.0f} s)")
+            wait = max(0.0, min(timers) - now) if timers else 0.05
+            item = self.endpoint.recv(min(wait, 0.05))
+            if item is None:
+                continue
+            msg = item[0]
+            d = self.names.get(msg.sender)
+            if msg.session != self.session or msg.step != step or msg.layer != layer or d is None:
+                self.counters["late"] += 1
+                continue
+            key = (d, msg.kind)
+            if key in got or (key not in want and not (msg.kind == Kind.REPLY_MLP_RELAXED and d in relaxed)):
+                self.counters["late"] += key not in got
+                continue
+            try:
+                got[key] = decode_tensor(msg.payload, self.policy.wire, self.width)
+            except WireError:
+                self.counters["malformed"] += 1
+                continue
+            silent_since = time.monotonic()
+            if d not in first_reply:
+                first_reply.add(d)
+                if r.attempts[d] == 0 and attempt_of(msg.flags) == 0:
+                    self.rtt[(d, phase)].sample(time.monotonic() - r.sent[d])
+        result = RoundResult(parts=[])
+        for d in self.remote:  # fixed device order keeps the sum's bits reproducible
+            for kind in (Kind.REPLY_ATTN, Kind.REPLY_MLP_CRITICAL, Kind.REPLY_MLP_RELAXED):
+                if (d, kind) in got:
+                    result.parts.append(got[(d, kind)])
+            if d in relaxed and (d, Kind.REPLY_MLP_RELAXED) not in got:
+                result.missing.append(d)
+                self.counters["compensated"] += 1
+                # how long past the later of its deadline and the last critical part we waited
+                over = 1e3 * (now - max(deadline[d], crit_done))
+                self.counters["max_relaxed_overshoot_ms"] = max(self.counters["max_relaxed_overshoot_ms"], over)
+        return result
+
+    def stats(self) -> dict:
+        c = self.endpoint.counters
+        rc = self.endpoint.reassembler.counters
+        return {**self.counters, "bytes_sent": c.bytes_sent, "bytes_received": c.bytes_received,
+                "datagrams_sent": c.datagrams_sent, "duplicates": rc.duplicates,
+                "rto_ms": {f"{d}/{p}": round(1e3 * e.rto_s, 2) for (d, p), e in self.rtt.items()}}
+
+    def close(self) -> None:
+        self.endpoint.close()
+
+
+class TcpExchange:
+    """Strict synchronisation over TCP: every part awaited, like distributed-llama."""
+
+    def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
+                 shims: dict[str, LossShim] | None = None):
+        self.plan, self.policy = plan, policy
+        self.width = plan.model.hidden_size
+        self.index = {d: i for i, d in enumerate(plan.device_names)}
+        self.remote = [d for d in plan.device_names if d != plan.coordinator]
+        self.layout = _layout(plan)
+        self.channels = {}
+        for d in self.remote:
+            try:
+                self.channels[d] = TcpChannel.connect(peers[d], shim=(shims or {}).get(d))
+            except TransportError as e:
+                self.close()
+                raise DeviceLost(f"device {d}: {e}") from None
+        self.session, self.pending = 0, None
+        self.counters = {"bytes_sent": 0}
+
+    def begin(self, session: int) -> None:
+        self.session = session
+
+    def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None:
+        if phase == "attn":
+            targets = self.layout["attn"][layer]
+        else:
+            targets = [d for d in self.remote if d in self.layout["crit"][layer] or d in self.layout["relaxed"][layer]]
+        body = encode_request(x, start, self.policy.wire)
+        me = self.index[self.plan.coordinator]
+        for d in targets:
+            self.channels[d].send(Message(PHASE_REQUEST[phase], self.session, step, layer, me, body))
+        self.pending = targets
+
+    def collect(self, phase: str, step: int, layer: int, awaited: set[str]) -> RoundResult:
+        result = RoundResult(parts=[])
+        for d in self.pending:
+            n = (1 if phase == "attn" else
+                 (d in self.layout["crit"][layer]) + (d in self.layout["relaxed"][layer]))
+            while n:
+                try:
+                    msg = self.channels[d].recv(self.policy.dead_after_s)
+                except TransportError as e:
+                    raise DeviceLost(f"device {d}: {e}") from None
+                if msg is None:
+                    raise DeviceLost(f"device {d} stopped answering (layer {layer} {phase}, step {step})")
+                if msg.step != step or msg.layer != layer or msg.session != self.session:
+                    continue
+                result.parts.append(decode_tensor(msg.payload, self.policy.wire, self.width))
+                n -= 1
+        return result
+
+    def stats(self) -> dict:
+        return {"bytes_sent": sum(c.counters.bytes_sent for c in self.channels.values()),
+                "bytes_received": sum(c.counters.bytes_received for c in self.channels.values())}
+
+    def close(self) -> None:
+        for c in self.channels.values():
+            try:
+                c.send(Message(Kind.BYE, self.session, 0, 0, self.index[self.plan.coordinator]))
+            except TransportError:
+                pass
+            c.close()

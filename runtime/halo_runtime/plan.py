@@ -1,0 +1,367 @@
+"""The plan format: one schema, defined once. The compiler writes it, every device reads it.
+
+A plan says which device computes which neuron group of every layer, which groups are critical
+(always awaited) and which are relaxed (used only if they arrive before the deadline), and where
+every device listens. `plan.json` is written with deterministic bytes: keys sorted, floats
+rounded, one group per line.
+
+Example:
+    >>> from halo_runtime.plan import load_plan
+    >>> plan = load_plan("artifacts/smollm2-135m-pi5")            # doctest: +SKIP
+    >>> [g.id for g in plan.groups_on("pi-1", layer=0)][:2]          # doctest: +SKIP
+    ['L0.attn.1', 'L0.mlp.3']
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from .model import ModelConfig
+
+SCHEMA_VERSION = 1
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.json"
+FLOAT_DIGITS = 6
+
+
+class PlanError(ValueError):
+    """A plan or manifest that cannot be used; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """One board of the cluster and its network link, as the profile described it."""
+
+    name: str
+    """Unique device name."""
+    address: str
+    """host:port where its runtime listens."""
+    memory_bytes: int
+    """Memory budget for weights and KV cache."""
+    compute_gflops: float
+    """Sustained compute for this workload, in GFLOP/s."""
+    latency_ms: float = 0.1
+    """One-way latency of its link to the coordinator."""
+    jitter_ms: float = 0.0
+    """Standard deviation of that latency."""
+    bandwidth_mbps: float = 1000.0
+    """Link bandwidth in Mbit/s."""
+    loss: float = 0.0
+    """Packet loss rate of its link, in [0, 1)."""
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("device name is empty")
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"device {self.name}: address {self.address!r} is not host:port")
+        if self.memory_bytes <= 0:
+            raise ValueError(f"device {self.name}: memory must be positive")
+        if self.compute_gflops <= 0:
+            raise ValueError(f"device {self.name}: compute must be positive")
+        if self.latency_ms < 0 or self.jitter_ms < 0:
+            raise ValueError(f"device {self.name}: latency and jitter must be >= 0")
+        if self.bandwidth_mbps <= 0:
+            raise ValueError(f"device {self.name}: bandwidth must be positive")
+        if not 0.0 <= self.loss < 1.0:
+            raise ValueError(f"device {self.name}: loss {self.loss} is outside [0, 1)")
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+
+@dataclass(frozen=True)
+class Group:
+    """A neuron group: the unit of placement."""
+
+    id: str
+    """Stable name, e.g. "L3.mlp.5"."""
+    layer: int
+    """Decoder layer index."""
+    kind: str
+    """"attn" (whole GQA KV-head groups) or "mlp" (MLP neurons)."""
+    index: int
+    """Position among this layer's groups of this kind."""
+    members: tuple[int, ...]
+    """KV-head indices (attn) or intermediate-neuron indices (mlp), ascending."""
+    device: str
+    """Device that computes it."""
+    critical: bool
+    """Critical groups are always awaited; relaxed ones may be replaced when late."""
+    importance: float
+    """Expected share of this layer's attention (attn) or MLP (mlp) output norm it contributes."""
+
+    def __post_init__(self):
+        if self.kind not in ("attn", "mlp"):
+            raise ValueError(f"group {self.id}: kind must be attn or mlp, got {self.kind!r}")
+        if not self.members:
+            raise ValueError(f"group {self.id}: no members")
+        if list(self.members) != sorted(set(self.members)):
+            raise ValueError(f"group {self.id}: members must be ascending and unique")
+        if self.kind == "attn" and not self.critical:
+            raise ValueError(f"group {self.id}: attention groups hold KV state and must be critical")
+
+
+@dataclass(frozen=True)
+class SolverReport:
+    """What CP-SAT said about the placement."""
+
+    status: str
+    """OPTIMAL or FEASIBLE."""
+    objective: float
+    """Objective of the returned placement (final phase)."""
+    bound: float
+    """Best proven bound on that objective."""
+    solve_time_s: float
+    """Wall-clock time spent in the solver (not reproducible; informational)."""
+    deterministic_time: float
+    """Solver work in deterministic time units (reproducible)."""
+    num_workers: int
+    """Search workers used."""
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """The compiler's prediction for one device under this plan."""
+
+    name: str
+    """Device name."""
+    weight_bytes: int
+    """Bytes of weights in its shard."""
+    kv_cache_bytes: int
+    """KV cache bytes at max_context."""
+    num_groups: int
+    """Groups it computes."""
+    importance_share: float
+    """Its share of all groups' importance (attention and MLP, layers weighted equally)."""
+    predicted_time_ms: float
+    """Its compute time per token, from the profile's sustained compute."""
+
+
+@dataclass(frozen=True)
+class PredictorReport:
+    """The per-layer semantic-aware predictor and how well it did on held-back tokens."""
+
+    rank: int
+    """Width of the low-rank bottleneck."""
+    threshold: float
+    """A group "matters" for a token when its contribution exceeds this share of the MLP output norm."""
+    positive_rate: tuple[float, ...]
+    """Per layer: share of (token, group) pairs that matter."""
+    recall: tuple[float, ...]
+    """Per layer: recall on held-back calibration tokens."""
+    precision: tuple[float, ...]
+    """Per layer: precision on held-back calibration tokens."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled, deployable placement of one model on one cluster."""
+
+    schema_version: int
+    """Plan format version; the runtime refuses any other."""
+    compiler_version: str
+    """Version of halo-compile that wrote it."""
+    seed: int
+    """Seed of every random choice in the compiler."""
+    model_name: str
+    """Model as named on the command line."""
+    model_fingerprint: str
+    """SHA-256 over the model's tensors (names, shapes, fp32 bytes)."""
+    model: ModelConfig
+    """Model shape and numerics."""
+    profile_name: str
+    """Cluster profile name."""
+    profile_fingerprint: str
+    """SHA-256 of the profile file's bytes."""
+    coordinator: str
+    """Device holding embeddings, norms, LM head, predictor and the residual stream."""
+    devices: tuple[Device, ...]
+    """Every device, coordinator included."""
+    max_context: int
+    """Longest context (prompt + generated) the KV cache budget allows."""
+    groups: tuple[Group, ...]
+    """Every group of every layer, ordered by (layer, kind attn first, index)."""
+    predictor: PredictorReport
+    """Predictor summary; its weights live in the coordinator's shard."""
+    solver: SolverReport
+    """Placement solver summary."""
+    device_reports: tuple[DeviceReport, ...]
+    """Predicted memory and time per device."""
+    predicted_token_ms: float
+    """Predicted per-token time: per layer and round, the slowest device plus its round trip."""
+    expected_lost_importance: float
+    """Expected importance lost to packet loss per layer (relaxed groups on lossy links)."""
+    loss_blind_lost_importance: float
+    """The same figure for a placement that ignores loss."""
+    shards: tuple[str, ...]
+    """Shard file per device, in the order of `devices`."""
+
+    def __post_init__(self):
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} is not supported "
+                             f"(this runtime reads version {SCHEMA_VERSION})")
+        names = [d.name for d in self.devices]
+        if len(set(names)) != len(names):
+            raise ValueError("devices: duplicate device names")
+        if self.coordinator not in names:
+            raise ValueError(f"coordinator: {self.coordinator!r} is not a device")
+        if len(self.shards) != len(self.devices):
+            raise ValueError("shards: need one shard file per device")
+        for g in self.groups:
+            if g.device not in names:
+                raise ValueError(f"group {g.id}: device {g.device!r} is not in devices")
+            if not 0 <= g.layer < self.model.num_layers:
+                raise ValueError(f"group {g.id}: layer {g.layer} out of range")
+
+    # ---- queries the runtime and the compiler share -------------------------------------------
+
+    def device(self, name: str) -> Device:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(f"no device named {name!r} in this plan (devices: {', '.join(self.device_names)})")
+
+    @property
+    def device_names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.devices)
+
+    def shard_file(self, name: str) -> str:
+        return self.shards[self.device_names.index(name)]
+
+    def layer_groups(self, layer: int, kind: str | None = None) -> list[Group]:
+        return [g for g in self.groups if g.layer == layer and (kind is None or g.kind == kind)]
+
+    def groups_on(self, device: str, layer: int, kind: str | None = None) -> list[Group]:
+        """A device's groups in one layer, in shard order: critical first, then relaxed, by index.
+
+        Shard rows follow this order, so a device's critical and relaxed MLP neurons are two
+        contiguous slices.
+        """
+        mine = [g for g in self.layer_groups(layer, kind) if g.device == device]
+        return sorted(mine, key=lambda g: (g.kind != "attn", not g.critical, g.index))
+
+    # ---- serialisation ------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return _dump(_to_plain(self)) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = PLAN_FILE) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, dict):
+            raise PlanError(f"{source}: expected a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanError(f"{source}: schema_version {version} is not supported "
+                            f"(this runtime reads version {SCHEMA_VERSION}); recompile the plan")
+        return from_plain(cls, data, source)
+
+
+def load_plan(directory: str | Path) -> Plan:
+    path = Path(directory) / PLAN_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no plan here (run `halo-compile plan` first)") from None
+    return Plan.from_json(text, str(path))
+
+
+# ---- deterministic JSON -------------------------------------------------------------------------
+
+def _round(x: float) -> float:
+    if x == 0 or not math.isfinite(x):
+        return x
+    return float(f"{x:.{FLOAT_DIGITS}g}")
+
+
+def _to_plain(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, float):
+        return _round(obj)
+    return obj
+
+
+def _dump(obj, indent: int = 0) -> str:
+    """JSON with sorted keys; lists of scalars and small objects stay on one line."""
+    pad, inner = " " * indent, " " * (indent + 1)
+    if isinstance(obj, dict) and obj:
+        if all(not isinstance(v, (dict, list)) or _is_flat_list(v) for v in obj.values()) and indent > 0:
+            return json.dumps(obj, sort_keys=True, separators=(", ", ": "))
+        items = [f"{inner}{json.dumps(k)}: {_dump(obj[k], indent + 1)}" for k in sorted(obj)]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list) and obj and not _is_flat_list(obj):
+        return "[\n" + ",\n".join(inner + _dump(v, indent + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj, sort_keys=True, separators=(", ", ": "))
+
+
+def _is_flat_list(v) -> bool:
+    return isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v)
+
+
+def from_plain(cls, data, where: str):
+    """Build a frozen dataclass from parsed JSON, naming the exact field on any mismatch."""
+    if not isinstance(data, dict):
+        raise PlanError(f"{where}: expected an object for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise PlanError(f"{where}: unknown field {unknown[0]!r}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise PlanError(f"{where}: missing field {name!r}")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], f"{where}: {name}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"{where}: {e}") from None
+
+
+def _convert(tp, value, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, where)
+    if dataclasses.is_dataclass(tp):
+        return from_plain(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise PlanError(f"{where}: expected a list")
+        return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PlanError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PlanError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp in (str, bool) and not isinstance(value, tp):
+        raise PlanError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise PlanError(f"{where}: expected an object")
+    return value

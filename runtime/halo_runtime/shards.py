@@ -1,0 +1,156 @@
+"""Shard layout: which rows and columns of which weight each device holds, defined once.
+
+The compiler slices shards with `slice_device`; `halo-compile verify` puts them back together
+with `assemble`; the runtime loads them with `load_shard`. Rows follow `Plan.groups_on` order
+(critical groups first), so a device's critical and relaxed MLP neurons are contiguous slices.
+
+Example:
+    >>> from halo_runtime.shards import device_indices
+    >>> # device_indices(plan, "pi-1", layer=0) -> (kv_heads, q_heads, neurons, n_critical_neurons)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .plan import Plan, PlanError
+
+PROJ = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+        "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+        "down_proj": "mlp.down_proj"}
+COORDINATOR_WEIGHTS = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight"}
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+@dataclass(frozen=True)
+class LayerSlice:
+    """A device's part of one layer, as indices into the full model."""
+
+    kv_heads: tuple[int, ...]
+    """KV heads it computes, in shard order."""
+    q_heads: tuple[int, ...]
+    """Query heads served by those KV heads, in shard order."""
+    neurons: tuple[int, ...]
+    """MLP neurons, critical groups first, in shard order."""
+    n_critical: int
+    """How many of `neurons` belong to critical groups."""
+
+
+def device_indices(plan: Plan, device: str, layer: int) -> LayerSlice:
+    g = plan.model.group_size
+    kv = [h for grp in plan.groups_on(device, layer, "attn") for h in grp.members]
+    mlp = plan.groups_on(device, layer, "mlp")
+    neurons = [n for grp in mlp for n in grp.members]
+    n_crit = sum(len(grp.members) for grp in mlp if grp.critical)
+    return LayerSlice(tuple(kv), tuple(h * g + j for h in kv for j in range(g)), tuple(neurons), n_crit)
+
+
+def _rows(w: torch.Tensor, heads_or_neurons, width: int) -> torch.Tensor:
+    idx = torch.tensor([i * width + j for i in heads_or_neurons for j in range(width)], dtype=torch.long)
+    return w.index_select(0, idx)
+
+
+def slice_device(plan: Plan, device: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model weights one device holds (HF-named `weights` in, shard-named tensors out)."""
+    hd, out = plan.model.head_dim, {}
+    for layer in range(plan.model.num_layers):
+        s = device_indices(plan, device, layer)
+        w = lambda p: weights[f"model.layers.{layer}.{PROJ[p]}.weight"]  # noqa: E731
+        pre = f"layers.{layer}"
+        if s.kv_heads:
+            out[f"{pre}.attn.q_proj"] = _rows(w("q_proj"), s.q_heads, hd)
+            out[f"{pre}.attn.k_proj"] = _rows(w("k_proj"), s.kv_heads, hd)
+            out[f"{pre}.attn.v_proj"] = _rows(w("v_proj"), s.kv_heads, hd)
+            out[f"{pre}.attn.o_proj"] = _rows(w("o_proj").T, s.q_heads, hd).T
+        if s.neurons:
+            idx = torch.tensor(s.neurons, dtype=torch.long)
+            out[f"{pre}.mlp.gate_proj"] = w("gate_proj").index_select(0, idx)
+            out[f"{pre}.mlp.up_proj"] = w("up_proj").index_select(0, idx)
+            out[f"{pre}.mlp.down_proj"] = w("down_proj").index_select(1, idx)
+        if device == plan.coordinator:
+            for norm in LAYER_NORMS:
+                out[f"{pre}.{norm}"] = weights[f"model.layers.{layer}.{norm}.weight"]
+    if device == plan.coordinator:
+        for short, hf in COORDINATOR_WEIGHTS.items():
+            out[short] = weights[hf]
+        if not plan.model.tie_word_embeddings:
+            out["lm_head"] = weights["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def assemble(plan: Plan, shards: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Inverse of `slice_device`: the full HF-named state dict, or PlanError naming what is off.
+
+    Every row and column must be supplied exactly once; gaps and overlaps are errors.
+    """
+    cfg, hd = plan.model, plan.model.head_dim
+    full: dict[str, torch.Tensor] = {}
+    filled: dict[str, torch.Tensor] = {}
+
+    def put(name: str, dim: int, index: list[int], part: torch.Tensor, device: str):
+        if name not in full:
+            shape = {"q_proj": (cfg.num_heads * hd, cfg.hidden_size),
+                     "k_proj": (cfg.num_kv_heads * hd, cfg.hidden_size),
+                     "v_proj": (cfg.num_kv_heads * hd, cfg.hidden_size),
+                     "o_proj": (cfg.hidden_size, cfg.num_heads * hd),
+                     "gate_proj": (cfg.intermediate_size, cfg.hidden_size),
+                     "up_proj": (cfg.intermediate_size, cfg.hidden_size),
+                     "down_proj": (cfg.hidden_size, cfg.intermediate_size)}[name.split(".")[-2]]
+            full[name] = torch.zeros(shape, dtype=part.dtype)
+            filled[name] = torch.zeros(shape[dim], dtype=torch.int32)
+        idx = torch.tensor(index, dtype=torch.long)
+        if part.shape[dim] != len(index):
+            raise PlanError(f"shard of {device}: {name} has {part.shape[dim]} slices, plan says {len(index)}")
+        full[name].index_copy_(dim, idx, part)
+        filled[name].index_add_(0, idx, torch.ones(len(index), dtype=torch.int32))
+
+    for device in plan.device_names:
+        shard = shards[device]
+        for layer in range(cfg.num_layers):
+            s = device_indices(plan, device, layer)
+            pre, hf = f"layers.{layer}", f"model.layers.{layer}"
+            rows = lambda heads: [h * hd + j for h in heads for j in range(hd)]  # noqa: E731
+            try:
+                if s.kv_heads:
+                    put(f"{hf}.self_attn.q_proj.weight", 0, rows(s.q_heads), shard[f"{pre}.attn.q_proj"], device)
+                    put(f"{hf}.self_attn.k_proj.weight", 0, rows(s.kv_heads), shard[f"{pre}.attn.k_proj"], device)
+                    put(f"{hf}.self_attn.v_proj.weight", 0, rows(s.kv_heads), shard[f"{pre}.attn.v_proj"], device)
+                    put(f"{hf}.self_attn.o_proj.weight", 1, rows(s.q_heads), shard[f"{pre}.attn.o_proj"], device)
+                if s.neurons:
+                    n = list(s.neurons)
+                    put(f"{hf}.mlp.gate_proj.weight", 0, n, shard[f"{pre}.mlp.gate_proj"], device)
+                    put(f"{hf}.mlp.up_proj.weight", 0, n, shard[f"{pre}.mlp.up_proj"], device)
+                    put(f"{hf}.mlp.down_proj.weight", 1, n, shard[f"{pre}.mlp.down_proj"], device)
+                if device == plan.coordinator:
+                    for norm in LAYER_NORMS:
+                        full[f"{hf}.{norm}.weight"] = shard[f"{pre}.{norm}"]
+            except KeyError as e:
+                raise PlanError(f"shard of {device}: missing tensor {e.args[0]}") from None
+    coord = shards[plan.coordinator]
+    for short, hf in COORDINATOR_WEIGHTS.items():
+        if short not in coord:
+            raise PlanError(f"shard of {plan.coordinator}: missing tensor {short}")
+        full[hf] = coord[short]
+    if not cfg.tie_word_embeddings:
+        if "lm_head" not in coord:
+            raise PlanError(f"shard of {plan.coordinator}: missing tensor lm_head")
+        full["lm_head.weight"] = coord["lm_head"]
+    for name, count in filled.items():
+        if not bool((count == 1).all()):
+            bad = int((count != 1).nonzero()[0])
+            what = "missing" if int(count[bad]) == 0 else "held more than once"
+            raise PlanError(f"{name}: slice {bad} is {what} across the shards")
+    return full
+
+
+def load_shard(directory: str | Path, plan: Plan, device: str) -> dict[str, torch.Tensor]:
+    path = Path(directory) / plan.shard_file(device)
+    if not path.exists():
+        raise PlanError(f"{path}: shard of device {device} is missing (recompile or copy it here)")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise PlanError(f"{path}: shard of device {device} is unreadable ({e})") from None

@@ -1,0 +1,589 @@
+"""Sockets for HALO: a UDP endpoint (the relaxed-synchronisation path), a TCP channel (the strict
+baseline, like distributed-llama), an RFC 6298 retransmission timer, and an in-process loss shim.
+
+Messages and their encoding live in `wire`. The UDP endpoint chunks every message to the MTU and
+reassembles on receipt; garbage is dropped and counted, never raised. The TCP channel carries the
+same messages as length-prefixed frames, with Nagle off and congestion control pinned to cubic
+(this host defaults to bbr, which ignores loss and would flatter the baseline).
+
+`LossShim` is an *emulation for the demo* (`halo-run local`, no root): it drops or delays datagrams
+and delays TCP frames as Linux's 200 ms minimum RTO would. The published measurements use the
+namespace lab (veth, nftables loss, NFQUEUE delay), not this shim.
+
+Example:
+    >>> from halo_runtime.transport import UdpEndpoint
+    >>> from halo_runtime.wire import Kind, Message
+    >>> with UdpEndpoint() as a, UdpEndpoint() as b:
+    ...     n = a.send(Message(Kind.REQUEST_MLP, 1, 0, 5, 0, b"x" * 5000), b.address)
+    ...     msg, addr = b.recv(timeout_s=1.0)
+    >>> n, msg.layer, len(msg.payload), addr == a.address
+    (4, 5, 5000, True)
+"""
+from __future__ import annotations
+
+import errno
+import heapq
+import math
+import random
+import selectors
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .wire import HEADER_SIZE, MAX_CHUNK, MAX_DATAGRAM, TAG_LEN, Message, Reassembler, encode
+
+Addr = tuple  # (host, port)
+
+
+class TransportError(Exception):
+    """A socket that cannot be used: bind failure, bad address, or a broken TCP connection."""
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _describe(host: str, port: int, err: OSError) -> str:
+    if err.errno == errno.EADDRINUSE:
+        return f"cannot bind {_hostport(host, port)}: address already in use"
+    return f"cannot bind {_hostport(host, port)}: {err.strerror or err}"
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+# --- retransmission timer -----------------------------------------------------------------------
+
+class RttEstimator:
+    """Smoothed RTT and retransmission timeout, RFC 6298 (alpha 1/8, beta 1/4, K = 4).
+
+    Karn's rule is the caller's job: call `sample` only for exchanges whose request went out exactly
+    once, since a reply to a retransmitted request cannot be matched to one transmission.
+    `backoff()` doubles the timeout after a timer expiry; the next sample undoes it.
+    """
+
+    def __init__(self, floor_s: float = 0.002, ceiling_s: float = 0.2, initial_s: float = 0.02,
+                 alpha: float = 0.125, beta: float = 0.25):
+        self.floor_s, self.ceiling_s, self.initial_s = floor_s, ceiling_s, initial_s
+        self.alpha, self.beta = alpha, beta
+        self.srtt_s: float | None = None
+        self.rttvar_s = 0.0
+        self.samples = 0
+        self._backoffs = 0
+
+    def sample(self, rtt_s: float) -> None:
+        """Fold in one measured round trip (seconds); negative or non-finite values are ignored."""
+        if not math.isfinite(rtt_s) or rtt_s < 0:
+            return
+        if self.srtt_s is None:
+            self.srtt_s, self.rttvar_s = rtt_s, rtt_s / 2
+        else:  # rttvar first: it uses the old srtt (RFC 6298 2.3)
+            self.rttvar_s = (1 - self.beta) * self.rttvar_s + self.beta * abs(self.srtt_s - rtt_s)
+            self.srtt_s = (1 - self.alpha) * self.srtt_s + self.alpha * rtt_s
+        self.samples += 1
+        self._backoffs = 0
+
+    def backoff(self) -> None:
+        """A timer expired: double the timeout (up to the ceiling) until the next sample."""
+        self._backoffs = min(self._backoffs + 1, 32)
+
+    @property
+    def rto_s(self) -> float:
+        """Current retransmission timeout, in [floor_s, ceiling_s]."""
+        base = self.initial_s if self.srtt_s is None else self.srtt_s + 4 * self.rttvar_s
+        return min(self.ceiling_s, max(self.floor_s, base) * (2 ** self._backoffs))
+
+
+# --- loss shim ----------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class ShimCounters:
+    """What a `LossShim` did."""
+
+    passed: int = 0
+    """Datagrams and frames handed on (now or later)."""
+    dropped: int = 0
+    """UDP datagrams dropped."""
+    delayed: int = 0
+    """Datagrams and frames held back before sending."""
+    tcp_losses: int = 0
+    """Emulated TCP losses, each costing one (doubling) RTO."""
+    errors: int = 0
+    """Delayed sends that failed (socket closed meanwhile)."""
+
+
+class LossShim:
+    """Emulated lossy link for in-process demos; not a measurement tool (that is the namespace lab).
+
+    UDP: each datagram is dropped with probability `loss`; survivors wait `delay_ms` plus Gaussian
+    jitter (std `jitter_ms`, clipped at 0), so jitter may reorder them as a network would.
+    TCP: a frame of n segments is "lost" with probability 1-(1-loss)^n and then arrives one RTO
+    later (200 ms, Linux's minimum); each further loss on the retransmission doubles the wait.
+    Frames of one connection stay in order. One timer thread with a heap does all delayed sends.
+    """
+
+    def __init__(self, loss: float, delay_ms: float = 0.0, jitter_ms: float = 0.0, seed: int = 0,
+                 tcp_rto_ms: float = 200.0, segment_bytes: int = 1448):
+        if not 0.0 <= loss <= 1.0 or delay_ms < 0 or jitter_ms < 0:
+            raise ValueError(f"bad shim settings loss={loss} delay_ms={delay_ms} jitter_ms={jitter_ms}")
+        self.loss, self.delay_ms, self.jitter_ms = loss, delay_ms, jitter_ms
+        self.tcp_rto_ms, self.segment_bytes = tcp_rto_ms, segment_bytes
+        self.counters = ShimCounters()
+        self._rng = random.Random(seed)
+        self._cv = threading.Condition()
+        self._heap: list = []
+        self._seq = 0
+        self._pending: dict[int, int] = {}   # stream id -> frames scheduled, not yet sent
+        self._last: dict[int, float] = {}    # stream id -> due time of its last scheduled frame
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def _delay_s(self) -> float:
+        if self.jitter_ms:
+            return max(0.0, self._rng.gauss(self.delay_ms, self.jitter_ms)) / 1000
+        return self.delay_ms / 1000
+
+    def send_datagram(self, send: Callable[[bytes, Addr], object], data: bytes, addr: Addr) -> None:
+        """Drop, send now, or schedule `send(data, addr)`."""
+        with self._cv:
+            if self._rng.random() < self.loss:
+                self.counters.dropped += 1
+                return
+            self.counters.passed += 1
+            delay = self._delay_s()
+            if delay > 0:
+                self.counters.delayed += 1
+                self._push(time.monotonic() + delay, lambda: send(data, addr), None)
+                return
+        send(data, addr)
+
+    def send_frame(self, stream: object, send: Callable[[bytes], object], frame: bytes) -> None:
+        """Send or schedule `send(frame)`, never overtaking an earlier frame of the same `stream`."""
+        sid = id(stream)
+        with self._cv:
+            p = 1 - (1 - self.loss) ** max(1, -(-len(frame) // self.segment_bytes))
+            wait, rto, tries = 0.0, self.tcp_rto_ms / 1000, 0
+            while tries < 15 and self._rng.random() < p:  # TCP gives up after ~15 retries too
+                wait, rto, tries = wait + rto, rto * 2, tries + 1
+            self.counters.tcp_losses += tries
+            self.counters.passed += 1
+            now = time.monotonic()
+            due = max(now + wait + self._delay_s(), self._last.get(sid, 0.0))
+            if due > now or self._pending.get(sid):
+                self.counters.delayed += 1
+                self._pending[sid] = self._pending.get(sid, 0) + 1
+                self._last[sid] = due
+                self._push(due, lambda: send(frame), sid)
+                return
+        send(frame)
+
+    def _push(self, due: float, fn: Callable[[], object], sid: int | None) -> None:
+        # caller holds self._cv
+        if self._closed:
+            return
+        heapq.heappush(self._heap, (due, self._seq, fn, sid))
+        self._seq += 1
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="halo-loss-shim", daemon=True)
+            self._thread.start()
+        self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._cv.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                if self._closed:
+                    return
+                _, _, fn, sid = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:  # a peer closed meanwhile; the timer thread must survive it
+                self.counters.errors += 1
+            if sid is not None:
+                with self._cv:
+                    self._pending[sid] -= 1
+                    if not self._pending[sid]:
+                        del self._pending[sid], self._last[sid]
+
+    def close(self) -> None:
+        """Stop the timer thread; sends still scheduled are discarded."""
+        with self._cv:
+            self._closed = True
+            self._heap.clear()
+            self._cv.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- UDP ----------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class EndpointCounters:
+    """Traffic through one endpoint (datagrams as they hit or left the socket)."""
+
+    datagrams_sent: int = 0
+    """Datagrams the socket accepted."""
+    bytes_sent: int = 0
+    """UDP payload bytes the socket accepted."""
+    datagrams_received: int = 0
+    """Datagrams read from the socket, garbage included."""
+    bytes_received: int = 0
+    """UDP payload bytes read."""
+    messages_sent: int = 0
+    """Messages passed to `send`."""
+    messages_received: int = 0
+    """Complete messages returned by `recv`."""
+    send_errors: int = 0
+    """Datagrams the kernel refused (e.g. ENOBUFS); they count as lost."""
+    recv_errors: int = 0
+    """Socket errors while reading (e.g. ICMP port unreachable); ignored."""
+
+
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # Linux values; Python's socket module lacks them
+
+
+def _set_buffer(sock: socket.socket, force_opt: int, opt: int, size: int) -> None:
+    # The *FORCE variant bypasses net.core.rmem_max but needs CAP_NET_ADMIN; fall back quietly.
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force_opt, size)
+    except OSError:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        except OSError:
+            pass
+
+
+class UdpEndpoint:
+    """One UDP socket that sends and receives whole `Message`s, chunked to `max_datagram` bytes.
+
+    `send` is safe from several threads; `recv` belongs to one thread. `fileno()` is there for
+    callers that multiplex several endpoints with `selectors`.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, rcvbuf_bytes: int = 4 << 20,
+                 sndbuf_bytes: int = 1 << 20, max_datagram: int = MAX_DATAGRAM,
+                 shim: LossShim | None = None, reassembler: Reassembler | None = None):
+        self.max_datagram = max_datagram
+        self.shim = shim
+        self.reassembler = reassembler if reassembler is not None else Reassembler()
+        self.counters = EndpointCounters()
+        self._lock = threading.Lock()
+        self._resolved: dict[Addr, tuple] = {}
+        self._closed = False
+        self._sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+        _set_buffer(self._sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, rcvbuf_bytes)
+        _set_buffer(self._sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf_bytes)
+        try:
+            self._sock.bind((host, port))
+        except OSError as e:
+            self._sock.close()
+            raise TransportError(_describe(host, port, e)) from None
+        self.address: Addr = tuple(self._sock.getsockname()[:2])
+        """(host, port) actually bound."""
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._sock, selectors.EVENT_READ)
+
+    @property
+    def rcvbuf_bytes(self) -> int:
+        """Receive buffer the kernel granted (Linux reports twice the requested size)."""
+        return self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def _resolve(self, addr: Addr) -> tuple:
+        r = self._resolved.get(addr)
+        if r is None:
+            try:
+                host, port = addr
+                r = socket.getaddrinfo(host, port, self._sock.family, socket.SOCK_DGRAM)[0][4]
+            except (OSError, TypeError, ValueError) as e:
+                raise TransportError(f"cannot send to {addr!r}: {e}") from None
+            if len(self._resolved) > 1024:
+                self._resolved.clear()
+            self._resolved[addr] = r
+        return r
+
+    def _sendto(self, data: bytes, addr: tuple) -> None:
+        try:
+            self._sock.sendto(data, addr)
+        except OSError:
+            with self._lock:
+                self.counters.send_errors += 1
+            return
+        with self._lock:
+            self.counters.datagrams_sent += 1
+            self.counters.bytes_sent += len(data)
+
+    def send(self, msg: Message, addr: Addr, flags: int | None = None) -> int:
+        """Send `msg` to `addr` (through the shim if any); returns the number of datagrams.
+
+        `flags` (see `wire.make_flags`) overrides `msg.flags`; a retransmission must carry a higher
+        attempt number than the original or the receiver drops it as a duplicate.
+        """
+        target = self._resolve(addr)
+        datagrams = encode(msg, self.max_datagram, flags)
+        for d in datagrams:
+            if self.shim is not None:
+                self.shim.send_datagram(self._sendto, d, target)
+            else:
+                self._sendto(d, target)
+        with self._lock:
+            self.counters.messages_sent += 1
+        return len(datagrams)
+
+    def recv(self, timeout_s: float | None = None) -> tuple[Message, Addr] | None:
+        """The next complete message and its sender's address, or None after `timeout_s`.
+
+        `timeout_s=0` only drains what has already arrived; None waits indefinitely.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
+        c = self.counters
+        while not self._closed:
+            while True:
+                try:
+                    data, addr = self._sock.recvfrom(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    if self._closed:
+                        return None
+                    c.recv_errors += 1
+                    continue
+                c.datagrams_received += 1
+                c.bytes_received += len(data)
+                msg = self.reassembler.feed(data)
+                if msg is not None:
+                    c.messages_received += 1
+                    return msg, tuple(addr[:2])
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            try:
+                self._sel.select(remaining)
+            except (OSError, ValueError):  # closed from another thread
+                return None
+        return None
+
+    def close(self) -> None:
+        """Close the socket (idempotent). A shared shim is left running; its owner closes it."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sel.close()
+        finally:
+            self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- TCP (strict baseline) ----------------------------------------------------------------------
+
+FRAME_LEN = struct.Struct("!I")
+TCP_MAX_DATAGRAM = HEADER_SIZE + MAX_CHUNK + TAG_LEN
+"""Biggest frame: the header's u16 chunk length caps a chunk at 64 KiB, so big messages take several."""
+
+
+def _tune_tcp(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:  # inside a namespace the sysctl refuses cubic as default, per socket it works
+        sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_CONGESTION", 13), b"cubic")
+    except OSError:
+        pass
+
+
+@dataclass(slots=True)
+class ChannelCounters:
+    """Traffic through one TCP channel."""
+
+    bytes_sent: int = 0
+    """Frame bytes handed to the kernel."""
+    bytes_received: int = 0
+    """Bytes read from the kernel."""
+    messages_sent: int = 0
+    """Messages passed to `send`."""
+    messages_received: int = 0
+    """Messages returned by `recv`."""
+
+
+class TcpChannel:
+    """A connected TCP socket carrying `Message`s as frames: u32 length, then one wire datagram."""
+
+    def __init__(self, sock: socket.socket, peer: str, shim: LossShim | None = None):
+        self.peer = peer
+        self.shim = shim
+        self.counters = ChannelCounters()
+        self._sock = sock
+        self._sock.setblocking(True)
+        _tune_tcp(sock)
+        self._buf = bytearray()
+        # TCP never duplicates, and a strict run may legitimately repeat a key: no dedup memory.
+        self.reassembler = Reassembler(remember=0, max_datagram=TCP_MAX_DATAGRAM)
+        self._send_lock = threading.Lock()
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(sock, selectors.EVENT_READ)
+        self._closed = False
+
+    @classmethod
+    def connect(cls, addr: Addr, timeout_s: float = 5.0, shim: LossShim | None = None) -> TcpChannel:
+        """Connect to a `TcpListener` at (host, port)."""
+        host, port = addr
+        sock = socket.socket(_family(host), socket.SOCK_STREAM)
+        try:
+            _tune_tcp(sock)
+            sock.settimeout(timeout_s)
+            sock.connect((host, port))
+        except OSError as e:
+            sock.close()
+            raise TransportError(f"cannot connect to {_hostport(host, port)}: {e.strerror or e}") from None
+        return cls(sock, _hostport(host, port), shim)
+
+    @property
+    def congestion(self) -> str | None:
+        """Congestion control in force on this socket, e.g. 'cubic'."""
+        try:
+            raw = self._sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_CONGESTION", 13), 16)
+        except OSError:
+            return None
+        return raw.split(b"\0", 1)[0].decode()
+
+    def _sendall(self, data: bytes) -> None:
+        with self._send_lock:
+            try:
+                self._sock.sendall(data)
+            except OSError as e:
+                raise TransportError(f"connection to {self.peer} failed: {e.strerror or e}") from None
+            self.counters.bytes_sent += len(data)
+
+    def send(self, msg: Message, flags: int | None = None) -> None:
+        """Send one message (blocking until the kernel has it, or the shim has scheduled it)."""
+        frame = b"".join(FRAME_LEN.pack(len(d)) + d for d in encode(msg, TCP_MAX_DATAGRAM, flags))
+        if self.shim is not None:
+            self.shim.send_frame(self, self._sendall, frame)
+        else:
+            self._sendall(frame)
+        self.counters.messages_sent += 1
+
+    def _parse(self) -> Message | None:
+        buf = self._buf
+        while len(buf) >= FRAME_LEN.size:
+            (n,) = FRAME_LEN.unpack_from(buf)
+            if not HEADER_SIZE + TAG_LEN <= n <= TCP_MAX_DATAGRAM:
+                # A bad length desynchronises the stream for good; nothing after it can be trusted.
+                self.close()
+                raise TransportError(f"{self.peer} sent a frame of invalid length {n}; connection closed")
+            if len(buf) < FRAME_LEN.size + n:
+                return None
+            frame = bytes(buf[FRAME_LEN.size:FRAME_LEN.size + n])
+            del buf[:FRAME_LEN.size + n]
+            msg = self.reassembler.feed(frame)  # bad frames are dropped and counted there
+            if msg is not None:
+                self.counters.messages_received += 1
+                return msg
+        return None
+
+    def recv(self, timeout_s: float | None = None) -> Message | None:
+        """The next message, or None after `timeout_s`; TransportError if the connection is gone."""
+        deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
+        while True:
+            if self._closed:
+                raise TransportError(f"connection to {self.peer} is closed")
+            msg = self._parse()
+            if msg is not None:
+                return msg
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            try:
+                if not self._sel.select(remaining):
+                    continue
+                data = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except (OSError, ValueError) as e:
+                self.close()
+                raise TransportError(f"connection to {self.peer} failed: {e}") from None
+            if not data:
+                self.close()
+                raise TransportError(f"connection to {self.peer} closed by peer")
+            self.counters.bytes_received += len(data)
+            self._buf += data
+
+    def close(self) -> None:
+        """Shut down and close (idempotent); the peer's next `recv` reports the closure."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sel.close()
+        self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TcpListener:
+    """A listening TCP socket that hands out `TcpChannel`s."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, shim: LossShim | None = None,
+                 backlog: int = 16):
+        self.shim = shim
+        self._sock = socket.socket(_family(host), socket.SOCK_STREAM)
+        # Lets a restarted run reuse a port in TIME_WAIT; a live listener still yields EADDRINUSE.
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _tune_tcp(self._sock)
+        try:
+            self._sock.bind((host, port))
+            self._sock.listen(backlog)
+            self._sock.setblocking(False)  # select may report a connection that is reset before accept
+        except OSError as e:
+            self._sock.close()
+            raise TransportError(_describe(host, port, e)) from None
+        self.address: Addr = tuple(self._sock.getsockname()[:2])
+        """(host, port) actually bound."""
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._sock, selectors.EVENT_READ)
+
+    def accept(self, timeout_s: float | None = None) -> TcpChannel | None:
+        """The next incoming connection, or None after `timeout_s`."""
+        if not self._sel.select(timeout_s):
+            return None
+        try:
+            sock, addr = self._sock.accept()
+        except BlockingIOError:
+            return None
+        return TcpChannel(sock, _hostport(addr[0], addr[1]), self.shim)
+
+    def close(self) -> None:
+        """Stop listening (idempotent)."""
+        if self._sock.fileno() >= 0:
+            self._sel.close()
+            self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

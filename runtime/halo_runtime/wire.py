@@ -1,0 +1,367 @@
+"""HALO wire format: messages, MTU-sized datagrams, their reassembly, and the tensor codec.
+
+Pure encoding, no sockets (those live in `transport`). A `Message` is cut into datagrams that each
+fit one Ethernet frame, because IP fragments multiply loss (at 5% frame loss a 16 KB datagram was
+lost 94% of the time). Every datagram carries a fixed 23-byte header, packed big-endian:
+
+    offset size field
+    0      2    magic b"HL"
+    2      1    version (1)
+    3      1    kind (see `Kind`)
+    4      4    session (u32)
+    8      4    step (u32; prefill is step 0)
+    12     2    layer (u16)
+    14     2    sender (u16 device index)
+    16     2    chunk index (u16)
+    18     2    chunk count (u16, >= 1)
+    20     2    chunk length (u16, bytes of payload in this datagram)
+    22     1    flags (bit 0 retransmission, bit 1 redundant copy, bits 4-7 attempt number)
+    23     n    chunk bytes, then TAG_LEN bytes of authentication tag (none yet)
+
+Tensors travel as a 9-byte little-endian prefix (wire code u8, rows u32, cols u32) and then the
+values, little-endian, row-major.
+
+Example:
+    >>> import torch
+    >>> from halo_runtime.wire import Kind, Message, Reassembler, encode, encode_tensor, decode_tensor
+    >>> x = torch.randn(2, 576)
+    >>> msg = Message(Kind.REPLY_MLP_RELAXED, session=7, step=3, layer=12, sender=2,
+    ...               payload=encode_tensor(x, "fp32"))
+    >>> datagrams = encode(msg)
+    >>> len(datagrams), max(len(d) for d in datagrams) <= 1400
+    (4, True)
+    >>> r = Reassembler()
+    >>> [r.feed(d) for d in reversed(datagrams)][-1] == msg
+    True
+    >>> torch.equal(decode_tensor(msg.payload, "fp32", width=576), x)
+    True
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MAGIC = b"HL"
+VERSION = 1
+HEADER = struct.Struct("!2sBBIIHHHHHB")
+HEADER_SIZE = HEADER.size  # 23
+TAG_LEN = 0
+"""Bytes of authentication tag after the chunk; a later version appends a 16-byte truncated HMAC."""
+MAX_DATAGRAM = 1400
+"""Default datagram budget: a 1500-byte MTU minus IPv4 (20) and UDP (8) headers, with headroom."""
+MAX_UDP_PAYLOAD = 65507
+MAX_CHUNK = 0xFFFF
+
+FLAG_RETRANSMIT = 0x01
+FLAG_REDUNDANT = 0x02
+ATTEMPT_SHIFT = 4
+MAX_ATTEMPT = 15
+"""Attempts 0..14 are deduplicated per attempt; attempt 15 means '15 or later' and is never deduplicated."""
+
+
+class WireError(ValueError):
+    """A payload that cannot be decoded (tensor codec); the receive loop catches and counts it."""
+
+
+class Kind(enum.IntEnum):
+    """Message kinds. 1-15 are per-layer data (subject to the step watermark), 16+ are control."""
+
+    REQUEST_ATTN = 1
+    REQUEST_MLP = 2
+    REPLY_ATTN = 3
+    REPLY_MLP_CRITICAL = 4
+    REPLY_MLP_RELAXED = 5
+    HELLO = 16
+    BYE = 17
+    RESET = 18
+
+
+FIRST_CONTROL_KIND = 16
+
+
+def is_control(kind: int) -> bool:
+    """Control messages (HELLO, BYE, RESET, ...) are never dropped as stale."""
+    return kind >= FIRST_CONTROL_KIND
+
+
+def make_flags(attempt: int = 0, redundant: bool = False) -> int:
+    """Flags for the `attempt`-th transmission (0 = first); attempts above 15 saturate."""
+    attempt = min(max(attempt, 0), MAX_ATTEMPT)
+    return (attempt << ATTEMPT_SHIFT) | (FLAG_RETRANSMIT if attempt else 0) | (FLAG_REDUNDANT if redundant else 0)
+
+
+def attempt_of(flags: int) -> int:
+    """The attempt number a flags byte carries."""
+    return (flags >> ATTEMPT_SHIFT) & 0x0F
+
+
+def _check_range(name: str, value: int, bits: int) -> None:
+    if not isinstance(value, int) or not 0 <= value < (1 << bits):
+        raise ValueError(f"message {name}={value!r} does not fit in u{bits}")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One logical message: a request to a device or a device's partial sum, or a control message."""
+
+    kind: int
+    """A `Kind` (unknown kinds in 0..255 pass through as plain ints)."""
+    session: int
+    """u32 session id; a new session restarts steps at 0."""
+    step: int
+    """u32 token step; prefill is step 0."""
+    layer: int
+    """u16 decoder layer."""
+    sender: int
+    """u16 index of the sending device."""
+    payload: bytes = b""
+    """Message body, usually an `encode_tensor` blob."""
+    flags: int = 0
+    """Flags byte as sent (FLAG_*, attempt in bits 4-7); on receipt, those of the completing chunk."""
+
+    def __post_init__(self):
+        for name, bits in (("kind", 8), ("session", 32), ("step", 32), ("layer", 16), ("sender", 16), ("flags", 8)):
+            _check_range(name, getattr(self, name), bits)
+        if not isinstance(self.payload, bytes):
+            object.__setattr__(self, "payload", bytes(self.payload))
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The fixed header of one datagram."""
+
+    kind: int
+    """Message kind."""
+    session: int
+    """Session id."""
+    step: int
+    """Token step."""
+    layer: int
+    """Decoder layer."""
+    sender: int
+    """Sending device index."""
+    index: int
+    """Position of this chunk in the message."""
+    count: int
+    """Number of chunks in the message."""
+    flags: int
+    """Flags byte."""
+
+
+def encode(msg: Message, max_datagram: int = MAX_DATAGRAM, flags: int | None = None) -> list[bytes]:
+    """Cut `msg` into datagrams of at most `max_datagram` bytes each; `flags` overrides `msg.flags`."""
+    room = min(max_datagram, HEADER_SIZE + MAX_CHUNK + TAG_LEN) - HEADER_SIZE - TAG_LEN
+    if room < 1:
+        raise ValueError(f"max_datagram={max_datagram} leaves no room for payload")
+    fl = msg.flags if flags is None else flags
+    _check_range("flags", fl, 8)
+    payload = msg.payload
+    count = max(1, -(-len(payload) // room))
+    if count > 0xFFFF:
+        raise ValueError(f"payload of {len(payload)} bytes needs {count} chunks; at most 65535")
+    out = []
+    for i in range(count):
+        chunk = payload[i * room:(i + 1) * room]
+        head = HEADER.pack(MAGIC, VERSION, msg.kind, msg.session, msg.step, msg.layer, msg.sender,
+                           i, count, len(chunk), fl)
+        out.append(head + chunk + b"\0" * TAG_LEN)
+    return out
+
+
+def decode_datagram(data: bytes, max_datagram: int = MAX_UDP_PAYLOAD) -> tuple[Header, bytes] | None:
+    """Header and chunk of one datagram, or None when it is malformed in any way. Never raises."""
+    try:
+        n = len(data)
+        if n < HEADER_SIZE + TAG_LEN or n > max_datagram:
+            return None
+        magic, version, kind, session, step, layer, sender, index, count, clen, flags = HEADER.unpack_from(data)
+    except (TypeError, struct.error):
+        return None
+    if magic != MAGIC or version != VERSION or count == 0 or index >= count:
+        return None
+    if n != HEADER_SIZE + clen + TAG_LEN:
+        return None
+    chunk = bytes(data[HEADER_SIZE:HEADER_SIZE + clen])
+    return Header(kind, session, step, layer, sender, index, count, flags), chunk
+
+
+@dataclass(slots=True)
+class ReassemblyCounters:
+    """What a `Reassembler` has seen (mutable; copy with `dataclasses.replace` for a snapshot)."""
+
+    datagrams: int = 0
+    """Datagrams fed."""
+    malformed: int = 0
+    """Datagrams dropped as undecodable or inconsistent with their message."""
+    duplicates: int = 0
+    """Datagrams dropped as repeats of a chunk or of a completed message."""
+    stale: int = 0
+    """Datagrams dropped because their step is below the watermark."""
+    evicted: int = 0
+    """Partial messages discarded (watermark passed, or memory caps hit)."""
+    completed: int = 0
+    """Messages delivered."""
+
+
+class _Partial:
+    __slots__ = ("count", "chunks", "nbytes")
+
+    def __init__(self, count: int):
+        self.count = count
+        self.chunks: dict[int, bytes] = {}
+        self.nbytes = 0
+
+
+class Reassembler:
+    """Turns datagrams, in any order and with repeats, back into messages; bounded memory.
+
+    Deduplication is per (session, step, layer, kind, sender, attempt): a redundant copy of the same
+    transmission is dropped, but a retransmission (attempt >= 1, see `make_flags`) is delivered again,
+    so that a device whose reply was lost sees the repeated request and can resend its reply.
+    Not thread-safe: one receiving thread feeds it.
+    """
+
+    def __init__(self, remember: int = 4096, max_partials: int = 256,
+                 max_message_bytes: int = 64 << 20, max_buffered_bytes: int = 256 << 20,
+                 max_datagram: int = MAX_UDP_PAYLOAD):
+        self.counters = ReassemblyCounters()
+        self.min_step = 0
+        self._remember = remember  # 0 disables deduplication (TCP never duplicates)
+        self._max_partials = max_partials
+        self._max_message_bytes = max_message_bytes
+        self._max_buffered = max_buffered_bytes
+        self._max_datagram = max_datagram
+        self._partials: OrderedDict[tuple, _Partial] = OrderedDict()
+        self._done: OrderedDict[tuple, None] = OrderedDict()
+        self._buffered = 0
+
+    def set_watermark(self, step: int) -> None:
+        """Data chunks of steps below `step` are stale from now on; their partial messages are freed."""
+        self.min_step = step
+        for key in [k for k in self._partials if k[1] < step and not is_control(k[3])]:
+            self._drop(key)
+
+    @property
+    def pending(self) -> int:
+        """Partial messages held."""
+        return len(self._partials)
+
+    def feed(self, datagram: bytes) -> Message | None:
+        """The message this datagram completes, else None (incomplete, duplicate, stale or malformed)."""
+        c = self.counters
+        c.datagrams += 1
+        parsed = decode_datagram(datagram, self._max_datagram)
+        if parsed is None:
+            c.malformed += 1
+            return None
+        h, chunk = parsed
+        if h.step < self.min_step and not is_control(h.kind):
+            c.stale += 1
+            return None
+        attempt = attempt_of(h.flags)
+        key = (h.session, h.step, h.layer, h.kind, h.sender, attempt)
+        dedup = self._remember > 0 and attempt < MAX_ATTEMPT
+        if dedup and key in self._done:
+            c.duplicates += 1
+            return None
+        if h.count == 1:
+            return self._complete(key, h, chunk, dedup)
+        part = self._partials.get(key)
+        if part is None:
+            part = self._partials[key] = _Partial(h.count)
+        elif part.count != h.count:
+            c.malformed += 1
+            return None
+        if h.index in part.chunks:
+            c.duplicates += 1
+            return None
+        if part.nbytes + len(chunk) > self._max_message_bytes:
+            self._drop(key)
+            c.malformed += 1
+            return None
+        part.chunks[h.index] = chunk
+        part.nbytes += len(chunk)
+        self._buffered += len(chunk)
+        if len(part.chunks) == part.count:
+            self._partials.pop(key)
+            self._buffered -= part.nbytes
+            payload = b"".join(part.chunks[i] for i in range(part.count))
+            return self._complete(key, h, payload, dedup)
+        # Oldest partials go first: under loss they are the ones least likely to complete.
+        while len(self._partials) > self._max_partials or self._buffered > self._max_buffered:
+            self._drop(next(iter(self._partials)))
+        return None
+
+    def _drop(self, key: tuple) -> None:
+        part = self._partials.pop(key)
+        self._buffered -= part.nbytes
+        self.counters.evicted += 1
+
+    def _complete(self, key: tuple, h: Header, payload: bytes, dedup: bool) -> Message:
+        if dedup:
+            self._done[key] = None
+            if len(self._done) > self._remember:
+                self._done.popitem(last=False)
+        self.counters.completed += 1
+        kind = Kind(h.kind) if h.kind in Kind._value2member_map_ else h.kind
+        return Message(kind, h.session, h.step, h.layer, h.sender, payload, h.flags)
+
+
+# --- tensor codec -------------------------------------------------------------------------------
+
+TENSOR_HEADER = struct.Struct("<BII")  # wire code, rows, cols
+_WIRES = {"fp32": (0, "<f4"), "fp16": (1, "<f2"), "bf16": (2, "<u2")}
+_WIRE_BY_CODE = {code: (name, dt) for name, (code, dt) in _WIRES.items()}
+FP16_MAX = 65504.0
+
+
+def encode_tensor(t: torch.Tensor, wire: str = "fp16") -> bytes:
+    """A [T, hidden] tensor (1-D counts as one row) as bytes; fp32 round-trips bit for bit.
+
+    fp16 saturates at +-65504 instead of overflowing to inf (outlier activations exist); bf16 keeps
+    fp32's range at 8 bits of mantissa.
+    """
+    if wire not in _WIRES:
+        raise ValueError(f"unknown wire dtype {wire!r}; expected one of {sorted(_WIRES)}")
+    x = t.detach()
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D [T, hidden] tensor, got shape {tuple(t.shape)}")
+    x = x.to("cpu", torch.float32).contiguous()
+    code, dt = _WIRES[wire]
+    if wire == "fp32":
+        arr = x.numpy().astype(dt, copy=False)
+    elif wire == "fp16":
+        arr = x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).numpy().astype(dt, copy=False)
+    else:
+        arr = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).astype(dt, copy=False)
+    return TENSOR_HEADER.pack(code, x.shape[0], x.shape[1]) + arr.tobytes()
+
+
+def decode_tensor(data: bytes, wire: str | None = None, width: int | None = None) -> torch.Tensor:
+    """The fp32 [rows, cols] tensor in `data`; raises WireError if it disagrees with `wire`/`width`."""
+    if len(data) < TENSOR_HEADER.size:
+        raise WireError(f"tensor payload of {len(data)} bytes is shorter than its header")
+    code, rows, cols = TENSOR_HEADER.unpack_from(data)
+    if code not in _WIRE_BY_CODE:
+        raise WireError(f"unknown tensor wire code {code}")
+    name, dt = _WIRE_BY_CODE[code]
+    if wire is not None and wire != name:
+        raise WireError(f"tensor is {name}, expected {wire}")
+    if width is not None and cols != width:
+        raise WireError(f"tensor has width {cols}, expected {width}")
+    n = rows * cols
+    if len(data) != TENSOR_HEADER.size + n * np.dtype(dt).itemsize:
+        raise WireError(f"tensor payload of {len(data)} bytes does not hold {rows}x{cols} {name}")
+    arr = np.frombuffer(data, dtype=dt, count=n, offset=TENSOR_HEADER.size)
+    if name == "bf16":
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    else:
+        arr = arr.astype(np.float32)  # copies: the tensor must not alias the (read-only) bytes
+    return torch.from_numpy(arr).reshape(rows, cols)

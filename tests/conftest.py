@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny random LLaMA checkpoint factory and the built-in SmolLM2 model.
+
+    def test_x(tiny_llama_dir, builtin_model):
+        d = tiny_llama_dir(tie=True, num_hidden_layers=1)   # an HF dir: config.json + model.safetensors
+        m = builtin_model                                   # LoadedModel of smollm2-135m (cached)
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# `make install` installs halo_runtime (editable); a bare checkout still runs the tests.
+if importlib.util.find_spec("halo_runtime") is None:
+    sys.path.insert(0, str(ROOT / "runtime"))
+if importlib.util.find_spec("halo_compile") is None:
+    sys.path.insert(0, str(ROOT))
+
+TINY_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=128, vocab_size=256, max_position_embeddings=256,
+                   rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """Factory: tiny_llama_dir(seed=0, tie=False, **LlamaConfig overrides) -> Path of a random HF LLaMA dir.
+
+    Weights are drawn with initializer_range 0.1 (not HF's 0.02) so logits are far from zero and
+    numeric comparisons mean something. Same arguments -> same directory (built once per session).
+    """
+    made: dict[tuple, Path] = {}
+
+    def make(seed: int = 0, tie: bool = False, **overrides) -> Path:
+        key = (seed, tie, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        if key not in made:
+            import torch
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            torch.manual_seed(seed)
+            cfg = LlamaConfig(**{**TINY_CONFIG, "tie_word_embeddings": tie, **overrides})
+            model = LlamaForCausalLM(cfg).eval()
+            with torch.no_grad():  # HF initialises norms to 1; random norms test that they are applied
+                for name, p in model.named_parameters():
+                    if p.ndim == 1:
+                        p.uniform_(0.5, 1.5)
+            path = tmp_path_factory.mktemp(f"tiny-llama-s{seed}{'-tied' if tie else ''}")
+            model.save_pretrained(str(path), safe_serialization=True)
+            made[key] = path
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def builtin_model():
+    """LoadedModel of smollm2-135m; the conversion is cached under $HALO_CACHE or ~/.cache/halo."""
+    from halo_compile.load import load_model
+
+    return load_model("smollm2-135m", progress=False)
+
+
+def cluster_yaml(n: int, *, lossy: int = 0, memory_mb: float = 4096, remote_memory_mb: float | None = None,
+                 loss: float = 0.05, coordinator_gflops: float = 0.01, base_port: int = 7800) -> str:
+    """A profile of n loopback devices. The coordinator is made slow so that the solver spreads
+    the groups over the others (on a real cluster the latency model may keep a small model local)."""
+    lines = ["name: test", "coordinator: dev0", "devices:"]
+    for i in range(n):
+        gflops = coordinator_gflops if i == 0 else 1.0 + 0.5 * (i % 2)
+        dev_loss = loss if i >= n - lossy and i > 0 else 0.0
+        mem = memory_mb if i == 0 or remote_memory_mb is None else remote_memory_mb
+        lines.append(f"  - {{name: dev{i}, address: '127.0.0.1:{base_port + i}', memory_mb: {mem}, "
+                     f"compute_gflops: {gflops}, latency_ms: 0.01, loss: {dev_loss}}}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab_dir(tiny_llama_dir, builtin_model):
+    """A tiny random LLaMA with SmolLM2's vocabulary and tokenizer.json, so the whole compiler runs on it."""
+    import shutil
+
+    path = tiny_llama_dir(seed=3, tie=True, vocab_size=49152, intermediate_size=96, num_hidden_layers=3)
+    if not (path / "tokenizer.json").exists():
+        shutil.copyfile(builtin_model.tokenizer_file, path / "tokenizer.json")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_plan(tiny_vocab_dir, tmp_path_factory):
+    """A compiled 4-device plan (one lossy device) of the tiny model: (plan, directory)."""
+    from halo_compile.pipeline import CompileOptions, compile_plan
+
+    root = tmp_path_factory.mktemp("tiny-plan")
+    profile = root / "cluster.yaml"
+    # remote memory so tight that every device, the lossy one included, must hold some groups
+    profile.write_text(cluster_yaml(4, lossy=1, remote_memory_mb=0.25))
+    opts = CompileOptions(calib_tokens=1024, chunk_tokens=128, sample_tokens=512, mlp_groups=5,
+                          relaxed_share=0.3, max_context=256, solver_time=2.0, progress=False)
+    return compile_plan(str(tiny_vocab_dir), profile, root / "plan", opts)

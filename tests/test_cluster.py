@@ -1,0 +1,266 @@
+"""Cluster profiles: the shipped YAML files load, and every bad field is refused with a message that
+names the file and the field."""
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from halo_compile.cluster import MB, Profile, ProfileError, load_profile, parse_profile
+from halo_runtime.plan import Device
+
+from conftest import ROOT, cluster_yaml
+
+PROFILES = ROOT / "profiles"
+
+
+# ---- the shipped profiles -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("file, name, n, coordinator", [
+    ("pi5.yaml", "pi5", 4, "pi5-0"),
+    ("pi-mixed.yaml", "pi-mixed", 4, "pi5"),
+    ("local.yaml", "local", 4, "dev0"),
+])
+def test_shipped_profiles_load(file, name, n, coordinator):
+    p = load_profile(PROFILES / file)
+    assert isinstance(p, Profile)
+    assert p.name == name
+    assert len(p.devices) == n
+    assert p.coordinator == coordinator
+    assert p.devices[0].name == coordinator  # the coordinator is listed first in every shipped profile
+    assert len({d.name for d in p.devices}) == n and len({d.address for d in p.devices}) == n
+    assert all(isinstance(d, Device) and d.memory_bytes > 0 and d.compute_gflops > 0 for d in p.devices)
+
+
+def test_shipped_profiles_are_all_covered():
+    assert sorted(f.name for f in PROFILES.glob("*.yaml")) == ["local.yaml", "pi-mixed.yaml", "pi5.yaml"]
+
+
+def test_pi5_profile_values():
+    p = load_profile(PROFILES / "pi5.yaml")
+    assert [d.name for d in p.devices] == ["pi5-0", "pi5-1", "pi5-2", "pi5-3"]
+    lossy = [d for d in p.devices if d.loss > 0]
+    assert [d.name for d in lossy] == ["pi5-2", "pi5-3"]
+    assert all(d.loss == 0.05 for d in lossy)
+    assert all(d.memory_bytes == 6144 * MB for d in p.devices)
+    assert all(d.compute_gflops == 8.0 for d in p.devices)         # from defaults
+    assert p.devices[0].latency_ms == 0.15 and p.devices[2].latency_ms == 2.0  # default vs override
+    assert p.devices[0].bandwidth_mbps == 1000 and p.devices[3].bandwidth_mbps == 100
+    assert p.devices[1].address == "pi5-1.local:7700" and p.devices[1].host == "pi5-1.local"
+    assert p.devices[1].port == 7700
+
+
+def test_pi_mixed_profile_is_heterogeneous():
+    p = load_profile(PROFILES / "pi-mixed.yaml")
+    by = {d.name: d for d in p.devices}
+    assert by["zero2w"].memory_bytes == 160 * MB and by["zero2w"].loss == 0.08
+    assert by["pi4-2g"].loss == 0.02 and by["pi4-2g"].latency_ms == 3.0
+    assert by["pi5"].loss == 0.0 and by["pi5"].latency_ms == 0.2   # inherited
+
+
+def test_loaded_from_str_path_too():
+    assert load_profile(str(PROFILES / "local.yaml")) == load_profile(PROFILES / "local.yaml")
+
+
+# ---- defaults -------------------------------------------------------------------------------------
+
+def test_defaults_are_inherited_and_overridable(tmp_path):
+    f = tmp_path / "d.yaml"
+    f.write_text("name: d\ndefaults: {latency_ms: 1.5, jitter_ms: 0.25, loss: 0.01, compute_gflops: 3}\n"
+                 "devices:\n"
+                 "  - {name: a, address: 'h:1', memory_mb: 10}\n"
+                 "  - {name: b, address: 'h:2', memory_mb: 20, latency_ms: 7, loss: 0.0, compute_gflops: 9}\n")
+    a, b = load_profile(f).devices
+    assert (a.latency_ms, a.jitter_ms, a.loss, a.compute_gflops) == (1.5, 0.25, 0.01, 3.0)
+    assert (b.latency_ms, b.jitter_ms, b.loss, b.compute_gflops) == (7.0, 0.25, 0.0, 9.0)
+    assert a.bandwidth_mbps == b.bandwidth_mbps == Device.bandwidth_mbps  # neither sets it: dataclass default
+    assert a.memory_bytes == 10 * MB and b.memory_bytes == 20 * MB
+
+
+def test_name_and_coordinator_default(tmp_path):
+    f = tmp_path / "shelf-7.yaml"
+    f.write_text("devices:\n  - {name: x, address: 'h:1', memory_mb: 1, compute_gflops: 1}\n"
+                 "  - {name: y, address: 'h:2', memory_mb: 1, compute_gflops: 1}\n")
+    p = load_profile(f)
+    assert p.name == "shelf-7"        # file stem
+    assert p.coordinator == "x"       # first device
+
+
+def test_cluster_yaml_helper_parses():
+    p = parse_profile(cluster_yaml(5, lossy=2), "helper.yaml")
+    assert [d.loss for d in p.devices] == [0.0, 0.0, 0.0, 0.05, 0.05]
+    assert p.coordinator == "dev0" and p.name == "test"
+
+
+# ---- fingerprint ----------------------------------------------------------------------------------
+
+def test_fingerprint_is_sha256_of_the_bytes(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_bytes((PROFILES / "pi5.yaml").read_bytes())
+    p = load_profile(f)
+    assert p.fingerprint == hashlib.sha256(f.read_bytes()).hexdigest()
+    f.write_bytes(f.read_bytes().replace(b"# 4 x Raspberry", b"# four x Raspberry"))
+    q = load_profile(f)
+    assert q.devices == p.devices and q.name == p.name       # same content...
+    assert q.fingerprint != p.fingerprint                       # ...but a comment changed
+    assert q.fingerprint == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_fingerprint_of_crlf_file_is_sha256_of_the_bytes(tmp_path):
+    f = tmp_path / "crlf.yaml"
+    f.write_bytes((PROFILES / "local.yaml").read_bytes().replace(b"\n", b"\r\n"))
+    p = load_profile(f)
+    assert p.devices == load_profile(PROFILES / "local.yaml").devices
+    assert p.fingerprint == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+# ---- bad profiles ---------------------------------------------------------------------------------
+
+BASE = {
+    "name": "bad",
+    "coordinator": "a",
+    "defaults": {"latency_ms": 0.1},
+    "devices": [
+        {"name": "a", "address": "10.0.0.1:7700", "memory_mb": 512, "compute_gflops": 4},
+        {"name": "b", "address": "10.0.0.2:7700", "memory_mb": 512, "compute_gflops": 4, "loss": 0.05},
+    ],
+}
+
+
+def _set(path, value):
+    def edit(d):
+        *head, last = path
+        for k in head:
+            d = d[k]
+        d[last] = value
+    return edit
+
+
+def _del(path):
+    def edit(d):
+        *head, last = path
+        for k in head:
+            d = d[k]
+        del d[last]
+    return edit
+
+
+BAD = [
+    # id, edit (callable on a copy of BASE) or raw text, substrings the message must contain
+    ("yaml-syntax", "name: bad\ndevices:\n  - {name: a, address: 'h:1'\n  - oops: [\n",
+     ["not valid YAML", "at line 4"]),
+    ("top-level-list", "- name: a\n- name: b\n", ["expected a mapping", "'devices'"]),
+    ("top-level-scalar", "just a string\n", ["expected a mapping"]),
+    ("unknown-top-key", _set(["colour"], "red"), ["unknown key 'colour'"]),
+    ("unknown-device-key", _set(["devices", 1, "ram_mb"], 512), ["devices[1]", "unknown key 'ram_mb'"]),
+    ("missing-memory", _del(["devices", 1, "memory_mb"]), ["devices[1]", "missing required key 'memory_mb'"]),
+    ("missing-address", _del(["devices", 0, "address"]), ["devices[0]", "missing required key 'address'"]),
+    ("negative-memory", _set(["devices", 1, "memory_mb"], -1), ["devices[1] (b).memory_mb", "positive", "-1"]),
+    ("zero-memory", _set(["devices", 0, "memory_mb"], 0), ["devices[0] (a).memory_mb", "positive"]),
+    ("memory-string", _set(["devices", 1, "memory_mb"], "512"),
+     ["devices[1] (b).memory_mb", "expected a number", "'512'"]),
+    ("memory-bool", _set(["devices", 1, "memory_mb"], True), ["devices[1] (b).memory_mb", "expected a number"]),
+    ("loss-one", _set(["devices", 1, "loss"], 1.0), ["devices[1] (b).loss", "outside [0, 1)"]),
+    ("loss-negative", _set(["devices", 1, "loss"], -0.1), ["devices[1] (b).loss", "-0.1", "outside [0, 1)"]),
+    ("zero-compute", _set(["devices", 0, "compute_gflops"], 0), ["devices[0] (a).compute_gflops", "positive"]),
+    ("zero-bandwidth", _set(["devices", 0, "bandwidth_mbps"], 0), ["devices[0] (a).bandwidth_mbps", "positive"]),
+    ("negative-latency", _set(["devices", 1, "latency_ms"], -0.5), ["devices[1] (b).latency_ms", ">= 0"]),
+    ("negative-default-latency", _set(["defaults", "latency_ms"], -2), ["devices[0] (a).latency_ms", ">= 0"]),
+    ("negative-jitter", _set(["devices", 0, "jitter_ms"], -1), ["devices[0] (a).jitter_ms", ">= 0"]),
+    ("duplicate-names", _set(["devices", 1, "name"], "a"), ["devices", "duplicate device name 'a'"]),
+    ("duplicate-addresses", _set(["devices", 1, "address"], "10.0.0.1:7700"),
+     ["devices", "share the address '10.0.0.1:7700'"]),
+    ("address-without-port", _set(["devices", 1, "address"], "10.0.0.2"),
+     ["devices[1] (b)", "address '10.0.0.2' is not host:port"]),
+    ("address-port-out-of-range", _set(["devices", 1, "address"], "10.0.0.2:70000"),
+     ["devices[1] (b)", "address '10.0.0.2:70000' is not host:port"]),
+    ("address-port-zero", _set(["devices", 1, "address"], "10.0.0.2:0"), ["devices[1] (b)", "not host:port"]),
+    ("address-not-string", _set(["devices", 1, "address"], 7700), ["devices[1] (b).address", "host:port"]),
+    ("bad-device-name", _set(["devices", 0, "name"], "a b"), ["devices[0].name", "'a b'"]),
+    ("device-not-mapping", _set(["devices", 0], "a"), ["devices[0]", "expected a mapping"]),
+    ("coordinator-not-a-device", _set(["coordinator"], "z"), ["coordinator", "'z' is not one of the devices"]),
+    ("empty-devices", _set(["devices"], []), ["devices", "non-empty list"]),
+    ("devices-missing", _del(["devices"]), ["devices", "non-empty list"]),
+    ("defaults-name", _set(["defaults", "name"], "x"), ["defaults", "'name' cannot have a default"]),
+    ("defaults-memory", _set(["defaults", "memory_mb"], 100), ["defaults", "'memory_mb' cannot have a default"]),
+    ("defaults-not-mapping", _set(["defaults"], [1, 2]), ["defaults", "expected a mapping"]),
+    ("empty-name", _set(["name"], ""), ["name", "non-empty string"]),
+]
+
+
+@pytest.mark.parametrize("case, expected", [(b[1], b[2]) for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_profile(tmp_path, case, expected):
+    if isinstance(case, str):
+        text = case
+    else:
+        data = copy.deepcopy(BASE)
+        case(data)
+        text = yaml.safe_dump(data, sort_keys=False)
+    f = tmp_path / "cluster-under-test.yaml"
+    f.write_text(text)
+    with pytest.raises(ProfileError) as err:
+        load_profile(f)
+    msg = str(err.value)
+    assert msg.startswith(f"{f}: "), msg                 # names the file, first
+    for part in expected:
+        assert part in msg, f"{part!r} not in {msg!r}"
+    assert "\n" not in msg                               # one line, for the CLI
+
+
+def test_base_of_bad_profiles_is_valid(tmp_path):
+    """The cases above fail because of their one edit, not because BASE is broken."""
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(BASE, sort_keys=False))
+    p = load_profile(f)
+    assert [d.name for d in p.devices] == ["a", "b"] and p.devices[1].loss == 0.05
+
+
+# BUG (reported, not fixed here): halo_compile.cluster._number accepts inf/nan. memory_mb: .inf escapes as a
+# raw OverflowError (a traceback from the CLI), memory_mb: .nan gives a message without the field, and
+# inf/nan compute, latency or bandwidth are accepted silently. Remove the xfail once _number checks
+# math.isfinite.
+@pytest.mark.xfail(strict=True, reason="cluster._number does not refuse non-finite numbers")
+@pytest.mark.parametrize("field, value", [("memory_mb", ".inf"), ("memory_mb", ".nan"),
+                                          ("compute_gflops", ".inf"), ("compute_gflops", ".nan"),
+                                          ("latency_ms", ".nan"), ("bandwidth_mbps", ".inf")])
+def test_non_finite_numbers_are_refused(tmp_path, field, value):
+    f = tmp_path / "nonfinite.yaml"
+    fields = {"name": "a", "address": "'h:1'", "memory_mb": "64", "compute_gflops": "1", field: value}
+    f.write_text("devices:\n  - {" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "}\n")
+    with pytest.raises(ProfileError) as err:
+        load_profile(f)
+    assert str(err.value).startswith(f"{f}: ") and f".{field}" in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ProfileError, match="no such profile") as err:
+        load_profile(tmp_path / "nope.yaml")
+    assert str(tmp_path / "nope.yaml") in str(err.value)
+
+
+def test_not_utf8(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes(b"name: caf\xe9\ndevices: []\n")
+    with pytest.raises(ProfileError, match="cannot read") as err:
+        load_profile(f)
+    assert str(f) in str(err.value)
+
+
+def test_profile_error_is_a_value_error():
+    assert issubclass(ProfileError, ValueError)
+
+
+def test_profile_dataclass_checks():
+    d = Device(name="a", address="h:1", memory_bytes=1, compute_gflops=1.0)
+    with pytest.raises(ValueError, match="at least one device"):
+        Profile(name="p", coordinator="a", devices=(), fingerprint="")
+    with pytest.raises(ValueError, match="'b' is not one of the devices"):
+        Profile(name="p", coordinator="b", devices=(d,), fingerprint="")
+
+
+def test_sources_of_parse_profile_appear_in_messages():
+    with pytest.raises(ProfileError, match=r"^<stdin>: devices: expected a non-empty list$"):
+        parse_profile("name: x\n", "<stdin>")

@@ -1,0 +1,112 @@
+"""The runtime executes a plan exactly: in process, over UDP (relaxed) and over TCP (strict).
+
+Uses the tiny compiled plan (4 devices, one lossy, uneven groups); worker processes run on
+loopback and are always stopped by `halo-run local` itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from halo_runtime.coordinator import Coordinator
+from halo_runtime.exchange import InProcessExchange
+from halo_runtime.model import FullModel
+from halo_runtime.shards import load_shard
+from halo_runtime.tokenizer import Tokenizer
+
+PROMPT = "The capital of France is"
+
+
+def reference(model_dir, prompt_ids, n):
+    from halo_compile.load import load_model
+
+    m = load_model(str(model_dir), progress=False)
+    full = FullModel(m.config, m.weights)
+    logits = [full.logits(torch.tensor(prompt_ids))[-1]]
+    tokens = [int(logits[-1].argmax())]
+    for _ in range(n - 1):
+        logits.append(full.logits(torch.tensor([tokens[-1]]))[-1])
+        tokens.append(int(logits[-1].argmax()))
+    return tokens, logits
+
+
+def halo_run(*args, timeout=180):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "halo_runtime.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_plan):
+    plan, directory = tiny_plan
+    return {d: load_shard(directory, plan, d) for d in plan.device_names}
+
+
+def test_plan_uses_every_device_and_has_relaxed_groups_on_the_lossy_one(tiny_plan):
+    plan, _ = tiny_plan
+    lossy = [d.name for d in plan.devices if d.loss > 0]
+    assert lossy and all(any(g.device == name and not g.critical for g in plan.groups) for name in lossy)
+    sizes = {len(g.members) for g in plan.groups if g.kind == "mlp"}
+    assert len(sizes) > 1, "groups should have uneven sizes"
+
+
+def test_in_process_matches_single_device_model(tiny_plan, shards, tiny_vocab_dir):
+    plan, _ = tiny_plan
+    prompt = [5, 17, 300, 42, 1000]
+    coord = Coordinator(plan, shards[plan.coordinator], InProcessExchange(plan, shards))
+    gen = coord.generate(prompt, 16, keep_logits=True)
+    tokens, logits = reference(tiny_vocab_dir, prompt, 16)
+    assert gen.tokens == tokens
+    for ours, ref in zip(gen.logits, logits):
+        assert torch.allclose(ours, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+
+
+def test_compensation_replaces_missing_relaxed_parts(tiny_plan, shards):
+    plan, _ = tiny_plan
+    lossy = {d.name: 1.0 for d in plan.devices if d.loss > 0}  # every relaxed part lost
+    ex = InProcessExchange(plan, shards, miss=lossy)
+    coord = Coordinator(plan, shards[plan.coordinator], ex)
+    coord.predictors = [{**p, "bias": p["bias"] - 1e6} for p in coord.predictors]  # never await
+    gen = coord.generate([5, 17, 300], 4)
+    expected = 4 * sum(bool(coord.relaxed[layer].get(d)) for layer in range(plan.model.num_layers) for d in lossy)
+    assert ex.counts["compensated"] == expected > 0
+    missing = {d for s in gen.token_stats for d in s.missing}
+    assert missing == set(lossy)
+    assert sum(sum(s.missing.values()) for s in gen.token_stats) == expected
+
+
+@pytest.mark.parametrize("sync", ["relaxed", "strict"])
+def test_local_network_fp32_matches_single_device_model(tiny_plan, tiny_vocab_dir, sync):
+    plan, directory = tiny_plan
+    out = halo_run("local", "--plan", str(directory), "--prompt", PROMPT, "--max-tokens", "12",
+                   "--wire", "fp32", "--plr", "0", "--sync", sync, "--json", "--quiet")
+    prompt = Tokenizer.from_file(directory / "tokenizer.json").encode(PROMPT)
+    tokens, _ = reference(tiny_vocab_dir, prompt, 12)
+    assert out["sync"] == sync
+    assert out["tokens"] == tokens
+    assert out["compensated_share"] == 0.0
+    assert set(out["tpot_ms"]) == {"p50", "p90", "p99"}
+    assert set(out["peak_rss_mb"]) == set(plan.device_names)
+
+
+def test_under_loss_relaxed_completes_and_strict_stays_exact(tiny_plan, tiny_vocab_dir):
+    plan, directory = tiny_plan
+    common = ["--plan", str(directory), "--prompt", PROMPT, "--max-tokens", "10", "--wire", "fp32",
+              "--plr", "0.3", "--json", "--quiet", "--seed", "3"]
+    relaxed = halo_run("local", *common, "--sync", "relaxed")
+    strict = halo_run("local", *common, "--sync", "strict")
+    prompt = Tokenizer.from_file(directory / "tokenizer.json").encode(PROMPT)
+    tokens, _ = reference(tiny_vocab_dir, prompt, 10)
+    assert strict["tokens"] == tokens
+    assert len(relaxed["tokens"]) == 10
+    ex = relaxed["exchange"]
+    assert ex["retransmissions"] > 0  # 30% loss: critical parts were re-requested
+    # a relaxed part is compensated at its deadline, never awaited for a retransmission cycle
+    assert ex["max_relaxed_overshoot_ms"] < 50

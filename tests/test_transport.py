@@ -1,0 +1,365 @@
+"""Wire format, reassembly, tensor codec, RTT estimator, UDP/TCP transport and the loss shim.
+
+Loopback only; every socket and thread is closed before a test returns.
+"""
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from halo_runtime.transport import (LossShim, RttEstimator, TcpChannel, TcpListener,
+                                    TransportError, UdpEndpoint)
+from halo_runtime.wire import (HEADER, HEADER_SIZE, MAGIC, MAX_DATAGRAM, TAG_LEN, Kind, Message,
+                               Reassembler, WireError, attempt_of, decode_datagram, decode_tensor,
+                               encode, encode_tensor, make_flags)
+
+
+def _msg(size: int, step: int = 3, kind: int = Kind.REPLY_MLP_RELAXED, seed: int = 0) -> Message:
+    payload = random.Random(seed).randbytes(size)
+    return Message(kind, session=0xDEADBEEF, step=step, layer=29, sender=3, payload=payload)
+
+
+# --- wire format --------------------------------------------------------------------------------
+
+def test_header_is_23_bytes():
+    assert HEADER_SIZE == HEADER.size == 23
+    assert TAG_LEN == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 1376, 1377, 1378, 1399, 1400, 5000, 100_000])
+def test_round_trip_shuffled_and_duplicated(size):
+    msg = _msg(size)
+    datagrams = encode(msg)
+    assert all(len(d) <= MAX_DATAGRAM for d in datagrams)
+    assert len(datagrams) == max(1, -(-size // (MAX_DATAGRAM - HEADER_SIZE)))
+    feed = datagrams + datagrams[::2]
+    random.Random(size).shuffle(feed)
+    r = Reassembler()
+    out = [m for m in (r.feed(d) for d in feed) if m is not None]
+    assert out == [msg]
+    assert r.counters.completed == 1
+    assert r.counters.duplicates == len(feed) - len(datagrams)
+    assert r.pending == 0
+
+
+def test_small_max_datagram_and_flags():
+    msg = _msg(1000)
+    datagrams = encode(msg, max_datagram=100, flags=make_flags(redundant=True))
+    assert all(len(d) <= 100 for d in datagrams) and len(datagrams) == 13
+    got = [m for m in map(Reassembler().feed, datagrams) if m]
+    assert got[0].payload == msg.payload and got[0].flags == make_flags(redundant=True)
+    with pytest.raises(ValueError):
+        encode(msg, max_datagram=HEADER_SIZE)
+    with pytest.raises(ValueError):
+        Message(Kind.HELLO, session=2 ** 32, step=0, layer=0, sender=0)
+
+
+def test_retransmission_is_delivered_again_but_redundant_copy_is_not():
+    msg = _msg(3000)
+    r = Reassembler()
+    assert [m for m in map(r.feed, encode(msg)) if m] == [msg]
+    assert not [m for m in map(r.feed, encode(msg, flags=make_flags(redundant=True))) if m]
+    again = [m for m in map(r.feed, encode(msg, flags=make_flags(attempt=1))) if m]
+    assert len(again) == 1 and attempt_of(again[0].flags) == 1 and again[0].payload == msg.payload
+    assert not [m for m in map(r.feed, encode(msg, flags=make_flags(attempt=1, redundant=True))) if m]
+    # Past 15 attempts the counter saturates and every copy is delivered, so retries never starve.
+    for _ in range(2):
+        assert len([m for m in map(r.feed, encode(msg, flags=make_flags(attempt=99))) if m]) == 1
+
+
+def test_malformed_datagrams_are_rejected():
+    good = encode(_msg(2000))[0]
+    assert decode_datagram(good) is not None
+    bad = [
+        b"", good[:HEADER_SIZE - 1], good[:-1], good + b"x", b"XX" + good[2:],
+        good[:2] + b"\x09" + good[3:],
+        HEADER.pack(MAGIC, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),            # count 0
+        HEADER.pack(MAGIC, 1, 1, 0, 0, 0, 0, 2, 2, 0, 0),            # index >= count
+        None, "text", 12,
+    ]
+    for b in bad:
+        assert decode_datagram(b) is None, b
+    assert decode_datagram(good, max_datagram=len(good) - 1) is None
+    r = Reassembler()
+    for b in bad:
+        assert r.feed(b) is None
+    assert r.counters.malformed == len(bad) and r.counters.datagrams == len(bad)
+
+
+def test_chunk_count_mismatch_is_malformed():
+    a, b = encode(_msg(2000))
+    forged = bytearray(b)
+    struct.pack_into("!H", forged, 18, 3)  # same message key, different chunk count
+    r = Reassembler()
+    assert r.feed(a) is None and r.feed(bytes(forged)) is None
+    assert r.counters.malformed == 1 and r.feed(b) is not None
+
+
+_VALID = [d for size in (0, 50, 3000) for d in encode(_msg(size, seed=size))]
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=1500))
+def test_random_bytes_never_raise(data):
+    r = Reassembler()
+    assert r.feed(data) is None or data[:2] == MAGIC
+    assert r.counters.datagrams == 1
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.sampled_from(_VALID), st.integers(0, 1500), st.integers(0, 255), st.integers(0, 1500))
+def test_mutated_datagrams_never_raise(datagram, pos, value, cut):
+    d = bytearray(datagram)
+    if pos < len(d):
+        d[pos] = value
+    r = Reassembler(max_partials=4)
+    for x in (bytes(d), bytes(d[:cut]), datagram):
+        r.feed(x)  # must not raise, whatever the bytes
+    assert r.counters.datagrams == 3 and r.pending <= 4
+
+
+def test_watermark_evicts_and_rejects_stale():
+    r = Reassembler()
+    for step in range(5):
+        r.feed(encode(_msg(3000, step=step))[0])
+    assert r.pending == 5
+    r.set_watermark(3)
+    assert r.pending == 2 and r.counters.evicted == 3
+    assert r.feed(encode(_msg(10, step=1))[0]) is None and r.counters.stale == 1
+    hello = Message(Kind.HELLO, session=1, step=0, layer=0, sender=0)
+    assert r.feed(encode(hello)[0]) == hello  # control messages are never stale
+
+
+def test_memory_is_bounded():
+    r = Reassembler(max_partials=8, remember=16)
+    for step in range(100):
+        r.feed(encode(_msg(3000, step=step))[0])
+    assert r.pending == 8 and r.counters.evicted == 92
+    for step in range(100):
+        r.feed(encode(_msg(10, step=step))[0])
+    assert len(r._done) == 16
+
+
+# --- tensor codec -------------------------------------------------------------------------------
+
+def test_tensor_fp32_exact():
+    x = torch.randn(7, 576) * torch.logspace(-30, 30, 576)
+    x[0, :4] = torch.tensor([float("inf"), float("-inf"), -0.0, 1e-45])
+    y = decode_tensor(encode_tensor(x, "fp32"), "fp32", width=576)
+    assert y.dtype == torch.float32 and torch.equal(y.view(torch.int32), x.view(torch.int32))
+
+
+def test_tensor_fp16_and_bf16_tolerance():
+    x = torch.randn(3, 576) * 10
+    b = encode_tensor(x, "fp16")
+    assert len(b) == 9 + 3 * 576 * 2
+    torch.testing.assert_close(decode_tensor(b, "fp16", 576), x, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(decode_tensor(encode_tensor(x, "bf16")), x, rtol=8e-3, atol=1e-2)
+    big = torch.tensor([[1e6, -1e6, 3.0]])
+    assert decode_tensor(encode_tensor(big, "fp16")).tolist() == [[65504.0, -65504.0, 3.0]]
+    assert decode_tensor(encode_tensor(torch.ones(576))).shape == (1, 576)
+    assert decode_tensor(encode_tensor(torch.ones(0, 576), "fp32")).shape == (0, 576)
+
+
+def test_tensor_decode_errors():
+    b = encode_tensor(torch.ones(2, 4), "fp16")
+    for data, wire, width in [(b[:5], None, None), (b[:-1], None, None), (b + b"\0", None, None),
+                              (b, "fp32", None), (b, None, 5), (b"\x07" + b[1:], None, None)]:
+        with pytest.raises(WireError):
+            decode_tensor(data, wire, width)
+
+
+# --- RTT estimator ------------------------------------------------------------------------------
+
+def test_rtt_estimator():
+    e = RttEstimator()
+    assert e.rto_s == pytest.approx(0.02)
+    e.sample(0.0001)
+    assert e.rto_s == 0.002  # floor
+    for _ in range(100):
+        e.sample(0.010)
+    assert e.srtt_s == pytest.approx(0.010, rel=1e-3) and e.rto_s == pytest.approx(0.010, rel=0.05)
+    steady = e.rto_s
+    for i in range(50):
+        e.sample(0.002 if i % 2 else 0.018)
+    assert e.rto_s > steady + 0.01  # variance raises the timeout
+    e.sample(5.0)
+    assert e.rto_s == 0.2  # ceiling
+    f = RttEstimator()
+    f.sample(0.004)
+    base = f.rto_s
+    f.backoff(), f.backoff()
+    assert f.rto_s == pytest.approx(4 * base)
+    f.sample(float("nan")), f.sample(-1.0)
+    assert f.samples == 1 and f.rto_s == pytest.approx(4 * base)
+    f.sample(0.004)
+    assert f.rto_s < 2 * base
+
+
+# --- UDP ----------------------------------------------------------------------------------------
+
+def test_udp_send_recv():
+    with UdpEndpoint() as a, UdpEndpoint() as b:
+        assert a.address[0] == "127.0.0.1" and a.address[1] > 0
+        assert b.rcvbuf_bytes >= 208 * 1024
+        small, big = _msg(1152, seed=1), _msg(100_000, step=4, seed=2)
+        assert a.send(small, b.address) == 1
+        assert a.send(big, b.address) == 73
+        got = [b.recv(timeout_s=2.0) for _ in range(2)]
+        assert [g[0] for g in got] == [small, big] and got[0][1] == a.address
+        assert b.recv(timeout_s=0) is None
+        t0 = time.monotonic()
+        assert b.recv(timeout_s=0.05) is None
+        assert 0.04 < time.monotonic() - t0 < 0.5
+        b.send(small, a.address)
+        assert a.recv(1.0)[0] == small
+        assert a.counters.datagrams_sent == 74 and b.counters.datagrams_received == 74
+        assert b.counters.bytes_received == a.counters.bytes_sent > 100_000
+        assert b.counters.messages_received == 2
+
+
+def test_udp_garbage_is_counted_not_raised():
+    with UdpEndpoint() as b, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+        for junk in (b"", b"hello", MAGIC + b"\x01" * 40, bytes(1400)):
+            raw.sendto(junk, b.address)
+        raw.sendto(encode(_msg(10))[0], b.address)
+        msg, _ = b.recv(1.0)
+        assert msg == _msg(10) and b.reassembler.counters.malformed == 4
+
+
+def test_port_in_use():
+    with UdpEndpoint() as a:
+        host, port = a.address
+        with pytest.raises(TransportError, match=f"cannot bind 127.0.0.1:{port}: address already in use"):
+            UdpEndpoint(host, port)
+    with TcpListener() as lst:
+        host, port = lst.address
+        with pytest.raises(TransportError, match=f"cannot bind 127.0.0.1:{port}: address already in use"):
+            TcpListener(host, port)
+
+
+def test_bad_address():
+    with UdpEndpoint() as a, pytest.raises(TransportError, match="cannot send to"):
+        a.send(_msg(1), ("no.such.host.invalid", 1))
+
+
+# --- TCP ----------------------------------------------------------------------------------------
+
+def test_tcp_round_trip():
+    with TcpListener() as lst:
+        client = TcpChannel.connect(lst.address)
+        server = lst.accept(timeout_s=2.0)
+        try:
+            assert server is not None
+            assert client.congestion == "cubic" and server.congestion == "cubic"
+            assert client._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            small, big = _msg(1152), _msg(200_000, seed=5)
+            client.send(small)
+            client.send(big)
+            assert server.recv(2.0) == small and server.recv(2.0) == big
+            assert server.recv(0.01) is None
+            server.send(small)
+            assert client.recv(2.0) == small
+            client.send(Message(Kind.BYE, 0, 0, 0, 0))
+            client.close()
+            assert server.recv(2.0).kind == Kind.BYE
+            with pytest.raises(TransportError, match="closed by peer"):
+                server.recv(2.0)
+        finally:
+            client.close()
+            if server is not None:
+                server.close()
+    with TcpListener() as lst:
+        port = lst.address[1]
+    with pytest.raises(TransportError, match=f"cannot connect to 127.0.0.1:{port}"):
+        TcpChannel.connect(("127.0.0.1", port))
+
+
+def test_tcp_bad_frame_length_closes_with_peer_named():
+    with TcpListener() as lst, socket.create_connection(lst.address) as raw:
+        server = lst.accept(2.0)
+        try:
+            raw.sendall(struct.pack("!I", 5) + b"\0" * 5)
+            with pytest.raises(TransportError, match="invalid length 5"):
+                server.recv(2.0)
+        finally:
+            server.close()
+
+
+# --- loss shim ----------------------------------------------------------------------------------
+
+def test_shim_drop_rate_is_seeded():
+    def run(seed):
+        sent = []
+        with LossShim(loss=0.05, seed=seed) as shim:
+            for i in range(10_000):
+                shim.send_datagram(lambda d, a: sent.append(d), i.to_bytes(2, "big"), None)
+        return shim.counters.dropped, sent
+    dropped, sent = run(1)
+    assert 430 <= dropped <= 570 and len(sent) == 10_000 - dropped
+    assert run(1) == (dropped, sent) and run(2)[1] != sent
+
+
+def test_shim_delay():
+    arrivals, lock = [], threading.Lock()
+    with LossShim(loss=0.0, delay_ms=20, jitter_ms=2, seed=3) as shim:
+        for _ in range(20):
+            t = time.monotonic()
+            shim.send_datagram(lambda d, a, t=t: arrivals.append(time.monotonic() - t), b"x", None)
+        deadline = time.monotonic() + 2
+        while len(arrivals) < 20 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert len(arrivals) == 20 and shim.counters.delayed == 20
+    mean = sum(arrivals) / 20
+    assert 0.015 < mean < 0.06
+
+
+def test_shim_through_udp_endpoints():
+    with LossShim(loss=0.0, delay_ms=10) as shim, UdpEndpoint(shim=shim) as a, UdpEndpoint() as b:
+        t = time.monotonic()
+        a.send(_msg(5000), b.address)
+        assert b.recv(1.0)[0] == _msg(5000) and time.monotonic() - t >= 0.009
+        assert shim.counters.delayed == 4
+
+
+def test_shim_tcp_frames_stay_in_order():
+    got = []
+    with LossShim(loss=0.3, seed=7, tcp_rto_ms=5) as shim:
+        stream = object()
+        t0 = time.monotonic()
+        for i in range(50):
+            shim.send_frame(stream, lambda f: got.append((f, time.monotonic() - t0)), bytes([i]))
+        deadline = time.monotonic() + 5
+        while len(got) < 50 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert [f[0] for f in got] == [bytes([i]) for i in range(50)]
+    assert shim.counters.tcp_losses > 5 and shim.counters.dropped == 0
+    assert got[-1][1] >= 0.005 * shim.counters.tcp_losses / 4
+
+
+def test_shim_tcp_through_channel():
+    with LossShim(loss=0.5, seed=1, tcp_rto_ms=20) as shim, TcpListener() as lst:
+        client = TcpChannel.connect(lst.address, shim=shim)
+        server = lst.accept(2.0)
+        try:
+            msgs = [_msg(100, step=s) for s in range(10)]
+            t0 = time.monotonic()
+            for m in msgs:
+                client.send(m)
+            assert [server.recv(5.0) for _ in msgs] == msgs
+            assert shim.counters.tcp_losses > 0 and time.monotonic() - t0 >= 0.019
+        finally:
+            client.close()
+            server.close()
+
+
+def test_no_threads_left():
+    assert not [t for t in threading.enumerate() if t.name == "halo-loss-shim"]
