@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class Profile:
 
 
 def _number(value, where: str, integer: bool = False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):  # .inf, .nan
         raise ProfileError(f"{where}: expected a number, got {value!r}")
     if integer and value != int(value):
         raise ProfileError(f"{where}: expected a whole number, got {value!r}")

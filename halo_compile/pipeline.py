@@ -180,4 +180,5 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
     shards[plan.coordinator].update(predictor_tensors)
     emit(out, plan, shards, model.tokenizer_file)
     _log(opts, f"compiled in {time.perf_counter() - started:.1f} s")
-    return plan, out
+    # hand back exactly what plan.json holds (floats rounded), so reports agree with `inspect`
+    return Plan.from_json(plan.to_json()), out

@@ -9,16 +9,16 @@ Cost model (the solver optimises it; `predicted_token_ms` evaluates it for any a
 - compute(g, d) = g.flops / (d.compute_gflops*1e6) ms.
 - Each layer l has two synchronisation rounds r (attn, mlp). For every device d,
   M[l,r] >= sum of compute(g, d) over its groups in (l,r) + rtt(d)*[d holds a group in (l,r)]
-         + q1(d)*rto_ms*[d holds a critical group in (l,r)].
-  The per-token time is T = sum of M[l,r] over all rounds.
+         + q1(d)*rto_ms*[d holds a critical group in (l,r)];
+  the per-token time is T = sum of M[l,r] over all rounds.
 - Memory: the groups' weight_bytes + kv_bytes plus fixed_bytes[d] fit in d.memory_bytes.
-- Expected lost importance = sum of g.importance*miss[d] over relaxed groups g placed on d, divided by
-  the number of layers (read: per layer, the expected share of the MLP output lost). `miss` is the
-  caller's post-retransmission miss probability for relaxed messages (see `miss_probability`).
+- Expected lost importance = sum of g.importance*miss[d] over relaxed groups g on d, divided by the
+  number of layers (per layer, the expected share of the MLP output lost). `miss` is the caller's
+  post-retransmission miss probability of relaxed replies (see `miss_probability`).
 
 Phase 1 minimises T. Phase 2 keeps T <= (1+time_slack)*T1 and minimises lost importance, starting
-from phase 1's solution. `place_loss_blind` runs phase 1 with every loss treated as 0, the baseline
-that shows what awareness of loss buys.
+from phase 1's plan. `place_loss_blind` runs phase 1 with every loss treated as 0: the baseline that
+shows what knowing the losses buys. How the phases are solved is told in `_optimise`.
 
 Example:
     >>> from halo_runtime.plan import Device
@@ -29,20 +29,24 @@ Example:
     ...            Device("pi-1", "10.0.0.2:9000", 10**8, 5.0, loss=0.05)]
     >>> p = place(groups, devices, "pi-0", {"pi-0": 10**6}, {"pi-1": miss_probability(0.05)})
     >>> sorted(p.assignment.items())
-    [('L0.mlp.0', 'pi-0'), ('L0.mlp.1', 'pi-0'), ('L0.mlp.2', 'pi-0'), ('L0.mlp.3', 'pi-0')]
+    [('L0.mlp.0', 'pi-0'), ('L0.mlp.1', 'pi-0'), ('L0.mlp.2', 'pi-0'), ('L0.mlp.3', 'pi-1')]
+    >>> round(p.predicted_token_ms, 3), round(p.expected_lost_importance, 6)
+    (0.6, 0.000475)
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
 from halo_runtime.plan import Device, SolverReport
 
 TIME_UNITS_PER_MS = 10_000
-"""Solver time unit is 0.1 us: a group computes in tens of us, so whole us would skew sums by ~1%."""
+"""Solver time unit, 0.1 us: a group computes in tens of us, so whole us would skew sums by ~1%."""
+GAP = 1e-3
+"""Relative gap at which CP-SAT stops and calls a solve OPTIMAL."""
 LOSS_SCALE = 10**9
 """Solver units per unit of importance*miss: a small relaxed group at 1% loss loses ~1e-6."""
 
@@ -60,7 +64,7 @@ class GroupCost:
     layer: int
     """Decoder layer index."""
     kind: str
-    """"attn" (the attention round) or "mlp" (the MLP round)."""
+    """"attn" (the layer's attention round) or "mlp" (its MLP round)."""
     critical: bool
     """Critical: always awaited (retransmitted); relaxed: used only if it arrives in time."""
     importance: float
@@ -81,8 +85,8 @@ class GroupCost:
             raise ValueError(f"group {self.id}: layer {self.layer} is negative")
         if self.kind == "attn" and not self.critical:
             raise ValueError(f"group {self.id}: attention groups hold KV state and must be critical")
-        if not (math.isfinite(self.importance) and self.importance >= 0):
-            raise ValueError(f"group {self.id}: importance {self.importance} must be finite and >= 0")
+        if not 0.0 <= self.importance <= 1.0 + 1e-6:
+            raise ValueError(f"group {self.id}: importance {self.importance} is not a share in [0, 1]")
         if min(self.weight_bytes, self.kv_bytes, self.flops) < 0:
             raise ValueError(f"group {self.id}: bytes and flops must be >= 0")
         if self.kind == "mlp" and self.kv_bytes:
@@ -102,9 +106,10 @@ class PlaceOptions:
     max_deterministic_time: float = 10.0
     """CP-SAT deterministic time budget per phase (reproducible, unlike wall time)."""
     num_workers: int = 1
-    """CP-SAT search workers. 1: one sequential search, whose result depends only on the model, the
-    seed and the deterministic budget. Parallel workers share solutions in whatever order threads
-    finish, so the same inputs could give different plans (and this machine has only 2 cores)."""
+    """CP-SAT search workers. 1 runs one sequential search: with a fixed seed and a deterministic
+    budget its result depends on nothing but the inputs. Free-running parallel workers exchange
+    solutions in whatever order threads finish, so the same inputs could give another plan; above
+    1 we switch on CP-SAT's interleaved search, deterministic by design but marked experimental."""
     time_slack: float = 0.05
     """Phase 2 may make the per-token time this much worse to cut lost importance."""
     message_bytes: int = 1152
@@ -134,12 +139,12 @@ class Placement:
     assignment: dict[str, str]
     """Group id -> device name, in the order the groups were given."""
     solver: SolverReport
-    """Final phase of the solve. `place`: objective and bound in units of expected_lost_importance;
-    `place_loss_blind`: in per-token ms (of the integer model, compute rounded to 0.1 us)."""
+    """The final phase. `place`: objective and bound in units of expected_lost_importance;
+    `place_loss_blind`: in per-token ms of the integer model (compute rounded to 0.1 us)."""
     predicted_token_ms: float
     """Per-token time of the cost model for this assignment."""
     device_time_ms: dict[str, float]
-    """Compute per token per device, every device listed."""
+    """Compute per token of every device."""
     expected_lost_importance: float
     """Per layer, the expected share of the MLP output lost to missed relaxed replies."""
 
@@ -169,47 +174,51 @@ def expected_lost_importance(groups, assignment, miss, num_layers) -> float:
 
 
 def predicted_token_ms(groups, assignment, devices, coordinator, miss=None, options=PlaceOptions()):
-    """Per-token time of the cost model. `miss` is accepted for symmetry and unused: the critical
-    wait comes from each link's loss, and relaxed replies are never waited for past the deadline."""
+    """Per-token time of the cost model. `miss` is unused, taken for symmetry with the other
+    evaluators: the critical wait follows each link's loss, and relaxed replies are not awaited."""
     by_name = {d.name: d for d in devices}
-    rounds = defaultdict(lambda: defaultdict(lambda: [0.0, False, False]))
+    rounds = defaultdict(lambda: defaultdict(lambda: [0.0, False]))
     for g in groups:
         d = by_name[assignment[g.id]]
         slot = rounds[g.layer, g.kind][d.name]
         slot[0] += _compute_ms(g, d)
-        slot[1], slot[2] = True, slot[2] or g.critical
-    total = 0.0
-    for per_device in rounds.values():
-        total += max(t + (_rtt_ms(by_name[n], coordinator, options) if used else 0.0)
-                     + (_wait_ms(by_name[n], coordinator, options) if crit else 0.0)
-                     for n, (t, used, crit) in per_device.items())
-    return total
+        slot[1] = slot[1] or g.critical
+    return sum(max(t + _rtt_ms(by_name[n], coordinator, options)
+                   + crit * _wait_ms(by_name[n], coordinator, options)
+                   for n, (t, crit) in per_device.items())
+               for per_device in rounds.values())
 
 
 def place(groups, devices, coordinator: str, fixed_bytes: dict[str, int], miss: dict[str, float],
           options: PlaceOptions = PlaceOptions()) -> Placement:
     """Minimise per-token time, then lost importance within `time_slack` of that time."""
-    groups, devices, miss = _prepare(groups, devices, coordinator, fixed_bytes, miss)
-    p = _Problem.build(groups, devices, coordinator, fixed_bytes, miss, options, loss_aware=True)
-    a, run = _optimise(p, options, loss_phase=True)
-    scale = LOSS_SCALE * p.num_layers
-    report = SolverReport(status=run.status, objective=p.loss_units(a) / scale,
-                          bound=min(run.bound, p.loss_units(a)) / scale, solve_time_s=run.wall,
-                          deterministic_time=run.dtime, num_workers=options.num_workers)
-    return _placement(groups, devices, coordinator, miss, options, p.names(a), report)
+    return _place(groups, devices, coordinator, fixed_bytes, miss, options, aware=True)
 
 
 def place_loss_blind(groups, devices, coordinator: str, fixed_bytes: dict[str, int],
                      miss: dict[str, float], options: PlaceOptions = PlaceOptions()) -> Placement:
     """Phase 1 alone with every loss treated as 0, then evaluated with the true losses."""
+    return _place(groups, devices, coordinator, fixed_bytes, miss, options, aware=False)
+
+
+def _place(groups, devices, coordinator, fixed_bytes, miss, options, aware: bool) -> Placement:
     groups, devices, miss = _prepare(groups, devices, coordinator, fixed_bytes, miss)
-    p = _Problem.build(groups, devices, coordinator, fixed_bytes, miss, options, loss_aware=False)
-    a, run = _optimise(p, options, loss_phase=False)
-    t = p.time_units(a)
-    report = SolverReport(status=run.status, objective=t / TIME_UNITS_PER_MS,
-                          bound=min(run.bound, t) / TIME_UNITS_PER_MS, solve_time_s=run.wall,
-                          deterministic_time=run.dtime, num_workers=options.num_workers)
-    return _placement(groups, devices, coordinator, miss, options, p.names(a), report)
+    p = _Problem.build(groups, devices, coordinator, fixed_bytes, miss, options, loss_aware=aware)
+    a, status, bound, runs = _optimise(p, options, loss_phase=aware)
+    value, scale = (p.loss_units(a), LOSS_SCALE * p.num_layers) if aware \
+        else (p.time_units(a), TIME_UNITS_PER_MS)
+    assignment, by_name = p.names(a), {d.name: d for d in devices}
+    device_ms = {d.name: 0.0 for d in devices}
+    for g in groups:
+        device_ms[assignment[g.id]] += _compute_ms(g, by_name[assignment[g.id]])
+    return Placement(
+        assignment=assignment, device_time_ms=device_ms,
+        solver=SolverReport(status=status, objective=value / scale, bound=min(bound, value) / scale,
+                            solve_time_s=sum(r.wall for r in runs),
+                            deterministic_time=sum(r.dtime for r in runs),
+                            num_workers=options.num_workers),
+        predicted_token_ms=predicted_token_ms(groups, assignment, devices, coordinator, miss, options),
+        expected_lost_importance=expected_lost_importance(groups, assignment, miss, p.num_layers))
 
 
 # ---- cost model pieces ----------------------------------------------------------------------------
@@ -240,10 +249,8 @@ def _prepare(groups, devices, coordinator, fixed_bytes, miss):
     names = [d.name for d in devices]
     if not groups or not devices:
         raise ValueError("need at least one group and one device")
-    if len(set(names)) != len(names):
-        raise ValueError("duplicate device names")
-    if len({g.id for g in groups}) != len(groups):
-        raise ValueError("duplicate group ids")
+    if len(set(names)) != len(names) or len({g.id for g in groups}) != len(groups):
+        raise ValueError("device names and group ids must be unique")
     if coordinator not in names:
         raise ValueError(f"coordinator {coordinator!r} is not a device ({', '.join(names)})")
     for name in sorted(set(fixed_bytes) - set(names)):
@@ -251,40 +258,22 @@ def _prepare(groups, devices, coordinator, fixed_bytes, miss):
     for name in names:
         if name != coordinator and not 0.0 <= miss.get(name, -1.0) <= 1.0:
             raise ValueError(f"miss: device {name} needs a miss probability in [0, 1]")
-    free = {}
     for d in devices:
-        fixed = fixed_bytes.get(d.name, 0)
-        if fixed > d.memory_bytes:
-            what = "embeddings and norms" if d.name == coordinator else "fixed buffers"
-            role = "coordinator" if d.name == coordinator else "device"
-            raise InfeasibleError(f"{role} {d.name} needs {_mb(fixed)} for {what} "
-                                  f"but has {_mb(d.memory_bytes)}")
-        free[d.name] = d.memory_bytes - fixed
+        if fixed_bytes.get(d.name, 0) > d.memory_bytes:
+            what = "coordinator {} needs {} for embeddings and norms" if d.name == coordinator \
+                else "device {} needs {} for fixed buffers"
+            raise InfeasibleError(what.format(d.name, _mb(fixed_bytes[d.name]))
+                                  + f" but has {_mb(d.memory_bytes)}")
+    free = [d.memory_bytes - fixed_bytes.get(d.name, 0) for d in devices]
     need = sum(g.bytes for g in groups)
-    if need > sum(free.values()):
+    if need > sum(free):
         raise InfeasibleError(f"model needs {_mb(need)} of weights and KV cache; "
-                              f"the cluster has {_mb(sum(free.values()))}")
-    largest = max(free.values())
+                              f"the cluster has {_mb(sum(free))}")
     for g in groups:
-        if g.bytes > largest:
+        if g.bytes > max(free):
             raise InfeasibleError(f"group {g.id} ({_mb(g.bytes)}) fits on no device "
-                                  f"(most free memory: {_mb(largest)})")
-    miss = {n: (0.0 if n == coordinator else float(miss[n])) for n in names}
-    return groups, devices, miss
-
-
-def _placement(groups, devices, coordinator, miss, options, assignment, report) -> Placement:
-    by_name = {d.name: d for d in devices}
-    device_ms = {d.name: 0.0 for d in devices}
-    for g in groups:
-        device_ms[assignment[g.id]] += _compute_ms(g, by_name[assignment[g.id]])
-    num_layers = len({g.layer for g in groups})
-    return Placement(assignment=assignment, solver=report,
-                     predicted_token_ms=predicted_token_ms(groups, assignment, devices,
-                                                           coordinator, miss, options),
-                     device_time_ms=device_ms,
-                     expected_lost_importance=expected_lost_importance(groups, assignment, miss,
-                                                                       num_layers))
+                                  f"(the most free memory is {_mb(max(free))})")
+    return groups, devices, {n: (0.0 if n == coordinator else float(miss[n])) for n in names}
 
 
 # ---- the integer model ----------------------------------------------------------------------------
@@ -339,27 +328,27 @@ class _Problem:
     def loss_units(self, a) -> int:
         return sum(self.loss[g][d] for g, d in enumerate(a))
 
+    def time_units(self, a) -> int:
+        return sum(self.round_time(members, a) for members in self.rounds)
+
+    def round_time(self, members, a) -> int:
+        per = defaultdict(lambda: [0, False])
+        for g in members:
+            per[a[g]][0] += self.comp[g][a[g]]
+            per[a[g]][1] |= self.critical[g]
+        return max(t + self.rtt[d] + self.wait[d] * crit for d, (t, crit) in per.items())
+
     def fits(self, a) -> bool:
         used = [0] * len(self.cap)
         for g, d in enumerate(a):
             used[d] += self.size[g]
         return all(u <= c for u, c in zip(used, self.cap))
 
-    def time_units(self, a) -> int:
-        return sum(self.round_time(members, a) for members in self.rounds)
-
-    def round_time(self, members, a) -> int:
-        per = defaultdict(lambda: [0, 0])
-        for g in members:
-            per[a[g]][0] += self.comp[g][a[g]]
-            per[a[g]][1] |= self.critical[g]
-        return max(t + self.rtt[d] + self.wait[d] * c for d, (t, c) in per.items())
-
     def arrange(self, a) -> list[int]:
-        """Within groups of equal cost, the more important go to the less lossy devices.
+        """Among groups of equal cost, give the more important ones the less lossy devices.
 
         Swapping two such groups changes neither time nor memory, so this never costs anything;
-        the solver gets the same order as a constraint, which removes their symmetry.
+        the solver gets the same order as a constraint, which also removes their symmetry.
         """
         a = list(a)
         for cls in self.classes:
@@ -368,176 +357,195 @@ class _Problem:
         return a
 
 
-def _greedy(p: _Problem) -> list[int] | None:
-    """Longest compute first, per round, onto the device that would finish it soonest."""
-    free, a = list(p.cap), [0] * len(p.group_ids)
+def _greedy(p: _Problem) -> list[int]:
+    """Longest compute first, round by round, onto the device that would finish it soonest."""
+    a = [0] * len(p.group_ids)
     for members in p.rounds:
-        load, crit = [None] * len(free), [False] * len(free)
+        load, crit = [None] * len(p.cap), [False] * len(p.cap)
         for g in sorted(members, key=lambda g: (-max(p.comp[g]), g)):
             def finish(d):
-                return ((load[d] if load[d] is not None else p.rtt[d]) + p.comp[g][d]
+                return ((p.rtt[d] if load[d] is None else load[d]) + p.comp[g][d]
                         + (p.critical[g] and not crit[d]) * p.wait[d])
-            fits = [d for d in range(len(free)) if p.size[g] <= free[d]]
-            if not fits:
-                return _first_fit(p)
-            d = min(fits, key=lambda d: (finish(d), p.loss[g][d], d))
-            a[g], free[d], load[d], crit[d] = d, free[d] - p.size[g], finish(d), crit[d] or p.critical[g]
+            d = min(range(len(p.cap)), key=lambda d: (finish(d), p.loss[g][d], d))
+            a[g], load[d], crit[d] = d, finish(d), crit[d] or p.critical[g]
     return p.arrange(a)
 
 
-def _first_fit(p: _Problem) -> list[int] | None:
-    """Biggest group first into the device with most room: a feasible start when memory is tight."""
-    free, a = list(p.cap), [0] * len(p.group_ids)
-    for g in sorted(range(len(a)), key=lambda g: (-p.size[g], g)):
-        d = max(range(len(free)), key=lambda d: (free[d], -d))
-        if p.size[g] > free[d]:
-            return None
-        a[g], free[d] = d, free[d] - p.size[g]
+def _repair(p: _Problem, a) -> list[int] | None:
+    """Move groups off over-full devices, each time the move that slows its round least per byte."""
+    a, used = list(a), [0] * len(p.cap)
+    round_of = {g: k for k, members in enumerate(p.rounds) for g in members}
+    load = [[[0, 0, 0] for _ in p.cap] for _ in p.rounds]  # per device: compute, groups, critical
+
+    def moved(g, e):  # the loads of g's round with g moved to e
+        cells = [list(c) for c in load[round_of[g]]]
+        for dev, sign in ((a[g], -1), (e, 1)):
+            c = cells[dev]
+            c[0], c[1], c[2] = c[0] + sign * p.comp[g][dev], c[1] + sign, c[2] + sign * p.critical[g]
+        return cells
+
+    def finish(cells):
+        return max(c[0] + p.rtt[d] + (c[2] > 0) * p.wait[d] for d, c in enumerate(cells) if c[1])
+
+    for g, d in enumerate(a):
+        used[d] += p.size[g]
+        load[round_of[g]][d] = [x + y for x, y in zip(load[round_of[g]][d], (p.comp[g][d], 1, p.critical[g]))]
+    for d in range(len(p.cap)):
+        while used[d] > p.cap[d]:
+            moves = [((finish(moved(g, e)) - finish(load[round_of[g]])) / max(p.size[g], 1), g, e)
+                     for g in range(len(a)) if a[g] == d
+                     for e in range(len(p.cap)) if e != d and used[e] + p.size[g] <= p.cap[e]]
+            if not moves:
+                return None
+            _, g, e = min(moves)
+            load[round_of[g]], a[g], used[d], used[e] = moved(g, e), e, used[d] - p.size[g], used[e] + p.size[g]
     return p.arrange(a)
 
 
 @dataclass(frozen=True)
 class _Run:
-    """What CP-SAT reported, summed over the solves of one phase; bound in objective units."""
+    """What one CP-SAT solve reported; bound in its objective's units."""
 
     status: str
     bound: float
     wall: float
     dtime: float
 
-    def then(self, later: "_Run") -> "_Run":
-        """Account `later`'s solve after this one: its status and bound, both times summed."""
-        return _Run(later.status, later.bound, self.wall + later.wall, self.dtime + later.dtime)
-
 
 @dataclass(frozen=True)
-class _Result:
-    """One solve's assignment (device per group; only the solved rounds count) and its cost."""
+class _Point:
+    """A plan for some rounds (device per group; other rounds' entries are filler), and its cost."""
 
     a: tuple[int, ...]
     time: int
     loss: int
-    run: _Run
+
+
+_LADDER = (0.0, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0)
+"""Phase 2's time caps per round, as fractions of its fastest time added to it (at most the slack)."""
 
 
 def _optimise(p: _Problem, options: PlaceOptions, loss_phase: bool):
-    """Phase 1 (time), then optionally phase 2 (lost importance within the time slack).
+    """Return the final phase's (assignment, status, bound in solver units, runs).
 
-    Rounds interact only through memory and the sum of their times. So each round is solved
-    alone, rounds of equal shape once: first its fastest plan (least loss among those), then, for
-    phase 2, every faster-or-lossier trade-off (its Pareto front). Picking one point per round
-    under the time cap is a small knapsack. When the combined plan fits in memory it is optimal
-    for the whole model; only when memory binds does the full model go to CP-SAT.
+    Rounds interact only through memory and the sum of their times, so each round is solved alone
+    (rounds of equal shape once), each with an equal share of a phase's budget. Phase 1: a round's
+    fastest plan, which bounds its time from below; when these plans fit in memory together they
+    are the optimum. Phase 2: each round's least loss under a ladder of time caps, then a small
+    knapsack that picks one rung per round within the total time cap, spending the slack where it
+    buys most. The ladder samples each round's trade-off, so phase 2 proves nothing. Only when
+    memory couples the rounds does the full model go to CP-SAT, from a repaired start.
     """
-    start = _greedy(p)
+    start, runs = _repair(p, _greedy(p)), []  # may be None: memory too tight for greedy moves
     signature = [sorted((p.comp[g], p.size[g], p.critical[g], p.loss[g], g) for g in members)
                  for members in p.rounds]
-    shape_of = [tuple(s[:-1] for s in sig) for sig in signature]
     first = {}
-    for k, shape in enumerate(shape_of):
-        first.setdefault(shape, k)
-    budget = options.max_deterministic_time / len(first)
-    run = _Run("OPTIMAL", 0.0, 0.0, 0.0)
-    fronts = {}
+    for k, sig in enumerate(signature):
+        first.setdefault(tuple(s[:-1] for s in sig), k)
+    rep = [first[tuple(s[:-1] for s in sig)] for sig in signature]
+    share = options.max_deterministic_time / len(first)
+    fronts, lower = {}, {}
     for k in first.values():
-        best = _solve(p, options, (p.rounds[k],), start, objective="lex", budget=budget)
-        if best is None:
-            raise InfeasibleError(f"the groups of one round ({p.group_ids[p.rounds[k][0]]} ...) "
-                                  "cannot be packed into the devices' memory")
-        fronts[k], run = [best], _Run(_worse(run.status, best.run.status), 0.0,
-                                      run.wall + best.run.wall, run.dtime + best.run.dtime)
-    lower = [_lex_floor(fronts[first[s]][0], p, p.rounds[k]) for k, s in enumerate(shape_of)]
+        point, run = _solve(p, options, (p.rounds[k],), start, "time", budget=share)
+        runs.append(run)
+        if point is None:
+            raise InfeasibleError(f"memory too tight to pack: the groups of round "
+                                  f"{p.group_ids[p.rounds[k][0]]}.. fit on no combination of devices "
+                                  f"({_mb(sum(p.size[g] for g in p.rounds[k]))}; CP-SAT: {run.status})")
+        fronts[k], lower[k] = [point], math.ceil(run.bound - 1e-6)
 
     def compose(choice):
         a = list(start or [0] * len(p.group_ids))
-        for k, shape in enumerate(shape_of):
-            point = fronts[first[shape]][choice[k]]
-            for (*_, g), (*_, h) in zip(signature[k], signature[first[shape]]):
+        for k, sig in enumerate(signature):  # a shared solve maps back by position in sorted order
+            point = fronts[rep[k]][choice[k]]
+            for (*_, g), (*_, h) in zip(sig, signature[rep[k]]):
                 a[g] = point.a[h]
         return p.arrange(a)
 
+    lowers = [lower[rep[k]] for k in range(len(p.rounds))]
     a1 = compose([0] * len(p.rounds))
-    if p.fits(a1):
-        run = _Run(run.status, sum(lower), run.wall, run.dtime)
-    else:
-        full = _solve(p, options, p.rounds, start, lower=lower, objective="time")
-        if full is None:
-            raise InfeasibleError("no assignment fits the devices' memory (too tight to pack)")
-        a1, run = list(full.a), run.then(full.run)
+    status = "OPTIMAL" if all(r.status == "OPTIMAL" for r in runs) else "FEASIBLE"
+    bound, decomposed = sum(lowers), p.fits(a1)
+    if not decomposed:
+        point, run = _solve(p, options, p.rounds, _repair(p, a1) or start, "time", lower=lowers)
+        runs.append(run)
+        if point is None:
+            raise InfeasibleError(f"memory too tight to pack: {_mb(sum(p.size))} of groups into "
+                                  f"{_mb(sum(p.cap))} free (CP-SAT: {run.status})")
+        a1, status, bound = list(point.a), run.status, run.bound
     if not loss_phase:
-        return a1, run
+        return a1, status, bound, runs
     t1 = p.time_units(a1)
     cap = math.floor((1 + options.time_slack) * t1)
-    decomposed = p.fits(compose([0] * len(p.rounds)))
     if decomposed:
         for k, front in fronts.items():
-            while front[-1].loss > 0:
-                point = _solve(p, options, (p.rounds[k],), None, objective="lex", budget=budget,
-                               lower=[front[-1].time], time_cap=front[0].time + cap - t1,
-                               loss_cap=front[-1].loss - 1)
-                if point is None:
+            t0, left = front[0].time, share
+            ladder = sorted({t0 + min(math.ceil(t0 * r), cap - t1) for r in _LADDER})
+            for i, tau in enumerate(ladder):
+                if front[-1].loss == 0 or left <= 0:
                     break
-                run = _Run(_worse(run.status, point.run.status), 0.0, run.wall + point.run.wall,
-                           run.dtime + point.run.dtime)
-                front.append(point)
-        choice, knap = _choose([fronts[first[s]] for s in shape_of], cap, options)
-        a2 = compose(choice)
-        run = run.then(_Run(_worse(run.status, knap.status), knap.bound, knap.wall, knap.dtime))
-        if not p.fits(a2):
-            decomposed = False
+                # Every rung gets its part of the round's share; a hard one must not starve the rest.
+                point, run = _solve(p, options, (p.rounds[k],), front[-1].a, "loss",
+                                    budget=left / (len(ladder) - i), time_cap=tau)
+                runs.append(run)
+                left -= run.dtime
+                if point is not None and point.loss < front[-1].loss:
+                    front.append(point)
+        choice, chosen = _choose([fronts[k] for k in rep], cap, options)
+        runs += chosen
+        a2, status, bound, decomposed = compose(choice), "FEASIBLE", 0.0, p.fits(compose(choice))
     if not decomposed:
-        full = _solve(p, options, p.rounds, a1, lower=lower, time_cap=cap, objective="loss")
-        a2, run = list(full.a), run.then(full.run)
+        point, run = _solve(p, options, p.rounds, a1, "loss", lower=lowers, time_cap=cap)
+        runs.append(run)
+        a2, status, bound = list(point.a), run.status, run.bound
     # Phase 2 may trade time only for importance; when it saves none, keep phase 1's faster plan.
-    return (a2 if p.loss_units(a2) < p.loss_units(a1) else a1), run
-
-
-def _worse(a: str, b: str) -> str:
-    return a if a != "OPTIMAL" else b
-
-
-def _lex_floor(result: _Result, p: _Problem, members) -> int:
-    """Proven lower bound on a round's time from a solve of BIG*time + loss."""
-    if result.run.status == "OPTIMAL":
-        return result.time
-    return math.floor(result.run.bound / _big(p, members))
-
-
-def _big(p: _Problem, members) -> int:
-    return sum(max(p.loss[g]) for g in members) + 1
+    a = a2 if p.loss_units(a2) < p.loss_units(a1) else a1
+    return a, ("OPTIMAL" if p.loss_units(a) == 0 else status), bound, runs
 
 
 def _choose(fronts, cap: int, options: PlaceOptions):
-    """Pick one Pareto point per round: least loss with total time <= cap, then least time."""
+    """Pick one point per round: least loss with total time <= cap, then least time."""
     m = cp_model.CpModel()
     pick = [[m.new_bool_var("") for _ in front] for front in fronts]
     for row in pick:
         m.add_exactly_one(row)
-    m.add(sum(pt.time * v for front, row in zip(fronts, pick) for pt, v in zip(front, row)) <= cap)
-    m.minimize(sum((pt.loss * (cap + 1) + pt.time) * v
-                   for front, row in zip(fronts, pick) for pt, v in zip(front, row)))
-    for row in pick:  # every round's fastest point is within the cap: a feasible start
-        for i, v in enumerate(row):
-            m.add_hint(v, i == 0)
-    solver = _solver(options, options.max_deterministic_time)
-    status = solver.solve(m)
-    choice = [next(i for i, v in enumerate(row) if solver.boolean_value(v)) for row in pick]
-    return choice, _Run(solver.status_name(status), solver.best_objective_bound // (cap + 1),
-                        solver.wall_time, solver.deterministic_time)
+    pairs = [(pt, v) for front, row in zip(fronts, pick) for pt, v in zip(front, row)]
+    m.add(sum(pt.time * v for pt, v in pairs) <= cap)
+    loss, time, runs = sum(pt.loss * v for pt, v in pairs), sum(pt.time * v for pt, v in pairs), []
+    choice = [0] * len(fronts)  # every round's fastest point, phase 1's plan, fits within the cap
+    for objective in (loss, time):
+        for row, i in zip(pick, choice):
+            for j, v in enumerate(row):
+                m.add_hint(v, i == j)
+        m.minimize(objective)
+        solver = _solver(options, options.max_deterministic_time)
+        status = solver.solve(m)
+        runs.append(_Run(solver.status_name(status), solver.best_objective_bound, solver.wall_time,
+                         solver.deterministic_time))
+        choice = [next(i for i, v in enumerate(row) if solver.boolean_value(v)) for row in pick]
+        m.clear_hints()
+        m.add(loss <= sum(fronts[k][i].loss for k, i in enumerate(choice)))
+    return choice, runs
 
 
 def _solver(options: PlaceOptions, budget: float) -> cp_model.CpSolver:
     solver = cp_model.CpSolver()
     solver.parameters.random_seed = options.seed
     solver.parameters.num_workers = options.num_workers
+    solver.parameters.interleave_search = options.num_workers > 1
     solver.parameters.max_deterministic_time = budget
+    # Proving the last 0.1% is most of the work on rounds of uneven groups, and worth nothing here.
+    solver.parameters.relative_gap_limit = GAP
+    # Presolve probing took wall time far beyond its deterministic-time charge on these models
+    # (pi5 profile, loss-blind: 9.3 s -> 1.4 s without it, same plan quality).
+    solver.parameters.cp_model_probing_level = 0
     return solver
 
 
-def _solve(p: _Problem, options: PlaceOptions, rounds, hint, *, objective: str, lower=None,
-           time_cap=None, loss_cap=None, budget=None) -> _Result | None:
-    """One CP-SAT solve over `rounds`: minimise their time ("time"), lost importance ("loss") or
-    time then loss ("lex"); time_cap and loss_cap bound their sums. None when infeasible."""
+def _solve(p: _Problem, options: PlaceOptions, rounds, hint, objective: str, *, budget=None,
+           lower=None, time_cap=None) -> tuple[_Point | None, _Run]:
+    """One CP-SAT solve over `rounds`: least total time ("time"), or least loss within time_cap
+    ("loss"). The point is None when CP-SAT found no solution."""
     devices = range(len(p.device_names))
     m = cp_model.CpModel()
     x = {g: [m.new_bool_var(f"x{g}_{d}") for d in devices] for members in rounds for g in members}
@@ -567,15 +575,16 @@ def _solve(p: _Problem, options: PlaceOptions, rounds, hint, *, objective: str, 
             m.add(mr >= expr)
         times.append((mr, members))
     time = sum(mr for mr, _ in times)
-    loss = sum(p.loss[g][d] * x[g][d] for g in x for d in devices if p.loss[g][d])
-    if time_cap is not None:
+    if objective == "time":
+        m.minimize(time)
+    else:
         m.add(time <= time_cap)
-    if loss_cap is not None:
-        m.add(loss <= loss_cap)
-    big = sum(_big(p, members) - 1 for members in rounds) + 1
-    m.minimize({"time": time, "loss": loss, "lex": big * time + loss}[objective])
+        loss = sum(p.loss[g][d] * x[g][d] for g in x for d in devices if p.loss[g][d])
+        # One round: break ties by time (the knapsack wants each rung as fast as it can be). The
+        # whole model: loss alone, as loss times the total time could overflow 64 bits.
+        m.minimize(loss * (time_cap + 1) + time if len(rounds) == 1 else loss)
     if hint is not None:
-        # A complete hint (indicators and round times too) lets CP-SAT start from it directly.
+        # A complete hint (indicators and round times too) lets CP-SAT take it as its first solution.
         for g, row in x.items():
             for d, var in enumerate(row):
                 m.add_hint(var, hint[g] == d)
@@ -585,17 +594,13 @@ def _solve(p: _Problem, options: PlaceOptions, rounds, hint, *, objective: str, 
             m.add_hint(mr, p.round_time(members, hint))
     solver = _solver(options, budget or options.max_deterministic_time)
     status = solver.solve(m)
-    if status == cp_model.INFEASIBLE:
-        return None
+    run = _Run(solver.status_name(status), solver.best_objective_bound, solver.wall_time,
+               solver.deterministic_time)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise InfeasibleError(f"CP-SAT found no placement within max_deterministic_time="
-                              f"{options.max_deterministic_time} ({solver.status_name(status)}); "
-                              "memory is probably too tight to pack")
+        return None, run
     a = list(hint or [0] * len(p.group_ids))
     for g, row in x.items():
         a[g] = next(d for d, var in enumerate(row) if solver.boolean_value(var))
     a = p.arrange(a)
-    return _Result(tuple(a), sum(p.round_time(members, a) for members in rounds),
-                   sum(p.loss[g][a[g]] for g in x),
-                   _Run(solver.status_name(status), solver.best_objective_bound, solver.wall_time,
-                        solver.deterministic_time))
+    return _Point(tuple(a), sum(p.round_time(members, a) for members in rounds),
+                  sum(p.loss[g][a[g]] for g in x)), run

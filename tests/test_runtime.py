@@ -85,7 +85,7 @@ def test_compensation_replaces_missing_relaxed_parts(tiny_plan, shards):
 @pytest.mark.parametrize("sync", ["relaxed", "strict"])
 def test_local_network_fp32_matches_single_device_model(tiny_plan, tiny_vocab_dir, sync):
     plan, directory = tiny_plan
-    out = halo_run("local", "--plan", str(directory), "--prompt", PROMPT, "--max-tokens", "12",
+    out = halo_run("local", "--plan", str(directory), "--prompt", PROMPT, "--max-tokens", "12", "--ignore-eos",
                    "--wire", "fp32", "--plr", "0", "--sync", sync, "--json", "--quiet")
     prompt = Tokenizer.from_file(directory / "tokenizer.json").encode(PROMPT)
     tokens, _ = reference(tiny_vocab_dir, prompt, 12)
@@ -98,7 +98,7 @@ def test_local_network_fp32_matches_single_device_model(tiny_plan, tiny_vocab_di
 
 def test_under_loss_relaxed_completes_and_strict_stays_exact(tiny_plan, tiny_vocab_dir):
     plan, directory = tiny_plan
-    common = ["--plan", str(directory), "--prompt", PROMPT, "--max-tokens", "10", "--wire", "fp32",
+    common = ["--plan", str(directory), "--prompt", PROMPT, "--max-tokens", "10", "--ignore-eos", "--wire", "fp32",
               "--plr", "0.3", "--json", "--quiet", "--seed", "3"]
     relaxed = halo_run("local", *common, "--sync", "relaxed")
     strict = halo_run("local", *common, "--sync", "strict")

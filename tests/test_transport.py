@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from halo_runtime.transport import (LossShim, RttEstimator, TcpChannel, TcpListener,
-                                    TransportError, UdpEndpoint)
+from halo_runtime.shim import LossShim
+from halo_runtime.transport import RttEstimator, TcpChannel, TcpListener, TransportError, UdpEndpoint
 from halo_runtime.wire import (HEADER, HEADER_SIZE, MAGIC, MAX_DATAGRAM, TAG_LEN, Kind, Message,
                                Reassembler, WireError, attempt_of, decode_datagram, decode_tensor,
                                encode, encode_tensor, make_flags)

@@ -45,6 +45,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    help="override a device's address from the plan")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no per-token lines")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens (benchmarks)")
     p.add_argument("--seed", type=int, default=0, help="seed of the loss emulation (local)")
 
 
@@ -93,7 +94,7 @@ def main(argv=None) -> None:
 def run_worker(args) -> None:
     from .plan import load_plan
     from .shards import load_shard
-    from .transport import LossShim
+    from .shim import LossShim
     from .worker import Worker
 
     plan = load_plan(args.plan)
@@ -158,7 +159,8 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
               f"{st.compute_ms:6.1f}  wait {st.wait_ms:7.1f}  missing {missing}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    gen = coord.generate(prompt, args.max_tokens, eos=plan.model.eos_token_id, on_token=on_token)
+    eos = None if args.ignore_eos else plan.model.eos_token_id
+    gen = coord.generate(prompt, args.max_tokens, eos=eos, on_token=on_token)
     elapsed = time.perf_counter() - started
     decode = [s.total_ms for s in gen.token_stats[1:]]
     relaxed = sum(s.relaxed_parts for s in gen.token_stats)
@@ -240,7 +242,7 @@ def run_generate(args) -> None:
 
 def run_local(args) -> None:
     from .netexchange import PeerShims, TcpExchange, UdpExchange
-    from .transport import LossShim
+    from .shim import LossShim
 
     plan, shard, tok, policy = _load_coordinator(args)
     if args.plr is not None and not 0 <= args.plr < 1:

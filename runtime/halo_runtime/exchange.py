@@ -17,12 +17,13 @@ import torch
 from .coordinator import RoundResult
 from .device import DeviceCompute
 from .plan import Plan
+from .wire import decode_tensor, encode_tensor
 
 
 class InProcessExchange:
     def __init__(self, plan: Plan, shards: dict[str, dict[str, torch.Tensor]],
-                 miss: dict[str, float] | None = None, seed: int = 0):
-        self.plan = plan
+                 miss: dict[str, float] | None = None, seed: int = 0, wire: str = "fp32"):
+        self.plan, self.wire = plan, wire
         self.order = [d for d in plan.device_names if d != plan.coordinator]
         self.devices = {d: DeviceCompute(plan, d, shards[d]) for d in self.order}
         self.miss = miss or {}
@@ -34,8 +35,14 @@ class InProcessExchange:
         for dev in self.devices.values():
             dev.reset()
 
+    def _wire(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """What the tensor becomes on the wire (fp16 rounding included), as the network path sees it."""
+        if t is None or self.wire == "fp32":
+            return t
+        return decode_tensor(encode_tensor(t, self.wire), self.wire)
+
     def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None:
-        self.pending = (phase, layer, x, start)
+        self.pending = (phase, layer, self._wire(x), start)
 
     def collect(self, phase: str, step: int, layer: int, awaited: set[str]) -> RoundResult:
         _, _, x, start = self.pending
@@ -44,11 +51,11 @@ class InProcessExchange:
             dev = self.devices[name]
             if phase == "attn":
                 if dev.has_attention(layer):
-                    result.parts.append(dev.attention(layer, x, start))
+                    result.parts.append(self._wire(dev.attention(layer, x, start)))
                 continue
             if not dev.has_mlp(layer):
                 continue
-            critical, relaxed = dev.mlp(layer, x)
+            critical, relaxed = map(self._wire, dev.mlp(layer, x))
             result.parts.append(critical)
             if relaxed is None:
                 continue

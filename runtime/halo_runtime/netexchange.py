@@ -27,7 +27,8 @@ import torch
 
 from .coordinator import RoundResult
 from .plan import Plan
-from .transport import LossShim, RttEstimator, TcpChannel, TransportError, UdpEndpoint
+from .shim import LossShim
+from .transport import RttEstimator, TcpChannel, TransportError, UdpEndpoint
 from .wire import Kind, Message, WireError, attempt_of, decode_tensor, make_flags
 from .worker import encode_request
 
@@ -151,8 +152,9 @@ class UdpExchange:
         else:
             targets = sorted(set(self.layout["crit"][layer]) | set(self.layout["relaxed"][layer]),
                              key=self.remote.index)
-        payload = {d: encode_request(x, start, self.policy.wire,
-                                     self.policy.redundancy if d in self.lossy else 1) for d in targets}
+        copies = {d: self.policy.redundancy if d in self.lossy else 1 for d in targets}
+        encoded = {c: encode_request(x, start, self.policy.wire, c) for c in set(copies.values())}
+        payload = {d: encoded[copies[d]] for d in targets}
         self.round = _Round(phase, step, layer, payload, targets)
         if step > 2:
             self.endpoint.reassembler.set_watermark(step - 2)

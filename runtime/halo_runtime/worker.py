@@ -21,7 +21,8 @@ import torch
 
 from .device import DeviceCompute
 from .plan import Plan
-from .transport import LossShim, TcpListener, TransportError, UdpEndpoint
+from .shim import LossShim
+from .transport import TcpListener, TransportError, UdpEndpoint
 from .wire import TENSOR_HEADER, Kind, Message, WireError, attempt_of, decode_tensor, encode_tensor, make_flags
 
 REQUEST_PREFIX = struct.Struct("<IB")  # start position, reply copies
