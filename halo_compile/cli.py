@@ -4,6 +4,7 @@ Example:
     $ halo-compile plan smollm2-135m --cluster profiles/pi5.yaml
     $ halo-compile inspect artifacts/smollm2-135m-pi5
     $ halo-compile verify artifacts/smollm2-135m-pi5 --model smollm2-135m
+    $ halo-compile eval artifacts/smollm2-135m-pi5 --plr 0.05 --plr 0.1 --tokens 8192 --json
 """
 from __future__ import annotations
 
@@ -109,6 +110,44 @@ def verify(directory, model):
 
     for line in verify_plan(directory, model):
         click.echo(f"ok  {line}")
+
+
+@main.command("eval")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--plr", "plrs", type=float, multiple=True,
+              help="Loss rate on the plan's lossy links; repeat for several [default: the profile's rates].")
+@click.option("--tokens", type=int, default=8192, show_default=True, help="Evaluation tokens.")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
+              help="UTF-8 text to score [default: evaluation half of the built-in Wikipedia articles].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the simulated loss.")
+@click.option("--method", "methods", multiple=True,
+              help="Only these methods (repeatable): predictor+lowrank, predictor, lowrank, mean, zero, loss-blind.")
+@click.option("--context", type=int, default=512, show_default=True, help="Window length (non-overlapping).")
+@click.option("--relaxed-retries", type=int, default=1, show_default=True,
+              help="Delivery policy simulated: fast re-requests of a late relaxed part.")
+@click.option("--redundancy", type=int, default=1, show_default=True,
+              help="Delivery policy simulated: copies of each message on lossy links.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@friendly
+def evaluate(directory, plrs, tokens, text_file, seed, methods, context, relaxed_retries, redundancy, as_json, quiet):
+    """Perplexity of the full model and of the plan in DIRECTORY under simulated loss, per method."""
+    import json
+
+    import torch
+    from halo_runtime.netexchange import DeliveryPolicy
+
+    from .evaluate import EvalOptions, evaluate as run_eval, format_table
+
+    torch.set_num_threads(1)  # the machines this runs on are small and shared
+    try:
+        opts = EvalOptions(plrs=tuple(plrs) or None, tokens=tokens, context=context, text_file=text_file, seed=seed,
+                           methods=tuple(methods) or None, progress=not quiet,
+                           policy=DeliveryPolicy(relaxed_retries=relaxed_retries, redundancy=redundancy))
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    report = run_eval(directory, opts)
+    click.echo(json.dumps(report) if as_json else format_table(report))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ from halo_runtime.shards import slice_device
 from . import __version__
 from .calib import calibration_text, read_text_file, token_chunks
 from .cluster import load_profile
+from .compensate import lowrank_compensation
 from .emit import emit, shard_name
 from .group import attention_groups, group_neurons
 from .load import load_model
-from .place import GroupCost, PlaceOptions, miss_probability, place, place_loss_blind
+from .place import GroupCost, PlaceOptions, importance_at_risk, miss_probability, place, place_loss_blind
 from .predict import group_contributions, matters, train_predictor
 from .profiling import profile_model
 from .score import criticality, group_shares, mean_contribution, neuron_importance, shares
@@ -57,6 +58,8 @@ class CompileOptions:
     """Bottleneck width of each layer's predictor."""
     predictor_threshold: float = 0.2
     """A group matters for a token when its output exceeds this share of the MLP output norm."""
+    compensation_rank: int = 16
+    """Neurons kept in each relaxed group's low-rank compensation (0 = calibration mean only)."""
     solver_time: float = 10.0
     """CP-SAT deterministic time budget per phase."""
     progress: bool = True
@@ -66,7 +69,7 @@ class CompileOptions:
         checks = {"calib_tokens": self.calib_tokens >= 16, "chunk_tokens": self.chunk_tokens >= 16,
                   "sample_tokens": self.sample_tokens >= 16, "mlp_groups": self.mlp_groups >= 1,
                   "relaxed_share": 0 <= self.relaxed_share < 1, "max_context": self.max_context >= 1,
-                  "predictor_rank": self.predictor_rank >= 1,
+                  "predictor_rank": self.predictor_rank >= 1, "compensation_rank": self.compensation_rank >= 0,
                   "predictor_threshold": 0 < self.predictor_threshold < 1, "solver_time": self.solver_time > 0}
         for name, ok in checks.items():
             if not ok:
@@ -88,6 +91,17 @@ def _calibration_chunks(model, opts: CompileOptions) -> list[list[int]]:
     return token_chunks(ids, opts.chunk_tokens, opts.calib_tokens)
 
 
+def group_cost(cfg, group: Group, max_context: int) -> GroupCost:
+    """The placement solver's view of a group: weights, KV cache and flops per token."""
+    hd, d, g = cfg.head_dim, cfg.hidden_size, cfg.group_size
+    if group.kind == "attn":
+        nbytes = ((2 * g + 2) * hd * d) * BYTES_PER_WEIGHT  # q rows, k, v rows and o columns
+        kv_bytes = 2 * max_context * hd * BYTES_PER_WEIGHT
+        return GroupCost(group.id, group.layer, "attn", True, group.importance, nbytes, kv_bytes, nbytes // 2)
+    nbytes = 3 * d * len(group.members) * BYTES_PER_WEIGHT
+    return GroupCost(group.id, group.layer, "mlp", group.critical, group.importance, nbytes, 0, nbytes // 2)
+
+
 def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path | None,
                  opts: CompileOptions = CompileOptions()) -> tuple[Plan, Path]:
     torch.manual_seed(opts.seed)
@@ -104,12 +118,9 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
 
     _log(opts, f"[3/7] group, [4/7] score, [5/7] train predictors ({cfg.num_layers} layers)")
     groups: list[Group] = []
-    costs: list[GroupCost] = []
     predictor_tensors: dict[str, torch.Tensor] = {}
     recall, precision, positive = [], [], []
-    hd, d, g = cfg.head_dim, cfg.hidden_size, cfg.group_size
-    attn_bytes = ((2 * g + 2) * hd * d) * BYTES_PER_WEIGHT  # q rows, k, v rows and o columns
-    kv_bytes = 2 * opts.max_context * hd * BYTES_PER_WEIGHT
+    d = cfg.hidden_size
     for layer in tqdm(range(cfg.num_layers), desc="group+predict", disable=not opts.progress, leave=False):
         st = prof.layers[layer]
         lw = lambda n: w[f"model.layers.{layer}.{n}.weight"]  # noqa: E731
@@ -123,12 +134,9 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
         for i, (m, s) in enumerate(zip(attn_members, attn_share)):
             gid = f"L{layer}.attn.{i}"
             groups.append(Group(gid, layer, "attn", i, tuple(m), "", True, s))
-            costs.append(GroupCost(gid, layer, "attn", True, s, attn_bytes, kv_bytes, attn_bytes // 2))
         for i, (m, s, crit) in enumerate(zip(members, mlp_share, mlp_critical)):
             gid = f"L{layer}.mlp.{i}"
             groups.append(Group(gid, layer, "mlp", i, tuple(m), "", crit, s))
-            nbytes = 3 * d * len(m) * BYTES_PER_WEIGHT
-            costs.append(GroupCost(gid, layer, "mlp", crit, s, nbytes, 0, nbytes // 2))
         contrib = group_contributions(st.mlp_in, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"), members)
         trained = train_predictor(st.attn_in, matters(contrib, opts.predictor_threshold),
                                   opts.predictor_rank, opts.seed + layer)
@@ -136,11 +144,18 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
             predictor_tensors[f"predictor.{layer}.{k}"] = v
         predictor_tensors[f"compensation.{layer}.mean"] = mean_contribution(
             st.mean_act.float(), lw("mlp.down_proj"), members)
+        if opts.compensation_rank:
+            relaxed = [i for i, crit in enumerate(mlp_critical) if not crit]
+            comp = lowrank_compensation(st.mlp_in, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"),
+                                        members, relaxed, imp, opts.compensation_rank)
+            for k, v in comp.tensors.items():
+                predictor_tensors[f"compensation.{layer}.{k}"] = v
         recall.append(trained.recall)
         precision.append(trained.precision)
         positive.append(trained.positive_rate)
 
     _log(opts, f"[6/7] place {len(groups)} groups on {len(profile.devices)} devices (CP-SAT)")
+    costs = [group_cost(cfg, grp, opts.max_context) for grp in groups]
     coordinator_bytes = (sum(v.numel() for k, v in w.items() if "proj" not in k) +
                          sum(v.numel() for v in predictor_tensors.values())) * BYTES_PER_WEIGHT
     fixed = {profile.coordinator: coordinator_bytes}
@@ -172,7 +187,8 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
         solver=placement.solver, device_reports=tuple(reports),
         predicted_token_ms=placement.predicted_token_ms,
         expected_lost_importance=placement.expected_lost_importance,
-        loss_blind_lost_importance=blind.expected_lost_importance,
+        loss_blind_token_ms=blind.predicted_token_ms,
+        loss_blind_lost_importance=importance_at_risk(costs, blind.assignment, miss, cfg.num_layers),
         shards=tuple(shard_name(dev.name) for dev in profile.devices))
 
     _log(opts, f"[7/7] emit {out}")

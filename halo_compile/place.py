@@ -18,7 +18,8 @@ Cost model (the solver optimises it; `predicted_token_ms` evaluates it for any a
 
 Phase 1 minimises T. Phase 2 keeps T <= (1+time_slack)*T1 and minimises lost importance, starting
 from phase 1's plan. `place_loss_blind` runs phase 1 with every loss treated as 0: the baseline that
-shows what knowing the losses buys. How the phases are solved is told in `_optimise`.
+shows what knowing the losses buys. How the phases are solved (round by round, then a knapsack
+over the rounds) is told in `_optimise`. The same inputs and options always give the same plan.
 
 Example:
     >>> from halo_runtime.plan import Device
@@ -46,7 +47,7 @@ from halo_runtime.plan import Device, SolverReport
 TIME_UNITS_PER_MS = 10_000
 """Solver time unit, 0.1 us: a group computes in tens of us, so whole us would skew sums by ~1%."""
 GAP = 1e-3
-"""Relative gap at which CP-SAT stops and calls a solve OPTIMAL."""
+"""Relative gap at which CP-SAT stops and calls a solve OPTIMAL (so OPTIMAL means within 0.1%)."""
 LOSS_SCALE = 10**9
 """Solver units per unit of importance*miss: a small relaxed group at 1% loss loses ~1e-6."""
 
@@ -104,12 +105,14 @@ class PlaceOptions:
     seed: int = 0
     """CP-SAT random_seed."""
     max_deterministic_time: float = 10.0
-    """CP-SAT deterministic time budget per phase (reproducible, unlike wall time)."""
+    """CP-SAT deterministic time budget per phase (reproducible, unlike wall time), shared by the
+    phase's per-round solves; the full-model solve, needed only when memory binds, gets it again."""
     num_workers: int = 1
     """CP-SAT search workers. 1 runs one sequential search: with a fixed seed and a deterministic
     budget its result depends on nothing but the inputs. Free-running parallel workers exchange
-    solutions in whatever order threads finish, so the same inputs could give another plan; above
-    1 we switch on CP-SAT's interleaved search, deterministic by design but marked experimental."""
+    solutions in whatever order threads finish, so the same inputs could give another plan. Above
+    1 we switch on CP-SAT's interleaved search, deterministic by design but marked experimental
+    (2 workers on the pi5 profile: the same plan twice, but 5x the wall time of 1 worker)."""
     time_slack: float = 0.05
     """Phase 2 may make the per-token time this much worse to cut lost importance."""
     message_bytes: int = 1152
@@ -173,6 +176,18 @@ def expected_lost_importance(groups, assignment, miss, num_layers) -> float:
     return lost / num_layers
 
 
+def importance_at_risk(groups, assignment, miss, num_layers) -> float:
+    """Per layer, the expected importance lost if nothing on a lossy link were waited for.
+
+    This is what a loss-blind plan loses at the speed it was planned for: its time budget has no
+    room for retransmission waits, so keeping that speed under loss means skipping every late
+    part, critical or not. (Attention and MLP shares both count: each sums to 1 per layer.)
+    """
+    if num_layers <= 0:
+        raise ValueError("num_layers must be positive")
+    return sum(g.importance * miss.get(assignment[g.id], 0.0) for g in groups) / num_layers
+
+
 def predicted_token_ms(groups, assignment, devices, coordinator, miss=None, options=PlaceOptions()):
     """Per-token time of the cost model. `miss` is unused, taken for symmetry with the other
     evaluators: the critical wait follows each link's loss, and relaxed replies are not awaited."""
@@ -191,7 +206,12 @@ def predicted_token_ms(groups, assignment, devices, coordinator, miss=None, opti
 
 def place(groups, devices, coordinator: str, fixed_bytes: dict[str, int], miss: dict[str, float],
           options: PlaceOptions = PlaceOptions()) -> Placement:
-    """Minimise per-token time, then lost importance within `time_slack` of that time."""
+    """Minimise per-token time, then lost importance within `time_slack` of that time.
+
+    fixed_bytes: bytes a device holds besides its groups (the coordinator's embeddings, norms, LM
+    head, predictors). miss: post-retransmission miss probability of every other device's relaxed
+    replies; the coordinator's entry, if any, is ignored (it computes locally).
+    """
     return _place(groups, devices, coordinator, fixed_bytes, miss, options, aware=True)
 
 
@@ -398,7 +418,8 @@ def _repair(p: _Problem, a) -> list[int] | None:
             if not moves:
                 return None
             _, g, e = min(moves)
-            load[round_of[g]], a[g], used[d], used[e] = moved(g, e), e, used[d] - p.size[g], used[e] + p.size[g]
+            load[round_of[g]], a[g] = moved(g, e), e
+            used[d], used[e] = used[d] - p.size[g], used[e] + p.size[g]
     return p.arrange(a)
 
 
@@ -491,9 +512,14 @@ def _optimise(p: _Problem, options: PlaceOptions, loss_phase: bool):
                 left -= run.dtime
                 if point is not None and point.loss < front[-1].loss:
                     front.append(point)
-        choice, chosen = _choose([fronts[k] for k in rep], cap, options)
+        shapes = list(first.values())
+        taken, chosen = _choose([fronts[k] for k in shapes], [rep.count(k) for k in shapes], cap, options)
         runs += chosen
-        a2, status, bound, decomposed = compose(choice), "FEASIBLE", 0.0, p.fits(compose(choice))
+        # Rounds of one shape are interchangeable: hand out its points in round order.
+        queue = {k: [i for i, n in enumerate(row) for _ in range(n)] for k, row in zip(shapes, taken)}
+        choice = [queue[k].pop(0) for k in rep]
+        a2 = compose(choice)
+        status, bound, decomposed = "FEASIBLE", 0.0, p.fits(a2)
     if not decomposed:
         point, run = _solve(p, options, p.rounds, a1, "loss", lower=lowers, time_cap=cap)
         runs.append(run)
@@ -503,29 +529,33 @@ def _optimise(p: _Problem, options: PlaceOptions, loss_phase: bool):
     return a, ("OPTIMAL" if p.loss_units(a) == 0 else status), bound, runs
 
 
-def _choose(fronts, cap: int, options: PlaceOptions):
-    """Pick one point per round: least loss with total time <= cap, then least time."""
+def _choose(fronts, counts, cap: int, options: PlaceOptions):
+    """How many rounds of each shape take each point: least loss within the cap, then least time.
+
+    Counting rounds of equal shape, rather than choosing per round, leaves no symmetric choices
+    for CP-SAT to wade through (30 identical MLP rounds made it run out its budget).
+    """
     m = cp_model.CpModel()
-    pick = [[m.new_bool_var("") for _ in front] for front in fronts]
-    for row in pick:
-        m.add_exactly_one(row)
-    pairs = [(pt, v) for front, row in zip(fronts, pick) for pt, v in zip(front, row)]
+    take = [[m.new_int_var(0, c, "") for _ in front] for front, c in zip(fronts, counts)]
+    for row, c in zip(take, counts):
+        m.add(sum(row) == c)
+    pairs = [(pt, v) for front, row in zip(fronts, take) for pt, v in zip(front, row)]
     m.add(sum(pt.time * v for pt, v in pairs) <= cap)
     loss, time, runs = sum(pt.loss * v for pt, v in pairs), sum(pt.time * v for pt, v in pairs), []
-    choice = [0] * len(fronts)  # every round's fastest point, phase 1's plan, fits within the cap
+    value = [[c] + [0] * (len(row) - 1) for row, c in zip(take, counts)]  # phase 1's plan fits
     for objective in (loss, time):
-        for row, i in zip(pick, choice):
-            for j, v in enumerate(row):
-                m.add_hint(v, i == j)
+        for row, vals in zip(take, value):
+            for v, n in zip(row, vals):
+                m.add_hint(v, n)
         m.minimize(objective)
         solver = _solver(options, options.max_deterministic_time)
         status = solver.solve(m)
         runs.append(_Run(solver.status_name(status), solver.best_objective_bound, solver.wall_time,
                          solver.deterministic_time))
-        choice = [next(i for i, v in enumerate(row) if solver.boolean_value(v)) for row in pick]
+        value = [[solver.value(v) for v in row] for row in take]
         m.clear_hints()
-        m.add(loss <= sum(fronts[k][i].loss for k, i in enumerate(choice)))
-    return choice, runs
+        m.add(loss <= sum(pt.loss * n for front, vals in zip(fronts, value) for pt, n in zip(front, vals)))
+    return value, runs
 
 
 def _solver(options: PlaceOptions, budget: float) -> cp_model.CpSolver:
@@ -561,17 +591,24 @@ def _solve(p: _Problem, options: PlaceOptions, rounds, hint, objective: str, *, 
     times, indicators = [], []
     for k, members in enumerate(rounds):
         upper = max(sum(p.comp[g][d] for g in members) for d in devices) + max(p.rtt) + max(p.wait)
+        if len(rounds) == 1 and (time_cap is not None or hint is not None):
+            # A lone round is never slower than its cap, or than its hint when we minimise time.
+            upper = min(upper, time_cap if time_cap is not None else p.round_time(members, hint))
         mr = m.new_int_var(min(lower[k], upper) if lower else 0, upper, f"M{k}")
         for d in devices:
-            expr = sum(p.comp[g][d] * x[g][d] for g in members)
+            work = expr = sum(p.comp[g][d] * x[g][d] for g in members)
             # Holding any group costs the round trip; holding a critical one, also the expected wait.
             for cost, which in ((p.rtt[d], members), (p.wait[d], [g for g in members if p.critical[g]])):
                 if cost and which:
                     y = m.new_bool_var("")
                     for g in which:
                         m.add_implication(x[g][d], y)
-                    expr += cost * y
+                    expr = expr + cost * y  # not +=, which would grow `work` in place
                     indicators.append((y, d, which))
+                    if which is members:
+                        # Redundant, but it stops the LP relaxation from spreading groups thinly
+                        # over many devices while paying only a sliver of each round trip.
+                        m.add(work <= (upper - cost) * y)
             m.add(mr >= expr)
         times.append((mr, members))
     time = sum(mr for mr, _ in times)

@@ -39,9 +39,10 @@ def inspect_text(plan: Plan) -> str:
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     lines.append(f"predicted time per token: {plan.predicted_token_ms:.2f} ms (per layer and round: slowest "
                  f"device plus its round trip)")
-    lines.append(f"expected lost importance per layer: {100 * plan.expected_lost_importance:.4f}% of the MLP "
-                 f"output with this placement, {100 * plan.loss_blind_lost_importance:.4f}% with a loss-blind "
-                 f"placement")
+    lines.append(f"expected lost importance per layer: {100 * plan.expected_lost_importance:.4f}% of the layer "
+                 f"output at {plan.predicted_token_ms:.2f} ms/token (this placement)")
+    lines.append(f"  vs a loss-blind placement: {100 * plan.loss_blind_lost_importance:.4f}% at its planned speed, "
+                 f"or {plan.loss_blind_token_ms:.2f} ms/token if it waits for retransmissions")
     lines.append(f"predictor: rank {p.rank}, recall {mean(p.recall):.3f}, precision {mean(p.precision):.3f} "
                  f"on held-back tokens (positives {100 * mean(p.positive_rate):.1f}%)")
     s = plan.solver

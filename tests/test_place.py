@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from halo_compile.place import (GroupCost, InfeasibleError, PlaceOptions, expected_lost_importance,
+from halo_compile.place import (GroupCost, InfeasibleError, PlaceOptions, expected_lost_importance, importance_at_risk,
                                 miss_probability, place, place_loss_blind, predicted_token_ms)
 from halo_runtime.plan import Device
 
@@ -150,7 +150,7 @@ def scenario(name, make_groups, make_devices):
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_same_inputs_same_plan(make_groups, make_devices, name):
     groups, devices = scenario(name, make_groups, make_devices)
-    options = PlaceOptions(max_deterministic_time=2.0)
+    options = PlaceOptions(max_deterministic_time=1.0)
     runs = [solve(groups, devices, options) for _ in range(3)]
     assert all(r.assignment == runs[0].assignment for r in runs)
     assert len({(r.predicted_token_ms, r.expected_lost_importance, r.solver.objective,
@@ -190,9 +190,8 @@ def test_faster_device_gets_proportionally_more_work(make_groups, make_devices):
     flops = Counter()
     for g in groups:
         flops[p.assignment[g.id]] += g.flops
-    assert flops["pi-2"] > 2 * flops["pi-1"]  # 3x the compute: about 3x the work
-    # ... and the two workers then spend about the same time computing.
-    assert p.device_time_ms["pi-2"] == pytest.approx(p.device_time_ms["pi-1"], rel=0.35)
+    assert flops["pi-2"] > 2 * flops["pi-1"]  # 3x the compute: (at least) about 3x the work
+    assert p.device_time_ms["pi-2"] < 3 * p.device_time_ms["pi-1"]
 
 
 @pytest.mark.parametrize("loss", [0.01, 0.05, 0.10])
@@ -348,3 +347,26 @@ def test_eight_devices_finish_within_a_minute(make_groups, make_devices, uneven,
           f"{p.predicted_token_ms:.2f} ms/token, lost {p.expected_lost_importance:.2e}")
     assert elapsed < 60
     assert len(p.assignment) == 570
+
+
+@pytest.mark.parametrize("loss", [0.01, 0.05, 0.10])
+def test_loss_aware_plan_dominates_loss_blind_at_either_reading(make_groups, make_devices, loss):
+    """The blind plan either waits for retransmissions (slower) or keeps its speed (loses more)."""
+    groups, devices = make_groups(), make_devices(4, loss=(0, 0, loss, loss))
+    miss = {d.name: miss_probability(d.loss) for d in devices[1:]}
+    aware, blind = solve(groups, devices), solve(groups, devices, blind=True)
+    num_layers = len({g.layer for g in groups})
+    assert aware.expected_lost_importance < importance_at_risk(groups, blind.assignment, miss, num_layers)
+    assert aware.predicted_token_ms <= blind.predicted_token_ms * 1.05 + 1e-9
+
+
+def test_importance_at_risk_counts_critical_groups_too(make_groups, make_devices):
+    groups = make_groups()
+    devices = make_devices(2, loss=(0, 0.05))
+    everything_on_lossy = {g.id: "pi-1" for g in groups}
+    miss = {"pi-1": 0.1}
+    num_layers = len({g.layer for g in groups})
+    at_risk = importance_at_risk(groups, everything_on_lossy, miss, num_layers)
+    relaxed_only = expected_lost_importance(groups, everything_on_lossy, miss, num_layers)
+    assert at_risk == pytest.approx(0.1 * sum(g.importance for g in groups) / num_layers)
+    assert at_risk > relaxed_only > 0

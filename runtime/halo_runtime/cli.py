@@ -151,12 +151,24 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
     coord = Coordinator(plan, shard, exchange)
     prompt = _prompt_ids(tok, args.prompt, args.chat, plan.model.bos_token_id)
 
+    counted = ("bytes_sent", "bytes_received", "retransmissions", "late", "duplicates")
+    last = {k: exchange.stats().get(k, 0) for k in counted}
+    per_token = []
+
     def on_token(step, token, st):
+        now = exchange.stats()
+        delta = {k: now.get(k, 0) - last[k] for k in counted}
+        last.update({k: now.get(k, 0) for k in counted})
+        per_token.append({"token": token, "total_ms": round(st.total_ms, 3), "compute_ms": round(st.compute_ms, 3),
+                          "wait_ms": round(st.wait_ms, 3), "missing": dict(st.missing), **delta})
         if args.quiet:
             return
-        missing = sum(st.missing.values())
+        missing = " ".join(f"{d}:{n}" for d, n in sorted(st.missing.items())) or "0"
+        kb = (delta["bytes_sent"] + delta["bytes_received"]) / 1024
         print(f"{label}token {step:>3} {tok.decode([token])!r:<14} total {st.total_ms:7.1f} ms  compute "
-              f"{st.compute_ms:6.1f}  wait {st.wait_ms:7.1f}  missing {missing}", file=sys.stderr, flush=True)
+              f"{st.compute_ms:6.1f}  wait {st.wait_ms:7.1f}  {kb:6.1f} KB  missing {missing}  "
+              f"retx {delta['retransmissions']}  late {delta['late']}  dup {delta['duplicates']}",
+              file=sys.stderr, flush=True)
 
     started = time.perf_counter()
     eos = None if args.ignore_eos else plan.model.eos_token_id
@@ -180,6 +192,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
         "wait_ms_per_token": round(sum(s.wait_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
         "compute_ms_per_token": round(sum(s.compute_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
         "exchange": exchange.stats(),
+        "per_token": per_token,
     }
 
 

@@ -3,13 +3,20 @@
 Per token and layer: normalise the residual, ask every device holding attention heads for its
 partial output (awaited: attention holds KV state), add them; normalise again, ask the MLP
 devices for their partial sums. Critical MLP parts are awaited. Relaxed parts are used if they
-arrive before the deadline, else replaced by compensation (the calibration-mean contribution of
-the device's relaxed groups); the predictor promotes a device's relaxed part to awaited on tokens
-where it predicts one of its groups matters. How messages travel is the Exchange's business
-(in process, UDP, or TCP for the strict baseline), so every path shares this code.
+arrive before the deadline, else replaced by compensation, an estimate of the device's relaxed
+groups' output (see COMPENSATIONS); the predictor promotes a device's relaxed part to awaited on
+tokens where it predicts one of its groups matters. How messages travel is the Exchange's
+business (in process, UDP, or TCP for the strict baseline), so every path shares this code.
+
+Loss and waiting are per token: a round carries T tokens (T = 1 in decode, the whole prompt in
+prefill), `awaited` and `RoundResult.missing` hold a bool per token, and compensation fills only
+the missing rows. The network exchanges send one message per round, so for T > 1 they await a
+part if any token is flagged and miss all rows or none; the in-process exchange draws loss per
+token row, which is what decode sees, so `halo-compile eval` can score a whole window at once.
 
 Example:
-    >>> # coord = Coordinator(plan, shard, exchange)
+    >>> # coord = Coordinator(plan, shard, exchange)                  # the shard's best compensation
+    >>> # coord = Coordinator(plan, shard, exchange, compensation="zero", await_predicted=False)
     >>> # result = coord.generate(prompt_ids, max_tokens=32)   -> Generation(tokens, stats, ...)
 """
 from __future__ import annotations
@@ -21,9 +28,15 @@ from typing import Protocol
 import torch
 
 from .device import DeviceCompute
-from .model import lm_logits, rms_norm
+from .model import lm_logits, mlp_partial, rms_norm
 from .plan import Plan
 from .predictor import layer_predictor, predict_groups
+
+COMPENSATIONS = ("zero", "mean", "lowrank")
+"""What stands in for a missing relaxed part: nothing; the calibration mean of the device's relaxed
+groups (`compensation.{layer}.mean`); or a low-rank estimate of their output from the MLP input,
+fitted at compile time: each group's most important neurons, kept exactly, with a refit down
+projection and a bias (`compensation.{layer}.{groups,gate,up,down,bias}`, halo_compile.compensate)."""
 
 
 @dataclass
@@ -31,9 +44,10 @@ class RoundResult:
     """What came back for one layer's round."""
 
     parts: list[torch.Tensor]
-    """Partial sums that arrived in time (critical ones always), in device order."""
-    missing: list[str] = field(default_factory=list)
-    """Devices whose relaxed part missed the deadline and must be compensated."""
+    """Partial sums that arrived in time (critical ones always), in device order. Rows of a relaxed
+    part that are missing (see `missing`) hold zeros."""
+    missing: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Device -> bool [T]: tokens whose relaxed part missed the deadline and must be compensated."""
 
 
 class Exchange(Protocol):
@@ -43,7 +57,9 @@ class Exchange(Protocol):
 
     def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None: ...
 
-    def collect(self, phase: str, step: int, layer: int, awaited: set[str]) -> RoundResult: ...
+    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
+        """`awaited`: device -> bool [T], tokens whose relaxed part must be awaited; only devices
+        flagged on some token are keys, so `device in awaited` means "await it this round"."""
 
     def stats(self) -> dict: ...
 
@@ -58,9 +74,13 @@ class TokenStats:
     compute_ms: float = 0.0
     wait_ms: float = 0.0
     missing: dict = field(default_factory=dict)
-    """device -> relaxed parts compensated on this token."""
+    """device -> relaxed parts compensated on this token (rounds with any row missing)."""
     relaxed_parts: int = 0
     """Relaxed parts expected from remote devices on this token."""
+    missing_rows: int = 0
+    """(token, layer, device) relaxed parts compensated; equals sum(missing) in decode."""
+    awaited_rows: int = 0
+    """(token, layer, device) relaxed parts the predictor asked to await."""
 
 
 @dataclass
@@ -73,8 +93,23 @@ class Generation:
     """Last-position logits of every step, when asked to keep them."""
 
 
+@dataclass
+class _RelaxedPart:
+    """A remote device's relaxed groups in one layer, and what stands in for them when missing."""
+
+    groups: list[int]
+    """Their indices among the layer's MLP groups (predictor and compensation columns)."""
+    mean: torch.Tensor
+    """[hidden] sum of their calibration-mean contributions."""
+    lowrank: tuple | None
+    """(gate, up, down, bias) of their distilled estimators, concatenated; None if not compiled."""
+
+
 class Coordinator:
-    def __init__(self, plan: Plan, shard: dict[str, torch.Tensor], exchange: Exchange):
+    def __init__(self, plan: Plan, shard: dict[str, torch.Tensor], exchange: Exchange,
+                 compensation: str | None = None, await_predicted: bool = True):
+        """compensation: one of COMPENSATIONS; None = "lowrank" if the plan has it, else "mean".
+        await_predicted: await relaxed parts on the tokens where the predictor flags them."""
         self.plan, self.cfg, self.exchange = plan, plan.model, exchange
         self.local = DeviceCompute(plan, plan.coordinator, shard)
         self.embed = shard["embed_tokens"]
@@ -84,17 +119,23 @@ class Coordinator:
         self.norms = [(shard[f"layers.{i}.input_layernorm"], shard[f"layers.{i}.post_attention_layernorm"])
                       for i in range(L)]
         self.predictors = [layer_predictor(shard, i) for i in range(L)]
+        self.await_predicted = await_predicted
+        has_lowrank = all(f"compensation.{i}.groups" in shard for i in range(L))
+        self.compensation = compensation or ("lowrank" if has_lowrank else "mean")
+        if self.compensation not in COMPENSATIONS:
+            raise ValueError(f"compensation must be one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}")
+        if self.compensation == "lowrank" and not has_lowrank:
+            raise ValueError("this plan has no low-rank compensation (recompile it with a newer halo-compile)")
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
-        # per layer: which remote devices hold relaxed groups, which group columns are theirs, and
-        # the compensation that stands in for their relaxed part when it is missing
-        self.relaxed: list[dict[str, tuple[list[int], torch.Tensor]]] = []
+        # per layer: which remote devices hold relaxed groups, and what stands in for their part
+        self.relaxed: list[dict[str, _RelaxedPart]] = []
         for i in range(L):
             means = shard[f"compensation.{i}.mean"]
             per_dev = {}
             for dev in self.remote:
                 idx = [g.index for g in plan.groups_on(dev, i, "mlp") if not g.critical]
                 if idx:
-                    per_dev[dev] = (idx, means[idx].sum(0))
+                    per_dev[dev] = _RelaxedPart(idx, means[idx].sum(0), _lowrank(shard, i, idx) if has_lowrank else None)
             self.relaxed.append(per_dev)
         self.position = 0
         self.session = 0
@@ -105,8 +146,8 @@ class Coordinator:
         self.session = session
         self.exchange.begin(session)
 
-    def forward(self, tokens: torch.Tensor, step: int, stats: TokenStats) -> torch.Tensor:
-        """Feed tokens at the current position; returns last-position logits."""
+    def forward(self, tokens: torch.Tensor, step: int, stats: TokenStats, all_positions: bool = False) -> torch.Tensor:
+        """Feed tokens at the current position; returns last-position logits [vocab], or [T, vocab]."""
         cfg, start = self.cfg, self.position
         h = self.embed[tokens]
         for layer in range(cfg.num_layers):
@@ -116,7 +157,7 @@ class Coordinator:
             t0 = time.perf_counter()
             local = self.local.attention(layer, x, start) if self.local.has_attention(layer) else None
             t1 = time.perf_counter()
-            remote = self.exchange.collect("attn", step, layer, set())
+            remote = self.exchange.collect("attn", step, layer, {})
             t2 = time.perf_counter()
             h = h + _sum([local] + remote.parts, h)
 
@@ -128,22 +169,50 @@ class Coordinator:
             t4 = time.perf_counter()
             result = self.exchange.collect("mlp", step, layer, awaited)
             t5 = time.perf_counter()
-            comp = [self.relaxed[layer][dev][1].expand_as(h) for dev in result.missing]
+            missing = [(dev, result.missing[dev]) for dev in self.remote if dev in result.missing]
+            comp = [self._compensate(layer, dev, m, rows) for dev, rows in missing]
             h = h + _sum([crit, rlx] + result.parts + comp, h)
-            for dev in result.missing:
+            for dev, rows in missing:
                 stats.missing[dev] = stats.missing.get(dev, 0) + 1
+                stats.missing_rows += int(rows.sum())
+            stats.awaited_rows += sum(int(rows.sum()) for rows in awaited.values())
             stats.relaxed_parts += len(self.relaxed[layer])
             stats.compute_ms += 1e3 * ((t1 - t0) + (t4 - t3))
             stats.wait_ms += 1e3 * ((t2 - t1) + (t5 - t4))
         self.position += tokens.shape[0]
-        return lm_logits(cfg, h[-1:], self.final_norm, self.lm_head)[0]
+        logits = lm_logits(cfg, h if all_positions else h[-1:], self.final_norm, self.lm_head)
+        return logits if all_positions else logits[0]
 
-    def _awaited(self, layer: int, x: torch.Tensor) -> set[str]:
-        """Remote devices whose relaxed part the predictor says matters for some token here."""
-        if not self.relaxed[layer]:
-            return set()
-        flagged = predict_groups(x, self.predictors[layer]).any(0)
-        return {dev for dev, (idx, _) in self.relaxed[layer].items() if bool(flagged[idx].any())}
+    def _awaited(self, layer: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Remote device -> bool [T]: tokens where the predictor says one of its relaxed groups matters."""
+        if not self.relaxed[layer] or not self.await_predicted:
+            return {}
+        flagged = predict_groups(x, self.predictors[layer])
+        out = {}
+        for dev, part in self.relaxed[layer].items():
+            rows = flagged[:, part.groups].any(1)
+            if bool(rows.any()):
+                out[dev] = rows
+        return out
+
+    def _compensate(self, layer: int, dev: str, m: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """The estimate that stands in for `dev`'s relaxed part on the missing `rows` (zeros elsewhere)."""
+        part = self.relaxed[layer][dev]
+        if self.compensation == "zero":
+            return None
+        every = bool(rows.all())
+        if self.compensation == "mean":
+            if every:
+                return part.mean.expand_as(m)
+            return rows[:, None].to(m.dtype) * part.mean
+        gate, up, down, bias = part.lowrank
+        # only the missing rows are estimated: in decode that is one token, rarely
+        est = mlp_partial(m if every else m[rows], gate, up, down) + bias
+        if every:
+            return est
+        out = torch.zeros_like(m)
+        out[rows] = est
+        return out
 
     @torch.no_grad()
     def generate(self, prompt: list[int], max_tokens: int, session: int = 1, keep_logits: bool = False,
@@ -172,6 +241,17 @@ class Coordinator:
                 break
             feed = torch.tensor([token], dtype=torch.long)
         return Generation(out, all_stats, kept)
+
+
+def _lowrank(shard: dict[str, torch.Tensor], layer: int, groups: list[int]) -> tuple:
+    """The low-rank estimators of `groups`, concatenated: their sum is one SwiGLU plus a bias."""
+    pre = f"compensation.{layer}"
+    rows = {int(g): r for r, g in enumerate(shard[f"{pre}.groups"].tolist())}
+    pick = torch.tensor([rows[g] for g in groups], dtype=torch.long)
+    gate, up, down = (shard[f"{pre}.{k}"][pick] for k in ("gate", "up", "down"))  # [n, rank, hidden] each
+    hidden = gate.shape[-1]
+    return (gate.reshape(-1, hidden), up.reshape(-1, hidden), down.reshape(-1, hidden).T.contiguous(),
+            shard[f"{pre}.bias"][pick].sum(0))
 
 
 def _sum(parts: list, like: torch.Tensor) -> torch.Tensor:

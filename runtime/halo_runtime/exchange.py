@@ -1,16 +1,18 @@
 """In-process exchange: every device computed in this process, with seeded simulated loss.
 
 Used by tests (the plan's math without sockets) and by `halo-compile eval` (perplexity under
-loss). A relaxed part is missed with its device's miss probability unless the coordinator
-awaits it; critical parts always arrive, as the network exchange retransmits them until they do.
+loss). Loss is drawn per token row, because in decode one message carries one token: the
+relaxed part of device d for token t in a layer is missed with d's miss probability (from
+`DeliveryPolicy.miss_probability`) unless the coordinator awaits that token; critical parts
+always arrive, as the network exchange retransmits them until they do. A round of T tokens
+(a whole evaluation window) thus sees what T decode steps would, at prefill speed.
 
 Example:
     >>> # ex = InProcessExchange(plan, {d: load_shard(dir, plan, d) for d in remote}, miss={"pi5-2": 0.01})
     >>> # Coordinator(plan, coordinator_shard, ex).generate(prompt, 16)
+    >>> # ex.stats()["devices"]["pi5-2"]   -> {"rows": ..., "lost": ..., "awaited": ..., "compensated": ...}
 """
 from __future__ import annotations
-
-import random
 
 import torch
 
@@ -27,9 +29,11 @@ class InProcessExchange:
         self.order = [d for d in plan.device_names if d != plan.coordinator]
         self.devices = {d: DeviceCompute(plan, d, shards[d]) for d in self.order}
         self.miss = miss or {}
-        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
         self.pending: tuple | None = None
         self.counts = {"relaxed_parts": 0, "compensated": 0}
+        # per device, in (token, layer) relaxed parts: expected, lost on the wire, awaited, compensated
+        self.per_device = {d: {"rows": 0, "lost": 0, "awaited": 0, "compensated": 0} for d in self.order}
 
     def begin(self, session: int) -> None:
         for dev in self.devices.values():
@@ -44,7 +48,7 @@ class InProcessExchange:
     def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None:
         self.pending = (phase, layer, self._wire(x), start)
 
-    def collect(self, phase: str, step: int, layer: int, awaited: set[str]) -> RoundResult:
+    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
         _, _, x, start = self.pending
         result = RoundResult(parts=[])
         for name in self.order:
@@ -59,19 +63,37 @@ class InProcessExchange:
             result.parts.append(critical)
             if relaxed is None:
                 continue
+            T = relaxed.shape[0]
+            # draw for every token, awaited or not, so the random stream does not depend on the
+            # predictor or the compensation and runs stay comparable across methods
+            lost = torch.rand(T, generator=self.gen) < self.miss.get(name, 0.0)
+            wait = _rows(awaited, name, T)
+            missing = lost & ~wait
+            c = self.per_device[name]
+            c["rows"] += T
+            c["lost"] += int(lost.sum())
+            c["awaited"] += int(wait.sum())
+            c["compensated"] += int(missing.sum())
             self.counts["relaxed_parts"] += 1
-            # draw for every relaxed part, awaited or not, so the random stream does not depend
-            # on the predictor and runs stay comparable across methods
-            lost = self.rng.random() < self.miss.get(name, 0.0)
-            if lost and name not in awaited:
-                result.missing.append(name)
+            if bool(missing.any()):
                 self.counts["compensated"] += 1
-            else:
-                result.parts.append(relaxed)
+                result.missing[name] = missing
+                if bool(missing.all()):
+                    continue
+                relaxed = relaxed.masked_fill(missing[:, None], 0.0)
+            result.parts.append(relaxed)
         return result
 
     def stats(self) -> dict:
-        return dict(self.counts)
+        return {**self.counts, "devices": {d: dict(c) for d, c in self.per_device.items()}}
 
     def close(self) -> None:
         pass
+
+
+def _rows(awaited, name: str, T: int) -> torch.Tensor:
+    """Tokens of `name` the coordinator awaits (a set of names, as older callers pass, means all)."""
+    if isinstance(awaited, dict):
+        rows = awaited.get(name)
+        return rows if rows is not None else torch.zeros(T, dtype=torch.bool)
+    return torch.full((T,), name in awaited, dtype=torch.bool)

@@ -29,8 +29,8 @@ from .coordinator import RoundResult
 from .plan import Plan
 from .shim import LossShim
 from .transport import RttEstimator, TcpChannel, TransportError, UdpEndpoint
-from .wire import Kind, Message, WireError, attempt_of, decode_tensor, make_flags
-from .worker import encode_request
+from .wire import Kind, Message, WireError, attempt_of, decode_tensor, encode, encode_tensor, make_flags
+from .worker import REQUEST_PREFIX, encode_request
 
 PHASE_REQUEST = {"attn": Kind.REQUEST_ATTN, "mlp": Kind.REQUEST_MLP}
 
@@ -61,6 +61,31 @@ class DeliveryPolicy:
             raise ValueError("relaxed_retries must be >= 0 and redundancy in 1..4")
         if self.rto_floor_ms <= 0 or self.dead_after_s <= 0:
             raise ValueError("rto_floor_ms and dead_after_s must be positive")
+
+    def message_datagrams(self, hidden_size: int) -> tuple[int, int]:
+        """Datagrams of a one-token (decode) request and of one partial-sum reply on this wire."""
+        tensor = encode_tensor(torch.zeros(1, hidden_size), self.wire)
+        sizes = (REQUEST_PREFIX.size + len(tensor), len(tensor))
+        return tuple(len(encode(Message(Kind.REQUEST_MLP, 0, 0, 0, 0, b"\0" * n))) for n in sizes)
+
+    def miss_probability(self, loss: float, hidden_size: int | None = None) -> float:
+        """Chance that a relaxed part misses its deadline on a link that drops each datagram with `loss`.
+
+        The one model of this policy's delivery, shared by simulation (`halo-compile eval`) and
+        placement. An attempt fails when every copy of the request, or every copy of the reply,
+        is lost (a copy is lost when any of its datagrams is; pass `hidden_size` to count them
+        for a one-token message, else one datagram each way, as for SmolLM2 in fp16); the part
+        is missed when all 1 + relaxed_retries attempts before the deadline fail. Conservative
+        where the device also owes a critical part that round: the critical part's own
+        retransmissions can bring the relaxed reply along after the deadline.
+        """
+        if not 0.0 <= loss < 1.0:
+            raise ValueError(f"loss {loss} is outside [0, 1)")
+        copies = self.redundancy if loss > 0 else 1
+        request, reply = self.message_datagrams(hidden_size) if hidden_size else (1, 1)
+        copy_lost = lambda n: 1.0 - (1.0 - loss) ** n  # noqa: E731
+        attempt = 1.0 - (1.0 - copy_lost(request) ** copies) * (1.0 - copy_lost(reply) ** copies)
+        return attempt ** (1 + self.relaxed_retries)
 
 
 class PeerShims:
@@ -100,6 +125,8 @@ class _Round:
     layer: int
     payload: dict
     targets: list
+    rows: int = 1
+    """Tokens in the round; a missing relaxed part misses all of them (one message per round)."""
     sent: dict = field(default_factory=dict)
     attempts: dict = field(default_factory=dict)
     next_try: dict = field(default_factory=dict)
@@ -155,7 +182,7 @@ class UdpExchange:
         copies = {d: self.policy.redundancy if d in self.lossy else 1 for d in targets}
         encoded = {c: encode_request(x, start, self.policy.wire, c) for c in set(copies.values())}
         payload = {d: encoded[copies[d]] for d in targets}
-        self.round = _Round(phase, step, layer, payload, targets)
+        self.round = _Round(phase, step, layer, payload, targets, rows=x.shape[0])
         if step > 2:
             self.endpoint.reassembler.set_watermark(step - 2)
         for d in targets:
@@ -177,7 +204,8 @@ class UdpExchange:
         rtt = self.rtt[(d, r.phase)]
         r.next_try[d] = now + rtt.rto_s * (2 ** min(attempt, 6) if attempt else 1)
 
-    def collect(self, phase: str, step: int, layer: int, awaited: set[str]) -> RoundResult:
+    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
+        # one message per round carries every token: a device flagged on any token is awaited
         r = self.round
         relaxed: set[str] = set()
         if phase == "attn":
@@ -244,7 +272,7 @@ class UdpExchange:
                 if (d, kind) in got:
                     result.parts.append(got[(d, kind)])
             if d in relaxed and (d, Kind.REPLY_MLP_RELAXED) not in got:
-                result.missing.append(d)
+                result.missing[d] = torch.ones(r.rows, dtype=torch.bool)
                 self.counters["compensated"] += 1
                 # how long past the later of its deadline and the last critical part we waited
                 over = 1e3 * (now - max(deadline[d], crit_done))
@@ -296,7 +324,7 @@ class TcpExchange:
             self.channels[d].send(Message(PHASE_REQUEST[phase], self.session, step, layer, me, body))
         self.pending = targets
 
-    def collect(self, phase: str, step: int, layer: int, awaited: set[str]) -> RoundResult:
+    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
         result = RoundResult(parts=[])
         for d in self.pending:
             n = (1 if phase == "attn" else

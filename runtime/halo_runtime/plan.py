@@ -201,9 +201,11 @@ class Plan:
     predicted_token_ms: float
     """Predicted per-token time: per layer and round, the slowest device plus its round trip."""
     expected_lost_importance: float
-    """Expected importance lost to packet loss per layer (relaxed groups on lossy links)."""
+    """Expected share of a layer's output lost to packet loss (relaxed groups on lossy links)."""
+    loss_blind_token_ms: float
+    """A placement that ignores loss: its per-token time once it waits for retransmissions."""
     loss_blind_lost_importance: float
-    """The same figure for a placement that ignores loss."""
+    """That placement's expected lost share if it keeps its planned speed (waits for nothing late)."""
     shards: tuple[str, ...]
     """Shard file per device, in the order of `devices`."""
 

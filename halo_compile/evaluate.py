@@ -1,0 +1,272 @@
+"""`halo-compile eval`: perplexity of a compiled plan under simulated packet loss, with the runtime's math.
+
+The full model (reassembled from the plan's own shards) gives the reference perplexity. The plan
+is then executed by `halo_runtime`'s Coordinator over an InProcessExchange: the same aggregation,
+predictor, deadline and compensation code the devices run, without sockets. Each lossy device's
+relaxed part of each (token, layer) is missed with the probability the runtime's delivery policy
+gives for its loss rate (`DeliveryPolicy.miss_probability`: request or reply lost on every
+attempt before the deadline); critical and awaited parts always arrive, as they are
+retransmitted until they do. Text is scored in non-overlapping windows (context 512), each fed
+at once like a prefill while loss is drawn per token row, as decode would see it. Every method
+at one loss rate sees the same random draws, so their differences are not sampling noise.
+
+Methods (see METHODS): "zero", "mean", "lowrank" (compensation only, never wait); "predictor"
+and "predictor+lowrank" (wait where the predictor flags a group, compensate the rest);
+"loss-blind" (the runtime's default method on the same groups re-placed by
+`place.place_loss_blind`, which ignores loss). The default, listed first, is what
+`Coordinator(plan, shard, exchange)` does.
+
+Example:
+    >>> from halo_compile.evaluate import EvalOptions, evaluate
+    >>> r = evaluate("artifacts/smollm2-135m-pi5", EvalOptions(plrs=(0.05,), tokens=2048))  # doctest: +SKIP
+    >>> r["full_ppl"], [(x["method"], round(x["ppl"], 2)) for x in r["results"]]           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from halo_runtime.coordinator import Coordinator, TokenStats
+from halo_runtime.exchange import InProcessExchange
+from halo_runtime.model import FullModel
+from halo_runtime.netexchange import DeliveryPolicy
+from halo_runtime.plan import Plan, PlanError, load_plan
+from halo_runtime.shards import assemble, load_shard, slice_device
+
+from .calib import CalibError, evaluation_text, read_text_file, token_chunks
+
+
+@dataclass(frozen=True)
+class Method:
+    """How the coordinator copes with a missing relaxed part, and on which placement."""
+
+    compensation: str | None
+    """A halo_runtime.coordinator.COMPENSATIONS entry; None = the plan's default."""
+    await_predicted: bool
+    """Wait for relaxed parts on the tokens where the predictor flags them."""
+    loss_blind: bool = False
+    """Run on the groups re-placed ignoring loss."""
+
+
+METHODS = {
+    "predictor+lowrank": Method("lowrank", True),
+    "predictor": Method("mean", True),
+    "lowrank": Method("lowrank", False),
+    "mean": Method("mean", False),
+    "zero": Method("zero", False),
+    "loss-blind": Method(None, True, loss_blind=True),
+}
+CONTEXT = 512
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Knobs of `halo-compile eval`."""
+
+    plrs: tuple[float, ...] | None = None
+    """Loss rates to put on the plan's lossy links; None = the profile's own rates."""
+    tokens: int = 8192
+    """Evaluation tokens (the text is cut into windows of `context`)."""
+    context: int = CONTEXT
+    """Window length; windows do not overlap."""
+    text_file: str | None = None
+    """UTF-8 text to score; None = the evaluation half of the built-in Wikipedia articles."""
+    seed: int = 0
+    """Seed of the simulated loss."""
+    methods: tuple[str, ...] | None = None
+    """Subset of METHODS to run; None = every method the plan supports."""
+    policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+    """The runtime delivery policy whose miss rates are simulated."""
+    wire: str = "fp32"
+    """Wire dtype simulated in process (fp32 isolates loss from fp16 rounding)."""
+    solver_time: float = 10.0
+    """CP-SAT deterministic time for the loss-blind re-placement."""
+    progress: bool = True
+    """Progress bar on stderr."""
+
+    def __post_init__(self):
+        if self.tokens < 2 or self.context < 2:
+            raise ValueError("tokens and context must be >= 2")
+        for p in self.plrs or ():
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"loss rate {p} is outside [0, 1)")
+        unknown = sorted(set(self.methods or ()) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
+
+
+def default_method(plan_dir: str | Path, plan: Plan | None = None) -> str:
+    """The METHODS name of what the runtime coordinator does with this plan."""
+    shard = _coordinator_keys(plan_dir, plan or load_plan(plan_dir))
+    return "predictor+lowrank" if "compensation.0.groups" in shard else "predictor"
+
+
+def _coordinator_keys(plan_dir, plan: Plan) -> set[str]:
+    from safetensors import safe_open
+
+    path = Path(plan_dir) / plan.shard_file(plan.coordinator)
+    if not path.exists():
+        raise PlanError(f"{path}: shard of device {plan.coordinator} is missing (recompile or copy it here)")
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
+
+
+def evaluation_windows(plan_dir: str | Path, text_file: str | None, tokens: int, context: int) -> list[list[int]]:
+    """Token windows of the evaluation text, tokenised with the plan's own tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok_file = Path(plan_dir) / "tokenizer.json"
+    if not tok_file.exists():
+        raise PlanError(f"{tok_file}: missing (it is written by halo-compile plan)")
+    text = read_text_file(text_file) if text_file else evaluation_text()
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file))
+    ids = tok(text[: tokens * 8], add_special_tokens=False)["input_ids"]  # ~4 characters a token
+    windows = token_chunks(ids, context, tokens)
+    if not windows:
+        raise CalibError(f"{text_file or 'evaluation text'}: too short to score")
+    return windows
+
+
+def miss_rates(plan: Plan, plr: float | None, policy: DeliveryPolicy) -> dict[str, float]:
+    """Per remote device, the chance a relaxed part misses its deadline (plr overrides lossy links)."""
+    out = {}
+    for d in plan.devices:
+        if d.name == plan.coordinator:
+            continue
+        loss = d.loss if plr is None or d.loss == 0 else plr
+        out[d.name] = policy.miss_probability(loss, plan.model.hidden_size)
+    return out
+
+
+def _nll(logits: torch.Tensor, window: torch.Tensor) -> float:
+    return float(torch.nn.functional.cross_entropy(logits[:-1].double(), window[1:], reduction="sum"))
+
+
+def _windows(windows: list[list[int]]) -> list[torch.Tensor]:
+    return [torch.tensor(w, dtype=torch.long) for w in windows if len(w) >= 2]
+
+
+@torch.no_grad()
+def full_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], bar=None) -> float:
+    """Summed negative log-likelihood of the single-device model rebuilt from the shards."""
+    model, total = FullModel(plan.model, assemble(plan, shards)), 0.0
+    for w in windows:
+        model.reset()
+        total += _nll(model.logits(w), w)
+        bar and bar.update(1)
+    return total
+
+
+@torch.no_grad()
+def plan_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], method: Method, miss: dict[str, float],
+             seed: int, wire: str = "fp32", bar=None) -> tuple[float, dict]:
+    """Summed NLL of the plan run by the runtime coordinator under simulated loss, and what was missed."""
+    exchange = InProcessExchange(plan, shards, miss=miss, seed=seed, wire=wire)
+    coord = Coordinator(plan, shards[plan.coordinator], exchange, compensation=method.compensation,
+                        await_predicted=method.await_predicted)
+    total = 0.0
+    for i, w in enumerate(windows):
+        coord.reset(i + 1)
+        total += _nll(coord.forward(w, 0, TokenStats(), all_positions=True), w)
+        bar and bar.update(1)
+    return total, exchange.stats()["devices"]
+
+
+def loss_blind_variant(plan: Plan, shards: dict, solver_time: float = 10.0) -> tuple[Plan, dict]:
+    """The same groups (criticality included) placed by `place_loss_blind`, with shards re-cut to match."""
+    from .pipeline import BYTES_PER_WEIGHT, group_cost
+    from .place import PlaceOptions, place_loss_blind
+
+    policy = DeliveryPolicy()
+    coord = shards[plan.coordinator]
+    extras = {k: v for k, v in coord.items() if k.startswith(("predictor.", "compensation."))}
+    fixed = {plan.coordinator: sum(v.numel() for k, v in coord.items() if "proj" not in k) * BYTES_PER_WEIGHT}
+    miss = {d.name: 0.0 if d.name == plan.coordinator else policy.miss_probability(d.loss) for d in plan.devices}
+    costs = [group_cost(plan.model, g, plan.max_context) for g in plan.groups]
+    opts = PlaceOptions(seed=plan.seed, max_deterministic_time=solver_time, message_bytes=2 * plan.model.hidden_size)
+    placed = place_loss_blind(costs, plan.devices, plan.coordinator, fixed, miss, opts)
+    blind = replace(plan, groups=tuple(replace(g, device=placed.assignment[g.id]) for g in plan.groups))
+    weights = assemble(plan, shards)
+    out = {d: slice_device(blind, d, weights) for d in blind.device_names}
+    out[blind.coordinator].update(extras)
+    return blind, out
+
+
+def _ppl(nll: float, count: int) -> float:
+    return float(torch.tensor(nll / count).exp())
+
+
+def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
+    """Perplexity of the full model and of the plan per loss rate and method (default method first)."""
+    plan = load_plan(plan_dir)
+    shards = {d: load_shard(plan_dir, plan, d) for d in plan.device_names}
+    default = default_method(plan_dir, plan)
+    wanted = list(opts.methods or METHODS)
+    if "compensation.0.groups" not in shards[plan.coordinator]:
+        wanted = [m for m in wanted if METHODS[m].compensation != "lowrank"]
+    methods = [default] + [m for m in wanted if m != default]  # the default always, and first
+    windows = _windows(evaluation_windows(plan_dir, opts.text_file, opts.tokens, opts.context))
+    count = sum(len(w) - 1 for w in windows)
+    plrs = list(opts.plrs) if opts.plrs else [None]
+    # at zero loss nothing is missed, so every method on one placement computes the same thing
+    runs = [(p, m) for p in plrs for m in methods
+            if any(miss_rates(plan, p, opts.policy).values()) or m in (methods[0], "loss-blind")]
+    bar = tqdm(total=len(windows) * (1 + len(runs)), desc="eval", unit="win", disable=not opts.progress)
+    full = _ppl(full_nll(plan, shards, windows, bar), count)
+    blind = None
+    results, done = [], {}
+    for plr in plrs:
+        miss = miss_rates(plan, plr, opts.policy)
+        for name in methods:
+            method = METHODS[name]
+            key = (plr, name) if any(miss.values()) else (plr, "loss-blind" if method.loss_blind else methods[0])
+            if key not in done:
+                p, s = plan, shards
+                if method.loss_blind:
+                    blind = blind or loss_blind_variant(plan, shards, opts.solver_time)
+                    p, s = blind
+                    method = replace(method, compensation=METHODS[default].compensation)
+                nll, per_device = plan_nll(p, s, windows, method, miss, opts.seed, opts.wire, bar)
+                done[key] = (nll, per_device)
+            nll, per_device = done[key]
+            ppl = _ppl(nll, count)
+            results.append({
+                "plr": plr if plr is not None else _profile_plr(plan), "method": name, "ppl": round(ppl, 4),
+                "delta": round(ppl / full - 1, 6),
+                "miss": {d: round(q, 6) for d, q in miss.items() if q},
+                "relaxed": {d: _rates(c) for d, c in per_device.items() if c["rows"]}})
+    bar.close()
+    return {"plan": str(plan_dir), "full_ppl": round(full, 4), "tokens": sum(len(w) for w in windows),
+            "predicted_tokens": count, "windows": len(windows), "context": opts.context, "seed": opts.seed,
+            "wire": opts.wire, "policy": {"relaxed_retries": opts.policy.relaxed_retries,
+                                          "redundancy": opts.policy.redundancy, "wire": opts.policy.wire},
+            "default_method": default, "results": results}
+
+
+def _profile_plr(plan: Plan) -> float | None:
+    rates = {d.loss for d in plan.devices if d.loss > 0}
+    return rates.pop() if len(rates) == 1 else (0.0 if not rates else None)
+
+
+def _rates(c: dict) -> dict:
+    """Per device: share of its (token, layer) relaxed parts lost on the wire, awaited, compensated."""
+    n = c["rows"]
+    return {"parts": n, "lost": round(c["lost"] / n, 6), "awaited": round(c["awaited"] / n, 6),
+            "compensated": round(c["compensated"] / n, 6)}
+
+
+def format_table(report: dict) -> str:
+    """The report as a table a person reads: perplexity and change per loss rate and method."""
+    lines = [f"full model: perplexity {report['full_ppl']:.4f} on {report['tokens']} tokens "
+             f"({report['windows']} windows of {report['context']}, seed {report['seed']})",
+             f"{'PLR':>6}  {'method':<18} {'ppl':>9} {'change':>8}  relaxed parts missed / awaited per device"]
+    for r in report["results"]:
+        plr = "-" if r["plr"] is None else f"{100 * r['plr']:.1f}%"
+        per = ", ".join(f"{d} {100 * c['compensated']:.2f}%/{100 * c['awaited']:.1f}%"
+                        for d, c in r["relaxed"].items() if c["lost"] or c["awaited"])
+        lines.append(f"{plr:>6}  {r['method']:<18} {r['ppl']:>9.4f} {100 * r['delta']:>+7.3f}%  {per}")
+    lines.append(f"default method (what halo-run does): {report['default_method']}")
+    return "\n".join(lines)
