@@ -30,9 +30,13 @@ $(LAB_STAMP): $(STAMP)
 	@if $(BIN)/pip install -q NetfilterQueue==1.1.0; then touch $(LAB_STAMP); else \
 	  echo "note: NetfilterQueue not built (apt-get install $(LAB_APT)); the lab runs without delay emulation"; fi
 
+# Compile the built-in model for the 4-Pi profile, check it, then generate on 4 local device
+# processes with 5% emulated loss on the two Wi-Fi boards: relaxed (UDP) next to strict (TCP).
 demo: install
 	$(BIN)/halo-compile plan smollm2-135m --cluster profiles/pi5.yaml -o $(DEMO)
 	$(BIN)/halo-compile verify $(DEMO)
+	$(BIN)/halo-run local --plan $(DEMO) --chat --prompt "What is a Raspberry Pi?" \
+	  --max-tokens 48 --plr 0.05 --compare --quiet
 
 test: install
 	$(BIN)/pytest -q

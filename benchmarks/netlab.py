@@ -148,13 +148,6 @@ def _in_init_userns() -> bool:
         return True
 
 
-def _private_mountns() -> bool:
-    try:
-        return os.readlink("/proc/self/ns/mnt") != os.readlink("/proc/1/ns/mnt")
-    except OSError:
-        return False
-
-
 def list_netns() -> list[str]:
     p = _sh(["ip", "netns", "list"], check=False)
     return [line.split()[0] for line in p.stdout.splitlines() if line.strip()]
@@ -236,10 +229,14 @@ def _ensure_netns_dir() -> None:
     put a private tmpfs there (only in a mount namespace of our own, never the host's)."""
     if os.access(NETNS_DIR, os.W_OK) or (not os.path.exists(NETNS_DIR) and os.access("/run", os.W_OK)):
         return
-    if _in_init_userns() or not _private_mountns():
+    if _in_init_userns():
         raise LabError(f"{NETNS_DIR} is not writable: run as root or inside `unshare -rnm`")
+    # In a user namespace the kernel only lets us mount in a mount namespace that namespace owns
+    # (`unshare -rnm` made one), never in the host's, so this cannot touch the host's /run.
     target = NETNS_DIR if os.path.isdir(NETNS_DIR) else "/run"
-    _sh(["mount", "-t", "tmpfs", "-o", "mode=755", "halolab", target])
+    if _sh(["mount", "-t", "tmpfs", "-o", "mode=755", "halolab", target], check=False).returncode:
+        raise LabError(f"{NETNS_DIR} is not writable and no private tmpfs can go there: run as root or "
+                       "inside `unshare -rnm`")
     os.makedirs(NETNS_DIR, exist_ok=True)
 
 

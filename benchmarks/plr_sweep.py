@@ -127,7 +127,7 @@ class Bench:
 
     def __init__(self, plan_dir: str, delay_ms: float, jitter_ms: float, prefix: str, burst: float | None = None,
                  extra_generate: list[str] | None = None, verbose: bool = True, bandwidth: bool = True,
-                 runtime_path: str | None = None):
+                 runtime_path: str | None = None, delay_from_plan: bool = False):
         from halo_runtime.plan import load_plan
 
         self.plan_dir = str(plan_dir)
@@ -141,8 +141,8 @@ class Bench:
         self.verbose = verbose
         ports = ({d.name: PortSpec(up_mbit=d.bandwidth_mbps, down_mbit=d.bandwidth_mbps) for d in self.plan.devices}
                  if bandwidth else {})
-        self.lab = Lab(self.devices, prefix=prefix, ports=ports,
-                       links=star(self.devices, self.coord, self.lossy, 0.0, delay_ms, jitter_ms))
+        self.delay_from_plan = delay_from_plan
+        self.lab = Lab(self.devices, prefix=prefix, ports=ports, links=self.links(0.0))
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.bin = str(Path(sys.executable).parent)
         self.env["PATH"] = f"{self.bin}:{self.env.get('PATH', '')}"
@@ -160,8 +160,18 @@ class Bench:
     def __exit__(self, *exc):
         self.lab.close()
 
+    def links(self, plr: float) -> dict:
+        links = star(self.devices, self.coord, self.lossy, plr, self.delay_ms, self.jitter_ms, self.burst)
+        if self.delay_from_plan:  # a -> switch -> b: both devices' access-link latency, jitters added in quadrature
+            from dataclasses import replace
+            dev = {d.name: d for d in self.plan.devices}
+            for (a, b), spec in links.items():
+                links[(a, b)] = replace(spec, delay_ms=dev[a].latency_ms + dev[b].latency_ms,
+                                        jitter_ms=round((dev[a].jitter_ms ** 2 + dev[b].jitter_ms ** 2) ** 0.5, 4))
+        return links
+
     def set_plr(self, plr: float) -> None:
-        self.lab.set_links(star(self.devices, self.coord, self.lossy, plr, self.delay_ms, self.jitter_ms, self.burst))
+        self.lab.set_links(self.links(plr))
         self.plr = plr
 
     def observed_loss(self) -> dict:
@@ -288,6 +298,7 @@ def aggregate(mode: str, plr: float, reps: list[dict]) -> dict:
 
 
 def summary(runs: list[dict]) -> dict:
+    runs = [{**r, "_tokens": [t for rep in r["reps"] for t in rep["token_ms"]]} for r in runs]
     p50 = {(r["mode"], r["plr"]): r["tpot_ms"]["p50"] for r in runs}
     out = {}
     if ("relaxed", 0.05) in p50 and ("strict", 0.05) in p50:
@@ -302,6 +313,13 @@ def summary(runs: list[dict]) -> dict:
         base = p50.get((mode, 0.0))
         if base:
             out[f"{mode}_p50_vs_0pct"] = {str(plr): round(v / base, 3) for (m, plr), v in p50.items() if m == mode}
+            # a token that took 150 ms more than this mode's 0%-loss median waited on a retransmission
+            # timeout (TCP's is at least 200 ms; HALO's UDP RTO is a few ms)
+            out[f"{mode}_stalled_token_share"] = {
+                str(r["plr"]): round(sum(t > base + 150 for t in r["_tokens"]) / len(r["_tokens"]), 3)
+                for r in runs if r["mode"] == mode}
+            out[f"{mode}_mean_excess_ms"] = {
+                str(r["plr"]): round(statistics.fmean(r["_tokens"]) - base, 1) for r in runs if r["mode"] == mode}
     return out
 
 
@@ -391,13 +409,30 @@ def main(argv=None) -> int:
     ap.add_argument("--gloo-tokens", type=int, default=None, help="tokens per gloo run")
     ap.add_argument("--delay-ms", type=float, default=2.0, help="one-way delay on every link (default 2)")
     ap.add_argument("--jitter-ms", type=float, default=0.5, help="its standard deviation (default 0.5)")
+    ap.add_argument("--delay-from-plan", action="store_true",
+                    help="per-link delay and jitter from the plan's device latencies instead of --delay-ms/--jitter-ms")
     ap.add_argument("--burst", type=float, default=None, help="Gilbert-Elliott mean burst length (default: independent loss)")
     ap.add_argument("--no-bandwidth", action="store_true", help="no tbf bandwidth limits from the profile")
     ap.add_argument("--run-timeout-s", type=float, default=900)
     ap.add_argument("--prefix", default="halobench")
     ap.add_argument("--generate-arg", action="append", default=[], help="extra argument for halo-run generate")
     ap.add_argument("--skip-plan-check", action="store_true")
+    ap.add_argument("--from-json", default=None, metavar="PATH",
+                    help="no runs: recompute the summary, plot and table of a finished sweep's JSON")
     args = ap.parse_args(argv)
+    if args.from_json:
+        doc = json.loads(Path(args.from_json).read_text())
+        per = {}
+        for r in doc["runs"]:
+            per.setdefault((r["mode"], r["plr"]), []).extend(r["reps"])
+        doc["runs"] = [aggregate(m, p, reps) for (m, p), reps in per.items()]
+        doc["summary"] = summary(doc["runs"])
+        out = Path(args.out) if args.out != ap.get_default("out") else Path(args.from_json)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        plot(doc, Path(args.plot) if args.plot else out.with_suffix(".png"))
+        print(table(doc))
+        print(json.dumps(doc["summary"], indent=1))
+        return 0
     preset = QUICK if args.quick else FULL
     plrs = [float(x) for x in args.plrs.split(",")] if args.plrs else preset["plrs"]
     reps = args.reps or preset["reps"]
@@ -445,9 +480,13 @@ def _sweep(args, plan_dir, out, png, plrs, reps, tokens, gloo_reps, gloo_tokens,
            "runs": []}
     per = {(m, p): [] for p in plrs for m in modes}
     with Bench(plan_dir, args.delay_ms, args.jitter_ms, args.prefix, burst=args.burst,
-               extra_generate=args.generate_arg, bandwidth=not args.no_bandwidth, runtime_path=str(snap_dir)) as bench:
+               extra_generate=args.generate_arg, bandwidth=not args.no_bandwidth, runtime_path=str(snap_dir),
+               delay_from_plan=args.delay_from_plan) as bench:
         doc["lab"] = {"devices": bench.devices, "coordinator": bench.coord, "lossy": bench.lossy,
-                      "delay_ms": args.delay_ms, "jitter_ms": args.jitter_ms,
+                      "delay_ms": "from plan" if args.delay_from_plan else args.delay_ms,
+                      "jitter_ms": "from plan" if args.delay_from_plan else args.jitter_ms,
+                      "links": {f"{a}->{b}": {"delay_ms": v.delay_ms, "jitter_ms": v.jitter_ms}
+                                for (a, b), v in bench.links(0.0).items()},
                       "bandwidth_mbps": {d.name: d.bandwidth_mbps for d in bench.plan.devices} if not args.no_bandwidth else None,
                       "tcp_cc_namespace_default": bench.lab.tcp_cc,
                       "tcp_cc_halo_strict": "cubic (set per socket by halo_runtime)",

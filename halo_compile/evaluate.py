@@ -31,12 +31,14 @@ from tqdm import tqdm
 
 from halo_runtime.coordinator import Coordinator, TokenStats
 from halo_runtime.exchange import InProcessExchange
-from halo_runtime.model import FullModel
+from halo_runtime.model import FullModel, KVCache, attention_partial, mlp_partial, rms_norm
 from halo_runtime.netexchange import DeliveryPolicy
 from halo_runtime.plan import Plan, PlanError, load_plan
+from halo_runtime.predictor import layer_predictor, predict_groups
 from halo_runtime.shards import assemble, load_shard, slice_device
 
 from .calib import CalibError, evaluation_text, read_text_file, token_chunks
+from .predict import group_contributions, matters
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ METHODS = {
     "loss-blind": Method(None, True, loss_blind=True),
 }
 CONTEXT = 512
+RECALL_WINDOWS = 4
+"""Windows on which the predictor's recall is measured (one extra full-model pass each)."""
 
 
 @dataclass(frozen=True)
@@ -150,29 +154,29 @@ def _windows(windows: list[list[int]]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def full_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], bar=None) -> float:
-    """Summed negative log-likelihood of the single-device model rebuilt from the shards."""
-    model, total = FullModel(plan.model, assemble(plan, shards)), 0.0
+def full_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], bar=None) -> list[float]:
+    """Negative log-likelihood per window of the single-device model rebuilt from the shards."""
+    model, out = FullModel(plan.model, assemble(plan, shards)), []
     for w in windows:
         model.reset()
-        total += _nll(model.logits(w), w)
+        out.append(_nll(model.logits(w), w))
         bar and bar.update(1)
-    return total
+    return out
 
 
 @torch.no_grad()
 def plan_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], method: Method, miss: dict[str, float],
-             seed: int, wire: str = "fp32", bar=None) -> tuple[float, dict]:
-    """Summed NLL of the plan run by the runtime coordinator under simulated loss, and what was missed."""
+             seed: int, wire: str = "fp32", bar=None) -> tuple[list[float], dict]:
+    """NLL per window of the plan run by the runtime coordinator under simulated loss, and what was missed."""
     exchange = InProcessExchange(plan, shards, miss=miss, seed=seed, wire=wire)
     coord = Coordinator(plan, shards[plan.coordinator], exchange, compensation=method.compensation,
                         await_predicted=method.await_predicted)
-    total = 0.0
+    out = []
     for i, w in enumerate(windows):
         coord.reset(i + 1)
-        total += _nll(coord.forward(w, 0, TokenStats(), all_positions=True), w)
+        out.append(_nll(coord.forward(w, 0, TokenStats(), all_positions=True), w))
         bar and bar.update(1)
-    return total, exchange.stats()["devices"]
+    return out, exchange.stats()["devices"]
 
 
 def loss_blind_variant(plan: Plan, shards: dict, solver_time: float = 10.0) -> tuple[Plan, dict]:
@@ -195,6 +199,34 @@ def loss_blind_variant(plan: Plan, shards: dict, solver_time: float = 10.0) -> t
     return blind, out
 
 
+@torch.no_grad()
+def predictor_recall(plan: Plan, shards: dict, windows: list[torch.Tensor]) -> dict:
+    """How the plan's predictor does on relaxed groups on this text: recall and precision against
+    its own training label (group output > threshold x MLP output norm), and the share flagged."""
+    cfg, w, coord = plan.model, assemble(plan, shards), shards[plan.coordinator]
+    tp = flagged = positive = total = 0
+    for tokens in windows:
+        h, positions = w["model.embed_tokens.weight"][tokens], torch.arange(len(tokens))
+        for i in range(cfg.num_layers):
+            lw = lambda n: w[f"model.layers.{i}.{n}.weight"]  # noqa: E731
+            x = rms_norm(h, lw("input_layernorm"), cfg.rms_norm_eps)
+            h = h + attention_partial(cfg, x, positions, lw("self_attn.q_proj"), lw("self_attn.k_proj"),
+                                      lw("self_attn.v_proj"), lw("self_attn.o_proj"), KVCache())
+            m = rms_norm(h, lw("post_attention_layernorm"), cfg.rms_norm_eps)
+            groups = plan.layer_groups(i, "mlp")
+            contrib = group_contributions(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"),
+                                          [list(g.members) for g in groups])
+            relaxed = [g.index for g in groups if not g.critical]
+            label = matters(contrib, plan.predictor.threshold)[:, relaxed]
+            pred = predict_groups(x, layer_predictor(coord, i))[:, relaxed]
+            tp, flagged = tp + int((pred & label).sum()), flagged + int(pred.sum())
+            positive, total = positive + int(label.sum()), total + label.numel()
+            h = h + mlp_partial(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"))
+    return {"recall": round(tp / max(positive, 1), 4), "precision": round(tp / max(flagged, 1), 4),
+            "flagged": round(flagged / max(total, 1), 4), "positive": round(positive / max(total, 1), 4),
+            "tokens": sum(len(t) for t in windows)}
+
+
 def _ppl(nll: float, count: int) -> float:
     return float(torch.tensor(nll / count).exp())
 
@@ -215,7 +247,9 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
     runs = [(p, m) for p in plrs for m in methods
             if any(miss_rates(plan, p, opts.policy).values()) or m in (methods[0], "loss-blind")]
     bar = tqdm(total=len(windows) * (1 + len(runs)), desc="eval", unit="win", disable=not opts.progress)
-    full = _ppl(full_nll(plan, shards, windows, bar), count)
+    recall = predictor_recall(plan, shards, windows[:RECALL_WINDOWS])
+    full_windows = full_nll(plan, shards, windows, bar)
+    full = _ppl(sum(full_windows), count)
     blind = None
     results, done = [], {}
     for plr in plrs:
@@ -232,10 +266,10 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
                 nll, per_device = plan_nll(p, s, windows, method, miss, opts.seed, opts.wire, bar)
                 done[key] = (nll, per_device)
             nll, per_device = done[key]
-            ppl = _ppl(nll, count)
+            ppl = _ppl(sum(nll), count)
             results.append({
                 "plr": plr if plr is not None else _profile_plr(plan), "method": name, "ppl": round(ppl, 4),
-                "delta": round(ppl / full - 1, 6),
+                "delta": round(ppl / full - 1, 6), "delta_se": round(_stderr(nll, full_windows, count), 6),
                 "miss": {d: round(q, 6) for d, q in miss.items() if q},
                 "relaxed": {d: _rates(c) for d, c in per_device.items() if c["rows"]}})
     bar.close()
@@ -243,7 +277,13 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
             "predicted_tokens": count, "windows": len(windows), "context": opts.context, "seed": opts.seed,
             "wire": opts.wire, "policy": {"relaxed_retries": opts.policy.relaxed_retries,
                                           "redundancy": opts.policy.redundancy, "wire": opts.policy.wire},
-            "default_method": default, "results": results}
+            "default_method": default, "predictor": recall, "results": results}
+
+
+def _stderr(nll: list[float], full: list[float], count: int) -> float:
+    """Standard error of the log-perplexity change, from its spread over windows (each draws its own loss)."""
+    diff = torch.tensor(nll, dtype=torch.float64) - torch.tensor(full, dtype=torch.float64)
+    return float(diff.std() * len(diff) ** 0.5 / count) if len(diff) > 1 else 0.0
 
 
 def _profile_plr(plan: Plan) -> float | None:
@@ -262,11 +302,15 @@ def format_table(report: dict) -> str:
     """The report as a table a person reads: perplexity and change per loss rate and method."""
     lines = [f"full model: perplexity {report['full_ppl']:.4f} on {report['tokens']} tokens "
              f"({report['windows']} windows of {report['context']}, seed {report['seed']})",
-             f"{'PLR':>6}  {'method':<18} {'ppl':>9} {'change':>8}  relaxed parts missed / awaited per device"]
+             f"{'PLR':>6}  {'method':<18} {'ppl':>9} {'change':>8} {'s.e.':>6}  relaxed parts missed / awaited per device"]
     for r in report["results"]:
         plr = "-" if r["plr"] is None else f"{100 * r['plr']:.1f}%"
         per = ", ".join(f"{d} {100 * c['compensated']:.2f}%/{100 * c['awaited']:.1f}%"
                         for d, c in r["relaxed"].items() if c["lost"] or c["awaited"])
-        lines.append(f"{plr:>6}  {r['method']:<18} {r['ppl']:>9.4f} {100 * r['delta']:>+7.3f}%  {per}")
+        lines.append(f"{plr:>6}  {r['method']:<18} {r['ppl']:>9.4f} {100 * r['delta']:>+7.3f}% "
+                     f"±{100 * r['delta_se']:.3f}  {per}")
+    p = report["predictor"]
+    lines.append(f"predictor on relaxed groups ({p['tokens']} tokens): recall {p['recall']:.3f}, precision "
+                 f"{p['precision']:.3f}, flags {100 * p['flagged']:.1f}% of (token, group) pairs")
     lines.append(f"default method (what halo-run does): {report['default_method']}")
     return "\n".join(lines)

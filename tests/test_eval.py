@@ -154,6 +154,10 @@ def test_cli_prints_one_json_object(tiny_plan):
     # the default method comes first even when not asked for
     assert [r["method"] for r in out["results"]] == [out["default_method"], "zero", "predictor"]
     assert all(set(r) >= {"plr", "method", "ppl"} and r["plr"] == 0.05 for r in out["results"])
+    assert 0.0 <= out["predictor"]["recall"] <= 1.0
+    table = CliRunner().invoke(main, ["eval", str(directory), "--quiet", "--tokens", "256", "--context", "128",
+                                      "--method", "zero"])
+    assert table.exit_code == 0 and table.stdout.startswith("full model: perplexity"), table.output
 
 
 def test_cli_bad_directory_is_one_line_exit_2(tmp_path):

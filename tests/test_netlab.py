@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import netlab  # noqa: E402
-from netlab import Lab, LinkSpec, datagram_test, rtt_test  # noqa: E402
+from netlab import Lab, LinkSpec, PortSpec, datagram_test, rtt_test  # noqa: E402
 
 INFO = netlab.check()
 needs_lab = pytest.mark.skipif(not INFO["ok"], reason=f"network lab unavailable: {INFO['reason']}")
@@ -63,6 +63,23 @@ def test_loss_matches_setting_and_clean_link_stays_clean(make_lab):
     assert clean["received"] == 10000 and clean["dropped"] == 0, clean
     back = datagram_test(lab, "b", "a", 2000, port=9002)  # links are directed: b -> a is clean
     assert back["received"] == 2000 and back["dropped"] == 0, back
+
+
+@needs_lab
+def test_ports_offloads_and_tcp_congestion_control(make_lab):
+    lab = make_lab(["a", "b"], ports={"a": PortSpec(up_mbit=50, down_mbit=20)})
+    up = lab.run("a", ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+    down = subprocess.run(["ip", "netns", "exec", lab.switch_ns, "tc", "qdisc", "show", "dev", "p0"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "tbf" in up and "50Mbit" in up, up
+    assert "tbf" in down and "20Mbit" in down, down
+    assert "tbf" not in lab.run("b", ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+    features = lab.run("a", ["ethtool", "-k", "eth0"]).stdout
+    for name in ("tcp-segmentation-offload", "generic-segmentation-offload", "generic-receive-offload"):
+        assert f"{name}: off" in features, features
+    cc = lab.run("a", ["sysctl", "-n", "net.ipv4.tcp_congestion_control"]).stdout.strip()
+    assert cc == lab.tcp_cc and cc in ("cubic", "reno"), (cc, lab.tcp_cc)  # loss-based, never bbr
+    assert lab.addr("a").startswith("10.77.0.") and lab.dev_of(lab.addr("b")) == "b"
 
 
 @needs_lab

@@ -77,13 +77,14 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     import torch
 
+    from .netexchange import DeviceLost
     from .plan import PlanError
     from .transport import TransportError
 
     torch.set_num_threads(1)  # one thread per device process: several share this machine's cores
     try:
         {"worker": run_worker, "generate": run_generate, "local": run_local}[args.command](args)
-    except (PlanError, TransportError, OSError, ValueError) as e:
+    except (PlanError, TransportError, DeviceLost, OSError, ValueError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         sys.exit(130)

@@ -102,7 +102,7 @@ class _RelaxedPart:
     mean: torch.Tensor
     """[hidden] sum of their calibration-mean contributions."""
     lowrank: tuple | None
-    """(gate, up, down, bias) of their distilled estimators, concatenated; None if not compiled."""
+    """(gate, up, down, bias) of their low-rank estimates, concatenated; None if the plan has none."""
 
 
 class Coordinator:

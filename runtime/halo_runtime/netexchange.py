@@ -202,7 +202,9 @@ class UdpExchange:
             self.counters["retransmissions"] += 1
         r.attempts[d] = attempt
         rtt = self.rtt[(d, r.phase)]
-        r.next_try[d] = now + rtt.rto_s * (2 ** min(attempt, 6) if attempt else 1)
+        # capped backoff: on these links silence means loss, not congestion, and a multi-datagram
+        # prefill message loses some chunk often; unbounded doubling stalled the first token for seconds
+        r.next_try[d] = now + rtt.rto_s * 2 ** min(attempt, 2)
 
     def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
         # one message per round carries every token: a device flagged on any token is awaited

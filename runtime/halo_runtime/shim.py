@@ -47,7 +47,8 @@ class LossShim:
     UDP: each datagram is dropped with probability `loss`; survivors wait `delay_ms` plus Gaussian
     jitter (std `jitter_ms`, clipped at 0), so jitter may reorder them as a network would.
     TCP: a frame of n segments is "lost" with probability 1-(1-loss)^n and then arrives one RTO
-    later (200 ms, Linux's minimum); each further loss on the retransmission doubles the wait.
+    later (200 ms, Linux's minimum); the retransmitted segment is lost again with probability
+    `loss`, and each such loss doubles the wait (exponential backoff).
     Frames of one connection stay in order. One timer thread with a heap does all delayed sends.
     """
 
@@ -92,7 +93,8 @@ class LossShim:
         with self._cv:
             p = 1 - (1 - self.loss) ** max(1, -(-len(frame) // self.segment_bytes))
             wait, rto, tries = 0.0, self.tcp_rto_ms / 1000, 0
-            while tries < 15 and self._rng.random() < p:  # TCP gives up after ~15 retries too
+            # the first send risks every segment; a retransmission resends only the lost one
+            while tries < 15 and self._rng.random() < (p if tries == 0 else self.loss):  # TCP gives up ~15
                 wait, rto, tries = wait + rto, rto * 2, tries + 1
             self.counters.tcp_losses += tries
             self.counters.passed += 1
