@@ -5,7 +5,8 @@ The eval runs are split by loss rate so that they can run side by side (one torc
 
     $ halo-compile eval artifacts/smollm2-135m-pi5 --tokens 20480 --plr 0 --plr 0.01 --plr 0.02 --json > a.json
     $ halo-compile eval artifacts/smollm2-135m-pi5 --tokens 20480 --plr 0.05 --plr 0.1 --json > b.json
-    $ python benchmarks/accuracy.py a.json b.json      # needs matplotlib (installed by `make install`)
+    $ halo-compile eval artifacts/smollm2-135m-pi5 --tokens 4096 --plr 0.2 --plr 0.3 --json > stress.json
+    $ python benchmarks/accuracy.py a.json b.json --stress stress.json   # needs matplotlib (`make install`)
 """
 from __future__ import annotations
 
@@ -73,14 +74,20 @@ def plot(report: dict, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("reports", nargs="+", help="halo-compile eval --json outputs")
+    ap.add_argument("--stress", action="append", default=[],
+                    help="reports at higher loss (other token counts), kept under 'stress', not plotted")
     ap.add_argument("--json-out", default=str(ROOT / "benchmarks" / "results" / "accuracy.json"))
     ap.add_argument("--plot-out", default=str(ROOT / "docs" / "accuracy.png"))
     args = ap.parse_args()
     report = merge(args.reports)
+    if args.stress:
+        report["stress"] = merge(args.stress)
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
     plot(report, Path(args.plot_out))
     print(table(report))
+    if args.stress:
+        print(f"\nstress ({report['stress']['tokens']} tokens):\n" + table(report["stress"]))
 
 
 if __name__ == "__main__":

@@ -39,9 +39,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 try:
-    import halo_runtime  # noqa: F401
+    import importlib.util
+    if importlib.util.find_spec("halo_runtime") is None:  # a bare checkout without `make install`
+        sys.path.insert(0, str(ROOT / "runtime"))
 except ImportError:
-    sys.path.insert(0, str(ROOT / "runtime"))
+    pass
 
 from netlab import Lab, LabError, PortSpec, check, star  # noqa: E402
 
@@ -105,20 +107,40 @@ class CpuMeter:
                        "busy_share": round(1 - idle / total, 3) if total else None}
 
 
-def snapshot_runtime(dest: Path) -> dict:
-    """Copy runtime/halo_runtime to `dest` so that a long sweep runs one version of the code even
-    while the working tree changes; returns what was copied (git commit, modified files, hash)."""
-    import hashlib
-    import shutil
+def _git(*args: str, binary: bool = False):
+    p = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=not binary)
+    return p.stdout if p.returncode == 0 else None
 
-    src = ROOT / "runtime" / "halo_runtime"
-    shutil.copytree(src, dest / "halo_runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+def snapshot_runtime(dest: Path, rev: str | None = None) -> dict:
+    """Copy halo_runtime to `dest` -- from the working tree, or from git revision `rev` -- so that a
+    long sweep runs one version of the code while the working tree changes; this process then
+    imports that copy too. Returns what was copied (git commit, modified files, hash)."""
+    import hashlib
+    import io
+    import tarfile
+
+    if rev:
+        blob = _git("archive", "--format=tar", rev, "runtime/halo_runtime", binary=True)
+        if not blob:
+            raise LabError(f"git archive {rev} runtime/halo_runtime failed")
+        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+            tar.extractall(dest / "_rev", filter="data")
+        shutil.move(str(dest / "_rev" / "runtime" / "halo_runtime"), str(dest / "halo_runtime"))
+        shutil.rmtree(dest / "_rev")
+    else:
+        shutil.copytree(ROOT / "runtime" / "halo_runtime", dest / "halo_runtime",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     h = hashlib.sha256()
     for f in sorted((dest / "halo_runtime").rglob("*.py")):
         h.update(f.name.encode() + f.read_bytes())
-    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return {"git_commit": git("rev-parse", "HEAD") or None,
-            "modified_files": [x for x in git("status", "--porcelain", "--", "runtime", "benchmarks").splitlines()],
+    sys.path.insert(0, str(dest))
+    for name in [m for m in sys.modules if m == "halo_runtime" or m.startswith("halo_runtime.")]:
+        del sys.modules[name]
+    commit = (_git("rev-parse", rev or "HEAD") or "").strip() or None
+    return {"source": f"git {rev}" if rev else "working tree", "git_commit": commit,
+            "modified_files": [] if rev else (_git("status", "--porcelain", "--", "runtime", "benchmarks",
+                                                   "artifacts") or "").splitlines(),
             "runtime_sha256": h.hexdigest()}
 
 
@@ -417,6 +439,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix", default="halobench")
     ap.add_argument("--generate-arg", action="append", default=[], help="extra argument for halo-run generate")
     ap.add_argument("--skip-plan-check", action="store_true")
+    ap.add_argument("--code", default=None, metavar="GIT_REV",
+                    help="run halo_runtime, plan.json and manifest.json of this git revision [default: the "
+                         "working tree]; shards still come from --plan and must match that manifest")
     ap.add_argument("--from-json", default=None, metavar="PATH",
                     help="no runs: recompute the summary, plot and table of a finished sweep's JSON")
     args = ap.parse_args(argv)
@@ -448,7 +473,7 @@ def main(argv=None) -> int:
         print(f"plr_sweep: the lab cannot run here: {info['reason']}", file=sys.stderr)
         return 2
     plan_dir = Path(args.plan)
-    why = None if args.skip_plan_check else plan_ready(plan_dir)
+    why = None if args.skip_plan_check or args.code else plan_ready(plan_dir)
     if why:
         print(f"plr_sweep: {why}", file=sys.stderr)
         return 2
@@ -468,16 +493,47 @@ def main(argv=None) -> int:
         shutil.rmtree(snap_dir, ignore_errors=True)
 
 
+def snapshot_plan(plan_dir: Path, dest: Path, rev: str | None = None) -> dict:
+    """Copy the plan's files to `dest`, so that a recompile of `plan_dir` during the sweep does not
+    change the plan under it. With `rev`, plan.json and manifest.json come from that git revision
+    and the shards (never committed) from `plan_dir`, checked against that manifest."""
+    import hashlib
+
+    dest.mkdir(parents=True)
+    committed = set()
+    if rev:
+        rel = os.path.relpath(plan_dir.resolve(), ROOT)
+        for name in ("plan.json", "manifest.json"):
+            text = _git("show", f"{rev}:{rel}/{name}")
+            if text is None:
+                raise LabError(f"{rel}/{name} is not in git revision {rev}")
+            (dest / name).write_text(text)
+            committed.add(name)
+    manifest = json.loads((dest if rev else plan_dir).joinpath("manifest.json").read_text())
+    for name in [*manifest.get("files", {}), "manifest.json"]:
+        if name not in committed:
+            shutil.copy2(plan_dir / name, dest / name)
+    why = plan_ready(dest)
+    if why:
+        raise LabError(f"the plan's files do not match its manifest ({why})")
+    return {"plan_sha256": hashlib.sha256((dest / "plan.json").read_bytes()).hexdigest()}
+
+
 def _sweep(args, plan_dir, out, png, plrs, reps, tokens, gloo_reps, gloo_tokens, modes, snap_dir) -> int:
-    code = snapshot_runtime(snap_dir)
+    code = snapshot_runtime(snap_dir, args.code)
+    source_plan = plan_dir
+    code.update(snapshot_plan(plan_dir, snap_dir / "plan", args.code))
+    plan_dir = snap_dir / "plan"
     started = time.time()
-    doc = {"machine": machine(), "plan": os.path.relpath(plan_dir.resolve(), ROOT) if plan_dir.resolve().is_relative_to(ROOT) else str(plan_dir),
+    doc = {"machine": machine(),
+           "plan": (os.path.relpath(source_plan.resolve(), ROOT) if source_plan.resolve().is_relative_to(ROOT)
+                    else str(source_plan)),
            "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code": code,
            "settings": {"plrs": plrs, "modes": modes, "reps": reps, "tokens": tokens,
                         "gloo_reps": gloo_reps, "gloo_tokens": gloo_tokens,
                         "prompts": PROMPTS[:reps], "generate_args": args.generate_arg, "burst": args.burst,
                         "loss_applies_to": "every directed link to or from a lossy device"},
-           "runs": []}
+           "runs": [], "failed_runs": []}
     per = {(m, p): [] for p in plrs for m in modes}
     with Bench(plan_dir, args.delay_ms, args.jitter_ms, args.prefix, burst=args.burst,
                extra_generate=args.generate_arg, bandwidth=not args.no_bandwidth, runtime_path=str(snap_dir),
@@ -499,7 +555,18 @@ def _sweep(args, plan_dir, out, png, plrs, reps, tokens, gloo_reps, gloo_tokens,
                     if mode == "gloo" and rep >= gloo_reps:
                         continue
                     n = gloo_tokens if mode == "gloo" else tokens
-                    r = bench.run(mode, prompt, n, args.run_timeout_s)
+                    r = None
+                    for attempt in range(2):  # a failed run is recorded, retried once, then skipped
+                        try:
+                            r = bench.run(mode, prompt, n, args.run_timeout_s)
+                            break
+                        except (LabError, subprocess.TimeoutExpired, ValueError) as e:
+                            doc["failed_runs"].append({"mode": mode, "plr": plr, "rep": rep, "attempt": attempt,
+                                                       "error": str(e)[-600:]})
+                            bench.log(f"[{time.time() - started:6.0f}s] plr {100 * plr:4.1f}% rep {rep} {mode}: "
+                                      f"FAILED ({str(e).strip().splitlines()[-1][:200]})")
+                    if r is None:
+                        continue
                     r.update(mode=mode, plr=plr, rep=rep, prompt=prompt)
                     for k in ("text", "peak_rss_mb", "compensated_by_device", "ranks"):
                         r.pop(k, None)
@@ -508,20 +575,21 @@ def _sweep(args, plan_dir, out, png, plrs, reps, tokens, gloo_reps, gloo_tokens,
                               f"{r['tpot_ms']['p50']} p90 {r['tpot_ms']['p90']} ms, observed loss "
                               f"{r['observed_loss']}, compensated {r.get('compensated_share', 0):.4f}, "
                               f"load {r['cpu']['loadavg_1m_end']}, {r['wall_s']} s")
-            doc["runs"] = [aggregate(m, p, per[(m, p)]) for (m, p) in per if per[(m, p)]]
-            doc["summary"] = summary(doc["runs"])
-            out.write_text(json.dumps(doc, indent=1) + "\n")  # partial results survive an interruption
+                    doc["runs"] = [aggregate(m, p, per[(m, p)]) for (m, p) in per if per[(m, p)]]
+                    doc["summary"] = summary(doc["runs"])
+                    out.write_text(json.dumps(doc, indent=1) + "\n")  # partial results survive an interruption
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc["duration_s"] = round(time.time() - started, 1)
-    # same tokens? (greedy; at 0% loss relaxed and strict must agree)
-    for plr in plrs:
-        toks = {m: [r.get("tokens") for r in per[(m, plr)]] for m in modes}
-        if "relaxed" in toks and "strict" in toks:
-            same = [a == b for a, b in zip(toks["relaxed"], toks["strict"])]
-            doc.setdefault("same_tokens_relaxed_vs_strict", {})[str(plr)] = sum(same) / len(same) if same else None
-        if "gloo" in toks and "strict" in toks:
-            same = [a == b[:len(a)] for a, b in zip(toks["gloo"], toks["strict"])]
-            doc.setdefault("same_tokens_gloo_vs_strict", {})[str(plr)] = sum(same) / len(same) if same else None
+    # same greedy tokens as strict, prompt by prompt (at 0% loss every mode must agree)
+    for other in ("relaxed", "gloo"):
+        if other not in modes or "strict" not in modes:
+            continue
+        key = f"same_tokens_{other}_vs_strict"
+        for plr in plrs:
+            strict = {r["rep"]: r.get("tokens", []) for r in per[("strict", plr)]}
+            pairs = [(r.get("tokens", []), strict[r["rep"]]) for r in per[(other, plr)] if r["rep"] in strict]
+            same = [a == b[:len(a)] for a, b in pairs]
+            doc.setdefault(key, {})[str(plr)] = round(sum(same) / len(same), 3) if same else None
     out.write_text(json.dumps(doc, indent=1) + "\n")
     try:
         plot(doc, png)

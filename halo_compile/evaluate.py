@@ -86,6 +86,8 @@ class EvalOptions:
     """The runtime delivery policy whose miss rates are simulated."""
     wire: str = "fp32"
     """Wire dtype simulated in process (fp32 isolates loss from fp16 rounding)."""
+    recall_windows: int = RECALL_WINDOWS
+    """Windows on which the predictor's recall is measured (0 = skip)."""
     solver_time: float = 10.0
     """CP-SAT deterministic time for the loss-blind re-placement."""
     progress: bool = True
@@ -247,7 +249,7 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
     runs = [(p, m) for p in plrs for m in methods
             if any(miss_rates(plan, p, opts.policy).values()) or m in (methods[0], "loss-blind")]
     bar = tqdm(total=len(windows) * (1 + len(runs)), desc="eval", unit="win", disable=not opts.progress)
-    recall = predictor_recall(plan, shards, windows[:RECALL_WINDOWS])
+    recall = predictor_recall(plan, shards, windows[:opts.recall_windows]) if opts.recall_windows else None
     full_windows = full_nll(plan, shards, windows, bar)
     full = _ppl(sum(full_windows), count)
     blind = None
@@ -266,6 +268,8 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
                 nll, per_device = plan_nll(p, s, windows, method, miss, opts.seed, opts.wire, bar)
                 done[key] = (nll, per_device)
             nll, per_device = done[key]
+            if key[1] != name and not method.await_predicted:  # a zero-loss copy: this method awaits nothing
+                per_device = {d: {**c, "awaited": 0} for d, c in per_device.items()}
             ppl = _ppl(sum(nll), count)
             results.append({
                 "plr": plr if plr is not None else _profile_plr(plan), "method": name, "ppl": round(ppl, 4),
@@ -310,7 +314,8 @@ def format_table(report: dict) -> str:
         lines.append(f"{plr:>6}  {r['method']:<18} {r['ppl']:>9.4f} {100 * r['delta']:>+7.3f}% "
                      f"±{100 * r['delta_se']:.3f}  {per}")
     p = report["predictor"]
-    lines.append(f"predictor on relaxed groups ({p['tokens']} tokens): recall {p['recall']:.3f}, precision "
-                 f"{p['precision']:.3f}, flags {100 * p['flagged']:.1f}% of (token, group) pairs")
+    if p:
+        lines.append(f"predictor on relaxed groups ({p['tokens']} tokens): recall {p['recall']:.3f}, precision "
+                     f"{p['precision']:.3f}, flags {100 * p['flagged']:.1f}% of (token, group) pairs")
     lines.append(f"default method (what halo-run does): {report['default_method']}")
     return "\n".join(lines)

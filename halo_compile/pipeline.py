@@ -164,6 +164,7 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
     popts = PlaceOptions(seed=opts.seed, max_deterministic_time=opts.solver_time, message_bytes=2 * d)
     placement = place(costs, profile.devices, profile.coordinator, fixed, miss, popts)
     blind = place_loss_blind(costs, profile.devices, profile.coordinator, fixed, miss, popts)
+    _log(opts, f"      placement solved in {placement.solve_wall_s:.1f} s wall, loss-blind in {blind.solve_wall_s:.1f} s")
     groups = [replace(grp, device=placement.assignment[grp.id]) for grp in groups]
 
     reports = []

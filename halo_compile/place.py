@@ -150,6 +150,8 @@ class Placement:
     """Compute per token of every device."""
     expected_lost_importance: float
     """Per layer, the expected share of the MLP output lost to missed relaxed replies."""
+    solve_wall_s: float = 0.0
+    """Wall-clock time in the solver (varies run to run; kept out of plan.json)."""
 
     def __post_init__(self):
         if self.predicted_token_ms < 0 or self.expected_lost_importance < 0:
@@ -234,11 +236,11 @@ def _place(groups, devices, coordinator, fixed_bytes, miss, options, aware: bool
     return Placement(
         assignment=assignment, device_time_ms=device_ms,
         solver=SolverReport(status=status, objective=value / scale, bound=min(bound, value) / scale,
-                            solve_time_s=sum(r.wall for r in runs),
                             deterministic_time=sum(r.dtime for r in runs),
                             num_workers=options.num_workers),
         predicted_token_ms=predicted_token_ms(groups, assignment, devices, coordinator, miss, options),
-        expected_lost_importance=expected_lost_importance(groups, assignment, miss, p.num_layers))
+        expected_lost_importance=expected_lost_importance(groups, assignment, miss, p.num_layers),
+        solve_wall_s=sum(r.wall for r in runs))
 
 
 # ---- cost model pieces ----------------------------------------------------------------------------

@@ -47,5 +47,5 @@ def inspect_text(plan: Plan) -> str:
                  f"on held-back tokens (positives {100 * mean(p.positive_rate):.1f}%)")
     s = plan.solver
     lines.append(f"solver: {s.status}, objective {s.objective:g}, bound {s.bound:g}, "
-                 f"{s.deterministic_time:.2f} deterministic s, {s.solve_time_s:.2f} s wall, {s.num_workers} worker(s)")
+                 f"{s.deterministic_time:.2f} s deterministic solve time, {s.num_workers} worker(s)")
     return "\n".join(lines)

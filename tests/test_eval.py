@@ -2,7 +2,8 @@
 
 The tiny compiled plan (4 devices, one lossy) checks the mechanics fast: at zero loss the plan's
 perplexity is the full model's; per-token loss drops exactly the rows it should; the CLI prints
-one JSON object. One short real-model check shows compensation beating zero-fill at 5% loss.
+one JSON object. One short real-model check shows the runtime's compensation beating zero-fill
+at 5% loss.
 """
 from __future__ import annotations
 
@@ -172,13 +173,16 @@ def test_real_model_compensation_beats_zero_fill_at_5_percent(tmp_path):
     from halo_compile.pipeline import CompileOptions, compile_plan
 
     (tmp_path / "cluster.yaml").write_text(cluster_yaml(4, coordinator_gflops=1.0, base_port=7950))
-    opts = CompileOptions(calib_tokens=1024, chunk_tokens=256, sample_tokens=512, mlp_groups=8, relaxed_share=0.3,
-                          max_context=512, solver_time=2.0, progress=False)
+    opts = CompileOptions(calib_tokens=512, chunk_tokens=256, sample_tokens=256, mlp_groups=8, relaxed_share=0.3,
+                          max_context=512, solver_time=1.0, progress=False)
     _, directory = compile_plan("smollm2-135m", tmp_path / "cluster.yaml", tmp_path / "plan", opts)
     all_remote_lossy(directory, 0.05)
     report = evaluate(directory, EvalOptions(plrs=(0.05,), tokens=1024, context=256, progress=False,
-                                             methods=("zero", "mean", "lowrank")))
+                                             methods=("zero", "lowrank"), recall_windows=0))
     ppl = {r["method"]: r["ppl"] for r in report["results"]}
     print("\nreal model, 5% loss:", report["full_ppl"], ppl)
-    assert ppl["mean"] < ppl["zero"]
-    assert ppl["lowrank"] < ppl["mean"]
+    # the runtime's compensation, alone and with predictor-driven waiting, beats zero-fill. The
+    # calibration mean does not reliably (docs/ACCURACY.md: it is within noise of zero-fill, and
+    # worse on this short text), so it is not what the runtime uses and not what is asserted here
+    assert ppl["lowrank"] < ppl["zero"]
+    assert ppl[report["default_method"]] < ppl["lowrank"]

@@ -276,7 +276,7 @@ def test_solver_report(make_groups, make_devices):
     assert p.solver.objective == pytest.approx(p.expected_lost_importance, rel=1e-4)
     assert 0.0 <= p.solver.bound <= p.solver.objective
     assert blind.solver.bound <= blind.solver.objective
-    assert p.solver.num_workers == 1 and p.solver.deterministic_time > 0 and p.solver.solve_time_s > 0
+    assert p.solver.num_workers == 1 and p.solver.deterministic_time > 0 and p.solve_wall_s > 0
     reliable = make_devices(4)
     blind = solve(groups, reliable, blind=True)  # no loss: the blind objective is the true time
     assert blind.solver.objective == pytest.approx(blind.predicted_token_ms, rel=1e-3)

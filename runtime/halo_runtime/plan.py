@@ -122,10 +122,9 @@ class SolverReport:
     """Objective of the returned placement (final phase)."""
     bound: float
     """Best proven bound on that objective."""
-    solve_time_s: float
-    """Wall-clock time spent in the solver (not reproducible; informational)."""
     deterministic_time: float
-    """Solver work in deterministic time units (reproducible)."""
+    """Solve time in CP-SAT's deterministic units (reproducible; wall time is not, so the plan
+    does not record it: `halo-compile plan` prints it)."""
     num_workers: int
     """Search workers used."""
 
