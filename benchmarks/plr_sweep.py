@@ -547,10 +547,12 @@ def _sweep(args, plan_dir, out, png, plrs, reps, tokens, gloo_reps, gloo_tokens,
                       "tcp_cc_namespace_default": bench.lab.tcp_cc,
                       "tcp_cc_halo_strict": "cubic (set per socket by halo_runtime)",
                       "netns_prefix": bench.lab.tag}
-        for plr in plrs:
-            bench.set_plr(plr)
-            for rep in range(reps):
-                prompt = PROMPTS[rep % len(PROMPTS)]
+        # repetition-major: every pass visits every loss rate, so a drift in the machine's load
+        # (other work on it) spreads over all rates instead of biasing the late ones
+        for rep in range(reps):
+            prompt = PROMPTS[rep % len(PROMPTS)]
+            for plr in plrs:
+                bench.set_plr(plr)
                 for mode in modes:
                     if mode == "gloo" and rep >= gloo_reps:
                         continue

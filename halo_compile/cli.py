@@ -121,7 +121,8 @@ def verify(directory, model):
               help="UTF-8 text to score [default: evaluation half of the built-in Wikipedia articles].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the simulated loss.")
 @click.option("--method", "methods", multiple=True,
-              help="Only these methods (repeatable): predictor+lowrank, predictor, lowrank, mean, zero, loss-blind.")
+              help="Only these methods (repeatable; the default method always runs, first): "
+                   "predictor+lowrank, predictor, lowrank, mean, zero, loss-blind.")
 @click.option("--context", type=int, default=512, show_default=True, help="Window length (non-overlapping).")
 @click.option("--relaxed-retries", type=int, default=1, show_default=True,
               help="Delivery policy simulated: fast re-requests of a late relaxed part.")

@@ -63,8 +63,10 @@ def lowrank_compensation(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, 
     torch.set_num_threads(1)
     try:
         T, h = x.shape
-        n_fit = max(1, int(T * (1 - holdout))) if T > 1 else T
+        # recomputed here, under one thread, rather than taken from the grouping step: BLAS results
+        # can depend on the thread count, and the shard's bytes must not
         act = mlp_activations(x, gate, up)
+        n_fit = max(1, int(T * (1 - holdout))) if T > 1 else T
         out = {k: torch.zeros(len(relaxed), rank, h) for k in ("gate", "up", "down")}
         bias = torch.zeros(len(relaxed), h)
         error, mean_error = [], []

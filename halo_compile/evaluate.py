@@ -8,7 +8,7 @@ gives for its loss rate (`DeliveryPolicy.miss_probability`: request or reply los
 attempt before the deadline); critical and awaited parts always arrive, as they are
 retransmitted until they do. Text is scored in non-overlapping windows (context 512), each fed
 at once like a prefill while loss is drawn per token row, as decode would see it. Every method
-at one loss rate sees the same random draws, so their differences are not sampling noise.
+at one loss rate sees the same random draws, so their differences do not come from different draws.
 
 Methods (see METHODS): "zero", "mean", "lowrank" (compensation only, never wait); "predictor"
 and "predictor+lowrank" (wait where the predictor flags a group, compensate the rest);
@@ -273,7 +273,7 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
             ppl = _ppl(sum(nll), count)
             results.append({
                 "plr": plr if plr is not None else _profile_plr(plan), "method": name, "ppl": round(ppl, 4),
-                "delta": round(ppl / full - 1, 6), "delta_se": round(_stderr(nll, full_windows, count), 6),
+                "delta": round(ppl / full - 1, 6), "delta_se": _stderr(nll, full_windows, count),
                 "miss": {d: round(q, 6) for d, q in miss.items() if q},
                 "relaxed": {d: _rates(c) for d, c in per_device.items() if c["rows"]}})
     bar.close()
@@ -284,10 +284,11 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
             "default_method": default, "predictor": recall, "results": results}
 
 
-def _stderr(nll: list[float], full: list[float], count: int) -> float:
-    """Standard error of the log-perplexity change, from its spread over windows (each draws its own loss)."""
+def _stderr(nll: list[float], full: list[float], count: int) -> float | None:
+    """Standard error of the log-perplexity change, from its spread over windows (each draws its own
+    loss); None with a single window."""
     diff = torch.tensor(nll, dtype=torch.float64) - torch.tensor(full, dtype=torch.float64)
-    return float(diff.std() * len(diff) ** 0.5 / count) if len(diff) > 1 else 0.0
+    return round(float(diff.std() * len(diff) ** 0.5 / count), 6) if len(diff) > 1 else None
 
 
 def _profile_plr(plan: Plan) -> float | None:
@@ -306,13 +307,14 @@ def format_table(report: dict) -> str:
     """The report as a table a person reads: perplexity and change per loss rate and method."""
     lines = [f"full model: perplexity {report['full_ppl']:.4f} on {report['tokens']} tokens "
              f"({report['windows']} windows of {report['context']}, seed {report['seed']})",
-             f"{'PLR':>6}  {'method':<18} {'ppl':>9} {'change':>8} {'s.e.':>6}  relaxed parts missed / awaited per device"]
+             f"{'PLR':>6}  {'method':<18} {'ppl':>9} {'change':>8} {'s.e.':>6}  "
+             "relaxed parts missed / awaited per device"]
     for r in report["results"]:
         plr = "-" if r["plr"] is None else f"{100 * r['plr']:.1f}%"
         per = ", ".join(f"{d} {100 * c['compensated']:.2f}%/{100 * c['awaited']:.1f}%"
                         for d, c in r["relaxed"].items() if c["lost"] or c["awaited"])
-        lines.append(f"{plr:>6}  {r['method']:<18} {r['ppl']:>9.4f} {100 * r['delta']:>+7.3f}% "
-                     f"±{100 * r['delta_se']:.3f}  {per}")
+        se = "-" if r["delta_se"] is None else f"±{100 * r['delta_se']:.3f}"
+        lines.append(f"{plr:>6}  {r['method']:<18} {r['ppl']:>9.4f} {100 * r['delta']:>+7.3f}% {se:>6}  {per}")
     p = report["predictor"]
     if p:
         lines.append(f"predictor on relaxed groups ({p['tokens']} tokens): recall {p['recall']:.3f}, precision "

@@ -135,7 +135,8 @@ class Coordinator:
             for dev in self.remote:
                 idx = [g.index for g in plan.groups_on(dev, i, "mlp") if not g.critical]
                 if idx:
-                    per_dev[dev] = _RelaxedPart(idx, means[idx].sum(0), _lowrank(shard, i, idx) if has_lowrank else None)
+                    lowrank = _lowrank(shard, i, idx) if has_lowrank else None
+                    per_dev[dev] = _RelaxedPart(idx, means[idx].sum(0), lowrank)
             self.relaxed.append(per_dev)
         self.position = 0
         self.session = 0
