@@ -35,6 +35,8 @@ try:
     import halo_runtime  # noqa: F401  (installed by `make install`)
 except ImportError:
     sys.path.insert(0, str(ROOT / "runtime"))
+sys.path.insert(0, str(HERE))
+from benchcommon import percentiles  # noqa: E402
 
 
 def preload_library() -> str | None:
@@ -56,14 +58,6 @@ def preload_library() -> str | None:
 
 def rank_order(plan) -> list[str]:
     return [plan.coordinator] + [d for d in plan.device_names if d != plan.coordinator]
-
-
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None}
-    s = sorted(values)
-    pick = lambda q: round(s[min(len(s) - 1, int(round(q * (len(s) - 1))))], 3)  # noqa: E731
-    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
 
 
 def _tcp_cc_in_effect() -> str:
@@ -167,7 +161,7 @@ def run(args) -> dict | None:
     decode = token_ms[1:]
     return {"mode": "gloo", "sync": "gloo", "wire": args.wire, "prompt_tokens": len(prompt), "tokens": tokens,
             "text": tok.decode(tokens, skip_special=True), "ttft_ms": round(token_ms[0], 3),
-            "tpot_ms": _percentiles(decode), "token_ms": [round(t, 3) for t in decode],
+            "tpot_ms": percentiles(decode), "token_ms": [round(t, 3) for t in decode],
             "compensated_share": 0.0, "collectives_per_token": 1 + 2 * cfg.num_layers,
             "world_size": len(order), "ranks": order, "tcp_cc": cc}
 

@@ -38,12 +38,9 @@ Command line:
 from __future__ import annotations
 
 import argparse
-import ctypes
-import heapq
 import itertools
 import json
 import os
-import random
 import re
 import select
 import shutil
@@ -52,16 +49,13 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-NETNS_DIR = "/run/netns"
-CLONE_NEWNET = 0x40000000
-DEFAULT_PREFIX = "halolab"
-TOOLS = ("ip", "nft", "iptables", "ethtool", "tc")
+from netns import (DEFAULT_PREFIX, TOOLS, LabError, _ensure_netns_dir, _sh, check, clean,  # noqa: F401
+                   delete_netns, list_netns)
+
 _SEQ = itertools.count()
 
-
-class LabError(RuntimeError):
-    """The lab cannot be built or driven here; the message says what is missing."""
 
 
 @dataclass(frozen=True)
@@ -122,123 +116,6 @@ class PortSpec:
 
 
 # ---- small helpers -------------------------------------------------------------------------------
-
-def _sh(argv: list[str], check: bool = True, input: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
-    p = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=timeout)
-    if check and p.returncode != 0:
-        raise LabError(f"`{' '.join(argv)}` failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
-    return p
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _in_init_userns() -> bool:
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return True
-
-
-def list_netns() -> list[str]:
-    p = _sh(["ip", "netns", "list"], check=False)
-    return [line.split()[0] for line in p.stdout.splitlines() if line.strip()]
-
-
-def _ns_pids(ns: str) -> list[int]:
-    p = _sh(["ip", "netns", "pids", ns], check=False)
-    return [int(x) for x in p.stdout.split() if x.isdigit()]
-
-
-def delete_netns(ns: str) -> None:
-    """Kill what runs in `ns` (processes this lab started there) and delete it."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _ns_pids(ns)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        for _ in range(50):
-            if not _ns_pids(ns):
-                break
-            time.sleep(0.02)
-    _sh(["ip", "netns", "del", ns], check=False)
-
-
-def clean(prefix: str = DEFAULT_PREFIX, all_of_prefix: bool = False) -> list[str]:
-    """Remove labs of `prefix` whose creating process is gone (all of them with `all_of_prefix`)."""
-    pat = re.compile(rf"^{re.escape(prefix)}-(\d+)-\d+-")
-    removed = []
-    for ns in list_netns():
-        m = pat.match(ns)
-        if m and (all_of_prefix or not _pid_alive(int(m.group(1)))):
-            delete_netns(ns)
-            removed.append(ns)
-    return removed
-
-
-def check() -> dict:
-    """What the lab needs and what this machine has: {'ok': bool, 'reason': str, ...}."""
-    info = {"euid": os.geteuid(), "init_userns": _in_init_userns(),
-            "tools": {t: shutil.which(t) for t in TOOLS}}
-    try:
-        import netfilterqueue  # noqa: F401
-        info["netfilterqueue"] = True
-    except Exception as e:  # ImportError, or a broken build
-        info["netfilterqueue"] = False
-        info["netfilterqueue_error"] = str(e)
-    missing = [t for t in TOOLS if not info["tools"][t]]
-    if missing:
-        info.update(ok=False, reason=f"missing tools: {', '.join(missing)} (apt-get install iproute2 nftables "
-                                     "iptables ethtool; `make lab-setup` does it)")
-        return info
-    if os.geteuid() != 0:
-        info.update(ok=False, reason="needs root, or run inside `unshare -rnm`")
-        return info
-    try:
-        _ensure_netns_dir()
-        probe = f"{DEFAULT_PREFIX}probe-{os.getpid()}"
-        _sh(["ip", "netns", "add", probe])
-        try:
-            _sh(["ip", "netns", "exec", probe, "nft", "add", "table", "netdev", "probe"])
-        finally:
-            _sh(["ip", "netns", "del", probe], check=False)
-    except (LabError, OSError) as e:
-        info.update(ok=False, reason=f"cannot create a network namespace with nftables here: {e}")
-        return info
-    info.update(ok=True, reason="")
-    if not info["netfilterqueue"]:
-        info["reason"] = ("delay/jitter/burst loss unavailable: PyPI NetfilterQueue is not importable "
-                          "(apt-get install libnetfilter-queue-dev gcc; pip install NetfilterQueue)")
-    return info
-
-
-def _ensure_netns_dir() -> None:
-    """`ip netns` keeps its names in /run/netns; inside `unshare -rnm` that directory is not ours, so
-    put a private tmpfs there (only in a mount namespace of our own, never the host's)."""
-    if os.access(NETNS_DIR, os.W_OK) or (not os.path.exists(NETNS_DIR) and os.access("/run", os.W_OK)):
-        return
-    if _in_init_userns():
-        raise LabError(f"{NETNS_DIR} is not writable: run as root or inside `unshare -rnm`")
-    # In a user namespace the kernel only lets us mount in a mount namespace that namespace owns
-    # (`unshare -rnm` made one), never in the host's, so this cannot touch the host's /run.
-    target = NETNS_DIR if os.path.isdir(NETNS_DIR) else "/run"
-    if _sh(["mount", "-t", "tmpfs", "-o", "mode=755", "halolab", target], check=False).returncode:
-        raise LabError(f"{NETNS_DIR} is not writable and no private tmpfs can go there: run as root or "
-                       "inside `unshare -rnm`")
-    os.makedirs(NETNS_DIR, exist_ok=True)
-
 
 # ---- the lab -------------------------------------------------------------------------------------
 
@@ -465,7 +342,7 @@ class Lab:
             raise LabError("delay, jitter and burst loss need PyPI NetfilterQueue (apt-get install "
                            f"libnetfilter-queue-dev gcc; pip install NetfilterQueue): {e}") from None
         arg = json.dumps({"queues": cfg, "max_held": self.max_held, "seed": self.seed})
-        self.delayd = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_delayd", arg],
+        self.delayd = subprocess.Popen([sys.executable, str(Path(__file__).with_name("netdelay.py")), arg],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                                        start_new_session=True)
         line = self._delayd_read(10)
@@ -598,291 +475,6 @@ def star(devices: list[str], hub: str, lossy: list[str], plr: float, delay_ms: f
     return out
 
 
-# ---- the NFQUEUE delay process -------------------------------------------------------------------
-
-def _setns(path: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-class _LinkState:
-    def __init__(self, spec: dict, rng: random.Random):
-        self.rng = rng
-        self.update(spec)
-        self.bad = False
-        self.last_release = 0.0
-        self.reset()
-
-    def update(self, spec: dict) -> None:
-        self.delay = spec.get("delay_ms", 0.0) / 1e3
-        self.jitter = spec.get("jitter_ms", 0.0) / 1e3
-        self.reorder = bool(spec.get("reorder", False))
-        self.ge = tuple(spec["ge"]) if spec.get("ge") else None
-
-    def reset(self) -> None:
-        self.seen = self.dropped = self.delayed = self.overflow = 0
-
-    def lose(self) -> bool:
-        if self.ge is None:
-            return False
-        p_gb, p_bg, k, h = self.ge
-        lost = self.rng.random() < (h if self.bad else k)
-        self.bad = (self.rng.random() >= p_bg) if self.bad else (self.rng.random() < p_gb)
-        return lost
-
-    def release_at(self, now: float) -> float:
-        d = self.delay if self.jitter <= 0 else max(0.0, self.rng.gauss(self.delay, self.jitter))
-        t = now + d
-        if not self.reorder:
-            t = max(t, self.last_release)
-            self.last_release = t
-        return t
-
-
-def _delayd(config: dict) -> None:
-    """Bind NFQUEUE 0 in every device namespace, hold packets, re-inject them on time.
-
-    Protocol on stdin/stdout, one JSON object per line: {"op": "stats"|"reset"|"set"|"quit"}.
-    Exits (releasing every held packet) on "quit", on end of input, or on SIGTERM.
-    """
-    from netfilterqueue import COPY_PACKET, NetfilterQueue
-
-    rng = random.Random(config.get("seed", 0))
-    max_held = int(config.get("max_held", 20000))
-    links: dict[str, dict[str, _LinkState]] = {}
-    held: list = []  # heap of (release time, seq, packet, link)
-    seq = itertools.count()
-    stop = False
-
-    def on_term(*_):
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:  # a late release is added delay: ask the scheduler to run this process first
-        os.nice(int(config.get("nice", -10)))
-    except OSError:
-        pass
-
-    def apply(queues: dict) -> None:
-        for dev, q in queues.items():
-            cur = links.setdefault(dev, {})
-            for ip, spec in q["links"].items():
-                if ip in cur:
-                    cur[ip].update(spec)
-                else:
-                    cur[ip] = _LinkState(spec, random.Random(rng.random()))
-
-    apply(config["queues"])
-
-    def make_cb(dev: str):
-        table = links[dev]
-
-        def cb(pkt):
-            hdr = pkt.get_payload()
-            st = table.get(".".join(str(x) for x in hdr[16:20])) if len(hdr) >= 20 else None
-            if st is None or (st.delay <= 0 and st.jitter <= 0 and st.ge is None):
-                pkt.accept()
-                return
-            st.seen += 1
-            if st.lose():
-                st.dropped += 1
-                pkt.drop()
-                return
-            now = time.monotonic()
-            if len(held) >= max_held:
-                st.overflow += 1
-                pkt.accept()
-                return
-            t = st.release_at(now)
-            if t <= now:
-                pkt.accept()
-            else:
-                st.delayed += 1
-                heapq.heappush(held, (t, next(seq), pkt))
-        return cb
-
-    home = os.open("/proc/self/ns/net", os.O_RDONLY)
-    queues = []
-    try:
-        for dev, q in config["queues"].items():
-            _setns(os.path.join(NETNS_DIR, q["ns"]))
-            nfq = NetfilterQueue()
-            nfq.bind(0, make_cb(dev), max_len=max(4096, max_held), mode=COPY_PACKET, range=20)
-            queues.append(nfq)
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(home)
-    for dev in config["queues"]:
-        links.setdefault(dev, {})
-
-    fds = {nfq.get_fd(): nfq for nfq in queues}
-    for fd in fds:
-        os.set_blocking(fd, False)
-    stdin = sys.stdin.fileno()
-    print(json.dumps({"ready": True, "queues": len(queues)}), flush=True)
-    buf = b""
-    try:
-        while not stop:
-            now = time.monotonic()
-            while held and held[0][0] <= now:
-                heapq.heappop(held)[2].accept()
-            timeout = max(0.0, held[0][0] - time.monotonic()) if held else 0.5
-            try:
-                ready, _, _ = select.select([*fds, stdin], [], [], timeout)
-            except InterruptedError:
-                continue
-            for fd in ready:
-                if fd == stdin:
-                    chunk = os.read(stdin, 65536)
-                    if not chunk:
-                        stop = True
-                        break
-                    buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        if not line.strip():
-                            continue
-                        req = json.loads(line)
-                        op = req.get("op")
-                        if op == "quit":
-                            stop = True
-                            reply = {"ok": True}
-                        elif op == "stats":
-                            reply = {"links": {d: {ip: {"seen": s.seen, "dropped": s.dropped, "delayed": s.delayed,
-                                                        "overflow": s.overflow} for ip, s in t.items()}
-                                               for d, t in links.items()}, "held": len(held)}
-                        elif op == "reset":
-                            for t in links.values():
-                                for s in t.values():
-                                    s.reset()
-                            reply = {"ok": True}
-                        elif op == "set":
-                            apply(req["queues"])
-                            reply = {"ok": True}
-                        else:
-                            reply = {"error": f"unknown op {op!r}"}
-                        print(json.dumps(reply), flush=True)
-                else:
-                    fds[fd].run(block=False)
-    finally:
-        while held:
-            heapq.heappop(held)[2].accept()
-        for nfq in queues:
-            nfq.unbind()
-
-
-# ---- command line --------------------------------------------------------------------------------
-
-_SENDER = r"""
-import socket, sys, time
-dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for i in range(n):
-    s.sendto(i.to_bytes(4, "big") + b"x" * 96, (dst, port))
-    if i % 50 == 49:
-        time.sleep(0.001)   # stay far below every buffer
-"""
-
-_RECEIVER = r"""
-import socket, sys, time
-bind, port, n, idle = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-s.bind((bind, port))
-print("ready", flush=True)
-s.settimeout(30)
-seen = set()
-try:
-    seen.add(int.from_bytes(s.recv(2048)[:4], "big"))
-    s.settimeout(idle)
-    while len(seen) < n:
-        seen.add(int.from_bytes(s.recv(2048)[:4], "big"))
-except socket.timeout:
-    pass
-runs, run = [], 0
-for i in range(n):
-    if i in seen:
-        if run:
-            runs.append(run)
-        run = 0
-    else:
-        run += 1
-if run:
-    runs.append(run)
-print(len(seen), sum(runs) / len(runs) if runs else 0.0, flush=True)
-"""
-
-_ECHO = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], int(sys.argv[2])))
-print("ready", flush=True)
-s.settimeout(5)
-try:
-    while True:
-        data, addr = s.recvfrom(2048)
-        s.sendto(data, addr)
-except socket.timeout:
-    pass
-"""
-
-_PINGER = r"""
-import json, socket, sys, time
-dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(0.5)
-rtts = []
-for i in range(n):
-    t = time.perf_counter()
-    s.sendto(i.to_bytes(4, "big"), (dst, port))
-    try:
-        while int.from_bytes(s.recv(64)[:4], "big") != i:
-            pass
-        rtts.append(1e3 * (time.perf_counter() - t))
-    except socket.timeout:
-        pass
-print(json.dumps(rtts))
-"""
-
-
-def datagram_test(lab: Lab, a: str, b: str, n: int = 10000, port: int = 9000) -> dict:
-    """Send n numbered datagrams a -> b; what arrived, and what the switch counted."""
-    lab.reset_counters()
-    recv = lab.popen(b, [sys.executable, "-c", _RECEIVER, lab.addr(b), str(port), str(n), "1.0"],
-                     stdout=subprocess.PIPE, text=True)
-    if recv.stdout.readline().strip() != "ready":
-        raise LabError("receiver did not start")
-    lab.run(a, [sys.executable, "-c", _SENDER, lab.addr(b), str(port), str(n)])
-    got = (recv.stdout.readline().split() or ["0", "0"])
-    recv.wait(10)
-    received = int(got[0])
-    c = lab.counters()[(a, b)]
-    return {"sent": n, "received": received, "received_share": received / n,
-            "mean_loss_burst": float(got[1]), **c}
-
-
-def rtt_test(lab: Lab, a: str, b: str, n: int = 200, port: int = 9100) -> dict:
-    """UDP ping-pong a -> b -> a, one at a time: round-trip percentiles in ms (lost ones left out)."""
-    echo = lab.popen(b, [sys.executable, "-c", _ECHO, lab.addr(b), str(port)], stdout=subprocess.PIPE, text=True)
-    if echo.stdout.readline().strip() != "ready":
-        raise LabError("echo server did not start")
-    rtts = sorted(json.loads(lab.run(a, [sys.executable, "-c", _PINGER, lab.addr(b), str(port), str(n)]).stdout))
-    echo.kill()
-    echo.wait()
-    pick = lambda q: round(rtts[min(len(rtts) - 1, int(q * (len(rtts) - 1)))], 3) if rtts else None  # noqa: E731
-    return {"n": n, "answered": len(rtts), "p50": pick(0.5), "p10": pick(0.1), "p90": pick(0.9),
-            "mean": round(sum(rtts) / len(rtts), 3) if rtts else None}
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="netlab", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -896,14 +488,13 @@ def main(argv=None) -> None:
     s.add_argument("--jitter-ms", type=float, default=0.0)
     s.add_argument("--burst", type=float, default=None, help="mean burst length (Gilbert-Elliott)")
     s.add_argument("-n", type=int, default=10000)
-    d = sub.add_parser("_delayd")
-    d.add_argument("config")
     args = ap.parse_args(argv)
     if args.cmd == "check":
         print(json.dumps(check(), indent=1))
     elif args.cmd == "clean":
         print(json.dumps({"removed": clean(args.prefix, args.all)}))
     elif args.cmd == "selftest":
+        from netprobe import datagram_test, rtt_test
         lossy = (LinkSpec.burst(args.loss, args.burst, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms)
                  if args.burst else LinkSpec(loss=args.loss, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms))
         with Lab(["a", "b", "c"], links={("a", "b"): lossy}) as lab:
@@ -913,8 +504,6 @@ def main(argv=None) -> None:
             rtt = rtt_test(lab, "a", "b")
             print(json.dumps({"lossy a->b": r1, "clean a->c": r2, "rtt a->b->a ms": rtt, "seconds": round(time.monotonic() - t0, 2),
                               "tcp_cc_default": lab.tcp_cc}, indent=1))
-    elif args.cmd == "_delayd":
-        _delayd(json.loads(args.config))
 
 
 if __name__ == "__main__":

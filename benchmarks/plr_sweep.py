@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +43,10 @@ try:
 except ImportError:
     pass
 
+from benchcommon import (CpuMeter, SnapshotError, machine, plan_ready, snapshot_plan,  # noqa: E402
+                         snapshot_runtime)
 from netlab import Lab, LabError, PortSpec, check, star  # noqa: E402
+from sweep_report import aggregate, plot, summary, table  # noqa: E402
 
 PROMPTS = [
     "The history of the Raspberry Pi begins",
@@ -60,88 +61,6 @@ QUICK = dict(plrs=[0.0, 0.05], reps=1, tokens=24, gloo_reps=1, gloo_tokens=6)
 WORKER_PORT = 7700
 GLOO_PORT = 29500
 TOKEN_LINE = re.compile(r"token\s+(\d+)\s.*total\s+([\d.]+) ms\s+compute\s+([\d.]+)\s+wait\s+([\d.]+)")
-
-
-def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None}
-    s = sorted(values)
-    pick = lambda q: round(s[min(len(s) - 1, int(round(q * (len(s) - 1))))], 3)  # noqa: E731
-    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem = round(int(f.readline().split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    import torch
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "gpu": None, "kernel": platform.release(),
-            "python": platform.python_version(), "torch": torch.__version__, "hostname": platform.node()}
-
-
-def cpu_times() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
-    return sum(v[:8]), idle
-
-
-class CpuMeter:
-    def __enter__(self):
-        self.load0, self.t0 = os.getloadavg()[0], cpu_times()
-        return self
-
-    def __exit__(self, *exc):
-        t1 = cpu_times()
-        total, idle = t1[0] - self.t0[0], t1[1] - self.t0[1]
-        self.result = {"loadavg_1m_start": round(self.load0, 2), "loadavg_1m_end": round(os.getloadavg()[0], 2),
-                       "busy_share": round(1 - idle / total, 3) if total else None}
-
-
-def _git(*args: str, binary: bool = False):
-    p = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=not binary)
-    return p.stdout if p.returncode == 0 else None
-
-
-def snapshot_runtime(dest: Path, rev: str | None = None) -> dict:
-    """Copy halo_runtime to `dest` -- from the working tree, or from git revision `rev` -- so that a
-    long sweep runs one version of the code while the working tree changes; this process then
-    imports that copy too. Returns what was copied (git commit, modified files, hash)."""
-    import hashlib
-    import io
-    import tarfile
-
-    if rev:
-        blob = _git("archive", "--format=tar", rev, "runtime/halo_runtime", binary=True)
-        if not blob:
-            raise LabError(f"git archive {rev} runtime/halo_runtime failed")
-        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-            tar.extractall(dest / "_rev", filter="data")
-        shutil.move(str(dest / "_rev" / "runtime" / "halo_runtime"), str(dest / "halo_runtime"))
-        shutil.rmtree(dest / "_rev")
-    else:
-        shutil.copytree(ROOT / "runtime" / "halo_runtime", dest / "halo_runtime",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    h = hashlib.sha256()
-    for f in sorted((dest / "halo_runtime").rglob("*.py")):
-        h.update(f.name.encode() + f.read_bytes())
-    sys.path.insert(0, str(dest))
-    for name in [m for m in sys.modules if m == "halo_runtime" or m.startswith("halo_runtime.")]:
-        del sys.modules[name]
-    commit = (_git("rev-parse", rev or "HEAD") or "").strip() or None
-    return {"source": f"git {rev}" if rev else "working tree", "git_commit": commit,
-            "modified_files": [] if rev else (_git("status", "--porcelain", "--", "runtime", "benchmarks",
-                                                   "artifacts") or "").splitlines(),
-            "runtime_sha256": h.hexdigest()}
 
 
 class Bench:
@@ -300,122 +219,6 @@ class Bench:
         return self.run_halo(mode, prompt, tokens, timeout_s)
 
 
-def aggregate(mode: str, plr: float, reps: list[dict]) -> dict:
-    tokens = [t for r in reps for t in r["token_ms"]] or [float("nan")]
-    sent = sum(r["frames_on_lossy_links"] for r in reps)
-    dropped = sum(r["dropped"] for r in reps)
-    comp = [r.get("compensated_share", 0.0) for r in reps]
-    cpu_busy = [r["cpu"]["busy_share"] for r in reps if r["cpu"]["busy_share"] is not None]
-    loads = [r["cpu"][k] for r in reps for k in ("loadavg_1m_start", "loadavg_1m_end")]
-    return {
-        "mode": mode, "plr": plr, "tpot_ms": percentiles(tokens), "tpot_mean_ms": round(statistics.fmean(tokens), 3),
-        "observed_loss": round(dropped / sent, 5) if sent else None,
-        "compensated_share": round(statistics.fmean(comp), 6) if comp else None,
-        "decode_tokens": len(tokens), "repetitions": len(reps),
-        "tpot_p50_per_rep": [r["tpot_ms"]["p50"] for r in reps],
-        "cpu": {"busy_share_mean": round(statistics.fmean(cpu_busy), 3) if cpu_busy else None,
-                "loadavg_1m_min": min(loads), "loadavg_1m_max": max(loads)},
-        "reps": reps,
-    }
-
-
-def summary(runs: list[dict]) -> dict:
-    runs = [{**r, "_tokens": [t for rep in r["reps"] for t in rep["token_ms"]]} for r in runs]
-    p50 = {(r["mode"], r["plr"]): r["tpot_ms"]["p50"] for r in runs}
-    out = {}
-    if ("relaxed", 0.05) in p50 and ("strict", 0.05) in p50:
-        out["strict_over_relaxed_p50_at_5pct"] = round(p50[("strict", 0.05)] / p50[("relaxed", 0.05)], 3)
-        out["target_3_41x_met"] = out["strict_over_relaxed_p50_at_5pct"] >= 3.41
-    if ("relaxed", 0.05) in p50 and ("gloo", 0.05) in p50:
-        out["gloo_over_relaxed_p50_at_5pct"] = round(p50[("gloo", 0.05)] / p50[("relaxed", 0.05)], 3)
-    if ("relaxed", 0.05) in p50 and ("relaxed", 0.0) in p50:
-        out["relaxed_5pct_over_0pct_p50"] = round(p50[("relaxed", 0.05)] / p50[("relaxed", 0.0)], 3)
-        out["target_1_15x_met"] = out["relaxed_5pct_over_0pct_p50"] <= 1.15
-    for mode in ("relaxed", "strict", "gloo"):
-        base = p50.get((mode, 0.0))
-        if base:
-            out[f"{mode}_p50_vs_0pct"] = {str(plr): round(v / base, 3) for (m, plr), v in p50.items() if m == mode}
-            # a token that took 150 ms more than this mode's 0%-loss median waited on a retransmission
-            # timeout (TCP's is at least 200 ms; HALO's UDP RTO is a few ms)
-            out[f"{mode}_stalled_token_share"] = {
-                str(r["plr"]): round(sum(t > base + 150 for t in r["_tokens"]) / len(r["_tokens"]), 3)
-                for r in runs if r["mode"] == mode}
-            out[f"{mode}_mean_excess_ms"] = {
-                str(r["plr"]): round(statistics.fmean(r["_tokens"]) - base, 1) for r in runs if r["mode"] == mode}
-    return out
-
-
-def plot(doc: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    style = {"relaxed": ("tab:green", "o"), "strict": ("tab:red", "s"), "gloo": ("tab:blue", "^")}
-    for mode in ("relaxed", "strict", "gloo"):
-        rs = sorted((r for r in doc["runs"] if r["mode"] == mode), key=lambda r: r["plr"])
-        if not rs:
-            continue
-        x = [100 * r["plr"] for r in rs]
-        color, marker = style[mode]
-        label = {"relaxed": "HALO relaxed (UDP)", "strict": "HALO strict (TCP)", "gloo": "gloo all-reduce (TCP)"}[mode]
-        for ax, key in ((axes[0], "p50"), (axes[1], "p90")):
-            ax.plot(x, [r["tpot_ms"][key] for r in rs], marker=marker, color=color, label=label)
-    for ax, key in ((axes[0], "p50"), (axes[1], "p90")):
-        ax.set_xlabel("packet loss on the lossy links (%)")
-        ax.set_ylabel(f"TPOT {key} (ms)")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.set_title(f"time per output token, {key}")
-    axes[0].legend(fontsize=8)
-    m = doc["machine"]
-    fig.suptitle(f"{doc['plan']} on {len(doc['lab']['devices'])} lab devices, {doc['lab']['delay_ms']}±"
-                 f"{doc['lab']['jitter_ms']} ms one way; {m['cores']} cores ({m['cpu']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def table(doc: dict) -> str:
-    rows = ["| mode | PLR | TPOT p50 ms | p90 ms | p99 ms | observed loss | compensated | tokens x runs | CPU busy | load 1m |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(doc["runs"], key=lambda r: (r["plr"], ["relaxed", "strict", "gloo"].index(r["mode"]))):
-        t = r["tpot_ms"]
-        ol = f"{100 * r['observed_loss']:.2f}%" if r["observed_loss"] is not None else "-"
-        comp = f"{100 * r['compensated_share']:.2f}%" if r["mode"] == "relaxed" else "-"
-        rows.append(f"| {r['mode']} | {100 * r['plr']:.0f}% | {t['p50']:.1f} | {t['p90']:.1f} | {t['p99']:.1f} | {ol} | "
-                    f"{comp} | {r['decode_tokens'] // r['repetitions'] + 1} x {r['repetitions']} | "
-                    f"{100 * r['cpu']['busy_share_mean']:.0f}% | "
-                    f"{r['cpu']['loadavg_1m_min']:.1f}-{r['cpu']['loadavg_1m_max']:.1f} |")
-    return "\n".join(rows)
-
-
-def plan_ready(plan_dir: Path) -> str | None:
-    """None if the plan's shards and tokenizer are there and match the manifest, else why not."""
-    import hashlib
-
-    if not (plan_dir / "plan.json").exists():
-        return f"{plan_dir}/plan.json is missing"
-    if not (plan_dir / "tokenizer.json").exists():
-        return f"{plan_dir}: shards not built (run `make plans`)"
-    try:
-        manifest = json.loads((plan_dir / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        return f"{plan_dir}/manifest.json: {e}"
-    for name, entry in manifest.get("files", {}).items():
-        digest = entry.get("sha256") if isinstance(entry, dict) else entry
-        p = plan_dir / name
-        if not p.exists():
-            return f"{p} is missing (run `make plans`)"
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if digest and h.hexdigest() != digest:
-            return f"{p} does not match {plan_dir}/manifest.json (run `make plans`)"
-    return None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plan", default=str(ROOT / "artifacts" / "smollm2-135m-pi5"))
@@ -489,34 +292,11 @@ def main(argv=None) -> int:
     snap_dir = Path(tempfile.mkdtemp(prefix="halo-bench-runtime-"))
     try:
         return _sweep(args, plan_dir, out, png, plrs, reps, tokens, gloo_reps, gloo_tokens, modes, snap_dir)
+    except (LabError, SnapshotError) as e:
+        print(f"plr_sweep: {e}", file=sys.stderr)
+        return 2
     finally:
         shutil.rmtree(snap_dir, ignore_errors=True)
-
-
-def snapshot_plan(plan_dir: Path, dest: Path, rev: str | None = None) -> dict:
-    """Copy the plan's files to `dest`, so that a recompile of `plan_dir` during the sweep does not
-    change the plan under it. With `rev`, plan.json and manifest.json come from that git revision
-    and the shards (never committed) from `plan_dir`, checked against that manifest."""
-    import hashlib
-
-    dest.mkdir(parents=True)
-    committed = set()
-    if rev:
-        rel = os.path.relpath(plan_dir.resolve(), ROOT)
-        for name in ("plan.json", "manifest.json"):
-            text = _git("show", f"{rev}:{rel}/{name}")
-            if text is None:
-                raise LabError(f"{rel}/{name} is not in git revision {rev}")
-            (dest / name).write_text(text)
-            committed.add(name)
-    manifest = json.loads((dest if rev else plan_dir).joinpath("manifest.json").read_text())
-    for name in [*manifest.get("files", {}), "manifest.json"]:
-        if name not in committed:
-            shutil.copy2(plan_dir / name, dest / name)
-    why = plan_ready(dest)
-    if why:
-        raise LabError(f"the plan's files do not match its manifest ({why})")
-    return {"plan_sha256": hashlib.sha256((dest / "plan.json").read_bytes()).hexdigest()}
 
 
 def _sweep(args, plan_dir, out, png, plrs, reps, tokens, gloo_reps, gloo_tokens, modes, snap_dir) -> int:

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import netlab  # noqa: E402
-from netlab import Lab, LinkSpec, PortSpec, datagram_test, rtt_test  # noqa: E402
+from netlab import Lab, LinkSpec, PortSpec  # noqa: E402
+from netprobe import datagram_test, rtt_test  # noqa: E402
 
 INFO = netlab.check()
 needs_lab = pytest.mark.skipif(not INFO["ok"], reason=f"network lab unavailable: {INFO['reason']}")

@@ -1,0 +1,106 @@
+"""The packet-loss sweep's numbers: pool repetitions per (mode, loss), the target summary, the plot
+and the Markdown table (`plr_sweep.py --from-json` recomputes them from a finished run).
+
+Example:
+    >>> from sweep_report import summary
+    >>> runs = [{"mode": m, "plr": p, "tpot_ms": {"p50": v}, "reps": [{"token_ms": [v]}]}
+    ...         for m, p, v in [("relaxed", 0.0, 100.0), ("relaxed", 0.05, 105.0), ("strict", 0.05, 400.0)]]
+    >>> summary(runs)["strict_over_relaxed_p50_at_5pct"], summary(runs)["target_1_15x_met"]
+    (3.81, True)
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from benchcommon import percentiles
+
+
+def aggregate(mode: str, plr: float, reps: list[dict]) -> dict:
+    tokens = [t for r in reps for t in r["token_ms"]] or [float("nan")]
+    sent = sum(r["frames_on_lossy_links"] for r in reps)
+    dropped = sum(r["dropped"] for r in reps)
+    comp = [r.get("compensated_share", 0.0) for r in reps]
+    cpu_busy = [r["cpu"]["busy_share"] for r in reps if r["cpu"]["busy_share"] is not None]
+    loads = [r["cpu"][k] for r in reps for k in ("loadavg_1m_start", "loadavg_1m_end")]
+    return {
+        "mode": mode, "plr": plr, "tpot_ms": percentiles(tokens), "tpot_mean_ms": round(statistics.fmean(tokens), 3),
+        "observed_loss": round(dropped / sent, 5) if sent else None,
+        "compensated_share": round(statistics.fmean(comp), 6) if comp else None,
+        "decode_tokens": len(tokens), "repetitions": len(reps),
+        "tpot_p50_per_rep": [r["tpot_ms"]["p50"] for r in reps],
+        "cpu": {"busy_share_mean": round(statistics.fmean(cpu_busy), 3) if cpu_busy else None,
+                "loadavg_1m_min": min(loads), "loadavg_1m_max": max(loads)},
+        "reps": reps,
+    }
+
+
+def summary(runs: list[dict]) -> dict:
+    runs = [{**r, "_tokens": [t for rep in r["reps"] for t in rep["token_ms"]]} for r in runs]
+    p50 = {(r["mode"], r["plr"]): r["tpot_ms"]["p50"] for r in runs}
+    out = {}
+    if ("relaxed", 0.05) in p50 and ("strict", 0.05) in p50:
+        out["strict_over_relaxed_p50_at_5pct"] = round(p50[("strict", 0.05)] / p50[("relaxed", 0.05)], 3)
+        out["target_3_41x_met"] = out["strict_over_relaxed_p50_at_5pct"] >= 3.41
+    if ("relaxed", 0.05) in p50 and ("gloo", 0.05) in p50:
+        out["gloo_over_relaxed_p50_at_5pct"] = round(p50[("gloo", 0.05)] / p50[("relaxed", 0.05)], 3)
+    if ("relaxed", 0.05) in p50 and ("relaxed", 0.0) in p50:
+        out["relaxed_5pct_over_0pct_p50"] = round(p50[("relaxed", 0.05)] / p50[("relaxed", 0.0)], 3)
+        out["target_1_15x_met"] = out["relaxed_5pct_over_0pct_p50"] <= 1.15
+    for mode in ("relaxed", "strict", "gloo"):
+        base = p50.get((mode, 0.0))
+        if base:
+            out[f"{mode}_p50_vs_0pct"] = {str(plr): round(v / base, 3) for (m, plr), v in p50.items() if m == mode}
+            # a token that took 150 ms more than this mode's 0%-loss median waited on a retransmission
+            # timeout (TCP's is at least 200 ms; HALO's UDP RTO is a few ms)
+            out[f"{mode}_stalled_token_share"] = {
+                str(r["plr"]): round(sum(t > base + 150 for t in r["_tokens"]) / len(r["_tokens"]), 3)
+                for r in runs if r["mode"] == mode}
+            out[f"{mode}_mean_excess_ms"] = {
+                str(r["plr"]): round(statistics.fmean(r["_tokens"]) - base, 1) for r in runs if r["mode"] == mode}
+    return out
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    style = {"relaxed": ("tab:green", "o"), "strict": ("tab:red", "s"), "gloo": ("tab:blue", "^")}
+    for mode in ("relaxed", "strict", "gloo"):
+        rs = sorted((r for r in doc["runs"] if r["mode"] == mode), key=lambda r: r["plr"])
+        if not rs:
+            continue
+        x = [100 * r["plr"] for r in rs]
+        color, marker = style[mode]
+        label = {"relaxed": "HALO relaxed (UDP)", "strict": "HALO strict (TCP)", "gloo": "gloo all-reduce (TCP)"}[mode]
+        for ax, key in ((axes[0], "p50"), (axes[1], "p90")):
+            ax.plot(x, [r["tpot_ms"][key] for r in rs], marker=marker, color=color, label=label)
+    for ax, key in ((axes[0], "p50"), (axes[1], "p90")):
+        ax.set_xlabel("packet loss on the lossy links (%)")
+        ax.set_ylabel(f"TPOT {key} (ms)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(f"time per output token, {key}")
+    axes[0].legend(fontsize=8)
+    m = doc["machine"]
+    fig.suptitle(f"{doc['plan']} on {len(doc['lab']['devices'])} lab devices, {doc['lab']['delay_ms']}±"
+                 f"{doc['lab']['jitter_ms']} ms one way; {m['cores']} cores ({m['cpu']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(doc: dict) -> str:
+    rows = ["| mode | PLR | TPOT p50 ms | p90 ms | p99 ms | observed loss | compensated | tokens x runs | CPU busy | load 1m |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(doc["runs"], key=lambda r: (r["plr"], ["relaxed", "strict", "gloo"].index(r["mode"]))):
+        t = r["tpot_ms"]
+        ol = f"{100 * r['observed_loss']:.2f}%" if r["observed_loss"] is not None else "-"
+        comp = f"{100 * r['compensated_share']:.2f}%" if r["mode"] == "relaxed" else "-"
+        rows.append(f"| {r['mode']} | {100 * r['plr']:.0f}% | {t['p50']:.1f} | {t['p90']:.1f} | {t['p99']:.1f} | {ol} | "
+                    f"{comp} | {r['decode_tokens'] // r['repetitions'] + 1} x {r['repetitions']} | "
+                    f"{100 * r['cpu']['busy_share_mean']:.0f}% | "
+                    f"{r['cpu']['loadavg_1m_min']:.1f}-{r['cpu']['loadavg_1m_max']:.1f} |")
+    return "\n".join(rows)
