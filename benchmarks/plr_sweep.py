@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -84,7 +85,10 @@ class Bench:
                  if bandwidth else {})
         self.delay_from_plan = delay_from_plan
         self.lab = Lab(self.devices, prefix=prefix, ports=ports, links=self.links(0.0))
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        # one fresh deployment key for this lab's processes (every datagram is authenticated)
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                    "HALO_KEY": secrets.token_hex(32)}
+        self.env.pop("HALO_KEY_FILE", None)
         self.bin = str(Path(sys.executable).parent)
         self.env["PATH"] = f"{self.bin}:{self.env.get('PATH', '')}"
         pp = [runtime_path or str(ROOT / "runtime")]
@@ -313,7 +317,7 @@ def _sweep(args, plan_dir, out, png, plrs, reps, tokens, gloo_reps, gloo_tokens,
                         "gloo_reps": gloo_reps, "gloo_tokens": gloo_tokens,
                         "prompts": PROMPTS[:reps], "generate_args": args.generate_arg, "burst": args.burst,
                         "loss_applies_to": "every directed link to or from a lossy device"},
-           "runs": [], "failed_runs": []}
+           "runs": [], "failed_runs": [], "summary": {}}
     per = {(m, p): [] for p in plrs for m in modes}
     with Bench(plan_dir, args.delay_ms, args.jitter_ms, args.prefix, burst=args.burst,
                extra_generate=args.generate_arg, bandwidth=not args.no_bandwidth, runtime_path=str(snap_dir),

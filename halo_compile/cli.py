@@ -20,6 +20,7 @@ EXIT_USER_ERROR = 2
 
 
 def _user_errors():
+    from halo_runtime.auth import KeyFileError
     from halo_runtime.plan import PlanError
 
     from .calib import CalibError
@@ -27,7 +28,7 @@ def _user_errors():
     from .load import ModelError
     from .place import InfeasibleError
 
-    return (PlanError, ProfileError, ModelError, CalibError, InfeasibleError, OSError)
+    return (PlanError, ProfileError, ModelError, CalibError, InfeasibleError, KeyFileError, OSError)
 
 
 def friendly(fn):
@@ -130,8 +131,11 @@ def verify(directory, model):
               help="Delivery policy simulated: copies of each message on lossy links.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--predictive", multiple=True, metavar="DEVICE",
+              help="Run DEVICE in predictive loading mode (skip MLP groups predicted inactive); repeatable.")
 @friendly
-def evaluate(directory, plrs, tokens, text_file, seed, methods, context, relaxed_retries, redundancy, as_json, quiet):
+def evaluate(directory, plrs, tokens, text_file, seed, methods, context, relaxed_retries, redundancy, as_json, quiet,
+             predictive):
     """Perplexity of the full model and of the plan in DIRECTORY under simulated loss, per method."""
     import json
 
@@ -143,7 +147,7 @@ def evaluate(directory, plrs, tokens, text_file, seed, methods, context, relaxed
     torch.set_num_threads(1)  # the machines this runs on are small and shared
     try:
         opts = EvalOptions(plrs=tuple(plrs) or None, tokens=tokens, context=context, text_file=text_file, seed=seed,
-                           methods=tuple(methods) or None, progress=not quiet,
+                           methods=tuple(methods) or None, progress=not quiet, predictive=tuple(predictive),
                            policy=DeliveryPolicy(relaxed_retries=relaxed_retries, redundancy=redundancy))
     except ValueError as e:
         raise click.BadParameter(str(e)) from None

@@ -14,6 +14,8 @@ Schema (every field documented in profiles/README.md):
         jitter_ms: 0.05
         bandwidth_mbps: 1000
         loss: 0.0                  # packet loss rate of its link, in [0, 1)
+        storage_mbps: 90           # optional: storage read MB/s; lets weights exceed memory_mb
+                                   # (the rest is streamed from storage, see halo_runtime.groupcache)
 
 Example:
     >>> from halo_compile.cluster import load_profile
@@ -33,7 +35,7 @@ import yaml
 from halo_runtime.plan import Device
 
 DEVICE_KEYS = {"name", "address", "memory_mb", "compute_gflops", "latency_ms", "jitter_ms",
-               "bandwidth_mbps", "loss"}
+               "bandwidth_mbps", "loss", "storage_mbps"}
 LINK_KEYS = DEVICE_KEYS - {"name", "address", "memory_mb"}
 TOP_KEYS = {"name", "coordinator", "defaults", "devices", "description"}
 MB = 1024 * 1024
@@ -93,7 +95,7 @@ def _device(raw, defaults: dict, where: str) -> Device:
         raise ProfileError(f"{where}.memory_mb: must be positive, got {numbers['memory_mb']}")
     if "loss" in numbers and not 0 <= numbers["loss"] < 1:
         raise ProfileError(f"{where}.loss: {numbers['loss']} is outside [0, 1)")
-    for key in ("compute_gflops", "bandwidth_mbps"):
+    for key in ("compute_gflops", "bandwidth_mbps", "storage_mbps"):
         if key in numbers and numbers[key] <= 0:
             raise ProfileError(f"{where}.{key}: must be positive, got {numbers[key]}")
     for key in ("latency_ms", "jitter_ms"):
@@ -102,7 +104,7 @@ def _device(raw, defaults: dict, where: str) -> Device:
     try:
         return Device(name=name, address=fields["address"], memory_bytes=int(numbers.pop("memory_mb") * MB),
                       **{k: float(v) for k, v in numbers.items()})
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:  # OverflowError: memory_mb so large that MB times it is inf
         raise ProfileError(f"{where}: {e}") from None
 
 
@@ -143,6 +145,10 @@ def parse_profile(text: str, source: str) -> Profile:
     coordinator = raw.get("coordinator", names[0])
     if coordinator not in names:
         raise ProfileError(f"{source}: coordinator: {coordinator!r} is not one of the devices ({', '.join(names)})")
+    where = names.index(coordinator)
+    if devices[where].storage_mbps > 0:
+        raise ProfileError(f"{source}: devices[{where}] ({coordinator}).storage_mbps: the coordinator holds the "
+                           "residual stream and cannot stream weights; set storage_mbps on other devices only")
     fingerprint = hashlib.sha256(text.encode()).hexdigest()
     return Profile(name=name, coordinator=coordinator, devices=devices, fingerprint=fingerprint)
 

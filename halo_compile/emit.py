@@ -3,14 +3,17 @@
 Everything is written into a temporary sibling directory first and swapped in at the end, so
 a failed or interrupted compile never leaves a half-written plan where a good one was.
 
+The deployment key (`halo_runtime.auth.KEY_FILE`, random, mode 0600, git-ignored) is written
+next to the plan unless one is there already: recompiling keeps it, so devices that have it keep
+working. It is not in the manifest, so plan.json and manifest.json stay byte-identical.
+
 Example:
-    >>> from halo_compile.emit import sha256_file
-    >>> len(sha256_file(__file__))
-    64
+    >>> from halo_compile.emit import shard_name
+    >>> shard_name("pi5-1")
+    'shard-pi5-1.safetensors'
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from halo_runtime.auth import KEY_FILE, ensure_key, read_key
+from halo_runtime.integrity import sha256_file
 from halo_runtime.plan import MANIFEST_FILE, PLAN_FILE, Plan
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -26,14 +31,6 @@ TOKENIZER_FILE = "tokenizer.json"
 
 def shard_name(device: str) -> str:
     return f"shard-{device}.safetensors"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def manifest_text(directory: Path, files: list[str]) -> str:
@@ -46,6 +43,8 @@ def emit(out_dir: str | Path, plan: Plan, shards: dict[str, dict[str, torch.Tens
          tokenizer_file: str | Path) -> Path:
     """Write the plan directory atomically; returns its path."""
     out = Path(out_dir)
+    if (out / KEY_FILE).exists():
+        read_key(out / KEY_FILE)  # refuse to compile over a damaged key rather than replace it silently
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -63,6 +62,7 @@ def emit(out_dir: str | Path, plan: Plan, shards: dict[str, dict[str, torch.Tens
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    ensure_key(out)  # after the swap: an existing key was carried over by _swap_in
     return out
 
 

@@ -92,6 +92,9 @@ class EvalOptions:
     """CP-SAT deterministic time for the loss-blind re-placement."""
     progress: bool = True
     """Progress bar on stderr."""
+    predictive: tuple[str, ...] = ()
+    """Devices that skip the MLP groups the predictor marks inactive per token (`halo-run worker
+    --load-mode predictive`); the perplexity then includes what that costs."""
 
     def __post_init__(self):
         if self.tokens < 2 or self.context < 2:
@@ -168,9 +171,10 @@ def full_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], bar=None) ->
 
 @torch.no_grad()
 def plan_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], method: Method, miss: dict[str, float],
-             seed: int, wire: str = "fp32", bar=None) -> tuple[list[float], dict]:
-    """NLL per window of the plan run by the runtime coordinator under simulated loss, and what was missed."""
-    exchange = InProcessExchange(plan, shards, miss=miss, seed=seed, wire=wire)
+             seed: int, wire: str = "fp32", bar=None, computes: dict | None = None) -> tuple[list[float], dict]:
+    """NLL per window of the plan run by the runtime coordinator under simulated loss, and what was missed.
+    computes: prebuilt devices by name (e.g. predictive StreamingComputes)."""
+    exchange = InProcessExchange(plan, shards, miss=miss, seed=seed, wire=wire, computes=computes)
     coord = Coordinator(plan, shards[plan.coordinator], exchange, compensation=method.compensation,
                         await_predicted=method.await_predicted)
     out = []
@@ -252,6 +256,7 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
     recall = predictor_recall(plan, shards, windows[:opts.recall_windows]) if opts.recall_windows else None
     full_windows = full_nll(plan, shards, windows, bar)
     full = _ppl(sum(full_windows), count)
+    computes = _predictive(plan, plan_dir, opts.predictive)
     blind = None
     results, done = [], {}
     for plr in plrs:
@@ -265,7 +270,8 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
                     blind = blind or loss_blind_variant(plan, shards, opts.solver_time)
                     p, s = blind
                     method = replace(method, compensation=METHODS[default].compensation)
-                nll, per_device = plan_nll(p, s, windows, method, miss, opts.seed, opts.wire, bar)
+                nll, per_device = plan_nll(p, s, windows, method, miss, opts.seed, opts.wire, bar,
+                                           None if method.loss_blind else computes)
                 done[key] = (nll, per_device)
             nll, per_device = done[key]
             if key[1] != name and not method.await_predicted:  # a zero-loss copy: this method awaits nothing
@@ -281,7 +287,23 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
             "predicted_tokens": count, "windows": len(windows), "context": opts.context, "seed": opts.seed,
             "wire": opts.wire, "policy": {"relaxed_retries": opts.policy.relaxed_retries,
                                           "redundancy": opts.policy.redundancy, "wire": opts.policy.wire},
-            "default_method": default, "predictor": recall, "results": results}
+            "default_method": default, "predictor": recall, "results": results,
+            **({"predictive": {d: {"computed_share": round(c.pairs[0] / max(c.pairs[1], 1), 4)}
+                               for d, c in computes.items()}} if computes else {})}
+
+
+def _predictive(plan: Plan, plan_dir, names) -> dict:
+    """Devices in predictive loading mode, every group resident (skipping does not depend on RAM)."""
+    from halo_runtime.groupcache import LoadConfig
+    from halo_runtime.streaming import open_streaming
+
+    out = {}
+    for name in names:
+        if name not in plan.device_names or name == plan.coordinator:
+            raise ValueError(f"--predictive {name}: not a device of this plan other than the coordinator "
+                             f"({', '.join(d for d in plan.device_names if d != plan.coordinator)})")
+        out[name] = open_streaming(plan, plan_dir, name, LoadConfig(budget=2**62, mode="predictive", cold=False))
+    return out
 
 
 def _stderr(nll: list[float], full: list[float], count: int) -> float | None:

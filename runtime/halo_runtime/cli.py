@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import resource
+import secrets
 import subprocess
 import sys
 import time
@@ -47,6 +48,21 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no per-token lines")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens (benchmarks)")
     p.add_argument("--seed", type=int, default=0, help="seed of the loss emulation (local)")
+    _key_arg(p)
+    p.add_argument("--dead-after", type=float, default=4.0, metavar="S",
+                   help="a device holding critical groups silent this long ends the run (default 4 s)")
+
+
+def _key_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", default=None, metavar="FILE",
+                   help="deployment key [default: $HALO_KEY_FILE, $HALO_KEY (hex), else PLAN/halo.key]")
+
+
+def _auth(args, plan_dir: str | None):
+    """The deployment key's Authenticator (KeyFileError, a ValueError, becomes one error line)."""
+    from .auth import Authenticator, resolve_key
+
+    return Authenticator(resolve_key(args.key_file, plan_dir)[0])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,11 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--plan", required=True)
     w.add_argument("--device", required=True)
     w.add_argument("--bind", default=None, help="HOST:PORT to listen on [default: the plan's address]")
+    _key_arg(w)
     w.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     w.add_argument("--shim-loss", type=float, default=0.0, help=argparse.SUPPRESS)
     w.add_argument("--shim-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     w.add_argument("--shim-jitter-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     w.add_argument("--shim-seed", type=int, default=0, help=argparse.SUPPRESS)
+    w.add_argument("--memory-budget", type=float, default=None, metavar="MB",
+                   help="RAM for weights (MB, 1e6 bytes): stream the groups that do not fit from the "
+                        "memory-mapped shard [default: the plan's budget for this device, else all in RAM]")
+    w.add_argument("--load-mode", choices=["exact", "predictive"], default="exact",
+                   help="exact: compute every group; predictive: skip MLP groups predicted inactive")
+    w.add_argument("--storage-mbps", type=float, default=None,
+                   help="emulate storage reads at this MB/s [default: the plan's storage_mbps]")
+    w.add_argument("--warm-storage", action="store_true",
+                   help="keep the shard's pages in the page cache (default: drop them after each read)")
+    w.add_argument("--stats-file", default=None, help="write the group cache's counters here at exit (JSON)")
     g = sub.add_parser("generate", help="generate text as the coordinator")
     _generate_args(g)
     loc = sub.add_parser("local", help="run every device as a local process on loopback (emulated loss)")
@@ -93,7 +120,8 @@ def main(argv=None) -> None:
 # ---- worker --------------------------------------------------------------------------------------
 
 def run_worker(args) -> None:
-    from .plan import load_plan
+    from .integrity import check_files
+    from .plan import PLAN_FILE, load_plan
     from .shards import load_shard
     from .shim import LossShim
     from .worker import Worker
@@ -101,12 +129,16 @@ def run_worker(args) -> None:
     plan = load_plan(args.plan)
     if args.device not in plan.device_names:
         _fail(f"{args.plan}: no device {args.device!r} in this plan (devices: {', '.join(plan.device_names)})")
+    check_files(args.plan, [PLAN_FILE, plan.shard_file(args.device)])  # a damaged or foreign shard computes garbage
     host, port = _hostport(args.bind, "--bind") if args.bind else (plan.device(args.device).host,
                                                                     plan.device(args.device).port)
     shim = None
     if args.shim_loss or args.shim_delay_ms:
         shim = LossShim(args.shim_loss, args.shim_delay_ms, args.shim_jitter_ms, args.shim_seed)
-    worker = Worker(plan, args.device, load_shard(args.plan, plan, args.device), host, port, shim)
+    compute = _streaming(args, plan)
+    shard = {} if compute is not None else load_shard(args.plan, plan, args.device)
+    auth = _auth(args, args.plan)
+    worker = Worker(plan, args.device, shard, host, port, shim, compute=compute, auth=auth)
     if args.announce:
         print(json.dumps({"device": args.device, "host": worker.address[0], "port": worker.address[1]}), flush=True)
     else:
@@ -118,6 +150,26 @@ def run_worker(args) -> None:
         worker.close()
         if shim:
             shim.close()
+        if compute is not None:
+            compute.close()
+            if args.stats_file:
+                with open(args.stats_file, "w") as f:
+                    json.dump({**compute.cache.stats.summary(), "budget": compute.residency.budget,
+                               "resident_bytes": compute.residency.resident_bytes,
+                               "streamed_bytes": compute.residency.streamed_bytes, "mode": compute.mode}, f)
+
+
+def _streaming(args, plan):
+    """A StreamingCompute when a memory budget applies (option or plan), else None."""
+    from .groupcache import LoadConfig
+    from .streaming import open_streaming, plan_budget
+
+    budget = int(args.memory_budget * 1e6) if args.memory_budget else plan_budget(plan, args.device)
+    if budget is None:
+        return None
+    mbps = args.storage_mbps if args.storage_mbps is not None else plan.device(args.device).storage_mbps
+    config = LoadConfig(budget=budget, mode=args.load_mode, mbps=mbps, cold=not args.warm_storage)
+    return open_streaming(plan, args.plan, args.device, config)
 
 
 # ---- generation ----------------------------------------------------------------------------------
@@ -173,7 +225,8 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
 
     started = time.perf_counter()
     eos = None if args.ignore_eos else plan.model.eos_token_id
-    gen = coord.generate(prompt, args.max_tokens, eos=eos, on_token=on_token)
+    # a fresh random session: a device never mistakes this run's requests for an earlier run's
+    gen = coord.generate(prompt, args.max_tokens, session=secrets.randbits(32), eos=eos, on_token=on_token)
     elapsed = time.perf_counter() - started
     decode = [s.total_ms for s in gen.token_stats[1:]]
     relaxed = sum(s.relaxed_parts for s in gen.token_stats)
@@ -193,22 +246,26 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
         "wait_ms_per_token": round(sum(s.wait_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
         "compute_ms_per_token": round(sum(s.compute_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
         "exchange": exchange.stats(),
+        "devices": exchange.device_stats() if hasattr(exchange, "device_stats") else {},
         "per_token": per_token,
     }
 
 
 def _load_coordinator(args):
+    from .integrity import check_files
     from .netexchange import DeliveryPolicy
-    from .plan import load_plan
+    from .plan import PLAN_FILE, load_plan
     from .shards import load_shard
     from .tokenizer import Tokenizer
 
     plan = load_plan(args.plan)
-    shard = load_shard(args.plan, plan, plan.coordinator)
     tok_path = os.path.join(args.plan, "tokenizer.json")
     if not os.path.exists(tok_path):
         _fail(f"{tok_path}: missing (it is written by halo-compile plan)")
-    policy = DeliveryPolicy(wire=args.wire, relaxed_retries=args.relaxed_retries, redundancy=args.redundancy)
+    check_files(args.plan, [PLAN_FILE, "tokenizer.json", plan.shard_file(plan.coordinator)])
+    shard = load_shard(args.plan, plan, plan.coordinator)
+    policy = DeliveryPolicy(wire=args.wire, relaxed_retries=args.relaxed_retries, redundancy=args.redundancy,
+                            dead_after_s=args.dead_after)
     return plan, shard, Tokenizer.from_file(tok_path), policy
 
 
@@ -240,10 +297,11 @@ def run_generate(args) -> None:
 
     plan, shard, tok, policy = _load_coordinator(args)
     peers = _peers(plan, args.peer)
+    auth = _auth(args, args.plan)
     if args.sync == "strict":
-        exchange = TcpExchange(plan, peers, policy)
+        exchange = TcpExchange(plan, peers, policy, auth=auth)
     else:
-        exchange = UdpExchange(plan, peers, policy)
+        exchange = UdpExchange(plan, peers, policy, auth=auth)
     try:
         result = generate_once(args, plan, shard, tok, exchange, args.sync)
     finally:
@@ -252,6 +310,19 @@ def run_generate(args) -> None:
     _report(result, args)
     if args.json:
         print(json.dumps(result))
+
+
+def _local_auth(args):
+    """The plan's key (or --key-file, $HALO_KEY...), else a fresh one for this run: `local` starts
+    every process itself, so a plan compiled before keys existed still runs."""
+    from .auth import Authenticator, KeyFileError, new_key, resolve_key
+
+    try:
+        return Authenticator(resolve_key(args.key_file, args.plan)[0])
+    except KeyFileError:
+        if args.key_file or os.environ.get("HALO_KEY_FILE") or os.environ.get("HALO_KEY"):
+            raise
+        return Authenticator(new_key())
 
 
 def run_local(args) -> None:
@@ -263,7 +334,9 @@ def run_local(args) -> None:
         _fail(f"--plr {args.plr}: must be in [0, 1)")
     loss = {d.name: (args.plr if args.plr is not None and d.loss > 0 else d.loss) for d in plan.devices}
     workers, peers = {}, {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    auth = _local_auth(args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HALO_KEY": auth.key.hex()}
+    env.pop("HALO_KEY_FILE", None)  # the workers take exactly the coordinator's key
     try:
         for i, d in enumerate(plan.device_names):
             if d == plan.coordinator:
@@ -285,10 +358,10 @@ def run_local(args) -> None:
             shims = {d: LossShim(loss[d], args.delay_ms, args.jitter_ms, seed=args.seed * 1000 + 500 + n * 50 + i)
                      for i, d in enumerate(peers) if loss[d] > 0 or args.delay_ms > 0}
             if mode == "strict":
-                exchange = TcpExchange(plan, peers, policy, shims)
+                exchange = TcpExchange(plan, peers, policy, shims, auth=auth)
             else:
                 exchange = UdpExchange(plan, peers, policy, bind_host="127.0.0.1",
-                                       shim=PeerShims({peers[d]: s for d, s in shims.items()}))
+                                       shim=PeerShims({peers[d]: s for d, s in shims.items()}), auth=auth)
             try:
                 result = generate_once(args, plan, shard, tok, exchange, mode, label=f"[{mode}] ")
             finally:

@@ -24,10 +24,13 @@ from .wire import decode_tensor, encode_tensor
 
 class InProcessExchange:
     def __init__(self, plan: Plan, shards: dict[str, dict[str, torch.Tensor]],
-                 miss: dict[str, float] | None = None, seed: int = 0, wire: str = "fp32"):
+                 miss: dict[str, float] | None = None, seed: int = 0, wire: str = "fp32",
+                 computes: dict[str, DeviceCompute] | None = None):
+        """computes: prebuilt devices by name (e.g. a StreamingCompute); their shards are not read."""
         self.plan, self.wire = plan, wire
         self.order = [d for d in plan.device_names if d != plan.coordinator]
-        self.devices = {d: DeviceCompute(plan, d, shards[d]) for d in self.order}
+        computes = computes or {}
+        self.devices = {d: computes.get(d) or DeviceCompute(plan, d, shards[d]) for d in self.order}
         self.miss = miss or {}
         self.gen = torch.Generator().manual_seed(seed)
         self.pending: tuple | None = None

@@ -14,12 +14,22 @@ the device's compute time, which is what a deadline must allow for.
 The strict exchange sends the same requests over TCP and awaits every part, as
 distributed-llama does; TCP's own retransmission handles loss.
 
+Device failure (UDP): a device asked for something and silent for `down_after_s` that holds only
+relaxed groups is marked down with one warning line: its parts are compensated without waiting,
+and it is probed with HELLO every `probe_every_s` until it answers again. A device holding
+critical parts (attention, critical MLP) silent for `dead_after_s` ends the run with DeviceLost
+naming it. A restarted device answers requests of the running session with RESET; the
+coordinator then says HELLO and rebuilds its KV cache over TCP from the attention inputs it
+sent before (`history`), and carries on (rejoin).
+
 Example:
     >>> # ex = UdpExchange(plan, {"pi5-1": ("10.0.0.2", 7700), ...}, DeliveryPolicy())
     >>> # Coordinator(plan, shard, ex).generate(prompt, 32)
 """
 from __future__ import annotations
 
+import json
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -27,16 +37,14 @@ import torch
 
 from .coordinator import RoundResult
 from .plan import Plan
+from .auth import Authenticator, ReplayGuard
+from .recovery import DeviceLost, History, rebuild
 from .shim import LossShim
 from .transport import RttEstimator, TcpChannel, TransportError, UdpEndpoint
 from .wire import Kind, Message, WireError, attempt_of, decode_tensor, encode, encode_tensor, make_flags
 from .worker import REQUEST_PREFIX, encode_request
 
 PHASE_REQUEST = {"attn": Kind.REQUEST_ATTN, "mlp": Kind.REQUEST_MLP}
-
-
-class DeviceLost(RuntimeError):
-    """A device stopped answering; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -51,16 +59,22 @@ class DeliveryPolicy:
     """Copies of every message to and from a lossy device (1 = none)."""
     rto_floor_ms: float = 2.0
     """Lowest retransmission timeout."""
-    dead_after_s: float = 10.0
-    """A device silent this long on an awaited part is declared lost."""
+    dead_after_s: float = 4.0
+    """A device holding critical parts, asked and silent this long, is declared lost (the run ends);
+    a restarted device must rejoin within it."""
+    down_after_s: float = 2.0
+    """A device holding only relaxed parts, asked and silent this long, is marked down: compensated
+    without waiting, probed until it answers."""
+    probe_every_s: float = 0.5
+    """HELLO probes of a down device."""
 
     def __post_init__(self):
         if self.wire not in ("fp16", "fp32", "bf16"):
             raise ValueError(f"wire must be fp16, fp32 or bf16, got {self.wire!r}")
         if self.relaxed_retries < 0 or not 1 <= self.redundancy <= 4:
             raise ValueError("relaxed_retries must be >= 0 and redundancy in 1..4")
-        if self.rto_floor_ms <= 0 or self.dead_after_s <= 0:
-            raise ValueError("rto_floor_ms and dead_after_s must be positive")
+        if min(self.rto_floor_ms, self.dead_after_s, self.down_after_s, self.probe_every_s) <= 0:
+            raise ValueError("rto_floor_ms, dead_after_s, down_after_s and probe_every_s must be positive")
 
     def message_datagrams(self, hidden_size: int) -> tuple[int, int]:
         """Datagrams of a one-token (decode) request and of one partial-sum reply on this wire."""
@@ -132,34 +146,53 @@ class _Round:
     next_try: dict = field(default_factory=dict)
 
 
+def _warn(msg: str) -> None:
+    print(f"halo-run: warning: {msg}", file=sys.stderr, flush=True)
+
+
 class UdpExchange:
     def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
-                 bind_host: str = "0.0.0.0", shim=None):
+                 bind_host: str = "0.0.0.0", shim=None, auth: Authenticator | None = None, warn=_warn):
         self.plan, self.policy, self.peers = plan, policy, peers
         self.width = plan.model.hidden_size
         self.index = {d: i for i, d in enumerate(plan.device_names)}
         self.names = {i: d for d, i in self.index.items()}
+        self.me = self.index[plan.coordinator]
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
         self.lossy = {d for d in self.remote if plan.device(d).loss > 0}
         self.layout = _layout(plan)
-        self.endpoint = UdpEndpoint(bind_host, 0, shim=shim)
+        # devices whose loss ends the run: they hold attention (KV state) or critical MLP groups
+        self.critical = {d for d in self.remote
+                         if any(d in self.layout["attn"][i] or d in self.layout["crit"][i]
+                                for i in range(plan.model.num_layers))}
+        self.auth = auth or Authenticator()
+        self.guard = ReplayGuard()
+        self.endpoint = UdpEndpoint(bind_host, 0, shim=shim, auth=self.auth, guard=self.guard, me=self.me)
+        self.warn = warn
         floor = policy.rto_floor_ms / 1000
         self.rtt = {(d, p): RttEstimator(floor_s=floor) for d in self.remote for p in ("attn", "mlp")}
         self.session = 0
         self.round: _Round | None = None
+        self.down: set[str] = set()
+        self.asked_since: dict[str, float | None] = dict.fromkeys(self.remote)
+        self.next_probe = 0.0
+        self.rejoined: dict[str, tuple[int, int]] = {}
+        self.history = History(plan.model.num_layers, self.width, policy.wire)
         self.counters = {"retransmissions": 0, "late": 0, "malformed": 0, "compensated": 0,
-                         "relaxed_parts": 0, "awaited_relaxed": 0, "max_relaxed_overshoot_ms": 0.0}
+                         "relaxed_parts": 0, "awaited_relaxed": 0, "max_relaxed_overshoot_ms": 0.0,
+                         "unknown_session": 0, "devices_down": 0, "rejoins": 0}
 
     # ---- session --------------------------------------------------------------------------------
 
     def begin(self, session: int, timeout_s: float = 5.0) -> None:
         self.session = session
         self.endpoint.reassembler.set_watermark(0)
+        self.history = History(self.plan.model.num_layers, self.width, self.policy.wire)
         waiting, attempt, deadline = set(self.remote), 0, time.monotonic() + timeout_s
         while waiting:
             for d in sorted(waiting):
-                self.endpoint.send(Message(Kind.HELLO, session, 0, 0, self.index[self.plan.coordinator]),
-                                   self.peers[d], make_flags(min(attempt, 15)))
+                self.endpoint.send(Message(Kind.HELLO, session, 0, 0, self.me), self.peers[d],
+                                   make_flags(min(attempt, 15)), dest=self.index[d])
             attempt += 1
             until = min(deadline, time.monotonic() + 0.05 * attempt)
             while waiting and time.monotonic() < until:
@@ -169,20 +202,27 @@ class UdpExchange:
             if time.monotonic() >= deadline and waiting:
                 d = sorted(waiting)[0]
                 raise DeviceLost(f"device {d} at {self.peers[d][0]}:{self.peers[d][1]} does not answer "
-                                 f"(is `halo-run worker --device {d}` running there?)")
+                                 f"(is `halo-run worker --device {d}` running there, with this plan's key?)")
+        self.down.clear()
+        self.rejoined.clear()
+        self.asked_since = dict.fromkeys(self.remote)
 
     # ---- rounds ---------------------------------------------------------------------------------
 
     def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None:
         if phase == "attn":
             targets = self.layout["attn"][layer]
+            if targets:
+                self.history.append(layer, x)
         else:
             targets = sorted(set(self.layout["crit"][layer]) | set(self.layout["relaxed"][layer]),
                              key=self.remote.index)
+        targets = [d for d in targets if d not in self.down]
         copies = {d: self.policy.redundancy if d in self.lossy else 1 for d in targets}
         encoded = {c: encode_request(x, start, self.policy.wire, c) for c in set(copies.values())}
         payload = {d: encoded[copies[d]] for d in targets}
         self.round = _Round(phase, step, layer, payload, targets, rows=x.shape[0])
+        self.round_start = start
         if step > 2:
             self.endpoint.reassembler.set_watermark(step - 2)
         for d in targets:
@@ -190,12 +230,13 @@ class UdpExchange:
 
     def _send(self, d: str, attempt: int) -> None:
         r = self.round
-        msg = Message(PHASE_REQUEST[r.phase], self.session, r.step, r.layer, self.index[self.plan.coordinator],
-                      r.payload[d])
+        msg = Message(PHASE_REQUEST[r.phase], self.session, r.step, r.layer, self.me, r.payload[d])
         copies = self.policy.redundancy if d in self.lossy else 1
         for c in range(copies):
-            self.endpoint.send(msg, self.peers[d], make_flags(min(attempt, 15), redundant=c > 0))
+            self.endpoint.send(msg, self.peers[d], make_flags(min(attempt, 15), redundant=c > 0), dest=self.index[d])
         now = time.monotonic()
+        if self.asked_since[d] is None:
+            self.asked_since[d] = now
         if attempt == 0:
             r.sent[d] = now
         else:
@@ -205,6 +246,60 @@ class UdpExchange:
         # capped backoff: on these links silence means loss, not congestion, and a multi-datagram
         # prefill message loses some chunk often; unbounded doubling stalled the first token for seconds
         r.next_try[d] = now + rtt.rto_s * 2 ** min(attempt, 2)
+
+    def _silent_for(self, d: str, now: float) -> float:
+        since = self.asked_since[d]
+        return 0.0 if since is None else now - since
+
+    def _mark_down(self, d: str) -> None:
+        self.down.add(d)
+        self.counters["devices_down"] += 1
+        self.next_probe = time.monotonic() + self.policy.probe_every_s
+        host, port = self.peers[d]
+        self.warn(f"device {d} ({host}:{port}) stopped answering; its relaxed groups are compensated "
+                  f"from now on (it is probed and used again when it answers)")
+
+    def _probe(self, now: float) -> None:
+        self.next_probe = now + self.policy.probe_every_s
+        for d in sorted(self.down):
+            # attempt 15 is never deduplicated: every probe, and the device's echo of it, gets through
+            self.endpoint.send(Message(Kind.HELLO, self.session, 0, 0, self.me), self.peers[d], make_flags(15),
+                               dest=self.index[d])
+
+    def _control(self, msg: Message, d: str) -> None:
+        """A HELLO (answer to a probe) or RESET (a restarted device) of the running session."""
+        # a RESET answers one request; those sent before the last rejoin are answered already
+        if msg.kind == Kind.RESET and (msg.step, msg.layer) > self.rejoined.get(d, (-1, -1)):
+            self.rejoin(d)
+        elif msg.kind == Kind.HELLO and d in self.down:
+            self.rejoin(d)
+
+    def rejoin(self, d: str) -> None:
+        """Bring a restarted or returning device back: HELLO, then rebuild its KV cache over TCP from
+        the attention inputs of this session (all but the round in flight, which is re-requested)."""
+        r = self.round
+        layers = [i for i in range(self.plan.model.num_layers) if d in self.layout["attn"][i]]
+        inputs = {i: self.history.inputs(i, drop_last=bool(r and r.phase == "attn" and r.layer == i))
+                  for i in layers}
+        try:
+            rebuild(d, self.peers[d], self.auth, self.guard, self.me, self.index[d], self.session,
+                    r.step if r else 0, inputs, self.policy.wire, self.policy.dead_after_s)
+        except TransportError as e:
+            if d in self.critical:
+                raise DeviceLost(f"device {d} restarted but cannot be rebuilt: {e}") from None
+            return
+        was_down = d in self.down
+        if r is not None:
+            self.rejoined[d] = (r.step, r.layer)
+        self.down.discard(d)
+        self.asked_since[d] = None
+        self.counters["rejoins"] += 1
+        tokens = self.history.rows[layers[0]] if layers else 0
+        self.warn(f"device {d} rejoined the session" + (f" (KV cache rebuilt: {tokens} tokens in "
+                                                        f"{len(layers)} layers)" if layers else "")
+                  + ("" if was_down else "; its pending parts are requested again"))
+        if r is not None and d in r.payload and d not in self.down:
+            self._send(d, r.attempts.get(d, 0) + 1)
 
     def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
         # one message per round carries every token: a device flagged on any token is awaited
@@ -216,21 +311,23 @@ class UdpExchange:
             want = {(d, Kind.REPLY_MLP_CRITICAL) for d in self.layout["crit"][layer]}
             for d in self.layout["relaxed"][layer]:
                 self.counters["relaxed_parts"] += 1
-                if d in awaited:
+                if d in awaited and d not in self.down:
                     self.counters["awaited_relaxed"] += 1
                     want.add((d, Kind.REPLY_MLP_RELAXED))
                 else:
                     relaxed.add(d)
-        deadline = {d: r.sent[d] + (1 + self.policy.relaxed_retries) * self.rtt[(d, phase)].rto_s for d in relaxed}
+        deadline = {d: r.sent.get(d, 0.0) + (1 + self.policy.relaxed_retries) * self.rtt[(d, phase)].rto_s
+                    for d in relaxed}
         got: dict[tuple, torch.Tensor] = {}
         first_reply: set[str] = set()
-        silent_since = crit_done = time.monotonic()
+        crit_done = time.monotonic()
         while True:
             now = time.monotonic()
-            pending_crit = [k for k in want if k not in got]
+            pending_crit = [k for k in want if k not in got and k[0] not in self.down]
             if pending_crit:
                 crit_done = now
-            pending_rlx = [d for d in relaxed if (d, Kind.REPLY_MLP_RELAXED) not in got and now < deadline[d]]
+            pending_rlx = [d for d in relaxed if (d, Kind.REPLY_MLP_RELAXED) not in got and now < deadline[d]
+                           and d not in self.down]
             if not pending_crit and not pending_rlx:
                 break
             timers = []
@@ -241,17 +338,32 @@ class UdpExchange:
                         self._send(d, r.attempts[d] + 1)
                     timers.append(r.next_try[d])
             timers += [deadline[d] for d in pending_rlx]
-            if pending_crit and now - silent_since > self.policy.dead_after_s:
-                d = sorted(k[0] for k in pending_crit)[0]
-                raise DeviceLost(f"device {d} stopped answering (no reply for layer {layer} {phase} of step "
-                                 f"{step} in {self.policy.dead_after_s:.0f} s)")
+            for d in sorted(crit_devices | set(pending_rlx)):
+                if d in self.critical and self._silent_for(d, now) > self.policy.dead_after_s:
+                    raise DeviceLost(f"device {d} ({self.peers[d][0]}:{self.peers[d][1]}) stopped answering: no "
+                                     f"reply for layer {layer} {phase} of step {step} in "
+                                     f"{self.policy.dead_after_s:g} s; it holds critical groups, so the run ends")
+                if d not in self.critical and self._silent_for(d, now) > self.policy.down_after_s:
+                    self._mark_down(d)
+            if self.down and now >= self.next_probe:
+                self._probe(now)
             wait = max(0.0, min(timers) - now) if timers else 0.05
             item = self.endpoint.recv(min(wait, 0.05))
             if item is None:
                 continue
             msg = item[0]
             d = self.names.get(msg.sender)
-            if msg.session != self.session or msg.step != step or msg.layer != layer or d is None:
+            if d is None or d == self.plan.coordinator:
+                self.counters["late"] += 1
+                continue
+            if msg.session != self.session:
+                self.counters["unknown_session"] += 1
+                continue
+            self.asked_since[d] = None  # any authentic message of this session: it is alive
+            if msg.kind in (Kind.HELLO, Kind.RESET):
+                self._control(msg, d)
+                continue
+            if msg.step != step or msg.layer != layer:
                 self.counters["late"] += 1
                 continue
             key = (d, msg.kind)
@@ -263,41 +375,72 @@ class UdpExchange:
             except WireError:
                 self.counters["malformed"] += 1
                 continue
-            silent_since = time.monotonic()
             if d not in first_reply:
                 first_reply.add(d)
-                if r.attempts[d] == 0 and attempt_of(msg.flags) == 0:
+                if r.attempts.get(d) == 0 and attempt_of(msg.flags) == 0:
                     self.rtt[(d, phase)].sample(time.monotonic() - r.sent[d])
         result = RoundResult(parts=[])
         for d in self.remote:  # fixed device order keeps the sum's bits reproducible
             for kind in (Kind.REPLY_ATTN, Kind.REPLY_MLP_CRITICAL, Kind.REPLY_MLP_RELAXED):
                 if (d, kind) in got:
                     result.parts.append(got[(d, kind)])
-            if d in relaxed and (d, Kind.REPLY_MLP_RELAXED) not in got:
+            if (d in relaxed or (d, Kind.REPLY_MLP_RELAXED) in want) and (d, Kind.REPLY_MLP_RELAXED) not in got:
                 result.missing[d] = torch.ones(r.rows, dtype=torch.bool)
                 self.counters["compensated"] += 1
-                # how long past the later of its deadline and the last critical part we waited
-                over = 1e3 * (now - max(deadline[d], crit_done))
-                self.counters["max_relaxed_overshoot_ms"] = max(self.counters["max_relaxed_overshoot_ms"], over)
+                if d in relaxed and d not in self.down:
+                    # how long past the later of its deadline and the last critical part we waited
+                    over = 1e3 * (now - max(deadline[d], crit_done))
+                    self.counters["max_relaxed_overshoot_ms"] = max(self.counters["max_relaxed_overshoot_ms"], over)
         return result
 
     def stats(self) -> dict:
         c = self.endpoint.counters
         rc = self.endpoint.reassembler.counters
         return {**self.counters, "bytes_sent": c.bytes_sent, "bytes_received": c.bytes_received,
-                "datagrams_sent": c.datagrams_sent, "duplicates": rc.duplicates,
+                "datagrams_sent": c.datagrams_sent, "datagrams_received": c.datagrams_received,
+                "duplicates": rc.duplicates,
+                "dropped": {"malformed": rc.malformed, "bad_length": rc.bad_length, "forged": rc.forged,
+                            "misdirected": rc.misdirected, "replayed": rc.replayed, "stale": rc.stale, "unknown_session": self.counters["unknown_session"]},
+                "down": sorted(self.down),
                 "rto_ms": {f"{d}/{p}": round(1e3 * e.rto_s, 2) for (d, p), e in self.rtt.items()}}
+
+    def device_stats(self, timeout_s: float = 1.0) -> dict:
+        """Each reachable remote device's own counters (requests, drops by reason), by name."""
+        out: dict[str, dict] = {}
+        ask = [d for d in self.remote if d not in self.down]
+        deadline = time.monotonic() + timeout_s
+        for _ in range(3):
+            for d in ask:
+                if d not in out:
+                    # attempt 15 is never deduplicated: a second query in one session is answered too
+                    self.endpoint.send(Message(Kind.STATS, self.session, 0, 0, self.me), self.peers[d],
+                                       make_flags(15), dest=self.index[d])
+            until = min(deadline, time.monotonic() + timeout_s / 3)
+            while len(out) < len(ask) and time.monotonic() < until:
+                got = self.endpoint.recv(until - time.monotonic())
+                if got and got[0].kind == Kind.STATS and self.names.get(got[0].sender) in ask:
+                    try:
+                        out[self.names[got[0].sender]] = json.loads(got[0].payload)
+                    except ValueError:
+                        self.counters["malformed"] += 1
+            if len(out) == len(ask):
+                break
+        return out
 
     def close(self) -> None:
         self.endpoint.close()
+
+
+REPLY_KINDS = (Kind.REPLY_ATTN, Kind.REPLY_MLP_CRITICAL, Kind.REPLY_MLP_RELAXED)
 
 
 class TcpExchange:
     """Strict synchronisation over TCP: every part awaited, like distributed-llama."""
 
     def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
-                 shims: dict[str, LossShim] | None = None):
+                 shims: dict[str, LossShim] | None = None, auth: Authenticator | None = None):
         self.plan, self.policy = plan, policy
+        self.auth, self.guard = auth or Authenticator(), ReplayGuard()
         self.width = plan.model.hidden_size
         self.index = {d: i for i, d in enumerate(plan.device_names)}
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
@@ -305,7 +448,8 @@ class TcpExchange:
         self.channels = {}
         for d in self.remote:
             try:
-                self.channels[d] = TcpChannel.connect(peers[d], shim=(shims or {}).get(d))
+                self.channels[d] = TcpChannel.connect(peers[d], shim=(shims or {}).get(d), auth=self.auth,
+                                                      guard=self.guard, me=self.index[plan.coordinator])
             except TransportError as e:
                 self.close()
                 raise DeviceLost(f"device {d}: {e}") from None
@@ -314,6 +458,22 @@ class TcpExchange:
 
     def begin(self, session: int) -> None:
         self.session = session
+        me = self.index[self.plan.coordinator]
+        for d, ch in self.channels.items():
+            ch.send(Message(Kind.HELLO, session, 0, 0, me), dest=self.index[d])
+        for d, ch in self.channels.items():
+            self._await(d, lambda m: m.kind == Kind.HELLO, "the session handshake")
+
+    def _await(self, d: str, match, what: str) -> Message:
+        while True:
+            try:
+                msg = self.channels[d].recv(self.policy.dead_after_s)
+            except TransportError as e:
+                raise DeviceLost(f"device {d}: {e}") from None
+            if msg is None:
+                raise DeviceLost(f"device {d} stopped answering ({what}; {self.policy.dead_after_s:g} s)")
+            if msg.session == self.session and match(msg):
+                return msg
 
     def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None:
         if phase == "attn":
@@ -323,7 +483,7 @@ class TcpExchange:
         body = encode_request(x, start, self.policy.wire)
         me = self.index[self.plan.coordinator]
         for d in targets:
-            self.channels[d].send(Message(PHASE_REQUEST[phase], self.session, step, layer, me, body))
+            self.channels[d].send(Message(PHASE_REQUEST[phase], self.session, step, layer, me, body), dest=self.index[d])
         self.pending = targets
 
     def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
@@ -332,26 +492,35 @@ class TcpExchange:
             n = (1 if phase == "attn" else
                  (d in self.layout["crit"][layer]) + (d in self.layout["relaxed"][layer]))
             while n:
-                try:
-                    msg = self.channels[d].recv(self.policy.dead_after_s)
-                except TransportError as e:
-                    raise DeviceLost(f"device {d}: {e}") from None
-                if msg is None:
-                    raise DeviceLost(f"device {d} stopped answering (layer {layer} {phase}, step {step})")
-                if msg.step != step or msg.layer != layer or msg.session != self.session:
-                    continue
+                msg = self._await(d, lambda m: m.step == step and m.layer == layer and m.kind in REPLY_KINDS,
+                                  f"layer {layer} {phase}, step {step}")
                 result.parts.append(decode_tensor(msg.payload, self.policy.wire, self.width))
                 n -= 1
         return result
 
     def stats(self) -> dict:
+        rcs = [c.reassembler.counters for c in self.channels.values()]
         return {"bytes_sent": sum(c.counters.bytes_sent for c in self.channels.values()),
-                "bytes_received": sum(c.counters.bytes_received for c in self.channels.values())}
+                "bytes_received": sum(c.counters.bytes_received for c in self.channels.values()),
+                "dropped": {k: sum(getattr(rc, k) for rc in rcs)
+                            for k in ("malformed", "bad_length", "forged", "misdirected", "replayed", "stale")}}
+
+    def device_stats(self, timeout_s: float = 1.0) -> dict:
+        """Each remote device's own counters, by name."""
+        me, out = self.index[self.plan.coordinator], {}
+        for d, ch in self.channels.items():
+            try:
+                ch.send(Message(Kind.STATS, self.session, 0, 0, me), dest=self.index[d])
+                msg = self._await(d, lambda m: m.kind == Kind.STATS, "stats")
+                out[d] = json.loads(msg.payload)
+            except (DeviceLost, TransportError, ValueError):
+                continue
+        return out
 
     def close(self) -> None:
-        for c in self.channels.values():
+        for d, c in self.channels.items():
             try:
-                c.send(Message(Kind.BYE, self.session, 0, 0, self.index[self.plan.coordinator]))
+                c.send(Message(Kind.BYE, self.session, 0, 0, self.index[self.plan.coordinator]), dest=self.index[d])
             except TransportError:
                 pass
             c.close()

@@ -18,7 +18,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .model import ModelConfig
@@ -27,6 +27,9 @@ SCHEMA_VERSION = 1
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
 FLOAT_DIGITS = 6
+OPTIONAL = {"omit_default": True}
+"""Field metadata: written to plan.json only when it differs from its default, so plans that do
+not use a feature (e.g. streaming) keep the bytes they had before the field existed."""
 
 
 class PlanError(ValueError):
@@ -53,10 +56,15 @@ class Device:
     """Link bandwidth in Mbit/s."""
     loss: float = 0.0
     """Packet loss rate of its link, in [0, 1)."""
+    storage_mbps: float = field(default=0.0, metadata=OPTIONAL)
+    """Storage read bandwidth in MB/s (1e6 bytes). Above 0 the device may hold more weights than
+    `memory_bytes`: those groups stay on storage and are loaded as needed (halo_runtime.groupcache)."""
 
     def __post_init__(self):
         if not self.name:
             raise ValueError("device name is empty")
+        if not self.storage_mbps >= 0:
+            raise ValueError(f"device {self.name}: storage bandwidth must be >= 0")
         host, sep, port = self.address.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"device {self.name}: address {self.address!r} is not host:port")
@@ -100,6 +108,11 @@ class Group:
     """Critical groups are always awaited; relaxed ones may be replaced when late."""
     importance: float
     """Expected share of this layer's attention (attn) or MLP (mlp) output norm it contributes."""
+    streamed: bool = field(default=False, metadata=OPTIONAL)
+    """Its weights stay on its device's storage and are loaded per token (memory budget too small)."""
+    select_rate: float = field(default=1.0, metadata=OPTIONAL)
+    """Share of calibration tokens on which the predictor selects it (MLP groups on streaming
+    devices; 1.0 elsewhere): how often `predictive` loading reads it."""
 
     def __post_init__(self):
         if self.kind not in ("attn", "mlp"):
@@ -110,6 +123,8 @@ class Group:
             raise ValueError(f"group {self.id}: members must be ascending and unique")
         if self.kind == "attn" and not self.critical:
             raise ValueError(f"group {self.id}: attention groups hold KV state and must be critical")
+        if not 0.0 <= self.select_rate <= 1.0:
+            raise ValueError(f"group {self.id}: select_rate {self.select_rate} is outside [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,13 @@ class DeviceReport:
     """Its share of all groups' importance (attention and MLP, layers weighted equally)."""
     predicted_time_ms: float
     """Its compute time per token, from the profile's sustained compute."""
+    resident_bytes: int = field(default=0, metadata=OPTIONAL)
+    """Streaming devices: weight bytes kept in RAM (0: not streaming, all weights resident)."""
+    streamed_bytes: int = field(default=0, metadata=OPTIONAL)
+    """Streaming devices: weight bytes of the groups loaded from storage as needed."""
+    load_ms: float = field(default=0.0, metadata=OPTIONAL)
+    """Streaming devices: expected storage read time per token, from the predictor's selection
+    rates on calibration tokens (what `predictive` loading reads; `exact` reads all streamed bytes)."""
 
 
 @dataclass(frozen=True)
@@ -291,7 +313,8 @@ def _round(x: float) -> float:
 
 def _to_plain(obj):
     if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, dict):
         return {str(k): _to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -2,7 +2,9 @@
 baseline, like distributed-llama), and an RFC 6298 retransmission timer.
 
 Messages and their encoding live in `wire`. The UDP endpoint chunks every message to the MTU and
-reassembles on receipt; garbage is dropped and counted, never raised. The TCP channel carries the
+reassembles on receipt; garbage, forgeries and replays are dropped and counted, never raised.
+Both take an `auth.Authenticator` (the deployment key; default the public test key) and an
+`auth.ReplayGuard` (share one per process). The TCP channel carries the
 same messages as length-prefixed frames, with Nagle off and congestion control pinned to cubic
 (this host defaults to bbr, which ignores loss and would flatter the baseline).
 
@@ -28,8 +30,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .auth import Authenticator, ReplayGuard
 from .shim import LossShim
-from .wire import HEADER_SIZE, MAX_CHUNK, MAX_DATAGRAM, TAG_LEN, Message, Reassembler, encode
+from .wire import ANY, HEADER_SIZE, MAX_CHUNK, MAX_DATAGRAM, TAG_LEN, Message, Reassembler, encode
 
 Addr = tuple  # (host, port)
 
@@ -141,10 +144,13 @@ class UdpEndpoint:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, rcvbuf_bytes: int = 4 << 20,
                  sndbuf_bytes: int = 1 << 20, max_datagram: int = MAX_DATAGRAM,
-                 shim: LossShim | None = None, reassembler: Reassembler | None = None):
+                 shim: LossShim | None = None, reassembler: Reassembler | None = None,
+                 auth: Authenticator | None = None, guard: ReplayGuard | None = None, me: int | None = None):
         self.max_datagram = max_datagram
         self.shim = shim
-        self.reassembler = reassembler if reassembler is not None else Reassembler()
+        self.auth = auth or Authenticator()
+        self.reassembler = reassembler if reassembler is not None else Reassembler(auth=self.auth, guard=guard,
+                                                                                   me=me)
         self.counters = EndpointCounters()
         self._lock = threading.Lock()
         self._resolved: dict[Addr, tuple] = {}
@@ -194,14 +200,15 @@ class UdpEndpoint:
             self.counters.datagrams_sent += 1
             self.counters.bytes_sent += len(data)
 
-    def send(self, msg: Message, addr: Addr, flags: int | None = None) -> int:
+    def send(self, msg: Message, addr: Addr, flags: int | None = None, dest: int = ANY) -> int:
         """Send `msg` to `addr` (through the shim if any); returns the number of datagrams.
 
         `flags` (see `wire.make_flags`) overrides `msg.flags`; a retransmission must carry a higher
-        attempt number than the original or the receiver drops it as a duplicate.
+        attempt number than the original or the receiver drops it as a duplicate. `dest` is the
+        receiving device's index (receivers that know theirs drop datagrams addressed elsewhere).
         """
         target = self._resolve(addr)
-        datagrams = encode(msg, self.max_datagram, flags)
+        datagrams = encode(msg, self.max_datagram, flags, self.auth, dest)
         for d in datagrams:
             if self.shim is not None:
                 self.shim.send_datagram(self._sendto, d, target)
@@ -293,8 +300,10 @@ class ChannelCounters:
 class TcpChannel:
     """A connected TCP socket carrying `Message`s as frames: u32 length, then one wire datagram."""
 
-    def __init__(self, sock: socket.socket, peer: str, shim: LossShim | None = None):
+    def __init__(self, sock: socket.socket, peer: str, shim: LossShim | None = None,
+                 auth: Authenticator | None = None, guard: ReplayGuard | None = None, me: int | None = None):
         self.peer = peer
+        self.auth = auth or Authenticator()
         self.shim = shim
         self.counters = ChannelCounters()
         self._sock = sock
@@ -302,14 +311,17 @@ class TcpChannel:
         _tune_tcp(sock)
         self._buf = bytearray()
         # TCP never duplicates, and a strict run may legitimately repeat a key: no dedup memory.
-        self.reassembler = Reassembler(remember=0, max_datagram=TCP_MAX_DATAGRAM)
+        self.reassembler = Reassembler(remember=0, max_datagram=TCP_MAX_DATAGRAM, auth=self.auth, guard=guard,
+                                       me=me)
         self._send_lock = threading.Lock()
         self._sel = selectors.DefaultSelector()
         self._sel.register(sock, selectors.EVENT_READ)
         self._closed = False
 
     @classmethod
-    def connect(cls, addr: Addr, timeout_s: float = 5.0, shim: LossShim | None = None) -> TcpChannel:
+    def connect(cls, addr: Addr, timeout_s: float = 5.0, shim: LossShim | None = None,
+                auth: Authenticator | None = None, guard: ReplayGuard | None = None,
+                me: int | None = None) -> TcpChannel:
         """Connect to a `TcpListener` at (host, port)."""
         host, port = addr
         sock = socket.socket(_family(host), socket.SOCK_STREAM)
@@ -320,7 +332,7 @@ class TcpChannel:
         except OSError as e:
             sock.close()
             raise TransportError(f"cannot connect to {_hostport(host, port)}: {e.strerror or e}") from None
-        return cls(sock, _hostport(host, port), shim)
+        return cls(sock, _hostport(host, port), shim, auth, guard, me)
 
     @property
     def congestion(self) -> str | None:
@@ -339,9 +351,9 @@ class TcpChannel:
                 raise TransportError(f"connection to {self.peer} failed: {e.strerror or e}") from None
             self.counters.bytes_sent += len(data)
 
-    def send(self, msg: Message, flags: int | None = None) -> None:
+    def send(self, msg: Message, flags: int | None = None, dest: int = ANY) -> None:
         """Send one message (blocking until the kernel has it, or the shim has scheduled it)."""
-        frame = b"".join(FRAME_LEN.pack(len(d)) + d for d in encode(msg, TCP_MAX_DATAGRAM, flags))
+        frame = b"".join(FRAME_LEN.pack(len(d)) + d for d in encode(msg, TCP_MAX_DATAGRAM, flags, self.auth, dest))
         if self.shim is not None:
             self.shim.send_frame(self, self._sendall, frame)
         else:
@@ -416,8 +428,10 @@ class TcpListener:
     """A listening TCP socket that hands out `TcpChannel`s."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, shim: LossShim | None = None,
-                 backlog: int = 16):
+                 backlog: int = 16, auth: Authenticator | None = None, guard: ReplayGuard | None = None,
+                 me: int | None = None):
         self.shim = shim
+        self.auth, self.guard, self.me = auth, guard, me
         self._sock = socket.socket(_family(host), socket.SOCK_STREAM)
         # Lets a restarted run reuse a port in TIME_WAIT; a live listener still yields EADDRINUSE.
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -442,7 +456,7 @@ class TcpListener:
             sock, addr = self._sock.accept()
         except BlockingIOError:
             return None
-        return TcpChannel(sock, _hostport(addr[0], addr[1]), self.shim)
+        return TcpChannel(sock, _hostport(addr[0], addr[1]), self.shim, self.auth, self.guard, self.me)
 
     def close(self) -> None:
         """Stop listening (idempotent)."""

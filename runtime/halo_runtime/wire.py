@@ -2,11 +2,11 @@
 
 Pure encoding, no sockets (those live in `transport`). A `Message` is cut into datagrams that each
 fit one Ethernet frame, because IP fragments multiply loss (at 5% frame loss a 16 KB datagram was
-lost 94% of the time). Every datagram carries a fixed 23-byte header, packed big-endian:
+lost 94% of the time). Every datagram carries a fixed 33-byte header, packed big-endian:
 
     offset size field
     0      2    magic b"HL"
-    2      1    version (1)
+    2      1    version (2)
     3      1    kind (see `Kind`)
     4      4    session (u32)
     8      4    step (u32; prefill is step 0)
@@ -16,7 +16,13 @@ lost 94% of the time). Every datagram carries a fixed 23-byte header, packed big
     18     2    chunk count (u16, >= 1)
     20     2    chunk length (u16, bytes of payload in this datagram)
     22     1    flags (bit 0 retransmission, bit 1 redundant copy, bits 4-7 attempt number)
-    23     n    chunk bytes, then TAG_LEN bytes of authentication tag (none yet)
+    23     8    sequence number (u64, per sending process, see `auth`)
+    31     2    destination (u16 device index; 0xFFFF = any)
+    33     n    chunk bytes, then TAG_LEN (16) bytes of truncated HMAC-SHA256 over everything before
+
+A datagram is checked in order of cost: length and fields, then the tag, then its destination
+(a request recorded on its way to one device and replayed to another is refused), then the
+sender's replay window (`auth.ReplayGuard`); each kind of rejection has its own counter.
 
 Tensors travel as a 9-byte little-endian prefix (wire code u8, rows u32, cols u32) and then the
 values, little-endian, row-major.
@@ -27,7 +33,7 @@ Example:
     >>> x = torch.randn(2, 576)
     >>> msg = Message(Kind.REPLY_MLP_RELAXED, session=7, step=3, layer=12, sender=2,
     ...               payload=encode_tensor(x, "fp32"))
-    >>> datagrams = encode(msg)
+    >>> datagrams = encode(msg)          # tagged under auth.INSECURE_KEY; pass auth= for a real key
     >>> len(datagrams), max(len(d) for d in datagrams) <= 1400
     (4, True)
     >>> r = Reassembler()
@@ -46,12 +52,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .auth import TAG_LEN, Authenticator, ReplayGuard
+
 MAGIC = b"HL"
-VERSION = 1
-HEADER = struct.Struct("!2sBBIIHHHHHB")
-HEADER_SIZE = HEADER.size  # 23
-TAG_LEN = 0
-"""Bytes of authentication tag after the chunk; a later version appends a 16-byte truncated HMAC."""
+VERSION = 2
+HEADER = struct.Struct("!2sBBIIHHHHHBQH")
+HEADER_SIZE = HEADER.size  # 33
+ANY = 0xFFFF
+"""Destination of a datagram not addressed to one device (tests, tools)."""
+_DEFAULT_AUTH = Authenticator()  # the public test key: callers that pass no `auth`
 MAX_DATAGRAM = 1400
 """Default datagram budget: a 1500-byte MTU minus IPv4 (20) and UDP (8) headers, with headroom."""
 MAX_UDP_PAYLOAD = 65507
@@ -76,9 +85,17 @@ class Kind(enum.IntEnum):
     REPLY_ATTN = 3
     REPLY_MLP_CRITICAL = 4
     REPLY_MLP_RELAXED = 5
+    REBUILD_ATTN = 6
+    """Rejoin: attention inputs of earlier tokens, to rebuild a restarted device's KV cache."""
+    REBUILT = 7
+    """Acknowledges a REBUILD_ATTN (empty payload)."""
     HELLO = 16
+    """Coordinator -> device: start (or confirm) a session; the device echoes it."""
     BYE = 17
     RESET = 18
+    """Device -> coordinator: a request for a session this device does not know (it restarted)."""
+    STATS = 19
+    """Coordinator -> device: send your counters; the reply carries them as JSON."""
 
 
 FIRST_CONTROL_KIND = 16
@@ -151,15 +168,24 @@ class Header:
     """Number of chunks in the message."""
     flags: int
     """Flags byte."""
+    seq: int = 0
+    """Sender's sequence number (replay protection)."""
+    dest: int = ANY
+    """Device index the datagram is addressed to."""
 
 
-def encode(msg: Message, max_datagram: int = MAX_DATAGRAM, flags: int | None = None) -> list[bytes]:
-    """Cut `msg` into datagrams of at most `max_datagram` bytes each; `flags` overrides `msg.flags`."""
+def encode(msg: Message, max_datagram: int = MAX_DATAGRAM, flags: int | None = None,
+           auth: Authenticator | None = None, dest: int = ANY) -> list[bytes]:
+    """Cut `msg` into tagged datagrams of at most `max_datagram` bytes each, addressed to device
+    index `dest`; `flags` overrides `msg.flags`. Each datagram takes the next sequence number of
+    `auth` (default: the public test key)."""
+    auth = auth or _DEFAULT_AUTH
     room = min(max_datagram, HEADER_SIZE + MAX_CHUNK + TAG_LEN) - HEADER_SIZE - TAG_LEN
     if room < 1:
         raise ValueError(f"max_datagram={max_datagram} leaves no room for payload")
     fl = msg.flags if flags is None else flags
     _check_range("flags", fl, 8)
+    _check_range("dest", dest, 16)
     payload = msg.payload
     count = max(1, -(-len(payload) // room))
     if count > 0xFFFF:
@@ -167,27 +193,51 @@ def encode(msg: Message, max_datagram: int = MAX_DATAGRAM, flags: int | None = N
     out = []
     for i in range(count):
         chunk = payload[i * room:(i + 1) * room]
-        head = HEADER.pack(MAGIC, VERSION, msg.kind, msg.session, msg.step, msg.layer, msg.sender,
-                           i, count, len(chunk), fl)
-        out.append(head + chunk + b"\0" * TAG_LEN)
+        body = HEADER.pack(MAGIC, VERSION, msg.kind, msg.session, msg.step, msg.layer, msg.sender,
+                           i, count, len(chunk), fl, auth.next_seq(), dest) + chunk
+        out.append(body + auth.tag(body))
     return out
 
 
-def decode_datagram(data: bytes, max_datagram: int = MAX_UDP_PAYLOAD) -> tuple[Header, bytes] | None:
-    """Header and chunk of one datagram, or None when it is malformed in any way. Never raises."""
+BAD_LENGTH, MALFORMED, FORGED = "bad_length", "malformed", "forged"
+"""Why `check_datagram` refused a datagram (each has a counter in `ReassemblyCounters`)."""
+
+
+def check_datagram(data: bytes, max_datagram: int = MAX_UDP_PAYLOAD, auth: Authenticator | None = None
+                   ) -> tuple[Header | None, bytes | str]:
+    """(header, chunk) of an authentic, well-formed datagram, else (None, reason). Never raises.
+
+    Reasons: BAD_LENGTH (truncated, oversized, or disagreeing with its chunk length), MALFORMED
+    (magic, version, chunk index or count), FORGED (the tag does not verify under the key).
+    The replay window is the caller's business: only a verified header's seq may move it.
+    """
     try:
         n = len(data)
-        if n < HEADER_SIZE + TAG_LEN or n > max_datagram:
-            return None
-        magic, version, kind, session, step, layer, sender, index, count, clen, flags = HEADER.unpack_from(data)
+    except TypeError:
+        return None, MALFORMED
+    if n < HEADER_SIZE + TAG_LEN or n > max_datagram:
+        return None, BAD_LENGTH
+    try:
+        magic, version, kind, session, step, layer, sender, index, count, clen, flags, seq, dest = \
+            HEADER.unpack_from(data)
     except (TypeError, struct.error):
-        return None
+        return None, MALFORMED
     if magic != MAGIC or version != VERSION or count == 0 or index >= count:
-        return None
+        return None, MALFORMED
     if n != HEADER_SIZE + clen + TAG_LEN:
-        return None
-    chunk = bytes(data[HEADER_SIZE:HEADER_SIZE + clen])
-    return Header(kind, session, step, layer, sender, index, count, flags), chunk
+        return None, BAD_LENGTH
+    data = bytes(data)
+    if not (auth or _DEFAULT_AUTH).verify(data[:-TAG_LEN], data[-TAG_LEN:]):
+        return None, FORGED
+    return (Header(kind, session, step, layer, sender, index, count, flags, seq, dest),
+            data[HEADER_SIZE:HEADER_SIZE + clen])
+
+
+def decode_datagram(data: bytes, max_datagram: int = MAX_UDP_PAYLOAD,
+                    auth: Authenticator | None = None) -> tuple[Header, bytes] | None:
+    """Header and chunk of one authentic datagram, or None when it is malformed or forged. Never raises."""
+    h, chunk = check_datagram(data, max_datagram, auth)
+    return None if h is None else (h, chunk)
 
 
 @dataclass(slots=True)
@@ -197,7 +247,16 @@ class ReassemblyCounters:
     datagrams: int = 0
     """Datagrams fed."""
     malformed: int = 0
-    """Datagrams dropped as undecodable or inconsistent with their message."""
+    """Datagrams dropped as undecodable (magic, version, fields) or inconsistent with their message."""
+    bad_length: int = 0
+    """Datagrams dropped as truncated, oversized, or not as long as their header says."""
+    forged: int = 0
+    """Datagrams dropped because their tag does not verify (wrong key, or altered in transit)."""
+    misdirected: int = 0
+    """Authentic datagrams addressed to another device (a replay of someone else's traffic)."""
+    replayed: int = 0
+    """Authentic datagrams dropped because their sender's sequence number was seen before or is
+    older than the replay window."""
     duplicates: int = 0
     """Datagrams dropped as repeats of a chunk or of a completed message."""
     stale: int = 0
@@ -220,16 +279,24 @@ class _Partial:
 class Reassembler:
     """Turns datagrams, in any order and with repeats, back into messages; bounded memory.
 
+    Chunks are collected per (session, step, layer, kind, sender), across attempts.
     Deduplication is per (session, step, layer, kind, sender, attempt): a redundant copy of the same
     transmission is dropped, but a retransmission (attempt >= 1, see `make_flags`) is delivered again,
     so that a device whose reply was lost sees the repeated request and can resend its reply.
+    Every datagram must carry a valid tag under `auth`, be addressed to `me` (if set), and carry a
+    sequence number its sender has not used before (`guard`, shared by all the sockets of a
+    process; default its own).
     Not thread-safe: one receiving thread feeds it.
     """
 
     def __init__(self, remember: int = 4096, max_partials: int = 256,
                  max_message_bytes: int = 64 << 20, max_buffered_bytes: int = 256 << 20,
-                 max_datagram: int = MAX_UDP_PAYLOAD):
+                 max_datagram: int = MAX_UDP_PAYLOAD, auth: Authenticator | None = None,
+                 guard: ReplayGuard | None = None, me: int | None = None):
         self.counters = ReassemblyCounters()
+        self.me = me  # this device's index: datagrams addressed elsewhere are dropped (None: accept any)
+        self.auth = auth or _DEFAULT_AUTH
+        self.guard = guard if guard is not None else ReplayGuard()
         self.min_step = 0
         self._remember = remember  # 0 disables deduplication (TCP never duplicates)
         self._max_partials = max_partials
@@ -255,22 +322,32 @@ class Reassembler:
         """The message this datagram completes, else None (incomplete, duplicate, stale or malformed)."""
         c = self.counters
         c.datagrams += 1
-        parsed = decode_datagram(datagram, self._max_datagram)
-        if parsed is None:
-            c.malformed += 1
+        h, chunk = check_datagram(datagram, self._max_datagram, self.auth)
+        if h is None:
+            setattr(c, chunk, getattr(c, chunk) + 1)  # chunk holds the reason
             return None
-        h, chunk = parsed
+        if self.me is not None and h.dest != self.me:
+            c.misdirected += 1
+            return None
+        if not self.guard.accept(h.sender, h.seq):
+            c.replayed += 1
+            return None
         if h.step < self.min_step and not is_control(h.kind):
             c.stale += 1
             return None
         attempt = attempt_of(h.flags)
-        key = (h.session, h.step, h.layer, h.kind, h.sender, attempt)
+        pkey = (h.session, h.step, h.layer, h.kind, h.sender)
+        key = pkey + (attempt,)
         dedup = self._remember > 0 and attempt < MAX_ATTEMPT
         if dedup and key in self._done:
             c.duplicates += 1
             return None
         if h.count == 1:
             return self._complete(key, h, chunk, dedup)
+        # Chunks of every attempt go into one partial: a retransmission repeats the same bytes, so
+        # under loss a long (prefill) message completes from the chunks of several attempts
+        # instead of needing one attempt with no chunk lost.
+        key, done_key = pkey, key
         part = self._partials.get(key)
         if part is None:
             part = self._partials[key] = _Partial(h.count)
@@ -291,7 +368,7 @@ class Reassembler:
             self._partials.pop(key)
             self._buffered -= part.nbytes
             payload = b"".join(part.chunks[i] for i in range(part.count))
-            return self._complete(key, h, payload, dedup)
+            return self._complete(done_key, h, payload, dedup)
         # Oldest partials go first: under loss they are the ones least likely to complete.
         while len(self._partials) > self._max_partials or self._buffered > self._max_buffered:
             self._drop(next(iter(self._partials)))

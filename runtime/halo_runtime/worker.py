@@ -7,18 +7,27 @@ again instead of appending the tokens to the KV cache twice.
 Request payload: u32 start position, u8 reply copies (redundancy), then an `encode_tensor` blob;
 replies use the request's wire dtype.
 
+Sessions: only the coordinator's HELLO starts one (and resets the KV cache). A request for any
+other session is dropped and counted (`unknown_session`), and answered with a RESET so that a
+coordinator talking to a restarted device learns it must say HELLO and rebuild the device's KV
+cache (REBUILD_ATTN) before it can use it again. Every datagram must carry the deployment key's
+tag and a fresh sequence number (`auth`); rejects are counted, never raised.
+
 Example:
     $ halo-run worker --plan artifacts/smollm2-135m-pi5 --device pi5-1 --bind 0.0.0.0:7700
 """
 from __future__ import annotations
 
+import json
 import struct
 import sys
 import threading
+import time
 from collections import OrderedDict
 
 import torch
 
+from .auth import Authenticator, ReplayGuard
 from .device import DeviceCompute
 from .plan import Plan
 from .shim import LossShim
@@ -28,6 +37,8 @@ from .wire import TENSOR_HEADER, Kind, Message, WireError, attempt_of, decode_te
 REQUEST_PREFIX = struct.Struct("<IB")  # start position, reply copies
 WIRE_NAMES = {0: "fp32", 1: "fp16", 2: "bf16"}
 REPLY_CACHE = 256  # replies kept for retransmitted requests: a few steps of every layer
+RESET_EVERY_S = 0.05  # at most one RESET per this interval: a flood of stale requests gets few answers
+DROP_REASONS = ("malformed", "bad_length", "forged", "misdirected", "replayed", "duplicates", "stale")
 
 
 def encode_request(x: torch.Tensor, start: int, wire: str, copies: int = 1) -> bytes:
@@ -50,35 +61,71 @@ class Worker:
     """Serves one device's part of the plan."""
 
     def __init__(self, plan: Plan, device: str, shard: dict[str, torch.Tensor], host: str, port: int,
-                 shim: LossShim | None = None, log=None):
+                 shim: LossShim | None = None, log=None, compute: DeviceCompute | None = None,
+                 auth: Authenticator | None = None):
+        """compute: a prebuilt DeviceCompute (e.g. a StreamingCompute under a memory budget);
+        then `shard` is not read."""
         self.plan, self.device = plan, device
         self.index = plan.device_names.index(device)
-        self.compute = DeviceCompute(plan, device, shard)
-        self.udp = UdpEndpoint(host, port, shim=shim)
-        self.tcp = TcpListener(host, self.udp.address[1], shim=shim)
+        self.compute = compute or DeviceCompute(plan, device, shard)
+        self.auth = auth or Authenticator()
+        # one replay window per sender for UDP and every TCP connection: a recorded connection
+        # replayed on a new one is refused too
+        self.guard = ReplayGuard()
+        self.udp = UdpEndpoint(host, port, shim=shim, auth=self.auth, guard=self.guard, me=self.index)
+        try:
+            self.tcp = TcpListener(host, self.udp.address[1], shim=shim, auth=self.auth, guard=self.guard,
+                                   me=self.index)
+        except BaseException:
+            self.udp.close()
+            raise
+        self.channels: list = []
+        self.closed_drops = dict.fromkeys(DROP_REASONS, 0)
         self.session: int | None = None
         self.replies: OrderedDict[tuple, list[Message]] = OrderedDict()
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        self.counters = {"requests": 0, "computed": 0, "resent": 0, "malformed": 0, "out_of_order": 0}
+        self.counters = {"requests": 0, "computed": 0, "resent": 0, "malformed": 0, "out_of_order": 0,
+                         "unknown_session": 0, "rebuilt_tokens": 0}
+        self._last_reset = 0.0
         self.log = log or (lambda msg: print(f"[{device}] {msg}", file=sys.stderr, flush=True))
 
     @property
     def address(self) -> tuple[str, int]:
         return self.udp.address
 
+    def stats(self) -> dict:
+        """Requests served and datagrams dropped by reason (`dropped_*`), UDP and TCP together."""
+        out = dict(self.counters)
+        rcs = [self.udp.reassembler.counters] + [c.reassembler.counters for c in list(self.channels)]
+        for name in DROP_REASONS:
+            out[f"dropped_{name}"] = self.closed_drops[name] + sum(getattr(rc, name) for rc in rcs)
+        out["datagrams_received"] = self.udp.counters.datagrams_received
+        return out
+
     def handle(self, msg: Message) -> list[Message]:
         """Replies to one request (the caller sends them); thread-safe."""
         with self.lock:
-            if msg.session != self.session:
-                self.session = msg.session
-                self.compute.reset()
-                self.replies.clear()
-                self.udp.reassembler.set_watermark(0)
             if msg.kind == Kind.HELLO:
+                # a new session, or a coordinator rebuilding this device's KV cache (payload "rebuild")
+                if msg.session != self.session or msg.payload == b"rebuild":
+                    self.session = msg.session
+                    self.compute.reset()
+                    self.replies.clear()
+                    self.udp.reassembler.set_watermark(0)
                 return [Message(Kind.HELLO, msg.session, 0, 0, self.index, msg.payload, msg.flags)]
-            if msg.kind not in (Kind.REQUEST_ATTN, Kind.REQUEST_MLP):
+            if msg.kind == Kind.STATS:
+                body = json.dumps({"device": self.device, **self.stats()}).encode()
+                return [Message(Kind.STATS, msg.session, msg.step, 0, self.index, body, msg.flags)]
+            if msg.kind not in (Kind.REQUEST_ATTN, Kind.REQUEST_MLP, Kind.REBUILD_ATTN):
                 return []
+            if msg.session != self.session:
+                self.counters["unknown_session"] += 1
+                now = time.monotonic()
+                if now - self._last_reset < RESET_EVERY_S:
+                    return []
+                self._last_reset = now
+                return [Message(Kind.RESET, msg.session, msg.step, msg.layer, self.index)]
             self.counters["requests"] += 1
             key = (msg.kind, msg.step, msg.layer)
             cached = self.replies.get(key)
@@ -109,6 +156,15 @@ class Worker:
                                                        encode_tensor(t, wire))
         if layer >= self.plan.model.num_layers:
             raise WireError(f"layer {layer} out of range")
+        if msg.kind == Kind.REBUILD_ATTN:
+            # earlier tokens' attention inputs, in order: append them to the KV cache; the ack is empty
+            if self.compute.has_attention(layer):
+                if self.compute.cache_length(layer) != start:
+                    raise StateError(f"layer {layer}: rebuild at position {start}, cache holds "
+                                     f"{self.compute.cache_length(layer)}")
+                self.compute.attention(layer, x, start)
+                self.counters["rebuilt_tokens"] += x.shape[0]
+            return [Message(Kind.REBUILT, msg.session, msg.step, layer, self.index)]
         if msg.kind == Kind.REQUEST_ATTN:
             if not self.compute.has_attention(layer):
                 return []
@@ -135,9 +191,11 @@ class Worker:
                 continue
             msg, addr = got
             for reply in self.handle(msg):
-                self.udp.send(reply, addr, reply.flags)
+                self.udp.send(reply, addr, reply.flags, dest=msg.sender)
 
     def _serve_channel(self, channel) -> None:
+        with self.lock:
+            self.channels.append(channel)
         try:
             while not self.stop.is_set():
                 msg = channel.recv(0.2)
@@ -146,11 +204,15 @@ class Worker:
                 if msg.kind == Kind.BYE:
                     break
                 for reply in self.handle(msg):
-                    channel.send(reply)
+                    channel.send(reply, dest=msg.sender)
         except TransportError:
             pass
         finally:
             channel.close()
+            with self.lock:  # keep a closed channel's drop counts
+                self.channels.remove(channel)
+                for name in DROP_REASONS:
+                    self.closed_drops[name] += getattr(channel.reassembler.counters, name)
 
     def serve_tcp(self) -> None:
         while not self.stop.is_set():

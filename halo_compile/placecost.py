@@ -1,0 +1,240 @@
+"""The placement cost model: what a group costs on a device, as plain functions of floats.
+
+- The coordinator computes its own groups locally: no network, miss probability 0, round trip 0.
+- Any other device d: rtt(d) = 2*latency_ms + 2*message_bytes*8 / (bandwidth_mbps*1e3) ms (one
+  request, one reply), and a lost critical message costs an expected wait of q1(d)*rto_ms, where
+  q1 is the chance that one attempt (request or reply) is lost (`DeliveryPolicy.miss_probability`
+  with no retries: the runtime's one model of delivery).
+- compute(g, d) = g.flops / (d.compute_gflops*1e6) ms.
+- A device with `storage_mbps` may hold more weights than its memory; the groups that do not fit
+  are read from storage as needed, costing load(g, d) = g.select_rate * g.weight_bytes /
+  (storage_mbps*1e3) ms per token (select_rate: how often the predictor selects the group on
+  calibration tokens; what `predictive` loading reads). Which groups are streamed is decided after
+  placement (halo_runtime.groupcache.residency), so the solver charges every group on d the share
+  of d's weights expected to be streamed, `stream_share`, times its load: linear, and it steers
+  groups off devices whose memory is short relative to their compute. Loads are charged in full
+  although the runtime overlaps them with earlier rounds: the model is conservative there.
+- Each layer l has two synchronisation rounds r (attn, mlp); per round the slowest device's
+  compute (+ load) plus its round trip (+ expected wait) is the round's time; T sums the rounds.
+
+Example:
+    >>> from halo_runtime.plan import Device
+    >>> from halo_compile.placecost import GroupCost, load_ms, stream_share
+    >>> g = GroupCost("L0.mlp.0", 0, "mlp", False, 0.1, 8_000_000, 0, 4_000_000, select_rate=0.5)
+    >>> sd = Device("sd", "10.0.0.1:9000", 10**7, 2.0, storage_mbps=100)
+    >>> load_ms(g, sd)                                  # half the tokens read 8 MB at 100 MB/s
+    40.0
+    >>> stream_share([g], [sd], {})                     # 10 MB of RAM for its 8 MB: nothing streamed
+    {'sd': 0.0}
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from halo_runtime.netexchange import DeliveryPolicy
+from halo_runtime.plan import Device, SolverReport
+
+class InfeasibleError(Exception):
+    """The groups cannot be placed; the message names what does not fit."""
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    """What placing one neuron group costs: the solver's view of a group."""
+
+    id: str
+    """Stable name, e.g. "L3.mlp.5"."""
+    layer: int
+    """Decoder layer index."""
+    kind: str
+    """"attn" (the layer's attention round) or "mlp" (its MLP round)."""
+    critical: bool
+    """Critical: always awaited (retransmitted); relaxed: used only if it arrives in time."""
+    importance: float
+    """Share of its layer's attn or mlp output (one layer's groups of one kind sum to ~1)."""
+    weight_bytes: int
+    """Bytes of its weights."""
+    kv_bytes: int
+    """KV-cache bytes at max context (attn groups); 0 for mlp."""
+    flops: int
+    """Floating-point operations per token."""
+    select_rate: float = 1.0
+    """Share of calibration tokens on which the predictor selects it (attention: 1)."""
+
+    def __post_init__(self):
+        if not self.id:
+            raise ValueError("group id is empty")
+        if self.kind not in ("attn", "mlp"):
+            raise ValueError(f"group {self.id}: kind must be attn or mlp, got {self.kind!r}")
+        if self.layer < 0:
+            raise ValueError(f"group {self.id}: layer {self.layer} is negative")
+        if self.kind == "attn" and not self.critical:
+            raise ValueError(f"group {self.id}: attention groups hold KV state and must be critical")
+        if not 0.0 <= self.importance <= 1.0 + 1e-6:
+            raise ValueError(f"group {self.id}: importance {self.importance} is not a share in [0, 1]")
+        if min(self.weight_bytes, self.kv_bytes, self.flops) < 0:
+            raise ValueError(f"group {self.id}: bytes and flops must be >= 0")
+        if self.kind == "mlp" and self.kv_bytes:
+            raise ValueError(f"group {self.id}: mlp groups hold no KV cache")
+        if not 0.0 <= self.select_rate <= 1.0:
+            raise ValueError(f"group {self.id}: select_rate {self.select_rate} is outside [0, 1]")
+
+    @property
+    def bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes
+
+
+@dataclass(frozen=True)
+class PlaceOptions:
+    """Solver and cost-model settings."""
+
+    seed: int = 0
+    """CP-SAT random_seed."""
+    max_deterministic_time: float = 10.0
+    """CP-SAT deterministic time budget per phase (reproducible, unlike wall time), shared by the
+    phase's per-round solves; the full-model solve, needed only when memory binds, gets it again."""
+    num_workers: int = 1
+    """CP-SAT search workers. 1 runs one sequential search: with a fixed seed and a deterministic
+    budget its result depends on nothing but the inputs. Free-running parallel workers exchange
+    solutions in whatever order threads finish, so the same inputs could give another plan. Above
+    1 we switch on CP-SAT's interleaved search, deterministic by design but marked experimental
+    (2 workers on the pi5 profile: the same plan twice, but 5x the wall time of 1 worker)."""
+    time_slack: float = 0.05
+    """Phase 2 may make the per-token time this much worse to cut lost importance."""
+    message_bytes: int = 1152
+    """Bytes of one partial sum on the wire (request and reply each)."""
+    rto_ms: float = 5.0
+    """Expected extra wait when a critical message is lost (one fast retransmission)."""
+
+    def __post_init__(self):
+        if not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed {self.seed} is outside [0, 2**31)")
+        if not self.max_deterministic_time > 0:
+            raise ValueError("max_deterministic_time must be positive")
+        if self.num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
+        if not self.time_slack >= 0:
+            raise ValueError("time_slack must be >= 0")
+        if self.message_bytes <= 0:
+            raise ValueError("message_bytes must be positive")
+        if not self.rto_ms >= 0:
+            raise ValueError("rto_ms must be >= 0")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each group goes, and what the cost model predicts for it."""
+
+    assignment: dict[str, str]
+    """Group id -> device name, in the order the groups were given."""
+    solver: SolverReport
+    """The final phase. `place`: objective and bound in units of expected_lost_importance;
+    `place_loss_blind`: in per-token ms of the integer model (compute rounded to 0.1 us)."""
+    predicted_token_ms: float
+    """Per-token time of the cost model for this assignment."""
+    device_time_ms: dict[str, float]
+    """Compute per token of every device."""
+    expected_lost_importance: float
+    """Per layer, the expected share of the MLP output lost to missed relaxed replies."""
+    solve_wall_s: float = 0.0
+    """Wall-clock time in the solver (varies run to run; kept out of plan.json)."""
+
+    def __post_init__(self):
+        if self.predicted_token_ms < 0 or self.expected_lost_importance < 0:
+            raise ValueError("predicted time and lost importance must be >= 0")
+
+
+
+def expected_lost_importance(groups, assignment, miss, num_layers) -> float:
+    """Per layer, the expected importance of relaxed groups whose reply is missed.
+
+    Devices absent from `miss` (such as the coordinator) never miss.
+    """
+    if num_layers <= 0:
+        raise ValueError("num_layers must be positive")
+    lost = sum(g.importance * miss.get(assignment[g.id], 0.0) for g in groups if not g.critical)
+    return lost / num_layers
+
+
+def importance_at_risk(groups, assignment, miss, num_layers) -> float:
+    """Per layer, the expected importance lost if nothing on a lossy link were waited for.
+
+    This is what a loss-blind plan loses at the speed it was planned for: its time budget has no
+    room for retransmission waits, so keeping that speed under loss means skipping every late
+    part, critical or not. (Attention and MLP shares both count: each sums to 1 per layer.)
+    """
+    if num_layers <= 0:
+        raise ValueError("num_layers must be positive")
+    return sum(g.importance * miss.get(assignment[g.id], 0.0) for g in groups) / num_layers
+
+
+def predicted_token_ms(groups, assignment, devices, coordinator, miss=None, options=PlaceOptions(),
+                       load=None):
+    """Per-token time of the cost model. `miss` is unused, taken for symmetry with the other
+    evaluators: the critical wait follows each link's loss, and relaxed replies are not awaited.
+    load: group id -> storage read ms per token charged to its device's round (streamed groups)."""
+    by_name, load = {d.name: d for d in devices}, load or {}
+    rounds = defaultdict(lambda: defaultdict(lambda: [0.0, False]))
+    for g in groups:
+        d = by_name[assignment[g.id]]
+        slot = rounds[g.layer, g.kind][d.name]
+        slot[0] += compute_ms(g, d) + load.get(g.id, 0.0)
+        slot[1] = slot[1] or g.critical
+    return sum(max(t + rtt_ms(by_name[n], coordinator, options)
+                   + crit * wait_ms(by_name[n], coordinator, options)
+                   for n, (t, crit) in per_device.items())
+               for per_device in rounds.values())
+
+
+def load_ms(g: GroupCost, d: Device) -> float:
+    """Expected storage read time per token of g on d if g is streamed (0 on a device without storage)."""
+    if d.storage_mbps <= 0:
+        return 0.0
+    return g.select_rate * g.weight_bytes / (d.storage_mbps * 1e3)
+
+
+def stream_share(groups, devices, fixed_bytes: dict[str, int]) -> dict[str, float]:
+    """Per device, the share of its weights expected to be streamed, before placement is known.
+
+    A time-balanced placement gives each device bytes in proportion to its compute; whatever of
+    that share exceeds its free memory (memory less fixed buffers) is streamed. Devices without
+    storage_mbps stream nothing.
+    """
+    total = sum(g.bytes for g in groups)
+    compute = sum(d.compute_gflops for d in devices)
+    out = {}
+    for d in devices:
+        expected = total * d.compute_gflops / compute
+        free = d.memory_bytes - fixed_bytes.get(d.name, 0)
+        out[d.name] = 0.0 if d.storage_mbps <= 0 or expected <= 0 else min(1.0, max(0.0, 1.0 - free / expected))
+    return out
+
+
+def group_ms(g: GroupCost, d: Device, share: float = 0.0) -> float:
+    """What the solver charges g on d: compute plus the expected share of its load."""
+    return compute_ms(g, d) + share * load_ms(g, d) if share else compute_ms(g, d)
+
+
+# ---- cost model pieces ----------------------------------------------------------------------------
+
+def compute_ms(g: GroupCost, d: Device) -> float:
+    return g.flops / (d.compute_gflops * 1e6)
+
+
+def rtt_ms(d: Device, coordinator: str, options: PlaceOptions) -> float:
+    if d.name == coordinator:
+        return 0.0
+    return 2 * d.latency_ms + 2 * options.message_bytes * 8 / (d.bandwidth_mbps * 1e3)
+
+
+def wait_ms(d: Device, coordinator: str, options: PlaceOptions) -> float:
+    if d.name == coordinator:
+        return 0.0
+    return DeliveryPolicy(relaxed_retries=0).miss_probability(d.loss) * options.rto_ms
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+

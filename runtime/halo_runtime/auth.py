@@ -1,0 +1,192 @@
+"""Datagram authentication for HALO: the deployment key, a truncated HMAC-SHA256 tag, sequence
+numbers and a per-peer replay window.
+
+Every UDP datagram and TCP frame ends in `TAG_LEN` bytes of HMAC-SHA256 (truncated to 16 bytes)
+over its header and chunk, under one 32-byte key per deployment. `halo-compile plan` writes the
+key into the plan directory as `KEY_FILE` (never committed; copy it to every device with the
+plan); `halo-run` reads it from `--key-file`, `$HALO_KEY_FILE`, `$HALO_KEY` (hex) or the plan
+directory, in that order.
+
+Replay: every datagram carries a u64 sequence number from a per-process counter that starts at
+the wall clock in nanoseconds, so a restarted process continues above anything it sent before
+(a device whose clock steps back across a restart is refused until its peers restart; keep clocks
+in NTP sync). Receivers keep, per sender, the highest number seen and a bitmap of the
+`window` numbers below it: a number seen before, or older than the window, is a replay. Only
+datagrams whose tag verified move a window, so forgeries cannot push it forward.
+Authenticated, not encrypted: activations travel in clear (see docs/RELIABILITY.md).
+
+Example:
+    >>> from halo_runtime.auth import Authenticator, ReplayGuard, new_key
+    >>> a = Authenticator(new_key())
+    >>> tag = a.tag(b"header and chunk")
+    >>> len(tag), a.verify(b"header and chunk", tag), a.verify(b"header and chunk!", tag)
+    (16, True, False)
+    >>> g = ReplayGuard(window=64)
+    >>> [g.accept(sender=1, seq=s) for s in (100, 99, 100, 30, 101)]
+    [True, True, False, False, True]
+"""
+from __future__ import annotations
+
+import hmac
+import itertools
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+
+KEY_FILE = "halo.key"
+"""File name of the deployment key inside a plan directory (hex, one line; mode 0600)."""
+KEY_BYTES = 32
+TAG_LEN = 16
+"""Bytes of truncated HMAC-SHA256 at the end of every datagram (128 bits: forgery odds 2^-128)."""
+ENV_KEY_FILE = "HALO_KEY_FILE"
+ENV_KEY = "HALO_KEY"
+INSECURE_KEY = b"\0" * KEY_BYTES
+"""Public all-zero key used when a library caller passes no key (unit tests, doctests). The
+`halo-run` command never falls back to it."""
+DEFAULT_WINDOW = 8192
+"""Sequence numbers remembered per sender. The coordinator sends a few thousand datagrams per
+second at most; a datagram delayed by more than this many of its sender's later datagrams is
+refused (at 10k datagrams/s that is 0.8 s of reordering)."""
+
+
+class KeyFileError(ValueError):
+    """A key file or key string that cannot be used; the message names the source."""
+
+
+def new_key() -> bytes:
+    """A fresh random deployment key."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def parse_key(text: str, source: str) -> bytes:
+    """The key in `text` (64 hex digits, surrounding whitespace ignored); KeyFileError names `source`."""
+    s = text.strip()
+    try:
+        key = bytes.fromhex(s)
+    except ValueError:
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise KeyFileError(f"{source}: not a HALO key (expected {2 * KEY_BYTES} hex digits)")
+    return key
+
+
+def read_key(path: str | Path) -> bytes:
+    """The key stored in file `path`."""
+    try:
+        text = Path(path).read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: key file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeyFileError(f"{path}: key file unreadable ({getattr(e, 'strerror', None) or e})") from None
+    return parse_key(text, str(path))
+
+
+def write_key(path: str | Path, key: bytes | None = None) -> bytes:
+    """Write `key` (default: a new one) to `path`, readable by its owner only; returns the key."""
+    key = new_key() if key is None else key
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"a key has {KEY_BYTES} bytes, got {len(key)}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+    os.replace(tmp, path)
+    return key
+
+
+def ensure_key(directory: str | Path) -> tuple[Path, bool]:
+    """The plan directory's key file, written if missing; (path, created). An existing key is kept
+    so that devices already deployed with it keep working after a recompile."""
+    path = Path(directory) / KEY_FILE
+    if path.exists():
+        read_key(path)  # a damaged key is an error, not something to overwrite silently
+        return path, False
+    write_key(path)
+    return path, True
+
+
+def resolve_key(key_file: str | None, plan_dir: str | Path | None, environ=os.environ) -> tuple[bytes, str]:
+    """(key, where it came from): --key-file, then $HALO_KEY_FILE, $HALO_KEY, the plan directory."""
+    if key_file:
+        return read_key(key_file), key_file
+    if environ.get(ENV_KEY_FILE):
+        return read_key(environ[ENV_KEY_FILE]), f"${ENV_KEY_FILE}"
+    if environ.get(ENV_KEY):
+        return parse_key(environ[ENV_KEY], f"${ENV_KEY}"), f"${ENV_KEY}"
+    if plan_dir is not None and (Path(plan_dir) / KEY_FILE).exists():
+        path = Path(plan_dir) / KEY_FILE
+        return read_key(path), str(path)
+    where = f"{Path(plan_dir) / KEY_FILE} does not exist and " if plan_dir is not None else ""
+    raise KeyFileError(f"no deployment key: {where}neither --key-file nor ${ENV_KEY_FILE} nor ${ENV_KEY} is set "
+                    f"(`halo-compile plan` writes {KEY_FILE} next to plan.json; copy it to every device)")
+
+
+class Authenticator:
+    """Tags and checks datagrams under one key, and numbers this process's outgoing datagrams."""
+
+    __slots__ = ("key", "_seq")
+
+    def __init__(self, key: bytes = INSECURE_KEY, first_seq: int | None = None):
+        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+            raise ValueError(f"a key has {KEY_BYTES} bytes")
+        self.key = key
+        # itertools.count's __next__ is atomic under the GIL: safe from several sending threads
+        self._seq = itertools.count(time.time_ns() if first_seq is None else first_seq)
+
+    def next_seq(self) -> int:
+        """The sequence number of the next datagram (u64)."""
+        return next(self._seq) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def tag(self, data: bytes) -> bytes:
+        """16-byte tag of `data` (hmac.digest is OpenSSL's one-shot HMAC: about a microsecond)."""
+        return hmac.digest(self.key, data, "sha256")[:TAG_LEN]
+
+    def verify(self, data: bytes, tag: bytes) -> bool:
+        """Whether `tag` is `data`'s tag (constant-time comparison)."""
+        return hmac.compare_digest(hmac.digest(self.key, data, "sha256")[:TAG_LEN], tag)
+
+
+class ReplayGuard:
+    """Per-sender sliding windows of sequence numbers already accepted; thread-safe.
+
+    Share one guard between all sockets of a process (a worker's UDP endpoint and its TCP
+    channels) so that traffic recorded on one connection cannot be replayed on a new one.
+    """
+
+    def __init__(self, window: int = DEFAULT_WINDOW, max_senders: int = 4096):
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        self.window = window
+        self._mask = (1 << window) - 1
+        self._max_senders = max_senders
+        self._state: dict[int, list[int]] = {}  # sender -> [top, bits]; bit i means top - i seen
+        self._lock = threading.Lock()
+
+    def accept(self, sender: int, seq: int) -> bool:
+        """Record `seq` from `sender`; False if it was seen before or is older than the window."""
+        with self._lock:
+            st = self._state.get(sender)
+            if st is None:
+                if len(self._state) >= self._max_senders:  # senders are u16 device indices; bounded anyway
+                    self._state.clear()
+                self._state[sender] = [seq, 1]
+                return True
+            top, bits = st
+            if seq > top:
+                shift = seq - top
+                st[0] = seq
+                st[1] = ((bits << shift) | 1) & self._mask if shift < self.window else 1
+                return True
+            age = top - seq
+            if age >= self.window or (bits >> age) & 1:
+                return False
+            st[1] = bits | (1 << age)
+            return True
+
+    def forget(self, sender: int) -> None:
+        """Drop `sender`'s window (tests; a peer known to have restarted with a reset counter)."""
+        with self._lock:
+            self._state.pop(sender, None)

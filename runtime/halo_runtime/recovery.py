@@ -1,0 +1,87 @@
+"""Device failure and rejoin: the error that ends a run, the coordinator's record of what it sent,
+and the rebuild of a restarted device's KV cache.
+
+A device that restarts mid-session has an empty KV cache. The coordinator keeps, per layer, the
+attention inputs it broadcast this session (`History`); `rebuild` sends them to the device over
+TCP (reliable: a 1,000-token history is ~1 MB per layer, hopeless as UDP datagrams at 10% loss)
+after a HELLO that tells the device to drop whatever state it holds, and waits for one REBUILT
+per layer. The worker appends them to its KV cache in order (worker.Worker, REBUILD_ATTN).
+
+Example:
+    >>> import torch
+    >>> from halo_runtime.recovery import History
+    >>> h = History(layers=2, width=4, wire="fp16")
+    >>> h.append(0, torch.ones(3, 4)); h.append(0, torch.zeros(1, 4))
+    >>> h.inputs(0).shape, h.inputs(0, drop_last=True).shape, h.rows
+    (torch.Size([4, 4]), torch.Size([3, 4]), [4, 0])
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .auth import Authenticator, ReplayGuard
+from .transport import TcpChannel
+from .wire import FP16_MAX, Kind, Message
+from .worker import encode_request
+
+REBUILD = b"rebuild"
+"""HELLO payload that makes a device drop its KV state even within the same session."""
+
+
+class DeviceLost(RuntimeError):
+    """A device stopped answering; the message names it."""
+
+
+class History:
+    """Per layer, the attention inputs sent this session (one row per position), for rejoin.
+
+    Kept as one growing bytearray per layer, in the wire's precision (fp16 values as fp16): a
+    tensor per round instead fragmented the heap badly enough that RSS grew by gigabytes over
+    1,000 tokens.
+    """
+
+    def __init__(self, layers: int, width: int, wire: str):
+        self.width = width
+        self.dtype = torch.float16 if wire == "fp16" else torch.float32
+        self.rows = [0] * layers
+        self.last = [0] * layers
+        self.data = [bytearray() for _ in range(layers)]
+
+    def append(self, layer: int, x: torch.Tensor) -> None:
+        if self.dtype == torch.float16:
+            x = x.clamp(-FP16_MAX, FP16_MAX)
+        self.data[layer] += x.detach().to(self.dtype).contiguous().numpy().tobytes()
+        self.rows[layer] += x.shape[0]
+        self.last[layer] = x.shape[0]
+
+    def inputs(self, layer: int, drop_last: bool = False) -> torch.Tensor:
+        """[rows, width] fp32: every input of `layer`, or all but the latest round's."""
+        n = self.rows[layer] - (self.last[layer] if drop_last else 0)
+        size = torch.finfo(self.dtype).bits // 8
+        raw = bytes(self.data[layer][:n * self.width * size])
+        return torch.frombuffer(bytearray(raw), dtype=self.dtype).reshape(n, self.width).float()
+
+
+def rebuild(name: str, addr: tuple, auth: Authenticator, guard: ReplayGuard, me: int, dest: int, session: int,
+            step: int, inputs: dict[int, torch.Tensor], wire: str, timeout_s: float) -> None:
+    """Re-introduce device `name` to `session` and replay `inputs` (layer -> [rows, hidden]) into its
+    KV cache, over TCP. DeviceLost if it does not finish in `timeout_s`; TransportError if the
+    connection fails."""
+    with TcpChannel.connect(addr, timeout_s=timeout_s, auth=auth, guard=guard, me=me) as ch:
+        ch.send(Message(Kind.HELLO, session, 0, 0, me, REBUILD), dest=dest)
+        want = {(Kind.HELLO, 0)}
+        for layer, xs in inputs.items():
+            if xs.shape[0]:
+                ch.send(Message(Kind.REBUILD_ATTN, session, step, layer, me, encode_request(xs, 0, wire)), dest=dest)
+                want.add((Kind.REBUILT, layer))
+        deadline = time.monotonic() + timeout_s
+        while want:
+            msg = ch.recv(max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                raise DeviceLost(f"device {name} restarted but did not finish rebuilding its KV cache "
+                                 f"in {timeout_s:g} s")
+            if msg.session == session:
+                want.discard((msg.kind, msg.layer if msg.kind == Kind.REBUILT else 0))
+        ch.send(Message(Kind.BYE, session, 0, 0, me), dest=dest)

@@ -1,0 +1,414 @@
+"""Hardening: hostile datagrams against live workers, device failure and rejoin, deployment keys.
+
+Workers are real `halo-run worker` processes on loopback (one torch thread each); the
+coordinator runs in the test process, or as `halo-run generate` where the exit code matters.
+Every process a test starts is stopped before it returns.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from halo_runtime.auth import KEY_FILE, Authenticator, new_key, read_key
+from halo_runtime.coordinator import Coordinator
+from halo_runtime.exchange import InProcessExchange
+from halo_runtime.netexchange import DeliveryPolicy, UdpExchange
+from halo_runtime.plan import MANIFEST_FILE, PLAN_FILE, load_plan
+from halo_runtime.shards import load_shard
+from halo_runtime.wire import Kind, Message, encode
+
+PROMPT = [1, 17, 300, 4000, 12, 99, 7]
+
+
+def _env(key: bytes) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HALO_KEY": key.hex()}
+    env.pop("HALO_KEY_FILE", None)
+    return env
+
+
+class Workers:
+    """`halo-run worker` processes for every remote device of a plan, on loopback."""
+
+    def __init__(self, plan_dir: Path, key: bytes):
+        self.plan_dir, self.key = plan_dir, key
+        self.plan = load_plan(plan_dir)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.peers: dict[str, tuple[str, int]] = {}
+        for d in self.plan.device_names:
+            if d != self.plan.coordinator:
+                self.start(d, 0)
+        for d in list(self.procs):
+            self.wait_ready(d)
+
+    def start(self, device: str, port: int) -> None:
+        cmd = [sys.executable, "-m", "halo_runtime.cli", "worker", "--plan", str(self.plan_dir), "--device", device,
+               "--bind", f"127.0.0.1:{port}", "--announce"]
+        self.procs[device] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                              env=_env(self.key))
+
+    def wait_ready(self, device: str) -> None:
+        line = self.procs[device].stdout.readline()
+        assert line, f"worker {device} did not start: {self.procs[device].stderr.read()}"
+        info = json.loads(line)
+        self.peers[device] = (info["host"], info["port"])
+
+    def kill(self, device: str) -> None:
+        p = self.procs[device]
+        p.kill()
+        p.wait()
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            for f in (p.stdout, p.stderr):
+                if f:
+                    f.close()
+
+
+class AwaitAll(Coordinator):
+    """Awaits every relaxed part, so the output does not depend on timing, only on what arrives."""
+
+    def _awaited(self, layer, x):
+        return {d: torch.ones(x.shape[0], dtype=torch.bool) for d in self.relaxed[layer]}
+
+
+@pytest.fixture(scope="module")
+def key(plan_dir):
+    return read_key(plan_dir / KEY_FILE)
+
+
+@pytest.fixture(scope="module")
+def reference(plan_dir):
+    plan = load_plan(plan_dir)
+    shards = {d: load_shard(plan_dir, plan, d) for d in plan.device_names}
+    ex = InProcessExchange(plan, {d: s for d, s in shards.items() if d != plan.coordinator})
+    return Coordinator(plan, shards[plan.coordinator], ex).generate(PROMPT, 24, keep_logits=True)
+
+
+@pytest.fixture
+def workers(plan_dir, key):
+    w = Workers(plan_dir, key)
+    yield w
+    w.close()
+
+
+def _only_relaxed(plan) -> str:
+    name = [d for d in plan.device_names if d != plan.coordinator
+            and all(not g.critical for g in plan.groups if g.device == d)]
+    assert name, "the tiny plan should put only relaxed groups on its lossy device"
+    return name[0]
+
+
+def _with_attention(plan) -> str:
+    return next(d for d in plan.device_names if d != plan.coordinator
+                and any(g.kind == "attn" for g in plan.groups if g.device == d))
+
+
+# ---- hostile datagrams -----------------------------------------------------------------------
+
+class Recorder:
+    """Stands where a loss shim would: keeps copies of what the coordinator sends."""
+
+    def __init__(self):
+        self.kept: list[tuple[bytes, tuple]] = []
+        self.lock = threading.Lock()
+
+    def send_datagram(self, send, data, addr):
+        with self.lock:
+            self.kept.append((bytes(data), tuple(addr[:2])))
+            del self.kept[:-500]
+        send(data, addr)
+
+    def close(self):
+        pass
+
+
+def _attack(targets: list, coordinator: tuple, rec: Recorder, key: bytes, stop: threading.Event, sent: dict):
+    rng = random.Random(5)
+    wrong = Authenticator(new_key())
+    insider = Authenticator(key)  # valid tag, but a session nobody started
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        while not stop.is_set():
+            with rec.lock:
+                kept = list(rec.kept[-200:])
+            for kind in ("garbage", "forged", "replayed", "misdirected", "truncated", "oversized", "session"):
+                addr = rng.choice(targets)
+                if kind == "garbage":
+                    data = rng.randbytes(rng.randint(0, 1400))
+                elif kind == "forged":
+                    data = encode(Message(Kind.REQUEST_ATTN, rng.getrandbits(32), 0, 0, 0, rng.randbytes(300)),
+                                  auth=wrong)[0]
+                elif kind == "session":
+                    # sender 999 is no device: a keyed sender reusing a real index would own its window
+                    data = encode(Message(Kind.REQUEST_MLP, 12345, rng.randint(10 ** 6, 10 ** 7), 0, 999, rng.randbytes(100)), auth=insider,
+                                  dest=1)[0]
+                    addr = targets[0]
+                elif not kept:
+                    continue
+                else:
+                    data, orig = rng.choice(kept)
+                    if kind == "replayed":
+                        addr = orig
+                    elif kind == "misdirected":
+                        addr = next((t for t in targets if t != orig), orig)
+                    elif kind == "truncated":
+                        data = data[:rng.randint(1, len(data) - 1)]
+                    else:
+                        data = data + rng.randbytes(rng.randint(1, 64))
+                for a in (addr, coordinator) if kind in ("garbage", "forged") else (addr,):
+                    s.sendto(data, a)
+                sent[kind] = sent.get(kind, 0) + 1
+            time.sleep(0.002)
+
+
+def test_forged_garbage_and_replayed_datagrams_change_nothing(plan_dir, key, reference, workers):
+    plan = workers.plan
+    shard = load_shard(plan_dir, plan, plan.coordinator)
+
+    def run(attacked: bool):
+        rec = Recorder()
+        ex = UdpExchange(plan, workers.peers, DeliveryPolicy(wire="fp32"), bind_host="127.0.0.1", shim=rec,
+                         auth=Authenticator(key))
+        stop, sent = threading.Event(), {}
+        t = threading.Thread(target=_attack, args=(list(workers.peers.values()), ex.endpoint.address, rec, key,
+                                                   stop, sent))
+        try:
+            if attacked:
+                t.start()
+            gen = AwaitAll(plan, shard, ex).generate(PROMPT, 24, session=random.getrandbits(32), keep_logits=True)
+        finally:
+            stop.set()
+            if attacked:
+                t.join()
+        time.sleep(0.2)  # let the last hostile datagrams land before reading the counters
+        stats, devices = ex.stats(), ex.device_stats()
+        ex.close()
+        return gen, stats, devices, sent
+
+    quiet, _, _, _ = run(False)
+    gen, stats, devices, sent = run(True)
+    assert quiet.tokens == reference.tokens
+    assert gen.tokens == reference.tokens
+    for a, b in zip(gen.logits, reference.logits):
+        assert torch.allclose(a, b, atol=1e-4)
+    total = {k: sum(d[k] for d in devices.values()) for k in next(iter(devices.values())) if k != "device"}
+    print(f"hostile datagrams sent: {sent}; dropped by the workers: {total}; by the coordinator: {stats['dropped']}")
+    assert min(sent.values()) > 10, sent
+    for reason in ("dropped_forged", "dropped_replayed", "dropped_misdirected", "dropped_bad_length"):
+        assert total[reason] > 0, (reason, total)
+    assert total["unknown_session"] >= sent["session"] // 2, total
+    assert total["dropped_malformed"] + total["dropped_bad_length"] >= sent["garbage"] // 2
+    assert stats["dropped"]["forged"] > 0 and stats["dropped"]["bad_length"] + stats["dropped"]["malformed"] > 0
+
+
+# ---- device failure ----------------------------------------------------------------------------
+
+def _generate_cmd(plan_dir: Path, peers: dict, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "halo_runtime.cli", "generate", "--plan", str(plan_dir), "--prompt", "Hello there",
+           "--max-tokens", "200", "--ignore-eos"]
+    for d, (h, p) in peers.items():
+        cmd += ["--peer", f"{d}={h}:{p}"]
+    return cmd + list(extra)
+
+
+def _run_and_kill(cmd, key, workers, victim: str, after_token: int = 5, timeout: float = 120):
+    """Start the coordinator, kill `victim` once token `after_token` is printed; (rc, stderr, seconds
+    from the kill to the coordinator's exit)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(key))
+    lines, killed_at = [], None
+    try:
+        deadline = time.monotonic() + timeout
+        for line in proc.stderr:
+            lines.append(line)
+            if killed_at is None and line.lstrip().startswith(f"token {after_token:>3}"):
+                workers.kill(victim)
+                killed_at = time.monotonic()
+            assert time.monotonic() < deadline, "coordinator hangs"
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert killed_at is not None, "".join(lines[-20:])
+    return proc.returncode, "".join(lines), time.monotonic() - killed_at
+
+
+def test_relaxed_worker_killed_generation_completes_with_one_warning(plan_dir, key, workers):
+    victim = _only_relaxed(workers.plan)
+    rc, err, _ = _run_and_kill(_generate_cmd(plan_dir, workers.peers), key, workers, victim)
+    assert rc == 0, err[-2000:]
+    warnings = [l for l in err.splitlines() if l.startswith("halo-run: warning:")]
+    assert len(warnings) == 1 and f"device {victim} " in warnings[0] and "compensated" in warnings[0], warnings
+    assert "token 199" in err and "Traceback" not in err
+
+
+def test_critical_worker_killed_coordinator_names_it_and_exits_within_10s(plan_dir, key, workers):
+    victim = _with_attention(workers.plan)
+    rc, err, seconds = _run_and_kill(_generate_cmd(plan_dir, workers.peers), key, workers, victim)
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("halo-run: error: device ") and f"device {victim} " in last, err[-2000:]
+    assert "critical" in last and "Traceback" not in err
+    assert seconds < 10, seconds
+    print(f"critical device {victim} killed: coordinator exited {seconds:.2f} s later: {last}")
+
+
+def test_restarted_worker_rejoins_and_output_matches(plan_dir, key, reference, workers):
+    """Kill a device holding attention (KV state) mid-generation and start it again on the same port:
+    the coordinator rebuilds its KV cache from the attention inputs it sent, and the tokens are those
+    of an undisturbed run."""
+    plan = workers.plan
+    victim = _with_attention(plan)
+    shard = load_shard(plan_dir, plan, plan.coordinator)
+    warned = []
+    ex = UdpExchange(plan, workers.peers, DeliveryPolicy(wire="fp32", dead_after_s=60), bind_host="127.0.0.1",
+                     auth=Authenticator(key), warn=warned.append)
+    restarted = threading.Event()
+
+    def restart():
+        workers.kill(victim)
+        workers.start(victim, workers.peers[victim][1])
+        workers.wait_ready(victim)
+        restarted.set()
+
+    def on_token(step, token, stats):
+        if step == 8:  # the coordinator carries on at once, into a dead device
+            threading.Thread(target=restart, daemon=True).start()
+
+    try:
+        gen = AwaitAll(plan, shard, ex).generate(PROMPT, 24, session=random.getrandbits(32), keep_logits=True,
+                                                 on_token=on_token)
+        stats = ex.stats()
+        rebuilt = ex.device_stats()[victim]["rebuilt_tokens"]
+    finally:
+        ex.close()
+    assert restarted.is_set()
+    assert stats["rejoins"] == 1 and any(f"device {victim} rejoined" in w for w in warned), warned
+    assert rebuilt > len(PROMPT)
+    print(f"{victim} restarted mid-generation; KV cache rebuilt from {rebuilt} token-layer rows; {warned}")
+    assert gen.tokens == reference.tokens
+    for a, b in zip(gen.logits, reference.logits):
+        assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_relaxed_device_marked_down_is_used_again_when_it_returns(plan_dir, key, workers):
+    plan = workers.plan
+    victim = _only_relaxed(plan)
+    shard = load_shard(plan_dir, plan, plan.coordinator)
+    warned = []
+    ex = UdpExchange(plan, workers.peers, DeliveryPolicy(wire="fp32", down_after_s=0.5, probe_every_s=0.2),
+                     bind_host="127.0.0.1", auth=Authenticator(key), warn=warned.append)
+    seen_down = []
+
+    def on_token(step, token, stats):
+        if step == 3:
+            workers.kill(victim)
+        if victim in ex.down and not seen_down:
+            seen_down.append(step)
+            workers.start(victim, workers.peers[victim][1])
+            workers.wait_ready(victim)
+
+    try:
+        gen = Coordinator(plan, shard, ex).generate(PROMPT, 200, session=random.getrandbits(32), on_token=on_token)
+        stats = ex.stats()
+    finally:
+        ex.close()
+    assert len(gen.tokens) == 200 and seen_down, (seen_down, warned)
+    assert stats["devices_down"] == 1 and stats["rejoins"] == 1 and not stats["down"], stats
+    assert [w.split(" (")[0] for w in warned] == [f"device {victim}", f"device {victim} rejoined the session"]
+
+
+# ---- deployment keys -----------------------------------------------------------------------------
+
+def test_compiled_plan_has_a_private_key_outside_the_manifest(plan_dir):
+    path = plan_dir / KEY_FILE
+    assert len(read_key(path)) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert KEY_FILE not in json.loads((plan_dir / MANIFEST_FILE).read_text())["files"]
+    assert subprocess.run(["git", "check-ignore", "-q", f"artifacts/x/{KEY_FILE}"],
+                          cwd=Path(__file__).resolve().parents[1]).returncode == 0
+
+
+def test_recompile_keeps_the_key_and_the_plan_bytes(plan_dir, tmp_path):
+    from halo_compile.emit import emit
+
+    plan = load_plan(plan_dir)
+    shards = {d: load_shard(plan_dir, plan, d) for d in plan.device_names}
+    out = tmp_path / "plan"
+    emit(out, plan, shards, plan_dir / "tokenizer.json")
+    first = read_key(out / KEY_FILE)
+    files = {n: (out / n).read_bytes() for n in (PLAN_FILE, MANIFEST_FILE)}
+    emit(out, plan, shards, plan_dir / "tokenizer.json")
+    assert read_key(out / KEY_FILE) == first
+    assert {n: (out / n).read_bytes() for n in files} == files
+    assert files[MANIFEST_FILE] == (plan_dir / MANIFEST_FILE).read_bytes()
+    (out / KEY_FILE).write_text("not a key\n")
+    with pytest.raises(ValueError, match="not a HALO key"):
+        emit(out, plan, shards, plan_dir / "tokenizer.json")
+
+
+def _halo_run(*args, env=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "halo_runtime.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _one_error_line(r, *parts):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("halo-run: error: "), r.stderr
+    for p in parts:
+        assert p in lines[0], (p, lines[0])
+    return lines[0]
+
+
+def test_worker_without_a_key_refuses_to_start(plan_dir, tmp_path):
+    copy = tmp_path / "plan"
+    shutil.copytree(plan_dir, copy)
+    (copy / KEY_FILE).unlink()
+    env = {k: v for k, v in os.environ.items() if k not in ("HALO_KEY", "HALO_KEY_FILE")}
+    r = _halo_run("worker", "--plan", str(copy), "--device", "dev1", "--bind", "127.0.0.1:0", env=env)
+    _one_error_line(r, "no deployment key", KEY_FILE)
+    bad = tmp_path / "bad.key"
+    bad.write_text("zz\n")
+    r = _halo_run("worker", "--plan", str(copy), "--device", "dev1", "--key-file", str(bad), env=env)
+    _one_error_line(r, str(bad), "not a HALO key")
+    r = _halo_run("worker", "--plan", str(copy), "--device", "dev1", env={**env, "HALO_KEY": "abc"})
+    _one_error_line(r, "$HALO_KEY", "not a HALO key")
+
+
+def test_coordinator_with_the_wrong_key_is_ignored(plan_dir, key, workers):
+    other = plan_dir.parent / "other.key"
+    other.write_text(new_key().hex() + "\n")
+    cmd = _generate_cmd(plan_dir, workers.peers, "--key-file", str(other), "--max-tokens", "2")[3:]
+    t0 = time.monotonic()
+    r = _halo_run(*cmd)
+    _one_error_line(r, "does not answer", "key")
+    assert time.monotonic() - t0 < 30
+    # the workers saw only forgeries, and count them
+    ex = UdpExchange(workers.plan, workers.peers, bind_host="127.0.0.1", auth=Authenticator(key))
+    try:
+        ex.begin(77)
+        stats = ex.device_stats()
+    finally:
+        ex.close()
+    assert all(s["dropped_forged"] > 0 for s in stats.values()), stats
