@@ -114,7 +114,8 @@ def soak(plan_dir: str, minutes: float, tokens: int, plr: float, sample_s: float
 
     from halo_runtime.auth import Authenticator, new_key
     from halo_runtime.cli import generate_once
-    from halo_runtime.netexchange import DeliveryPolicy, PeerShims, UdpExchange
+    from halo_runtime.netexchange import PeerShims, UdpExchange
+    from halo_runtime.policy import DeliveryPolicy
     from halo_runtime.plan import load_plan
     from halo_runtime.shards import load_shard
     from halo_runtime.shim import LossShim

@@ -140,7 +140,7 @@ def evaluate(directory, plrs, tokens, text_file, seed, methods, context, relaxed
     import json
 
     import torch
-    from halo_runtime.netexchange import DeliveryPolicy
+    from halo_runtime.policy import DeliveryPolicy
 
     from .evaluate import EvalOptions, evaluate as run_eval, format_table
 

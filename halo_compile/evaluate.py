@@ -32,7 +32,7 @@ from tqdm import tqdm
 from halo_runtime.coordinator import Coordinator, TokenStats
 from halo_runtime.exchange import InProcessExchange
 from halo_runtime.model import FullModel, KVCache, attention_partial, mlp_partial, rms_norm
-from halo_runtime.netexchange import DeliveryPolicy
+from halo_runtime.policy import DeliveryPolicy
 from halo_runtime.plan import Plan, PlanError, load_plan
 from halo_runtime.predictor import layer_predictor, predict_groups
 from halo_runtime.shards import assemble, load_shard, slice_device

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from halo_runtime.groupcache import residency
 from halo_runtime.model import mlp_activations
-from halo_runtime.netexchange import DeliveryPolicy
+from halo_runtime.policy import DeliveryPolicy
 from halo_runtime.plan import SCHEMA_VERSION, DeviceReport, Group, Plan, PredictorReport
 from halo_runtime.predictor import predict_groups
 from halo_runtime.shards import slice_device

@@ -13,7 +13,7 @@ model and the CP-SAT phases in placesolve.py. This module is the entry point:
 
 Example:
     >>> from halo_runtime.plan import Device
-    >>> from halo_runtime.netexchange import DeliveryPolicy
+    >>> from halo_runtime.policy import DeliveryPolicy
     >>> from halo_compile.place import GroupCost, place
     >>> groups = [GroupCost(f"L0.mlp.{i}", 0, "mlp", i < 2, 0.4 / 2 ** i, 10**6, 0, 10**6)
     ...           for i in range(4)]

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from halo_runtime.netexchange import DeliveryPolicy
+from halo_runtime.policy import DeliveryPolicy
 from halo_runtime.plan import Device, SolverReport
 
 class InfeasibleError(Exception):

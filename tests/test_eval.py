@@ -19,7 +19,7 @@ from halo_compile.evaluate import EvalOptions, evaluate, miss_rates
 from halo_runtime.coordinator import Coordinator, TokenStats
 from halo_runtime.exchange import InProcessExchange
 from halo_runtime.model import FullModel
-from halo_runtime.netexchange import DeliveryPolicy
+from halo_runtime.policy import DeliveryPolicy
 from halo_runtime.shards import assemble, device_indices, load_shard
 
 TINY = dict(tokens=640, context=128)

@@ -24,8 +24,9 @@ import torch
 from halo_runtime.auth import KEY_FILE, Authenticator, new_key, read_key
 from halo_runtime.coordinator import Coordinator
 from halo_runtime.exchange import InProcessExchange
-from halo_runtime.netexchange import DeliveryPolicy, UdpExchange
+from halo_runtime.netexchange import UdpExchange
 from halo_runtime.plan import MANIFEST_FILE, PLAN_FILE, load_plan
+from halo_runtime.policy import DeliveryPolicy
 from halo_runtime.shards import load_shard
 from halo_runtime.wire import Kind, Message, encode
 

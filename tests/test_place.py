@@ -19,7 +19,7 @@ import pytest
 
 from halo_compile.place import (GroupCost, InfeasibleError, PlaceOptions, expected_lost_importance, importance_at_risk,
                                 place, place_loss_blind, predicted_token_ms)
-from halo_runtime.netexchange import DeliveryPolicy
+from halo_runtime.policy import DeliveryPolicy
 from halo_runtime.plan import Device
 
 
@@ -169,7 +169,7 @@ PROBE = """
 import json, sys
 sys.path[:0] = [{root!r}, {runtime!r}]
 from halo_compile.place import GroupCost, PlaceOptions, place
-from halo_runtime.netexchange import DeliveryPolicy
+from halo_runtime.policy import DeliveryPolicy
 from halo_runtime.plan import Device
 miss_probability = DeliveryPolicy().miss_probability
 groups = [GroupCost(f"L{{l}}.mlp.{{i}}", l, "mlp", i < 10, 0.8 ** i / 4.86, (40 + 13 * i) * 6912, 0,

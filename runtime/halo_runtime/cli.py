@@ -253,7 +253,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
 
 def _load_coordinator(args):
     from .integrity import check_files
-    from .netexchange import DeliveryPolicy
+    from .policy import DeliveryPolicy
     from .plan import PLAN_FILE, load_plan
     from .shards import load_shard
     from .tokenizer import Tokenizer

@@ -36,70 +36,16 @@ from dataclasses import dataclass, field
 import torch
 
 from .coordinator import RoundResult
-from .plan import Plan
 from .auth import Authenticator, ReplayGuard
+from .plan import Plan
+from .policy import DeliveryPolicy
 from .recovery import DeviceLost, History, rebuild
 from .shim import LossShim
 from .transport import RttEstimator, TcpChannel, TransportError, UdpEndpoint
-from .wire import Kind, Message, WireError, attempt_of, decode_tensor, encode, encode_tensor, make_flags
-from .worker import REQUEST_PREFIX, encode_request
+from .wire import Kind, Message, WireError, attempt_of, decode_tensor, make_flags
+from .worker import encode_request
 
 PHASE_REQUEST = {"attn": Kind.REQUEST_ATTN, "mlp": Kind.REQUEST_MLP}
-
-
-@dataclass(frozen=True)
-class DeliveryPolicy:
-    """How the coordinator waits for partial sums."""
-
-    wire: str = "fp16"
-    """Activation dtype on the wire: fp16 (default) or fp32 (bit-exact)."""
-    relaxed_retries: int = 1
-    """Fast re-requests of a late relaxed part before its deadline."""
-    redundancy: int = 1
-    """Copies of every message to and from a lossy device (1 = none)."""
-    rto_floor_ms: float = 2.0
-    """Lowest retransmission timeout."""
-    dead_after_s: float = 4.0
-    """A device holding critical parts, asked and silent this long, is declared lost (the run ends);
-    a restarted device must rejoin within it."""
-    down_after_s: float = 2.0
-    """A device holding only relaxed parts, asked and silent this long, is marked down: compensated
-    without waiting, probed until it answers."""
-    probe_every_s: float = 0.5
-    """HELLO probes of a down device."""
-
-    def __post_init__(self):
-        if self.wire not in ("fp16", "fp32", "bf16"):
-            raise ValueError(f"wire must be fp16, fp32 or bf16, got {self.wire!r}")
-        if self.relaxed_retries < 0 or not 1 <= self.redundancy <= 4:
-            raise ValueError("relaxed_retries must be >= 0 and redundancy in 1..4")
-        if min(self.rto_floor_ms, self.dead_after_s, self.down_after_s, self.probe_every_s) <= 0:
-            raise ValueError("rto_floor_ms, dead_after_s, down_after_s and probe_every_s must be positive")
-
-    def message_datagrams(self, hidden_size: int) -> tuple[int, int]:
-        """Datagrams of a one-token (decode) request and of one partial-sum reply on this wire."""
-        tensor = encode_tensor(torch.zeros(1, hidden_size), self.wire)
-        sizes = (REQUEST_PREFIX.size + len(tensor), len(tensor))
-        return tuple(len(encode(Message(Kind.REQUEST_MLP, 0, 0, 0, 0, b"\0" * n))) for n in sizes)
-
-    def miss_probability(self, loss: float, hidden_size: int | None = None) -> float:
-        """Chance that a relaxed part misses its deadline on a link that drops each datagram with `loss`.
-
-        The one model of this policy's delivery, shared by simulation (`halo-compile eval`) and
-        placement. An attempt fails when every copy of the request, or every copy of the reply,
-        is lost (a copy is lost when any of its datagrams is; pass `hidden_size` to count them
-        for a one-token message, else one datagram each way, as for SmolLM2 in fp16); the part
-        is missed when all 1 + relaxed_retries attempts before the deadline fail. Conservative
-        where the device also owes a critical part that round: the critical part's own
-        retransmissions can bring the relaxed reply along after the deadline.
-        """
-        if not 0.0 <= loss < 1.0:
-            raise ValueError(f"loss {loss} is outside [0, 1)")
-        copies = self.redundancy if loss > 0 else 1
-        request, reply = self.message_datagrams(hidden_size) if hidden_size else (1, 1)
-        copy_lost = lambda n: 1.0 - (1.0 - loss) ** n  # noqa: E731
-        attempt = 1.0 - (1.0 - copy_lost(request) ** copies) * (1.0 - copy_lost(reply) ** copies)
-        return attempt ** (1 + self.relaxed_retries)
 
 
 class PeerShims:
