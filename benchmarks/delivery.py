@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from benchcommon import machine
 
 PROMPT = "The history of the Roman Empire begins"
 
@@ -49,9 +50,9 @@ def main() -> None:
             r = run(args.plan, args.plr, retries, redundancy, args.tokens, args.seed)
             print(json.dumps(r), flush=True)
             runs.append(r)
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "runs": runs}, indent=1) + "\n")
+    doc = {"machine": {**machine(), "load_avg": os.getloadavg()}, "runs": runs}
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import secrets
 import signal
 import subprocess
@@ -32,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchcommon import machine
 
 PROMPT = "The history of the Roman Empire begins"
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -262,8 +263,7 @@ def main() -> None:
                     print(f"{mode} {share} {mbps}: FAILED {r['error'][-300:]}", file=sys.stderr)
                 runs.append(r)
     ppl = perplexity(args.plan, args.device, args.eval_tokens) if args.eval_tokens else None
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    results = {"machine": machine,
+    results = {"machine": {**machine(), "loadavg_1m_end": round(os.getloadavg()[0], 2)},
                "plan": args.plan, "device": args.device, "shard_bytes": shard, "overhead_bytes": extra,
                "overhead_rss_bytes": extra_rss, "slack_bytes": slack,
                "tokens": args.tokens, "prompt": PROMPT, "storage_mbps": args.storage_mbps,
