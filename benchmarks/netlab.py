@@ -457,24 +457,6 @@ class Lab:
         return [*self._ns.values(), self.switch_ns]
 
 
-def star(devices: list[str], hub: str, lossy: list[str], plr: float, delay_ms: float = 0.0,
-         jitter_ms: float = 0.0, burst: float | None = None) -> dict[tuple[str, str], LinkSpec]:
-    """Directed links of a cluster whose `lossy` devices sit on a lossy access link: every link that
-    starts or ends at a lossy device loses `plr` of its frames (in bursts of mean length `burst`
-    if given); every link has the delay and jitter."""
-    out = {}
-    for a in devices:
-        for b in devices:
-            if a == b:
-                continue
-            p = plr if (a in lossy or b in lossy) else 0.0
-            if burst and p > 0:
-                out[(a, b)] = LinkSpec.burst(p, burst, delay_ms=delay_ms, jitter_ms=jitter_ms)
-            else:
-                out[(a, b)] = LinkSpec(loss=p, delay_ms=delay_ms, jitter_ms=jitter_ms)
-    return out
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="netlab", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)

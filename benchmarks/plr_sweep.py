@@ -46,7 +46,7 @@ except ImportError:
 
 from benchcommon import (CpuMeter, SnapshotError, machine, plan_ready, snapshot_plan,  # noqa: E402
                          snapshot_runtime)
-from netlab import Lab, LabError, PortSpec, check, star  # noqa: E402
+from netlab import Lab, LabError, LinkSpec, PortSpec, check  # noqa: E402
 from sweep_report import aggregate, plot, summary, table  # noqa: E402
 
 PROMPTS = [
@@ -62,6 +62,24 @@ QUICK = dict(plrs=[0.0, 0.05], reps=1, tokens=24, gloo_reps=1, gloo_tokens=6)
 WORKER_PORT = 7700
 GLOO_PORT = 29500
 TOKEN_LINE = re.compile(r"token\s+(\d+)\s.*total\s+([\d.]+) ms\s+compute\s+([\d.]+)\s+wait\s+([\d.]+)")
+
+
+def star(devices: list[str], hub: str, lossy: list[str], plr: float, delay_ms: float = 0.0,
+         jitter_ms: float = 0.0, burst: float | None = None) -> dict[tuple[str, str], LinkSpec]:
+    """Directed links of a cluster whose `lossy` devices sit on a lossy access link: every link that
+    starts or ends at a lossy device loses `plr` of its frames (in bursts of mean length `burst`
+    if given); every link has the delay and jitter."""
+    out = {}
+    for a in devices:
+        for b in devices:
+            if a == b:
+                continue
+            p = plr if (a in lossy or b in lossy) else 0.0
+            if burst and p > 0:
+                out[(a, b)] = LinkSpec.burst(p, burst, delay_ms=delay_ms, jitter_ms=jitter_ms)
+            else:
+                out[(a, b)] = LinkSpec(loss=p, delay_ms=delay_ms, jitter_ms=jitter_ms)
+    return out
 
 
 class Bench:

@@ -116,6 +116,21 @@ def _paths(obj, prefix=()):
             yield from _paths(v, prefix + (i,))
 
 
+def _mutate(data, doc, values, actions) -> None:
+    """Replace, delete, or add a sibling next to, one value at a random path of `doc` (in place)."""
+    path = data.draw(st.sampled_from([p for p in _paths(doc) if p]))
+    parent = doc
+    for k in path[:-1]:
+        parent = parent[k]
+    action = data.draw(st.sampled_from(actions))
+    if action == "delete":
+        del parent[path[-1]]
+    elif action == "add" and isinstance(parent, dict):
+        parent[data.draw(st.text(min_size=1, max_size=6))] = data.draw(values)
+    else:
+        parent[path[-1]] = data.draw(values)
+
+
 @pytest.fixture(scope="module")
 def plan_text(tiny_plan):
     return (Path(tiny_plan[1]) / "plan.json").read_text()
@@ -125,18 +140,7 @@ def plan_text(tiny_plan):
 @given(st.data())
 def test_mutated_plans_load_or_raise_plan_error(plan_text, data):
     doc = json.loads(plan_text)
-    paths = [p for p in _paths(doc) if p]
-    path = data.draw(st.sampled_from(paths))
-    parent = doc
-    for k in path[:-1]:
-        parent = parent[k]
-    action = data.draw(st.sampled_from(["replace", "delete", "add"]))
-    if action == "delete":
-        del parent[path[-1]]
-    elif action == "add" and isinstance(parent, dict):
-        parent[data.draw(st.text(min_size=1, max_size=6))] = data.draw(json_values)
-    else:
-        parent[path[-1]] = data.draw(json_values)
+    _mutate(data, doc, json_values, ("replace", "delete", "add"))
     try:
         Plan.from_json(json.dumps(doc), "fuzz/plan.json")
     except PlanError as e:
@@ -163,15 +167,7 @@ def test_mutated_profiles_load_or_raise_profile_error(data):
     from halo_compile.cluster import ProfileError, parse_profile
 
     doc = json.loads(json.dumps(PROFILE))
-    paths = [p for p in _paths(doc) if p]
-    path = data.draw(st.sampled_from(paths))
-    parent = doc
-    for k in path[:-1]:
-        parent = parent[k]
-    if data.draw(st.booleans()):
-        del parent[path[-1]]
-    else:
-        parent[path[-1]] = data.draw(yaml_values)
+    _mutate(data, doc, yaml_values, ("replace", "delete"))
     try:
         parse_profile(yaml.safe_dump(doc), "fuzz.yaml")
     except ProfileError as e:
