@@ -13,9 +13,10 @@ import json
 import timeit
 
 import torch
-
-from halo_runtime.auth import Authenticator, new_key
-from halo_runtime.wire import Kind, Message, Reassembler, encode, encode_tensor
+from halo_runtime.core.codec import encode_tensor
+from halo_runtime.core.plandir import new_key
+from halo_runtime.net.auth import Authenticator
+from halo_runtime.net.wire import Kind, Message, Reassembler, encode
 
 
 def per_call_us(fn, n: int = 50_000) -> float:

@@ -110,27 +110,16 @@ def snapshot_runtime(dest: Path, rev: str | None = None) -> dict:
 
 def plan_ready(plan_dir: Path) -> str | None:
     """None if the plan's shards and tokenizer are there and match the manifest, else why not."""
-    import hashlib
+    from halo_runtime.core.plandir import PLAN_FILE, TOKENIZER_FILE, PlanError, check_files, read_manifest
 
-    if not (plan_dir / "plan.json").exists():
-        return f"{plan_dir}/plan.json is missing"
-    if not (plan_dir / "tokenizer.json").exists():
+    if not (plan_dir / PLAN_FILE).exists():
+        return f"{plan_dir}/{PLAN_FILE} is missing"
+    if not (plan_dir / TOKENIZER_FILE).exists():
         return f"{plan_dir}: shards not built (run `make plans`)"
     try:
-        manifest = json.loads((plan_dir / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        return f"{plan_dir}/manifest.json: {e}"
-    for name, entry in manifest.get("files", {}).items():
-        digest = entry.get("sha256") if isinstance(entry, dict) else entry
-        p = plan_dir / name
-        if not p.exists():
-            return f"{p} is missing (run `make plans`)"
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if digest and h.hexdigest() != digest:
-            return f"{p} does not match {plan_dir}/manifest.json (run `make plans`)"
+        check_files(plan_dir, sorted(read_manifest(plan_dir)))
+    except PlanError as e:
+        return f"{e} (run `make plans`)"
     return None
 
 

@@ -80,13 +80,13 @@ def _tcp_cc_in_effect() -> str:
 def run(args) -> dict | None:
     import torch
     import torch.distributed as dist
+    from halo_runtime.core.device import DeviceCompute
+    from halo_runtime.core.model import lm_logits, rms_norm
+    from halo_runtime.core.plan import load_plan
+    from halo_runtime.core.plandir import TOKENIZER_FILE
+    from halo_runtime.core.shards import load_shard
+    from halo_runtime.core.tokenizer import Tokenizer
     from safetensors import safe_open
-
-    from halo_runtime.device import DeviceCompute
-    from halo_runtime.model import lm_logits, rms_norm
-    from halo_runtime.plan import load_plan
-    from halo_runtime.shards import load_shard
-    from halo_runtime.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
     plan = load_plan(args.plan)
@@ -105,7 +105,7 @@ def run(args) -> dict | None:
             coord = {k: f.get_tensor(k) for k in f.keys() if k.endswith("layernorm")}
     norms = [(coord[f"layers.{i}.input_layernorm"], coord[f"layers.{i}.post_attention_layernorm"])
              for i in range(cfg.num_layers)]
-    tok = Tokenizer.from_file(Path(args.plan) / "tokenizer.json")
+    tok = Tokenizer.from_file(Path(args.plan) / TOKENIZER_FILE)
     prompt = tok.encode(args.prompt)
     if len(prompt) + args.max_tokens > plan.max_context:
         raise SystemExit("prompt + max tokens exceed the plan's max context")

@@ -227,14 +227,14 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-    from halo_runtime.plan import load_plan
+    from halo_runtime.core.plan import load_plan
 
     plan = load_plan(args.plan)
     shard = (Path(args.plan) / plan.shard_file(args.device)).stat().st_size
     extra, extra_rss = overhead(args.plan, plan, args.base_port)
     # the process's own needs, plus two copies of the device's largest layer (assembling a
     # streamed layer concatenates its groups), plus slack for allocator fragmentation
-    from halo_runtime.groupcache import group_bytes
+    from halo_runtime.core.residency import group_bytes
 
     layer = max(sum(group_bytes(plan, g) for g in plan.groups_on(args.device, i)) for i in range(plan.model.num_layers))
     slack = 2 * layer + 32 * 2**20

@@ -51,8 +51,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from netns import (DEFAULT_PREFIX, TOOLS, LabError, _ensure_netns_dir, _sh, check, clean,  # noqa: F401
-                   delete_netns, list_netns)
+from netns import DEFAULT_PREFIX, TOOLS, LabError, _ensure_netns_dir, _sh, check, clean, delete_netns, list_netns  # noqa: F401
 
 _SEQ = itertools.count()
 

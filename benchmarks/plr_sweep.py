@@ -44,8 +44,7 @@ try:
 except ImportError:
     pass
 
-from benchcommon import (CpuMeter, SnapshotError, machine, plan_ready, snapshot_plan,  # noqa: E402
-                         snapshot_runtime)
+from benchcommon import CpuMeter, SnapshotError, machine, plan_ready, snapshot_plan, snapshot_runtime  # noqa: E402
 from netlab import Lab, LabError, LinkSpec, PortSpec, check  # noqa: E402
 from sweep_report import aggregate, plot, summary, table  # noqa: E402
 
@@ -88,7 +87,7 @@ class Bench:
     def __init__(self, plan_dir: str, delay_ms: float, jitter_ms: float, prefix: str, burst: float | None = None,
                  extra_generate: list[str] | None = None, verbose: bool = True, bandwidth: bool = True,
                  runtime_path: str | None = None, delay_from_plan: bool = False):
-        from halo_runtime.plan import load_plan
+        from halo_runtime.core.plan import load_plan
 
         self.plan_dir = str(plan_dir)
         self.plan = load_plan(plan_dir)

@@ -80,8 +80,9 @@ class Recorder:
 
 
 def attacker(targets: list, recorder: Recorder, rate: float, stop: threading.Event, sent: collections.Counter):
-    from halo_runtime.auth import Authenticator, new_key
-    from halo_runtime.wire import Kind, Message, encode
+    from halo_runtime.core.plandir import new_key
+    from halo_runtime.net.auth import Authenticator
+    from halo_runtime.net.wire import Kind, Message, encode
 
     wrong = Authenticator(new_key())
     rng = random.Random(7)
@@ -111,20 +112,20 @@ def attacker(targets: list, recorder: Recorder, rate: float, stop: threading.Eve
 
 def soak(plan_dir: str, minutes: float, tokens: int, plr: float, sample_s: float, attack_rate: float) -> dict:
     import torch
-
-    from halo_runtime.auth import Authenticator, new_key
     from halo_runtime.cli import generate_once
-    from halo_runtime.netexchange import PeerShims, UdpExchange
-    from halo_runtime.policy import DeliveryPolicy
-    from halo_runtime.plan import load_plan
-    from halo_runtime.shards import load_shard
-    from halo_runtime.shim import LossShim
-    from halo_runtime.tokenizer import Tokenizer
+    from halo_runtime.core.plan import load_plan
+    from halo_runtime.core.plandir import TOKENIZER_FILE, new_key
+    from halo_runtime.core.policy import DeliveryPolicy
+    from halo_runtime.core.shards import load_shard
+    from halo_runtime.core.tokenizer import Tokenizer
+    from halo_runtime.net.auth import Authenticator
+    from halo_runtime.net.exchange import PeerShims, UdpExchange
+    from halo_runtime.net.shim import LossShim
 
     torch.set_num_threads(1)
     plan = load_plan(plan_dir)
     shard = load_shard(plan_dir, plan, plan.coordinator)
-    tok = Tokenizer.from_file(os.path.join(plan_dir, "tokenizer.json"))
+    tok = Tokenizer.from_file(os.path.join(plan_dir, TOKENIZER_FILE))
     auth = Authenticator(new_key())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HALO_KEY": auth.key.hex()}
     env.pop("HALO_KEY_FILE", None)

@@ -20,8 +20,8 @@ EXIT_USER_ERROR = 2
 
 
 def _user_errors():
-    from halo_runtime.auth import KeyFileError
-    from halo_runtime.plan import PlanError
+    from halo_runtime.core.plan import PlanError
+    from halo_runtime.core.plandir import KeyFileError
 
     from .calib import CalibError
     from .cluster import ProfileError
@@ -94,7 +94,7 @@ def plan(model, cluster, out, seed, calib, calib_tokens, mlp_groups, relaxed_sha
 @friendly
 def inspect(directory):
     """Per-device table of a compiled plan, and its expected loss vs a loss-blind placement."""
-    from halo_runtime.plan import load_plan
+    from halo_runtime.core.plan import load_plan
 
     from .report import inspect_text
 
@@ -140,9 +140,10 @@ def evaluate(directory, plrs, tokens, text_file, seed, methods, context, relaxed
     import json
 
     import torch
-    from halo_runtime.policy import DeliveryPolicy
+    from halo_runtime.core.policy import DeliveryPolicy
 
-    from .evaluate import EvalOptions, evaluate as run_eval, format_table
+    from .evaluate import EvalOptions, format_table
+    from .evaluate import evaluate as run_eval
 
     torch.set_num_threads(1)  # the machines this runs on are small and shared
     try:

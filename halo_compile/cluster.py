@@ -15,7 +15,7 @@ Schema (every field documented in profiles/README.md):
         bandwidth_mbps: 1000
         loss: 0.0                  # packet loss rate of its link, in [0, 1)
         storage_mbps: 90           # optional: storage read MB/s; lets weights exceed memory_mb
-                                   # (the rest is streamed from storage, see halo_runtime.groupcache)
+                                   # (the rest is streamed from storage, see halo_runtime.storage.groupcache)
 
 Example:
     >>> from halo_compile.cluster import load_profile
@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-
-from halo_runtime.plan import Device
+from halo_runtime.core.plan import Device
 
 DEVICE_KEYS = {"name", "address", "memory_mb", "compute_gflops", "latency_ms", "jitter_ms",
                "bandwidth_mbps", "loss", "storage_mbps"}

@@ -31,8 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from halo_runtime.model import mlp_activations
+from halo_runtime.core.model import mlp_activations
 
 RIDGE = 1e-6
 """Ridge on the least-squares refit, relative to the mean feature energy: only guards singularity."""

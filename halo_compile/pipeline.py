@@ -13,24 +13,32 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from halo_runtime.core.model import mlp_activations
+from halo_runtime.core.plan import SCHEMA_VERSION, DeviceReport, Group, Plan, PredictorReport
+from halo_runtime.core.plandir import shard_file
+from halo_runtime.core.policy import DeliveryPolicy
+from halo_runtime.core.predictor import predict_groups
+from halo_runtime.core.residency import residency
+from halo_runtime.core.shards import slice_device
 from tqdm import tqdm
-
-from halo_runtime.groupcache import residency
-from halo_runtime.model import mlp_activations
-from halo_runtime.policy import DeliveryPolicy
-from halo_runtime.plan import SCHEMA_VERSION, DeviceReport, Group, Plan, PredictorReport
-from halo_runtime.predictor import predict_groups
-from halo_runtime.shards import slice_device
 
 from . import __version__
 from .calib import calibration_text, read_text_file, token_chunks
 from .cluster import load_profile
 from .compensate import lowrank_compensation
-from .emit import emit, shard_name
+from .emit import emit
 from .group import attention_groups, group_neurons
 from .load import load_model
-from .place import (GroupCost, InfeasibleError, PlaceOptions, importance_at_risk, load_ms, place, place_loss_blind,
-                    predicted_token_ms)
+from .place import (
+    GroupCost,
+    InfeasibleError,
+    PlaceOptions,
+    importance_at_risk,
+    load_ms,
+    place,
+    place_loss_blind,
+    predicted_token_ms,
+)
 from .predict import group_contributions, matters, train_predictor
 from .profiling import profile_model
 from .score import criticality, group_shares, mean_contribution, neuron_importance, shares
@@ -201,7 +209,7 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
         expected_lost_importance=placement.expected_lost_importance,
         loss_blind_token_ms=blind.predicted_token_ms,
         loss_blind_lost_importance=importance_at_risk(costs, blind.assignment, miss, cfg.num_layers),
-        shards=tuple(shard_name(dev.name) for dev in profile.devices))
+        shards=tuple(shard_file(dev.name) for dev in profile.devices))
 
     plan = _streaming(plan, costs, fixed, miss, popts)
 

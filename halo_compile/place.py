@@ -12,8 +12,8 @@ model and the CP-SAT phases in placesolve.py. This module is the entry point:
   that a device with storage_mbps may exceed it with weights it streams from storage.
 
 Example:
-    >>> from halo_runtime.plan import Device
-    >>> from halo_runtime.policy import DeliveryPolicy
+    >>> from halo_runtime.core.plan import Device
+    >>> from halo_runtime.core.policy import DeliveryPolicy
     >>> from halo_compile.place import GroupCost, place
     >>> groups = [GroupCost(f"L0.mlp.{i}", 0, "mlp", i < 2, 0.4 / 2 ** i, 10**6, 0, 10**6)
     ...           for i in range(4)]
@@ -27,10 +27,21 @@ Example:
 """
 from __future__ import annotations
 
-from halo_runtime.plan import SolverReport
+from halo_runtime.core.plan import SolverReport
 
-from .placecost import (GroupCost, InfeasibleError, PlaceOptions, Placement, compute_ms, expected_lost_importance,
-                        importance_at_risk, load_ms, mb, predicted_token_ms, stream_share)
+from .placecost import (
+    GroupCost,
+    InfeasibleError,
+    Placement,
+    PlaceOptions,
+    compute_ms,
+    expected_lost_importance,
+    importance_at_risk,
+    load_ms,
+    mb,
+    predicted_token_ms,
+    stream_share,
+)
 from .placesolve import LOSS_SCALE, TIME_UNITS_PER_MS, Problem, capacity, optimise
 
 __all__ = ["GroupCost", "InfeasibleError", "PlaceOptions", "Placement", "expected_lost_importance",

@@ -18,7 +18,7 @@
   compute (+ load) plus its round trip (+ expected wait) is the round's time; T sums the rounds.
 
 Example:
-    >>> from halo_runtime.plan import Device
+    >>> from halo_runtime.core.plan import Device
     >>> from halo_compile.placecost import GroupCost, load_ms, stream_share
     >>> g = GroupCost("L0.mlp.0", 0, "mlp", False, 0.1, 8_000_000, 0, 4_000_000, select_rate=0.5)
     >>> sd = Device("sd", "10.0.0.1:9000", 10**7, 2.0, storage_mbps=100)
@@ -32,8 +32,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from halo_runtime.policy import DeliveryPolicy
-from halo_runtime.plan import Device, SolverReport
+from halo_runtime.core.plan import Device, SolverReport
+from halo_runtime.core.policy import DeliveryPolicy
+
 
 class InfeasibleError(Exception):
     """The groups cannot be placed; the message names what does not fit."""

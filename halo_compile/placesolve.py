@@ -5,7 +5,7 @@ importance, starting from phase 1's plan. How the phases are solved (round by ro
 knapsack over the rounds) is told in `optimise`. Same inputs and options, same plan.
 
 Example:
-    >>> from halo_runtime.plan import Device
+    >>> from halo_runtime.core.plan import Device
     >>> from halo_compile.placecost import GroupCost, PlaceOptions
     >>> from halo_compile.placesolve import Problem, optimise
     >>> groups = [GroupCost(f"L0.mlp.{i}", 0, "mlp", True, 0.25, 10**6, 0, 10**6) for i in range(4)]

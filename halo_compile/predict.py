@@ -22,8 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from halo_runtime.predictor import predict_groups
+from halo_runtime.core.predictor import predict_groups
 
 
 @dataclass(frozen=True)

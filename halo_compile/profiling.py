@@ -19,9 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from halo_runtime.core.model import KVCache, ModelConfig, attention_heads, mlp_activations, rms_norm
 from tqdm import tqdm
-
-from halo_runtime.model import KVCache, ModelConfig, attention_heads, mlp_activations, rms_norm
 
 
 @dataclass

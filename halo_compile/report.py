@@ -2,12 +2,12 @@
 
 Example:
     >>> from halo_compile.report import inspect_text
-    >>> from halo_runtime.plan import load_plan
+    >>> from halo_runtime.core.plan import load_plan
     >>> print(inspect_text(load_plan("artifacts/smollm2-135m-pi5")))   # doctest: +SKIP
 """
 from __future__ import annotations
 
-from halo_runtime.plan import Plan
+from halo_runtime.core.plan import Plan
 
 MB = 1024 * 1024
 

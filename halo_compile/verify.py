@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from halo_runtime.integrity import check_files, read_manifest
-from halo_runtime.plan import PlanError, load_plan
-from halo_runtime.shards import assemble, load_shard
+from halo_runtime.core.plan import PlanError, load_plan
+from halo_runtime.core.plandir import check_files, read_manifest
+from halo_runtime.core.shards import assemble, load_shard
 
 from .load import fingerprint, load_model
 

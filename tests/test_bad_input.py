@@ -18,10 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from halo_runtime.auth import KEY_FILE
-from halo_runtime.plan import PLAN_FILE
-
+from halo_runtime.core.plan import PLAN_FILE
+from halo_runtime.core.plandir import KEY_FILE
 from test_cli_compile import FAST, assert_user_error, cli
 
 

@@ -5,8 +5,17 @@ import re
 
 import pytest
 
-from halo_compile.calib import (CalibError, calibration_articles, calibration_text, evaluation_articles,
-                                evaluation_text, read_text_file, strip_markup, token_chunks, wiki_articles)
+from halo_compile.calib import (
+    CalibError,
+    calibration_articles,
+    calibration_text,
+    evaluation_articles,
+    evaluation_text,
+    read_text_file,
+    strip_markup,
+    token_chunks,
+    wiki_articles,
+)
 
 
 def test_articles_plausible_and_deterministic():

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import cluster_yaml
 
 from halo_compile.cli import EXIT_USER_ERROR, main
-
-from conftest import cluster_yaml
 
 # the installed console script next to this interpreter; `python -m` where it is not installed
 _SCRIPT = Path(sys.executable).with_name("halo-compile")
@@ -92,8 +91,9 @@ def test_inspect(plan_dir, tiny_plan, tmp_path):
 
 
 def test_inspect_prints_the_report_of_the_file(plan_dir):
+    from halo_runtime.core.plan import load_plan
+
     from halo_compile.report import inspect_text
-    from halo_runtime.plan import load_plan
 
     r = cli("inspect", plan_dir)
     assert r.returncode == 0, r.stderr

@@ -7,11 +7,10 @@ import hashlib
 
 import pytest
 import yaml
+from conftest import ROOT, cluster_yaml
+from halo_runtime.core.plan import Device
 
 from halo_compile.cluster import MB, Profile, ProfileError, load_profile, parse_profile
-from halo_runtime.plan import Device
-
-from conftest import ROOT, cluster_yaml
 
 PROFILES = ROOT / "profiles"
 

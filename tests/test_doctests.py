@@ -8,10 +8,10 @@ import pkgutil
 import sys
 from pathlib import Path
 
+import halo_runtime
 import pytest
 
 import halo_compile
-import halo_runtime
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PURE_BENCHMARK_MODULES = ["benchcommon", "sweep_report"]  # the others need root, a lab or minutes

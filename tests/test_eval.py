@@ -12,15 +12,15 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import cluster_yaml
+from halo_runtime.core.coordinator import Coordinator, TokenStats
+from halo_runtime.core.exchange import InProcessExchange
+from halo_runtime.core.model import FullModel
+from halo_runtime.core.policy import DeliveryPolicy
+from halo_runtime.core.shards import assemble, device_indices, load_shard
+
 from halo_compile.cli import main
 from halo_compile.evaluate import EvalOptions, evaluate, miss_rates
-from halo_runtime.coordinator import Coordinator, TokenStats
-from halo_runtime.exchange import InProcessExchange
-from halo_runtime.model import FullModel
-from halo_runtime.policy import DeliveryPolicy
-from halo_runtime.shards import assemble, device_indices, load_shard
 
 TINY = dict(tokens=640, context=128)
 
@@ -45,7 +45,7 @@ def all_remote_lossy(directory, loss: float) -> None:
     """Put every remote link of a compiled plan on `loss`, so the test does not hang on placement."""
     from dataclasses import replace
 
-    from halo_runtime.plan import load_plan
+    from halo_runtime.core.plan import load_plan
 
     plan = load_plan(directory)
     devices = tuple(d if d.name == plan.coordinator else replace(d, loss=loss) for d in plan.devices)

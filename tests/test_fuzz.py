@@ -9,16 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import cluster_yaml
+from halo_runtime.core.codec import HEADER_SIZE, MAX_DATAGRAM, TAG_LEN, WireError, decode_request, decode_tensor
+from halo_runtime.core.plan import Plan, PlanError
+from halo_runtime.net.auth import Authenticator, ReplayGuard
+from halo_runtime.net.wire import Message, Reassembler, check_datagram, encode, make_flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from halo_runtime.auth import Authenticator, ReplayGuard
-from halo_runtime.plan import Plan, PlanError
-from halo_runtime.wire import (HEADER_SIZE, MAX_DATAGRAM, TAG_LEN, Message, Reassembler, WireError,
-                               check_datagram, decode_tensor, encode, make_flags)
-from halo_runtime.worker import decode_request
-
-from conftest import cluster_yaml
 
 def fast(n: int) -> settings:
     return settings(max_examples=n, deadline=None,

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from halo_runtime.auth import KEY_FILE, Authenticator, new_key, read_key
-from halo_runtime.coordinator import Coordinator
-from halo_runtime.exchange import InProcessExchange
-from halo_runtime.netexchange import UdpExchange
-from halo_runtime.plan import MANIFEST_FILE, PLAN_FILE, load_plan
-from halo_runtime.policy import DeliveryPolicy
-from halo_runtime.shards import load_shard
-from halo_runtime.wire import Kind, Message, encode
+from halo_runtime.core.coordinator import Coordinator
+from halo_runtime.core.exchange import InProcessExchange
+from halo_runtime.core.plan import PLAN_FILE, load_plan
+from halo_runtime.core.plandir import KEY_FILE, MANIFEST_FILE, TOKENIZER_FILE, new_key, read_key
+from halo_runtime.core.policy import DeliveryPolicy
+from halo_runtime.core.shards import load_shard
+from halo_runtime.net.auth import Authenticator
+from halo_runtime.net.exchange import UdpExchange
+from halo_runtime.net.wire import Kind, Message, encode
 
 PROMPT = [1, 17, 300, 4000, 12, 99, 7]
 
@@ -356,16 +356,16 @@ def test_recompile_keeps_the_key_and_the_plan_bytes(plan_dir, tmp_path):
     plan = load_plan(plan_dir)
     shards = {d: load_shard(plan_dir, plan, d) for d in plan.device_names}
     out = tmp_path / "plan"
-    emit(out, plan, shards, plan_dir / "tokenizer.json")
+    emit(out, plan, shards, plan_dir / TOKENIZER_FILE)
     first = read_key(out / KEY_FILE)
     files = {n: (out / n).read_bytes() for n in (PLAN_FILE, MANIFEST_FILE)}
-    emit(out, plan, shards, plan_dir / "tokenizer.json")
+    emit(out, plan, shards, plan_dir / TOKENIZER_FILE)
     assert read_key(out / KEY_FILE) == first
     assert {n: (out / n).read_bytes() for n in files} == files
     assert files[MANIFEST_FILE] == (plan_dir / MANIFEST_FILE).read_bytes()
     (out / KEY_FILE).write_text("not a key\n")
     with pytest.raises(ValueError, match="not a HALO key"):
-        emit(out, plan, shards, plan_dir / "tokenizer.json")
+        emit(out, plan, shards, plan_dir / TOKENIZER_FILE)
 
 
 def _halo_run(*args, env=None, timeout=60):

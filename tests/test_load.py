@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
+from halo_runtime.core.model import FullModel
 
 from halo_compile import load as load_mod
 from halo_compile.load import LoadedModel, ModelError, fingerprint, load_model
-from halo_runtime.model import FullModel
 
 
 def _hf_logits(path, tokens: torch.Tensor) -> torch.Tensor:
@@ -191,9 +191,8 @@ def test_builtin_cache_reload_is_identical(builtin_model):
 
 @pytest.mark.slow
 def test_builtin_greedy_matches_transformers(builtin_model):
+    from halo_runtime.core.tokenizer import Tokenizer
     from transformers import LlamaForCausalLM
-
-    from halo_runtime.tokenizer import Tokenizer
 
     m = builtin_model
     hf = LlamaForCausalLM.from_pretrained(str(m.tokenizer_file.parent), dtype=torch.float32).eval()

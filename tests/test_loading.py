@@ -10,13 +10,14 @@ import threading
 
 import pytest
 import torch
+from halo_runtime.core.plan import Device, Group, from_plain
+from halo_runtime.core.residency import Residency, choose_resident, window_bytes
+from halo_runtime.storage.groupcache import GroupCache, LoadConfig, Part, Storage
 from safetensors.torch import save_file
 
 from halo_compile.cluster import ProfileError, parse_profile
 from halo_compile.place import GroupCost, PlaceOptions, load_ms, place, predicted_token_ms, stream_share
 from halo_compile.placecost import group_ms
-from halo_runtime.groupcache import GroupCache, LoadConfig, Part, Residency, Storage, choose_resident, window_bytes
-from halo_runtime.plan import Device, Group, from_plain
 
 MB = 1024 * 1024
 
@@ -54,7 +55,7 @@ def test_profile_coordinator_cannot_stream():
 # ---- plan schema ----------------------------------------------------------------------------------
 
 def test_new_plan_fields_are_omitted_at_their_defaults_and_round_trip():
-    from halo_runtime.plan import _to_plain
+    from halo_runtime.core.plan import _to_plain
 
     dev = Device("b", "h:2", 10, 1.0)
     assert "storage_mbps" not in _to_plain(dev)
@@ -276,9 +277,10 @@ def stream_plan(tiny_vocab_dir, tmp_path_factory):
 
 
 def test_compiled_plan_marks_streamed_groups_and_inspect_shows_them(stream_plan):
+    from halo_runtime.core.plan import load_plan
+    from halo_runtime.storage.streaming import plan_budget
+
     from halo_compile.report import inspect_text
-    from halo_runtime.plan import load_plan
-    from halo_runtime.streaming import plan_budget
 
     plan, directory = stream_plan
     rep = {r.name: r for r in plan.device_reports}["dev1"]
@@ -308,9 +310,9 @@ def test_streaming_plan_is_deterministic(stream_plan, tiny_vocab_dir, tmp_path):
 
 
 def _run(plan, directory, computes, tokens=6, prompt=(1, 5, 9, 14)):
-    from halo_runtime.coordinator import Coordinator
-    from halo_runtime.exchange import InProcessExchange
-    from halo_runtime.shards import load_shard
+    from halo_runtime.core.coordinator import Coordinator
+    from halo_runtime.core.exchange import InProcessExchange
+    from halo_runtime.core.shards import load_shard
 
     shards = {d: load_shard(directory, plan, d) for d in plan.device_names}
     coord = Coordinator(plan, shards[plan.coordinator], InProcessExchange(plan, shards, computes=computes))
@@ -321,7 +323,7 @@ def _run(plan, directory, computes, tokens=6, prompt=(1, 5, 9, 14)):
 def test_exact_streaming_gives_the_full_shards_output_on_the_tiny_plan(stream_plan, share):
     """Same weights, same math: equal up to BLAS rounding (where a tensor sits in memory alone
     changes the last bits here), and the same tokens."""
-    from halo_runtime.streaming import open_streaming
+    from halo_runtime.storage.streaming import open_streaming
 
     plan, directory = stream_plan
     ref = _run(plan, directory, {})
@@ -340,10 +342,10 @@ def test_exact_streaming_gives_the_full_shards_output_on_the_tiny_plan(stream_pl
 
 
 def test_predictive_mode_computes_only_the_selected_groups(stream_plan):
-    from halo_runtime.device import DeviceCompute
-    from halo_runtime.predictor import predict_groups
-    from halo_runtime.shards import load_shard
-    from halo_runtime.streaming import open_streaming
+    from halo_runtime.core.device import DeviceCompute
+    from halo_runtime.core.predictor import predict_groups
+    from halo_runtime.core.shards import load_shard
+    from halo_runtime.storage.streaming import open_streaming
 
     plan, directory = stream_plan
     name = "dev2"
@@ -381,7 +383,7 @@ def test_predictive_mode_computes_only_the_selected_groups(stream_plan):
 
 
 def test_streaming_budget_below_two_layers_is_a_clear_error(stream_plan):
-    from halo_runtime.streaming import open_streaming
+    from halo_runtime.storage.streaming import open_streaming
 
     plan, directory = stream_plan
     with pytest.raises(ValueError, match="needed to stream"):
@@ -392,11 +394,11 @@ def test_streaming_budget_below_two_layers_is_a_clear_error(stream_plan):
 
 @pytest.mark.slow
 def test_real_model_exact_at_half_budget_gives_the_same_tokens(builtin_model, tmp_path_factory):
-    from halo_compile.pipeline import CompileOptions, compile_plan
-    from halo_runtime.streaming import open_streaming
-    from halo_runtime.tokenizer import Tokenizer
-
     from conftest import cluster_yaml
+    from halo_runtime.core.tokenizer import Tokenizer
+    from halo_runtime.storage.streaming import open_streaming
+
+    from halo_compile.pipeline import CompileOptions, compile_plan
 
     root = tmp_path_factory.mktemp("real-stream")
     (root / "cluster.yaml").write_text(cluster_yaml(2, coordinator_gflops=1.0, base_port=7960))

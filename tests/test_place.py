@@ -16,11 +16,19 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from halo_runtime.core.plan import Device
+from halo_runtime.core.policy import DeliveryPolicy
 
-from halo_compile.place import (GroupCost, InfeasibleError, PlaceOptions, expected_lost_importance, importance_at_risk,
-                                place, place_loss_blind, predicted_token_ms)
-from halo_runtime.policy import DeliveryPolicy
-from halo_runtime.plan import Device
+from halo_compile.place import (
+    GroupCost,
+    InfeasibleError,
+    PlaceOptions,
+    expected_lost_importance,
+    importance_at_risk,
+    place,
+    place_loss_blind,
+    predicted_token_ms,
+)
 
 
 def miss_probability(loss: float, retries: int = 1) -> float:
@@ -169,8 +177,8 @@ PROBE = """
 import json, sys
 sys.path[:0] = [{root!r}, {runtime!r}]
 from halo_compile.place import GroupCost, PlaceOptions, place
-from halo_runtime.policy import DeliveryPolicy
-from halo_runtime.plan import Device
+from halo_runtime.core.policy import DeliveryPolicy
+from halo_runtime.core.plan import Device
 miss_probability = DeliveryPolicy().miss_probability
 groups = [GroupCost(f"L{{l}}.mlp.{{i}}", l, "mlp", i < 10, 0.8 ** i / 4.86, (40 + 13 * i) * 6912, 0,
                     (40 + 13 * i) * 3456) for l in range(6) for i in range(16)]

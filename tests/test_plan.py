@@ -9,9 +9,8 @@ import re
 
 import pytest
 import torch
-
-from halo_runtime.plan import FLOAT_DIGITS, PLAN_FILE, SCHEMA_VERSION, Plan, PlanError, load_plan
-from halo_runtime.shards import assemble, load_shard
+from halo_runtime.core.plan import FLOAT_DIGITS, PLAN_FILE, SCHEMA_VERSION, Plan, PlanError, load_plan
+from halo_runtime.core.shards import assemble, load_shard
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, cluster_yaml
-from halo_runtime.coordinator import Coordinator, TokenStats
-from halo_runtime.exchange import InProcessExchange
-from halo_runtime.shards import load_shard
-from halo_runtime.tokenizer import Tokenizer
+from halo_runtime.core.coordinator import Coordinator, TokenStats
+from halo_runtime.core.exchange import InProcessExchange
+from halo_runtime.core.shards import load_shard
+from halo_runtime.core.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"

@@ -12,12 +12,12 @@ import sys
 
 import pytest
 import torch
-
-from halo_runtime.coordinator import Coordinator
-from halo_runtime.exchange import InProcessExchange
-from halo_runtime.model import FullModel
-from halo_runtime.shards import load_shard
-from halo_runtime.tokenizer import Tokenizer
+from halo_runtime.core.coordinator import Coordinator
+from halo_runtime.core.exchange import InProcessExchange
+from halo_runtime.core.model import FullModel
+from halo_runtime.core.plandir import TOKENIZER_FILE
+from halo_runtime.core.shards import load_shard
+from halo_runtime.core.tokenizer import Tokenizer
 
 PROMPT = "The capital of France is"
 
@@ -87,7 +87,7 @@ def test_local_network_fp32_matches_single_device_model(tiny_plan, tiny_vocab_di
     plan, directory = tiny_plan
     out = halo_run("local", "--plan", str(directory), "--prompt", PROMPT, "--max-tokens", "12", "--ignore-eos",
                    "--wire", "fp32", "--plr", "0", "--sync", sync, "--json", "--quiet")
-    prompt = Tokenizer.from_file(directory / "tokenizer.json").encode(PROMPT)
+    prompt = Tokenizer.from_file(directory / TOKENIZER_FILE).encode(PROMPT)
     tokens, _ = reference(tiny_vocab_dir, prompt, 12)
     assert out["sync"] == sync
     assert out["tokens"] == tokens
@@ -102,7 +102,7 @@ def test_under_loss_relaxed_completes_and_strict_stays_exact(tiny_plan, tiny_voc
               "--plr", "0.3", "--json", "--quiet", "--seed", "3"]
     relaxed = halo_run("local", *common, "--sync", "relaxed")
     strict = halo_run("local", *common, "--sync", "strict")
-    prompt = Tokenizer.from_file(directory / "tokenizer.json").encode(PROMPT)
+    prompt = Tokenizer.from_file(directory / TOKENIZER_FILE).encode(PROMPT)
     tokens, _ = reference(tiny_vocab_dir, prompt, 10)
     assert strict["tokens"] == tokens
     assert len(relaxed["tokens"]) == 10

@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from halo_runtime.tokenizer import Tokenizer
+from halo_runtime.core.tokenizer import Tokenizer
 
 CASES = [
     "12345 3.14",

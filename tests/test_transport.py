@@ -12,15 +12,23 @@ import time
 
 import pytest
 import torch
+from halo_runtime.core.codec import HEADER_SIZE, MAX_DATAGRAM, TAG_LEN, WireError, decode_tensor, encode_tensor
+from halo_runtime.net.auth import Authenticator
+from halo_runtime.net.shim import LossShim
+from halo_runtime.net.transport import RttEstimator, TcpChannel, TcpListener, TransportError, UdpEndpoint
+from halo_runtime.net.wire import (
+    HEADER,
+    MAGIC,
+    Kind,
+    Message,
+    Reassembler,
+    attempt_of,
+    decode_datagram,
+    encode,
+    make_flags,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from halo_runtime.auth import Authenticator
-from halo_runtime.shim import LossShim
-from halo_runtime.transport import RttEstimator, TcpChannel, TcpListener, TransportError, UdpEndpoint
-from halo_runtime.wire import (HEADER, HEADER_SIZE, MAGIC, MAX_DATAGRAM, TAG_LEN, Kind, Message,
-                               Reassembler, WireError, attempt_of, decode_datagram, decode_tensor,
-                               encode, encode_tensor, make_flags)
 
 
 def _msg(size: int, step: int = 3, kind: int = Kind.REPLY_MLP_RELAXED, seed: int = 0) -> Message:
@@ -325,7 +333,7 @@ def test_tcp_bad_frame_length_closes_with_peer_named():
 
 
 def test_tcp_frames_are_authenticated_and_replays_refused_across_connections():
-    from halo_runtime.auth import ReplayGuard
+    from halo_runtime.net.auth import ReplayGuard
 
     key, guard = Authenticator(b"t" * 32), ReplayGuard()
     good = encode(_msg(3000), 65535, auth=key)

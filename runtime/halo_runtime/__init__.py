@@ -1,2 +1,5 @@
-"""HALO slim device runtime: executes a compiled plan (see plan.py, coordinator.py, worker.py)."""
+"""HALO slim device runtime: executes a compiled plan.
+
+`core` (socket-free: plan, model math, coordinator), `net` (wire, transport, worker),
+`storage` (streaming shards) and `cli` (`halo-run`)."""
 __version__ = "0.1.0"

@@ -60,7 +60,8 @@ def _key_arg(p: argparse.ArgumentParser) -> None:
 
 def _auth(args, plan_dir: str | None):
     """The deployment key's Authenticator (KeyFileError, a ValueError, becomes one error line)."""
-    from .auth import Authenticator, resolve_key
+    from .core.plandir import resolve_key
+    from .net.auth import Authenticator
 
     return Authenticator(resolve_key(args.key_file, plan_dir)[0])
 
@@ -104,9 +105,9 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     import torch
 
-    from .netexchange import DeviceLost
-    from .plan import PlanError
-    from .transport import TransportError
+    from .core.plan import PlanError
+    from .net.exchange import DeviceLost
+    from .net.transport import TransportError
 
     torch.set_num_threads(1)  # one thread per device process: several share this machine's cores
     try:
@@ -120,11 +121,11 @@ def main(argv=None) -> None:
 # ---- worker --------------------------------------------------------------------------------------
 
 def run_worker(args) -> None:
-    from .integrity import check_files
-    from .plan import PLAN_FILE, load_plan
-    from .shards import load_shard
-    from .shim import LossShim
-    from .worker import Worker
+    from .core.plan import PLAN_FILE, load_plan
+    from .core.plandir import check_files
+    from .core.shards import load_shard
+    from .net.shim import LossShim
+    from .net.worker import Worker
 
     plan = load_plan(args.plan)
     if args.device not in plan.device_names:
@@ -161,8 +162,8 @@ def run_worker(args) -> None:
 
 def _streaming(args, plan):
     """A StreamingCompute when a memory budget applies (option or plan), else None."""
-    from .groupcache import LoadConfig
-    from .streaming import open_streaming, plan_budget
+    from .storage.groupcache import LoadConfig
+    from .storage.streaming import open_streaming, plan_budget
 
     budget = int(args.memory_budget * 1e6) if args.memory_budget else plan_budget(plan, args.device)
     if budget is None:
@@ -199,7 +200,7 @@ def _percentiles(values: list[float]) -> dict:
 
 
 def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") -> dict:
-    from .coordinator import Coordinator
+    from .core.coordinator import Coordinator
 
     coord = Coordinator(plan, shard, exchange)
     prompt = _prompt_ids(tok, args.prompt, args.chat, plan.model.bos_token_id)
@@ -252,17 +253,17 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
 
 
 def _load_coordinator(args):
-    from .integrity import check_files
-    from .policy import DeliveryPolicy
-    from .plan import PLAN_FILE, load_plan
-    from .shards import load_shard
-    from .tokenizer import Tokenizer
+    from .core.plan import PLAN_FILE, load_plan
+    from .core.plandir import TOKENIZER_FILE, check_files
+    from .core.policy import DeliveryPolicy
+    from .core.shards import load_shard
+    from .core.tokenizer import Tokenizer
 
     plan = load_plan(args.plan)
-    tok_path = os.path.join(args.plan, "tokenizer.json")
+    tok_path = os.path.join(args.plan, TOKENIZER_FILE)
     if not os.path.exists(tok_path):
         _fail(f"{tok_path}: missing (it is written by halo-compile plan)")
-    check_files(args.plan, [PLAN_FILE, "tokenizer.json", plan.shard_file(plan.coordinator)])
+    check_files(args.plan, [PLAN_FILE, TOKENIZER_FILE, plan.shard_file(plan.coordinator)])
     shard = load_shard(args.plan, plan, plan.coordinator)
     policy = DeliveryPolicy(wire=args.wire, relaxed_retries=args.relaxed_retries, redundancy=args.redundancy,
                             dead_after_s=args.dead_after)
@@ -293,7 +294,7 @@ def _report(result: dict, args) -> None:
 
 
 def run_generate(args) -> None:
-    from .netexchange import TcpExchange, UdpExchange
+    from .net.exchange import TcpExchange, UdpExchange
 
     plan, shard, tok, policy = _load_coordinator(args)
     peers = _peers(plan, args.peer)
@@ -315,7 +316,8 @@ def run_generate(args) -> None:
 def _local_auth(args):
     """The plan's key (or --key-file, $HALO_KEY...), else a fresh one for this run: `local` starts
     every process itself, so a plan compiled before keys existed still runs."""
-    from .auth import Authenticator, KeyFileError, new_key, resolve_key
+    from .core.plandir import KeyFileError, new_key, resolve_key
+    from .net.auth import Authenticator
 
     try:
         return Authenticator(resolve_key(args.key_file, args.plan)[0])
@@ -326,8 +328,8 @@ def _local_auth(args):
 
 
 def run_local(args) -> None:
-    from .netexchange import PeerShims, TcpExchange, UdpExchange
-    from .shim import LossShim
+    from .net.exchange import PeerShims, TcpExchange, UdpExchange
+    from .net.shim import LossShim
 
     plan, shard, tok, policy = _load_coordinator(args)
     if args.plr is not None and not 0 <= args.plr < 1:

@@ -5,7 +5,7 @@ Linux's 200 ms minimum RTO would. The published measurements use the namespace l
 nftables loss, NFQUEUE delay), not this shim.
 
 Example:
-    >>> from halo_runtime.shim import LossShim
+    >>> from halo_runtime.net.shim import LossShim
     >>> sent = []
     >>> with LossShim(loss=0.5, seed=1) as shim:
     ...     for i in range(1000):

@@ -5,7 +5,7 @@ simulation, so every path runs the identical math. MLP output is split in two pa
 critical and relaxed, because the coordinator treats them differently (await vs deadline).
 
 Example:
-    >>> from halo_runtime.device import DeviceCompute
+    >>> from halo_runtime.core.device import DeviceCompute
     >>> # dev = DeviceCompute(plan, "pi5-1", load_shard(plan_dir, plan, "pi5-1"))
     >>> # partial = dev.attention(layer=0, x=normed, start=0)     -> [T, hidden]
     >>> # critical, relaxed = dev.mlp(layer=0, x=normed)           -> [T, hidden] each, or None

@@ -4,7 +4,7 @@ One frozen dataclass shared by the UDP exchange (which carries it out), `halo-co
 (which simulates it) and placement (which prices it), so the three cannot disagree.
 
 Example:
-    >>> from halo_runtime.policy import DeliveryPolicy
+    >>> from halo_runtime.core.policy import DeliveryPolicy
     >>> p = DeliveryPolicy()
     >>> round(p.miss_probability(0.05), 6)       # one re-request: both attempts must fail
     0.009506
@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .wire import Kind, Message, encode, encode_tensor
-from .worker import REQUEST_PREFIX
+from .codec import REQUEST_PREFIX, datagrams, encode_tensor
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,7 @@ class DeliveryPolicy:
     def message_datagrams(self, hidden_size: int) -> tuple[int, int]:
         """Datagrams of a one-token (decode) request and of one partial-sum reply on this wire."""
         tensor = encode_tensor(torch.zeros(1, hidden_size), self.wire)
-        sizes = (REQUEST_PREFIX.size + len(tensor), len(tensor))
-        return tuple(len(encode(Message(Kind.REQUEST_MLP, 0, 0, 0, 0, b"\0" * n))) for n in sizes)
+        return datagrams(REQUEST_PREFIX.size + len(tensor)), datagrams(len(tensor))
 
     def miss_probability(self, loss: float, hidden_size: int | None = None) -> float:
         """Chance that a relaxed part misses its deadline on a link that drops each datagram with `loss`.

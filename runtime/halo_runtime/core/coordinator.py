@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from .device import DeviceCompute
+from .exchange import Exchange
 from .model import lm_logits, mlp_partial, rms_norm
 from .plan import Plan
 from .predictor import layer_predictor, predict_groups
@@ -37,33 +37,6 @@ COMPENSATIONS = ("zero", "mean", "lowrank")
 groups (`compensation.{layer}.mean`); or a low-rank estimate of their output from the MLP input,
 fitted at compile time: each group's most important neurons, kept exactly, with a refit down
 projection and a bias (`compensation.{layer}.{groups,gate,up,down,bias}`, halo_compile.compensate)."""
-
-
-@dataclass
-class RoundResult:
-    """What came back for one layer's round."""
-
-    parts: list[torch.Tensor]
-    """Partial sums that arrived in time (critical ones always), in device order. Rows of a relaxed
-    part that are missing (see `missing`) hold zeros."""
-    missing: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Device -> bool [T]: tokens whose relaxed part missed the deadline and must be compensated."""
-
-
-class Exchange(Protocol):
-    """Moves requests to devices and partial sums back; the coordinator does not care how."""
-
-    def begin(self, session: int) -> None: ...
-
-    def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None: ...
-
-    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
-        """`awaited`: device -> bool [T], tokens whose relaxed part must be awaited; only devices
-        flagged on some token are keys, so `device in awaited` means "await it this round"."""
-
-    def stats(self) -> dict: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass

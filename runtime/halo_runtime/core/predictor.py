@@ -6,7 +6,7 @@ The compiler trains it (halo_compile.predict); the coordinator only evaluates it
 
 Example:
     >>> import torch
-    >>> from halo_runtime.predictor import predict_groups
+    >>> from halo_runtime.core.predictor import predict_groups
     >>> w = {"down": torch.zeros(4, 8), "up": torch.zeros(3, 4), "bias": torch.tensor([1.0, -1.0, 0.5])}
     >>> predict_groups(torch.ones(2, 8), w).tolist()
     [[True, False, True], [True, False, True]]

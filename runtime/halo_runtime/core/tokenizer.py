@@ -6,7 +6,7 @@ pre-tokenizers ByteLevel, Digits and Split (regex), byte-level BPE, and the Byte
 Token ids equal those of `tokenizers` (the tests compare them on real text).
 
 Example:
-    >>> from halo_runtime.tokenizer import Tokenizer
+    >>> from halo_runtime.core.tokenizer import Tokenizer
     >>> tok = Tokenizer.from_file("tokenizer.json")          # doctest: +SKIP
     >>> ids = tok.encode("<|im_start|>user\\nhi<|im_end|>")  # doctest: +SKIP
     >>> tok.decode(ids, skip_special=True)                     # doctest: +SKIP

@@ -15,7 +15,7 @@ rounding, which here varies in the last bits with where a tensor sits in memory)
 round), the others contribute zero.
 
 Example:
-    >>> # from halo_runtime.streaming import open_streaming
+    >>> # from halo_runtime.storage.streaming import open_streaming
     >>> # dev = open_streaming(plan, "artifacts/smollm2-135m-pi5", "pi5-1",
     >>> #                      LoadConfig(budget=80_000_000, mode="exact", mbps=400))
     >>> # dev.attention(0, x, 0); dev.mlp(0, m); dev.cache.stats.summary()["hit_rate"]
@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from .device import DeviceCompute
-from .groupcache import GroupCache, LoadConfig, Residency, Storage, group_parts, residency
-from .model import KVCache, attention_partial, mlp_activations
-from .plan import Plan, PlanError
-from .predictor import layer_predictor, predict_groups
-from .shards import device_indices
+from ..core.device import DeviceCompute
+from ..core.model import KVCache, attention_partial, mlp_activations
+from ..core.plan import Plan, PlanError
+from ..core.predictor import layer_predictor, predict_groups
+from ..core.residency import Residency, residency
+from ..core.shards import device_indices
+from .groupcache import GroupCache, LoadConfig, Storage, group_parts
 
 _NAMES = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 _DIMS = {"attn": (0, 0, 0, 1), "mlp": (0, 0, 1)}

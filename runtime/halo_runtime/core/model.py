@@ -7,7 +7,7 @@ optional llama3 RoPE scaling, GQA, SwiGLU).
 
 Example:
     >>> import torch
-    >>> from halo_runtime.model import ModelConfig, rope_tables, rms_norm
+    >>> from halo_runtime.core.model import ModelConfig, rope_tables, rms_norm
     >>> cfg = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1,
     ...                   num_heads=2, num_kv_heads=1, head_dim=4)
     >>> cos, sin = rope_tables(cfg, torch.arange(3))

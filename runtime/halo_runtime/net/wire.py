@@ -24,12 +24,12 @@ A datagram is checked in order of cost: length and fields, then the tag, then it
 (a request recorded on its way to one device and replayed to another is refused), then the
 sender's replay window (`auth.ReplayGuard`); each kind of rejection has its own counter.
 
-Tensors travel as a 9-byte little-endian prefix (wire code u8, rows u32, cols u32) and then the
-values, little-endian, row-major.
+Payloads (tensors, requests) and the sizes above are defined in `halo_runtime.core.codec`.
 
 Example:
     >>> import torch
-    >>> from halo_runtime.wire import Kind, Message, Reassembler, encode, encode_tensor, decode_tensor
+    >>> from halo_runtime.core.codec import decode_tensor, encode_tensor
+    >>> from halo_runtime.net.wire import Kind, Message, Reassembler, encode
     >>> x = torch.randn(2, 576)
     >>> msg = Message(Kind.REPLY_MLP_RELAXED, session=7, step=3, layer=12, sender=2,
     ...               payload=encode_tensor(x, "fp32"))
@@ -49,32 +49,23 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
-from .auth import TAG_LEN, Authenticator, ReplayGuard
+from ..core.codec import HEADER_SIZE, MAX_DATAGRAM, TAG_LEN, chunk_room, datagrams
+from .auth import Authenticator, ReplayGuard
 
 MAGIC = b"HL"
 VERSION = 2
 HEADER = struct.Struct("!2sBBIIHHHHHBQH")
-HEADER_SIZE = HEADER.size  # 33
+assert HEADER.size == HEADER_SIZE
 ANY = 0xFFFF
 """Destination of a datagram not addressed to one device (tests, tools)."""
 _DEFAULT_AUTH = Authenticator()  # the public test key: callers that pass no `auth`
-MAX_DATAGRAM = 1400
-"""Default datagram budget: a 1500-byte MTU minus IPv4 (20) and UDP (8) headers, with headroom."""
 MAX_UDP_PAYLOAD = 65507
-MAX_CHUNK = 0xFFFF
 
 FLAG_RETRANSMIT = 0x01
 FLAG_REDUNDANT = 0x02
 ATTEMPT_SHIFT = 4
 MAX_ATTEMPT = 15
 """Attempts 0..14 are deduplicated per attempt; attempt 15 means '15 or later' and is never deduplicated."""
-
-
-class WireError(ValueError):
-    """A payload that cannot be decoded (tensor codec); the receive loop catches and counts it."""
 
 
 class Kind(enum.IntEnum):
@@ -180,14 +171,14 @@ def encode(msg: Message, max_datagram: int = MAX_DATAGRAM, flags: int | None = N
     index `dest`; `flags` overrides `msg.flags`. Each datagram takes the next sequence number of
     `auth` (default: the public test key)."""
     auth = auth or _DEFAULT_AUTH
-    room = min(max_datagram, HEADER_SIZE + MAX_CHUNK + TAG_LEN) - HEADER_SIZE - TAG_LEN
+    room = chunk_room(max_datagram)
     if room < 1:
         raise ValueError(f"max_datagram={max_datagram} leaves no room for payload")
     fl = msg.flags if flags is None else flags
     _check_range("flags", fl, 8)
     _check_range("dest", dest, 16)
     payload = msg.payload
-    count = max(1, -(-len(payload) // room))
+    count = datagrams(len(payload), max_datagram)
     if count > 0xFFFF:
         raise ValueError(f"payload of {len(payload)} bytes needs {count} chunks; at most 65535")
     out = []
@@ -387,58 +378,3 @@ class Reassembler:
         self.counters.completed += 1
         kind = Kind(h.kind) if h.kind in Kind._value2member_map_ else h.kind
         return Message(kind, h.session, h.step, h.layer, h.sender, payload, h.flags)
-
-
-# --- tensor codec -------------------------------------------------------------------------------
-
-TENSOR_HEADER = struct.Struct("<BII")  # wire code, rows, cols
-_WIRES = {"fp32": (0, "<f4"), "fp16": (1, "<f2"), "bf16": (2, "<u2")}
-_WIRE_BY_CODE = {code: (name, dt) for name, (code, dt) in _WIRES.items()}
-FP16_MAX = 65504.0
-
-
-def encode_tensor(t: torch.Tensor, wire: str = "fp16") -> bytes:
-    """A [T, hidden] tensor (1-D counts as one row) as bytes; fp32 round-trips bit for bit.
-
-    fp16 saturates at +-65504 instead of overflowing to inf (outlier activations exist); bf16 keeps
-    fp32's range at 8 bits of mantissa.
-    """
-    if wire not in _WIRES:
-        raise ValueError(f"unknown wire dtype {wire!r}; expected one of {sorted(_WIRES)}")
-    x = t.detach()
-    if x.dim() == 1:
-        x = x.unsqueeze(0)
-    if x.dim() != 2:
-        raise ValueError(f"expected a 2-D [T, hidden] tensor, got shape {tuple(t.shape)}")
-    x = x.to("cpu", torch.float32).contiguous()
-    code, dt = _WIRES[wire]
-    if wire == "fp32":
-        arr = x.numpy().astype(dt, copy=False)
-    elif wire == "fp16":
-        arr = x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).numpy().astype(dt, copy=False)
-    else:
-        arr = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).astype(dt, copy=False)
-    return TENSOR_HEADER.pack(code, x.shape[0], x.shape[1]) + arr.tobytes()
-
-
-def decode_tensor(data: bytes, wire: str | None = None, width: int | None = None) -> torch.Tensor:
-    """The fp32 [rows, cols] tensor in `data`; raises WireError if it disagrees with `wire`/`width`."""
-    if len(data) < TENSOR_HEADER.size:
-        raise WireError(f"tensor payload of {len(data)} bytes is shorter than its header")
-    code, rows, cols = TENSOR_HEADER.unpack_from(data)
-    if code not in _WIRE_BY_CODE:
-        raise WireError(f"unknown tensor wire code {code}")
-    name, dt = _WIRE_BY_CODE[code]
-    if wire is not None and wire != name:
-        raise WireError(f"tensor is {name}, expected {wire}")
-    if width is not None and cols != width:
-        raise WireError(f"tensor has width {cols}, expected {width}")
-    n = rows * cols
-    if len(data) != TENSOR_HEADER.size + n * np.dtype(dt).itemsize:
-        raise WireError(f"tensor payload of {len(data)} bytes does not hold {rows}x{cols} {name}")
-    arr = np.frombuffer(data, dtype=dt, count=n, offset=TENSOR_HEADER.size)
-    if name == "bf16":
-        arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    else:
-        arr = arr.astype(np.float32)  # copies: the tensor must not alias the (read-only) bytes
-    return torch.from_numpy(arr).reshape(rows, cols)

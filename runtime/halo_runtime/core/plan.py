@@ -6,7 +6,7 @@ every device listens. `plan.json` is written with deterministic bytes: keys sort
 rounded, one group per line.
 
 Example:
-    >>> from halo_runtime.plan import load_plan
+    >>> from halo_runtime.core.plan import load_plan
     >>> plan = load_plan("artifacts/smollm2-135m-pi5")            # doctest: +SKIP
     >>> [g.id for g in plan.groups_on("pi-1", layer=0)][:2]          # doctest: +SKIP
     ['L0.attn.1', 'L0.mlp.3']
@@ -22,18 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .model import ModelConfig
+from .plandir import PLAN_FILE, PlanError
 
 SCHEMA_VERSION = 1
-PLAN_FILE = "plan.json"
-MANIFEST_FILE = "manifest.json"
 FLOAT_DIGITS = 6
 OPTIONAL = {"omit_default": True}
 """Field metadata: written to plan.json only when it differs from its default, so plans that do
 not use a feature (e.g. streaming) keep the bytes they had before the field existed."""
-
-
-class PlanError(ValueError):
-    """A plan or manifest that cannot be used; the message names the file and field."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +53,7 @@ class Device:
     """Packet loss rate of its link, in [0, 1)."""
     storage_mbps: float = field(default=0.0, metadata=OPTIONAL)
     """Storage read bandwidth in MB/s (1e6 bytes). Above 0 the device may hold more weights than
-    `memory_bytes`: those groups stay on storage and are loaded as needed (halo_runtime.groupcache)."""
+    `memory_bytes`: those groups stay on storage and are loaded as needed (halo_runtime.storage.groupcache)."""
 
     def __post_init__(self):
         if not self.name:

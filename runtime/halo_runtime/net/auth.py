@@ -16,7 +16,8 @@ datagrams whose tag verified move a window, so forgeries cannot push it forward.
 Authenticated, not encrypted: activations travel in clear (see docs/RELIABILITY.md).
 
 Example:
-    >>> from halo_runtime.auth import Authenticator, ReplayGuard, new_key
+    >>> from halo_runtime.core.plandir import new_key
+    >>> from halo_runtime.net.auth import Authenticator, ReplayGuard
     >>> a = Authenticator(new_key())
     >>> tag = a.tag(b"header and chunk")
     >>> len(tag), a.verify(b"header and chunk", tag), a.verify(b"header and chunk!", tag)
@@ -29,19 +30,12 @@ from __future__ import annotations
 
 import hmac
 import itertools
-import os
-import secrets
 import threading
 import time
-from pathlib import Path
 
-KEY_FILE = "halo.key"
-"""File name of the deployment key inside a plan directory (hex, one line; mode 0600)."""
-KEY_BYTES = 32
-TAG_LEN = 16
-"""Bytes of truncated HMAC-SHA256 at the end of every datagram (128 bits: forgery odds 2^-128)."""
-ENV_KEY_FILE = "HALO_KEY_FILE"
-ENV_KEY = "HALO_KEY"
+from ..core.codec import TAG_LEN
+from ..core.plandir import KEY_BYTES
+
 INSECURE_KEY = b"\0" * KEY_BYTES
 """Public all-zero key used when a library caller passes no key (unit tests, doctests). The
 `halo-run` command never falls back to it."""
@@ -49,79 +43,6 @@ DEFAULT_WINDOW = 8192
 """Sequence numbers remembered per sender. The coordinator sends a few thousand datagrams per
 second at most; a datagram delayed by more than this many of its sender's later datagrams is
 refused (at 10k datagrams/s that is 0.8 s of reordering)."""
-
-
-class KeyFileError(ValueError):
-    """A key file or key string that cannot be used; the message names the source."""
-
-
-def new_key() -> bytes:
-    """A fresh random deployment key."""
-    return secrets.token_bytes(KEY_BYTES)
-
-
-def parse_key(text: str, source: str) -> bytes:
-    """The key in `text` (64 hex digits, surrounding whitespace ignored); KeyFileError names `source`."""
-    s = text.strip()
-    try:
-        key = bytes.fromhex(s)
-    except ValueError:
-        key = b""
-    if len(key) != KEY_BYTES:
-        raise KeyFileError(f"{source}: not a HALO key (expected {2 * KEY_BYTES} hex digits)")
-    return key
-
-
-def read_key(path: str | Path) -> bytes:
-    """The key stored in file `path`."""
-    try:
-        text = Path(path).read_text(encoding="ascii")
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: key file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise KeyFileError(f"{path}: key file unreadable ({getattr(e, 'strerror', None) or e})") from None
-    return parse_key(text, str(path))
-
-
-def write_key(path: str | Path, key: bytes | None = None) -> bytes:
-    """Write `key` (default: a new one) to `path`, readable by its owner only; returns the key."""
-    key = new_key() if key is None else key
-    if len(key) != KEY_BYTES:
-        raise ValueError(f"a key has {KEY_BYTES} bytes, got {len(key)}")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex() + "\n")
-    os.replace(tmp, path)
-    return key
-
-
-def ensure_key(directory: str | Path) -> tuple[Path, bool]:
-    """The plan directory's key file, written if missing; (path, created). An existing key is kept
-    so that devices already deployed with it keep working after a recompile."""
-    path = Path(directory) / KEY_FILE
-    if path.exists():
-        read_key(path)  # a damaged key is an error, not something to overwrite silently
-        return path, False
-    write_key(path)
-    return path, True
-
-
-def resolve_key(key_file: str | None, plan_dir: str | Path | None, environ=os.environ) -> tuple[bytes, str]:
-    """(key, where it came from): --key-file, then $HALO_KEY_FILE, $HALO_KEY, the plan directory."""
-    if key_file:
-        return read_key(key_file), key_file
-    if environ.get(ENV_KEY_FILE):
-        return read_key(environ[ENV_KEY_FILE]), f"${ENV_KEY_FILE}"
-    if environ.get(ENV_KEY):
-        return parse_key(environ[ENV_KEY], f"${ENV_KEY}"), f"${ENV_KEY}"
-    if plan_dir is not None and (Path(plan_dir) / KEY_FILE).exists():
-        path = Path(plan_dir) / KEY_FILE
-        return read_key(path), str(path)
-    where = f"{Path(plan_dir) / KEY_FILE} does not exist and " if plan_dir is not None else ""
-    raise KeyFileError(f"no deployment key: {where}neither --key-file nor ${ENV_KEY_FILE} nor ${ENV_KEY} is set "
-                    f"(`halo-compile plan` writes {KEY_FILE} next to plan.json; copy it to every device)")
 
 
 class Authenticator:

@@ -11,8 +11,8 @@ same messages as length-prefixed frames, with Nagle off and congestion control p
 Both accept a `shim.LossShim` (the demo's in-process loss emulation) for outgoing traffic.
 
 Example:
-    >>> from halo_runtime.transport import UdpEndpoint
-    >>> from halo_runtime.wire import Kind, Message
+    >>> from halo_runtime.net.transport import UdpEndpoint
+    >>> from halo_runtime.net.wire import Kind, Message
     >>> with UdpEndpoint() as a, UdpEndpoint() as b:
     ...     n = a.send(Message(Kind.REQUEST_MLP, 1, 0, 5, 0, b"x" * 5000), b.address)
     ...     msg, addr = b.recv(timeout_s=1.0)
@@ -30,9 +30,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..core.codec import HEADER_SIZE, MAX_CHUNK, MAX_DATAGRAM, TAG_LEN
 from .auth import Authenticator, ReplayGuard
 from .shim import LossShim
-from .wire import ANY, HEADER_SIZE, MAX_CHUNK, MAX_DATAGRAM, TAG_LEN, Message, Reassembler, encode
+from .wire import ANY, Message, Reassembler, encode
 
 Addr = tuple  # (host, port)
 

@@ -35,15 +35,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .coordinator import RoundResult
+from ..core.codec import WireError, decode_tensor, encode_request
+from ..core.exchange import RoundResult
+from ..core.plan import Plan
+from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .plan import Plan
-from .policy import DeliveryPolicy
 from .recovery import DeviceLost, History, rebuild
 from .shim import LossShim
 from .transport import RttEstimator, TcpChannel, TransportError, UdpEndpoint
-from .wire import Kind, Message, WireError, attempt_of, decode_tensor, make_flags
-from .worker import encode_request
+from .wire import Kind, Message, attempt_of, make_flags
 
 PHASE_REQUEST = {"attn": Kind.REQUEST_ATTN, "mlp": Kind.REQUEST_MLP}
 

@@ -5,7 +5,7 @@ with `assemble`; the runtime loads them with `load_shard`. Rows follow `Plan.gro
 (critical groups first), so a device's critical and relaxed MLP neurons are contiguous slices.
 
 Example:
-    >>> from halo_runtime.shards import device_indices
+    >>> from halo_runtime.core.shards import device_indices
     >>> # device_indices(plan, "pi-1", layer=0) -> (kv_heads, q_heads, neurons, n_critical_neurons)
 """
 from __future__ import annotations

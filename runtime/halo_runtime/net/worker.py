@@ -4,8 +4,7 @@ It listens on one port for both UDP (relaxed synchronisation) and TCP (the stric
 Replies are cached per (step, layer, phase) so that a retransmitted request gets the same answer
 again instead of appending the tokens to the KV cache twice.
 
-Request payload: u32 start position, u8 reply copies (redundancy), then an `encode_tensor` blob;
-replies use the request's wire dtype.
+Requests are `core.codec.encode_request` payloads; replies use the request's wire dtype.
 
 Sessions: only the coordinator's HELLO starts one (and resets the KV cache). A request for any
 other session is dropped and counted (`unknown_session`), and answered with a RESET so that a
@@ -19,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import json
-import struct
 import sys
 import threading
 import time
@@ -27,34 +25,17 @@ from collections import OrderedDict
 
 import torch
 
+from ..core.codec import WireError, decode_request, encode_tensor
+from ..core.device import DeviceCompute
+from ..core.plan import Plan
 from .auth import Authenticator, ReplayGuard
-from .device import DeviceCompute
-from .plan import Plan
 from .shim import LossShim
 from .transport import TcpListener, TransportError, UdpEndpoint
-from .wire import TENSOR_HEADER, Kind, Message, WireError, attempt_of, decode_tensor, encode_tensor, make_flags
+from .wire import Kind, Message, attempt_of, make_flags
 
-REQUEST_PREFIX = struct.Struct("<IB")  # start position, reply copies
-WIRE_NAMES = {0: "fp32", 1: "fp16", 2: "bf16"}
 REPLY_CACHE = 256  # replies kept for retransmitted requests: a few steps of every layer
 RESET_EVERY_S = 0.05  # at most one RESET per this interval: a flood of stale requests gets few answers
 DROP_REASONS = ("malformed", "bad_length", "forged", "misdirected", "replayed", "duplicates", "stale")
-
-
-def encode_request(x: torch.Tensor, start: int, wire: str, copies: int = 1) -> bytes:
-    return REQUEST_PREFIX.pack(start, copies) + encode_tensor(x, wire)
-
-
-def decode_request(payload: bytes, width: int) -> tuple[int, int, str, torch.Tensor]:
-    """(start, copies, wire, x); raises WireError on a malformed payload."""
-    if len(payload) < REQUEST_PREFIX.size + TENSOR_HEADER.size:
-        raise WireError("request too short")
-    start, copies = REQUEST_PREFIX.unpack_from(payload)
-    body = payload[REQUEST_PREFIX.size:]
-    wire = WIRE_NAMES.get(body[0])
-    if wire is None:
-        raise WireError(f"unknown wire code {body[0]}")
-    return start, max(1, min(copies, 4)), wire, decode_tensor(body, wire, width)
 
 
 class Worker:

@@ -9,7 +9,7 @@ per layer. The worker appends them to its KV cache in order (worker.Worker, REBU
 
 Example:
     >>> import torch
-    >>> from halo_runtime.recovery import History
+    >>> from halo_runtime.net.recovery import History
     >>> h = History(layers=2, width=4, wire="fp16")
     >>> h.append(0, torch.ones(3, 4)); h.append(0, torch.zeros(1, 4))
     >>> h.inputs(0).shape, h.inputs(0, drop_last=True).shape, h.rows
@@ -21,10 +21,10 @@ import time
 
 import torch
 
+from ..core.codec import FP16_MAX, encode_request
 from .auth import Authenticator, ReplayGuard
 from .transport import TcpChannel
-from .wire import FP16_MAX, Kind, Message
-from .worker import encode_request
+from .wire import Kind, Message
 
 REBUILD = b"rebuild"
 """HELLO payload that makes a device drop its KV state even within the same session."""

@@ -14,12 +14,42 @@ Example:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Protocol
+
 import torch
 
-from .coordinator import RoundResult
+from .codec import decode_tensor, encode_tensor
 from .device import DeviceCompute
 from .plan import Plan
-from .wire import decode_tensor, encode_tensor
+
+
+@dataclass
+class RoundResult:
+    """What came back for one layer's round."""
+
+    parts: list[torch.Tensor]
+    """Partial sums that arrived in time (critical ones always), in device order. Rows of a relaxed
+    part that are missing (see `missing`) hold zeros."""
+    missing: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Device -> bool [T]: tokens whose relaxed part missed the deadline and must be compensated."""
+
+
+class Exchange(Protocol):
+    """Moves requests to devices and partial sums back; the coordinator does not care how."""
+
+    def begin(self, session: int) -> None: ...
+
+    def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None: ...
+
+    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
+        """`awaited`: device -> bool [T], tokens whose relaxed part must be awaited; only devices
+        flagged on some token are keys, so `device in awaited` means "await it this round"."""
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...
+
 
 
 class InProcessExchange:

@@ -1,0 +1,127 @@
+"""What a message's payload holds, and how many datagrams it takes: socket-free, shared by the
+in-process exchange (which simulates the wire's rounding), the delivery policy (which prices
+messages) and the network shell (`halo_runtime.net.wire`, which frames and authenticates them).
+
+Tensors travel as a 9-byte little-endian prefix (wire code u8, rows u32, cols u32) and then the
+values, little-endian, row-major. A request is a `REQUEST_PREFIX` (start position u32, reply
+copies u8) and then a tensor. A datagram adds `HEADER_SIZE` bytes of header in front of its
+chunk and `TAG_LEN` bytes of authentication tag behind it, and stays within `MAX_DATAGRAM`.
+
+Example:
+    >>> import torch
+    >>> from halo_runtime.core.codec import decode_request, encode_request, datagrams
+    >>> x = torch.randn(1, 576)
+    >>> start, copies, wire, y = decode_request(encode_request(x, 5, "fp16"), width=576)
+    >>> start, copies, wire, bool((y - x).abs().max() < 1e-2)
+    (5, 1, 'fp16', True)
+    >>> datagrams(len(encode_request(x, 5, "fp16"))), datagrams(len(encode_request(x, 5, "fp32")))
+    (1, 2)
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import torch
+
+HEADER_SIZE = 33
+"""Bytes of a datagram's fixed header (layout in `halo_runtime.net.wire`)."""
+TAG_LEN = 16
+"""Bytes of truncated HMAC-SHA256 at the end of every datagram (128 bits: forgery odds 2^-128)."""
+MAX_DATAGRAM = 1400
+"""Default datagram budget: a 1500-byte MTU minus IPv4 (20) and UDP (8) headers, with headroom."""
+MAX_CHUNK = 0xFFFF
+"""Largest chunk one datagram can carry (its length field is u16)."""
+
+
+class WireError(ValueError):
+    """A payload that cannot be decoded (tensor codec); the receive loop catches and counts it."""
+
+
+def chunk_room(max_datagram: int = MAX_DATAGRAM) -> int:
+    """Payload bytes one datagram of at most `max_datagram` bytes carries."""
+    return min(max_datagram, HEADER_SIZE + MAX_CHUNK + TAG_LEN) - HEADER_SIZE - TAG_LEN
+
+
+def datagrams(payload_bytes: int, max_datagram: int = MAX_DATAGRAM) -> int:
+    """Datagrams a message with `payload_bytes` of payload is cut into."""
+    return max(1, -(-payload_bytes // chunk_room(max_datagram)))
+
+
+# --- tensors ---------------------------------------------------------------------------------------
+
+TENSOR_HEADER = struct.Struct("<BII")  # wire code, rows, cols
+_WIRES = {"fp32": (0, "<f4"), "fp16": (1, "<f2"), "bf16": (2, "<u2")}
+_WIRE_BY_CODE = {code: (name, dt) for name, (code, dt) in _WIRES.items()}
+FP16_MAX = 65504.0
+
+
+def encode_tensor(t: torch.Tensor, wire: str = "fp16") -> bytes:
+    """A [T, hidden] tensor (1-D counts as one row) as bytes; fp32 round-trips bit for bit.
+
+    fp16 saturates at +-65504 instead of overflowing to inf (outlier activations exist); bf16 keeps
+    fp32's range at 8 bits of mantissa.
+    """
+    if wire not in _WIRES:
+        raise ValueError(f"unknown wire dtype {wire!r}; expected one of {sorted(_WIRES)}")
+    x = t.detach()
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D [T, hidden] tensor, got shape {tuple(t.shape)}")
+    x = x.to("cpu", torch.float32).contiguous()
+    code, dt = _WIRES[wire]
+    if wire == "fp32":
+        arr = x.numpy().astype(dt, copy=False)
+    elif wire == "fp16":
+        arr = x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).numpy().astype(dt, copy=False)
+    else:
+        arr = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).astype(dt, copy=False)
+    return TENSOR_HEADER.pack(code, x.shape[0], x.shape[1]) + arr.tobytes()
+
+
+def decode_tensor(data: bytes, wire: str | None = None, width: int | None = None) -> torch.Tensor:
+    """The fp32 [rows, cols] tensor in `data`; raises WireError if it disagrees with `wire`/`width`."""
+    if len(data) < TENSOR_HEADER.size:
+        raise WireError(f"tensor payload of {len(data)} bytes is shorter than its header")
+    code, rows, cols = TENSOR_HEADER.unpack_from(data)
+    if code not in _WIRE_BY_CODE:
+        raise WireError(f"unknown tensor wire code {code}")
+    name, dt = _WIRE_BY_CODE[code]
+    if wire is not None and wire != name:
+        raise WireError(f"tensor is {name}, expected {wire}")
+    if width is not None and cols != width:
+        raise WireError(f"tensor has width {cols}, expected {width}")
+    n = rows * cols
+    if len(data) != TENSOR_HEADER.size + n * np.dtype(dt).itemsize:
+        raise WireError(f"tensor payload of {len(data)} bytes does not hold {rows}x{cols} {name}")
+    arr = np.frombuffer(data, dtype=dt, count=n, offset=TENSOR_HEADER.size)
+    if name == "bf16":
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    else:
+        arr = arr.astype(np.float32)  # copies: the tensor must not alias the (read-only) bytes
+    return torch.from_numpy(arr).reshape(rows, cols)
+
+
+# --- requests --------------------------------------------------------------------------------------
+
+REQUEST_PREFIX = struct.Struct("<IB")  # start position, reply copies
+WIRE_NAMES = {code: name for name, (code, _) in _WIRES.items()}
+
+
+def encode_request(x: torch.Tensor, start: int, wire: str, copies: int = 1) -> bytes:
+    """A request's payload: where `x`'s rows start in the sequence, how many copies of the reply
+    to send (redundancy), and `x` in `wire`'s dtype."""
+    return REQUEST_PREFIX.pack(start, copies) + encode_tensor(x, wire)
+
+
+def decode_request(payload: bytes, width: int) -> tuple[int, int, str, torch.Tensor]:
+    """(start, copies, wire, x); raises WireError on a malformed payload."""
+    if len(payload) < REQUEST_PREFIX.size + TENSOR_HEADER.size:
+        raise WireError("request too short")
+    start, copies = REQUEST_PREFIX.unpack_from(payload)
+    body = payload[REQUEST_PREFIX.size:]
+    wire = WIRE_NAMES.get(body[0])
+    if wire is None:
+        raise WireError(f"unknown wire code {body[0]}")
+    return start, max(1, min(copies, 4)), wire, decode_tensor(body, wire, width)

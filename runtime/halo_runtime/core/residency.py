@@ -1,0 +1,92 @@
+"""Which of a device's neuron groups stay in RAM under a memory budget: the pure residency planner.
+
+The compiler calls it to price placements (a device smaller than its groups streams the rest
+from storage); the runtime's storage shell (`halo_runtime.storage`) carries it out. A group's
+bytes are defined here once, for both.
+
+Example:
+    >>> from halo_runtime.core.residency import choose_resident
+    >>> sorted(choose_resident([("a", 40, 2.0), ("b", 30, 0.9), ("c", 30, 0.5)], budget=75))
+    ['a', 'b']
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plan import Group, Plan
+
+BYTES_PER_WEIGHT = 4
+"""Bytes of one stored weight (fp32 shards)."""
+
+
+def group_bytes(plan: Plan, group: Group) -> int:
+    """Weight bytes of one group in a shard: q,k,v rows and o columns, or gate,up rows and down columns."""
+    cfg = plan.model
+    if group.kind == "attn":
+        return (2 * cfg.group_size + 2) * cfg.head_dim * cfg.hidden_size * len(group.members) * BYTES_PER_WEIGHT
+    return 3 * cfg.hidden_size * len(group.members) * BYTES_PER_WEIGHT
+
+
+def choose_resident(units, budget: int) -> frozenset:
+    """Keys of the units kept in RAM: highest priority first, each if it still fits (greedy).
+
+    units: (key, bytes, priority) in a fixed order; ties keep that order, so the choice is
+    deterministic. Priority is how often a unit is needed per token (attention: always).
+    """
+    chosen, left = [], budget
+    for i in sorted(range(len(units)), key=lambda i: (-units[i][2], i)):
+        key, nbytes, _ = units[i]
+        if nbytes <= left:
+            chosen.append(key)
+            left -= nbytes
+    return frozenset(chosen)
+
+
+def window_bytes(layer_bytes) -> int:
+    """RAM kept for streamed groups: two layers in flight (one computing, the next loading)."""
+    top = sorted(layer_bytes, reverse=True)[:2]
+    return sum(top)
+
+
+def priority(group: Group) -> float:
+    """How often a group is needed per token: attention always; an MLP group at its selection rate."""
+    return 2.0 if group.kind == "attn" else group.select_rate
+
+
+@dataclass(frozen=True)
+class Residency:
+    """Which of a device's groups stay in RAM under a memory budget."""
+
+    budget: int
+    """Bytes of weights the device may hold in RAM."""
+    resident: frozenset
+    """Ids of the groups loaded once and kept."""
+    window: int
+    """Bytes reserved for streamed groups in flight."""
+    resident_bytes: int
+    """Bytes of the resident groups."""
+    streamed_bytes: int
+    """Bytes of the other groups, read from storage as needed."""
+
+    def __post_init__(self):
+        if self.resident_bytes + (self.window if self.streamed_bytes else 0) > self.budget:
+            raise ValueError("resident groups and the streaming window exceed the budget")
+
+
+def residency(plan: Plan, device: str, budget: int) -> Residency:
+    """The device's resident groups under `budget` bytes of weights (ValueError if too small)."""
+    groups = [g for layer in range(plan.model.num_layers) for g in plan.groups_on(device, layer)]
+    sizes = [group_bytes(plan, g) for g in groups]
+    total = sum(sizes)
+    if total <= budget:
+        return Residency(budget, frozenset(g.id for g in groups), 0, total, 0)
+    per_layer = [0] * plan.model.num_layers
+    for g, n in zip(groups, sizes):
+        per_layer[g.layer] += n
+    window = window_bytes(per_layer)
+    if window > budget:
+        raise ValueError(f"device {device}: a memory budget of {budget:,} bytes is below the "
+                         f"{window:,} needed to stream (two layers of its groups in flight)")
+    resident = choose_resident([(g.id, n, priority(g)) for g, n in zip(groups, sizes)], budget - window)
+    kept = sum(n for g, n in zip(groups, sizes) if g.id in resident)
+    return Residency(budget, resident, window, kept, total - kept)
