@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from halo_runtime.core.coordinator import Coordinator, TokenStats
-from halo_runtime.core.exchange import InProcessExchange
+from halo_runtime.core.exchange import DeviceStats, InProcessExchange
 from halo_runtime.core.model import FullModel, KVCache, attention_partial, mlp_partial, rms_norm
 from halo_runtime.core.plan import Plan, PlanError, load_plan
 from halo_runtime.core.plandir import TOKENIZER_FILE
@@ -171,7 +171,8 @@ def full_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], bar=None) ->
 
 @torch.no_grad()
 def plan_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], method: Method, miss: dict[str, float],
-             seed: int, wire: str = "fp32", bar=None, computes: dict | None = None) -> tuple[list[float], dict]:
+             seed: int, wire: str = "fp32", bar=None,
+             computes: dict | None = None) -> tuple[list[float], dict[str, DeviceStats]]:
     """NLL per window of the plan run by the runtime coordinator under simulated loss, and what was missed.
     computes: prebuilt devices by name (e.g. predictive StreamingComputes)."""
     exchange = InProcessExchange(plan, shards, miss=miss, seed=seed, wire=wire, computes=computes)
@@ -182,7 +183,7 @@ def plan_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], method: Meth
         coord.reset(i + 1)
         out.append(_nll(coord.forward(w, 0, TokenStats(), all_positions=True), w))
         bar and bar.update(1)
-    return out, exchange.stats()["devices"]
+    return out, exchange.stats().devices
 
 
 def loss_blind_variant(plan: Plan, shards: dict, solver_time: float = 10.0) -> tuple[Plan, dict]:
@@ -275,13 +276,13 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
                 done[key] = (nll, per_device)
             nll, per_device = done[key]
             if key[1] != name and not method.await_predicted:  # a zero-loss copy: this method awaits nothing
-                per_device = {d: {**c, "awaited": 0} for d, c in per_device.items()}
+                per_device = {d: replace(c, awaited=0) for d, c in per_device.items()}
             ppl = _ppl(sum(nll), count)
             results.append({
                 "plr": plr if plr is not None else _profile_plr(plan), "method": name, "ppl": round(ppl, 4),
                 "delta": round(ppl / full - 1, 6), "delta_se": _stderr(nll, full_windows, count),
                 "miss": {d: round(q, 6) for d, q in miss.items() if q},
-                "relaxed": {d: _rates(c) for d, c in per_device.items() if c["rows"]}})
+                "relaxed": {d: _rates(c) for d, c in per_device.items() if c.rows}})
     bar.close()
     return {"plan": str(plan_dir), "full_ppl": round(full, 4), "tokens": sum(len(w) for w in windows),
             "predicted_tokens": count, "windows": len(windows), "context": opts.context, "seed": opts.seed,
@@ -318,11 +319,11 @@ def _profile_plr(plan: Plan) -> float | None:
     return rates.pop() if len(rates) == 1 else (0.0 if not rates else None)
 
 
-def _rates(c: dict) -> dict:
+def _rates(c: DeviceStats) -> dict:
     """Per device: share of its (token, layer) relaxed parts lost on the wire, awaited, compensated."""
-    n = c["rows"]
-    return {"parts": n, "lost": round(c["lost"] / n, 6), "awaited": round(c["awaited"] / n, 6),
-            "compensated": round(c["compensated"] / n, 6)}
+    n = c.rows
+    return {"parts": n, "lost": round(c.lost / n, 6), "awaited": round(c.awaited / n, 6),
+            "compensated": round(c.compensated / n, 6)}
 
 
 def format_table(report: dict) -> str:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from halo_runtime.core.shards import load_shard
 from halo_runtime.net.auth import Authenticator
 from halo_runtime.net.exchange import UdpExchange
 from halo_runtime.net.wire import Kind, Message, encode
+from halo_runtime.net.worker import WorkerStats
 
 PROMPT = [1, 17, 300, 4000, 12, 99, 7]
 
@@ -211,14 +213,14 @@ def test_forged_garbage_and_replayed_datagrams_change_nothing(plan_dir, key, ref
     assert gen.tokens == reference.tokens
     for a, b in zip(gen.logits, reference.logits):
         assert torch.allclose(a, b, atol=1e-4)
-    total = {k: sum(d[k] for d in devices.values()) for k in next(iter(devices.values())) if k != "device"}
-    print(f"hostile datagrams sent: {sent}; dropped by the workers: {total}; by the coordinator: {stats['dropped']}")
+    total = {f.name: sum(getattr(d, f.name) for d in devices.values()) for f in fields(WorkerStats) if f.name != "device"}
+    print(f"hostile datagrams sent: {sent}; dropped by the workers: {total}; by the coordinator: {stats.dropped}")
     assert min(sent.values()) > 10, sent
     for reason in ("dropped_forged", "dropped_replayed", "dropped_misdirected", "dropped_bad_length"):
         assert total[reason] > 0, (reason, total)
     assert total["unknown_session"] >= sent["session"] // 2, total
     assert total["dropped_malformed"] + total["dropped_bad_length"] >= sent["garbage"] // 2
-    assert stats["dropped"]["forged"] > 0 and stats["dropped"]["bad_length"] + stats["dropped"]["malformed"] > 0
+    assert stats.dropped.forged > 0 and stats.dropped.bad_length + stats.dropped.malformed > 0
 
 
 # ---- device failure ----------------------------------------------------------------------------
@@ -300,11 +302,11 @@ def test_restarted_worker_rejoins_and_output_matches(plan_dir, key, reference, w
         gen = AwaitAll(plan, shard, ex).generate(PROMPT, 24, session=random.getrandbits(32), keep_logits=True,
                                                  on_token=on_token)
         stats = ex.stats()
-        rebuilt = ex.device_stats()[victim]["rebuilt_tokens"]
+        rebuilt = ex.device_stats()[victim].rebuilt_tokens
     finally:
         ex.close()
     assert restarted.is_set()
-    assert stats["rejoins"] == 1 and any(f"device {victim} rejoined" in w for w in warned), warned
+    assert stats.rejoins == 1 and any(f"device {victim} rejoined" in w for w in warned), warned
     assert rebuilt > len(PROMPT)
     print(f"{victim} restarted mid-generation; KV cache rebuilt from {rebuilt} token-layer rows; {warned}")
     assert gen.tokens == reference.tokens
@@ -335,7 +337,7 @@ def test_relaxed_device_marked_down_is_used_again_when_it_returns(plan_dir, key,
     finally:
         ex.close()
     assert len(gen.tokens) == 200 and seen_down, (seen_down, warned)
-    assert stats["devices_down"] == 1 and stats["rejoins"] == 1 and not stats["down"], stats
+    assert stats.devices_down == 1 and stats.rejoins == 1 and not stats.down, stats
     assert [w.split(" (")[0] for w in warned] == [f"device {victim}", f"device {victim} rejoined the session"]
 
 
@@ -412,4 +414,4 @@ def test_coordinator_with_the_wrong_key_is_ignored(plan_dir, key, workers):
         stats = ex.device_stats()
     finally:
         ex.close()
-    assert all(s["dropped_forged"] > 0 for s in stats.values()), stats
+    assert all(s.dropped_forged > 0 for s in stats.values()), stats

@@ -76,10 +76,19 @@ def test_compensation_replaces_missing_relaxed_parts(tiny_plan, shards):
     coord.predictors = [{**p, "bias": p["bias"] - 1e6} for p in coord.predictors]  # never await
     gen = coord.generate([5, 17, 300], 4)
     expected = 4 * sum(bool(coord.relaxed[layer].get(d)) for layer in range(plan.model.num_layers) for d in lossy)
-    assert ex.counts["compensated"] == expected > 0
+    assert ex.stats().compensated == expected > 0
     missing = {d for s in gen.token_stats for d in s.missing}
     assert missing == set(lossy)
     assert sum(sum(s.missing.values()) for s in gen.token_stats) == expected
+
+
+JSON_EXCHANGE_KEYS = {
+    "relaxed": ["retransmissions", "late", "malformed", "compensated", "relaxed_parts", "awaited_relaxed",
+                "max_relaxed_overshoot_ms", "unknown_session", "devices_down", "rejoins", "bytes_sent",
+                "bytes_received", "datagrams_sent", "datagrams_received", "duplicates", "dropped", "down", "rto_ms"],
+    "strict": ["bytes_sent", "bytes_received", "dropped"]}
+JSON_DROP_KEYS = {"relaxed": ["malformed", "bad_length", "forged", "misdirected", "replayed", "stale", "unknown_session"],
+                  "strict": ["malformed", "bad_length", "forged", "misdirected", "replayed", "stale"]}
 
 
 @pytest.mark.parametrize("sync", ["relaxed", "strict"])
@@ -94,6 +103,10 @@ def test_local_network_fp32_matches_single_device_model(tiny_plan, tiny_vocab_di
     assert out["compensated_share"] == 0.0
     assert set(out["tpot_ms"]) == {"p50", "p90", "p99"}
     assert set(out["peak_rss_mb"]) == set(plan.device_names)
+    # other tools read these keys: each exchange reports its own counters, and each worker its own
+    assert list(out["exchange"]) == JSON_EXCHANGE_KEYS[sync]
+    assert list(out["exchange"]["dropped"]) == JSON_DROP_KEYS[sync]
+    assert {s["device"] for s in out["devices"].values()} == set(plan.device_names) - {plan.coordinator}
 
 
 def test_under_loss_relaxed_completes_and_strict_stays_exact(tiny_plan, tiny_vocab_dir):

@@ -206,13 +206,17 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
     prompt = _prompt_ids(tok, args.prompt, args.chat, plan.model.bos_token_id)
 
     counted = ("bytes_sent", "bytes_received", "retransmissions", "late", "duplicates")
-    last = {k: exchange.stats().get(k, 0) for k in counted}
+
+    def counts(stats) -> dict:
+        return {k: getattr(stats, k) or 0 for k in counted}  # None: this exchange does not count it
+
+    last = counts(exchange.stats())
     per_token = []
 
     def on_token(step, token, st):
-        now = exchange.stats()
-        delta = {k: now.get(k, 0) - last[k] for k in counted}
-        last.update({k: now.get(k, 0) for k in counted})
+        now = counts(exchange.stats())
+        delta = {k: now[k] - last[k] for k in counted}
+        last.update(now)
         per_token.append({"token": token, "total_ms": round(st.total_ms, 3), "compute_ms": round(st.compute_ms, 3),
                           "wait_ms": round(st.wait_ms, 3), "missing": dict(st.missing), **delta})
         if args.quiet:
@@ -246,8 +250,9 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
         "compensated_by_device": per_device,
         "wait_ms_per_token": round(sum(s.wait_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
         "compute_ms_per_token": round(sum(s.compute_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
-        "exchange": exchange.stats(),
-        "devices": exchange.device_stats() if hasattr(exchange, "device_stats") else {},
+        "exchange": exchange.stats().to_json(),
+        "devices": ({d: s.to_json() for d, s in exchange.device_stats().items()}
+                    if hasattr(exchange, "device_stats") else {}),
         "per_token": per_token,
     }
 
