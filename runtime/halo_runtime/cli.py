@@ -185,7 +185,7 @@ def _peers(plan, overrides: list[str]) -> dict[str, tuple[str, int]]:
     return peers
 
 
-def _prompt_ids(tok, text: str, chat: bool, bos: int | None) -> list[int]:
+def _prompt_ids(tok, text: str, chat: bool) -> list[int]:
     if chat:
         text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
     return tok.encode(text)
@@ -203,7 +203,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
     from .core.coordinator import Coordinator
 
     coord = Coordinator(plan, shard, exchange)
-    prompt = _prompt_ids(tok, args.prompt, args.chat, plan.model.bos_token_id)
+    prompt = _prompt_ids(tok, args.prompt, args.chat)
 
     counted = ("bytes_sent", "bytes_received", "retransmissions", "late", "duplicates")
 

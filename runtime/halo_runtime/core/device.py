@@ -42,13 +42,6 @@ class DeviceCompute:
     def has_mlp(self, layer: int) -> bool:
         return bool(self.slices[layer].neurons)
 
-    def has_relaxed(self, layer: int) -> bool:
-        s = self.slices[layer]
-        return len(s.neurons) > s.n_critical
-
-    def has_critical_mlp(self, layer: int) -> bool:
-        return self.slices[layer].n_critical > 0
-
     def reset(self) -> None:
         self.caches = [KVCache() for _ in range(self.cfg.num_layers)]
 

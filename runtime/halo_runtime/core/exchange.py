@@ -230,9 +230,7 @@ class InProcessExchange:
         pass
 
 
-def _rows(awaited, name: str, T: int) -> torch.Tensor:
-    """Tokens of `name` the coordinator awaits (a set of names, as older callers pass, means all)."""
-    if isinstance(awaited, dict):
-        rows = awaited.get(name)
-        return rows if rows is not None else torch.zeros(T, dtype=torch.bool)
-    return torch.full((T,), name in awaited, dtype=torch.bool)
+def _rows(awaited: dict[str, torch.Tensor], name: str, T: int) -> torch.Tensor:
+    """Tokens of `name` the coordinator awaits."""
+    rows = awaited.get(name)
+    return rows if rows is not None else torch.zeros(T, dtype=torch.bool)
