@@ -213,7 +213,8 @@ def test_forged_garbage_and_replayed_datagrams_change_nothing(plan_dir, key, ref
     assert gen.tokens == reference.tokens
     for a, b in zip(gen.logits, reference.logits):
         assert torch.allclose(a, b, atol=1e-4)
-    total = {f.name: sum(getattr(d, f.name) for d in devices.values()) for f in fields(WorkerStats) if f.name != "device"}
+    total = {f.name: sum(getattr(d, f.name) for d in devices.values())
+             for f in fields(WorkerStats) if f.name != "device"}
     print(f"hostile datagrams sent: {sent}; dropped by the workers: {total}; by the coordinator: {stats.dropped}")
     assert min(sent.values()) > 10, sent
     for reason in ("dropped_forged", "dropped_replayed", "dropped_misdirected", "dropped_bad_length"):

@@ -87,8 +87,9 @@ JSON_EXCHANGE_KEYS = {
                 "max_relaxed_overshoot_ms", "unknown_session", "devices_down", "rejoins", "bytes_sent",
                 "bytes_received", "datagrams_sent", "datagrams_received", "duplicates", "dropped", "down", "rto_ms"],
     "strict": ["bytes_sent", "bytes_received", "dropped"]}
-JSON_DROP_KEYS = {"relaxed": ["malformed", "bad_length", "forged", "misdirected", "replayed", "stale", "unknown_session"],
-                  "strict": ["malformed", "bad_length", "forged", "misdirected", "replayed", "stale"]}
+JSON_DROP_KEYS = {
+    "relaxed": ["malformed", "bad_length", "forged", "misdirected", "replayed", "stale", "unknown_session"],
+    "strict": ["malformed", "bad_length", "forged", "misdirected", "replayed", "stale"]}
 
 
 @pytest.mark.parametrize("sync", ["relaxed", "strict"])
