@@ -188,17 +188,12 @@ def plan_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], method: Meth
 
 def loss_blind_variant(plan: Plan, shards: dict, solver_time: float = 10.0) -> tuple[Plan, dict]:
     """The same groups (criticality included) placed by `place_loss_blind`, with shards re-cut to match."""
-    from .pipeline import BYTES_PER_WEIGHT, group_cost
-    from .place import PlaceOptions, place_loss_blind
+    from .place import placement_inputs
 
-    policy = DeliveryPolicy()
     coord = shards[plan.coordinator]
     extras = {k: v for k, v in coord.items() if k.startswith(("predictor.", "compensation."))}
-    fixed = {plan.coordinator: sum(v.numel() for k, v in coord.items() if "proj" not in k) * BYTES_PER_WEIGHT}
-    miss = {d.name: 0.0 if d.name == plan.coordinator else policy.miss_probability(d.loss) for d in plan.devices}
-    costs = [group_cost(plan.model, g, plan.max_context) for g in plan.groups]
-    opts = PlaceOptions(seed=plan.seed, max_deterministic_time=solver_time, message_bytes=2 * plan.model.hidden_size)
-    placed = place_loss_blind(costs, plan.devices, plan.coordinator, fixed, miss, opts)
+    placed = placement_inputs(plan.model, plan.groups, plan.devices, plan.coordinator, coord, plan.max_context,
+                              plan.seed, solver_time).place_loss_blind()
     blind = replace(plan, groups=tuple(replace(g, device=placed.assignment[g.id]) for g in plan.groups))
     weights = assemble(plan, shards)
     out = {d: slice_device(blind, d, weights) for d in blind.device_names}

@@ -54,7 +54,7 @@ class LayerStats:
 
 
 @dataclass
-class Profile:
+class ActivationStats:
     """What the profile step hands to grouping, scoring and prediction."""
 
     layers: list[LayerStats]
@@ -75,7 +75,7 @@ def _layer(weights: dict, i: int, name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def profile_model(model, chunks: list[list[int]], sample_tokens: int = 4096, seed: int = 0,
-                  progress: bool = True) -> Profile:
+                  progress: bool = True) -> ActivationStats:
     """Stream `chunks` of token ids through the model (each chunk its own context)."""
     cfg: ModelConfig = model.config
     w = model.weights
@@ -123,4 +123,4 @@ def profile_model(model, chunks: list[list[int]], sample_tokens: int = 4096, see
     for s in stats:
         s.attn_in = torch.cat(s.attn_in) if s.attn_in else empty
         s.mlp_in = torch.cat(s.mlp_in) if s.mlp_in else empty
-    return Profile(layers=stats, tokens=total)
+    return ActivationStats(layers=stats, tokens=total)
