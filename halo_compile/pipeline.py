@@ -1,9 +1,13 @@
 """The compiler, step by step: load -> profile -> group -> score -> predict -> place -> emit.
 
-Example:
-    >>> from halo_compile.pipeline import CompileOptions, compile_plan
-    >>> plan = compile_plan("smollm2-135m", "profiles/pi5.yaml", "out/pi5",
-    ...                     CompileOptions(calib_tokens=2048))               # doctest: +SKIP
+The whole compile is `compile_plan("smollm2-135m", "profiles/pi5.yaml", "out/pi5", CompileOptions())`,
+what `halo-compile plan` runs (tests/conftest.py runs it on a tiny random model). Its options
+are checked before anything is loaded:
+    >>> from halo_compile.pipeline import CompileOptions
+    >>> CompileOptions(relaxed_share=1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: option relaxed_share: invalid value 1.5
 """
 from __future__ import annotations
 

@@ -7,10 +7,24 @@ relaxed part of device d for token t in a layer is missed with d's miss probabil
 always arrive, as the network exchange retransmits them until they do. A round of T tokens
 (a whole evaluation window) thus sees what T decode steps would, at prefill speed.
 
-Example:
-    >>> # ex = InProcessExchange(plan, {d: load_shard(dir, plan, d) for d in remote}, miss={"pi5-2": 0.01})
-    >>> # Coordinator(plan, coordinator_shard, ex).generate(prompt, 16)
-    >>> # ex.stats()["devices"]["pi5-2"]   -> {"rows": ..., "lost": ..., "awaited": ..., "compensated": ...}
+Example (the checked-in plan's cluster with a toy one-layer MLP: a critical group on pi5-1, a
+relaxed one on the lossy pi5-3, whose relaxed part is lost half the time):
+    >>> import dataclasses, torch
+    >>> from halo_runtime.core.exchange import InProcessExchange
+    >>> from halo_runtime.core.model import ModelConfig
+    >>> from halo_runtime.core.plan import Group, load_plan
+    >>> cfg = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=6, num_layers=1,
+    ...                   num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> groups = (Group("L0.mlp.0", 0, "mlp", 0, (0, 1, 2, 3), "pi5-1", True, 0.8),
+    ...           Group("L0.mlp.1", 0, "mlp", 1, (4, 5), "pi5-3", False, 0.2))
+    >>> plan = dataclasses.replace(load_plan("artifacts/smollm2-135m-pi5"), model=cfg, groups=groups)
+    >>> mlp = lambda n: {"layers.0.mlp.gate_proj": torch.randn(n, 8), "layers.0.mlp.up_proj": torch.randn(n, 8),
+    ...                  "layers.0.mlp.down_proj": torch.randn(8, n)}
+    >>> ex = InProcessExchange(plan, {"pi5-1": mlp(4), "pi5-2": {}, "pi5-3": mlp(2)}, miss={"pi5-3": 0.5}, seed=0)
+    >>> ex.post("mlp", step=0, layer=0, x=torch.randn(6, 8), start=0)      # one round of 6 tokens
+    >>> r = ex.collect("mlp", step=0, layer=0, awaited={"pi5-3": torch.tensor([True] + [False] * 5)})
+    >>> r.missing["pi5-3"].tolist()    # lost: tokens 0, 2, 3, 4; token 0 was awaited (retransmitted)
+    [False, False, True, True, True, False]
 """
 from __future__ import annotations
 
