@@ -16,10 +16,18 @@ and "predictor+lowrank" (wait where the predictor flags a group, compensate the 
 `place.place_loss_blind`, which ignores loss). The default, listed first, is what
 `Coordinator(plan, shard, exchange)` does.
 
-Example:
-    >>> from halo_compile.evaluate import EvalOptions, evaluate
-    >>> r = evaluate("artifacts/smollm2-135m-pi5", EvalOptions(plrs=(0.05,), tokens=2048))  # doctest: +SKIP
-    >>> r["full_ppl"], [(x["method"], round(x["ppl"], 2)) for x in r["results"]]           # doctest: +SKIP
+Example (`evaluate(plan_dir, EvalOptions(plrs=(0.05,)))` scores a compiled plan with its shards;
+the checked-in plan.json alone gives the miss rates it simulates, at 5% loss on the lossy links):
+    >>> from halo_compile.evaluate import METHODS, EvalOptions, miss_rates
+    >>> from halo_runtime.core.plan import load_plan
+    >>> from halo_runtime.core.policy import DeliveryPolicy
+    >>> rates = miss_rates(load_plan("artifacts/smollm2-135m-pi5"), plr=0.05, policy=DeliveryPolicy())
+    >>> {d: round(q, 4) for d, q in rates.items()}
+    {'pi5-1': 0.0, 'pi5-2': 0.0095, 'pi5-3': 0.0095}
+    >>> EvalOptions(methods=("lowrank", "retry"))
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown method 'retry' (known: predictor+lowrank, predictor, lowrank, mean, zero, loss-blind)
 """
 from __future__ import annotations
 

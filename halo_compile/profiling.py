@@ -6,13 +6,18 @@ act(gate(x))*up(x) (signed, absolute and squared) and of each attention head's o
 and per head, and a fixed-size, seeded sample of tokens keeps the normalised inputs the later
 steps need (co-activation grouping and predictor training recompute activations from them).
 
-Example:
+Example (a random two-layer model, saved and loaded as any HF checkpoint):
+    >>> import tempfile
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from halo_compile.load import load_model
     >>> from halo_compile.profiling import profile_model
-    >>> m = load_model("smollm2-135m")                                   # doctest: +SKIP
-    >>> prof = profile_model(m, [[1, 2, 3, 4] * 32], sample_tokens=64)    # doctest: +SKIP
-    >>> prof.layers[0].mean_abs_act.shape                                 # doctest: +SKIP
-    torch.Size([1536])
+    >>> path = tempfile.mkdtemp()
+    >>> LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                              num_attention_heads=2, num_key_value_heads=1)).save_pretrained(path)
+    >>> prof = profile_model(load_model(path, progress=False), [[1, 2, 3, 4] * 8], sample_tokens=16,
+    ...                      progress=False)
+    >>> len(prof.layers), prof.layers[0].mean_abs_act.shape
+    (2, torch.Size([32]))
 """
 from __future__ import annotations
 

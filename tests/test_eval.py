@@ -86,7 +86,7 @@ def test_missing_rows_with_zero_fill_equal_the_model_without_those_neurons(tiny_
     lossy, _ = relaxed_remote(plan)
     coord = Coordinator(plan, shards[plan.coordinator], InProcessExchange(plan, shards, miss={lossy: 1.0}),
                         compensation="zero", await_predicted=False)
-    tokens = torch.tensor([5, 17, 300, 42, 1000, 7, 99])
+    tokens = torch.tensor([5, 17, 300, 42, 500, 7, 99])
     coord.reset(1)
     ours = coord.forward(tokens, 0, TokenStats(), all_positions=True)
     weights = assemble(plan, shards)
@@ -103,7 +103,7 @@ def test_lowrank_compensation_is_closer_than_mean_and_zero(tiny_plan, shards):
     """Every relaxed part of one device lost on every token: how far the logits move per method."""
     plan, _ = tiny_plan
     lossy, _ = relaxed_remote(plan)
-    tokens = torch.tensor([5, 17, 300, 42, 1000, 7, 99, 1234, 8, 64])
+    tokens = torch.tensor([5, 17, 300, 42, 500, 7, 99, 404, 8, 64])
 
     def logits(compensation, miss):
         ex = InProcessExchange(plan, shards, miss={lossy: miss})

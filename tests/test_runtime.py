@@ -51,6 +51,7 @@ def shards(tiny_plan):
 
 def test_plan_uses_every_device_and_has_relaxed_groups_on_the_lossy_one(tiny_plan):
     plan, _ = tiny_plan
+    assert len(plan.devices) == 4 and {g.device for g in plan.groups} == set(plan.device_names)
     lossy = [d.name for d in plan.devices if d.loss > 0]
     assert lossy and all(any(g.device == name and not g.critical for g in plan.groups) for name in lossy)
     sizes = {len(g.members) for g in plan.groups if g.kind == "mlp"}
@@ -59,7 +60,7 @@ def test_plan_uses_every_device_and_has_relaxed_groups_on_the_lossy_one(tiny_pla
 
 def test_in_process_matches_single_device_model(tiny_plan, shards, tiny_vocab_dir):
     plan, _ = tiny_plan
-    prompt = [5, 17, 300, 42, 1000]
+    prompt = [5, 17, 300, 42, 500]
     coord = Coordinator(plan, shards[plan.coordinator], InProcessExchange(plan, shards))
     gen = coord.generate(prompt, 16, keep_logits=True)
     tokens, logits = reference(tiny_vocab_dir, prompt, 16)
@@ -122,5 +123,9 @@ def test_under_loss_relaxed_completes_and_strict_stays_exact(tiny_plan, tiny_voc
     assert len(relaxed["tokens"]) == 10
     ex = relaxed["exchange"]
     assert ex["retransmissions"] > 0  # 30% loss: critical parts were re-requested
-    # a relaxed part is compensated at its deadline, never awaited for a retransmission cycle
-    assert ex["max_relaxed_overshoot_ms"] < 50
+    # A relaxed part is compensated at its deadline, never awaited for a retransmission cycle: its
+    # worst overshoot stays below a typical strict token, which waits for TCP's retransmissions.
+    # (Relative to a run on the same machine at the same time, not in absolute ms: a busy machine
+    # stretches both.)
+    assert ex["max_relaxed_overshoot_ms"] < strict["tpot_ms"]["p50"], (ex, strict["tpot_ms"])
+    assert relaxed["tpot_ms"]["p50"] < strict["tpot_ms"]["p50"]

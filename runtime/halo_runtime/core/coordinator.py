@@ -14,10 +14,12 @@ the missing rows. The network exchanges send one message per round, so for T > 1
 part if any token is flagged and miss all rows or none; the in-process exchange draws loss per
 token row, which is what decode sees, so `halo-compile eval` can score a whole window at once.
 
-Example:
-    >>> # coord = Coordinator(plan, shard, exchange)                  # the shard's best compensation
-    >>> # coord = Coordinator(plan, shard, exchange, compensation="zero", await_predicted=False)
-    >>> # result = coord.generate(prompt_ids, max_tokens=32)   -> Generation(tokens, stats, ...)
+Example (what stands in for a relaxed part that missed its deadline; a whole generation is
+`Coordinator(plan, shard, exchange).generate(prompt_ids, max_tokens)`, as tests/test_runtime.py runs it
+on a compiled plan):
+    >>> from halo_runtime.core.coordinator import COMPENSATIONS
+    >>> COMPENSATIONS
+    ('zero', 'mean', 'lowrank')
 """
 from __future__ import annotations
 

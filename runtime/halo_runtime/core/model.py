@@ -13,6 +13,21 @@ Example:
     >>> cos, sin = rope_tables(cfg, torch.arange(3))
     >>> tuple(cos.shape), float(rms_norm(torch.ones(1, 8), torch.ones(8), cfg.rms_norm_eps).sum())
     ((3, 4), 7.999...)
+
+The whole model (FullModel, the reference a plan must match), from HF-named random weights;
+decoding one token after a cached prefix gives what a prefill of all of them gives:
+    >>> from halo_runtime.core.model import FullModel
+    >>> shapes = {"embed_tokens": (32, 8), "norm": (8,), "layers.0.input_layernorm": (8,),
+    ...           "layers.0.post_attention_layernorm": (8,), "layers.0.self_attn.q_proj": (8, 8),
+    ...           "layers.0.self_attn.k_proj": (4, 8), "layers.0.self_attn.v_proj": (4, 8),
+    ...           "layers.0.self_attn.o_proj": (8, 8), "layers.0.mlp.gate_proj": (16, 8),
+    ...           "layers.0.mlp.up_proj": (16, 8), "layers.0.mlp.down_proj": (8, 16)}
+    >>> model = FullModel(cfg, {f"model.{n}.weight": torch.randn(s) for n, s in shapes.items()})
+    >>> prefill = model.logits(torch.tensor([1, 2, 3, 4]))
+    >>> model.reset()
+    >>> _ = model.logits(torch.tensor([1, 2, 3]))
+    >>> tuple(prefill.shape), torch.allclose(model.logits(torch.tensor([4]))[-1], prefill[-1], atol=1e-5)
+    ((4, 32), True)
 """
 from __future__ import annotations
 
@@ -186,10 +201,7 @@ def lm_logits(cfg: ModelConfig, x: torch.Tensor, norm: torch.Tensor, lm_head: to
 
 
 class FullModel:
-    """The whole model on one device, from an HF-named state dict: the reference the plan must match.
-
-    >>> # FullModel(cfg, state_dict).logits(torch.tensor([1, 2, 3]))  -> [3, vocab]
-    """
+    """The whole model on one device, from an HF-named state dict: the reference the plan must match."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         self.cfg, self.w = cfg, weights

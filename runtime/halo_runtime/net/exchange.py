@@ -22,9 +22,17 @@ naming it. A restarted device answers requests of the running session with RESET
 coordinator then says HELLO and rebuilds its KV cache over TCP from the attention inputs it
 sent before (`history`), and carries on (rejoin).
 
-Example:
-    >>> # ex = UdpExchange(plan, {"pi5-1": ("10.0.0.2", 7700), ...}, DeliveryPolicy())
-    >>> # Coordinator(plan, shard, ex).generate(prompt, 32)
+Example (the checked-in plan, its workers nowhere: `begin` says which device does not answer):
+    >>> from halo_runtime.core.plan import load_plan
+    >>> from halo_runtime.net.exchange import UdpExchange
+    >>> plan = load_plan("artifacts/smollm2-135m-pi5")
+    >>> peers = {d: ("127.0.0.1", 9) for d in plan.device_names if d != plan.coordinator}  # discard port
+    >>> ex = UdpExchange(plan, peers, bind_host="127.0.0.1")
+    >>> ex.begin(session=1, timeout_s=0.2)
+    Traceback (most recent call last):
+    ...
+    halo_runtime.net.recovery.DeviceLost: device pi5-1 at 127.0.0.1:9 does not answer (...)
+    >>> ex.close()
 """
 from __future__ import annotations
 
