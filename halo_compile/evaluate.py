@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from halo_runtime.core.coordinator import Coordinator, TokenStats
 from halo_runtime.core.exchange import DeviceStats, InProcessExchange
-from halo_runtime.core.model import FullModel, KVCache, attention_partial, mlp_partial, rms_norm
+from halo_runtime.core.model import FullModel, KVCache, attention_partial, decoder_layer, mlp_partial
 from halo_runtime.core.plan import Plan, PlanError, load_plan
 from halo_runtime.core.plandir import TOKENIZER_FILE
 from halo_runtime.core.policy import DeliveryPolicy
@@ -219,19 +219,24 @@ def predictor_recall(plan: Plan, shards: dict, windows: list[torch.Tensor]) -> d
         h, positions = w["model.embed_tokens.weight"][tokens], torch.arange(len(tokens))
         for i in range(cfg.num_layers):
             lw = lambda n: w[f"model.layers.{i}.{n}.weight"]  # noqa: E731
-            x = rms_norm(h, lw("input_layernorm"), cfg.rms_norm_eps)
-            h = h + attention_partial(cfg, x, positions, lw("self_attn.q_proj"), lw("self_attn.k_proj"),
-                                      lw("self_attn.v_proj"), lw("self_attn.o_proj"), KVCache())
-            m = rms_norm(h, lw("post_attention_layernorm"), cfg.rms_norm_eps)
-            groups = plan.layer_groups(i, "mlp")
-            contrib = group_contributions(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"),
-                                          [list(g.members) for g in groups])
-            relaxed = [g.index for g in groups if not g.critical]
-            label = matters(contrib, plan.predictor.threshold)[:, relaxed]
-            pred = predict_groups(x, layer_predictor(coord, i))[:, relaxed]
-            tp, flagged = tp + int((pred & label).sum()), flagged + int(pred.sum())
-            positive, total = positive + int(label.sum()), total + label.numel()
-            h = h + mlp_partial(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"))
+
+            def attention(x):
+                return attention_partial(cfg, x, positions, lw("self_attn.q_proj"), lw("self_attn.k_proj"),
+                                         lw("self_attn.v_proj"), lw("self_attn.o_proj"), KVCache())
+
+            def mlp(x, m):
+                nonlocal tp, flagged, positive, total
+                groups = plan.layer_groups(i, "mlp")
+                contrib = group_contributions(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"),
+                                              [list(g.members) for g in groups])
+                relaxed = [g.index for g in groups if not g.critical]
+                label = matters(contrib, plan.predictor.threshold)[:, relaxed]
+                pred = predict_groups(x, layer_predictor(coord, i))[:, relaxed]
+                tp, flagged = tp + int((pred & label).sum()), flagged + int(pred.sum())
+                positive, total = positive + int(label.sum()), total + label.numel()
+                return mlp_partial(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"))
+
+            h = decoder_layer(cfg, h, lw("input_layernorm"), lw("post_attention_layernorm"), attention, mlp)
     return {"recall": round(tp / max(positive, 1), 4), "precision": round(tp / max(flagged, 1), 4),
             "flagged": round(flagged / max(total, 1), 4), "positive": round(positive / max(total, 1), 4),
             "tokens": sum(len(t) for t in windows)}

@@ -22,9 +22,10 @@ Example (a random two-layer model, saved and loaded as any HF checkpoint):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-from halo_runtime.core.model import KVCache, ModelConfig, attention_heads, mlp_activations, rms_norm
+from halo_runtime.core.model import KVCache, ModelConfig, attention_heads, decoder_layer, mlp_activations
 from tqdm import tqdm
 
 
@@ -78,6 +79,33 @@ def _layer(weights: dict, i: int, name: str) -> torch.Tensor:
     return weights[f"model.layers.{i}.{name}.weight"]
 
 
+def _attention(cfg: ModelConfig, w: dict, i: int, positions: torch.Tensor, s, x: torch.Tensor) -> torch.Tensor:
+    """Layer i's attention output on x; adds its per-head and per-KV-group output norms to s."""
+    T, H, KV = x.shape[0], cfg.num_heads, cfg.num_kv_heads
+    heads = attention_heads(cfg, x, positions, _layer(w, i, "self_attn.q_proj"),
+                            _layer(w, i, "self_attn.k_proj"), _layer(w, i, "self_attn.v_proj"), KVCache())
+    o = _layer(w, i, "self_attn.o_proj").view(cfg.hidden_size, H, cfg.head_dim)
+    # per-head contribution to the residual stream: [T, H, hidden]
+    per_head = torch.einsum("thd,khd->thk", heads, o)
+    s.head_norm_sum += per_head.norm(dim=-1).sum(0).double()
+    per_kv = per_head.view(T, KV, cfg.group_size, -1).sum(2)
+    s.kv_norm_sum += per_kv.norm(dim=-1).sum(0).double()
+    return per_head.sum(1)
+
+
+def _mlp(w: dict, i: int, keep: torch.Tensor, s, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Layer i's MLP output on m; adds its activation sums to s and keeps the sampled rows of x and m."""
+    act = mlp_activations(m, _layer(w, i, "mlp.gate_proj"), _layer(w, i, "mlp.up_proj"))
+    s.act_sum += act.sum(0).double()
+    s.act_abs_sum += act.abs().sum(0).double()
+    s.act_sq_sum += act.pow(2).sum(0).double()
+    s.tokens += m.shape[0]
+    if keep.numel():
+        s.attn_in.append(x[keep].clone())
+        s.mlp_in.append(m[keep].clone())
+    return act @ _layer(w, i, "mlp.down_proj").T
+
+
 @torch.no_grad()
 def profile_model(model, chunks: list[list[int]], sample_tokens: int = 4096, seed: int = 0,
                   progress: bool = True) -> ActivationStats:
@@ -90,7 +118,6 @@ def profile_model(model, chunks: list[list[int]], sample_tokens: int = 4096, see
                         torch.zeros(H, **f64), torch.zeros(KV, **f64), [], []) for _ in range(L)]
     total = sum(len(c) for c in chunks)
     chosen = _sample_positions(total, sample_tokens, seed)
-    hd, g = cfg.head_dim, cfg.group_size
     offset = 0
     bar = tqdm(total=total, desc="profile", unit="tok", disable=not progress, leave=False)
     for chunk in chunks:
@@ -100,27 +127,8 @@ def profile_model(model, chunks: list[list[int]], sample_tokens: int = 4096, see
         positions = torch.arange(T)
         h = w["model.embed_tokens.weight"][tokens]
         for i in range(L):
-            s = stats[i]
-            x = rms_norm(h, _layer(w, i, "input_layernorm"), cfg.rms_norm_eps)
-            heads = attention_heads(cfg, x, positions, _layer(w, i, "self_attn.q_proj"),
-                                    _layer(w, i, "self_attn.k_proj"), _layer(w, i, "self_attn.v_proj"), KVCache())
-            o = _layer(w, i, "self_attn.o_proj").view(cfg.hidden_size, H, hd)
-            # per-head contribution to the residual stream: [T, H, hidden]
-            per_head = torch.einsum("thd,khd->thk", heads, o)
-            s.head_norm_sum += per_head.norm(dim=-1).sum(0).double()
-            per_kv = per_head.view(T, KV, g, -1).sum(2)
-            s.kv_norm_sum += per_kv.norm(dim=-1).sum(0).double()
-            h = h + per_head.sum(1)
-            m = rms_norm(h, _layer(w, i, "post_attention_layernorm"), cfg.rms_norm_eps)
-            act = mlp_activations(m, _layer(w, i, "mlp.gate_proj"), _layer(w, i, "mlp.up_proj"))
-            s.act_sum += act.sum(0).double()
-            s.act_abs_sum += act.abs().sum(0).double()
-            s.act_sq_sum += act.pow(2).sum(0).double()
-            s.tokens += T
-            if keep.numel():
-                s.attn_in.append(x[keep].clone())
-                s.mlp_in.append(m[keep].clone())
-            h = h + act @ _layer(w, i, "mlp.down_proj").T
+            h = decoder_layer(cfg, h, _layer(w, i, "input_layernorm"), _layer(w, i, "post_attention_layernorm"),
+                              partial(_attention, cfg, w, i, positions, stats[i]), partial(_mlp, w, i, keep, stats[i]))
         offset += T
         bar.update(T)
     bar.close()
