@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 from benchcommon import machine  # noqa: E402
 from halo_runtime.core import kernels as K  # noqa: E402
-from halo_runtime.core.quant import FORMATS, QuantWeight, dequantise, quantise  # noqa: E402
+from halo_runtime.core.quant import FORMATS, dequantise, quantise  # noqa: E402
 
 DEFAULT_GROUP_SHAPES = ("smollm2-down:576x1536:16", "smollm2-o:576x576:3", "1b-down:2048x8192:16",
                         "1b-o:2048x2048:8")
@@ -51,24 +52,6 @@ def uneven_sizes(n: int, k: int, seed: int) -> list[int]:
 
 def _weight(i: int, rows: int, cols: int) -> torch.Tensor:
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(1000 + i)) * 0.02
-
-
-def _resident(obj) -> int:
-    """Bytes a prepared weight keeps (packed library objects: their unpacked weight's bytes)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, QuantWeight):
-        return obj.nbytes
-    if isinstance(obj, (tuple, list)):
-        return sum(_resident(o) for o in obj)
-    if isinstance(obj, torch.ScriptObject):
-        for unpack, size in ((torch.ops.quantized.linear_unpack, 1), (torch.ops.quantized.linear_unpack_fp16, 2)):
-            try:
-                w = unpack(obj)[0]
-                return w.numel() * size
-            except Exception:  # not that kind of packed object
-                continue
-    return 0
 
 
 def _time_passes(fns, repeats: int) -> float:
@@ -107,7 +90,7 @@ def bench_workload(name: str, rows: int, cols: int, n: int, repeats: int, format
                 lins = [K.QuantLinear(w, kern) for w in ws]
                 ys = [lin(x) for lin in lins]
                 row["ms_per_matrix"] = round(_time_passes([lambda lin=lin: lin(x) for lin in lins], repeats) * 1e3, 4)
-                row["resident_bytes"] = sum(_resident(p) for _, _, p in lins[0].calls[0])
+                row["resident_bytes"] = sum(K.resident_bytes(p) for p in lins[0].prepared[0])
                 row["gb_per_s"] = round(row["resident_bytes"] / row["ms_per_matrix"] / 1e6, 2)
                 e32 = [_errors(y, r) for y, r in zip(ys, ref32)]
                 eq = [_errors(y, r) for y, r in zip(ys, refq)]
@@ -122,6 +105,14 @@ def bench_workload(name: str, rows: int, cols: int, n: int, repeats: int, format
     return out
 
 
+def _group_kernels(fmt: str) -> list:
+    """The kernels chosen here for both roles, and for int8 the first dynamic one (the per-group question)."""
+    ks = [K.choose(fmt, "rows"), K.choose(fmt, "groups")]
+    if fmt == "int8":
+        ks += [k for k in K.candidates(fmt) if k.per_segment and k.token_by_token][:1]
+    return list(dict.fromkeys(ks))
+
+
 def bench_groups(spec: str, n: int, repeats: int, formats) -> list[dict]:
     name, shape, k = spec.split(":")
     rows, cols = (int(v) for v in shape.split("x"))
@@ -129,20 +120,22 @@ def bench_groups(spec: str, n: int, repeats: int, formats) -> list[dict]:
     x = torch.randn(1, cols, generator=torch.Generator().manual_seed(2))
     out = []
     for fmt in formats:
-        kern = K.choose(fmt)
-        one = [K.QuantLinear(quantise(_weight(i, rows, cols), fmt), kern) for i in range(n)]
-        t_one = _time_passes([lambda lin=lin: lin(x) for lin in one], repeats)
-        del one
-        grouped = [K.QuantLinear(quantise(_weight(i, rows, cols), fmt, sizes), kern) for i in range(n)]
-        t_grp = _time_passes([lambda lin=lin: lin(x) for lin in grouped], repeats)
-        del grouped
-        row = {"shape": name, "rows": rows, "cols": cols, "groups": len(sizes), "format": fmt, "kernel": kern.name,
-               "calls_per_matrix": len(sizes) if kern.per_segment else 1,
-               "one_call_ms": round(t_one * 1e3, 4), "per_group_ms": round(t_grp * 1e3, 4),
-               "extra_ms": round((t_grp - t_one) * 1e3, 4), "ratio": round(t_grp / t_one, 3)}
-        out.append(row)
-        print(f"  {name:14s} {fmt:5s} {kern.name:22s} {row['calls_per_matrix']:3d} calls  one {row['one_call_ms']:8.3f} ms"
-              f"  per group {row['per_group_ms']:8.3f} ms  x{row['ratio']:.2f}", flush=True)
+        for kern in _group_kernels(fmt):
+            one = [K.QuantLinear(quantise(_weight(i, rows, cols), fmt), kern) for i in range(n)]
+            t_one = _time_passes([lambda lin=lin: lin(x) for lin in one], repeats)
+            del one
+            grouped = [K.QuantLinear(quantise(_weight(i, rows, cols), fmt, sizes), kern) for i in range(n)]
+            t_grp = _time_passes([lambda lin=lin: lin(x) for lin in grouped], repeats)
+            del grouped
+            roles = [r for r in K.ROLES if K.selections()[fmt].get(r) == kern.name]
+            row = {"shape": name, "rows": rows, "cols": cols, "groups": len(sizes), "format": fmt,
+                   "kernel": kern.name, "chosen_for": roles, "calls_per_matrix": len(sizes) if kern.per_segment else 1,
+                   "one_call_ms": round(t_one * 1e3, 4), "per_group_ms": round(t_grp * 1e3, 4),
+                   "extra_ms": round((t_grp - t_one) * 1e3, 4), "ratio": round(t_grp / t_one, 3)}
+            out.append(row)
+            print(f"  {name:14s} {fmt:5s} {kern.name:22s} {row['calls_per_matrix']:3d} calls  one "
+                  f"{row['one_call_ms']:8.3f} ms  per group {row['per_group_ms']:8.3f} ms  x{row['ratio']:.2f}"
+                  f"  (chosen for {'/'.join(roles) or '-'})", flush=True)
     return out
 
 
@@ -186,7 +179,7 @@ def main(argv=None) -> int:
     rows = []
     for name, r, c in (("large", args.rows, args.cols), ("small", args.small_rows, args.small_cols)):
         rows += bench_workload(name, r, c, args.matrices, args.repeats, formats)
-    print("per-group calls against one call (the chosen kernel per format):", flush=True)
+    print("per-group calls against one call (kernels chosen here per role, and int8's dynamic one):", flush=True)
     groups = [g for spec in args.group_shapes.split(",") if spec
               for g in bench_groups(spec, args.matrices, args.repeats, formats)]
     info = machine()
@@ -195,9 +188,7 @@ def main(argv=None) -> int:
                 cpu_flags=cpu_flags(), arch=os.uname().machine)
     result = {"benchmark": "kernels", "machine": info, "wall_s": round(time.time() - t0, 1),
               "config": vars(args), "kernels": rows, "per_group": groups,
-              "chosen": {f: s.kernel for f, s in K.selections().items()},
-              "selection_probe_us": {f: s.times_us for f, s in K.selections().items()},
-              "selection_rejected": {f: s.rejected for f, s in K.selections().items() if s.rejected}}
+              "chosen": K.selections(), "selections": [asdict(s) for s in K.selection_details()]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"chosen here: {result['chosen']}; loadavg {load0[0]:.2f} -> {info['loadavg'][0]:.2f}; "

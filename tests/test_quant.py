@@ -7,12 +7,23 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from halo_runtime.core import kernels as K
-from halo_runtime.core.quant import (FORMATS, INT4_BLOCK, QuantWeight, cat_rows, cat_segments, dequantise,
-                                     dequantise_columns, from_tensors, quantise, quantise_columns, take_rows,
-                                     take_segments, to_tensors)
+from halo_runtime.core.quant import (
+    FORMATS,
+    INT4_BLOCK,
+    QuantWeight,
+    cat_rows,
+    cat_segments,
+    dequantise,
+    dequantise_columns,
+    from_tensors,
+    quantise,
+    quantise_columns,
+    take_rows,
+    take_segments,
+    to_tensors,
+)
+from safetensors.torch import load_file, save_file
 
 FORMAT_NAMES = list(FORMATS)
 
@@ -186,24 +197,35 @@ def test_parts_split_critical_and_relaxed_sums():
 
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
-def test_registry_picks_an_available_kernel_once(fmt):
-    k = K.choose(fmt)
-    assert k.format == fmt and k in K.candidates(fmt)
-    sel = K.selections()[fmt]
-    assert sel.kernel == k.name and k.name in sel.times_us
-    assert K.choose(fmt) is k, "chosen once per process"
+def test_registry_picks_an_available_kernel_once_per_role(fmt):
+    for role in K.ROLES:
+        k = K.choose(fmt, role)
+        assert k.format == fmt and k in K.candidates(fmt)
+        sel = [s for s in K.selection_details() if (s.format, s.role) == (fmt, role)][0]
+        assert sel.kernel == k.name and k.name in sel.times_us
+        assert K.selections()[fmt][role] == k.name
+        assert K.choose(fmt, role) is k, "chosen once per process"
+    grouped = quantise(torch.randn(4, 64), fmt, (32, 32))
+    assert K.QuantLinear(grouped).kernel is K.choose(fmt, "groups")
+    assert K.QuantLinear(quantise(torch.randn(4, 64), fmt)).kernel is K.choose(fmt, "rows")
 
 
 def test_registry_override_and_errors():
-    assert K.choose("int8", "int8.dequant-fp32").name == "int8.dequant-fp32"
-    assert K.selections()["int8"].kernel == "int8.dequant-fp32"
-    with pytest.raises(ValueError, match="unknown kernel"):
-        K.choose("int8", "int8.nope")
-    with pytest.raises(ValueError, match="not available for int4"):
-        K.choose("int4", "int8.dequant-fp32")
-    with pytest.raises(ValueError, match="does not read"):
-        K.QuantLinear(quantise(torch.ones(2, 2), "int4"), K.kernel("int8.dequant-fp32"))
-    K._SELECTIONS.pop("int8")
+    saved = dict(K._SELECTIONS)
+    try:
+        assert K.choose("int8", "groups", "int8.dequant-fp32").name == "int8.dequant-fp32"
+        assert K.selections()["int8"]["groups"] == "int8.dequant-fp32"
+        with pytest.raises(ValueError, match="unknown kernel"):
+            K.choose("int8", "rows", "int8.nope")
+        with pytest.raises(ValueError, match="not available for int4"):
+            K.choose("int4", "rows", "int8.dequant-fp32")
+        with pytest.raises(ValueError, match="role must be one of"):
+            K.Selection("int8", "cols", "int8.dequant-fp32")
+        with pytest.raises(ValueError, match="does not read"):
+            K.QuantLinear(quantise(torch.ones(2, 2), "int4"), K.kernel("int8.dequant-fp32"))
+    finally:
+        K._SELECTIONS.clear()
+        K._SELECTIONS.update(saved)
 
 
 def test_int4_padding_blocks_follow_groups():
@@ -216,9 +238,9 @@ def test_int4_padding_blocks_follow_groups():
 
 
 def test_kernel_benchmark_runs_small(tmp_path):
+    import json
     import subprocess
     import sys
-    import json
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "k.json"
@@ -229,5 +251,17 @@ def test_kernel_benchmark_runs_small(tmp_path):
     data = json.loads(out.read_text())
     names = {r["kernel"] for r in data["kernels"]}
     assert {"fp32.linear", "int8.dequant-fp32", "int4.dequant-fp32"} <= names
-    assert "loadavg" in data["machine"] and data["chosen"]["int8"]
-    assert data["per_group"] and data["per_group"][0]["groups"] == 3
+    assert "loadavg" in data["machine"] and set(data["chosen"]["int8"]) == {"rows", "groups"}
+    assert data["per_group"] and {r["groups"] for r in data["per_group"]} == {3}
+
+
+@pytest.mark.parametrize("name", ["halo_runtime.core.quant", "halo_runtime.core.kernels", "kernels"])
+def test_module_examples_run(name):
+    # test_doctests.py walks only halo_runtime's top level since the core/net/storage split
+    import doctest
+    import importlib
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted and result.failed == 0

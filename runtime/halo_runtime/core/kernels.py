@@ -12,10 +12,11 @@ per *segment* (neuron group, see `halo_runtime.core.quant`) and, where the kerne
 all rows, once per token: a group's contribution then never depends on which other groups share
 its device, nor on which tokens share its batch. Distributing a plan does not change its answer.
 
-`choose(fmt)` measures the available candidates on a small matrix (tens of ms, once per process),
-drops any that fail or disagree with the dequantised reference, and keeps the fastest; a later
-candidate must beat an earlier one by `MARGIN` so that noise does not flip the choice between
-runs. `selections()` names what was chosen, for the runtime's summary and `--json`.
+`choose(fmt, role)` measures the available candidates on a small matrix (tens of ms, once per
+process and role: "rows" for row-sliced matrices, "groups" for column-sliced ones applied group
+by group), drops any that fail or disagree with the dequantised reference, and keeps the fastest;
+a later candidate must beat an earlier one by `MARGIN` so that noise does not flip the choice
+between runs. `selections()` names what was chosen, for the runtime's summary and `--json`.
 
 Example:
     >>> import torch
@@ -34,18 +35,33 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .quant import INT4_BLOCK, QuantWeight, _layout, dequantise, pack_int4, quantise, take_segments, unpack_int4
+from .quant import (
+    INT4_BLOCK,
+    QuantWeight,
+    _layout,
+    dequantise,
+    pack_int4,
+    quantise,
+    take_segments,
+    unpack_int4,
+)
 
 BATCH_ROWS = 4
 """From this many tokens on, token-by-token kernels that can unpack run one fp32 GEMM (prefill)."""
 MARGIN = 0.15
 """A later candidate is chosen over an earlier one only when it is this much faster."""
+MAX_RESIDENT = 1.5
+"""A candidate whose prepared weights take more than this many times the stored bytes is refused:
+the compiler places groups by their stored bytes, so a kernel must not inflate them in RAM."""
+SLOW = 5.0
+"""A candidate whose two first timed calls are this many times the best so far is not timed further."""
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "int8": 6e-2}
 """Largest accepted max|y - y_ref| / max|y_ref| against the dequantised reference, by activation kind."""
 
@@ -130,7 +146,7 @@ def _onednn_qlinear(p, x: torch.Tensor) -> torch.Tensor:
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     levels = 127  # 7-bit activations, as for fbgemm: AVX2 int16 pair sums stay exact
     s = (hi - lo) / levels or 1.0
-    zp = int(round(-lo / s))
+    zp = round(-lo / s)
     xq = (torch.round(x / s) + zp).clamp(0, levels).to(torch.uint8)
     return torch.ops.onednn.qlinear_pointwise(xq, s, zp, packed, scales, zeros, None, 1.0, 0, torch.float32,
                                               "none", [], "")
@@ -270,55 +286,51 @@ class QuantLinear:
     """
 
     def __init__(self, weight: QuantWeight, kern: Kernel | None = None, parts: Sequence[int] | None = None):
-        self.kernel = kern or choose(weight.format.name)
+        self.kernel = kern or choose(weight.format.name, role_of(weight))
         if self.kernel.format != weight.format.name:
             raise ValueError(f"kernel {self.kernel.name} does not read {weight.format.name} weights")
         parts = tuple(parts or (len(weight.segments),))
         if sum(parts) != len(weight.segments) or min(parts) < 0:
             raise ValueError(f"parts {parts} do not cover the {len(weight.segments)} segments")
         self.rows, self.segments = weight.rows, weight.segments
-        self.col_starts = _layout(weight.segments).col_starts
-        self.calls: list[list[tuple[int, int, Any]]] = []  # per part: (first column, end column, prepared)
-        self.part_segments: list[range] = []
+        self.prepared: list[list[Any]] = []   # per part: one prepared weight per kernel call
+        self.widths: list[list[int]] = []     # per part: the columns each call reads
+        self.part_widths: list[int] = []
         at = 0
         for n in parts:
             segs = list(range(at, at + n))
             chunks = [[s] for s in segs] if self.kernel.per_segment else ([segs] if segs else [])
-            self.calls.append([(self.col_starts[c[0]], self.col_starts[c[-1] + 1],
-                                self.kernel.prepare(take_segments(weight, c) if len(c) < len(weight.segments) else weight))
-                               for c in chunks])
-            self.part_segments.append(range(at, at + n))
+            self.prepared.append([self.kernel.prepare(weight if len(c) == len(weight.segments)
+                                                      else take_segments(weight, c)) for c in chunks])
+            self.widths.append([sum(self.segments[s] for s in c) for c in chunks])
+            self.part_widths.append(sum(self.segments[s] for s in segs))
             at += n
 
-    def _call(self, prepared, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel.token_by_token and x.shape[0] > 1:
-            return torch.cat([self.kernel.run(prepared, x[t:t + 1]) for t in range(x.shape[0])])
-        return self.kernel.run(prepared, x)
-
     def _batched(self, x: torch.Tensor, p: int) -> torch.Tensor:
-        calls = self.calls[p]
-        w = torch.cat([self.kernel.unpack(prepared) for _, _, prepared in calls], 1)
-        xq = torch.cat([fake_quant_int8(x[:, self.col_starts[s]:self.col_starts[s + 1]])
-                        for s in self.part_segments[p]], 1)
+        if not self.prepared[p]:
+            return x.new_zeros(x.shape[0], self.rows)
+        w = torch.cat([self.kernel.unpack(prepared) for prepared in self.prepared[p]], 1)
+        xq = torch.cat([fake_quant_int8(xs) for xs in x.split(self.widths[p], 1)], 1)
         return xq @ w.T
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One [T, rows] output per part (zeros for an empty part)."""
-        x = x.float()
-        batched = self.kernel.token_by_token and self.kernel.unpack is not None and x.shape[0] >= BATCH_ROWS
-        out = []
-        for p, calls in enumerate(self.calls):
-            if not calls:
-                out.append(x.new_zeros(x.shape[0], self.rows))
-                continue
-            if batched:
-                out.append(self._batched(x, p))
-                continue
-            y = None
-            for a, b, prepared in calls:
-                part = self._call(prepared, x if (a, b) == (0, x.shape[1]) else x[:, a:b].contiguous())
-                y = part if y is None else y + part
-            out.append(y)
+        x, kern = x.float(), self.kernel
+        T = x.shape[0]
+        if kern.token_by_token and T > 1:
+            if kern.unpack is not None and T >= BATCH_ROWS:
+                return [self._batched(xp, p) for p, xp in enumerate(x.split(self.part_widths, 1))]
+            per_token = [self.parts(x[t:t + 1]) for t in range(T)]
+            return [torch.cat([o[p] for o in per_token]) for p in range(len(self.prepared))]
+        run, out = kern.run, []
+        # the hot path of decode: views, no copies, one stack-and-sum per part
+        for xp, preps, widths in zip(x.split(self.part_widths, 1), self.prepared, self.widths):
+            if len(preps) == 1:
+                out.append(run(preps[0], xp.contiguous()))
+            elif preps:
+                out.append(torch.stack([run(pr, xs.contiguous()) for pr, xs in zip(preps, xp.split(widths, 1))]).sum(0))
+            else:
+                out.append(x.new_zeros(T, self.rows))
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -335,45 +347,85 @@ def fake_quant_int8(x: torch.Tensor) -> torch.Tensor:
 
 # ---- choosing by measurement ---------------------------------------------------------------------
 
+ROLES = {"rows": 1, "groups": 16}
+"""Probe segments per role: "rows" for row-sliced matrices (one segment: q/k/v/gate/up, LM head);
+"groups" for column-sliced ones (o_proj, down_proj) applied per neuron group, as a device holding
+all 16 MLP groups of a layer does. Dynamic int8 kernels pay a fixed cost per call, so the two roles
+may prefer different kernels."""
+
+
 @dataclass(frozen=True)
 class Selection:
-    """Which kernel serves a format in this process, and what the measurement saw."""
+    """Which kernel serves a format in one role in this process, and what the measurement saw."""
 
     format: str
     """Weight format."""
+    role: str
+    """"rows" or "groups" (see ROLES)."""
     kernel: str
     """Name of the chosen kernel."""
     times_us: dict = field(default_factory=dict)
-    """Median microseconds per probe call, per candidate that worked."""
+    """Fastest of the repeats in microseconds per probe multiplication, per candidate that worked
+    (empty when pinned)."""
     rejected: dict = field(default_factory=dict)
     """Why each other candidate was dropped (error, or disagreement with the reference)."""
 
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"kernel selection: role must be one of {sorted(ROLES)}, got {self.role!r}")
 
-PROBE_SHAPE = (512, 1024)
-"""Rows and columns of the probe matrix (two segments of 512): small enough to time in milliseconds."""
-_SELECTIONS: dict[str, Selection] = {}
+
+PROBE_SHAPE = (1024, 2048)
+"""Rows and columns of the probe matrix; in "groups", 16 groups of 128 columns, like a 1B model's
+MLP. Much smaller probes mislead: in cache, dequantise-then-fp32 looks fast."""
+_SELECTIONS: dict[tuple[str, str], Selection] = {}
+
+
+def resident_bytes(prepared) -> int:
+    """Bytes a prepared weight keeps in RAM (a packed library object: its unpacked weight's bytes)."""
+    if isinstance(prepared, torch.Tensor):
+        return prepared.numel() * prepared.element_size()
+    if isinstance(prepared, QuantWeight):
+        return prepared.nbytes
+    if isinstance(prepared, (tuple, list)):
+        return sum(resident_bytes(p) for p in prepared)
+    if isinstance(prepared, torch.ScriptObject):
+        w = torch.ops.quantized.linear_unpack(prepared)[0]
+        return w.numel() * (1 if w.is_quantized else 2) + w.shape[0] * 8  # int8 or fp16, per-row scales
+    return 0
 
 
 def agreement(kern: Kernel, w: QuantWeight, x: torch.Tensor) -> float:
     """max|y - y_ref| / max|y_ref| of `kern` against x @ dequantise(w).T."""
-    ref = x @ dequantise(w).T
-    y = QuantLinear(w, kern)(x)
+    return _error(QuantLinear(w, kern)(x), x @ dequantise(w).T)
+
+
+def _error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def measure(fmt: str, repeats: int = 5, shape: tuple[int, int] = PROBE_SHAPE) -> Selection:
-    """Time every available candidate for `fmt` on a seeded probe matrix; keep the fastest that agrees."""
+def measure(fmt: str, role: str = "rows", repeats: int = 5, weight: QuantWeight | None = None) -> Selection:
+    """Time every available candidate for `fmt` on `weight` (a device's own matrix: the truest
+    probe) or else a seeded PROBE_SHAPE matrix cut into the role's segments; keep the fastest that
+    agrees with the reference. One thread: on a busy machine a thread pool's waits swamp the calls."""
     gen = torch.Generator().manual_seed(0)
-    rows, cols = shape
-    w = quantise(torch.randn(rows, cols, generator=gen) * 0.02, fmt, (cols // 2, cols - cols // 2))
-    x = torch.randn(1, cols, generator=gen)
-    xs = torch.randn(3, cols, generator=gen)
+    if weight is None:
+        rows, cols = PROBE_SHAPE
+        k = ROLES[role]
+        weight = quantise(torch.randn(rows, cols, generator=gen) * 0.02, fmt,
+                          [cols // k + (i < cols % k) for i in range(k)])
+    if weight.format.name != fmt:
+        raise ValueError(f"measure: probe weight is {weight.format.name}, not {fmt}")
+    dense = dequantise(weight)
+    inputs = [(x, x @ dense.T) for x in (torch.randn(1, weight.cols, generator=gen),
+                                         torch.randn(3, weight.cols, generator=gen))]
+    del dense
     times, rejected = {}, {}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: on a busy machine a thread pool's waits swamp a 0.1 ms call
+    torch.set_num_threads(1)
     try:
-        for k in candidates(fmt):
-            _probe(k, w, x, xs, repeats, times, rejected)
+        for kern in candidates(fmt):
+            _probe(kern, weight, inputs, repeats, times, rejected)
     finally:
         torch.set_num_threads(threads)
     if not times:
@@ -382,42 +434,61 @@ def measure(fmt: str, repeats: int = 5, shape: tuple[int, int] = PROBE_SHAPE) ->
     for name, t in times.items():  # in fallback order
         if best is None or t < times[best] * (1 - MARGIN):
             best = name
-    return Selection(fmt, best, {k: round(v, 1) for k, v in times.items()}, rejected)
+    return Selection(fmt, role, best, {n: round(v, 1) for n, v in times.items()}, rejected)
 
 
-def _probe(k: Kernel, w: QuantWeight, x: torch.Tensor, xs: torch.Tensor, repeats: int,
-           times: dict, rejected: dict) -> None:
+def _probe(k: Kernel, w: QuantWeight, inputs, repeats: int, times: dict, rejected: dict) -> None:
+    """Check one candidate on (x, reference) pairs, then time it on the first x."""
     try:
-        err = max(agreement(k, w, x), agreement(k, w, xs))
+        lin = QuantLinear(w, k)
+        held = sum(resident_bytes(pr) for part in lin.prepared for pr in part)
+        if held > MAX_RESIDENT * w.nbytes:
+            rejected[k.name] = f"holds {held / w.nbytes:.1f}x the stored bytes (plans count stored bytes)"
+            return
+        err = max(_error(lin(x), ref) for x, ref in inputs)
         if not err <= TOLERANCE[k.activations]:
             rejected[k.name] = f"disagrees with the reference ({err:.2g})"
             return
-        lin = QuantLinear(w, k)
-        lin(x)
+        x = inputs[0][0]
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             lin(x)
             ts.append(time.perf_counter() - t0)
-        times[k.name] = statistics.median(ts) * 1e6
+            if len(ts) >= 2 and times and min(ts) > SLOW * min(times.values()) / 1e6:  # hopeless: stop
+                break
+        times[k.name] = min(ts) * 1e6  # the fastest repeat: other processes only ever add time
     except Exception as e:  # a kernel this CPU or build cannot run: fall back to the next
         msg = str(e).splitlines()[0][:120] if str(e) else ""
         rejected[k.name] = f"{type(e).__name__}: {msg}"
 
 
-def choose(fmt: str, name: str | None = None) -> Kernel:
-    """The kernel for `fmt` in this process: `name` if given, else measured once and remembered."""
+def choose(fmt: str, role: str = "rows", name: str | None = None, probe: QuantWeight | None = None) -> Kernel:
+    """The kernel for `fmt` in `role` in this process: `name` if given (pinned), else measured
+    once (on `probe` if given, see `measure`) and remembered."""
     if name is not None:
         k = kernel(name)
         if k.format != fmt or k not in candidates(fmt):
             raise ValueError(f"kernel {name} is not available for {fmt} weights here")
-        _SELECTIONS[fmt] = Selection(fmt, name)
+        _SELECTIONS[fmt, role] = Selection(fmt, role, name)
         return k
-    if fmt not in _SELECTIONS:
-        _SELECTIONS[fmt] = measure(fmt)
-    return kernel(_SELECTIONS[fmt].kernel)
+    if (fmt, role) not in _SELECTIONS:
+        _SELECTIONS[fmt, role] = measure(fmt, role, weight=probe)
+    return kernel(_SELECTIONS[fmt, role].kernel)
 
 
-def selections() -> dict[str, Selection]:
-    """Formats chosen so far in this process and their kernels (for the summary and --json)."""
-    return dict(_SELECTIONS)
+def role_of(weight: QuantWeight) -> str:
+    return "groups" if len(weight.segments) > 1 else "rows"
+
+
+def selections() -> dict[str, dict[str, str]]:
+    """Kernels chosen so far in this process, {format: {role: kernel}} (for the summary and --json)."""
+    out: dict[str, dict[str, str]] = {}
+    for (fmt, role), sel in sorted(_SELECTIONS.items()):
+        out.setdefault(fmt, {})[role] = sel.kernel
+    return out
+
+
+def selection_details() -> list[Selection]:
+    """Every selection made so far, with its probe times and rejections."""
+    return [_SELECTIONS[k] for k in sorted(_SELECTIONS)]

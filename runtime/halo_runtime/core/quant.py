@@ -47,8 +47,8 @@ Example:
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -169,14 +169,20 @@ class _Layout:
     """Where each segment's columns, packed bytes and int4 blocks start (int4 bookkeeping)."""
 
     col_starts: tuple[int, ...]
+    """First column of each segment, and the total at the end."""
     byte_starts: tuple[int, ...]
+    """First packed int4 byte of each segment, and the total at the end."""
     block_starts: tuple[int, ...]
+    """First int4 scale block of each segment, and the total at the end."""
     blocks: int
-    nibble_index: torch.Tensor  # per real column: its position among the unpacked nibbles
-    block_index: torch.Tensor   # per real column: its scale's column
+    """int4 scale blocks per row."""
+    nibble_index: torch.Tensor
+    """Per column: its position among the unpacked nibbles (skipping odd segments' padding)."""
+    block_index: torch.Tensor
+    """Per column: the column of its int4 scale."""
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # cheap to rebuild; bounded so that 8B-wide index tensors do not pile up
 def _layout(segments: tuple[int, ...]) -> _Layout:
     cols, byts, blks, nib, blk = [0], [0], [0], [], []
     for n in segments:
