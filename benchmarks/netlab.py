@@ -23,12 +23,12 @@ configured in, or sent from, the namespace the lab was started in. Namespaces ar
 `PREFIX-PID-N-ROLE`; a new lab first removes labs of its prefix whose creating process is gone.
 Works as root, and inside `unshare -rnm` (it then mounts a private tmpfs on /run/netns).
 
-Example (as root):
-    >>> from netlab import Lab, LinkSpec
-    >>> with Lab(["a", "b", "c"], prefix="demo") as lab:                         # doctest: +SKIP
-    ...     lab.set_link("a", "b", LinkSpec(loss=0.05, delay_ms=2, jitter_ms=0.5))
-    ...     out = lab.run("a", ["ping", "-c", "1", lab.addr("b")])
-    ...     lab.counters()[("a", "b")]      # {'sent': ..., 'dropped': ..., 'observed_loss': ...}
+Usage (as root, so not a doctest; tests/test_netlab.py runs it where namespaces work):
+    from netlab import Lab, LinkSpec
+    with Lab(["a", "b", "c"], prefix="demo") as lab:
+        lab.set_link("a", "b", LinkSpec(loss=0.05, delay_ms=2, jitter_ms=0.5))
+        out = lab.run("a", ["ping", "-c", "1", lab.addr("b")])
+        lab.counters()[("a", "b")]      # {'sent': ..., 'dropped': ..., 'observed_loss': ...}
 
 Command line:
     python benchmarks/netlab.py check                     # what works here, as JSON

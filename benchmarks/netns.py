@@ -3,12 +3,10 @@
 Used by `netlab.Lab` (which builds the lab) and `netdelay` (which enters the namespaces); nothing
 here touches the namespace it runs in, except `check`'s throw-away probe namespace.
 
-Example (as root):
-    >>> import netns
-    >>> netns.check()["ok"]                                  # doctest: +SKIP
-    True
-    >>> netns.clean("halolab")                               # doctest: +SKIP
-    []
+Usage (as root, so not a doctest; tests/test_netlab.py runs it where namespaces work):
+    import netns
+    netns.check()["ok"]          # True where this machine can build a lab
+    netns.clean("halolab")       # [] when no lab of that prefix was left behind
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Example (a random HF checkpoint; `load_model("smollm2-135m")` loads the built-in
     >>> import tempfile
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from halo_compile.load import load_model
-    >>> path = tempfile.mkdtemp()
+    >>> path = (tmp := tempfile.TemporaryDirectory()).name
     >>> LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
     ...                              num_attention_heads=2, num_key_value_heads=1)).save_pretrained(path)
     >>> m = load_model(path, progress=False)

@@ -11,7 +11,7 @@ Example (a random two-layer model, saved and loaded as any HF checkpoint):
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from halo_compile.load import load_model
     >>> from halo_compile.profiling import profile_model
-    >>> path = tempfile.mkdtemp()
+    >>> path = (tmp := tempfile.TemporaryDirectory()).name
     >>> LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
     ...                              num_attention_heads=2, num_key_value_heads=1)).save_pretrained(path)
     >>> prof = profile_model(load_model(path, progress=False), [[1, 2, 3, 4] * 8], sample_tokens=16,

@@ -5,7 +5,8 @@ Example (the checked-in plan.json, edited after compiling: the manifest catches 
     >>> import shutil, tempfile
     >>> from pathlib import Path
     >>> from halo_compile.verify import verify_plan
-    >>> copy = Path(tempfile.mkdtemp())
+    >>> tmp = tempfile.TemporaryDirectory()                  # removed when the example ends
+    >>> copy = Path(tmp.name)
     >>> for name in ("plan.json", "manifest.json"):
     ...     _ = shutil.copy(Path("artifacts/smollm2-135m-pi5") / name, copy)
     >>> text = (copy / "plan.json").read_text()

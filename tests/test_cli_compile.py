@@ -206,10 +206,10 @@ def test_plan_missing_profile(tmp_path, tiny_vocab_dir):
 
 def test_plan_cluster_too_small(tmp_path, tiny_vocab_dir):
     f = tmp_path / "small.yaml"
-    f.write_text(cluster_yaml(4, lossy=1, memory_mb=1))
-    line = assert_user_error(halo("plan", tiny_vocab_dir, "--cluster", f, "-o", tmp_path / "out", *FAST,
-                                  cwd=tmp_path), "MB")
-    assert "needs" in line and "dev0" in line                    # the embeddings alone outgrow 1 MB
+    f.write_text(cluster_yaml(4, lossy=1, memory_mb=0.1))
+    line = assert_user_error(cli("plan", tiny_vocab_dir, "--cluster", f, "-o", tmp_path / "out", *FAST,
+                                 cwd=tmp_path), "MB")
+    assert "needs" in line and "dev0" in line                    # the embeddings alone (131 kB) outgrow 0.1 MB
     assert not (tmp_path / "out").exists()
 
 
@@ -241,7 +241,7 @@ def test_failed_compile_leaves_existing_out_dir_alone(existing_out, tmp_path, ti
     before = snapshot(existing_out)
     siblings = sorted(os.listdir(existing_out.parent))
     profile = tmp_path / "c.yaml"
-    profile.write_text(cluster_yaml(4, lossy=1, memory_mb=1 if failure == "cluster-too-small" else 4096,
+    profile.write_text(cluster_yaml(4, lossy=1, memory_mb=0.1 if failure == "cluster-too-small" else 4096,
                                     loss=1.0 if failure == "bad-profile" else 0.05))
     extra = ["--calib", tmp_path / "missing.txt"] if failure == "missing-calib" else []
     assert_user_error(cli("plan", tiny_vocab_dir, "--cluster", profile, "-o", existing_out, *extra, *FAST,

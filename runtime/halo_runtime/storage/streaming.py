@@ -29,7 +29,7 @@ temporary directory, and a budget for two of the three layers: the third is read
     >>> plan = dataclasses.replace(load_plan("artifacts/smollm2-135m-pi5"), model=cfg, groups=groups)
     >>> shapes = {"gate_proj": (6, 8), "up_proj": (6, 8), "down_proj": (8, 6)}
     >>> shard = {f"layers.{i}.mlp.{p}": torch.randn(s) for i in range(3) for p, s in shapes.items()}
-    >>> plan_dir = tempfile.mkdtemp()
+    >>> plan_dir = (tmp := tempfile.TemporaryDirectory()).name
     >>> save_file(shard, f"{plan_dir}/{plan.shard_file('pi5-3')}")
     >>> dev = open_streaming(plan, plan_dir, "pi5-3", LoadConfig(budget=2 * 576, mode="exact", cold=False))
     >>> held, x = DeviceCompute(plan, "pi5-3", shard), torch.randn(2, 8)
