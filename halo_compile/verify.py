@@ -4,7 +4,7 @@ exactly the model's weights, every row and column once.
 Example:
     >>> from halo_compile.verify import verify_plan
     >>> verify_plan("artifacts/smollm2-135m-pi5")     # doctest: +SKIP
-    ['manifest: 6 files match', 'shards: 272 tensors reassemble to the model (fingerprint 3f2a...)']
+    ['manifest: 7 files match', 'shards: 272 tensors reassemble to the model (fingerprint 3f2a...)']
 """
 from __future__ import annotations
 
