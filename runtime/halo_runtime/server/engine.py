@@ -3,11 +3,12 @@ the order they came.
 
 Every request is a fresh session (`Coordinator.generate` says HELLO with a new random session id,
 and each device drops its KV cache), so nothing of one conversation leaks into the next. Requests
-are not batched into shared rounds: a device holds one session's KV cache, and on the tiny plan a
-request's rounds are dominated by per-round overheads that batching would not remove (measured
-in docs/BENCHMARKS.md, "Serving"). A lost device that holds critical groups (`DeviceLost`) fails
-only the request it happened in (503); the engine drops that exchange and builds a new one for the
-next request, so a restarted device is used again. A relaxed-only device that dies mid-stream
+are not batched into shared rounds, although that would pay: a round's cost hardly grows with the
+token rows it carries (docs/BENCHMARKS.md, "Serving"); but a device holds one session's KV cache
+and a request message one start position, so batching needs several sessions per device first.
+A lost device that holds critical groups (`DeviceLost`) fails only the request it happened in
+(503); the engine drops that exchange and builds a new one for the next request, so a restarted
+device is used again. A relaxed-only device that dies mid-stream
 is marked down by the exchange and compensated: the reply completes.
 
 Results go back through a `deliver` callback (the HTTP side hands one that wakes its event loop):
