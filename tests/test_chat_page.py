@@ -17,7 +17,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 pytest.importorskip("openai")
 pytest.importorskip("starlette")
 
-from serving import Server, plan_with_template  # noqa: E402
+from live_server import Server, plan_with_template  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

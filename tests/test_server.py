@@ -29,7 +29,7 @@ from halo_runtime.core.plan import load_plan  # noqa: E402
 from halo_runtime.core.plandir import TOKENIZER_FILE, sha256_file  # noqa: E402
 from halo_runtime.core.tokenizer import Tokenizer  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from serving import TEMPLATE, Server, plan_with_template  # noqa: E402
+from live_server import TEMPLATE, Server, plan_with_template  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE_EOS = {"ignore_eos": True}
