@@ -3,7 +3,7 @@
 
 Exactness tests run the server with `--sync strict` (every part awaited, so the tokens depend only
 on the plan), as does the `halo-run local` they compare with; the device-failure test runs it
-relaxed. Every test's loops are bounded and every process is stopped (tests/serving.py).
+relaxed. Every test's loops are bounded and every process is stopped (tests/live_server.py).
 """
 from __future__ import annotations
 
