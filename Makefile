@@ -1,4 +1,5 @@
 # The two commands: `make demo` and `make test`. Everything else is a step they depend on.
+# `make test` is the fast suite (no real model); `make test-slow` the rest; `make test-all` both.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,7 @@ LAB_APT   := iproute2 nftables iptables ethtool libnetfilter-queue-dev gcc pytho
 BENCH_PLAN := artifacts/smollm2-135m-pi5
 QUICK_OUT  ?= out/bench-quick/plr_sweep.json
 
-.PHONY: install demo test plans clean lab-setup bench bench-quick
+.PHONY: install demo test test-slow test-all plans clean lab-setup bench bench-quick
 
 install: $(STAMP) $(LAB_STAMP)
 
@@ -38,10 +39,17 @@ demo: install
 	$(BIN)/halo-run local --plan $(DEMO) --chat --prompt "What is a Raspberry Pi?" \
 	  --max-tokens 48 --plr 0.05 --compare --quiet
 
+# tests marked slow use the real SmolLM2 (converted once, cached in ~/.cache/halo) or run for minutes;
 # the chat page's browser test needs Debian's chromium and chromium-driver (.ci/run installs them)
 test: install
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || echo "note: chromium or \
 	chromedriver missing (apt-get install chromium chromium-driver): the chat page's browser test is skipped"
+	$(BIN)/pytest -q -m "not slow"
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+test-all: install
 	$(BIN)/pytest -q
 
 # Recompile the checked-in plans (their shards are not committed).

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -81,7 +82,7 @@ def run(args) -> dict | None:
     import torch
     import torch.distributed as dist
     from halo_runtime.core.device import DeviceCompute
-    from halo_runtime.core.model import lm_logits, rms_norm
+    from halo_runtime.core.model import decoder_layer, lm_logits
     from halo_runtime.core.plan import load_plan
     from halo_runtime.core.plandir import TOKENIZER_FILE
     from halo_runtime.core.shards import load_shard
@@ -111,6 +112,24 @@ def run(args) -> dict | None:
         raise SystemExit("prompt + max tokens exceed the plan's max context")
     wire = {"fp16": torch.float16, "fp32": torch.float32}[args.wire]
 
+    def all_reduce(part):
+        """The sum of every rank's part, sent as `wire`."""
+        part = part.to(wire)
+        dist.all_reduce(part)
+        return part.float()
+
+    def attention(layer, position, x):
+        part = compute.attention(layer, x, position) if compute.has_attention(layer) else torch.zeros_like(x)
+        return all_reduce(part)
+
+    def mlp(layer, x, m):
+        part = torch.zeros_like(m)
+        if compute.has_mlp(layer):
+            for p in compute.mlp(layer, m):
+                if p is not None:
+                    part = part + p
+        return all_reduce(part)
+
     host, _, port = args.master.rpartition(":")
     dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=args.rank, world_size=len(order),
                             timeout=datetime.timedelta(seconds=args.timeout_s))
@@ -127,22 +146,8 @@ def run(args) -> dict | None:
                 dist.broadcast(h, 0)
                 h = h.float()
                 for layer in range(cfg.num_layers):
-                    in_norm, post_norm = norms[layer]
-                    x = rms_norm(h, in_norm, cfg.rms_norm_eps)
-                    part = (compute.attention(layer, x, start) if compute.has_attention(layer)
-                            else torch.zeros_like(h))
-                    part = part.to(wire)
-                    dist.all_reduce(part)
-                    h = h + part.float()
-                    m = rms_norm(h, post_norm, cfg.rms_norm_eps)
-                    part = torch.zeros_like(h)
-                    if compute.has_mlp(layer):
-                        for p in compute.mlp(layer, m):
-                            if p is not None:
-                                part = part + p
-                    part = part.to(wire)
-                    dist.all_reduce(part)
-                    h = h + part.float()
+                    h = decoder_layer(cfg, h, *norms[layer], partial(attention, layer, start),
+                                      partial(mlp, layer))
                 start += T
                 if args.rank == 0:
                     logits = lm_logits(cfg, h[-1:], coord["norm"], coord.get("lm_head", coord["embed_tokens"]))[0]

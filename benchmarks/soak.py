@@ -173,7 +173,8 @@ def soak(plan_dir: str, minutes: float, tokens: int, plr: float, sample_s: float
                 samples.append({"t_s": round(time.monotonic() - t0, 1), "tokens": generated,
                                 "rss_mb": {d: rss_mb(pid) for d, pid in pids.items()}})
         stop.set()
-        final = {"exchange": ex.stats(), "devices": ex.device_stats()}
+        final = {"exchange": ex.stats().to_json(),
+                 "devices": {d: s.to_json() for d, s in ex.device_stats().items()}}
         ex.close()
         recorder.close()
     finally:

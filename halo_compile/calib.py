@@ -6,7 +6,7 @@ article: the first half calibrates, the second half evaluates, so no sentence is
 
 Example:
     >>> from halo_compile.calib import calibration_articles, evaluation_articles, token_chunks
-    >>> len(calibration_articles()) + len(evaluation_articles()) > 80   # doctest: +SKIP
+    >>> len(calibration_articles()) + len(evaluation_articles()) > 80
     True
     >>> [len(c) for c in token_chunks(list(range(100)), chunk_len=40, max_tokens=100)]
     [40, 40, 20]

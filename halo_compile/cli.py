@@ -1,15 +1,33 @@
 """`halo-compile`: plan, inspect and verify deployable HALO plans.
 
-Example:
     $ halo-compile plan smollm2-135m --cluster profiles/pi5.yaml
     $ halo-compile inspect artifacts/smollm2-135m-pi5
     $ halo-compile verify artifacts/smollm2-135m-pi5 --model smollm2-135m
     $ halo-compile eval artifacts/smollm2-135m-pi5 --plr 0.05 --plr 0.1 --tokens 8192 --json
+
+An option that sets a field of an options dataclass (CompileOptions, EvalOptions, DeliveryPolicy)
+takes its default, and its help unless it has its own, from that field: the defaults are typed once.
+
+Example:
+    >>> from halo_compile.cli import field_default, field_doc
+    >>> from halo_compile.pipeline import CompileOptions
+    >>> field_default(CompileOptions, "calib_tokens"), field_doc(CompileOptions, "mlp_groups")
+    (8192, 'MLP neuron groups per layer.')
+    >>> from click.testing import CliRunner
+    >>> from halo_compile.cli import main
+    >>> out = CliRunner().invoke(main, ["plan", "--help"], max_content_width=200).output
+    >>> next(line.split(None, 2)[2] for line in out.splitlines() if "--calib-tokens" in line)
+    'Calibration tokens profiled.  [default: 8192]'
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
+import importlib
 import sys
-from functools import wraps
+import textwrap
+from functools import cache, wraps
+from inspect import getsource  # `inspect` is a command below
 
 import click
 
@@ -45,6 +63,63 @@ def friendly(fn):
     return run
 
 
+def field_default(cls, name: str):
+    """The default of dataclass `cls`'s field `name` (its default_factory called, if it has one)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise ValueError(f"{cls.__name__}.{name} has no default")
+
+
+def field_doc(cls, name: str) -> str:
+    """The docstring under dataclass `cls`'s field `name`, on one line ("" if it has none)."""
+    return _field_docs(cls).get(name, "")
+
+
+@cache
+def _field_docs(cls) -> dict[str, str]:
+    # a field's docstring is a bare string after it: Python keeps it only in the source
+    body = ast.parse(textwrap.dedent(getsource(cls))).body[0].body
+    return {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
+            if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+            and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+
+
+class FieldOption(click.Option):
+    """An option whose default, and help unless given, are a field of the options dataclass `of`
+    ("module:Class"; field: the option's name unless given). The class is imported only when click
+    needs the default (running the command, or its --help): the compiler's modules load torch, which
+    `halo-compile inspect` need not wait for."""
+
+    def __init__(self, *decls, of: str, field: str | None = None, **kwargs):
+        super().__init__(*decls, show_default=True, **kwargs)
+        self.of, self.field = of, field or self.name
+
+    def options_class(self):
+        module, _, name = self.of.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def get_default(self, ctx, call: bool = True):
+        return field_default(self.options_class(), self.field)
+
+    def get_help_record(self, ctx):
+        if self.help is None:
+            self.help = field_doc(self.options_class(), self.field)
+        return super().get_help_record(ctx)
+
+
+def field_option(*decls, of: str, **kwargs):
+    """`click.option` for a `FieldOption`."""
+    return click.option(*decls, cls=FieldOption, of=of, **kwargs)
+
+
+COMPILE = "halo_compile.pipeline:CompileOptions"
+EVAL = "halo_compile.evaluate:EvalOptions"
+POLICY = "halo_runtime.core.policy:DeliveryPolicy"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="halo-compile")
 def main():
@@ -57,16 +132,14 @@ def main():
               help="Cluster profile YAML (see profiles/).")
 @click.option("-o", "--out", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: artifacts/<model>-<profile>].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
-@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+@field_option("--seed", of=COMPILE, type=int)
+@field_option("--calib", of=COMPILE, field="calib_file", type=click.Path(dir_okay=False),
               help="Calibration text file [default: first half of the built-in Wikipedia articles].")
-@click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens to profile.")
-@click.option("--groups", "mlp_groups", type=int, default=16, show_default=True, help="MLP neuron groups per layer.")
-@click.option("--relaxed-share", type=float, default=0.15, show_default=True,
-              help="Importance share of each layer's MLP groups that may be relaxed.")
-@click.option("--max-context", type=int, default=2048, show_default=True, help="KV cache length to budget for.")
-@click.option("--solver-time", type=float, default=10.0, show_default=True,
-              help="CP-SAT deterministic time budget per phase.")
+@field_option("--calib-tokens", of=COMPILE, type=int)
+@field_option("--groups", "mlp_groups", of=COMPILE, type=int)
+@field_option("--relaxed-share", of=COMPILE, type=float)
+@field_option("--max-context", of=COMPILE, type=int)
+@field_option("--solver-time", of=COMPILE, type=float)
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @friendly
 def plan(model, cluster, out, seed, calib, calib_tokens, mlp_groups, relaxed_share, max_context, solver_time, quiet):
@@ -117,18 +190,18 @@ def verify(directory, model):
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--plr", "plrs", type=float, multiple=True,
               help="Loss rate on the plan's lossy links; repeat for several [default: the profile's rates].")
-@click.option("--tokens", type=int, default=8192, show_default=True, help="Evaluation tokens.")
-@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
+@field_option("--tokens", of=EVAL, type=int)
+@field_option("--text", "text_file", of=EVAL, type=click.Path(dir_okay=False),
               help="UTF-8 text to score [default: evaluation half of the built-in Wikipedia articles].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the simulated loss.")
+@field_option("--seed", of=EVAL, type=int)
 @click.option("--method", "methods", multiple=True,
               help="Only these methods (repeatable; the default method always runs, first): "
                    "predictor+lowrank, predictor, lowrank, mean, zero, loss-blind.")
-@click.option("--context", type=int, default=512, show_default=True, help="Window length (non-overlapping).")
-@click.option("--relaxed-retries", type=int, default=1, show_default=True,
-              help="Delivery policy simulated: fast re-requests of a late relaxed part.")
-@click.option("--redundancy", type=int, default=1, show_default=True,
-              help="Delivery policy simulated: copies of each message on lossy links.")
+@field_option("--context", of=EVAL, type=int)
+@field_option("--relaxed-retries", of=POLICY, type=int,
+              help="Delivery policy simulated: fast re-requests of a late relaxed part before its deadline.")
+@field_option("--redundancy", of=POLICY, type=int,
+              help="Delivery policy simulated: copies of every message to and from a lossy device (1 = none).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--predictive", multiple=True, metavar="DEVICE",

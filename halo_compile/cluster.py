@@ -45,7 +45,7 @@ class ProfileError(ValueError):
 
 
 @dataclass(frozen=True)
-class Profile:
+class ClusterProfile:
     """A validated cluster profile."""
 
     name: str
@@ -107,7 +107,7 @@ def _device(raw, defaults: dict, where: str) -> Device:
         raise ProfileError(f"{where}: {e}") from None
 
 
-def parse_profile(text: str, source: str) -> Profile:
+def parse_profile(text: str, source: str) -> ClusterProfile:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -149,10 +149,10 @@ def parse_profile(text: str, source: str) -> Profile:
         raise ProfileError(f"{source}: devices[{where}] ({coordinator}).storage_mbps: the coordinator holds the "
                            "residual stream and cannot stream weights; set storage_mbps on other devices only")
     fingerprint = hashlib.sha256(text.encode()).hexdigest()
-    return Profile(name=name, coordinator=coordinator, devices=devices, fingerprint=fingerprint)
+    return ClusterProfile(name=name, coordinator=coordinator, devices=devices, fingerprint=fingerprint)
 
 
-def load_profile(path: str | Path) -> Profile:
+def load_profile(path: str | Path) -> ClusterProfile:
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")  # bytes as-is: the fingerprint is of the file's bytes

@@ -10,28 +10,43 @@ Neurons grouped by co-activation fire together, so a few of them explain much of
 (`halo_runtime.model.mlp_partial` plus a bias), and the estimates of a device's relaxed groups
 add up to one SwiGLU, so the coordinator evaluates a whole missing part in one call.
 
-Coordinator shard tensors per layer i (R relaxed groups, r = rank, h = hidden):
+Coordinator shard tensors per layer i (G MLP groups, R relaxed groups, r = rank, h = hidden):
+    compensation.{i}.mean   [G, h]      every group's calibration-mean contribution
     compensation.{i}.groups [R] int64   group indices, ascending
     compensation.{i}.gate   [R, r, h]   gate rows of the kept neurons (zero rows pad small groups)
     compensation.{i}.up     [R, r, h]   up rows
     compensation.{i}.down   [R, r, h]   refit down projection, transposed
     compensation.{i}.bias   [R, h]
 
+`compensate_layer` is the step for one layer (the low-rank tensors only when rank > 0).
+
 Example:
     >>> import torch
-    >>> from halo_compile.compensate import lowrank_compensation
+    >>> from halo_compile.compensate import compensate_layer, lowrank_compensation
+    >>> from halo_compile.group import LayerGroups
+    >>> from halo_compile.score import LayerScores
     >>> x, gate, up, down = torch.randn(256, 8), torch.randn(12, 8), torch.randn(12, 8), torch.randn(8, 12)
     >>> est = lowrank_compensation(x, gate, up, down, [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11]], [1],
     ...                            torch.rand(12), rank=4)
     >>> tuple(est.tensors["gate"].shape), est.error[0] < 1e-6      # a 4-neuron group is kept whole
     ((1, 4, 8), True)
+    >>> groups = LayerGroups(mlp=(tuple(range(8)), (8, 9, 10, 11)), attn=((0,),), neuron_importance=torch.rand(12))
+    >>> scores = LayerScores(attn_importance=(1.0,), mlp_importance=(0.9, 0.1), mlp_critical=(True, False))
+    >>> comp = compensate_layer(torch.rand(12), x, gate, up, down, groups, scores, rank=4)
+    >>> tuple(comp.mean.shape), comp.lowrank.tensors["groups"].tolist(), list(comp.tensors(2))[:2]
+    ((2, 8), [1], ['compensation.2.mean', 'compensation.2.groups'])
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from halo_runtime.core.model import mlp_activations
+
+if TYPE_CHECKING:
+    from .group import LayerGroups
+    from .score import LayerScores
 
 RIDGE = 1e-6
 """Ridge on the least-squares refit, relative to the mean feature energy: only guards singularity."""
@@ -91,3 +106,36 @@ def lowrank_compensation(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, 
         return Compensation(tensors, error, mean_error)
     finally:
         torch.set_num_threads(threads)
+
+
+def mean_contribution(mean_act: torch.Tensor, down_proj: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """[groups, hidden] each group's calibration-mean contribution down[:, G] @ E[act_G]."""
+    rows = [down_proj[:, g] @ mean_act[g].to(down_proj.dtype) for g in groups]
+    return torch.stack(rows) if rows else torch.zeros(0, down_proj.shape[0])
+
+
+@dataclass(frozen=True)
+class LayerCompensation:
+    """Step 4b's result for one layer: what the coordinator adds in place of a missing relaxed group."""
+
+    mean: torch.Tensor
+    """[mlp groups, hidden] every group's calibration-mean contribution."""
+    lowrank: Compensation | None
+    """Low-rank estimates of the relaxed groups; None when the rank is 0 (the mean alone)."""
+
+    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """Its tensors under the coordinator shard's names (see the module docstring)."""
+        out = {f"compensation.{layer}.mean": self.mean}
+        if self.lowrank is not None:
+            out.update({f"compensation.{layer}.{k}": v for k, v in self.lowrank.tensors.items()})
+        return out
+
+
+def compensate_layer(mean_act: torch.Tensor, mlp_in: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                     down: torch.Tensor, groups: LayerGroups, scores: LayerScores, rank: int) -> LayerCompensation:
+    """Step 4b for one layer: mean_act [intermediate] is E[activation] over all calibration tokens,
+    mlp_in [T, hidden] the sampled MLP inputs the low-rank estimates are fitted on."""
+    members = groups.mlp_lists
+    lowrank = lowrank_compensation(mlp_in, gate, up, down, members, scores.relaxed, groups.neuron_importance,
+                                   rank) if rank else None
+    return LayerCompensation(mean_contribution(mean_act.float(), down, members), lowrank)

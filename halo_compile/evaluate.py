@@ -16,10 +16,18 @@ and "predictor+lowrank" (wait where the predictor flags a group, compensate the 
 `place.place_loss_blind`, which ignores loss). The default, listed first, is what
 `Coordinator(plan, shard, exchange)` does.
 
-Example:
-    >>> from halo_compile.evaluate import EvalOptions, evaluate
-    >>> r = evaluate("artifacts/smollm2-135m-pi5", EvalOptions(plrs=(0.05,), tokens=2048))  # doctest: +SKIP
-    >>> r["full_ppl"], [(x["method"], round(x["ppl"], 2)) for x in r["results"]]           # doctest: +SKIP
+Example (`evaluate(plan_dir, EvalOptions(plrs=(0.05,)))` scores a compiled plan with its shards;
+the checked-in plan.json alone gives the miss rates it simulates, at 5% loss on the lossy links):
+    >>> from halo_compile.evaluate import METHODS, EvalOptions, miss_rates
+    >>> from halo_runtime.core.plan import load_plan
+    >>> from halo_runtime.core.policy import DeliveryPolicy
+    >>> rates = miss_rates(load_plan("artifacts/smollm2-135m-pi5"), plr=0.05, policy=DeliveryPolicy())
+    >>> {d: round(q, 4) for d, q in rates.items()}
+    {'pi5-1': 0.0, 'pi5-2': 0.0095, 'pi5-3': 0.0095}
+    >>> EvalOptions(methods=("lowrank", "retry"))
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown method 'retry' (known: predictor+lowrank, predictor, lowrank, mean, zero, loss-blind)
 """
 from __future__ import annotations
 
@@ -28,8 +36,8 @@ from pathlib import Path
 
 import torch
 from halo_runtime.core.coordinator import Coordinator, TokenStats
-from halo_runtime.core.exchange import InProcessExchange
-from halo_runtime.core.model import FullModel, KVCache, attention_partial, mlp_partial, rms_norm
+from halo_runtime.core.exchange import DeviceStats, InProcessExchange
+from halo_runtime.core.model import FullModel, KVCache, attention_partial, decoder_layer, mlp_partial
 from halo_runtime.core.plan import Plan, PlanError, load_plan
 from halo_runtime.core.plandir import TOKENIZER_FILE
 from halo_runtime.core.policy import DeliveryPolicy
@@ -171,7 +179,8 @@ def full_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], bar=None) ->
 
 @torch.no_grad()
 def plan_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], method: Method, miss: dict[str, float],
-             seed: int, wire: str = "fp32", bar=None, computes: dict | None = None) -> tuple[list[float], dict]:
+             seed: int, wire: str = "fp32", bar=None,
+             computes: dict | None = None) -> tuple[list[float], dict[str, DeviceStats]]:
     """NLL per window of the plan run by the runtime coordinator under simulated loss, and what was missed.
     computes: prebuilt devices by name (e.g. predictive StreamingComputes)."""
     exchange = InProcessExchange(plan, shards, miss=miss, seed=seed, wire=wire, computes=computes)
@@ -182,22 +191,17 @@ def plan_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], method: Meth
         coord.reset(i + 1)
         out.append(_nll(coord.forward(w, 0, TokenStats(), all_positions=True), w))
         bar and bar.update(1)
-    return out, exchange.stats()["devices"]
+    return out, exchange.stats().devices
 
 
 def loss_blind_variant(plan: Plan, shards: dict, solver_time: float = 10.0) -> tuple[Plan, dict]:
     """The same groups (criticality included) placed by `place_loss_blind`, with shards re-cut to match."""
-    from .pipeline import BYTES_PER_WEIGHT, group_cost
-    from .place import PlaceOptions, place_loss_blind
+    from .place import placement_inputs
 
-    policy = DeliveryPolicy()
     coord = shards[plan.coordinator]
     extras = {k: v for k, v in coord.items() if k.startswith(("predictor.", "compensation."))}
-    fixed = {plan.coordinator: sum(v.numel() for k, v in coord.items() if "proj" not in k) * BYTES_PER_WEIGHT}
-    miss = {d.name: 0.0 if d.name == plan.coordinator else policy.miss_probability(d.loss) for d in plan.devices}
-    costs = [group_cost(plan.model, g, plan.max_context) for g in plan.groups]
-    opts = PlaceOptions(seed=plan.seed, max_deterministic_time=solver_time, message_bytes=2 * plan.model.hidden_size)
-    placed = place_loss_blind(costs, plan.devices, plan.coordinator, fixed, miss, opts)
+    placed = placement_inputs(plan.model, plan.groups, plan.devices, plan.coordinator, coord, plan.max_context,
+                              plan.seed, solver_time).place_loss_blind()
     blind = replace(plan, groups=tuple(replace(g, device=placed.assignment[g.id]) for g in plan.groups))
     weights = assemble(plan, shards)
     out = {d: slice_device(blind, d, weights) for d in blind.device_names}
@@ -215,19 +219,24 @@ def predictor_recall(plan: Plan, shards: dict, windows: list[torch.Tensor]) -> d
         h, positions = w["model.embed_tokens.weight"][tokens], torch.arange(len(tokens))
         for i in range(cfg.num_layers):
             lw = lambda n: w[f"model.layers.{i}.{n}.weight"]  # noqa: E731
-            x = rms_norm(h, lw("input_layernorm"), cfg.rms_norm_eps)
-            h = h + attention_partial(cfg, x, positions, lw("self_attn.q_proj"), lw("self_attn.k_proj"),
-                                      lw("self_attn.v_proj"), lw("self_attn.o_proj"), KVCache())
-            m = rms_norm(h, lw("post_attention_layernorm"), cfg.rms_norm_eps)
-            groups = plan.layer_groups(i, "mlp")
-            contrib = group_contributions(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"),
-                                          [list(g.members) for g in groups])
-            relaxed = [g.index for g in groups if not g.critical]
-            label = matters(contrib, plan.predictor.threshold)[:, relaxed]
-            pred = predict_groups(x, layer_predictor(coord, i))[:, relaxed]
-            tp, flagged = tp + int((pred & label).sum()), flagged + int(pred.sum())
-            positive, total = positive + int(label.sum()), total + label.numel()
-            h = h + mlp_partial(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"))
+
+            def attention(x):
+                return attention_partial(cfg, x, positions, lw("self_attn.q_proj"), lw("self_attn.k_proj"),
+                                         lw("self_attn.v_proj"), lw("self_attn.o_proj"), KVCache())
+
+            def mlp(x, m):
+                nonlocal tp, flagged, positive, total
+                groups = plan.layer_groups(i, "mlp")
+                contrib = group_contributions(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"),
+                                              [list(g.members) for g in groups])
+                relaxed = [g.index for g in groups if not g.critical]
+                label = matters(contrib, plan.predictor.threshold)[:, relaxed]
+                pred = predict_groups(x, layer_predictor(coord, i))[:, relaxed]
+                tp, flagged = tp + int((pred & label).sum()), flagged + int(pred.sum())
+                positive, total = positive + int(label.sum()), total + label.numel()
+                return mlp_partial(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"))
+
+            h = decoder_layer(cfg, h, lw("input_layernorm"), lw("post_attention_layernorm"), attention, mlp)
     return {"recall": round(tp / max(positive, 1), 4), "precision": round(tp / max(flagged, 1), 4),
             "flagged": round(flagged / max(total, 1), 4), "positive": round(positive / max(total, 1), 4),
             "tokens": sum(len(t) for t in windows)}
@@ -275,13 +284,13 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
                 done[key] = (nll, per_device)
             nll, per_device = done[key]
             if key[1] != name and not method.await_predicted:  # a zero-loss copy: this method awaits nothing
-                per_device = {d: {**c, "awaited": 0} for d, c in per_device.items()}
+                per_device = {d: replace(c, awaited=0) for d, c in per_device.items()}
             ppl = _ppl(sum(nll), count)
             results.append({
                 "plr": plr if plr is not None else _profile_plr(plan), "method": name, "ppl": round(ppl, 4),
                 "delta": round(ppl / full - 1, 6), "delta_se": _stderr(nll, full_windows, count),
                 "miss": {d: round(q, 6) for d, q in miss.items() if q},
-                "relaxed": {d: _rates(c) for d, c in per_device.items() if c["rows"]}})
+                "relaxed": {d: _rates(c) for d, c in per_device.items() if c.rows}})
     bar.close()
     return {"plan": str(plan_dir), "full_ppl": round(full, 4), "tokens": sum(len(w) for w in windows),
             "predicted_tokens": count, "windows": len(windows), "context": opts.context, "seed": opts.seed,
@@ -318,11 +327,11 @@ def _profile_plr(plan: Plan) -> float | None:
     return rates.pop() if len(rates) == 1 else (0.0 if not rates else None)
 
 
-def _rates(c: dict) -> dict:
+def _rates(c: DeviceStats) -> dict:
     """Per device: share of its (token, layer) relaxed parts lost on the wire, awaited, compensated."""
-    n = c["rows"]
-    return {"parts": n, "lost": round(c["lost"] / n, 6), "awaited": round(c["awaited"] / n, 6),
-            "compensated": round(c["compensated"] / n, 6)}
+    n = c.rows
+    return {"parts": n, "lost": round(c.lost / n, 6), "awaited": round(c.awaited / n, 6),
+            "compensated": round(c.compensated / n, 6)}
 
 
 def format_table(report: dict) -> str:

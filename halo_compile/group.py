@@ -10,18 +10,30 @@ Sizes stay uneven; no rule ties them to the device count.
 
 Attention groups are whole GQA KV-head groups: one KV head with the query heads that read it.
 
+`group_layer` is the step for one layer; its result, `LayerGroups`, is what scoring, prediction
+and compensation read.
+
 Example:
     >>> import torch
-    >>> from halo_compile.group import group_neurons
+    >>> from halo_compile.group import group_layer, group_neurons
     >>> acts = torch.randn(256, 64)
     >>> groups = group_neurons(acts, torch.rand(64), num_groups=4, seed=0)
     >>> len(groups), sorted(n for g in groups for n in g) == list(range(64))
     (4, True)
+    >>> x, gate, up, down = torch.randn(128, 8), torch.randn(24, 8), torch.randn(24, 8), torch.randn(8, 24)
+    >>> layer = group_layer(x, gate, up, down, mean_abs_act=torch.rand(24), num_kv_heads=2, num_groups=3)
+    >>> len(layer.mlp), sorted(n for g in layer.mlp for n in g) == list(range(24)), layer.attn
+    (3, True, ((0,), (1,)))
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import networkx as nx
 import torch
+from halo_runtime.core.model import mlp_activations
+
+from .score import neuron_importance
 
 # Similarities are rounded before they reach the graph so that float noise in the last bits
 # cannot change an edge's rank and with it the plan.
@@ -105,3 +117,41 @@ def group_neurons(acts: torch.Tensor, importance: torch.Tensor, num_groups: int,
 def attention_groups(num_kv_heads: int) -> list[list[int]]:
     """One group per KV head: it and its query heads must live together (they share KV cache)."""
     return [[h] for h in range(num_kv_heads)]
+
+
+@dataclass(frozen=True)
+class LayerGroups:
+    """Step 3's result for one layer: which neurons, and which KV heads, form each group."""
+
+    mlp: tuple[tuple[int, ...], ...]
+    """MLP groups, most important first; each its neuron indices, ascending."""
+    attn: tuple[tuple[int, ...], ...]
+    """Attention groups, one per KV head: the KV-head indices of each."""
+    neuron_importance: torch.Tensor
+    """[intermediate] each neuron's importance (`score.neuron_importance`): it split the groups, and
+    scoring and compensation read it again."""
+
+    def __post_init__(self):
+        n = self.neuron_importance.shape[0]
+        if sorted(i for g in self.mlp for i in g) != list(range(n)):
+            raise ValueError(f"mlp groups must hold each of the layer's {n} neurons exactly once")
+        for g in self.mlp + self.attn:
+            if not g or list(g) != sorted(g):
+                raise ValueError(f"group {g}: members must be non-empty and ascending")
+
+    @property
+    def mlp_lists(self) -> list[list[int]]:
+        """The MLP groups as lists: a tuple would index a tensor's dimensions, a list picks entries."""
+        return [list(g) for g in self.mlp]
+
+
+def group_layer(mlp_in: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                mean_abs_act: torch.Tensor, num_kv_heads: int, num_groups: int, seed: int = 0) -> LayerGroups:
+    """Step 3 for one layer: its MLP neurons grouped by co-activation on the sampled MLP inputs
+    mlp_in [T, hidden] (gate, up, down: the layer's MLP weights; mean_abs_act [intermediate]:
+    E|activation| over all calibration tokens), and one attention group per KV head."""
+    importance = neuron_importance(mean_abs_act, down)
+    members = group_neurons(mlp_activations(mlp_in, gate, up), importance, num_groups, seed)
+    return LayerGroups(mlp=tuple(tuple(m) for m in members),
+                       attn=tuple(tuple(m) for m in attention_groups(num_kv_heads)),
+                       neuron_importance=importance)

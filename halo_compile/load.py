@@ -6,11 +6,16 @@ files are dequantised once by transformers (~15 s) into an HF directory under th
 (`$HALO_CACHE`, default `~/.cache/halo`); later loads read that directory with safetensors
 (well under a second) and never touch transformers.
 
-Example:
+Example (a random HF checkpoint; `load_model("smollm2-135m")` loads the built-in one the same way):
+    >>> import tempfile
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from halo_compile.load import load_model
-    >>> m = load_model("smollm2-135m", progress=False)   # doctest: +SKIP
-    >>> m.config.num_layers, m.tokenizer_file.name        # doctest: +SKIP
-    (30, 'tokenizer.json')
+    >>> path = tempfile.mkdtemp()
+    >>> LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                              num_attention_heads=2, num_key_value_heads=1)).save_pretrained(path)
+    >>> m = load_model(path, progress=False)
+    >>> m.config.num_layers, m.config.head_dim, m.weights["model.embed_tokens.weight"].dtype, m.tokenizer_file
+    (2, 8, torch.float32, None)
 """
 from __future__ import annotations
 

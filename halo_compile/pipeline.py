@@ -1,9 +1,20 @@
 """The compiler, step by step: load -> profile -> group -> score -> predict -> place -> emit.
 
+Each step's per-layer work lives in its own module and returns a typed result: `group.group_layer`
+-> LayerGroups, `score.score_layer` -> LayerScores, `compensate.compensate_layer` ->
+LayerCompensation, `predict.predict_layer` -> LayerPredictor; placement is set up, solved and
+reported by `place`, and `emit` writes the directory. `compile_plan` only sequences them.
+
 Example:
     >>> from halo_compile.pipeline import CompileOptions, compile_plan
-    >>> plan = compile_plan("smollm2-135m", "profiles/pi5.yaml", "out/pi5",
-    ...                     CompileOptions(calib_tokens=2048))               # doctest: +SKIP
+    >>> CompileOptions(calib_tokens=2048).mlp_groups
+    16
+    >>> CompileOptions(relaxed_share=1.0)
+    Traceback (most recent call last):
+    ValueError: option relaxed_share: invalid value 1.0
+    >>> compile_plan("smollm2-135m", "no/such/cluster.yaml", None)
+    Traceback (most recent call last):
+    halo_compile.cluster.ProfileError: no/such/cluster.yaml: no such profile
 """
 from __future__ import annotations
 
@@ -13,37 +24,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from halo_runtime.core.model import mlp_activations
-from halo_runtime.core.plan import SCHEMA_VERSION, DeviceReport, Group, Plan, PredictorReport
+from halo_runtime.core.plan import SCHEMA_VERSION, Plan, PredictorReport
 from halo_runtime.core.plandir import shard_file
-from halo_runtime.core.policy import DeliveryPolicy
-from halo_runtime.core.predictor import predict_groups
-from halo_runtime.core.residency import residency
 from halo_runtime.core.shards import slice_device
 from tqdm import tqdm
 
 from . import __version__
 from .calib import calibration_text, read_text_file, token_chunks
-from .cluster import load_profile
-from .compensate import lowrank_compensation
+from .cluster import ClusterProfile, load_profile
+from .compensate import compensate_layer
 from .emit import emit
-from .group import attention_groups, group_neurons
-from .load import load_model
-from .place import (
-    GroupCost,
-    InfeasibleError,
-    PlaceOptions,
-    importance_at_risk,
-    load_ms,
-    place,
-    place_loss_blind,
-    predicted_token_ms,
-)
-from .predict import group_contributions, matters, train_predictor
+from .group import group_layer
+from .load import LoadedModel, load_model
+from .place import Placement, PlacementInputs, device_reports, importance_at_risk, mark_streaming, placement_inputs
+from .predict import LayerPredictor, predict_layer
 from .profiling import profile_model
-from .score import criticality, group_shares, mean_contribution, neuron_importance, shares
-
-BYTES_PER_WEIGHT = 4  # shards are fp32: with an fp32 wire the plan reproduces the model exactly
+from .score import plan_groups, score_layer
 
 
 @dataclass(frozen=True)
@@ -93,7 +89,16 @@ def _log(opts: CompileOptions, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _calibration_chunks(model, opts: CompileOptions) -> list[list[int]]:
+def _layers(opts: CompileOptions, num_layers: int, step: str):
+    return tqdm(range(num_layers), desc=step, disable=not opts.progress, leave=False)
+
+
+def _mlp(model: LoadedModel, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's gate, up and down projections."""
+    return tuple(model.weights[f"model.layers.{layer}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
+
+
+def _calibration_chunks(model: LoadedModel, opts: CompileOptions) -> list[list[int]]:
     from transformers import PreTrainedTokenizerFast
 
     text = read_text_file(opts.calib_file) if opts.calib_file else calibration_text()
@@ -103,157 +108,77 @@ def _calibration_chunks(model, opts: CompileOptions) -> list[list[int]]:
     return token_chunks(ids, opts.chunk_tokens, opts.calib_tokens)
 
 
-def group_cost(cfg, group: Group, max_context: int, select_rate: float = 1.0) -> GroupCost:
-    """The placement solver's view of a group: weights, KV cache and flops per token."""
-    hd, d, g = cfg.head_dim, cfg.hidden_size, cfg.group_size
-    if group.kind == "attn":
-        nbytes = ((2 * g + 2) * hd * d) * BYTES_PER_WEIGHT  # q rows, k, v rows and o columns
-        kv_bytes = 2 * max_context * hd * BYTES_PER_WEIGHT
-        return GroupCost(group.id, group.layer, "attn", True, group.importance, nbytes, kv_bytes, nbytes // 2)
-    nbytes = 3 * d * len(group.members) * BYTES_PER_WEIGHT
-    return GroupCost(group.id, group.layer, "mlp", group.critical, group.importance, nbytes, 0, nbytes // 2,
-                     select_rate)
-
-
 def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path | None,
                  opts: CompileOptions = CompileOptions()) -> tuple[Plan, Path]:
+    """Compile a model for a cluster into `out_dir` (default artifacts/<model>-<profile>); the plan as
+    plan.json holds it, and the directory."""
     torch.manual_seed(opts.seed)
     started = time.perf_counter()
-    profile = load_profile(profile_path)
+    cluster = load_profile(profile_path)
     _log(opts, f"[1/7] load {model_spec}")
     model = load_model(model_spec, progress=opts.progress)
-    cfg = model.config
-    w = model.weights
-    out = Path(out_dir) if out_dir else Path("artifacts") / f"{model.name}-{profile.name}"
+    cfg, num_layers = model.config, model.config.num_layers
+    out = Path(out_dir) if out_dir else Path("artifacts") / f"{model.name}-{cluster.name}"
 
     _log(opts, f"[2/7] profile on {opts.calib_tokens} calibration tokens")
-    prof = profile_model(model, _calibration_chunks(model, opts), opts.sample_tokens, opts.seed, opts.progress)
+    stats = profile_model(model, _calibration_chunks(model, opts), opts.sample_tokens, opts.seed,
+                          opts.progress).layers
 
-    _log(opts, f"[3/7] group, [4/7] score, [5/7] train predictors ({cfg.num_layers} layers)")
-    groups: list[Group] = []
-    predictor_tensors: dict[str, torch.Tensor] = {}
-    recall, precision, positive, select = [], [], [], {}
-    d = cfg.hidden_size
-    for layer in tqdm(range(cfg.num_layers), desc="group+predict", disable=not opts.progress, leave=False):
-        st = prof.layers[layer]
-        lw = lambda n: w[f"model.layers.{layer}.{n}.weight"]  # noqa: E731
-        imp = neuron_importance(st.mean_abs_act, lw("mlp.down_proj"))
-        acts = mlp_activations(st.mlp_in, lw("mlp.gate_proj"), lw("mlp.up_proj"))
-        members = group_neurons(acts, imp, opts.mlp_groups, opts.seed)
-        mlp_share = group_shares(members, imp)
-        mlp_critical = criticality(mlp_share, opts.relaxed_share)
-        attn_members = attention_groups(cfg.num_kv_heads)
-        attn_share = shares(st.kv_norm_sum.tolist())
-        for i, (m, s) in enumerate(zip(attn_members, attn_share)):
-            gid = f"L{layer}.attn.{i}"
-            groups.append(Group(gid, layer, "attn", i, tuple(m), "", True, s))
-        for i, (m, s, crit) in enumerate(zip(members, mlp_share, mlp_critical)):
-            gid = f"L{layer}.mlp.{i}"
-            groups.append(Group(gid, layer, "mlp", i, tuple(m), "", crit, s))
-        contrib = group_contributions(st.mlp_in, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"), members)
-        trained = train_predictor(st.attn_in, matters(contrib, opts.predictor_threshold),
-                                  opts.predictor_rank, opts.seed + layer)
-        for k, v in trained.weights.items():
-            predictor_tensors[f"predictor.{layer}.{k}"] = v
-        predictor_tensors[f"compensation.{layer}.mean"] = mean_contribution(
-            st.mean_act.float(), lw("mlp.down_proj"), members)
-        if opts.compensation_rank:
-            relaxed = [i for i, crit in enumerate(mlp_critical) if not crit]
-            comp = lowrank_compensation(st.mlp_in, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"),
-                                        members, relaxed, imp, opts.compensation_rank)
-            for k, v in comp.tensors.items():
-                predictor_tensors[f"compensation.{layer}.{k}"] = v
-        # how often the predictor selects each group: what predictive loading reads on a streaming device
-        with torch.no_grad():
-            rates = predict_groups(st.attn_in.float(), trained.weights).float().mean(0)
-        for i, r in enumerate(rates.tolist()):
-            select[f"L{layer}.mlp.{i}"] = float(f"{r:.6g}")
-        recall.append(trained.recall)
-        precision.append(trained.precision)
-        positive.append(trained.positive_rate)
+    _log(opts, f"[3/7] group ({num_layers} layers)")
+    groups = [group_layer(stats[i].mlp_in, *_mlp(model, i), stats[i].mean_abs_act, cfg.num_kv_heads,
+                          opts.mlp_groups, opts.seed) for i in _layers(opts, num_layers, "group")]
 
-    _log(opts, f"[6/7] place {len(groups)} groups on {len(profile.devices)} devices (CP-SAT)")
-    costs = [group_cost(cfg, grp, opts.max_context, select.get(grp.id, 1.0)) for grp in groups]
-    coordinator_bytes = (sum(v.numel() for k, v in w.items() if "proj" not in k) +
-                         sum(v.numel() for v in predictor_tensors.values())) * BYTES_PER_WEIGHT
-    fixed = {profile.coordinator: coordinator_bytes}
-    policy = DeliveryPolicy()
-    miss = {dev.name: 0.0 if dev.name == profile.coordinator else policy.miss_probability(dev.loss)
-            for dev in profile.devices}
-    popts = PlaceOptions(seed=opts.seed, max_deterministic_time=opts.solver_time, message_bytes=2 * d)
-    placement = place(costs, profile.devices, profile.coordinator, fixed, miss, popts)
-    blind = place_loss_blind(costs, profile.devices, profile.coordinator, fixed, miss, popts)
-    _log(opts, f"      placement solved in {placement.solve_wall_s:.1f} s wall, loss-blind in {blind.solve_wall_s:.1f} s")
-    groups = [replace(grp, device=placement.assignment[grp.id]) for grp in groups]
+    _log(opts, "[4/7] score and fit compensation")
+    scores = [score_layer(groups[i], stats[i].kv_norm_sum, opts.relaxed_share) for i in range(num_layers)]
+    compensations = [compensate_layer(stats[i].mean_act, stats[i].mlp_in, *_mlp(model, i), groups[i], scores[i],
+                                      opts.compensation_rank) for i in _layers(opts, num_layers, "compensate")]
 
-    reports = []
-    for dev in profile.devices:
-        mine = [c for c in costs if placement.assignment[c.id] == dev.name]
-        reports.append(DeviceReport(
-            name=dev.name,
-            weight_bytes=sum(c.weight_bytes for c in mine) + fixed.get(dev.name, 0),
-            kv_cache_bytes=sum(c.kv_bytes for c in mine),
-            num_groups=len(mine),
-            importance_share=sum(c.importance for c in mine) / (2 * cfg.num_layers),
-            predicted_time_ms=placement.device_time_ms[dev.name]))
-    plan = Plan(
-        schema_version=SCHEMA_VERSION, compiler_version=__version__, seed=opts.seed,
-        model_name=model.name, model_fingerprint=model.fingerprint, model=cfg,
-        profile_name=profile.name, profile_fingerprint=profile.fingerprint,
-        coordinator=profile.coordinator, devices=profile.devices, max_context=opts.max_context,
-        groups=tuple(groups),
-        predictor=PredictorReport(opts.predictor_rank, opts.predictor_threshold, tuple(positive),
-                                  tuple(recall), tuple(precision)),
-        solver=placement.solver, device_reports=tuple(reports),
-        predicted_token_ms=placement.predicted_token_ms,
-        expected_lost_importance=placement.expected_lost_importance,
-        loss_blind_token_ms=blind.predicted_token_ms,
-        loss_blind_lost_importance=importance_at_risk(costs, blind.assignment, miss, cfg.num_layers),
-        shards=tuple(shard_file(dev.name) for dev in profile.devices))
+    _log(opts, "[5/7] train predictors")
+    predictors = [predict_layer(stats[i].attn_in, stats[i].mlp_in, *_mlp(model, i), groups[i],
+                                opts.predictor_threshold, opts.predictor_rank, opts.seed + i)
+                  for i in _layers(opts, num_layers, "predict")]
+    unplaced = [g for i in range(num_layers) for g in plan_groups(i, groups[i], scores[i])]
+    coordinator_tensors = {}
+    for i in range(num_layers):
+        coordinator_tensors.update(predictors[i].tensors(i))
+        coordinator_tensors.update(compensations[i].tensors(i))
 
-    plan = _streaming(plan, costs, fixed, miss, popts)
+    _log(opts, f"[6/7] place {len(unplaced)} groups on {len(cluster.devices)} devices (CP-SAT)")
+    select_rate = {g.id: predictors[g.layer].select_rate[g.index] for g in unplaced if g.kind == "mlp"}
+    inputs = placement_inputs(cfg, unplaced, cluster.devices, cluster.coordinator,
+                              {**model.weights, **coordinator_tensors}, opts.max_context, opts.seed,
+                              opts.solver_time, select_rate)
+    placement, blind = inputs.place(), inputs.place_loss_blind()
+    _log(opts, f"      placement solved in {placement.solve_wall_s:.1f} s wall, "
+               f"loss-blind in {blind.solve_wall_s:.1f} s")
+    plan = _plan(model, cluster, opts, unplaced, predictors, inputs, placement, blind)
 
     _log(opts, f"[7/7] emit {out}")
-    shards = {dev: slice_device(plan, dev, w) for dev in plan.device_names}
-    shards[plan.coordinator].update(predictor_tensors)
+    shards = {dev: slice_device(plan, dev, model.weights) for dev in plan.device_names}
+    shards[plan.coordinator].update(coordinator_tensors)
     emit(out, plan, shards, model.tokenizer_file)
     _log(opts, f"compiled in {time.perf_counter() - started:.1f} s")
     # hand back exactly what plan.json holds (floats rounded), so reports agree with `inspect`
     return Plan.from_json(plan.to_json()), out
 
 
-def _streaming(plan: Plan, costs: list[GroupCost], fixed: dict, miss: dict, popts: PlaceOptions) -> Plan:
-    """Mark the groups that devices with storage stream (memory too small), and report them.
-
-    The runtime's own `residency` picks them, so the plan says what `halo-run worker` will do
-    with the plan's budget: weights in RAM = memory - KV cache (- fixed buffers).
-    """
-    streaming = [d for d in plan.devices if d.storage_mbps > 0 and d.name != plan.coordinator]
-    if not streaming:
-        return plan
-    by_id = {c.id: c for c in costs}
-    groups = [replace(g, select_rate=by_id[g.id].select_rate) if g.kind == "mlp"
-              and plan.device(g.device).storage_mbps > 0 else g for g in plan.groups]
-    plan = replace(plan, groups=tuple(groups))
-    reports, load = {r.name: r for r in plan.device_reports}, {}
-    for dev in streaming:
-        rep = reports[dev.name]
-        budget = dev.memory_bytes - rep.kv_cache_bytes - fixed.get(dev.name, 0)
-        try:
-            res = residency(plan, dev.name, budget)
-        except ValueError as e:
-            raise InfeasibleError(str(e)) from None
-        if not res.streamed_bytes:
-            continue
-        mine = [g for g in plan.groups if g.device == dev.name and g.id not in res.resident]
-        dev_load = {g.id: load_ms(by_id[g.id], dev) for g in mine}
-        load.update(dev_load)
-        reports[dev.name] = replace(rep, resident_bytes=res.resident_bytes, streamed_bytes=res.streamed_bytes,
-                                    load_ms=sum(dev_load.values()))
-    if not load:
-        return plan
-    assignment = {g.id: g.device for g in plan.groups}
-    return replace(plan, groups=tuple(replace(g, streamed=g.id in load) for g in plan.groups),
-                   device_reports=tuple(reports[d.name] for d in plan.devices),
-                   predicted_token_ms=predicted_token_ms(costs, assignment, plan.devices, plan.coordinator,
-                                                         miss, popts, load))
+def _plan(model: LoadedModel, cluster: ClusterProfile, opts: CompileOptions, groups, predictors: list[LayerPredictor],
+          inputs: PlacementInputs, placement: Placement, blind: Placement) -> Plan:
+    """The plan record: the placed groups, the reports of every step, and the streaming marks."""
+    cfg, trained = model.config, [p.trained for p in predictors]
+    plan = Plan(
+        schema_version=SCHEMA_VERSION, compiler_version=__version__, seed=opts.seed,
+        model_name=model.name, model_fingerprint=model.fingerprint, model=cfg,
+        profile_name=cluster.name, profile_fingerprint=cluster.fingerprint,
+        coordinator=cluster.coordinator, devices=cluster.devices, max_context=opts.max_context,
+        groups=tuple(replace(g, device=placement.assignment[g.id]) for g in groups),
+        predictor=PredictorReport(opts.predictor_rank, opts.predictor_threshold,
+                                  tuple(t.positive_rate for t in trained), tuple(t.recall for t in trained),
+                                  tuple(t.precision for t in trained)),
+        solver=placement.solver, device_reports=device_reports(inputs, placement, cfg.num_layers),
+        predicted_token_ms=placement.predicted_token_ms,
+        expected_lost_importance=placement.expected_lost_importance,
+        loss_blind_token_ms=blind.predicted_token_ms,
+        loss_blind_lost_importance=importance_at_risk(inputs.costs, blind.assignment, inputs.miss, cfg.num_layers),
+        shards=tuple(shard_file(dev.name) for dev in cluster.devices))
+    return mark_streaming(plan, inputs)

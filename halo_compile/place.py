@@ -11,6 +11,10 @@ model and the CP-SAT phases in placesolve.py. This module is the entry point:
 - Memory: the groups' weight_bytes + kv_bytes plus fixed_bytes[d] fit in d.memory_bytes, except
   that a device with storage_mbps may exceed it with weights it streams from storage.
 
+`halo-compile plan` and `eval`'s loss-blind re-placement set the solver up the same way, with
+`placement_inputs`; after placement, `device_reports` sums what each device holds and
+`mark_streaming` marks the groups that devices with storage stream.
+
 Example:
     >>> from halo_runtime.core.plan import Device
     >>> from halo_runtime.core.policy import DeliveryPolicy
@@ -24,10 +28,29 @@ Example:
     [('L0.mlp.0', 'pi-0'), ('L0.mlp.1', 'pi-0'), ('L0.mlp.2', 'pi-0'), ('L0.mlp.3', 'pi-1')]
     >>> round(p.predicted_token_ms, 3), round(p.expected_lost_importance, 6)
     (0.6, 0.000475)
+    >>> import torch
+    >>> from halo_runtime.core.model import ModelConfig
+    >>> from halo_runtime.core.plan import Group
+    >>> from halo_compile.place import placement_inputs
+    >>> cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=32, num_layers=1,
+    ...                   num_heads=4, num_kv_heads=2, head_dim=2)
+    >>> groups = [Group(f"L0.mlp.{i}", 0, "mlp", i, tuple(range(8 * i, 8 * i + 8)), "", i < 2, 0.25)
+    ...           for i in range(4)]
+    >>> inputs = placement_inputs(cfg, groups, devices, "pi-0", {"embed": torch.zeros(16, 8)},
+    ...                           max_context=16, seed=0, solver_time=1.0)
+    >>> inputs.fixed_bytes, round(inputs.miss["pi-1"], 6), inputs.options.message_bytes
+    ({'pi-0': 512}, 0.009506, 16)
+    >>> sorted(set(inputs.place().assignment.values()))   # groups this small: a round trip costs more
+    ['pi-0']
 """
 from __future__ import annotations
 
-from halo_runtime.core.plan import SolverReport
+from dataclasses import dataclass, replace
+
+from halo_runtime.core.model import ModelConfig
+from halo_runtime.core.plan import Device, DeviceReport, Plan, SolverReport
+from halo_runtime.core.policy import DeliveryPolicy
+from halo_runtime.core.residency import BYTES_PER_WEIGHT, residency
 
 from .placecost import (
     GroupCost,
@@ -36,6 +59,7 @@ from .placecost import (
     PlaceOptions,
     compute_ms,
     expected_lost_importance,
+    group_cost,
     importance_at_risk,
     load_ms,
     mb,
@@ -44,8 +68,9 @@ from .placecost import (
 )
 from .placesolve import LOSS_SCALE, TIME_UNITS_PER_MS, Problem, capacity, optimise
 
-__all__ = ["GroupCost", "InfeasibleError", "PlaceOptions", "Placement", "expected_lost_importance",
-           "importance_at_risk", "load_ms", "place", "place_loss_blind", "predicted_token_ms", "stream_share"]
+__all__ = ["GroupCost", "InfeasibleError", "PlaceOptions", "Placement", "PlacementInputs", "device_reports",
+           "expected_lost_importance", "group_cost", "importance_at_risk", "load_ms", "mark_streaming", "place",
+           "place_loss_blind", "placement_inputs", "predicted_token_ms", "stream_share"]
 
 
 def place(groups, devices, coordinator: str, fixed_bytes: dict[str, int], miss: dict[str, float],
@@ -123,3 +148,112 @@ def _prepare(groups, devices, coordinator, fixed_bytes, miss):
                                   f"(the most free memory is {mb(max(free))})")
     return groups, devices, {n: (0.0 if n == coordinator else float(miss[n])) for n in names}
 
+
+@dataclass(frozen=True)
+class PlacementInputs:
+    """What the solver is given: the same set-up for `halo-compile plan` and `eval`'s re-placement."""
+
+    costs: tuple[GroupCost, ...]
+    """Every group's cost, in the plan's group order."""
+    devices: tuple[Device, ...]
+    """The cluster, coordinator included."""
+    coordinator: str
+    """The device holding embeddings, norms, LM head, predictors and compensation."""
+    fixed_bytes: dict[str, int]
+    """Bytes a device holds besides its groups (the coordinator's tensors)."""
+    miss: dict[str, float]
+    """Per device, the chance a relaxed reply misses its deadline under the default delivery policy."""
+    options: PlaceOptions
+    """Solver and cost-model settings."""
+
+    def __post_init__(self):
+        if self.coordinator not in [d.name for d in self.devices]:
+            raise ValueError(f"coordinator {self.coordinator!r} is not a device")
+
+    def place(self) -> Placement:
+        """`place` on these inputs: fast, then little importance lost."""
+        return place(self.costs, self.devices, self.coordinator, self.fixed_bytes, self.miss, self.options)
+
+    def place_loss_blind(self) -> Placement:
+        """`place_loss_blind` on these inputs: fast, as if no link lost anything."""
+        return place_loss_blind(self.costs, self.devices, self.coordinator, self.fixed_bytes, self.miss, self.options)
+
+
+def coordinator_bytes(tensors: dict) -> int:
+    """Bytes of the coordinator's tensors outside its groups: every tensor but the projections,
+    which are cut into groups and placed."""
+    return sum(v.numel() for k, v in tensors.items() if "proj" not in k) * BYTES_PER_WEIGHT
+
+
+def placement_inputs(cfg: ModelConfig, groups, devices, coordinator: str, coordinator_tensors: dict,
+                     max_context: int, seed: int, solver_time: float,
+                     select_rate: dict[str, float] | None = None) -> PlacementInputs:
+    """The solver's inputs for `groups` (plan records) on `devices`.
+
+    coordinator_tensors: every tensor the coordinator holds, by shard name (model weights with the
+    projections, or a coordinator shard); select_rate: group id -> how often the predictor
+    selects it (default 1). Miss probabilities are the default `DeliveryPolicy`'s, whatever the
+    plan will run with, so a plan does not depend on runtime settings.
+    """
+    select_rate = select_rate or {}
+    policy = DeliveryPolicy()
+    return PlacementInputs(
+        costs=tuple(group_cost(cfg, g, max_context, select_rate.get(g.id, 1.0)) for g in groups),
+        devices=tuple(devices), coordinator=coordinator,
+        fixed_bytes={coordinator: coordinator_bytes(coordinator_tensors)},
+        miss={d.name: 0.0 if d.name == coordinator else policy.miss_probability(d.loss) for d in devices},
+        # one token's partial sum in fp16, the default wire
+        options=PlaceOptions(seed=seed, max_deterministic_time=solver_time, message_bytes=2 * cfg.hidden_size))
+
+
+def device_reports(inputs: PlacementInputs, placement: Placement, num_layers: int) -> tuple[DeviceReport, ...]:
+    """Per device, what the placement puts on it: bytes, groups, importance and compute per token."""
+    reports = []
+    for dev in inputs.devices:
+        mine = [c for c in inputs.costs if placement.assignment[c.id] == dev.name]
+        reports.append(DeviceReport(
+            name=dev.name,
+            weight_bytes=sum(c.weight_bytes for c in mine) + inputs.fixed_bytes.get(dev.name, 0),
+            kv_cache_bytes=sum(c.kv_bytes for c in mine),
+            num_groups=len(mine),
+            # attention and MLP shares each sum to 1 per layer
+            importance_share=sum(c.importance for c in mine) / (2 * num_layers),
+            predicted_time_ms=placement.device_time_ms[dev.name]))
+    return tuple(reports)
+
+
+def mark_streaming(plan: Plan, inputs: PlacementInputs) -> Plan:
+    """Mark the groups that devices with storage stream (memory too small), and report them.
+
+    The runtime's own `residency` picks them, so the plan says what `halo-run worker` will do
+    with the plan's budget: weights in RAM = memory - KV cache (- fixed buffers).
+    """
+    streaming = [d for d in plan.devices if d.storage_mbps > 0 and d.name != plan.coordinator]
+    if not streaming:
+        return plan
+    by_id = {c.id: c for c in inputs.costs}
+    groups = [replace(g, select_rate=by_id[g.id].select_rate) if g.kind == "mlp"
+              and plan.device(g.device).storage_mbps > 0 else g for g in plan.groups]
+    plan = replace(plan, groups=tuple(groups))
+    reports, load = {r.name: r for r in plan.device_reports}, {}
+    for dev in streaming:
+        rep = reports[dev.name]
+        budget = dev.memory_bytes - rep.kv_cache_bytes - inputs.fixed_bytes.get(dev.name, 0)
+        try:
+            res = residency(plan, dev.name, budget)
+        except ValueError as e:
+            raise InfeasibleError(str(e)) from None
+        if not res.streamed_bytes:
+            continue
+        mine = [g for g in plan.groups if g.device == dev.name and g.id not in res.resident]
+        dev_load = {g.id: load_ms(by_id[g.id], dev) for g in mine}
+        load.update(dev_load)
+        reports[dev.name] = replace(rep, resident_bytes=res.resident_bytes, streamed_bytes=res.streamed_bytes,
+                                    load_ms=sum(dev_load.values()))
+    if not load:
+        return plan
+    assignment = {g.id: g.device for g in plan.groups}
+    return replace(plan, groups=tuple(replace(g, streamed=g.id in load) for g in plan.groups),
+                   device_reports=tuple(reports[d.name] for d in plan.devices),
+                   predicted_token_ms=predicted_token_ms(inputs.costs, assignment, plan.devices, plan.coordinator,
+                                                         inputs.miss, inputs.options, load))

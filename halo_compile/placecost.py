@@ -10,16 +10,25 @@
   are read from storage as needed, costing load(g, d) = g.select_rate * g.weight_bytes /
   (storage_mbps*1e3) ms per token (select_rate: how often the predictor selects the group on
   calibration tokens; what `predictive` loading reads). Which groups are streamed is decided after
-  placement (halo_runtime.groupcache.residency), so the solver charges every group on d the share
+  placement (halo_runtime.core.residency), so the solver charges every group on d the share
   of d's weights expected to be streamed, `stream_share`, times its load: linear, and it steers
   groups off devices whose memory is short relative to their compute. Loads are charged in full
   although the runtime overlaps them with earlier rounds: the model is conservative there.
 - Each layer l has two synchronisation rounds r (attn, mlp); per round the slowest device's
   compute (+ load) plus its round trip (+ expected wait) is the round's time; T sums the rounds.
 
+A plan group's cost (`group_cost`) takes its weight bytes from `halo_runtime.core.residency`,
+the definition the runtime streams by, and charges two flops (multiply, add) per weight.
+
 Example:
-    >>> from halo_runtime.core.plan import Device
-    >>> from halo_compile.placecost import GroupCost, load_ms, stream_share
+    >>> from halo_runtime.core.model import ModelConfig
+    >>> from halo_runtime.core.plan import Device, Group
+    >>> from halo_compile.placecost import GroupCost, group_cost, load_ms, stream_share
+    >>> cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=32, num_layers=1,
+    ...                   num_heads=4, num_kv_heads=2, head_dim=2)
+    >>> c = group_cost(cfg, Group("L0.mlp.0", 0, "mlp", 0, (0, 1, 2), "", False, 0.1), max_context=16)
+    >>> c.weight_bytes, c.kv_bytes, c.flops                  # 3 neurons x (gate, up, down) x 8 x 4 bytes
+    (288, 0, 144)
     >>> g = GroupCost("L0.mlp.0", 0, "mlp", False, 0.1, 8_000_000, 0, 4_000_000, select_rate=0.5)
     >>> sd = Device("sd", "10.0.0.1:9000", 10**7, 2.0, storage_mbps=100)
     >>> load_ms(g, sd)                                  # half the tokens read 8 MB at 100 MB/s
@@ -32,8 +41,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from halo_runtime.core.plan import Device, SolverReport
+from halo_runtime.core.model import ModelConfig
+from halo_runtime.core.plan import Device, Group, SolverReport
 from halo_runtime.core.policy import DeliveryPolicy
+from halo_runtime.core.residency import BYTES_PER_WEIGHT, weight_bytes
 
 
 class InfeasibleError(Exception):
@@ -84,6 +95,17 @@ class GroupCost:
     @property
     def bytes(self) -> int:
         return self.weight_bytes + self.kv_bytes
+
+
+def group_cost(cfg: ModelConfig, group: Group, max_context: int, select_rate: float = 1.0) -> GroupCost:
+    """The placement solver's view of a plan group: weights, KV cache and flops per token."""
+    nbytes = weight_bytes(cfg, group.kind, len(group.members))
+    flops = 2 * nbytes // BYTES_PER_WEIGHT
+    if group.kind == "attn":
+        # keys and values of its KV heads at every position of the longest context
+        kv_bytes = 2 * max_context * cfg.head_dim * len(group.members) * BYTES_PER_WEIGHT
+        return GroupCost(group.id, group.layer, "attn", True, group.importance, nbytes, kv_bytes, flops)
+    return GroupCost(group.id, group.layer, "mlp", group.critical, group.importance, nbytes, 0, flops, select_rate)
 
 
 @dataclass(frozen=True)

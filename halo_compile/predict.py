@@ -9,20 +9,33 @@ cross-entropy on the sampled calibration tokens; the last `holdout` share of the
 order) is held back to measure recall and precision. Training is single-threaded and seeded
 so the weights, and the shard that stores them, are byte-identical across runs.
 
+`predict_layer` is the step for one layer: it labels the sampled tokens, trains the predictor and
+measures how often it selects each group (what `predictive` loading reads on a streaming device).
+
 Example:
     >>> import torch
-    >>> from halo_compile.predict import train_predictor
+    >>> from halo_compile.group import group_layer
+    >>> from halo_compile.predict import predict_layer, train_predictor
     >>> x = torch.randn(512, 16); y = x[:, :3] > 0.5
     >>> p = train_predictor(x, y, rank=8, seed=0)
     >>> p.recall > 0.8
     True
+    >>> m, gate, up, down = torch.randn(128, 8), torch.randn(24, 8), torch.randn(24, 8), torch.randn(8, 24)
+    >>> groups = group_layer(m, gate, up, down, torch.rand(24), num_kv_heads=1, num_groups=3)
+    >>> layer = predict_layer(torch.randn(128, 8), m, gate, up, down, groups, threshold=0.2, rank=4, steps=20)
+    >>> len(layer.select_rate), all(0 <= r <= 1 for r in layer.select_rate), sorted(layer.tensors(5))
+    (3, True, ['predictor.5.bias', 'predictor.5.down', 'predictor.5.up'])
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from halo_runtime.core.predictor import predict_groups
+
+if TYPE_CHECKING:
+    from .group import LayerGroups
 
 
 @dataclass(frozen=True)
@@ -89,3 +102,36 @@ def train_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int = 32, seed:
         return TrainedPredictor(weights, recall, precision, float(labels.float().mean()))
     finally:
         torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class LayerPredictor:
+    """Step 5's result for one layer: its trained predictor, and how often it selects each MLP group."""
+
+    trained: TrainedPredictor
+    """The predictor's weights and its held-back recall and precision."""
+    select_rate: tuple[float, ...]
+    """Per MLP group, the share of sampled tokens on which the predictor selects it (6 significant
+    digits, as plan.json keeps it)."""
+
+    def __post_init__(self):
+        if len(self.select_rate) != self.trained.weights["bias"].shape[0]:
+            raise ValueError("select_rate needs one entry per MLP group the predictor scores")
+        if not all(0.0 <= r <= 1.0 for r in self.select_rate):
+            raise ValueError("select rates are shares: each must lie in [0, 1]")
+
+    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """Its weights under the coordinator shard's names (`halo_runtime.core.predictor.layer_predictor`)."""
+        return {f"predictor.{layer}.{k}": v for k, v in self.trained.weights.items()}
+
+
+def predict_layer(attn_in: torch.Tensor, mlp_in: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                  down: torch.Tensor, groups: LayerGroups, threshold: float, rank: int, seed: int = 0,
+                  steps: int = 300) -> LayerPredictor:
+    """Step 5 for one layer: train on the sampled tokens' layer inputs attn_in [T, hidden] to flag the
+    groups that matter, by the label computed from the same tokens' MLP inputs mlp_in [T, hidden]."""
+    contrib = group_contributions(mlp_in, gate, up, down, groups.mlp_lists)
+    trained = train_predictor(attn_in, matters(contrib, threshold), rank, seed, steps=steps)
+    with torch.no_grad():
+        rates = predict_groups(attn_in.float(), trained.weights).float().mean(0)
+    return LayerPredictor(trained, tuple(float(f"{r:.6g}") for r in rates.tolist()))

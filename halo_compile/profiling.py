@@ -6,20 +6,26 @@ act(gate(x))*up(x) (signed, absolute and squared) and of each attention head's o
 and per head, and a fixed-size, seeded sample of tokens keeps the normalised inputs the later
 steps need (co-activation grouping and predictor training recompute activations from them).
 
-Example:
+Example (a random two-layer model, saved and loaded as any HF checkpoint):
+    >>> import tempfile
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from halo_compile.load import load_model
     >>> from halo_compile.profiling import profile_model
-    >>> m = load_model("smollm2-135m")                                   # doctest: +SKIP
-    >>> prof = profile_model(m, [[1, 2, 3, 4] * 32], sample_tokens=64)    # doctest: +SKIP
-    >>> prof.layers[0].mean_abs_act.shape                                 # doctest: +SKIP
-    torch.Size([1536])
+    >>> path = tempfile.mkdtemp()
+    >>> LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                              num_attention_heads=2, num_key_value_heads=1)).save_pretrained(path)
+    >>> prof = profile_model(load_model(path, progress=False), [[1, 2, 3, 4] * 8], sample_tokens=16,
+    ...                      progress=False)
+    >>> len(prof.layers), prof.layers[0].mean_abs_act.shape
+    (2, torch.Size([32]))
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-from halo_runtime.core.model import KVCache, ModelConfig, attention_heads, mlp_activations, rms_norm
+from halo_runtime.core.model import KVCache, ModelConfig, attention_heads, decoder_layer, mlp_activations
 from tqdm import tqdm
 
 
@@ -54,7 +60,7 @@ class LayerStats:
 
 
 @dataclass
-class Profile:
+class ActivationStats:
     """What the profile step hands to grouping, scoring and prediction."""
 
     layers: list[LayerStats]
@@ -73,9 +79,36 @@ def _layer(weights: dict, i: int, name: str) -> torch.Tensor:
     return weights[f"model.layers.{i}.{name}.weight"]
 
 
+def _attention(cfg: ModelConfig, w: dict, i: int, positions: torch.Tensor, s, x: torch.Tensor) -> torch.Tensor:
+    """Layer i's attention output on x; adds its per-head and per-KV-group output norms to s."""
+    T, H, KV = x.shape[0], cfg.num_heads, cfg.num_kv_heads
+    heads = attention_heads(cfg, x, positions, _layer(w, i, "self_attn.q_proj"),
+                            _layer(w, i, "self_attn.k_proj"), _layer(w, i, "self_attn.v_proj"), KVCache())
+    o = _layer(w, i, "self_attn.o_proj").view(cfg.hidden_size, H, cfg.head_dim)
+    # per-head contribution to the residual stream: [T, H, hidden]
+    per_head = torch.einsum("thd,khd->thk", heads, o)
+    s.head_norm_sum += per_head.norm(dim=-1).sum(0).double()
+    per_kv = per_head.view(T, KV, cfg.group_size, -1).sum(2)
+    s.kv_norm_sum += per_kv.norm(dim=-1).sum(0).double()
+    return per_head.sum(1)
+
+
+def _mlp(w: dict, i: int, keep: torch.Tensor, s, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Layer i's MLP output on m; adds its activation sums to s and keeps the sampled rows of x and m."""
+    act = mlp_activations(m, _layer(w, i, "mlp.gate_proj"), _layer(w, i, "mlp.up_proj"))
+    s.act_sum += act.sum(0).double()
+    s.act_abs_sum += act.abs().sum(0).double()
+    s.act_sq_sum += act.pow(2).sum(0).double()
+    s.tokens += m.shape[0]
+    if keep.numel():
+        s.attn_in.append(x[keep].clone())
+        s.mlp_in.append(m[keep].clone())
+    return act @ _layer(w, i, "mlp.down_proj").T
+
+
 @torch.no_grad()
 def profile_model(model, chunks: list[list[int]], sample_tokens: int = 4096, seed: int = 0,
-                  progress: bool = True) -> Profile:
+                  progress: bool = True) -> ActivationStats:
     """Stream `chunks` of token ids through the model (each chunk its own context)."""
     cfg: ModelConfig = model.config
     w = model.weights
@@ -85,7 +118,6 @@ def profile_model(model, chunks: list[list[int]], sample_tokens: int = 4096, see
                         torch.zeros(H, **f64), torch.zeros(KV, **f64), [], []) for _ in range(L)]
     total = sum(len(c) for c in chunks)
     chosen = _sample_positions(total, sample_tokens, seed)
-    hd, g = cfg.head_dim, cfg.group_size
     offset = 0
     bar = tqdm(total=total, desc="profile", unit="tok", disable=not progress, leave=False)
     for chunk in chunks:
@@ -95,27 +127,8 @@ def profile_model(model, chunks: list[list[int]], sample_tokens: int = 4096, see
         positions = torch.arange(T)
         h = w["model.embed_tokens.weight"][tokens]
         for i in range(L):
-            s = stats[i]
-            x = rms_norm(h, _layer(w, i, "input_layernorm"), cfg.rms_norm_eps)
-            heads = attention_heads(cfg, x, positions, _layer(w, i, "self_attn.q_proj"),
-                                    _layer(w, i, "self_attn.k_proj"), _layer(w, i, "self_attn.v_proj"), KVCache())
-            o = _layer(w, i, "self_attn.o_proj").view(cfg.hidden_size, H, hd)
-            # per-head contribution to the residual stream: [T, H, hidden]
-            per_head = torch.einsum("thd,khd->thk", heads, o)
-            s.head_norm_sum += per_head.norm(dim=-1).sum(0).double()
-            per_kv = per_head.view(T, KV, g, -1).sum(2)
-            s.kv_norm_sum += per_kv.norm(dim=-1).sum(0).double()
-            h = h + per_head.sum(1)
-            m = rms_norm(h, _layer(w, i, "post_attention_layernorm"), cfg.rms_norm_eps)
-            act = mlp_activations(m, _layer(w, i, "mlp.gate_proj"), _layer(w, i, "mlp.up_proj"))
-            s.act_sum += act.sum(0).double()
-            s.act_abs_sum += act.abs().sum(0).double()
-            s.act_sq_sum += act.pow(2).sum(0).double()
-            s.tokens += T
-            if keep.numel():
-                s.attn_in.append(x[keep].clone())
-                s.mlp_in.append(m[keep].clone())
-            h = h + act @ _layer(w, i, "mlp.down_proj").T
+            h = decoder_layer(cfg, h, _layer(w, i, "input_layernorm"), _layer(w, i, "post_attention_layernorm"),
+                              partial(_attention, cfg, w, i, positions, stats[i]), partial(_mlp, w, i, keep, stats[i]))
         offset += T
         bar.update(T)
     bar.close()
@@ -123,4 +136,4 @@ def profile_model(model, chunks: list[list[int]], sample_tokens: int = 4096, see
     for s in stats:
         s.attn_in = torch.cat(s.attn_in) if s.attn_in else empty
         s.mlp_in = torch.cat(s.mlp_in) if s.mlp_in else empty
-    return Profile(layers=stats, tokens=total)
+    return ActivationStats(layers=stats, tokens=total)

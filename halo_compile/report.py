@@ -1,9 +1,14 @@
 """`halo-compile inspect`: a plan, read back as a per-device table a person can check.
 
-Example:
+Example (the checked-in plan):
     >>> from halo_compile.report import inspect_text
     >>> from halo_runtime.core.plan import load_plan
-    >>> print(inspect_text(load_plan("artifacts/smollm2-135m-pi5")))   # doctest: +SKIP
+    >>> lines = inspect_text(load_plan("artifacts/smollm2-135m-pi5")).splitlines()
+    >>> print(lines[0])
+    plan: smollm2-135m on pi5 (4 devices, coordinator pi5-0), schema 1, compiler 0.1.0, seed 0
+    >>> print(lines[3]); print(next(line for line in lines if line.startswith("pi5-3")))
+    device              memory MB  attn mlp crit mlp rlx importance    PLR  time ms
+    pi5-3                  9/6144     0        0      18       1.0%   5.0%     2.48
 """
 from __future__ import annotations
 

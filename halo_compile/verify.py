@@ -1,10 +1,19 @@
 """`halo-compile verify`: the files are the ones the manifest names, and the shards together hold
 exactly the model's weights, every row and column once.
 
-Example:
+Example (the checked-in plan.json, edited after compiling: the manifest catches it first):
+    >>> import shutil, tempfile
+    >>> from pathlib import Path
     >>> from halo_compile.verify import verify_plan
-    >>> verify_plan("artifacts/smollm2-135m-pi5")     # doctest: +SKIP
-    ['manifest: 7 files match', 'shards: 272 tensors reassemble to the model (fingerprint 3f2a...)']
+    >>> copy = Path(tempfile.mkdtemp())
+    >>> for name in ("plan.json", "manifest.json"):
+    ...     _ = shutil.copy(Path("artifacts/smollm2-135m-pi5") / name, copy)
+    >>> text = (copy / "plan.json").read_text()
+    >>> _ = (copy / "plan.json").write_text(text.replace('"seed": 0', '"seed": 1'))
+    >>> verify_plan(copy)
+    Traceback (most recent call last):
+    ...
+    halo_runtime.core.plandir.PlanError: .../plan.json: SHA-256 does not match manifest.json (...)
 """
 from __future__ import annotations
 

@@ -78,13 +78,14 @@ def cluster_yaml(n: int, *, lossy: int = 0, memory_mb: float = 4096, remote_memo
 
 
 @pytest.fixture(scope="session")
-def tiny_vocab_dir(tiny_llama_dir, builtin_model):
-    """A tiny random LLaMA with SmolLM2's vocabulary and tokenizer.json, so the whole compiler runs on it."""
-    import shutil
+def tiny_vocab_dir(tiny_llama_dir):
+    """A tiny random LLaMA with the suite's own byte-level BPE tokenizer.json (tests/tinytok.py,
+    VOCAB_SIZE ids), so the whole compiler and runtime run on it without the real model."""
+    from tinytok import VOCAB_SIZE, write_tiny_tokenizer
 
-    path = tiny_llama_dir(seed=3, tie=True, vocab_size=49152, intermediate_size=96, num_hidden_layers=3)
+    path = tiny_llama_dir(seed=3, tie=True, vocab_size=VOCAB_SIZE, intermediate_size=96, num_hidden_layers=3)
     if not (path / "tokenizer.json").exists():
-        shutil.copyfile(builtin_model.tokenizer_file, path / "tokenizer.json")
+        write_tiny_tokenizer(path / "tokenizer.json", VOCAB_SIZE)
     return path
 
 

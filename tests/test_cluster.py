@@ -10,7 +10,7 @@ import yaml
 from conftest import ROOT, cluster_yaml
 from halo_runtime.core.plan import Device
 
-from halo_compile.cluster import MB, Profile, ProfileError, load_profile, parse_profile
+from halo_compile.cluster import MB, ClusterProfile, ProfileError, load_profile, parse_profile
 
 PROFILES = ROOT / "profiles"
 
@@ -25,7 +25,7 @@ PROFILES = ROOT / "profiles"
 ])
 def test_shipped_profiles_load(file, name, n, coordinator):
     p = load_profile(PROFILES / file)
-    assert isinstance(p, Profile)
+    assert isinstance(p, ClusterProfile)
     assert p.name == name
     assert len(p.devices) == n
     assert p.coordinator == coordinator
@@ -258,9 +258,9 @@ def test_profile_error_is_a_value_error():
 def test_profile_dataclass_checks():
     d = Device(name="a", address="h:1", memory_bytes=1, compute_gflops=1.0)
     with pytest.raises(ValueError, match="at least one device"):
-        Profile(name="p", coordinator="a", devices=(), fingerprint="")
+        ClusterProfile(name="p", coordinator="a", devices=(), fingerprint="")
     with pytest.raises(ValueError, match="'b' is not one of the devices"):
-        Profile(name="p", coordinator="b", devices=(d,), fingerprint="")
+        ClusterProfile(name="p", coordinator="b", devices=(d,), fingerprint="")
 
 
 def test_sources_of_parse_profile_appear_in_messages():

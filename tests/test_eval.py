@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from conftest import cluster_yaml
 from halo_runtime.core.coordinator import Coordinator, TokenStats
-from halo_runtime.core.exchange import InProcessExchange
+from halo_runtime.core.exchange import DeviceStats, InProcessExchange
 from halo_runtime.core.model import FullModel
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.shards import assemble, device_indices, load_shard
@@ -78,8 +78,7 @@ def test_loss_is_drawn_per_token_and_awaited_tokens_always_arrive(tiny_plan, sha
     _, relaxed = ex.devices[lossy].mlp(layer, x)
     part = next(p for p in result.parts if p is not None and torch.equal(p[wait], relaxed[wait]))
     assert float(part[~wait].abs().max()) == 0.0
-    c = ex.stats()["devices"][lossy]
-    assert (c["rows"], c["lost"], c["awaited"], c["compensated"]) == (6, 6, 3, 3)
+    assert ex.stats().devices[lossy] == DeviceStats(rows=6, lost=6, awaited=3, compensated=3)
 
 
 def test_missing_rows_with_zero_fill_equal_the_model_without_those_neurons(tiny_plan, shards):
@@ -87,7 +86,7 @@ def test_missing_rows_with_zero_fill_equal_the_model_without_those_neurons(tiny_
     lossy, _ = relaxed_remote(plan)
     coord = Coordinator(plan, shards[plan.coordinator], InProcessExchange(plan, shards, miss={lossy: 1.0}),
                         compensation="zero", await_predicted=False)
-    tokens = torch.tensor([5, 17, 300, 42, 1000, 7, 99])
+    tokens = torch.tensor([5, 17, 300, 42, 500, 7, 99])
     coord.reset(1)
     ours = coord.forward(tokens, 0, TokenStats(), all_positions=True)
     weights = assemble(plan, shards)
@@ -104,7 +103,7 @@ def test_lowrank_compensation_is_closer_than_mean_and_zero(tiny_plan, shards):
     """Every relaxed part of one device lost on every token: how far the logits move per method."""
     plan, _ = tiny_plan
     lossy, _ = relaxed_remote(plan)
-    tokens = torch.tensor([5, 17, 300, 42, 1000, 7, 99, 1234, 8, 64])
+    tokens = torch.tensor([5, 17, 300, 42, 500, 7, 99, 404, 8, 64])
 
     def logits(compensation, miss):
         ex = InProcessExchange(plan, shards, miss={lossy: miss})

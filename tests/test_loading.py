@@ -179,10 +179,12 @@ def test_storage_reads_rows_and_columns_and_drops_pages(store):
 def test_storage_throttles_to_its_bandwidth(store):
     import time
 
-    s = Storage(store[0], mbps=0.01)  # 10 kB/s: 256 bytes take 25.6 ms
+    mbps = 0.01  # 10 kB/s: 256 bytes take 25.6 ms
+    s = Storage(store[0], mbps=mbps)
     t = time.perf_counter()
-    s.read(parts_of()["g0"])
-    assert time.perf_counter() - t >= 0.025
+    _, nbytes = s.read(parts_of()["g0"])
+    # a lower bound only (a busy machine makes reads slower, never faster): the bytes at that bandwidth
+    assert time.perf_counter() - t >= 0.99 * nbytes / (mbps * 1e6) and nbytes == 256
     s.close()
 
 

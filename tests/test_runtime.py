@@ -51,6 +51,7 @@ def shards(tiny_plan):
 
 def test_plan_uses_every_device_and_has_relaxed_groups_on_the_lossy_one(tiny_plan):
     plan, _ = tiny_plan
+    assert len(plan.devices) == 4 and {g.device for g in plan.groups} == set(plan.device_names)
     lossy = [d.name for d in plan.devices if d.loss > 0]
     assert lossy and all(any(g.device == name and not g.critical for g in plan.groups) for name in lossy)
     sizes = {len(g.members) for g in plan.groups if g.kind == "mlp"}
@@ -59,7 +60,7 @@ def test_plan_uses_every_device_and_has_relaxed_groups_on_the_lossy_one(tiny_pla
 
 def test_in_process_matches_single_device_model(tiny_plan, shards, tiny_vocab_dir):
     plan, _ = tiny_plan
-    prompt = [5, 17, 300, 42, 1000]
+    prompt = [5, 17, 300, 42, 500]
     coord = Coordinator(plan, shards[plan.coordinator], InProcessExchange(plan, shards))
     gen = coord.generate(prompt, 16, keep_logits=True)
     tokens, logits = reference(tiny_vocab_dir, prompt, 16)
@@ -76,10 +77,20 @@ def test_compensation_replaces_missing_relaxed_parts(tiny_plan, shards):
     coord.predictors = [{**p, "bias": p["bias"] - 1e6} for p in coord.predictors]  # never await
     gen = coord.generate([5, 17, 300], 4)
     expected = 4 * sum(bool(coord.relaxed[layer].get(d)) for layer in range(plan.model.num_layers) for d in lossy)
-    assert ex.counts["compensated"] == expected > 0
+    assert ex.stats().compensated == expected > 0
     missing = {d for s in gen.token_stats for d in s.missing}
     assert missing == set(lossy)
     assert sum(sum(s.missing.values()) for s in gen.token_stats) == expected
+
+
+JSON_EXCHANGE_KEYS = {
+    "relaxed": ["retransmissions", "late", "malformed", "compensated", "relaxed_parts", "awaited_relaxed",
+                "max_relaxed_overshoot_ms", "unknown_session", "devices_down", "rejoins", "bytes_sent",
+                "bytes_received", "datagrams_sent", "datagrams_received", "duplicates", "dropped", "down", "rto_ms"],
+    "strict": ["bytes_sent", "bytes_received", "dropped"]}
+JSON_DROP_KEYS = {
+    "relaxed": ["malformed", "bad_length", "forged", "misdirected", "replayed", "stale", "unknown_session"],
+    "strict": ["malformed", "bad_length", "forged", "misdirected", "replayed", "stale"]}
 
 
 @pytest.mark.parametrize("sync", ["relaxed", "strict"])
@@ -94,6 +105,10 @@ def test_local_network_fp32_matches_single_device_model(tiny_plan, tiny_vocab_di
     assert out["compensated_share"] == 0.0
     assert set(out["tpot_ms"]) == {"p50", "p90", "p99"}
     assert set(out["peak_rss_mb"]) == set(plan.device_names)
+    # other tools read these keys: each exchange reports its own counters, and each worker its own
+    assert list(out["exchange"]) == JSON_EXCHANGE_KEYS[sync]
+    assert list(out["exchange"]["dropped"]) == JSON_DROP_KEYS[sync]
+    assert {s["device"] for s in out["devices"].values()} == set(plan.device_names) - {plan.coordinator}
 
 
 def test_under_loss_relaxed_completes_and_strict_stays_exact(tiny_plan, tiny_vocab_dir):
@@ -108,5 +123,9 @@ def test_under_loss_relaxed_completes_and_strict_stays_exact(tiny_plan, tiny_voc
     assert len(relaxed["tokens"]) == 10
     ex = relaxed["exchange"]
     assert ex["retransmissions"] > 0  # 30% loss: critical parts were re-requested
-    # a relaxed part is compensated at its deadline, never awaited for a retransmission cycle
-    assert ex["max_relaxed_overshoot_ms"] < 50
+    # A relaxed part is compensated at its deadline, never awaited for a retransmission cycle: its
+    # worst overshoot stays below a typical strict token, which waits for TCP's retransmissions.
+    # (Relative to a run on the same machine at the same time, not in absolute ms: a busy machine
+    # stretches both.)
+    assert ex["max_relaxed_overshoot_ms"] < strict["tpot_ms"]["p50"], (ex, strict["tpot_ms"])
+    assert relaxed["tpot_ms"]["p50"] < strict["tpot_ms"]["p50"]

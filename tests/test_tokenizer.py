@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from halo_runtime.core.tokenizer import Tokenizer
+from tinytok import VOCAB_SIZE, tiny_tokenizer_json, write_tiny_tokenizer
 
 CASES = [
     "12345 3.14",
@@ -22,8 +27,18 @@ CASES = [
 ]
 
 
+# the suite's own tiny tokenizer (tests/tinytok.py) in the fast suite; SmolLM2's where slow tests run
+@pytest.fixture(scope="module", params=["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
+def tokenizer_file(request, tmp_path_factory):
+    if request.param == "smollm2":
+        return request.getfixturevalue("builtin_model").tokenizer_file
+    path = tmp_path_factory.mktemp("tiny-tokenizer") / "tokenizer.json"
+    write_tiny_tokenizer(path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def tokenizer_file(builtin_model):
+def smollm2_tokenizer_file(builtin_model):
     return builtin_model.tokenizer_file
 
 
@@ -39,7 +54,6 @@ def ours(tokenizer_file):
     return Tokenizer.from_file(tokenizer_file)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("text", CASES)
 def test_matches_hf(ours, hf_tokenizer, text):
     ids = ours.encode(text)
@@ -47,8 +61,9 @@ def test_matches_hf(ours, hf_tokenizer, text):
     assert ours.decode(ids) == text
 
 
-@pytest.mark.slow
 def test_matches_hf_on_calibration_text(ours, hf_tokenizer):
+    """The compiler tokenises the built-in Wikipedia text with transformers; the runtime's own
+    tokenizer reads the same ids."""
     from halo_compile.calib import calibration_text
 
     text = calibration_text()[:20000]
@@ -58,30 +73,32 @@ def test_matches_hf_on_calibration_text(ours, hf_tokenizer):
 
 
 @pytest.mark.slow
-def test_bytes_missing_from_vocab_are_dropped_like_hf(ours, hf_tokenizer):
+def test_bytes_missing_from_vocab_are_dropped_like_hf(smollm2_tokenizer_file):
     # SmolLM2's vocabulary lacks a few byte tokens (0x1D, 0xC0, ...); `tokenizers` drops them silently.
+    from transformers import PreTrainedTokenizerFast
+
+    ours, hf_tokenizer = (Tokenizer.from_file(smollm2_tokenizer_file),
+                          PreTrainedTokenizerFast(tokenizer_file=str(smollm2_tokenizer_file)))
     text = "a\x1db \x04"
     assert ours.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False)
     assert ours.decode(ours.encode(text)) == "ab "
 
 
-@pytest.mark.slow
 def test_special_tokens(ours, hf_tokenizer):
     ids = ours.encode("<|im_start|>user\nhi<|im_end|>")
     assert ids[0] == 1 and ids[-1] == 2
     assert ours.decode(ids, skip_special=True) == "user\nhi"
     assert ours.decode(ids, skip_special=True) == hf_tokenizer.decode(ids, skip_special_tokens=True)
-    assert ours.vocab_size == 49152
+    assert ours.vocab_size == len(hf_tokenizer) in (VOCAB_SIZE, 49152)
 
 
 @pytest.mark.slow
-def test_digits_split_like_original_smollm2(tokenizer_file):
+def test_digits_split_like_original_smollm2(smollm2_tokenizer_file):
     # The GGUF names its pre-tokenizer "smollm" (digits one by one); the converted file must say so.
-    pre = json.loads(tokenizer_file.read_text(encoding="utf-8"))["pre_tokenizer"]
+    pre = json.loads(smollm2_tokenizer_file.read_text(encoding="utf-8"))["pre_tokenizer"]
     assert pre["type"] == "Sequence" and pre["pretokenizers"][0] == {"type": "Digits", "individual_digits": True}
 
 
-@pytest.mark.slow
 def test_llama3_style_split_pretokenizer(tokenizer_file, tmp_path):
     """Llama 3 tokenizers split with their own regex first; same vocabulary, different pre-tokenizer."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -124,3 +141,16 @@ def test_tiny_handmade_bpe(tmp_path):
     assert tok.encode("abc abcab ab ac<s>") == ids
     assert tok.decode(ids) == "abc abcab ab ac<s>"
     assert tok.decode([5, 7], skip_special=True) == "abc"
+
+
+def test_tiny_tokenizer_is_built_byte_identically_in_another_process():
+    """The fast suite's tokenizer.json is trained at test time: the same bytes in every process
+    (hash seeds differ between processes; `tokenizers` must not let them reach the merges)."""
+    code = "import sys; sys.stdout.write(__import__('tinytok').tiny_tokenizer_json())"
+    env = {**os.environ, "PYTHONHASHSEED": "random", "PYTHONPATH": str(Path(__file__).parent)}
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                           encoding="utf-8").stdout
+    assert other == tiny_tokenizer_json()
+    data = json.loads(other)
+    assert len(data["model"]["vocab"]) == VOCAB_SIZE and len(data["model"]["merges"]) == VOCAB_SIZE - 3 - 256
+    assert data["pre_tokenizer"]["pretokenizers"][0] == {"type": "Digits", "individual_digits": True}

@@ -33,16 +33,27 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
+def _field(cls: type, name: str, suffix: str = "") -> dict:
+    """argparse's `default` and `help` for a flag that sets dataclass field `name`: the field's
+    default and docstring, so the dataclass states the option once."""
+    from .core.options import field_default, field_help
+
+    return {"default": field_default(cls, name), "help": field_help(cls, name).replace("%", "%%") + suffix}
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
+    from .core.policy import DeliveryPolicy
+
     p.add_argument("--plan", required=True, help="compiled plan directory")
     p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default %(default)s)")
     p.add_argument("--sync", choices=["relaxed", "strict"], default="relaxed",
                    help="relaxed: UDP, deadlines and compensation (default); strict: TCP, await everything")
-    p.add_argument("--wire", choices=["fp16", "fp32"], default="fp16", help="activation dtype on the wire")
+    p.add_argument("--wire", choices=["fp16", "fp32"], **_field(DeliveryPolicy, "wire"))
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--redundancy", type=int, default=1, help="copies of each message on lossy links (1-4)")
-    p.add_argument("--relaxed-retries", type=int, default=1, help="fast re-requests of a late relaxed part")
+    p.add_argument("--redundancy", type=int, **_field(DeliveryPolicy, "redundancy", "; at most 4"))
+    p.add_argument("--relaxed-retries", type=int,
+                   **_field(DeliveryPolicy, "relaxed_retries", " (default %(default)s)"))
     p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT",
                    help="override a device's address from the plan")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -50,8 +61,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens (benchmarks)")
     p.add_argument("--seed", type=int, default=0, help="seed of the loss emulation (local)")
     _key_arg(p)
-    p.add_argument("--dead-after", type=float, default=4.0, metavar="S",
-                   help="a device holding critical groups silent this long ends the run (default 4 s)")
+    p.add_argument("--dead-after", type=float, metavar="S",
+                   **_field(DeliveryPolicy, "dead_after_s", " (default %(default)g s)"))
 
 
 def _key_arg(p: argparse.ArgumentParser) -> None:
@@ -68,6 +79,8 @@ def _auth(args, plan_dir: str | None):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .storage.groupcache import MODES, LoadConfig
+
     parser = argparse.ArgumentParser(prog="halo-run", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="serve one device's part of the plan")
@@ -83,8 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--memory-budget", type=float, default=None, metavar="MB",
                    help="RAM for weights (MB, 1e6 bytes): stream the groups that do not fit from the "
                         "memory-mapped shard [default: the plan's budget for this device, else all in RAM]")
-    w.add_argument("--load-mode", choices=["exact", "predictive"], default="exact",
-                   help="exact: compute every group; predictive: skip MLP groups predicted inactive")
+    w.add_argument("--load-mode", choices=MODES, **_field(LoadConfig, "mode"))
     w.add_argument("--storage-mbps", type=float, default=None,
                    help="emulate storage reads at this MB/s [default: the plan's storage_mbps]")
     w.add_argument("--warm-storage", action="store_true",
@@ -236,13 +248,17 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
     prompt = _prompt_ids(tok, args.prompt, args.chat, args.plan)
 
     counted = ("bytes_sent", "bytes_received", "retransmissions", "late", "duplicates")
-    last = {k: exchange.stats().get(k, 0) for k in counted}
+
+    def counts(stats) -> dict:
+        return {k: getattr(stats, k) or 0 for k in counted}  # None: this exchange does not count it
+
+    last = counts(exchange.stats())
     per_token = []
 
     def on_token(step, token, st):
-        now = exchange.stats()
-        delta = {k: now.get(k, 0) - last[k] for k in counted}
-        last.update({k: now.get(k, 0) for k in counted})
+        now = counts(exchange.stats())
+        delta = {k: now[k] - last[k] for k in counted}
+        last.update(now)
         per_token.append({"token": token, "total_ms": round(st.total_ms, 3), "compute_ms": round(st.compute_ms, 3),
                           "wait_ms": round(st.wait_ms, 3), "missing": dict(st.missing), **delta})
         if args.quiet:
@@ -276,8 +292,9 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
         "compensated_by_device": per_device,
         "wait_ms_per_token": round(sum(s.wait_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
         "compute_ms_per_token": round(sum(s.compute_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
-        "exchange": exchange.stats(),
-        "devices": exchange.device_stats() if hasattr(exchange, "device_stats") else {},
+        "exchange": exchange.stats().to_json(),
+        "devices": ({d: s.to_json() for d, s in exchange.device_stats().items()}
+                    if hasattr(exchange, "device_stats") else {}),
         "per_token": per_token,
     }
 

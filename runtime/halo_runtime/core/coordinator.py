@@ -14,21 +14,24 @@ the missing rows. The network exchanges send one message per round, so for T > 1
 part if any token is flagged and miss all rows or none; the in-process exchange draws loss per
 token row, which is what decode sees, so `halo-compile eval` can score a whole window at once.
 
-Example:
-    >>> # coord = Coordinator(plan, shard, exchange)                  # the shard's best compensation
-    >>> # coord = Coordinator(plan, shard, exchange, compensation="zero", await_predicted=False)
-    >>> # result = coord.generate(prompt_ids, max_tokens=32)   -> Generation(tokens, stats, ...)
+Example (what stands in for a relaxed part that missed its deadline; a whole generation is
+`Coordinator(plan, shard, exchange).generate(prompt_ids, max_tokens)`, as tests/test_runtime.py runs it
+on a compiled plan):
+    >>> from halo_runtime.core.coordinator import COMPENSATIONS
+    >>> COMPENSATIONS
+    ('zero', 'mean', 'lowrank')
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from .device import DeviceCompute
 from .exchange import Exchange
-from .model import lm_logits, mlp_partial, rms_norm
+from .model import decoder_layer, lm_logits, mlp_partial
 from .plan import Plan
 from .predictor import layer_predictor, predict_groups
 
@@ -125,37 +128,45 @@ class Coordinator:
         cfg, start = self.cfg, self.position
         h = self.embed[tokens]
         for layer in range(cfg.num_layers):
-            in_norm, post_norm = self.norms[layer]
-            x = rms_norm(h, in_norm, cfg.rms_norm_eps)
-            self.exchange.post("attn", step, layer, x, start)
-            t0 = time.perf_counter()
-            local = self.local.attention(layer, x, start) if self.local.has_attention(layer) else None
-            t1 = time.perf_counter()
-            remote = self.exchange.collect("attn", step, layer, {})
-            t2 = time.perf_counter()
-            h = h + _sum([local] + remote.parts, h)
-
-            m = rms_norm(h, post_norm, cfg.rms_norm_eps)
-            awaited = self._awaited(layer, x)
-            self.exchange.post("mlp", step, layer, m, start)
-            t3 = time.perf_counter()
-            crit, rlx = self.local.mlp(layer, m) if self.local.has_mlp(layer) else (None, None)
-            t4 = time.perf_counter()
-            result = self.exchange.collect("mlp", step, layer, awaited)
-            t5 = time.perf_counter()
-            missing = [(dev, result.missing[dev]) for dev in self.remote if dev in result.missing]
-            comp = [self._compensate(layer, dev, m, rows) for dev, rows in missing]
-            h = h + _sum([crit, rlx] + result.parts + comp, h)
-            for dev, rows in missing:
-                stats.missing[dev] = stats.missing.get(dev, 0) + 1
-                stats.missing_rows += int(rows.sum())
-            stats.awaited_rows += sum(int(rows.sum()) for rows in awaited.values())
-            stats.relaxed_parts += len(self.relaxed[layer])
-            stats.compute_ms += 1e3 * ((t1 - t0) + (t4 - t3))
-            stats.wait_ms += 1e3 * ((t2 - t1) + (t5 - t4))
+            h = decoder_layer(cfg, h, *self.norms[layer], partial(self._attention, step, layer, start, stats),
+                              partial(self._mlp, step, layer, start, stats))
         self.position += tokens.shape[0]
         logits = lm_logits(cfg, h if all_positions else h[-1:], self.final_norm, self.lm_head)
         return logits if all_positions else logits[0]
+
+    def _attention(self, step: int, layer: int, start: int, stats: TokenStats, x: torch.Tensor) -> torch.Tensor:
+        """Every device's attention heads on x, all awaited (they hold KV state)."""
+        self.exchange.post("attn", step, layer, x, start)
+        t0 = time.perf_counter()
+        local = self.local.attention(layer, x, start) if self.local.has_attention(layer) else None
+        t1 = time.perf_counter()
+        remote = self.exchange.collect("attn", step, layer, {})
+        t2 = time.perf_counter()
+        stats.compute_ms += 1e3 * (t1 - t0)
+        stats.wait_ms += 1e3 * (t2 - t1)
+        return _sum([local] + remote.parts, x)
+
+    def _mlp(self, step: int, layer: int, start: int, stats: TokenStats, x: torch.Tensor,
+             m: torch.Tensor) -> torch.Tensor:
+        """Every device's MLP part on m: critical and predicted ones (the predictor reads x) awaited,
+        relaxed ones that miss the deadline compensated."""
+        awaited = self._awaited(layer, x)
+        self.exchange.post("mlp", step, layer, m, start)
+        t0 = time.perf_counter()
+        crit, rlx = self.local.mlp(layer, m) if self.local.has_mlp(layer) else (None, None)
+        t1 = time.perf_counter()
+        result = self.exchange.collect("mlp", step, layer, awaited)
+        t2 = time.perf_counter()
+        missing = [(dev, result.missing[dev]) for dev in self.remote if dev in result.missing]
+        comp = [self._compensate(layer, dev, m, rows) for dev, rows in missing]
+        for dev, rows in missing:
+            stats.missing[dev] = stats.missing.get(dev, 0) + 1
+            stats.missing_rows += int(rows.sum())
+        stats.awaited_rows += sum(int(rows.sum()) for rows in awaited.values())
+        stats.relaxed_parts += len(self.relaxed[layer])
+        stats.compute_ms += 1e3 * (t1 - t0)
+        stats.wait_ms += 1e3 * (t2 - t1)
+        return _sum([crit, rlx] + result.parts + comp, m)
 
     def _awaited(self, layer: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Remote device -> bool [T]: tokens where the predictor says one of its relaxed groups matters."""

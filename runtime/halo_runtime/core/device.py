@@ -4,11 +4,28 @@ The same class serves a worker process, the coordinator's own groups, and in-pro
 simulation, so every path runs the identical math. MLP output is split in two partial sums,
 critical and relaxed, because the coordinator treats them differently (await vs deadline).
 
-Example:
+Example (the checked-in plan's cluster with a toy one-layer model; pi5-1 holds everything):
+    >>> import dataclasses, torch
     >>> from halo_runtime.core.device import DeviceCompute
-    >>> # dev = DeviceCompute(plan, "pi5-1", load_shard(plan_dir, plan, "pi5-1"))
-    >>> # partial = dev.attention(layer=0, x=normed, start=0)     -> [T, hidden]
-    >>> # critical, relaxed = dev.mlp(layer=0, x=normed)           -> [T, hidden] each, or None
+    >>> from halo_runtime.core.model import ModelConfig, mlp_partial
+    >>> from halo_runtime.core.plan import Group, load_plan
+    >>> cfg = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=6, num_layers=1,
+    ...                   num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> groups = (Group("L0.attn.0", 0, "attn", 0, (0,), "pi5-1", True, 1.0),
+    ...           Group("L0.mlp.0", 0, "mlp", 0, (0, 1, 2, 3), "pi5-1", True, 0.8),
+    ...           Group("L0.mlp.1", 0, "mlp", 1, (4, 5), "pi5-1", False, 0.2))
+    >>> plan = dataclasses.replace(load_plan("artifacts/smollm2-135m-pi5"), model=cfg, groups=groups)
+    >>> shapes = {"attn.q_proj": (8, 8), "attn.k_proj": (4, 8), "attn.v_proj": (4, 8), "attn.o_proj": (8, 8),
+    ...           "mlp.gate_proj": (6, 8), "mlp.up_proj": (6, 8), "mlp.down_proj": (8, 6)}
+    >>> shard = {f"layers.0.{name}": torch.randn(shape) for name, shape in shapes.items()}
+    >>> dev = DeviceCompute(plan, "pi5-1", shard)
+    >>> x = torch.randn(3, 8)                                    # 3 tokens' normalised inputs
+    >>> tuple(dev.attention(0, x, start=0).shape), dev.cache_length(0)
+    ((3, 8), 3)
+    >>> critical, relaxed = dev.mlp(0, x)                        # neurons 0-3, and 4-5
+    >>> full = mlp_partial(x, *(shard[f"layers.0.mlp.{p}"] for p in ("gate_proj", "up_proj", "down_proj")))
+    >>> torch.allclose(critical + relaxed, full, atol=1e-5)
+    True
 """
 from __future__ import annotations
 
@@ -41,13 +58,6 @@ class DeviceCompute:
 
     def has_mlp(self, layer: int) -> bool:
         return bool(self.slices[layer].neurons)
-
-    def has_relaxed(self, layer: int) -> bool:
-        s = self.slices[layer]
-        return len(s.neurons) > s.n_critical
-
-    def has_critical_mlp(self, layer: int) -> bool:
-        return self.slices[layer].n_critical > 0
 
     def reset(self) -> None:
         self.caches = [KVCache() for _ in range(self.cfg.num_layers)]

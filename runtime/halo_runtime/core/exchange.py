@@ -1,20 +1,27 @@
-"""In-process exchange: every device computed in this process, with seeded simulated loss.
+"""In-process exchange: every device computed in this process, with seeded simulated loss; and
+what every exchange counts (`ExchangeStats`).
 
 Used by tests (the plan's math without sockets) and by `halo-compile eval` (perplexity under
 loss). Loss is drawn per token row, because in decode one message carries one token: the
 relaxed part of device d for token t in a layer is missed with d's miss probability (from
 `DeliveryPolicy.miss_probability`) unless the coordinator awaits that token; critical parts
 always arrive, as the network exchange retransmits them until they do. A round of T tokens
-(a whole evaluation window) thus sees what T decode steps would, at prefill speed.
+(a whole evaluation window) thus sees what T decode steps would, at prefill speed. In use:
+`InProcessExchange(plan, shards, miss={"pi5-2": 0.01})` under a `Coordinator`, then
+`exchange.stats().devices["pi5-2"]` holds that device's rows: expected, lost, awaited, compensated.
 
 Example:
-    >>> # ex = InProcessExchange(plan, {d: load_shard(dir, plan, d) for d in remote}, miss={"pi5-2": 0.01})
-    >>> # Coordinator(plan, coordinator_shard, ex).generate(prompt, 16)
-    >>> # ex.stats()["devices"]["pi5-2"]   -> {"rows": ..., "lost": ..., "awaited": ..., "compensated": ...}
+    >>> a = DeviceStats(rows=6, lost=6, awaited=3, compensated=3)
+    >>> (a + DeviceStats(rows=2, lost=1, compensated=1)).compensated
+    4
+    >>> s = ExchangeStats(bytes_sent=1200, retransmissions=None, devices={"pi5-2": a})
+    >>> j = s.to_json()                     # None: a counter this exchange does not keep
+    >>> j["bytes_sent"], "retransmissions" in j, j["devices"]["pi5-2"]["awaited"], j["dropped"]["forged"]
+    (1200, False, 3, 0)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Protocol
 
 import torch
@@ -35,6 +42,107 @@ class RoundResult:
     """Device -> bool [T]: tokens whose relaxed part missed the deadline and must be compensated."""
 
 
+@dataclass(frozen=True)
+class DeviceStats:
+    """One remote device's relaxed parts as the in-process exchange drew them, in (token, layer) rows."""
+
+    rows: int = 0
+    """Relaxed rows expected from the device."""
+    lost: int = 0
+    """Rows its simulated link lost (drawn for every row, awaited or not)."""
+    awaited: int = 0
+    """Rows the coordinator awaited: lost or not, they arrive (the network retransmits them)."""
+    compensated: int = 0
+    """Rows lost and not awaited: the coordinator compensated them."""
+
+    def __add__(self, other: DeviceStats) -> DeviceStats:
+        return DeviceStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+@dataclass(frozen=True)
+class Drops:
+    """Datagrams (UDP) or frames (TCP) the coordinator dropped on arrival, by reason; the reasons
+    are `halo_runtime.net.wire.ReassemblyCounters`'."""
+
+    malformed: int = 0
+    """Undecodable, or inconsistent with their message."""
+    bad_length: int = 0
+    """Truncated, oversized, or not as long as their header says."""
+    forged: int = 0
+    """Their tag does not verify (wrong key, or altered in transit)."""
+    misdirected: int = 0
+    """Authentic, but addressed to another device."""
+    replayed: int = 0
+    """Authentic, but their sender's sequence number was seen before or is too old."""
+    stale: int = 0
+    """Their step is below the watermark."""
+    unknown_session: int | None = 0
+    """Authentic messages of another session (None: the TCP exchange does not count them)."""
+
+
+@dataclass(frozen=True)
+class ExchangeStats:
+    """What an exchange counted since it was made. None marks a counter this exchange does not keep
+    (TCP keeps only bytes and drops; only the in-process one counts rows per device); `to_json`
+    leaves those out, so `halo-run --json` shows each exchange's own counters."""
+
+    retransmissions: int | None = 0
+    """Requests sent again after their retransmission timeout."""
+    late: int | None = 0
+    """Replies that came after their round ended, for another round, or from no known device."""
+    malformed: int | None = 0
+    """Authentic messages whose payload did not decode (a partial sum, or a device's stats)."""
+    compensated: int | None = 0
+    """Relaxed parts (one per device and MLP round) with rows missing: the coordinator compensated."""
+    relaxed_parts: int | None = 0
+    """Relaxed parts expected from remote devices (one per device and MLP round)."""
+    awaited_relaxed: int | None = 0
+    """Relaxed parts the coordinator awaited (the predictor flagged some token of the round)."""
+    max_relaxed_overshoot_ms: float | None = 0.0
+    """Longest wait for a compensated relaxed part past the later of its deadline and the round's
+    last critical part."""
+    unknown_session: int | None = 0
+    """Authentic messages of another session (a restarted device, or an earlier run)."""
+    devices_down: int | None = 0
+    """Times a device holding only relaxed parts was marked down for silence."""
+    rejoins: int | None = 0
+    """Times a device came back (restarted, or answered a probe) and had its KV cache rebuilt."""
+    bytes_sent: int | None = 0
+    """Bytes sent: UDP payloads, or TCP frames."""
+    bytes_received: int | None = 0
+    """Bytes received: UDP payloads, or TCP frames."""
+    datagrams_sent: int | None = 0
+    """Datagrams sent (redundant copies and retransmissions included)."""
+    datagrams_received: int | None = 0
+    """Datagrams received, garbage included."""
+    duplicates: int | None = 0
+    """Datagrams dropped as repeats of a chunk or of a completed message (redundant copies)."""
+    dropped: Drops | None = Drops()
+    """Arrivals dropped, by reason."""
+    down: tuple[str, ...] | None = ()
+    """Devices marked down now, sorted."""
+    rto_ms: dict[str, float] | None = field(default_factory=dict)
+    """Retransmission timeout now, per "device/phase" (phase: attn or mlp), in ms."""
+    devices: dict[str, DeviceStats] | None = None
+    """Per remote device: its relaxed rows (on the network a device's own counters are
+    `device_stats()`)."""
+
+    def to_json(self) -> dict:
+        """The counters this exchange keeps as plain JSON values, in field order."""
+        return _plain(self)
+
+
+def _plain(value):
+    """A stats value as JSON values: dataclasses become objects without their None fields."""
+    if is_dataclass(value):
+        return {f.name: _plain(v) for f in fields(value) if (v := getattr(value, f.name)) is not None}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
 class Exchange(Protocol):
     """Moves requests to devices and partial sums back; the coordinator does not care how."""
 
@@ -46,10 +154,10 @@ class Exchange(Protocol):
         """`awaited`: device -> bool [T], tokens whose relaxed part must be awaited; only devices
         flagged on some token are keys, so `device in awaited` means "await it this round"."""
 
-    def stats(self) -> dict: ...
+    def stats(self) -> ExchangeStats:
+        """A snapshot of the counters so far."""
 
     def close(self) -> None: ...
-
 
 
 class InProcessExchange:
@@ -64,9 +172,8 @@ class InProcessExchange:
         self.miss = miss or {}
         self.gen = torch.Generator().manual_seed(seed)
         self.pending: tuple | None = None
-        self.counts = {"relaxed_parts": 0, "compensated": 0}
-        # per device, in (token, layer) relaxed parts: expected, lost on the wire, awaited, compensated
-        self.per_device = {d: {"rows": 0, "lost": 0, "awaited": 0, "compensated": 0} for d in self.order}
+        self.relaxed_parts = self.compensated = self.awaited_relaxed = 0
+        self.per_device = {d: DeviceStats() for d in self.order}
 
     def begin(self, session: int) -> None:
         for dev in self.devices.values():
@@ -102,14 +209,11 @@ class InProcessExchange:
             lost = torch.rand(T, generator=self.gen) < self.miss.get(name, 0.0)
             wait = _rows(awaited, name, T)
             missing = lost & ~wait
-            c = self.per_device[name]
-            c["rows"] += T
-            c["lost"] += int(lost.sum())
-            c["awaited"] += int(wait.sum())
-            c["compensated"] += int(missing.sum())
-            self.counts["relaxed_parts"] += 1
+            self.per_device[name] += DeviceStats(T, int(lost.sum()), int(wait.sum()), int(missing.sum()))
+            self.relaxed_parts += 1
+            self.awaited_relaxed += bool(wait.any())
             if bool(missing.any()):
-                self.counts["compensated"] += 1
+                self.compensated += 1
                 result.missing[name] = missing
                 if bool(missing.all()):
                     continue
@@ -117,16 +221,16 @@ class InProcessExchange:
             result.parts.append(relaxed)
         return result
 
-    def stats(self) -> dict:
-        return {**self.counts, "devices": {d: dict(c) for d, c in self.per_device.items()}}
+    def stats(self) -> ExchangeStats:
+        # nothing travels, so the network's counters are truly zero here
+        return ExchangeStats(compensated=self.compensated, relaxed_parts=self.relaxed_parts,
+                             awaited_relaxed=self.awaited_relaxed, devices=dict(self.per_device))
 
     def close(self) -> None:
         pass
 
 
-def _rows(awaited, name: str, T: int) -> torch.Tensor:
-    """Tokens of `name` the coordinator awaits (a set of names, as older callers pass, means all)."""
-    if isinstance(awaited, dict):
-        rows = awaited.get(name)
-        return rows if rows is not None else torch.zeros(T, dtype=torch.bool)
-    return torch.full((T,), name in awaited, dtype=torch.bool)
+def _rows(awaited: dict[str, torch.Tensor], name: str, T: int) -> torch.Tensor:
+    """Tokens of `name` the coordinator awaits."""
+    rows = awaited.get(name)
+    return rows if rows is not None else torch.zeros(T, dtype=torch.bool)

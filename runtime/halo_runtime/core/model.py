@@ -5,6 +5,11 @@ same code runs the whole model on one device and a slice of it on each of severa
 Numerics follow transformers' LlamaForCausalLM exactly (fp32 RMSNorm, rotate-half RoPE,
 optional llama3 RoPE scaling, GQA, SwiGLU).
 
+`decoder_layer` is the one place a layer's structure is written (normalise, add attention,
+normalise, add MLP); whoever runs a layer passes its own attention and MLP parts: the full model
+local weights, the coordinator the devices' partial sums, the compiler's profiling and eval
+the same math plus what they record.
+
 Example:
     >>> import torch
     >>> from halo_runtime.core.model import ModelConfig, rope_tables, rms_norm
@@ -13,11 +18,38 @@ Example:
     >>> cos, sin = rope_tables(cfg, torch.arange(3))
     >>> tuple(cos.shape), float(rms_norm(torch.ones(1, 8), torch.ones(8), cfg.rms_norm_eps).sum())
     ((3, 4), 7.999...)
+
+The whole model (FullModel, the reference a plan must match), from HF-named random weights;
+decoding one token after a cached prefix gives what a prefill of all of them gives:
+    >>> from halo_runtime.core.model import FullModel
+    >>> shapes = {"embed_tokens": (32, 8), "norm": (8,), "layers.0.input_layernorm": (8,),
+    ...           "layers.0.post_attention_layernorm": (8,), "layers.0.self_attn.q_proj": (8, 8),
+    ...           "layers.0.self_attn.k_proj": (4, 8), "layers.0.self_attn.v_proj": (4, 8),
+    ...           "layers.0.self_attn.o_proj": (8, 8), "layers.0.mlp.gate_proj": (16, 8),
+    ...           "layers.0.mlp.up_proj": (16, 8), "layers.0.mlp.down_proj": (8, 16)}
+    >>> model = FullModel(cfg, {f"model.{n}.weight": torch.randn(s) for n, s in shapes.items()})
+    >>> prefill = model.logits(torch.tensor([1, 2, 3, 4]))
+    >>> model.reset()
+    >>> _ = model.logits(torch.tensor([1, 2, 3]))
+    >>> tuple(prefill.shape), torch.allclose(model.logits(torch.tensor([4]))[-1], prefill[-1], atol=1e-5)
+    ((4, 32), True)
+
+A layer with stand-in parts: attention returns its input x, the MLP its input m (the
+normalised residual after attention, here 2 * norm(1 + x) = 2), so the output is 1 + 1 + 2:
+    >>> from halo_runtime.core.model import decoder_layer
+    >>> seen = []
+    >>> out = decoder_layer(cfg, torch.ones(3, 8), torch.ones(8), 2 * torch.ones(8),
+    ...                     attention=lambda x: seen.append("attention") or x,
+    ...                     mlp=lambda x, m: seen.append("mlp") or m)
+    >>> seen, tuple(out.shape), round(float(out.mean()), 4)
+    (['attention', 'mlp'], (3, 8), 4.0)
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -185,11 +217,23 @@ def lm_logits(cfg: ModelConfig, x: torch.Tensor, norm: torch.Tensor, lm_head: to
     return rms_norm(x, norm, cfg.rms_norm_eps) @ lm_head.T
 
 
-class FullModel:
-    """The whole model on one device, from an HF-named state dict: the reference the plan must match.
+def decoder_layer(cfg: ModelConfig, h: torch.Tensor, input_norm: torch.Tensor, post_norm: torch.Tensor,
+                  attention: Callable[[torch.Tensor], torch.Tensor],
+                  mlp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The residual stream [T, hidden] after one decoder layer.
 
-    >>> # FullModel(cfg, state_dict).logits(torch.tensor([1, 2, 3]))  -> [3, vocab]
+    attention(x) is the attention output for x = RMSNorm(h); mlp(x, m) is the MLP output for
+    m = RMSNorm(h + attention(x)). The MLP part also gets x because the activation predictor
+    reads the layer's input, not the MLP's.
     """
+    x = rms_norm(h, input_norm, cfg.rms_norm_eps)
+    h = h + attention(x)
+    m = rms_norm(h, post_norm, cfg.rms_norm_eps)
+    return h + mlp(x, m)
+
+
+class FullModel:
+    """The whole model on one device, from an HF-named state dict: the reference the plan must match."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         self.cfg, self.w = cfg, weights
@@ -201,6 +245,17 @@ class FullModel:
     def layer_weight(self, layer: int, name: str) -> torch.Tensor:
         return self.w[f"model.layers.{layer}.{name}.weight"]
 
+    def attention(self, layer: int, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """All of the layer's attention heads on x at `positions`, extending its KV cache."""
+        lw = partial(self.layer_weight, layer)
+        return attention_partial(self.cfg, x, positions, lw("self_attn.q_proj"), lw("self_attn.k_proj"),
+                                 lw("self_attn.v_proj"), lw("self_attn.o_proj"), self.caches[layer])
+
+    def mlp(self, layer: int, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """All of the layer's MLP neurons on m (x, the layer input, is not needed here)."""
+        lw = partial(self.layer_weight, layer)
+        return mlp_partial(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"))
+
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed `tokens` after what the cache holds; returns logits [T, vocab]."""
         cfg, w = self.cfg, self.w
@@ -208,11 +263,8 @@ class FullModel:
         positions = torch.arange(start, start + tokens.shape[0])
         h = w["model.embed_tokens.weight"][tokens]
         for i in range(cfg.num_layers):
-            lw = lambda n: self.layer_weight(i, n)  # noqa: E731
-            x = rms_norm(h, lw("input_layernorm"), cfg.rms_norm_eps)
-            h = h + attention_partial(cfg, x, positions, lw("self_attn.q_proj"), lw("self_attn.k_proj"),
-                                      lw("self_attn.v_proj"), lw("self_attn.o_proj"), self.caches[i])
-            x = rms_norm(h, lw("post_attention_layernorm"), cfg.rms_norm_eps)
-            h = h + mlp_partial(x, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"))
+            h = decoder_layer(cfg, h, self.layer_weight(i, "input_layernorm"),
+                              self.layer_weight(i, "post_attention_layernorm"),
+                              partial(self.attention, i, positions), partial(self.mlp, i))
         head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
         return lm_logits(cfg, h, w["model.norm.weight"], head)

@@ -5,11 +5,15 @@ A plan says which device computes which neuron group of every layer, which group
 every device listens. `plan.json` is written with deterministic bytes: keys sorted, floats
 rounded, one group per line.
 
-Example:
+Example (the checked-in plan: SmolLM2-135M on four Raspberry Pi 5):
     >>> from halo_runtime.core.plan import load_plan
-    >>> plan = load_plan("artifacts/smollm2-135m-pi5")            # doctest: +SKIP
-    >>> [g.id for g in plan.groups_on("pi-1", layer=0)][:2]          # doctest: +SKIP
-    ['L0.attn.1', 'L0.mlp.3']
+    >>> plan = load_plan("artifacts/smollm2-135m-pi5")
+    >>> plan.coordinator, [d.loss for d in plan.devices]
+    ('pi5-0', [0.0, 0.0, 0.05, 0.05])
+    >>> [(g.id, g.critical) for g in plan.groups_on("pi5-1", layer=0)][:3]
+    [('L0.attn.1', True), ('L0.mlp.4', True), ('L0.mlp.5', True)]
+    >>> plan.groups_on("pi5-1", layer=0)[-1].critical          # relaxed groups come last
+    False
 """
 from __future__ import annotations
 

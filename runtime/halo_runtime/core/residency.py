@@ -5,26 +5,37 @@ from storage); the runtime's storage shell (`halo_runtime.storage`) carries it o
 bytes are defined here once, for both.
 
 Example:
-    >>> from halo_runtime.core.residency import choose_resident
+    >>> from halo_runtime.core.model import ModelConfig
+    >>> from halo_runtime.core.residency import choose_resident, weight_bytes
     >>> sorted(choose_resident([("a", 40, 2.0), ("b", 30, 0.9), ("c", 30, 0.5)], budget=75))
     ['a', 'b']
+    >>> cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=32, num_layers=1,
+    ...                   num_heads=4, num_kv_heads=2, head_dim=2)
+    >>> weight_bytes(cfg, "attn", 1), weight_bytes(cfg, "mlp", 10)   # (2*2+2)*2*8*4, 3*8*10*4
+    (384, 960)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .model import ModelConfig
 from .plan import Group, Plan
 
 BYTES_PER_WEIGHT = 4
 """Bytes of one stored weight (fp32 shards)."""
 
 
+def weight_bytes(cfg: ModelConfig, kind: str, num_members: int) -> int:
+    """Weight bytes of a group of `num_members` KV heads (attn: q,k,v rows and o columns of each) or
+    MLP neurons (mlp: gate,up rows and down columns of each) in a shard."""
+    if kind == "attn":
+        return (2 * cfg.group_size + 2) * cfg.head_dim * cfg.hidden_size * num_members * BYTES_PER_WEIGHT
+    return 3 * cfg.hidden_size * num_members * BYTES_PER_WEIGHT
+
+
 def group_bytes(plan: Plan, group: Group) -> int:
-    """Weight bytes of one group in a shard: q,k,v rows and o columns, or gate,up rows and down columns."""
-    cfg = plan.model
-    if group.kind == "attn":
-        return (2 * cfg.group_size + 2) * cfg.head_dim * cfg.hidden_size * len(group.members) * BYTES_PER_WEIGHT
-    return 3 * cfg.hidden_size * len(group.members) * BYTES_PER_WEIGHT
+    """Weight bytes of one of the plan's groups in a shard (`weight_bytes`)."""
+    return weight_bytes(plan.model, group.kind, len(group.members))
 
 
 def choose_resident(units, budget: int) -> frozenset:

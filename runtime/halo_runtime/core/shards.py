@@ -4,9 +4,12 @@ The compiler slices shards with `slice_device`; `halo-compile verify` puts them 
 with `assemble`; the runtime loads them with `load_shard`. Rows follow `Plan.groups_on` order
 (critical groups first), so a device's critical and relaxed MLP neurons are contiguous slices.
 
-Example:
+Example (the checked-in plan; device pi5-1's part of layer 0):
+    >>> from halo_runtime.core.plan import load_plan
     >>> from halo_runtime.core.shards import device_indices
-    >>> # device_indices(plan, "pi-1", layer=0) -> (kv_heads, q_heads, neurons, n_critical_neurons)
+    >>> s = device_indices(load_plan("artifacts/smollm2-135m-pi5"), "pi5-1", layer=0)
+    >>> s.kv_heads, s.q_heads, len(s.neurons), s.n_critical
+    ((1,), (3, 4, 5), 676, 607)
 """
 from __future__ import annotations
 

@@ -5,12 +5,16 @@ that GPT-2-style LLaMA tokenizers (SmolLM2, Llama 3) use: added/special tokens m
 pre-tokenizers ByteLevel, Digits and Split (regex), byte-level BPE, and the ByteLevel decoder.
 Token ids equal those of `tokenizers` (the tests compare them on real text).
 
-Example:
+Example (a toy vocabulary; a plan's tokenizer.json is read with `Tokenizer.from_file`):
     >>> from halo_runtime.core.tokenizer import Tokenizer
-    >>> tok = Tokenizer.from_file("tokenizer.json")          # doctest: +SKIP
-    >>> ids = tok.encode("<|im_start|>user\\nhi<|im_end|>")  # doctest: +SKIP
-    >>> tok.decode(ids, skip_special=True)                     # doctest: +SKIP
-    'user\\nhi'
+    >>> vocab = {c: i for i, c in enumerate(["h", "i", "Ġ", "Ċ", "hi", "Ġhi"], start=2)}
+    >>> tok = Tokenizer({"model": {"type": "BPE", "vocab": vocab, "merges": ["h i", "Ġ hi"]},
+    ...                  "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
+    ...                  "added_tokens": [{"id": 0, "content": "<s>", "special": True},
+    ...                                   {"id": 1, "content": "</s>", "special": True}]})
+    >>> ids = tok.encode("<s>hi hi\\n</s>")     # ByteLevel: " " is "Ġ", "\\n" is "Ċ"
+    >>> ids, tok.decode(ids, skip_special=True)
+    ([0, 6, 7, 5, 1], 'hi hi\\n')
 """
 from __future__ import annotations
 

@@ -106,8 +106,3 @@ class ReplayGuard:
                 return False
             st[1] = bits | (1 << age)
             return True
-
-    def forget(self, sender: int) -> None:
-        """Drop `sender`'s window (tests; a peer known to have restarted with a reset counter)."""
-        with self._lock:
-            self._state.pop(sender, None)

@@ -22,21 +22,29 @@ naming it. A restarted device answers requests of the running session with RESET
 coordinator then says HELLO and rebuilds its KV cache over TCP from the attention inputs it
 sent before (`history`), and carries on (rejoin).
 
-Example:
-    >>> # ex = UdpExchange(plan, {"pi5-1": ("10.0.0.2", 7700), ...}, DeliveryPolicy())
-    >>> # Coordinator(plan, shard, ex).generate(prompt, 32)
+Example (the checked-in plan, its workers nowhere: `begin` says which device does not answer):
+    >>> from halo_runtime.core.plan import load_plan
+    >>> from halo_runtime.net.exchange import UdpExchange
+    >>> plan = load_plan("artifacts/smollm2-135m-pi5")
+    >>> peers = {d: ("127.0.0.1", 9) for d in plan.device_names if d != plan.coordinator}  # discard port
+    >>> ex = UdpExchange(plan, peers, bind_host="127.0.0.1")
+    >>> ex.begin(session=1, timeout_s=0.2)
+    Traceback (most recent call last):
+    ...
+    halo_runtime.net.recovery.DeviceLost: device pi5-1 at 127.0.0.1:9 does not answer (...)
+    >>> ex.close()
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from ..core.codec import WireError, decode_tensor, encode_request
-from ..core.exchange import RoundResult
+from ..core.exchange import Drops, ExchangeStats, RoundResult
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
@@ -44,6 +52,7 @@ from .recovery import DeviceLost, History, rebuild
 from .shim import LossShim
 from .transport import RttEstimator, TcpChannel, TransportError, UdpEndpoint
 from .wire import Kind, Message, attempt_of, make_flags
+from .worker import WorkerStats
 
 PHASE_REQUEST = {"attn": Kind.REQUEST_ATTN, "mlp": Kind.REQUEST_MLP}
 
@@ -178,7 +187,6 @@ class UdpExchange:
         encoded = {c: encode_request(x, start, self.policy.wire, c) for c in set(copies.values())}
         payload = {d: encoded[copies[d]] for d in targets}
         self.round = _Round(phase, step, layer, payload, targets, rows=x.shape[0])
-        self.round_start = start
         if step > 2:
             self.endpoint.reassembler.set_watermark(step - 2)
         for d in targets:
@@ -349,20 +357,21 @@ class UdpExchange:
                     self.counters["max_relaxed_overshoot_ms"] = max(self.counters["max_relaxed_overshoot_ms"], over)
         return result
 
-    def stats(self) -> dict:
+    def stats(self) -> ExchangeStats:
         c = self.endpoint.counters
         rc = self.endpoint.reassembler.counters
-        return {**self.counters, "bytes_sent": c.bytes_sent, "bytes_received": c.bytes_received,
-                "datagrams_sent": c.datagrams_sent, "datagrams_received": c.datagrams_received,
-                "duplicates": rc.duplicates,
-                "dropped": {"malformed": rc.malformed, "bad_length": rc.bad_length, "forged": rc.forged,
-                            "misdirected": rc.misdirected, "replayed": rc.replayed, "stale": rc.stale, "unknown_session": self.counters["unknown_session"]},
-                "down": sorted(self.down),
-                "rto_ms": {f"{d}/{p}": round(1e3 * e.rto_s, 2) for (d, p), e in self.rtt.items()}}
+        return ExchangeStats(
+            **self.counters, bytes_sent=c.bytes_sent, bytes_received=c.bytes_received,
+            datagrams_sent=c.datagrams_sent, datagrams_received=c.datagrams_received, duplicates=rc.duplicates,
+            dropped=Drops(malformed=rc.malformed, bad_length=rc.bad_length, forged=rc.forged,
+                          misdirected=rc.misdirected, replayed=rc.replayed, stale=rc.stale,
+                          unknown_session=self.counters["unknown_session"]),
+            down=tuple(sorted(self.down)),
+            rto_ms={f"{d}/{p}": round(1e3 * e.rto_s, 2) for (d, p), e in self.rtt.items()})
 
-    def device_stats(self, timeout_s: float = 1.0) -> dict:
+    def device_stats(self, timeout_s: float = 1.0) -> dict[str, WorkerStats]:
         """Each reachable remote device's own counters (requests, drops by reason), by name."""
-        out: dict[str, dict] = {}
+        out: dict[str, WorkerStats] = {}
         ask = [d for d in self.remote if d not in self.down]
         deadline = time.monotonic() + timeout_s
         for _ in range(3):
@@ -376,7 +385,7 @@ class UdpExchange:
                 got = self.endpoint.recv(until - time.monotonic())
                 if got and got[0].kind == Kind.STATS and self.names.get(got[0].sender) in ask:
                     try:
-                        out[self.names[got[0].sender]] = json.loads(got[0].payload)
+                        out[self.names[got[0].sender]] = WorkerStats.from_json(json.loads(got[0].payload))
                     except ValueError:
                         self.counters["malformed"] += 1
             if len(out) == len(ask):
@@ -410,7 +419,6 @@ class TcpExchange:
                 self.close()
                 raise DeviceLost(f"device {d}: {e}") from None
         self.session, self.pending = 0, None
-        self.counters = {"bytes_sent": 0}
 
     def begin(self, session: int) -> None:
         self.session = session
@@ -454,21 +462,24 @@ class TcpExchange:
                 n -= 1
         return result
 
-    def stats(self) -> dict:
+    def stats(self) -> ExchangeStats:
+        # TCP retransmits and orders in the kernel: this exchange counts only bytes and drops
         rcs = [c.reassembler.counters for c in self.channels.values()]
-        return {"bytes_sent": sum(c.counters.bytes_sent for c in self.channels.values()),
+        drops = {k: sum(getattr(rc, k) for rc in rcs)
+                 for k in ("malformed", "bad_length", "forged", "misdirected", "replayed", "stale")}
+        kept = {"bytes_sent": sum(c.counters.bytes_sent for c in self.channels.values()),
                 "bytes_received": sum(c.counters.bytes_received for c in self.channels.values()),
-                "dropped": {k: sum(getattr(rc, k) for rc in rcs)
-                            for k in ("malformed", "bad_length", "forged", "misdirected", "replayed", "stale")}}
+                "dropped": Drops(**drops, unknown_session=None)}
+        return ExchangeStats(**{**{f.name: None for f in fields(ExchangeStats)}, **kept})
 
-    def device_stats(self, timeout_s: float = 1.0) -> dict:
+    def device_stats(self, timeout_s: float = 1.0) -> dict[str, WorkerStats]:
         """Each remote device's own counters, by name."""
         me, out = self.index[self.plan.coordinator], {}
         for d, ch in self.channels.items():
             try:
                 ch.send(Message(Kind.STATS, self.session, 0, 0, me), dest=self.index[d])
                 msg = self._await(d, lambda m: m.kind == Kind.STATS, "stats")
-                out[d] = json.loads(msg.payload)
+                out[d] = WorkerStats.from_json(json.loads(msg.payload))
             except (DeviceLost, TransportError, ValueError):
                 continue
         return out

@@ -62,8 +62,8 @@ class RttEstimator:
     """Smoothed RTT and retransmission timeout, RFC 6298 (alpha 1/8, beta 1/4, K = 4).
 
     Karn's rule is the caller's job: call `sample` only for exchanges whose request went out exactly
-    once, since a reply to a retransmitted request cannot be matched to one transmission.
-    `backoff()` doubles the timeout after a timer expiry; the next sample undoes it.
+    once, since a reply to a retransmitted request cannot be matched to one transmission. Backing
+    off after a timer expiry is the caller's job too (the UDP exchange caps it).
     """
 
     def __init__(self, floor_s: float = 0.002, ceiling_s: float = 0.2, initial_s: float = 0.02,
@@ -72,8 +72,6 @@ class RttEstimator:
         self.alpha, self.beta = alpha, beta
         self.srtt_s: float | None = None
         self.rttvar_s = 0.0
-        self.samples = 0
-        self._backoffs = 0
 
     def sample(self, rtt_s: float) -> None:
         """Fold in one measured round trip (seconds); negative or non-finite values are ignored."""
@@ -84,18 +82,12 @@ class RttEstimator:
         else:  # rttvar first: it uses the old srtt (RFC 6298 2.3)
             self.rttvar_s = (1 - self.beta) * self.rttvar_s + self.beta * abs(self.srtt_s - rtt_s)
             self.srtt_s = (1 - self.alpha) * self.srtt_s + self.alpha * rtt_s
-        self.samples += 1
-        self._backoffs = 0
-
-    def backoff(self) -> None:
-        """A timer expired: double the timeout (up to the ceiling) until the next sample."""
-        self._backoffs = min(self._backoffs + 1, 32)
 
     @property
     def rto_s(self) -> float:
         """Current retransmission timeout, in [floor_s, ceiling_s]."""
         base = self.initial_s if self.srtt_s is None else self.srtt_s + 4 * self.rttvar_s
-        return min(self.ceiling_s, max(self.floor_s, base) * (2 ** self._backoffs))
+        return min(self.ceiling_s, max(self.floor_s, base))
 
 
 # --- UDP ----------------------------------------------------------------------------------------
@@ -334,15 +326,6 @@ class TcpChannel:
             sock.close()
             raise TransportError(f"cannot connect to {_hostport(host, port)}: {e.strerror or e}") from None
         return cls(sock, _hostport(host, port), shim, auth, guard, me)
-
-    @property
-    def congestion(self) -> str | None:
-        """Congestion control in force on this socket, e.g. 'cubic'."""
-        try:
-            raw = self._sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_CONGESTION", 13), 16)
-        except OSError:
-            return None
-        return raw.split(b"\0", 1)[0].decode()
 
     def _sendall(self, data: bytes) -> None:
         with self._send_lock:

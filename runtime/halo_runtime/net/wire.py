@@ -224,13 +224,6 @@ def check_datagram(data: bytes, max_datagram: int = MAX_UDP_PAYLOAD, auth: Authe
             data[HEADER_SIZE:HEADER_SIZE + clen])
 
 
-def decode_datagram(data: bytes, max_datagram: int = MAX_UDP_PAYLOAD,
-                    auth: Authenticator | None = None) -> tuple[Header, bytes] | None:
-    """Header and chunk of one authentic datagram, or None when it is malformed or forged. Never raises."""
-    h, chunk = check_datagram(data, max_datagram, auth)
-    return None if h is None else (h, chunk)
-
-
 @dataclass(slots=True)
 class ReassemblyCounters:
     """What a `Reassembler` has seen (mutable; copy with `dataclasses.replace` for a snapshot)."""

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -36,6 +37,63 @@ from .wire import Kind, Message, attempt_of, make_flags
 REPLY_CACHE = 256  # replies kept for retransmitted requests: a few steps of every layer
 RESET_EVERY_S = 0.05  # at most one RESET per this interval: a flood of stale requests gets few answers
 DROP_REASONS = ("malformed", "bad_length", "forged", "misdirected", "replayed", "duplicates", "stale")
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """A worker's own counters, as it answers a STATS request (a JSON object with these keys)."""
+
+    device: str = ""
+    """The device's name in the plan."""
+    requests: int = 0
+    """Requests of the running session (retransmitted ones included)."""
+    computed: int = 0
+    """Requests computed (the others were answered from the reply cache, or failed)."""
+    resent: int = 0
+    """Requests answered again from the reply cache (a retransmission, or a redundant copy)."""
+    malformed: int = 0
+    """Requests whose payload did not decode."""
+    out_of_order: int = 0
+    """Requests this device's state could not answer correctly (e.g. a KV cache position gap)."""
+    unknown_session: int = 0
+    """Requests of another session (answered with RESET, at most one per RESET_EVERY_S)."""
+    rebuilt_tokens: int = 0
+    """Tokens of KV cache rebuilt for a coordinator after a restart."""
+    dropped_malformed: int = 0
+    """Datagrams or frames dropped as undecodable (UDP and TCP together, as below)."""
+    dropped_bad_length: int = 0
+    """Dropped as truncated, oversized, or not as long as their header says."""
+    dropped_forged: int = 0
+    """Dropped because their tag does not verify (wrong key, or altered in transit)."""
+    dropped_misdirected: int = 0
+    """Authentic, but addressed to another device."""
+    dropped_replayed: int = 0
+    """Authentic, but their sender's sequence number was seen before or is too old."""
+    dropped_duplicates: int = 0
+    """Repeats of a chunk or of a completed message."""
+    dropped_stale: int = 0
+    """Their step is below the watermark."""
+    datagrams_received: int = 0
+    """UDP datagrams read from the socket, garbage included."""
+
+    def __post_init__(self):
+        if not isinstance(self.device, str):
+            raise ValueError(f"device: expected a name, got {self.device!r}")
+        for f in fields(self)[1:]:
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{f.name}: expected a count, got {v!r}")
+
+    @classmethod
+    def from_json(cls, obj) -> WorkerStats:
+        """From a STATS reply's JSON; keys this version does not know are ignored. ValueError if not counts."""
+        if not isinstance(obj, dict):
+            raise ValueError("worker stats: expected a JSON object")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in obj.items() if k in known})
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 class Worker:
@@ -75,14 +133,13 @@ class Worker:
     def address(self) -> tuple[str, int]:
         return self.udp.address
 
-    def stats(self) -> dict:
+    def stats(self) -> WorkerStats:
         """Requests served and datagrams dropped by reason (`dropped_*`), UDP and TCP together."""
-        out = dict(self.counters)
         rcs = [self.udp.reassembler.counters] + [c.reassembler.counters for c in list(self.channels)]
-        for name in DROP_REASONS:
-            out[f"dropped_{name}"] = self.closed_drops[name] + sum(getattr(rc, name) for rc in rcs)
-        out["datagrams_received"] = self.udp.counters.datagrams_received
-        return out
+        dropped = {f"dropped_{name}": self.closed_drops[name] + sum(getattr(rc, name) for rc in rcs)
+                   for name in DROP_REASONS}
+        return WorkerStats(self.device, **self.counters, **dropped,
+                           datagrams_received=self.udp.counters.datagrams_received)
 
     def handle(self, msg: Message) -> list[Message]:
         """Replies to one request (the caller sends them); thread-safe."""
@@ -96,7 +153,7 @@ class Worker:
                     self.udp.reassembler.set_watermark(0)
                 return [Message(Kind.HELLO, msg.session, 0, 0, self.index, msg.payload, msg.flags)]
             if msg.kind == Kind.STATS:
-                body = json.dumps({"device": self.device, **self.stats()}).encode()
+                body = json.dumps(self.stats().to_json()).encode()
                 return [Message(Kind.STATS, msg.session, msg.step, 0, self.index, body, msg.flags)]
             if msg.kind not in (Kind.REQUEST_ATTN, Kind.REQUEST_MLP, Kind.REBUILD_ATTN):
                 return []

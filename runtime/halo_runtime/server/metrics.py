@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
@@ -51,12 +51,14 @@ class ExchangeCounters:
 
 
 def exchange_counters(exchange) -> ExchangeCounters:
-    """Adapter from the exchange's stats to the server's view (the only reader of `stats()`)."""
+    """Adapter from the exchange's `ExchangeStats` to the server's view (the only reader of
+    `stats()`); a counter the exchange does not keep (None) reads as 0."""
     s = exchange.stats()
-    return ExchangeCounters(retransmissions=int(s.get("retransmissions", 0)),
-                            dropped=tuple(sorted((str(k), int(v)) for k, v in (s.get("dropped") or {}).items())),
-                            down=tuple(sorted(s.get("down", ()))), bytes_sent=int(s.get("bytes_sent", 0)),
-                            bytes_received=int(s.get("bytes_received", 0)))
+    dropped = {f.name: getattr(s.dropped, f.name) for f in fields(s.dropped)} if s.dropped is not None else {}
+    return ExchangeCounters(retransmissions=s.retransmissions or 0,
+                            dropped=tuple(sorted((k, v) for k, v in dropped.items() if v is not None)),
+                            down=tuple(sorted(s.down or ())), bytes_sent=s.bytes_sent or 0,
+                            bytes_received=s.bytes_received or 0)
 
 
 class Metrics:

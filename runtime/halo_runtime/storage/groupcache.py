@@ -173,7 +173,6 @@ class GroupCache:
         """parts: every group id of the device -> its shard slices."""
         self.storage, self.parts, self.res = storage, parts, residency
         self.entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order among streamed entries
-        self.used_bytes = 0
         self.streamed_bytes = 0
         self.stats = CacheStats()
         self.queue: deque[str] = deque()
@@ -184,7 +183,6 @@ class GroupCache:
             if gid in residency.resident:
                 tensors, n = storage.read(parts[gid])
                 self.entries[gid] = _Entry(tensors, n, pinned=True)
-                self.used_bytes += n
         self.loader = threading.Thread(target=self._run, name="group-loader", daemon=True)
         self.loader.start()
 

@@ -14,11 +14,30 @@ rounding, which here varies in the last bits with where a tensor sits in memory)
 `predictive` computes only the MLP groups the predictor selects for the token (any token of the
 round), the others contribute zero.
 
-Example:
-    >>> # from halo_runtime.storage.streaming import open_streaming
-    >>> # dev = open_streaming(plan, "artifacts/smollm2-135m-pi5", "pi5-1",
-    >>> #                      LoadConfig(budget=80_000_000, mode="exact", mbps=400))
-    >>> # dev.attention(0, x, 0); dev.mlp(0, m); dev.cache.stats.summary()["hit_rate"]
+Example (the checked-in plan's cluster with a toy 3-layer MLP on pi5-3, its shard written to a
+temporary directory, and a budget for two of the three layers: the third is read when needed):
+    >>> import dataclasses, tempfile, torch
+    >>> from safetensors.torch import save_file
+    >>> from halo_runtime.core.device import DeviceCompute
+    >>> from halo_runtime.core.model import ModelConfig
+    >>> from halo_runtime.core.plan import Group, load_plan
+    >>> from halo_runtime.storage.groupcache import LoadConfig
+    >>> from halo_runtime.storage.streaming import open_streaming
+    >>> cfg = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=6, num_layers=3,
+    ...                   num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> groups = tuple(Group(f"L{i}.mlp.0", i, "mlp", 0, tuple(range(6)), "pi5-3", True, 1.0) for i in range(3))
+    >>> plan = dataclasses.replace(load_plan("artifacts/smollm2-135m-pi5"), model=cfg, groups=groups)
+    >>> shapes = {"gate_proj": (6, 8), "up_proj": (6, 8), "down_proj": (8, 6)}
+    >>> shard = {f"layers.{i}.mlp.{p}": torch.randn(s) for i in range(3) for p, s in shapes.items()}
+    >>> plan_dir = tempfile.mkdtemp()
+    >>> save_file(shard, f"{plan_dir}/{plan.shard_file('pi5-3')}")
+    >>> dev = open_streaming(plan, plan_dir, "pi5-3", LoadConfig(budget=2 * 576, mode="exact", cold=False))
+    >>> held, x = DeviceCompute(plan, "pi5-3", shard), torch.randn(2, 8)
+    >>> all(torch.allclose(dev.mlp(i, x)[0], held.mlp(i, x)[0], atol=1e-6) for i in range(3))
+    True
+    >>> dev.cache.stats.summary()["hit_rate"] < 1          # a group came from storage
+    True
+    >>> dev.close()
 """
 from __future__ import annotations
 
