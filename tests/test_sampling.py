@@ -111,10 +111,17 @@ def _bytes_decoder(pieces: dict[int, bytes]):
 
 
 def test_a_character_split_across_tokens_is_held_until_complete():
-    e_acute = "é".encode()
-    s = TextStream(_bytes_decoder({1: b"caf", 2: e_acute[:1], 3: e_acute[1:] + b"!"}))
-    assert [s.push(t) for t in (1, 2, 3)] == ["caf", "", "é!"]
-    assert s.flush() == "" and s.text == "café!"
+    e_acute, emoji = "é".encode(), "😀".encode()
+    s = TextStream(_bytes_decoder({1: b"caf", 2: e_acute[:1], 3: e_acute[1:] + b"!", 4: emoji[:1], 5: emoji[1:3],
+                                   6: emoji[3:]}))
+    assert [s.push(t) for t in (1, 2, 3, 4, 5, 6)] == ["caf", "", "é!", "", "", "😀"]
+    assert s.flush() == "" and s.text == "café!😀"
+
+
+def test_invalid_bytes_come_out_as_replacement_characters_not_stuck():
+    s = TextStream(_bytes_decoder({1: b"\x80", 2: b"\xff", 3: b"a", 4: b"\xe2\x82"}))
+    assert [s.push(t) for t in (1, 2, 3, 4)] == ["", "\ufffd", "\ufffda", ""]
+    assert s.flush() == "\ufffd" and s.text == "\ufffd\ufffda\ufffd"
 
 
 def test_stop_strings_across_tokens_and_the_earliest_wins():
@@ -165,7 +172,7 @@ def coordinator(plan_dir):
     torch.set_num_threads(threads)
 
 
-PROMPT = [1, 17, 300, 4000, 12]
+PROMPT = [1, 17, 300, 40, 12]
 
 
 def test_generate_is_greedy_unless_given_a_sampler(coordinator):

@@ -1,8 +1,8 @@
 """Generated tokens to text, piece by piece, with stop strings.
 
 A streamed reply must never show text it later takes back. Two things can: a token that ends
-inside a multi-byte UTF-8 character (the decoder shows U+FFFD until the next token completes
-it), and text that may be the start of a stop string (a reply must not show "\\n\\nUs" and then
+inside a multi-byte UTF-8 character (the decoder shows one U+FFFD until a later token completes
+it, or makes it invalid for good), and text that may be the start of a stop string (a reply must not show "\\n\\nUs" and then
 stop at "\\n\\nUser:"). `TextStream.push` therefore returns only text that is final, holding
 back such tails until they resolve; a stop string ends the stream and is not part of the text.
 Decoding the whole reply each time keeps byte-level BPE exact (a token's text depends on the
@@ -47,7 +47,9 @@ class TextStream:
         if hits:
             self.stopped = True
             return self._emit(full, max(done, min(hits)))
-        end = len(full.rstrip(REPLACEMENT))
+        # an incomplete character at the end decodes to exactly one U+FFFD (Python replaces a maximal
+        # valid prefix as one); hold that one back. Earlier ones are invalid bytes for good.
+        end = len(full) - full.endswith(REPLACEMENT)
         end -= max((k for s in self.stop for k in range(1, len(s)) if full[:end].endswith(s[:k])), default=0)
         return self._emit(full, max(done, end))
 

@@ -220,10 +220,10 @@ async def _stream(reply: Reply, event, events: asyncio.Queue, job: Job, options)
         if reply.kind == "chat":
             yield sse(reply.chunk(role=True))
         while True:
-            if isinstance(event, Piece):
-                if event.text:
-                    stats = {"step": event.step, "token_ms": event.token_ms, "compensated": event.compensated}
-                    yield sse(reply.chunk(text=event.text, halo=stats))
+            if isinstance(event, Piece):  # every token gets a chunk (its text may be held back: "")
+                stats = None if event.token_ms is None else {"step": event.step, "token_ms": event.token_ms,
+                                                             "compensated": event.compensated}
+                yield sse(reply.chunk(text=event.text, halo=stats))
             elif isinstance(event, Finished):
                 yield sse(reply.chunk(finish=event.reason, halo=event.summary))
                 if options.include_usage:

@@ -73,8 +73,8 @@ class Piece:
     """New text (stop strings and incomplete characters held back)."""
     step: int
     """Index of the token in the reply."""
-    token_ms: float
-    """Time the token took (the first one includes the prompt)."""
+    token_ms: float | None
+    """Time the token took (the first one includes the prompt); None for text held back until the end."""
     compensated: int
     """Relaxed parts compensated on this token, all devices."""
 
@@ -278,7 +278,7 @@ class Engine:
             return job.fail(503, "the server is shutting down", "shutting_down") if self.closing else None
         tail = stream.flush()
         if tail:
-            job.deliver(Piece(tail, len(gen.tokens) - 1, 0.0, 0))
+            job.deliver(Piece(tail, len(gen.tokens) - 1, None, 0))
         reason = "stop" if stream.stopped or ended_by_eos else "length"
         elapsed = time.perf_counter() - started
         expected = sum(self.metrics.relaxed_layers.values()) * len(gen.tokens)
