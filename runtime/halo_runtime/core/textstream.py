@@ -2,11 +2,12 @@
 
 A streamed reply must never show text it later takes back. Two things can: a token that ends
 inside a multi-byte UTF-8 character (the decoder shows one U+FFFD until a later token completes
-it, or makes it invalid for good), and text that may be the start of a stop string (a reply must not show "\\n\\nUs" and then
-stop at "\\n\\nUser:"). `TextStream.push` therefore returns only text that is final, holding
-back such tails until they resolve; a stop string ends the stream and is not part of the text.
-Decoding the whole reply each time keeps byte-level BPE exact (a token's text depends on the
-bytes before it); replies are at most the plan's context, so this stays well under a millisecond.
+it, or makes it invalid for good), and text that may be the start of a stop string (a reply must
+not show "\\n\\nUs" and then stop at "\\n\\nUser:"). `TextStream.push` therefore returns only
+text that is final, holding back such tails until they resolve; a stop string ends the stream
+and is not part of the text. Decoding the whole reply each time keeps byte-level BPE exact (a
+token's text depends on the bytes before it); replies are at most the plan's context, so this
+stays well under a millisecond.
 
 Example:
     >>> from halo_runtime.core.textstream import TextStream
