@@ -21,15 +21,12 @@ Example:
 """
 from __future__ import annotations
 
-import ast
-import dataclasses
 import importlib
 import sys
-import textwrap
-from functools import cache, wraps
-from inspect import getsource  # `inspect` is a command below
+from functools import wraps
 
 import click
+from halo_runtime.core.options import field_default, field_docs
 
 from . import __version__
 
@@ -63,28 +60,9 @@ def friendly(fn):
     return run
 
 
-def field_default(cls, name: str):
-    """The default of dataclass `cls`'s field `name` (its default_factory called, if it has one)."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    raise ValueError(f"{cls.__name__}.{name} has no default")
-
-
 def field_doc(cls, name: str) -> str:
     """The docstring under dataclass `cls`'s field `name`, on one line ("" if it has none)."""
-    return _field_docs(cls).get(name, "")
-
-
-@cache
-def _field_docs(cls) -> dict[str, str]:
-    # a field's docstring is a bare string after it: Python keeps it only in the source
-    body = ast.parse(textwrap.dedent(getsource(cls))).body[0].body
-    return {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
-            if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
-            and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+    return field_docs(cls).get(name, "")
 
 
 class FieldOption(click.Option):
