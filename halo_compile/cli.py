@@ -137,7 +137,7 @@ def plan(model, cluster, out, seed, calib, calib_tokens, mlp_groups, relaxed_sha
     compiled, path = compile_plan(model, cluster, out, opts)
     click.echo(inspect_text(compiled))
     click.echo(f"\nwrote {path}/ in {time.perf_counter() - started:.1f} s "
-               f"(plan.json, manifest.json, tokenizer.json, {len(compiled.devices)} shards)")
+               f"(plan.json, manifest.json, tokenizer.json, tokenizer_config.json, {len(compiled.devices)} shards)")
 
 
 @main.command()

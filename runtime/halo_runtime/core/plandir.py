@@ -1,8 +1,8 @@
 """The plan directory: its file names, its manifest (SHA-256 of every file) and its deployment key.
 
 One definition of each, read by the runtime and written by the compiler (`halo_compile.emit`).
-`halo-compile plan` writes manifest.json with the size and SHA-256 of plan.json, tokenizer.json
-and every shard. A shard that was damaged in the copy, or comes from another compile, would
+`halo-compile plan` writes manifest.json with the size and SHA-256 of plan.json, tokenizer.json,
+tokenizer_config.json and every shard. A shard that was damaged in the copy, or comes from another compile, would
 otherwise load fine and compute wrong partial sums; `halo-run` refuses it with one line naming
 the file. Hashing runs at disk speed (a SmolLM2 shard: well under a second). The deployment key
 (`KEY_FILE`, never committed and not in the manifest) authenticates every datagram
@@ -36,6 +36,8 @@ MANIFEST_FILE = "manifest.json"
 """Size and SHA-256 of every other file the compiler wrote."""
 TOKENIZER_FILE = "tokenizer.json"
 """The model's tokenizer, in HF `tokenizers` format."""
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+"""The model's chat template and special tokens (`halo_runtime.core.chat.TokenizerConfig`)."""
 KEY_FILE = "halo.key"
 """The deployment key (hex, one line; mode 0600)."""
 MANIFEST_FORMAT = "halo-manifest-1"

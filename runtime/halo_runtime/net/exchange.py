@@ -139,11 +139,17 @@ class UdpExchange:
 
     # ---- session --------------------------------------------------------------------------------
 
-    def begin(self, session: int, timeout_s: float = 5.0) -> None:
+    def begin(self, session: int, timeout_s: float | None = None) -> None:
+        """Start `session` on every device; timeout_s [default: the policy's dead_after_s]."""
+        timeout_s = self.policy.dead_after_s if timeout_s is None else timeout_s
         self.session = session
         self.endpoint.reassembler.set_watermark(0)
         self.history = History(self.plan.model.num_layers, self.width, self.policy.wire)
-        waiting, attempt, deadline = set(self.remote), 0, time.monotonic() + timeout_s
+        # a relaxed-only device already down is probed, not awaited: a server does not stall every
+        # request for it; it rejoins when it answers a probe
+        was_down = self.down & set(self.remote)
+        waiting, attempt, deadline = set(self.remote) - was_down, 0, time.monotonic() + timeout_s
+        self._probe(time.monotonic())
         while waiting:
             for d in sorted(waiting):
                 self.endpoint.send(Message(Kind.HELLO, session, 0, 0, self.me), self.peers[d],
@@ -155,10 +161,14 @@ class UdpExchange:
                 if got and got[0].kind == Kind.HELLO and got[0].session == session:
                     waiting.discard(self.names.get(got[0].sender))
             if time.monotonic() >= deadline and waiting:
-                d = sorted(waiting)[0]
+                if not waiting & self.critical:
+                    break  # only relaxed groups are missing: marked down below, the session goes on
+                d = sorted(waiting & self.critical)[0]
                 raise DeviceLost(f"device {d} at {self.peers[d][0]}:{self.peers[d][1]} does not answer "
                                  f"(is `halo-run worker --device {d}` running there, with this plan's key?)")
-        self.down.clear()
+        self.down = set(was_down)
+        for d in sorted(waiting):
+            self._mark_down(d)
         self.rejoined.clear()
         self.asked_since = dict.fromkeys(self.remote)
 
