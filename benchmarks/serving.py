@@ -94,8 +94,9 @@ def rounds(plan_dir: str, sync: str, rows: list[int], reps: int) -> dict:
     """ms per round carrying T token rows, on live workers (the cost a T-request batch would see)."""
     import torch
     from benchcommon import percentiles
-    from halo_runtime.cli import _load_coordinator, _local_auth, start_local_workers, stop_workers
+    from halo_runtime.cli import _load_coordinator
     from halo_runtime.core.coordinator import Coordinator, TokenStats
+    from halo_runtime.localcluster import local_auth, start_local_workers, stop_workers
     from halo_runtime.net.exchange import TcpExchange, UdpExchange
 
     torch.set_num_threads(1)
@@ -104,7 +105,7 @@ def rounds(plan_dir: str, sync: str, rows: list[int], reps: int) -> dict:
     plan, shard, _, policy = _load_coordinator(args)
     workers: dict = {}
     try:
-        auth = _local_auth(args)
+        auth = local_auth(args)
         peers = start_local_workers(args, plan, dict.fromkeys(plan.device_names, 0.0), auth, workers)
         ex = (TcpExchange(plan, peers, policy, auth=auth) if sync == "strict"
               else UdpExchange(plan, peers, policy, bind_host="127.0.0.1", auth=auth))

@@ -14,7 +14,6 @@ import json
 import os
 import resource
 import secrets
-import subprocess
 import sys
 import time
 
@@ -41,28 +40,41 @@ def _field(cls: type, name: str, suffix: str = "") -> dict:
     return {"default": field_default(cls, name), "help": field_help(cls, name).replace("%", "%%") + suffix}
 
 
-def _generate_args(p: argparse.ArgumentParser) -> None:
+def _coordinator_args(p: argparse.ArgumentParser) -> None:
+    """Flags of every command that runs the coordinator (generate, local, serve)."""
     from .core.policy import DeliveryPolicy
 
     p.add_argument("--plan", required=True, help="compiled plan directory")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default %(default)s)")
     p.add_argument("--sync", choices=["relaxed", "strict"], default="relaxed",
                    help="relaxed: UDP, deadlines and compensation (default); strict: TCP, await everything")
     p.add_argument("--wire", choices=["fp16", "fp32"], **_field(DeliveryPolicy, "wire"))
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--redundancy", type=int, **_field(DeliveryPolicy, "redundancy", "; at most 4"))
     p.add_argument("--relaxed-retries", type=int,
                    **_field(DeliveryPolicy, "relaxed_retries", " (default %(default)s)"))
     p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT",
                    help="override a device's address from the plan")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no per-token lines")
-    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens (benchmarks)")
     p.add_argument("--seed", type=int, default=0, help="seed of the loss emulation (local)")
     _key_arg(p)
     p.add_argument("--dead-after", type=float, metavar="S",
                    **_field(DeliveryPolicy, "dead_after_s", " (default %(default)g s)"))
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _coordinator_args(p)
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default %(default)s)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no per-token lines")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens (benchmarks)")
+
+
+def _emulation_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the in-process loss/delay shim on loopback devices (local, serve --local)."""
+    p.add_argument("--plr", type=float, default=None,
+                   help="packet loss rate on the plan's lossy links [default: the plan's own rates]")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added on every link")
+    p.add_argument("--jitter-ms", type=float, default=0.0, help="std of that delay")
 
 
 def _key_arg(p: argparse.ArgumentParser) -> None:
@@ -106,10 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_args(g)
     loc = sub.add_parser("local", help="run every device as a local process on loopback (emulated loss)")
     _generate_args(loc)
-    loc.add_argument("--plr", type=float, default=None,
-                     help="packet loss rate on the plan's lossy links [default: the plan's own rates]")
-    loc.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added on every link")
-    loc.add_argument("--jitter-ms", type=float, default=0.0, help="std of that delay")
+    _emulation_args(loc)
     loc.add_argument("--compare", action="store_true", help="run relaxed and strict, and print both")
     s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API, with a chat page")
     _serve_args(s)
@@ -117,28 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plan", required=True, help="compiled plan directory")
+    _coordinator_args(p)
+    _emulation_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0: any free port)")
     p.add_argument("--local", action="store_true", help="also start every device on loopback, like `local`")
-    p.add_argument("--sync", choices=["relaxed", "strict"], default="relaxed",
-                   help="relaxed: UDP, deadlines and compensation (default); strict: TCP, await everything")
-    p.add_argument("--wire", choices=["fp16", "fp32"], default="fp16", help="activation dtype on the wire")
-    p.add_argument("--redundancy", type=int, default=1, help="copies of each message on lossy links (1-4)")
-    p.add_argument("--relaxed-retries", type=int, default=1, help="fast re-requests of a late relaxed part")
-    p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT",
-                   help="override a device's address from the plan")
-    p.add_argument("--dead-after", type=float, default=4.0, metavar="S",
-                   help="a device holding critical groups silent this long fails the request (503; default 4 s)")
     p.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
                    help="largest request body accepted (default 1 MiB; larger: 413)")
     p.add_argument("--max-waiting", type=int, default=64, metavar="N",
                    help="requests queued or running before new ones get 429 (default 64)")
-    _key_arg(p)
-    p.add_argument("--plr", type=float, default=None, help="with --local: packet loss rate on the lossy links")
-    p.add_argument("--delay-ms", type=float, default=0.0, help="with --local: one-way delay on every link")
-    p.add_argument("--jitter-ms", type=float, default=0.0, help="with --local: std of that delay")
-    p.add_argument("--seed", type=int, default=0, help="with --local: seed of the loss emulation")
 
 
 def main(argv=None) -> None:
@@ -360,70 +356,15 @@ def run_generate(args) -> None:
         print(json.dumps(result))
 
 
-def _local_auth(args):
-    """The plan's key (or --key-file, $HALO_KEY...), else a fresh one for this run: `local` starts
-    every process itself, so a plan compiled before keys existed still runs."""
-    from .core.plandir import KeyFileError, new_key, resolve_key
-    from .net.auth import Authenticator
-
-    try:
-        return Authenticator(resolve_key(args.key_file, args.plan)[0])
-    except KeyFileError:
-        if args.key_file or os.environ.get("HALO_KEY_FILE") or os.environ.get("HALO_KEY"):
-            raise
-        return Authenticator(new_key())
-
-
-def _local_loss(args, plan) -> dict[str, float]:
-    """Emulated loss per device: --plr on the plan's lossy links, else the plan's own rates."""
-    if args.plr is not None and not 0 <= args.plr < 1:
-        _fail(f"--plr {args.plr}: must be in [0, 1)")
-    return {d.name: (args.plr if args.plr is not None and d.loss > 0 else d.loss) for d in plan.devices}
-
-
-def start_local_workers(args, plan, loss: dict[str, float], auth, workers: dict) -> dict[str, tuple[str, int]]:
-    """Start every remote device of `plan` as a `halo-run worker` on loopback, adding each process to
-    `workers` as it starts (so the caller's `stop_workers` ends them all, even after a failure);
-    returns their addresses."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HALO_KEY": auth.key.hex()}
-    env.pop("HALO_KEY_FILE", None)  # the workers take exactly the coordinator's key
-    peers = {}
-    for i, d in enumerate(plan.device_names):
-        if d == plan.coordinator:
-            continue
-        cmd = [sys.executable, "-m", "halo_runtime.cli", "worker", "--plan", args.plan, "--device", d,
-               "--bind", "127.0.0.1:0", "--announce", "--shim-loss", str(loss[d]),
-               "--shim-delay-ms", str(args.delay_ms), "--shim-jitter-ms", str(args.jitter_ms),
-               "--shim-seed", str(args.seed * 1000 + i)]
-        workers[d] = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
-    for d, proc in workers.items():
-        line = proc.stdout.readline()
-        if not line:
-            _fail(f"worker {d} did not start (exit code {proc.wait()})")
-        info = json.loads(line)
-        peers[d] = (info["host"], info["port"])
-    return peers
-
-
-def stop_workers(workers: dict) -> None:
-    for proc in workers.values():
-        proc.terminate()
-    for proc in workers.values():
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def run_local(args) -> None:
+    from .localcluster import local_auth, local_loss, start_local_workers, stop_workers
     from .net.exchange import PeerShims, TcpExchange, UdpExchange
     from .net.shim import LossShim
 
     plan, shard, tok, policy = _load_coordinator(args)
-    loss = _local_loss(args, plan)
+    loss = local_loss(args, plan)
     workers: dict = {}
-    auth = _local_auth(args)
+    auth = local_auth(args)
     try:
         peers = start_local_workers(args, plan, loss, auth, workers)
         modes = ["relaxed", "strict"] if args.compare else [args.sync]
@@ -463,6 +404,7 @@ def run_local(args) -> None:
 
 def run_serve(args) -> None:
     from .core.chat import ChatTemplate
+    from .localcluster import local_auth, local_loss, start_local_workers, stop_workers
     from .net.exchange import PeerShims, TcpExchange, UdpExchange
     from .net.shim import LossShim
 
@@ -478,8 +420,8 @@ def run_serve(args) -> None:
     workers, shims = {}, {}
     try:
         if args.local:
-            loss = _local_loss(args, plan)
-            auth = _local_auth(args)
+            loss = local_loss(args, plan)
+            auth = local_auth(args)
             peers = start_local_workers(args, plan, loss, auth, workers)
             shims = {d: LossShim(loss[d], args.delay_ms, args.jitter_ms, seed=args.seed * 1000 + 500 + i)
                      for i, d in enumerate(peers) if loss[d] > 0 or args.delay_ms > 0}

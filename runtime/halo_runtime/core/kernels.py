@@ -32,7 +32,6 @@ Example:
 """
 from __future__ import annotations
 
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
