@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny random LLaMA checkpoint factory and the built-in SmolLM2 model.
+"""Shared fixtures: a tiny random LLaMA checkpoint factory, a tiny model with the suite's own
+tokenizer (tests/tinytok.py) and its compiled 4-device plan, and the built-in SmolLM2 model, which
+only tests marked slow may use (`make test` runs without it).
 
-    def test_x(tiny_llama_dir, builtin_model):
+    def test_x(tiny_llama_dir, tiny_plan):
         d = tiny_llama_dir(tie=True, num_hidden_layers=1)   # an HF dir: config.json + model.safetensors
-        m = builtin_model                                   # LoadedModel of smollm2-135m (cached)
+        plan, directory = tiny_plan                         # compiled once per session
 """
 from __future__ import annotations
 
