@@ -57,6 +57,13 @@ def tiny_llama_dir(tmp_path_factory):
     return make
 
 
+def pytest_collection_modifyitems(items):
+    # `make test` (-m "not slow") must run where the real model was never converted
+    for item in items:
+        if "builtin_model" in item.fixturenames and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses the real SmolLM2 (builtin_model) but is not marked slow")
+
+
 @pytest.fixture(scope="session")
 def builtin_model():
     """LoadedModel of smollm2-135m; the conversion is cached under $HALO_CACHE or ~/.cache/halo."""
