@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny random LLaMA checkpoint factory and the built-in SmolLM2 model.
+"""Shared fixtures: a tiny random LLaMA checkpoint factory, a tiny model with the suite's own
+tokenizer (tests/tinytok.py) and its compiled 4-device plan, and the built-in SmolLM2 model, which
+only tests marked slow may use (`make test` runs without it).
 
-    def test_x(tiny_llama_dir, builtin_model):
+    def test_x(tiny_llama_dir, tiny_plan):
         d = tiny_llama_dir(tie=True, num_hidden_layers=1)   # an HF dir: config.json + model.safetensors
-        m = builtin_model                                   # LoadedModel of smollm2-135m (cached)
+        plan, directory = tiny_plan                         # compiled once per session
 """
 from __future__ import annotations
 
@@ -53,6 +55,13 @@ def tiny_llama_dir(tmp_path_factory):
         return made[key]
 
     return make
+
+
+def pytest_collection_modifyitems(items):
+    # `make test` (-m "not slow") must run where the real model was never converted
+    for item in items:
+        if "builtin_model" in item.fixturenames and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses the real SmolLM2 (builtin_model) but is not marked slow")
 
 
 @pytest.fixture(scope="session")

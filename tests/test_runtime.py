@@ -94,32 +94,33 @@ JSON_DROP_KEYS = {
     "strict": ["malformed", "bad_length", "forged", "misdirected", "replayed", "stale"]}
 
 
-@pytest.mark.parametrize("sync", ["relaxed", "strict"])
-def test_local_network_fp32_matches_single_device_model(tiny_plan, tiny_vocab_dir, sync):
+def test_local_network_fp32_matches_single_device_model(tiny_plan, tiny_vocab_dir):
+    """Relaxed (UDP), then strict (TCP), on one set of worker processes (`--compare`)."""
     plan, directory = tiny_plan
     out = halo_run("local", "--plan", str(directory), "--prompt", PROMPT, "--max-tokens", "12", "--ignore-eos",
-                   "--wire", "fp32", "--plr", "0", "--sync", sync, "--json", "--quiet")
+                   "--wire", "fp32", "--plr", "0", "--compare", "--json", "--quiet")
     prompt = Tokenizer.from_file(directory / TOKENIZER_FILE).encode(PROMPT)
     tokens, _ = reference(tiny_vocab_dir, prompt, 12)
-    assert out["sync"] == sync
-    assert out["tokens"] == tokens
-    assert out["compensated_share"] == 0.0
-    assert set(out["tpot_ms"]) == {"p50", "p90", "p99"}
-    assert set(out["peak_rss_mb"]) == set(plan.device_names)
-    # other tools read these keys: each exchange reports its own counters, and each worker its own
-    assert list(out["exchange"]) == JSON_EXCHANGE_KEYS[sync]
-    assert list(out["exchange"]["dropped"]) == JSON_DROP_KEYS[sync]
-    assert {s["device"] for s in out["devices"].values()} == set(plan.device_names) - {plan.coordinator}
+    assert [r["sync"] for r in out["runs"]] == ["relaxed", "strict"]
+    for r in out["runs"]:
+        assert r["tokens"] == tokens
+        assert r["compensated_share"] == 0.0
+        assert set(r["tpot_ms"]) == {"p50", "p90", "p99"}
+        assert set(r["peak_rss_mb"]) == set(plan.device_names)
+        # other tools read these keys: each exchange reports its own counters, and each worker its own
+        assert list(r["exchange"]) == JSON_EXCHANGE_KEYS[r["sync"]]
+        assert list(r["exchange"]["dropped"]) == JSON_DROP_KEYS[r["sync"]]
+        assert {s["device"] for s in r["devices"].values()} == set(plan.device_names) - {plan.coordinator}
 
 
 def test_under_loss_relaxed_completes_and_strict_stays_exact(tiny_plan, tiny_vocab_dir):
     plan, directory = tiny_plan
-    common = ["--plan", str(directory), "--prompt", PROMPT, "--max-tokens", "10", "--ignore-eos", "--wire", "fp32",
-              "--plr", "0.3", "--json", "--quiet", "--seed", "3"]
-    relaxed = halo_run("local", *common, "--sync", "relaxed")
-    strict = halo_run("local", *common, "--sync", "strict")
+    out = halo_run("local", "--plan", str(directory), "--prompt", PROMPT, "--max-tokens", "10", "--ignore-eos",
+                   "--wire", "fp32", "--plr", "0.3", "--json", "--quiet", "--seed", "3", "--compare")
+    relaxed, strict = out["runs"]
     prompt = Tokenizer.from_file(directory / TOKENIZER_FILE).encode(PROMPT)
     tokens, _ = reference(tiny_vocab_dir, prompt, 10)
+    assert (relaxed["sync"], strict["sync"]) == ("relaxed", "strict")
     assert strict["tokens"] == tokens
     assert len(relaxed["tokens"]) == 10
     ex = relaxed["exchange"]
