@@ -259,6 +259,10 @@ def mark_streaming(plan: Plan, inputs: PlacementInputs) -> Plan:
             raise InfeasibleError(str(e)) from None
         if not res.streamed_bytes:
             continue
+        if plan.weights != "fp32":  # the runtime's storage shell reads fp32 shards only (for now)
+            raise InfeasibleError(f"device {dev.name} would stream {res.streamed_bytes / 1e6:.1f} MB of weights "
+                                  f"from storage, which needs fp32 weights, not {plan.weights} "
+                                  f"(give it more memory or compile with --weights fp32)")
         mine = [g for g in plan.groups if g.device == dev.name and g.id not in res.resident]
         dev_load = {g.id: load_ms(by_id[g.id], dev) for g in mine}
         load.update(dev_load)
