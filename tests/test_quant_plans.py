@@ -110,14 +110,22 @@ def test_damaged_scales_are_refused_with_one_line(compiled, tmp_path):
     shutil.copytree(directory, copy)
     worker = next(d for d in plan.device_names if d != plan.coordinator and any(g.device == d for g in plan.groups))
     name = plan.shard_file(worker)
-    scale = next(k for k in load_file(str(copy / name)) if k.endswith("down_proj.scale"))
+    names = list(load_file(str(copy / name)))
+    row_scale = next(k for k in names if k.endswith("gate_proj.scale"))
+    scale = next(k for k in names if k.endswith("down_proj.scale"))
 
-    def double(t):
-        t[scale] = t[scale] * 2
-    _forge(copy, name, double)
+    def double(which):
+        def change(t):
+            t[which] = t[which] * 2
+        return change
+    _forge(copy, name, double(row_scale))   # a row's scale: only the fingerprint can tell
     with pytest.raises(PlanError) as e:
         verify_plan(copy)
     assert "weights fingerprint" in str(e.value) and "\n" not in str(e.value)
+    _forge(copy, name, double(scale))       # a copy of down_proj's row scales: the devices disagree
+    with pytest.raises(PlanError) as e:
+        verify_plan(copy)
+    assert "disagree on the row scales" in str(e.value) and "\n" not in str(e.value)
 
     def wrong_dtype(t):
         t[scale] = t[scale].double()
@@ -135,8 +143,8 @@ def test_local_udp_int8_equals_single_device(compiled):
     for directory in (dir4, dir1):
         proc = subprocess.run([sys.executable, "-m", "halo_runtime.cli", "local", "--plan", str(directory),
                                "--prompt", "The capital of France is", "--max-tokens", "10", "--ignore-eos",
-                               "--plr", "0", "--json", "--quiet"], capture_output=True, text=True, timeout=240,
-                              env=env)
+                               "--plr", "0", "--wire", "fp32", "--json", "--quiet"],
+                              capture_output=True, text=True, timeout=240, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs.append(json.loads(proc.stdout))
     udp4, one = runs
