@@ -298,5 +298,5 @@ def check_capacity(cfg: ModelConfig, devices, coordinator: str, tensors: dict, m
         free += d.memory_bytes - mine + (weight if d.storage_mbps > 0 else 0)
     if weight + kv > free:
         raise InfeasibleError(f"model needs {mb(weight + kv)} ({mb(weight)} of {weights} weights + {mb(kv)} of KV "
-                              f"cache at max context {max_context}) besides the coordinator's {mb(fixed)}; "
+                              f"cache at max context {max_context}) besides coordinator {coordinator}'s {mb(fixed)}; "
                               f"the cluster has {mb(free)} (short by {mb(weight + kv - free)})")
