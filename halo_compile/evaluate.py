@@ -201,7 +201,7 @@ def loss_blind_variant(plan: Plan, shards: dict, solver_time: float = 10.0) -> t
     coord = shards[plan.coordinator]
     extras = {k: v for k, v in coord.items() if k.startswith(("predictor.", "compensation."))}
     placed = placement_inputs(plan.model, plan.groups, plan.devices, plan.coordinator, coord, plan.max_context,
-                              plan.seed, solver_time).place_loss_blind()
+                              plan.seed, solver_time, weights=plan.weights).place_loss_blind()
     blind = replace(plan, groups=tuple(replace(g, device=placed.assignment[g.id]) for g in plan.groups))
     weights = assemble(plan, shards)
     out = {d: slice_device(blind, d, weights) for d in blind.device_names}

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from halo_runtime.core.plan import SCHEMA_VERSION, Plan, PredictorReport
 from halo_runtime.core.plandir import shard_file
-from halo_runtime.core.shards import slice_device
+from halo_runtime.core.qshards import quant_fingerprint
+from halo_runtime.core.quant import FORMATS
+from halo_runtime.core.shards import quantise_model, slice_device
 from tqdm import tqdm
 
 from . import __version__
@@ -36,7 +38,15 @@ from .compensate import compensate_layer
 from .emit import emit
 from .group import group_layer
 from .load import LoadedModel, load_model
-from .place import Placement, PlacementInputs, device_reports, importance_at_risk, mark_streaming, placement_inputs
+from .place import (
+    Placement,
+    PlacementInputs,
+    check_capacity,
+    device_reports,
+    importance_at_risk,
+    mark_streaming,
+    placement_inputs,
+)
 from .predict import LayerPredictor, predict_layer
 from .profiling import profile_model
 from .score import plan_groups, score_layer
@@ -72,6 +82,8 @@ class CompileOptions:
     """CP-SAT deterministic time budget per phase."""
     progress: bool = True
     """Show progress bars on stderr."""
+    weights: str = "fp32"
+    """Format the shards store weights in: fp32, bf16, int8 or int4 (halo_runtime.core.quant)."""
 
     def __post_init__(self):
         checks = {"calib_tokens": self.calib_tokens >= 16, "chunk_tokens": self.chunk_tokens >= 16,
@@ -79,6 +91,7 @@ class CompileOptions:
                   "relaxed_share": 0 <= self.relaxed_share < 1, "max_context": self.max_context >= 1,
                   "predictor_rank": self.predictor_rank >= 1, "compensation_rank": self.compensation_rank >= 0,
                   "predictor_threshold": 0 < self.predictor_threshold < 1, "solver_time": self.solver_time > 0}
+        checks["weights"] = self.weights in FORMATS
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"option {name}: invalid value {getattr(self, name)!r}")
@@ -119,6 +132,7 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
     model = load_model(model_spec, progress=opts.progress)
     cfg, num_layers = model.config, model.config.num_layers
     out = Path(out_dir) if out_dir else Path("artifacts") / f"{model.name}-{cluster.name}"
+    check_capacity(cfg, cluster.devices, cluster.coordinator, model.weights, opts.max_context, opts.weights)
 
     _log(opts, f"[2/7] profile on {opts.calib_tokens} calibration tokens")
     stats = profile_model(model, _calibration_chunks(model, opts), opts.sample_tokens, opts.seed,
@@ -147,14 +161,18 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
     select_rate = {g.id: predictors[g.layer].select_rate[g.index] for g in unplaced if g.kind == "mlp"}
     inputs = placement_inputs(cfg, unplaced, cluster.devices, cluster.coordinator,
                               {**model.weights, **coordinator_tensors}, opts.max_context, opts.seed,
-                              opts.solver_time, select_rate)
+                              opts.solver_time, select_rate, opts.weights)
     placement, blind = inputs.place(), inputs.place_loss_blind()
     _log(opts, f"      placement solved in {placement.solve_wall_s:.1f} s wall, "
                f"loss-blind in {blind.solve_wall_s:.1f} s")
     plan = _plan(model, cluster, opts, unplaced, predictors, inputs, placement, blind)
+    qmodel = None
+    if opts.weights != "fp32":  # quantised once, by group; each device takes its slices
+        qmodel = quantise_model(plan, model.weights)
+        plan = replace(plan, weights_fingerprint=quant_fingerprint(qmodel))
 
     _log(opts, f"[7/7] emit {out}")
-    shards = {dev: slice_device(plan, dev, model.weights) for dev in plan.device_names}
+    shards = {dev: slice_device(plan, dev, model.weights, qmodel) for dev in plan.device_names}
     shards[plan.coordinator].update(coordinator_tensors)
     emit(out, plan, shards, model.tokenizer_file)
     _log(opts, f"compiled in {time.perf_counter() - started:.1f} s")
@@ -180,5 +198,7 @@ def _plan(model: LoadedModel, cluster: ClusterProfile, opts: CompileOptions, gro
         expected_lost_importance=placement.expected_lost_importance,
         loss_blind_token_ms=blind.predicted_token_ms,
         loss_blind_lost_importance=importance_at_risk(inputs.costs, blind.assignment, inputs.miss, cfg.num_layers),
-        shards=tuple(shard_file(dev.name) for dev in cluster.devices))
+        shards=tuple(shard_file(dev.name) for dev in cluster.devices),
+        # the fingerprint needs the placed groups: compile_plan fills it in once it has quantised
+        weights=opts.weights, weights_fingerprint="" if opts.weights == "fp32" else "pending")
     return mark_streaming(plan, inputs)

@@ -50,7 +50,8 @@ from dataclasses import dataclass, replace
 from halo_runtime.core.model import ModelConfig
 from halo_runtime.core.plan import Device, DeviceReport, Plan, SolverReport
 from halo_runtime.core.policy import DeliveryPolicy
-from halo_runtime.core.residency import BYTES_PER_WEIGHT, residency
+from halo_runtime.core.quant import SCALE_SUFFIX, weight_format
+from halo_runtime.core.residency import BYTES_PER_WEIGHT, residency, weight_bytes
 
 from .placecost import (
     GroupCost,
@@ -179,15 +180,28 @@ class PlacementInputs:
         return place_loss_blind(self.costs, self.devices, self.coordinator, self.fixed_bytes, self.miss, self.options)
 
 
-def coordinator_bytes(tensors: dict) -> int:
+QUANTISED_TABLES = ("model.embed_tokens.weight", "lm_head.weight", "embed_tokens", "lm_head")
+"""Coordinator tensors (HF or shard names) stored in the plan's weight format."""
+
+
+def coordinator_bytes(tensors: dict, weights: str = "fp32", hidden: int | None = None) -> int:
     """Bytes of the coordinator's tensors outside its groups: every tensor but the projections,
-    which are cut into groups and placed."""
-    return sum(v.numel() for k, v in tensors.items() if "proj" not in k) * BYTES_PER_WEIGHT
+    which are cut into groups and placed; embeddings and LM head (`hidden` inputs per row, default
+    their stored width) in format `weights`, scales included."""
+    fmt, total = weight_format(weights), 0
+    for k, v in tensors.items():
+        if "proj" in k or k.endswith(SCALE_SUFFIX):
+            continue
+        if k in QUANTISED_TABLES:
+            total += fmt.nbytes(v.shape[0], (hidden or v.shape[1],))
+        else:
+            total += v.numel() * BYTES_PER_WEIGHT
+    return total
 
 
 def placement_inputs(cfg: ModelConfig, groups, devices, coordinator: str, coordinator_tensors: dict,
                      max_context: int, seed: int, solver_time: float,
-                     select_rate: dict[str, float] | None = None) -> PlacementInputs:
+                     select_rate: dict[str, float] | None = None, weights: str = "fp32") -> PlacementInputs:
     """The solver's inputs for `groups` (plan records) on `devices`.
 
     coordinator_tensors: every tensor the coordinator holds, by shard name (model weights with the
@@ -198,9 +212,9 @@ def placement_inputs(cfg: ModelConfig, groups, devices, coordinator: str, coordi
     select_rate = select_rate or {}
     policy = DeliveryPolicy()
     return PlacementInputs(
-        costs=tuple(group_cost(cfg, g, max_context, select_rate.get(g.id, 1.0)) for g in groups),
+        costs=tuple(group_cost(cfg, g, max_context, select_rate.get(g.id, 1.0), weights) for g in groups),
         devices=tuple(devices), coordinator=coordinator,
-        fixed_bytes={coordinator: coordinator_bytes(coordinator_tensors)},
+        fixed_bytes={coordinator: coordinator_bytes(coordinator_tensors, weights, cfg.hidden_size)},
         miss={d.name: 0.0 if d.name == coordinator else policy.miss_probability(d.loss) for d in devices},
         # one token's partial sum in fp16, the default wire
         options=PlaceOptions(seed=seed, max_deterministic_time=solver_time, message_bytes=2 * cfg.hidden_size))
@@ -245,6 +259,10 @@ def mark_streaming(plan: Plan, inputs: PlacementInputs) -> Plan:
             raise InfeasibleError(str(e)) from None
         if not res.streamed_bytes:
             continue
+        if plan.weights != "fp32":  # the runtime's storage shell reads fp32 shards only (for now)
+            raise InfeasibleError(f"device {dev.name} would stream {res.streamed_bytes / 1e6:.1f} MB of weights "
+                                  f"from storage, which needs fp32 weights, not {plan.weights} "
+                                  f"(give it more memory or compile with --weights fp32)")
         mine = [g for g in plan.groups if g.device == dev.name and g.id not in res.resident]
         dev_load = {g.id: load_ms(by_id[g.id], dev) for g in mine}
         load.update(dev_load)
@@ -257,3 +275,28 @@ def mark_streaming(plan: Plan, inputs: PlacementInputs) -> Plan:
                    device_reports=tuple(reports[d.name] for d in plan.devices),
                    predicted_token_ms=predicted_token_ms(inputs.costs, assignment, plan.devices, plan.coordinator,
                                                          inputs.miss, inputs.options, load))
+
+
+def check_capacity(cfg: ModelConfig, devices, coordinator: str, tensors: dict, max_context: int,
+                   weights: str = "fp32") -> None:
+    """Fail fast, before profiling: InfeasibleError naming the shortfall when the cluster cannot hold
+    the model's weights in format `weights` plus its KV cache at `max_context`.
+
+    A lower bound on what placement will need (predictor and compensation are not known yet, and
+    groups may not pack), so it never refuses a model that placement could place."""
+    layers = cfg.num_layers
+    weight = layers * (weight_bytes(cfg, "attn", cfg.num_kv_heads, weights)
+                       + weight_bytes(cfg, "mlp", cfg.intermediate_size, weights))
+    kv = layers * 2 * max_context * cfg.head_dim * cfg.num_kv_heads * BYTES_PER_WEIGHT
+    fixed = coordinator_bytes({k: v for k, v in tensors.items() if "proj" not in k}, weights, cfg.hidden_size)
+    free = 0
+    for d in devices:
+        mine = fixed if d.name == coordinator else 0
+        if mine > d.memory_bytes:
+            raise InfeasibleError(f"coordinator {d.name} needs {mb(mine)} for embeddings, LM head and norms in "
+                                  f"{weights} but has {mb(d.memory_bytes)}")
+        free += d.memory_bytes - mine + (weight if d.storage_mbps > 0 else 0)
+    if weight + kv > free:
+        raise InfeasibleError(f"model needs {mb(weight + kv)} ({mb(weight)} of {weights} weights + {mb(kv)} of KV "
+                              f"cache at max context {max_context}) besides coordinator {coordinator}'s {mb(fixed)}; "
+                              f"the cluster has {mb(free)} (short by {mb(weight + kv - free)})")

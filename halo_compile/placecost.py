@@ -97,10 +97,12 @@ class GroupCost:
         return self.weight_bytes + self.kv_bytes
 
 
-def group_cost(cfg: ModelConfig, group: Group, max_context: int, select_rate: float = 1.0) -> GroupCost:
-    """The placement solver's view of a plan group: weights, KV cache and flops per token."""
-    nbytes = weight_bytes(cfg, group.kind, len(group.members))
-    flops = 2 * nbytes // BYTES_PER_WEIGHT
+def group_cost(cfg: ModelConfig, group: Group, max_context: int, select_rate: float = 1.0,
+               weights: str = "fp32") -> GroupCost:
+    """The placement solver's view of a plan group: weights (stored bytes in format `weights`),
+    KV cache and flops per token (two per weight, whatever the format)."""
+    nbytes = weight_bytes(cfg, group.kind, len(group.members), weights)
+    flops = 2 * weight_bytes(cfg, group.kind, len(group.members)) // BYTES_PER_WEIGHT
     if group.kind == "attn":
         # keys and values of its KV heads at every position of the longest context
         kv_bytes = 2 * max_context * cfg.head_dim * len(group.members) * BYTES_PER_WEIGHT

@@ -39,6 +39,9 @@ def inspect_text(plan: Plan) -> str:
         lines.append(f"{dev.name + role:<10} {mem:>18} {attn:>5} {crit:>8} {rlx:>7} "
                      f"{100 * rep.importance_share:>9.1f}% {100 * dev.loss:>5.1f}% {rep.predicted_time_ms:>8.2f}")
     lines.append("(* coordinator: also holds embeddings, norms, LM head, predictors, compensation)")
+    fp = f", fingerprint {plan.weights_fingerprint[:12]}" if plan.weights_fingerprint else ""
+    lines.append(f"weights: {plan.weights}{fp}; stored bytes per device: "
+                 + ", ".join(f"{r.name} {r.weight_bytes / MB:.1f} MB" for r in plan.device_reports))
     lines += _streaming_lines(plan)
     lines.append("")
     p = plan.predictor

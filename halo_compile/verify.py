@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from halo_runtime.core.plan import PlanError, load_plan
 from halo_runtime.core.plandir import check_files, read_manifest
-from halo_runtime.core.shards import assemble, load_shard
+from halo_runtime.core.qshards import assemble_quantised, quant_fingerprint
+from halo_runtime.core.shards import assemble, load_shard, quantise_model
 
 from .load import fingerprint, load_model
 
@@ -41,8 +42,10 @@ def verify_plan(directory: str | Path, model_spec: str | None = None) -> list[st
     n = check_manifest(directory)
     plan = load_plan(directory)
     shards = {dev: load_shard(directory, plan, dev) for dev in plan.device_names}
-    full = assemble(plan, shards)
     done = [f"manifest: {n} files match their SHA-256"]
+    if plan.weights != "fp32":
+        return done + _verify_quantised(directory, plan, shards, model_spec)
+    full = assemble(plan, shards)
     fp = fingerprint(full)
     if fp != plan.model_fingerprint:
         raise PlanError(f"{directory}: shards reassemble to fingerprint {fp[:12]}, plan says "
@@ -58,4 +61,30 @@ def verify_plan(directory: str | Path, model_spec: str | None = None) -> list[st
             if not torch.equal(t.float(), full[name].float()):
                 raise PlanError(f"{directory}: {name} differs from {model_spec}")
         done.append(f"model: every weight of {model_spec} is held exactly once, bit for bit")
+    return done
+
+
+def _verify_quantised(directory: Path, plan, shards: dict, model_spec: str | None) -> list[str]:
+    """The shards reassemble exactly to the plan's quantised model (its weights fingerprint), and,
+    given the model, that model quantised by the plan's groups is the same, bit for bit."""
+    qmodel, norms = assemble_quantised(plan, shards)
+    fp = quant_fingerprint(qmodel)
+    if fp != plan.weights_fingerprint:
+        raise PlanError(f"{directory}: shards reassemble to {plan.weights} weights fingerprint {fp[:12]}, plan says "
+                        f"{plan.weights_fingerprint[:12]} (a value or scale tensor differs from what was compiled)")
+    done = [f"shards: {len(qmodel)} {plan.weights} weights reassemble to the plan's quantised model "
+            f"(fingerprint {fp[:12]}), {len(norms)} fp32 norms"]
+    if model_spec:
+        model = load_model(model_spec, progress=False)
+        if model.fingerprint != plan.model_fingerprint:
+            raise PlanError(f"{directory}: {model_spec} has fingerprint {model.fingerprint[:12]}, plan says "
+                            f"{plan.model_fingerprint[:12]}")
+        if quant_fingerprint(quantise_model(plan, model.weights)) != fp:
+            raise PlanError(f"{directory}: {model_spec} quantised to {plan.weights} by the plan's groups differs "
+                            f"from the shards")
+        for name, t in norms.items():
+            if not torch.equal(t.float(), model.weights[name].float()):
+                raise PlanError(f"{directory}: {name} differs from {model_spec}")
+        done.append(f"model: {model_spec} quantised to {plan.weights} by the plan's groups is what the shards "
+                    f"hold, bit for bit")
     return done

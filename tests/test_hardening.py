@@ -439,10 +439,6 @@ def _forged_counts(workers, key: bytes) -> dict[str, int]:
     ex = UdpExchange(workers.plan, workers.peers, bind_host="127.0.0.1", auth=Authenticator(key))
     try:
         ex.begin(random.getrandbits(32))
-        return {d: s["dropped_forged"] for d, s in ex.device_stats().items()}
+        return {d: s.dropped_forged for d, s in ex.device_stats().items()}
     finally:
         ex.close()
-<<<<<<< HEAD
-    assert all(s.dropped_forged > 0 for s in stats.values()), stats
-=======
->>>>>>> wt-tests

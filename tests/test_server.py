@@ -28,8 +28,8 @@ from halo_runtime.core.chat import ChatTemplate, load_tokenizer_config  # noqa: 
 from halo_runtime.core.plan import load_plan  # noqa: E402
 from halo_runtime.core.plandir import TOKENIZER_FILE, sha256_file  # noqa: E402
 from halo_runtime.core.tokenizer import Tokenizer  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from live_server import TEMPLATE, Server, plan_with_template  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE_EOS = {"ignore_eos": True}
@@ -283,8 +283,9 @@ def test_a_plan_without_a_template_falls_back_to_chatml_with_one_warning(plan_co
 
 
 def test_the_compiler_carries_the_template_into_the_plan(tmp_path, plan_dir):
-    from halo_compile.load import tokenizer_config
     from halo_runtime.core.plandir import TOKENIZER_CONFIG_FILE, read_manifest
+
+    from halo_compile.load import tokenizer_config
 
     assert TOKENIZER_CONFIG_FILE in read_manifest(plan_dir)
     assert TOKENIZER_CONFIG_FILE in read_manifest(ROOT / "artifacts" / "smollm2-135m-pi5")

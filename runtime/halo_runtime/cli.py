@@ -176,8 +176,10 @@ def run_worker(args) -> None:
     shard = {} if compute is not None else load_shard(args.plan, plan, args.device)
     auth = _auth(args, args.plan)
     worker = Worker(plan, args.device, shard, host, port, shim, compute=compute, auth=auth)
+    from .core.kernels import selections
     if args.announce:
-        print(json.dumps({"device": args.device, "host": worker.address[0], "port": worker.address[1]}), flush=True)
+        print(json.dumps({"device": args.device, "host": worker.address[0], "port": worker.address[1],
+                          "kernels": selections()}), flush=True)
     else:
         print(f"halo-run worker {args.device} listening on {worker.address[0]}:{worker.address[1]} (UDP and TCP)",
               file=sys.stderr, flush=True)
@@ -204,6 +206,9 @@ def _streaming(args, plan):
     budget = int(args.memory_budget * 1e6) if args.memory_budget else plan_budget(plan, args.device)
     if budget is None:
         return None
+    if plan.weights != "fp32":
+        _fail(f"{args.plan}: device {args.device} would stream its weights from storage, which needs fp32 "
+              f"weights; this plan stores {plan.weights} (recompile with --weights fp32, or drop --memory-budget)")
     mbps = args.storage_mbps if args.storage_mbps is not None else plan.device(args.device).storage_mbps
     config = LoadConfig(budget=budget, mode=args.load_mode, mbps=mbps, cold=not args.warm_storage)
     return open_streaming(plan, args.plan, args.device, config)
@@ -239,6 +244,7 @@ def _percentiles(values: list[float]) -> dict:
 
 def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") -> dict:
     from .core.coordinator import Coordinator
+    from .core.kernels import selections
 
     coord = Coordinator(plan, shard, exchange)
     prompt = _prompt_ids(tok, args.prompt, args.chat, args.plan)
@@ -279,7 +285,8 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
         for d, n in s.missing.items():
             per_device[d] = per_device.get(d, 0) + n
     return {
-        "sync": sync, "wire": args.wire, "prompt_tokens": len(prompt), "tokens": gen.tokens,
+        "sync": sync, "wire": args.wire, "weights": plan.weights, "kernels": selections(),
+        "prompt_tokens": len(prompt), "tokens": gen.tokens,
         "text": tok.decode(gen.tokens, skip_special=True),
         "ttft_ms": round(gen.token_stats[0].total_ms, 3) if gen.token_stats else None,
         "tpot_ms": _percentiles(decode),
@@ -334,6 +341,9 @@ def _report(result: dict, args) -> None:
     print(f"[{result['sync']}] {len(result['tokens'])} tokens; TPOT p50 {t['p50']} ms, p90 {t['p90']} ms, "
           f"p99 {t['p99']} ms; first token {result['ttft_ms']} ms; compensated "
           f"{100 * result['compensated_share']:.2f}% of relaxed parts")
+    kernels = "; ".join(f"{fmt} {', '.join(f'{role} {k}' for role, k in roles.items())}"
+                        for fmt, roles in result.get("kernels", {}).items())
+    print(f"[{result['sync']}] weights {result.get('weights', 'fp32')}" + (f"; kernels {kernels}" if kernels else ""))
 
 
 def run_generate(args) -> None:
@@ -363,10 +373,10 @@ def run_local(args) -> None:
 
     plan, shard, tok, policy = _load_coordinator(args)
     loss = local_loss(args, plan)
-    workers: dict = {}
+    workers, worker_kernels = {}, {}
     auth = local_auth(args)
     try:
-        peers = start_local_workers(args, plan, loss, auth, workers)
+        peers = start_local_workers(args, plan, loss, auth, workers, worker_kernels)
         modes = ["relaxed", "strict"] if args.compare else [args.sync]
         results = []
         for n, mode in enumerate(modes):
@@ -384,6 +394,7 @@ def run_local(args) -> None:
                 for s in shims.values():
                     s.close()
             result["plr"] = max(loss.values())
+            result["kernels_by_device"] = {plan.coordinator: result["kernels"], **worker_kernels}
             result["peak_rss_mb"] = {plan.coordinator: round(_peak_rss_mb(), 1),
                                      **{d: round(_peak_rss_mb(p.pid), 1) for d, p in workers.items()}}
             _report(result, args)

@@ -37,10 +37,11 @@ def local_loss(args, plan) -> dict[str, float]:
     return {d.name: (args.plr if args.plr is not None and d.loss > 0 else d.loss) for d in plan.devices}
 
 
-def start_local_workers(args, plan, loss: dict[str, float], auth, workers: dict) -> dict[str, tuple[str, int]]:
+def start_local_workers(args, plan, loss: dict[str, float], auth, workers: dict,
+                        kernels: dict | None = None) -> dict[str, tuple[str, int]]:
     """Start every remote device of `plan` as a `halo-run worker` on loopback, adding each process to
     `workers` as it starts (so the caller's `stop_workers` ends them all, even after a failure);
-    returns their addresses."""
+    returns their addresses. `kernels`, if given, receives each worker's kernel choice per format."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HALO_KEY": auth.key.hex()}
     env.pop("HALO_KEY_FILE", None)  # the workers take exactly the coordinator's key
     peers = {}
@@ -58,6 +59,8 @@ def start_local_workers(args, plan, loss: dict[str, float], auth, workers: dict)
             raise ChildProcessError(f"worker {d} did not start (exit code {proc.wait()})")
         info = json.loads(line)
         peers[d] = (info["host"], info["port"])
+        if kernels is not None:
+            kernels[d] = info.get("kernels", {})
     return peers
 
 

@@ -34,6 +34,7 @@ from .exchange import Exchange
 from .model import decoder_layer, lm_logits, mlp_partial
 from .plan import Plan
 from .predictor import layer_predictor, predict_groups
+from .qcompute import coordinator_tables
 
 COMPENSATIONS = ("zero", "mean", "lowrank")
 """What stands in for a missing relaxed part: nothing; the calibration mean of the device's relaxed
@@ -88,8 +89,7 @@ class Coordinator:
         await_predicted: await relaxed parts on the tokens where the predictor flags them."""
         self.plan, self.cfg, self.exchange = plan, plan.model, exchange
         self.local = DeviceCompute(plan, plan.coordinator, shard)
-        self.embed = shard["embed_tokens"]
-        self.lm_head = shard.get("lm_head", self.embed)
+        self.embed, self.lm_head = coordinator_tables(plan, shard)  # tensors, or quantised (qcompute)
         self.final_norm = shard["norm"]
         L = self.cfg.num_layers
         self.norms = [(shard[f"layers.{i}.input_layernorm"], shard[f"layers.{i}.post_attention_layernorm"])

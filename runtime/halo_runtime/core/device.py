@@ -43,7 +43,14 @@ class DeviceCompute:
         self.plan, self.cfg, self.name = plan, plan.model, device
         self.slices = [device_indices(plan, device, layer) for layer in range(plan.model.num_layers)]
         self.attn_weights, self.mlp_weights = [], []
-        for layer, s in enumerate(self.slices):
+        self.shard, self._group_downs = shard, {}
+        if plan.weights != "fp32":  # QuantLinears with the kernels chosen in this process
+            from .qcompute import device_weights
+            for layer in range(plan.model.num_layers):
+                attn, mlp = device_weights(plan, device, shard, layer)
+                self.attn_weights.append(attn)
+                self.mlp_weights.append(mlp)
+        for layer, s in enumerate(self.slices if plan.weights == "fp32" else ()):
             pre = f"layers.{layer}"
             self.attn_weights.append(
                 tuple(shard[f"{pre}.attn.{p}"] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -80,6 +87,9 @@ class DeviceCompute:
         gate, up, down = self.mlp_weights[layer]
         n_crit = self.slices[layer].n_critical
         act = mlp_activations(x, gate, up)
+        if not isinstance(down, torch.Tensor):  # quantised: the parts are (critical, relaxed) groups
+            crit, rlx = down.parts(act)
+            return (crit if n_crit else None), (rlx if act.shape[1] > n_crit else None)
         critical = act[:, :n_crit] @ down[:, :n_crit].T if n_crit else None
         relaxed = act[:, n_crit:] @ down[:, n_crit:].T if act.shape[1] > n_crit else None
         return critical, relaxed
@@ -88,6 +98,11 @@ class DeviceCompute:
         """Each of this device's MLP groups' partial sum, in `Plan.groups_on` order (for simulation)."""
         gate, up, down = self.mlp_weights[layer]
         act = mlp_activations(x, gate, up)
+        if not isinstance(down, torch.Tensor):
+            if layer not in self._group_downs:  # built on first use: simulation only
+                from .qcompute import group_linear
+                self._group_downs[layer] = group_linear(self.plan, self.name, self.shard, layer)
+            return self._group_downs[layer].parts(act)
         out, at = [], 0
         for g in self.plan.groups_on(self.name, layer, "mlp"):
             n = len(g.members)

@@ -107,6 +107,11 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
 
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w.T for a weight tensor [out, in]; a quantised weight (`kernels.QuantLinear`) is called."""
+    return x @ w.T if isinstance(w, torch.Tensor) else w(x)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -178,9 +183,9 @@ def attention_heads(cfg: ModelConfig, x: torch.Tensor, positions: torch.Tensor, 
     heads ordered so that local KV head j serves local query heads j*g .. j*g+g-1.
     """
     T, hd, g = x.shape[0], cfg.head_dim, cfg.group_size
-    q = (x @ q_proj.T).view(T, -1, hd).transpose(0, 1)
-    k = (x @ k_proj.T).view(T, -1, hd).transpose(0, 1)
-    v = (x @ v_proj.T).view(T, -1, hd).transpose(0, 1)
+    q = linear(x, q_proj).view(T, -1, hd).transpose(0, 1)
+    k = linear(x, k_proj).view(T, -1, hd).transpose(0, 1)
+    v = linear(x, v_proj).view(T, -1, hd).transpose(0, 1)
     cos, sin = rope_tables(cfg, positions)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = cache.append(k, v)
@@ -199,22 +204,22 @@ def attention_partial(cfg: ModelConfig, x: torch.Tensor, positions: torch.Tensor
                       o_proj: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Output of some KV-head groups: o_proj[:, heads] @ attention(heads), shape [T, hidden]."""
     heads = attention_heads(cfg, x, positions, q_proj, k_proj, v_proj, cache)
-    return heads.reshape(x.shape[0], -1) @ o_proj.T
+    return linear(heads.reshape(x.shape[0], -1), o_proj)
 
 
 def mlp_activations(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor) -> torch.Tensor:
     """SwiGLU intermediate act(gate(x)) * up(x) for the neurons whose rows are given: [T, n]."""
-    return F.silu(x @ gate_proj.T) * (x @ up_proj.T)
+    return F.silu(linear(x, gate_proj)) * linear(x, up_proj)
 
 
 def mlp_partial(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
                 down_proj: torch.Tensor) -> torch.Tensor:
     """down_proj[:, G] @ act[G] for a neuron subset G: [T, hidden]."""
-    return mlp_activations(x, gate_proj, up_proj) @ down_proj.T
+    return linear(mlp_activations(x, gate_proj, up_proj), down_proj)
 
 
 def lm_logits(cfg: ModelConfig, x: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
-    return rms_norm(x, norm, cfg.rms_norm_eps) @ lm_head.T
+    return linear(rms_norm(x, norm, cfg.rms_norm_eps), lm_head)
 
 
 def decoder_layer(cfg: ModelConfig, h: torch.Tensor, input_norm: torch.Tensor, post_norm: torch.Tensor,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .model import ModelConfig
 from .plandir import PLAN_FILE, PlanError
+from .quant import FORMATS
 
 SCHEMA_VERSION = 1
 FLOAT_DIGITS = 6
@@ -228,6 +229,12 @@ class Plan:
     """That placement's expected lost share if it keeps its planned speed (waits for nothing late)."""
     shards: tuple[str, ...]
     """Shard file per device, in the order of `devices`."""
+    weights: str = field(default="fp32", metadata=OPTIONAL)
+    """Format the shards store projections, embeddings and LM head in: fp32, bf16, int8 or int4
+    (`halo_runtime.core.quant`); norms, predictor and compensation stay fp32."""
+    weights_fingerprint: str = field(default="", metadata=OPTIONAL)
+    """SHA-256 over the quantised model the shards hold together (`shards.quant_fingerprint`);
+    empty for fp32, whose shards reassemble to `model_fingerprint` itself."""
 
     def __post_init__(self):
         if self.schema_version != SCHEMA_VERSION:
@@ -240,6 +247,10 @@ class Plan:
             raise ValueError(f"coordinator: {self.coordinator!r} is not a device")
         if len(self.shards) != len(self.devices):
             raise ValueError("shards: need one shard file per device")
+        if self.weights not in FORMATS:
+            raise ValueError(f"weights: unknown format {self.weights!r} (known: {', '.join(FORMATS)})")
+        if (self.weights == "fp32") != (not self.weights_fingerprint):
+            raise ValueError("weights_fingerprint: required for quantised weights, absent for fp32")
         for g in self.groups:
             if g.device not in names:
                 raise ValueError(f"group {g.id}: device {g.device!r} is not in devices")

@@ -13,6 +13,8 @@ Example:
     ...                   num_heads=4, num_kv_heads=2, head_dim=2)
     >>> weight_bytes(cfg, "attn", 1), weight_bytes(cfg, "mlp", 10)   # (2*2+2)*2*8*4, 3*8*10*4
     (384, 960)
+    >>> weight_bytes(cfg, "mlp", 10, "int8")   # gate, up: 10 rows of 8 + a scale each; down: 8x10 + 8 scales
+    352
 """
 from __future__ import annotations
 
@@ -20,22 +22,31 @@ from dataclasses import dataclass
 
 from .model import ModelConfig
 from .plan import Group, Plan
+from .quant import weight_format
 
 BYTES_PER_WEIGHT = 4
-"""Bytes of one stored weight (fp32 shards)."""
+"""Bytes of one fp32 weight (also what flops are counted from: two per weight)."""
 
 
-def weight_bytes(cfg: ModelConfig, kind: str, num_members: int) -> int:
-    """Weight bytes of a group of `num_members` KV heads (attn: q,k,v rows and o columns of each) or
-    MLP neurons (mlp: gate,up rows and down columns of each) in a shard."""
+def weight_bytes(cfg: ModelConfig, kind: str, num_members: int, weights: str = "fp32") -> int:
+    """Stored bytes of a group of `num_members` KV heads (attn: q,k,v rows and o columns of each) or
+    MLP neurons (mlp: gate,up rows and down columns of each) in a shard, in format `weights`.
+
+    Row-sliced rows carry their own scales; the column-sliced matrix (o or down) is counted as
+    one segment of the group's columns with its own copy of the row scales (int8 devices keep one
+    copy per device, so this overcounts by at most hidden_size*4 bytes per extra group)."""
+    fmt, hidden = weight_format(weights), cfg.hidden_size
     if kind == "attn":
-        return (2 * cfg.group_size + 2) * cfg.head_dim * cfg.hidden_size * num_members * BYTES_PER_WEIGHT
-    return 3 * cfg.hidden_size * num_members * BYTES_PER_WEIGHT
+        q_rows = cfg.group_size * cfg.head_dim * num_members
+        kv_rows = cfg.head_dim * num_members
+        return (fmt.nbytes(q_rows + 2 * kv_rows, (hidden,)) + fmt.nbytes(hidden, (q_rows,))
+                if num_members else 0)
+    return fmt.nbytes(2 * num_members, (hidden,)) + fmt.nbytes(hidden, (num_members,)) if num_members else 0
 
 
 def group_bytes(plan: Plan, group: Group) -> int:
-    """Weight bytes of one of the plan's groups in a shard (`weight_bytes`)."""
-    return weight_bytes(plan.model, group.kind, len(group.members))
+    """Stored bytes of one of the plan's groups in a shard, in the plan's format (`weight_bytes`)."""
+    return weight_bytes(plan.model, group.kind, len(group.members), plan.weights)
 
 
 def choose_resident(units, budget: int) -> frozenset:

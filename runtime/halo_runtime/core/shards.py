@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from .plan import Plan, PlanError
+from .quant import QuantWeight, dequantise, dequantise_columns, from_tensors, quantise, quantise_columns
 
 PROJ = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
         "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
@@ -56,8 +57,13 @@ def _rows(w: torch.Tensor, heads_or_neurons, width: int) -> torch.Tensor:
     return w.index_select(0, idx)
 
 
-def slice_device(plan: Plan, device: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model weights one device holds (HF-named `weights` in, shard-named tensors out)."""
+def slice_device(plan: Plan, device: str, weights: dict[str, torch.Tensor],
+                 qmodel: dict[str, QuantWeight] | None = None) -> dict[str, torch.Tensor]:
+    """The model weights one device holds (HF-named `weights` in, shard-named tensors out), in
+    the plan's format: quantised plans cut `qmodel` (`quantise_model`, made here if not given)."""
+    if plan.weights != "fp32":
+        from .qshards import slice_quantised
+        return slice_quantised(plan, device, weights, qmodel or quantise_model(plan, weights))
     hd, out = plan.model.head_dim, {}
     for layer in range(plan.model.num_layers):
         s = device_indices(plan, device, layer)
@@ -87,8 +93,13 @@ def slice_device(plan: Plan, device: str, weights: dict[str, torch.Tensor]) -> d
 def assemble(plan: Plan, shards: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Inverse of `slice_device`: the full HF-named state dict, or PlanError naming what is off.
 
-    Every row and column must be supplied exactly once; gaps and overlaps are errors.
+    Every row and column must be supplied exactly once; gaps and overlaps are errors. A quantised
+    plan's weights come back dequantised to fp32 (`qshards.assemble_quantised` keeps them quantised).
     """
+    if plan.weights != "fp32":
+        from .qshards import assemble_quantised
+        qmodel, rest = assemble_quantised(plan, shards)
+        return {**rest, **{name: dequantise_model_weight(plan, name, q) for name, q in qmodel.items()}}
     cfg, hd = plan.model, plan.model.head_dim
     full: dict[str, torch.Tensor] = {}
     filled: dict[str, torch.Tensor] = {}
@@ -157,3 +168,59 @@ def load_shard(directory: str | Path, plan: Plan, device: str) -> dict[str, torc
         return load_file(str(path))
     except Exception as e:  # safetensors raises several types for a damaged file
         raise PlanError(f"{path}: shard of device {device} is unreadable ({e})") from None
+
+
+# ---- quantised models (the plan's `weights` format) ------------------------------------------------
+
+ROW_SLICED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+"""Projections a device holds whole rows of (one segment: every input column)."""
+COLUMN_SLICED = ("o_proj", "down_proj")
+"""Projections a device holds whole column segments of: one segment per neuron group."""
+QUANTISED_EXTRAS = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
+"""Coordinator tensors stored in the plan's format too (row-sliced: one segment)."""
+
+
+def column_groups(plan: Plan, layer: int, proj: str) -> list[list[int]]:
+    """Model columns of each segment of a column-sliced projection: the layer's groups by index
+    (o_proj: a KV-head group's query heads x head_dim; down_proj: an MLP group's neurons)."""
+    hd, g = plan.model.head_dim, plan.model.group_size
+    kind = "attn" if proj == "o_proj" else "mlp"
+    groups = sorted(plan.layer_groups(layer, kind), key=lambda gr: gr.index)
+    if kind == "mlp":
+        return [list(gr.members) for gr in groups]
+    return [[(h * g + j) * hd + d for h in gr.members for j in range(g) for d in range(hd)] for gr in groups]
+
+
+def quantise_model(plan: Plan, weights: dict[str, torch.Tensor]) -> dict[str, QuantWeight]:
+    """The plan's quantised model: every projection, the embeddings and (untied) LM head in
+    `plan.weights`, HF-named. It depends on the groups, never on their placement."""
+    out = {}
+    for layer in range(plan.model.num_layers):
+        for proj, path in PROJ.items():
+            name = f"model.layers.{layer}.{path}.weight"
+            out[name] = quantise_columns(weights[name], plan.weights, column_groups(plan, layer, proj)) \
+                if proj in COLUMN_SLICED else quantise(weights[name], plan.weights)
+    for hf in QUANTISED_EXTRAS.values():
+        if hf in weights and (hf != "lm_head.weight" or not plan.model.tie_word_embeddings):
+            out[hf] = quantise(weights[hf], plan.weights)
+    return out
+
+
+def dequantise_model_weight(plan: Plan, name: str, q: QuantWeight) -> torch.Tensor:
+    """fp32 weight of one `quantise_model` entry, columns back at their model positions."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[-2] in COLUMN_SLICED:
+        return dequantise_columns(q, column_groups(plan, int(parts[2]), parts[-2]))
+    return dequantise(q)
+
+
+def read_weight(shard: dict[str, torch.Tensor], name: str, plan: Plan, device: str,
+                segments=None) -> QuantWeight:
+    """One weight of a quantised shard, or PlanError naming the device and tensor. `segments`
+    defaults to one run of columns; int4 row-sliced weights read hidden_size inputs."""
+    if segments is None and plan.weights == "int4":
+        segments = (plan.model.hidden_size,)
+    try:
+        return from_tensors(shard, name, plan.weights, segments)
+    except ValueError as e:
+        raise PlanError(f"shard of {device}: {e}") from None
