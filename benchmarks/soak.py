@@ -118,6 +118,7 @@ def soak(plan_dir: str, minutes: float, tokens: int, plr: float, sample_s: float
     from halo_runtime.core.policy import DeliveryPolicy
     from halo_runtime.core.shards import load_shard
     from halo_runtime.core.tokenizer import Tokenizer
+    from halo_runtime.localcluster import stop_workers
     from halo_runtime.net.auth import Authenticator
     from halo_runtime.net.exchange import PeerShims, UdpExchange
     from halo_runtime.net.shim import LossShim
@@ -180,14 +181,7 @@ def soak(plan_dir: str, minutes: float, tokens: int, plr: float, sample_s: float
         recorder.close()
     finally:
         stop.set()
-        for p in workers.values():
-            p.terminate()
-        for p in workers.values():
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_workers(workers)
     return {"minutes": minutes, "plr": plr, "tokens_per_session": tokens, "sessions": sessions,
             "tokens": generated, "failures": failures[:20], "failed_sessions": len(failures),
             "attack_sent": dict(sent), "tpot_p50_ms_median": sorted(tpots)[len(tpots) // 2] if tpots else None,
