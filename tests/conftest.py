@@ -9,11 +9,18 @@ only tests marked slow may use (`make test` runs without it).
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+# Before torch loads OpenMP (here and in every subprocess a test starts): idle OpenMP threads sleep
+# instead of spinning. Same threads, same work split, same numbers; but on the shared 2-core
+# machine the spinning burnt most of the suite's CPU (evaluating the tiny plan: 15.6 s of CPU
+# spinning, 0.4 s passive) and slowed the processes it shares the cores with.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 # `make install` installs halo_runtime (editable); a bare checkout still runs the tests.
