@@ -85,6 +85,7 @@ def run(args) -> dict | None:
     from halo_runtime.core.model import decoder_layer, lm_logits
     from halo_runtime.core.plan import load_plan
     from halo_runtime.core.plandir import TOKENIZER_FILE
+    from halo_runtime.core.qcompute import coordinator_tables
     from halo_runtime.core.shards import load_shard
     from halo_runtime.core.tokenizer import Tokenizer
     from safetensors import safe_open
@@ -101,6 +102,7 @@ def run(args) -> dict | None:
     coord_file = Path(args.plan) / plan.shard_file(plan.coordinator)
     if args.rank == 0:
         coord = shard
+        embed, lm_head = coordinator_tables(plan, shard)  # quantised plans store them small
     else:  # the norms only: every rank keeps a replica of the residual stream
         with safe_open(str(coord_file), framework="pt") as f:
             coord = {k: f.get_tensor(k) for k in f.keys() if k.endswith("layernorm")}
@@ -142,7 +144,7 @@ def run(args) -> dict | None:
             for step in range(args.max_tokens):
                 t0 = time.perf_counter()
                 T = feed.shape[0]
-                h = coord["embed_tokens"][feed].to(wire) if args.rank == 0 else torch.empty(T, cfg.hidden_size, dtype=wire)
+                h = embed[feed].to(wire) if args.rank == 0 else torch.empty(T, cfg.hidden_size, dtype=wire)
                 dist.broadcast(h, 0)
                 h = h.float()
                 for layer in range(cfg.num_layers):
@@ -150,7 +152,7 @@ def run(args) -> dict | None:
                                       partial(mlp, layer))
                 start += T
                 if args.rank == 0:
-                    logits = lm_logits(cfg, h[-1:], coord["norm"], coord.get("lm_head", coord["embed_tokens"]))[0]
+                    logits = lm_logits(cfg, h[-1:], coord["norm"], lm_head)[0]
                     token = int(torch.argmax(logits))
                     tokens.append(token)
                     feed = torch.tensor([token], dtype=torch.long)
