@@ -70,10 +70,10 @@ lab-setup:
 $(BENCH_PLAN)/tokenizer.json:
 	$(MAKE) plans
 
-# full sweep (~45 min on the 2-core machine): benchmarks/results/plr_sweep.{json,png}
+# full sweep (~90 min on the 2-core machine): benchmarks/results/plr_sweep.{json,png}
 bench: lab-setup install $(BENCH_PLAN)/tokenizer.json
 	$(BIN)/python benchmarks/plr_sweep.py --plan $(BENCH_PLAN) --out benchmarks/results/plr_sweep.json
 
-# under 5 minutes: 0% and 5% loss, one repetition; same JSON shape, written to $(QUICK_OUT)
+# 0% and 5% loss at 0 and 2 ms one way, one repetition; same JSON shape, written to $(QUICK_OUT)
 bench-quick: lab-setup install $(BENCH_PLAN)/tokenizer.json
 	$(BIN)/python benchmarks/plr_sweep.py --quick --plan $(BENCH_PLAN) --out $(QUICK_OUT)

@@ -2,12 +2,13 @@
 
 One device namespace per plan device (`netlab.Lab`), `halo-run worker` in each remote one and the
 coordinator in its own; the plan's lossy devices (loss > 0 in plan.json) get the swept packet loss
-on every link to and from them, every link gets the same one-way delay and jitter, and each
-device's port gets its profile bandwidth (tbf). For every loss rate and repetition the three
-modes run back to back with the same prompt and token count:
+on every link to and from them, every link gets the swept one-way delay (with jitter when the delay
+is not 0), and each device's port gets its profile bandwidth (tbf). For every delay, loss rate and
+repetition the modes run back to back with the same prompt and token count:
 
-- relaxed: `halo-run generate --sync relaxed` (UDP, deadlines, compensation);
-- strict:  `halo-run generate --sync strict` (TCP, cubic, every part awaited);
+- relaxed: `halo-run generate --sync relaxed --draft none` (UDP, deadlines, compensation);
+- draft:   the same with `--draft lookup` (several tokens verified per pass);
+- strict:  `halo-run generate --sync strict --draft none` (TCP, cubic, every part awaited);
 - gloo:    `gloo_tp.py` (torch.distributed gloo all-reduce over TCP, same partition).
 
 Workers are restarted for every run (each run is a fresh process tree). Recorded per run: every
@@ -17,7 +18,7 @@ the run; per (mode, loss) the runs are pooled. Output: a JSON file, a plot, and 
 
 Example:
     $ sudo .venv/bin/python benchmarks/plr_sweep.py                      # full sweep (make bench)
-    $ sudo .venv/bin/python benchmarks/plr_sweep.py --quick --out /tmp/q.json   # < 5 min (make bench-quick)
+    $ sudo .venv/bin/python benchmarks/plr_sweep.py --quick --out /tmp/q.json   # make bench-quick
 """
 from __future__ import annotations
 
@@ -56,8 +57,11 @@ PROMPTS = [
     "A computer network is a set of computers",
 ]
 # gloo stalls 10-20 s per token at 5-10% loss on this machine; it gets fewer tokens (see docs/BENCHMARKS.md)
-FULL = dict(plrs=[0.0, 0.01, 0.02, 0.05, 0.10], reps=3, tokens=64, gloo_reps=1, gloo_tokens=16)
-QUICK = dict(plrs=[0.0, 0.05], reps=1, tokens=24, gloo_reps=1, gloo_tokens=6)
+FULL = dict(plrs=[0.0, 0.01, 0.02, 0.05, 0.10], delays=[0.0, 2.0], reps=3, tokens=64, gloo_reps=1, gloo_tokens=16)
+QUICK = dict(plrs=[0.0, 0.05], delays=[0.0, 2.0], reps=1, tokens=24, gloo_reps=1, gloo_tokens=6)
+MODES = {"relaxed": ["--sync", "relaxed", "--draft", "none"], "draft": ["--sync", "relaxed", "--draft", "lookup"],
+         "strict": ["--sync", "strict", "--draft", "none"], "gloo": None}
+"""Sweep mode -> its `halo-run generate` arguments (None: the gloo baseline)."""
 WORKER_PORT = 7700
 GLOO_PORT = 29500
 TOKEN_LINE = re.compile(r"token\s+(\d+)\s.*total\s+([\d.]+) ms\s+compute\s+([\d.]+)\s+wait\s+([\d.]+)")
@@ -132,7 +136,8 @@ class Bench:
                                         jitter_ms=round((dev[a].jitter_ms ** 2 + dev[b].jitter_ms ** 2) ** 0.5, 4))
         return links
 
-    def set_plr(self, plr: float) -> None:
+    def set_conditions(self, plr: float, delay_ms: float, jitter_ms: float) -> None:
+        self.delay_ms, self.jitter_ms = delay_ms, jitter_ms
         self.lab.set_links(self.links(plr))
         self.plr = plr
 
@@ -177,7 +182,7 @@ class Bench:
         try:
             peers = [a for d in self.remote for a in ("--peer", f"{d}={self.lab.addr(d)}:{WORKER_PORT}")]
             argv = [sys.executable, "-m", "halo_runtime.cli", "generate", "--plan", self.plan_dir, "--prompt", prompt,
-                    "--max-tokens", str(tokens), "--ignore-eos", "--json", "--sync", mode, *peers, *self.extra]
+                    "--max-tokens", str(tokens), "--ignore-eos", "--json", *MODES[mode], *peers, *self.extra]
             self.lab.reset_counters()
             with CpuMeter() as cpu:
                 t0 = time.monotonic()
@@ -245,18 +250,19 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", default=str(ROOT / "artifacts" / "smollm2-135m-pi5"))
     ap.add_argument("--out", default=str(HERE / "results" / "plr_sweep.json"))
     ap.add_argument("--plot", default=None, help="PNG path [default: --out with .png]")
-    ap.add_argument("--quick", action="store_true", help=f"{QUICK['plrs']} loss, {QUICK['reps']} rep, "
-                                                          f"{QUICK['tokens']} tokens: under 5 minutes")
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK['plrs']} loss at {QUICK['delays']} ms, "
+                                                          f"{QUICK['reps']} rep, {QUICK['tokens']} tokens")
     ap.add_argument("--plrs", default=None, help="comma-separated loss rates, e.g. 0,0.01,0.05")
-    ap.add_argument("--modes", default="relaxed,strict,gloo")
+    ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--gloo-reps", type=int, default=None, help="repetitions of the gloo baseline")
     ap.add_argument("--gloo-tokens", type=int, default=None, help="tokens per gloo run")
-    ap.add_argument("--delay-ms", type=float, default=2.0, help="one-way delay on every link (default 2)")
-    ap.add_argument("--jitter-ms", type=float, default=0.5, help="its standard deviation (default 0.5)")
+    ap.add_argument("--delays", default=None, help="comma-separated one-way delays on every link in ms [default: 0,2]")
+    ap.add_argument("--jitter-ms", type=float, default=0.5,
+                    help="standard deviation of a non-zero delay (default 0.5; a 0 ms delay has none)")
     ap.add_argument("--delay-from-plan", action="store_true",
-                    help="per-link delay and jitter from the plan's device latencies instead of --delay-ms/--jitter-ms")
+                    help="per-link delay and jitter from the plan's device latencies instead of --delays/--jitter-ms")
     ap.add_argument("--burst", type=float, default=None, help="Gilbert-Elliott mean burst length (default: independent loss)")
     ap.add_argument("--no-bandwidth", action="store_true", help="no tbf bandwidth limits from the profile")
     ap.add_argument("--run-timeout-s", type=float, default=900)
@@ -272,9 +278,9 @@ def main(argv=None) -> int:
     if args.from_json:
         doc = json.loads(Path(args.from_json).read_text())
         per = {}
-        for r in doc["runs"]:
-            per.setdefault((r["mode"], r["plr"]), []).extend(r["reps"])
-        doc["runs"] = [aggregate(m, p, reps) for (m, p), reps in per.items()]
+        for r in doc["runs"]:  # sweeps from before the delay dimension ran at the lab's one delay
+            per.setdefault((r["mode"], r["plr"], r.get("delay_ms", doc["lab"]["delay_ms"])), []).extend(r["reps"])
+        doc["runs"] = [aggregate(m, p, d, reps) for (m, p, d), reps in per.items()]
         doc["summary"] = summary(doc["runs"])
         out = Path(args.out) if args.out != ap.get_default("out") else Path(args.from_json)
         out.write_text(json.dumps(doc, indent=1) + "\n")
@@ -284,13 +290,16 @@ def main(argv=None) -> int:
         return 0
     preset = QUICK if args.quick else FULL
     plrs = [float(x) for x in args.plrs.split(",")] if args.plrs else preset["plrs"]
+    delays = [float(x) for x in args.delays.split(",")] if args.delays else preset["delays"]
+    if args.delay_from_plan:
+        delays = [None]
     reps = args.reps or preset["reps"]
     tokens = args.tokens or preset["tokens"]
     gloo_reps = min(reps, args.gloo_reps or preset["gloo_reps"])
     gloo_tokens = args.gloo_tokens or preset["gloo_tokens"]
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
-        if m not in ("relaxed", "strict", "gloo"):
+        if m not in MODES:
             ap.error(f"unknown mode {m!r}")
     info = check()
     if not info["ok"] or not info.get("netfilterqueue"):
@@ -312,7 +321,7 @@ def main(argv=None) -> int:
         signal.signal(sig, interrupted)
     snap_dir = Path(tempfile.mkdtemp(prefix="halo-bench-runtime-"))
     try:
-        return _sweep(args, plan_dir, out, png, plrs, reps, tokens, gloo_reps, gloo_tokens, modes, snap_dir)
+        return _sweep(args, plan_dir, out, png, plrs, delays, reps, tokens, gloo_reps, gloo_tokens, modes, snap_dir)
     except (LabError, SnapshotError) as e:
         print(f"plr_sweep: {e}", file=sys.stderr)
         return 2
@@ -320,7 +329,7 @@ def main(argv=None) -> int:
         shutil.rmtree(snap_dir, ignore_errors=True)
 
 
-def _sweep(args, plan_dir, out, png, plrs, reps, tokens, gloo_reps, gloo_tokens, modes, snap_dir) -> int:
+def _sweep(args, plan_dir, out, png, plrs, delays, reps, tokens, gloo_reps, gloo_tokens, modes, snap_dir) -> int:
     code = snapshot_runtime(snap_dir, args.code)
     source_plan = plan_dir
     code.update(snapshot_plan(plan_dir, snap_dir / "plan", args.code))
@@ -330,69 +339,66 @@ def _sweep(args, plan_dir, out, png, plrs, reps, tokens, gloo_reps, gloo_tokens,
            "plan": (os.path.relpath(source_plan.resolve(), ROOT) if source_plan.resolve().is_relative_to(ROOT)
                     else str(source_plan)),
            "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code": code,
-           "settings": {"plrs": plrs, "modes": modes, "reps": reps, "tokens": tokens,
+           "settings": {"plrs": plrs, "delays_ms": delays, "modes": modes, "reps": reps, "tokens": tokens,
                         "gloo_reps": gloo_reps, "gloo_tokens": gloo_tokens,
                         "prompts": PROMPTS[:reps], "generate_args": args.generate_arg, "burst": args.burst,
                         "loss_applies_to": "every directed link to or from a lossy device"},
            "runs": [], "failed_runs": [], "summary": {}}
-    per = {(m, p): [] for p in plrs for m in modes}
-    with Bench(plan_dir, args.delay_ms, args.jitter_ms, args.prefix, burst=args.burst,
+    per = {(m, p, d): [] for d in delays for p in plrs for m in modes}
+    with Bench(plan_dir, 0.0, 0.0, args.prefix, burst=args.burst,
                extra_generate=args.generate_arg, bandwidth=not args.no_bandwidth, runtime_path=str(snap_dir),
                delay_from_plan=args.delay_from_plan) as bench:
         doc["lab"] = {"devices": bench.devices, "coordinator": bench.coord, "lossy": bench.lossy,
-                      "delay_ms": "from plan" if args.delay_from_plan else args.delay_ms,
+                      "delay_ms": "from plan" if args.delay_from_plan else "swept",
                       "jitter_ms": "from plan" if args.delay_from_plan else args.jitter_ms,
-                      "links": {f"{a}->{b}": {"delay_ms": v.delay_ms, "jitter_ms": v.jitter_ms}
-                                for (a, b), v in bench.links(0.0).items()},
                       "bandwidth_mbps": {d.name: d.bandwidth_mbps for d in bench.plan.devices} if not args.no_bandwidth else None,
                       "tcp_cc_namespace_default": bench.lab.tcp_cc,
                       "tcp_cc_halo_strict": "cubic (set per socket by halo_runtime)",
                       "netns_prefix": bench.lab.tag}
-        # repetition-major: every pass visits every loss rate, so a drift in the machine's load
-        # (other work on it) spreads over all rates instead of biasing the late ones
-        for rep in range(reps):
+        # repetition-major: every pass visits every delay and loss rate, so a drift in the machine's
+        # load (other work on it) spreads over all of them instead of biasing the late ones
+        for rep, delay, plr in ((r, d, p) for r in range(reps) for d in delays for p in plrs):
             prompt = PROMPTS[rep % len(PROMPTS)]
-            for plr in plrs:
-                bench.set_plr(plr)
-                for mode in modes:
-                    if mode == "gloo" and rep >= gloo_reps:
-                        continue
-                    n = gloo_tokens if mode == "gloo" else tokens
-                    r = None
-                    for attempt in range(2):  # a failed run is recorded, retried once, then skipped
-                        try:
-                            r = bench.run(mode, prompt, n, args.run_timeout_s)
-                            break
-                        except (LabError, subprocess.TimeoutExpired, ValueError) as e:
-                            doc["failed_runs"].append({"mode": mode, "plr": plr, "rep": rep, "attempt": attempt,
-                                                       "error": str(e)[-600:]})
-                            bench.log(f"[{time.time() - started:6.0f}s] plr {100 * plr:4.1f}% rep {rep} {mode}: "
-                                      f"FAILED ({str(e).strip().splitlines()[-1][:200]})")
-                    if r is None:
-                        continue
-                    r.update(mode=mode, plr=plr, rep=rep, prompt=prompt)
-                    for k in ("text", "peak_rss_mb", "compensated_by_device", "ranks"):
-                        r.pop(k, None)
-                    per[(mode, plr)].append(r)
-                    bench.log(f"[{time.time() - started:6.0f}s] plr {100 * plr:4.1f}% rep {rep} {mode:7s}: TPOT p50 "
-                              f"{r['tpot_ms']['p50']} p90 {r['tpot_ms']['p90']} ms, observed loss "
-                              f"{r['observed_loss']}, compensated {r.get('compensated_share', 0):.4f}, "
-                              f"load {r['cpu']['loadavg_1m_end']}, {r['wall_s']} s")
-                    doc["runs"] = [aggregate(m, p, per[(m, p)]) for (m, p) in per if per[(m, p)]]
-                    doc["summary"] = summary(doc["runs"])
-                    out.write_text(json.dumps(doc, indent=1) + "\n")  # partial results survive an interruption
+            bench.set_conditions(plr, delay or 0.0, args.jitter_ms if delay else 0.0)
+            for mode in modes:
+                if mode == "gloo" and rep >= gloo_reps:
+                    continue
+                n = gloo_tokens if mode == "gloo" else tokens
+                r = None
+                for attempt in range(2):  # a failed run is recorded, retried once, then skipped
+                    try:
+                        r = bench.run(mode, prompt, n, args.run_timeout_s)
+                        break
+                    except (LabError, subprocess.TimeoutExpired, ValueError) as e:
+                        doc["failed_runs"].append({"mode": mode, "plr": plr, "delay_ms": delay, "rep": rep,
+                                                   "attempt": attempt, "error": str(e)[-600:]})
+                        bench.log(f"[{time.time() - started:6.0f}s] {delay} ms plr {100 * plr:4.1f}% rep {rep} "
+                                  f"{mode}: FAILED ({str(e).strip().splitlines()[-1][:200]})")
+                if r is None:
+                    continue
+                r.update(mode=mode, plr=plr, delay_ms=delay, rep=rep, prompt=prompt)
+                for k in ("text", "peak_rss_mb", "compensated_by_device", "ranks"):
+                    r.pop(k, None)
+                per[(mode, plr, delay)].append(r)
+                bench.log(f"[{time.time() - started:6.0f}s] {delay} ms plr {100 * plr:4.1f}% rep {rep} {mode:7s}: "
+                          f"TPOT p50 {r['tpot_ms']['p50']} p90 {r['tpot_ms']['p90']} ms, "
+                          f"{r.get('tokens_per_pass', 1)} tokens/pass, observed loss {r['observed_loss']}, "
+                          f"compensated {r.get('compensated_share', 0):.4f}, load {r['cpu']['loadavg_1m_end']}, {r['wall_s']} s")
+                doc["runs"] = [aggregate(*key, done) for key, done in per.items() if done]
+                doc["summary"] = summary(doc["runs"])
+                out.write_text(json.dumps(doc, indent=1) + "\n")  # partial results survive an interruption
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc["duration_s"] = round(time.time() - started, 1)
     # same greedy tokens as strict, prompt by prompt (at 0% loss every mode must agree)
-    for other in ("relaxed", "gloo"):
+    for other in ("relaxed", "draft", "gloo"):
         if other not in modes or "strict" not in modes:
             continue
         key = f"same_tokens_{other}_vs_strict"
-        for plr in plrs:
-            strict = {r["rep"]: r.get("tokens", []) for r in per[("strict", plr)]}
-            pairs = [(r.get("tokens", []), strict[r["rep"]]) for r in per[(other, plr)] if r["rep"] in strict]
+        for delay, plr in ((d, p) for d in delays for p in plrs):
+            strict = {r["rep"]: r.get("tokens", []) for r in per[("strict", plr, delay)]}
+            pairs = [(r.get("tokens", []), strict[r["rep"]]) for r in per[(other, plr, delay)] if r["rep"] in strict]
             same = [a == b[:len(a)] for a, b in pairs]
-            doc.setdefault(key, {})[str(plr)] = round(sum(same) / len(same), 3) if same else None
+            doc.setdefault(key, {})[f"{delay} ms, {plr}"] = round(sum(same) / len(same), 3) if same else None
     out.write_text(json.dumps(doc, indent=1) + "\n")
     try:
         plot(doc, png)
