@@ -237,3 +237,18 @@ def test_halo_run_refuses_a_bad_draft_in_one_line(tiny_plan, tiny_llama_dir, tmp
     r = halo_run("generate", "--plan", directory, "--prompt", "hi", "--draft-tokens", "99", timeout=60)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "halo-run: error: --draft-tokens must be in 0..16, got 99"], r.stderr
+
+
+def test_rejoin_history_drops_rejected_rows():
+    """A restarted device's KV cache is rebuilt from the attention inputs the coordinator sent: rows
+    of rejected guesses must not be among them."""
+    from halo_runtime.net.recovery import History
+
+    h = History(1, 4, "fp32")
+    h.append(0, torch.full((3, 4), 1.0), 0)        # the prompt
+    h.append(0, torch.full((5, 4), 2.0), 3)        # the last token and 4 guesses
+    h.append(0, torch.full((2, 4), 3.0), 5)        # 1 guess accepted: the next pass starts at 3 + 2
+    assert h.inputs(0)[:, 0].tolist() == [1, 1, 1, 2, 2, 3, 3]
+    assert h.inputs(0, drop_last=True).shape == (5, 4)
+    h.append(0, torch.full((1, 4), 4.0))           # no start: after the last row, as before
+    assert h.inputs(0)[:, 0].tolist() == [1, 1, 1, 2, 2, 3, 3, 4]

@@ -273,7 +273,8 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
         delta = {k: now[k] - last[k] for k in counted}
         last.update(now)
         per_token.append({"token": token, "total_ms": round(st.total_ms, 3), "compute_ms": round(st.compute_ms, 3),
-                          "wait_ms": round(st.wait_ms, 3), "missing": dict(st.missing), "pass_tokens": st.pass_tokens,
+                          "wait_ms": round(st.wait_ms, 3), "missing": dict(st.missing), "draft_ms": round(st.draft_ms, 3),
+                          "pass_tokens": st.pass_tokens,
                           **delta})
         if args.quiet:
             return

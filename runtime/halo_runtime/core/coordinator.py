@@ -14,6 +14,12 @@ the missing rows. The network exchanges send one message per round, so for T > 1
 part if any token is flagged and miss all rows or none; the in-process exchange draws loss per
 token row, which is what decode sees, so `halo-compile eval` can score a whole window at once.
 
+With a draft (core.draft), a decode pass feeds the last token and k guesses (T = k + 1 rows),
+keeps what greedy decoding (or the speculative-sampling rule) confirms plus one token, and moves
+`position` back past the rejected rows: every device overwrites its KV cache from the start
+position the next request carries. A verification pass is an ordinary pass: same deadlines,
+same compensation.
+
 Example (what stands in for a relaxed part that missed its deadline; a whole generation is
 `Coordinator(plan, shard, exchange).generate(prompt_ids, max_tokens)`, as tests/test_runtime.py runs it
 on a compiled plan):
@@ -59,6 +65,8 @@ class TokenStats:
     """(token, layer, device) relaxed parts compensated; equals sum(missing) in decode."""
     awaited_rows: int = 0
     """(token, layer, device) relaxed parts the predictor asked to await."""
+    draft_ms: float = 0.0
+    """Time the draft took to guess (part of total_ms)."""
     pass_tokens: int = 1
     """Tokens the pass that made this one yielded (drafts verified): its times are the pass's divided by
     this, its counts (missing, relaxed parts, rows) are on the pass's first token and zero on the others."""
@@ -241,10 +249,11 @@ class Coordinator:
                 break
             # the prompt's pass drafts nothing; a pass never verifies past max_tokens
             k = min(draft_tokens, max_tokens - len(gen.tokens) - 1) if draft is not None and gen.tokens else 0
-            guesses = [int(t) for t in draft.propose(seen, k)][:k] if k > 0 else []
-            start = self.position
             stats = TokenStats()
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # drafting is part of the pass's time
+            guesses = [int(t) for t in draft.propose(seen, k)][:k] if k > 0 else []
+            stats.draft_ms = 1e3 * (time.perf_counter() - t0)
+            start = self.position
             if guesses:
                 logits = self.forward(torch.cat((feed, torch.tensor(guesses, dtype=torch.long))), gen.passes,
                                       stats, all_positions=True)
@@ -279,7 +288,7 @@ def _share(stats: TokenStats, n: int) -> list[TokenStats]:
     if n == 1:
         return [stats]
     times = {"total_ms": stats.total_ms / n, "compute_ms": stats.compute_ms / n, "wait_ms": stats.wait_ms / n,
-             "pass_tokens": n}
+             "draft_ms": stats.draft_ms / n, "pass_tokens": n}
     return [replace(stats, **times)] + [TokenStats(**times) for _ in range(n - 1)]
 
 

@@ -69,6 +69,8 @@ class DraftOptions:
 
     source: str = "lookup"
     """Draft source: none, lookup (n-grams of the prompt and output), self (the coordinator's own groups), or PATH of a small HF LLaMA checkpoint with the plan's vocabulary."""
+    # 4: on the built-in model it gained on every prompt measured (docs/BENCHMARKS.md, "Several tokens
+    # per pass"); 8 gains more on text that repeats itself but costs chat replies, whose guesses mostly fail
     tokens: int = 4
     """Guesses verified per pass (0 = none)."""
 
