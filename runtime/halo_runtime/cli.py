@@ -42,6 +42,7 @@ def _field(cls: type, name: str, suffix: str = "") -> dict:
 
 def _coordinator_args(p: argparse.ArgumentParser) -> None:
     """Flags of every command that runs the coordinator (generate, local, serve)."""
+    from .core.draft import DraftOptions
     from .core.policy import DeliveryPolicy
 
     p.add_argument("--plan", required=True, help="compiled plan directory")
@@ -57,6 +58,8 @@ def _coordinator_args(p: argparse.ArgumentParser) -> None:
     _key_arg(p)
     p.add_argument("--dead-after", type=float, metavar="S",
                    **_field(DeliveryPolicy, "dead_after_s", " (default %(default)g s)"))
+    p.add_argument("--draft", metavar="none|lookup|self|PATH", **_field(DraftOptions, "source", " (default %(default)s)"))
+    p.add_argument("--draft-tokens", type=int, metavar="K", **_field(DraftOptions, "tokens", " (default %(default)s)"))
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -242,11 +245,19 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
 
 
-def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") -> dict:
+def _drafts(args, plan):
+    """The draft maker of `--draft` (None: no drafts); a bad checkpoint fails here, before any device starts."""
+    from .core.draft import DraftOptions, prepare_draft
+
+    return prepare_draft(DraftOptions(args.draft, args.draft_tokens), plan, args.plan)
+
+
+def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", drafts=None) -> dict:
     from .core.coordinator import Coordinator
     from .core.kernels import selections
 
     coord = Coordinator(plan, shard, exchange)
+    draft = drafts(coord) if drafts is not None else None
     prompt = _prompt_ids(tok, args.prompt, args.chat, args.plan)
 
     counted = ("bytes_sent", "bytes_received", "retransmissions", "late", "duplicates")
@@ -262,7 +273,9 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
         delta = {k: now[k] - last[k] for k in counted}
         last.update(now)
         per_token.append({"token": token, "total_ms": round(st.total_ms, 3), "compute_ms": round(st.compute_ms, 3),
-                          "wait_ms": round(st.wait_ms, 3), "missing": dict(st.missing), **delta})
+                          "wait_ms": round(st.wait_ms, 3), "missing": dict(st.missing), "draft_ms": round(st.draft_ms, 3),
+                          "pass_tokens": st.pass_tokens,
+                          **delta})
         if args.quiet:
             return
         missing = " ".join(f"{d}:{n}" for d, n in sorted(st.missing.items())) or "0"
@@ -275,7 +288,8 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
     started = time.perf_counter()
     eos = None if args.ignore_eos else plan.model.eos_token_id
     # a fresh random session: a device never mistakes this run's requests for an earlier run's
-    gen = coord.generate(prompt, args.max_tokens, session=secrets.randbits(32), eos=eos, on_token=on_token)
+    gen = coord.generate(prompt, args.max_tokens, session=secrets.randbits(32), eos=eos, on_token=on_token,
+                         draft=draft, draft_tokens=args.draft_tokens)
     elapsed = time.perf_counter() - started
     decode = [s.total_ms for s in gen.token_stats[1:]]
     relaxed = sum(s.relaxed_parts for s in gen.token_stats)
@@ -291,6 +305,10 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "") 
         "ttft_ms": round(gen.token_stats[0].total_ms, 3) if gen.token_stats else None,
         "tpot_ms": _percentiles(decode),
         "tokens_per_s": round(len(gen.tokens) / elapsed, 3) if elapsed else None,
+        "tokens_per_pass": round(gen.tokens_per_pass, 3) if gen.tokens_per_pass is not None else None,
+        "draft": {"source": draft.name if draft is not None else "none",
+                  "tokens": args.draft_tokens if draft is not None else 0,
+                  "acceptance": round(gen.acceptance, 4) if gen.acceptance is not None else None},
         "compensated_share": round(missing / relaxed, 6) if relaxed else 0.0,
         "compensated_by_device": per_device,
         "wait_ms_per_token": round(sum(s.wait_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
@@ -341,6 +359,11 @@ def _report(result: dict, args) -> None:
     print(f"[{result['sync']}] {len(result['tokens'])} tokens; TPOT p50 {t['p50']} ms, p90 {t['p90']} ms, "
           f"p99 {t['p99']} ms; first token {result['ttft_ms']} ms; compensated "
           f"{100 * result['compensated_share']:.2f}% of relaxed parts")
+    d = result["draft"]
+    if d["source"] != "none":
+        acc = "n/a" if d["acceptance"] is None else f"{100 * d['acceptance']:.1f}%"
+        print(f"[{result['sync']}] draft {d['source']} ({d['tokens']} per pass): {result['tokens_per_pass']} "
+              f"tokens per pass, {acc} of guesses accepted")
     kernels = "; ".join(f"{fmt} {', '.join(f'{role} {k}' for role, k in roles.items())}"
                         for fmt, roles in result.get("kernels", {}).items())
     print(f"[{result['sync']}] weights {result.get('weights', 'fp32')}" + (f"; kernels {kernels}" if kernels else ""))
@@ -350,6 +373,7 @@ def run_generate(args) -> None:
     from .net.exchange import TcpExchange, UdpExchange
 
     plan, shard, tok, policy = _load_coordinator(args)
+    drafts = _drafts(args, plan)
     peers = _peers(plan, args.peer)
     auth = _auth(args, args.plan)
     if args.sync == "strict":
@@ -357,7 +381,7 @@ def run_generate(args) -> None:
     else:
         exchange = UdpExchange(plan, peers, policy, auth=auth)
     try:
-        result = generate_once(args, plan, shard, tok, exchange, args.sync)
+        result = generate_once(args, plan, shard, tok, exchange, args.sync, drafts=drafts)
     finally:
         exchange.close()
     result["peak_rss_mb"] = {plan.coordinator: round(_peak_rss_mb(), 1)}
@@ -372,6 +396,7 @@ def run_local(args) -> None:
     from .net.shim import LossShim
 
     plan, shard, tok, policy = _load_coordinator(args)
+    drafts = _drafts(args, plan)
     loss = local_loss(args, plan)
     workers, worker_kernels = {}, {}
     auth = local_auth(args)
@@ -388,7 +413,7 @@ def run_local(args) -> None:
                 exchange = UdpExchange(plan, peers, policy, bind_host="127.0.0.1",
                                        shim=PeerShims({peers[d]: s for d, s in shims.items()}), auth=auth)
             try:
-                result = generate_once(args, plan, shard, tok, exchange, mode, label=f"[{mode}] ")
+                result = generate_once(args, plan, shard, tok, exchange, mode, label=f"[{mode}] ", drafts=drafts)
             finally:
                 exchange.close()
                 for s in shims.values():
@@ -426,6 +451,7 @@ def run_serve(args) -> None:
     if not 0 <= args.port < 65536 or args.max_body < 1 or args.max_waiting < 1:
         _fail("--port must be in 0..65535, --max-body and --max-waiting at least 1")
     plan, shard, tok, policy = _load_coordinator(args)
+    drafts = _drafts(args, plan)
     template = ChatTemplate.for_plan(args.plan)
     sock = listen(args.host, args.port)  # before any worker starts: a taken port fails at once
     workers, shims = {}, {}
@@ -448,7 +474,8 @@ def run_serve(args) -> None:
                                auth=auth)
 
         service = build_service(plan, args.plan, shard, tok, template, make_exchange, peers, args.sync, args.wire,
-                                args.max_body, args.max_waiting, procs=workers)
+                                args.max_body, args.max_waiting, procs=workers, drafts=drafts,
+                                draft_tokens=args.draft_tokens)
         run(service, sock)
     finally:
         sock.close()

@@ -14,6 +14,12 @@ the missing rows. The network exchanges send one message per round, so for T > 1
 part if any token is flagged and miss all rows or none; the in-process exchange draws loss per
 token row, which is what decode sees, so `halo-compile eval` can score a whole window at once.
 
+With a draft (core.draft), a decode pass feeds the last token and k guesses (T = k + 1 rows),
+keeps what greedy decoding (or the speculative-sampling rule) confirms plus one token, and moves
+`position` back past the rejected rows: every device overwrites its KV cache from the start
+position the next request carries. A verification pass is an ordinary pass: same deadlines,
+same compensation.
+
 Example (what stands in for a relaxed part that missed its deadline; a whole generation is
 `Coordinator(plan, shard, exchange).generate(prompt_ids, max_tokens)`, as tests/test_runtime.py runs it
 on a compiled plan):
@@ -24,12 +30,13 @@ on a compiled plan):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 
 from .device import DeviceCompute
+from .draft import verify
 from .exchange import Exchange
 from .model import decoder_layer, lm_logits, mlp_partial
 from .plan import Plan
@@ -58,6 +65,11 @@ class TokenStats:
     """(token, layer, device) relaxed parts compensated; equals sum(missing) in decode."""
     awaited_rows: int = 0
     """(token, layer, device) relaxed parts the predictor asked to await."""
+    draft_ms: float = 0.0
+    """Time the draft took to guess (part of total_ms)."""
+    pass_tokens: int = 1
+    """Tokens the pass that made this one yielded (drafts verified): its times are the pass's divided by
+    this, its counts (missing, relaxed parts, rows) are on the pass's first token and zero on the others."""
 
 
 @dataclass
@@ -67,7 +79,23 @@ class Generation:
     token_stats: list[TokenStats]
     """One per generated token; the first also covers the prompt."""
     logits: list[torch.Tensor]
-    """Last-position logits of every step, when asked to keep them."""
+    """The logits each generated token was chosen from, when asked to keep them."""
+    passes: int = 0
+    """Forward passes run (the prompt's included)."""
+    drafted: int = 0
+    """Draft guesses verified."""
+    accepted: int = 0
+    """Draft guesses accepted."""
+
+    @property
+    def tokens_per_pass(self) -> float | None:
+        """Generated tokens per decode pass (the prompt's pass and its token left out); None before any."""
+        return (len(self.tokens) - 1) / (self.passes - 1) if self.passes > 1 else None
+
+    @property
+    def acceptance(self) -> float | None:
+        """Share of draft guesses accepted; None when nothing was drafted."""
+        return self.accepted / self.drafted if self.drafted else None
 
 
 @dataclass
@@ -201,38 +229,67 @@ class Coordinator:
 
     @torch.no_grad()
     def generate(self, prompt: list[int], max_tokens: int, session: int = 1, keep_logits: bool = False,
-                 eos: int | None = None, on_token=None, choose=None, stop=None) -> Generation:
+                 eos: int | None = None, on_token=None, choose=None, stop=None, draft=None,
+                 draft_tokens: int = 0) -> Generation:
         """choose(logits, tokens so far, prompt first) -> the next token [default: argmax, greedy;
         see core.sampling.Sampler]; stop() -> True ends generation before the next token (a client
-        that went away, a stop string)."""
+        that went away, a stop string). draft: a core.draft.Draft; each decode pass then verifies up
+        to draft_tokens of its guesses (core.draft.verify): same tokens, fewer passes."""
         if len(prompt) + max_tokens > self.plan.max_context:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max tokens ({max_tokens}) exceeds the plan's "
                              f"max context {self.plan.max_context}")
         if not prompt:
             raise ValueError("the prompt is empty")
         self.reset(session)
-        out, all_stats, kept = [], [], []
-        feed = torch.tensor(prompt, dtype=torch.long)
+        gen = Generation([], [], [])
         seen = list(prompt)
-        for step in range(max_tokens):
+        feed = torch.tensor(prompt, dtype=torch.long)
+        while len(gen.tokens) < max_tokens:
             if stop is not None and stop():
                 break
+            # the prompt's pass drafts nothing; a pass never verifies past max_tokens
+            k = min(draft_tokens, max_tokens - len(gen.tokens) - 1) if draft is not None and gen.tokens else 0
             stats = TokenStats()
-            t0 = time.perf_counter()
-            logits = self.forward(feed, step, stats)
+            t0 = time.perf_counter()  # drafting is part of the pass's time
+            guesses = [int(t) for t in draft.propose(seen, k)][:k] if k > 0 else []
+            stats.draft_ms = 1e3 * (time.perf_counter() - t0)
+            start = self.position
+            if guesses:
+                logits = self.forward(torch.cat((feed, torch.tensor(guesses, dtype=torch.long))), gen.passes,
+                                      stats, all_positions=True)
+            else:
+                logits = self.forward(feed, gen.passes, stats)[None]
+            tokens, accepted = verify(logits, guesses, seen, choose)
+            if guesses:
+                # rejected rows are past the new position: the next pass overwrites them on every device
+                self.position = start + len(tokens)
             stats.total_ms = 1e3 * (time.perf_counter() - t0)
-            token = int(torch.argmax(logits)) if choose is None else int(choose(logits, seen))
-            seen.append(token)
-            out.append(token)
-            all_stats.append(stats)
-            if keep_logits:
-                kept.append(logits.clone())
-            if on_token:
-                on_token(step, token, stats)
-            if eos is not None and token == eos:
-                break
-            feed = torch.tensor([token], dtype=torch.long)
-        return Generation(out, all_stats, kept)
+            gen.passes += 1
+            gen.drafted += len(guesses)
+            gen.accepted += accepted
+            for j, (token, st) in enumerate(zip(tokens, _share(stats, len(tokens)))):
+                if j and stop is not None and stop():
+                    return gen
+                seen.append(token)
+                gen.tokens.append(token)
+                gen.token_stats.append(st)
+                if keep_logits:
+                    gen.logits.append(logits[j].clone())
+                if on_token:
+                    on_token(len(gen.tokens) - 1, token, st)
+                if (eos is not None and token == eos) or len(gen.tokens) >= max_tokens:
+                    return gen
+            feed = torch.tensor(tokens[-1:], dtype=torch.long)
+        return gen
+
+
+def _share(stats: TokenStats, n: int) -> list[TokenStats]:
+    """A pass's stats as n tokens': times divided evenly (time per generated token), counts on the first."""
+    if n == 1:
+        return [stats]
+    times = {"total_ms": stats.total_ms / n, "compute_ms": stats.compute_ms / n, "wait_ms": stats.wait_ms / n,
+             "draft_ms": stats.draft_ms / n, "pass_tokens": n}
+    return [replace(stats, **times)] + [TokenStats(**times) for _ in range(n - 1)]
 
 
 def _lowrank(shard: dict[str, torch.Tensor], layer: int, groups: list[int]) -> tuple:

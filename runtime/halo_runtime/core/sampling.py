@@ -116,10 +116,16 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, logits: torch.Tensor, tokens: list[int]) -> int:
+        if self.params.greedy:
+            p = self.params
+            return int(torch.argmax(penalize(logits.float(), tokens, tokens[self.prompt_tokens:], p)))
+        return int(torch.multinomial(self.distribution(logits, tokens), 1, generator=self.generator))
+
+    def distribution(self, logits: torch.Tensor, tokens: list[int]) -> torch.Tensor | None:
+        """The probabilities [vocab] the next token is drawn from; None when greedy (no draw). Draft
+        verification (core.draft.verify) needs them for the speculative-sampling rule."""
         p = self.params
-        logits = penalize(logits.float(), tokens, tokens[self.prompt_tokens:], p)
         if p.greedy:
-            return int(torch.argmax(logits))
-        logits = restrict(logits / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(logits, dim=0)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            return None
+        logits = penalize(logits.float(), tokens, tokens[self.prompt_tokens:], p)
+        return torch.softmax(restrict(logits / p.temperature, p.top_k, p.top_p), dim=0)

@@ -178,7 +178,7 @@ class UdpExchange:
         if phase == "attn":
             targets = self.layout["attn"][layer]
             if targets:
-                self.history.append(layer, x)
+                self.history.append(layer, x, start)
         else:
             targets = sorted(set(self.layout["crit"][layer]) | set(self.layout["relaxed"][layer]),
                              key=self.remote.index)

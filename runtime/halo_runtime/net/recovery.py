@@ -49,7 +49,13 @@ class History:
         self.last = [0] * layers
         self.data = [bytearray() for _ in range(layers)]
 
-    def append(self, layer: int, x: torch.Tensor) -> None:
+    def append(self, layer: int, x: torch.Tensor, start: int | None = None) -> None:
+        """Record x's rows at positions start.. (default: after the last); rows at or past `start`
+        were rejected draft tokens (core.draft) and are dropped, as the devices drop them."""
+        if start is not None and start < self.rows[layer]:
+            size = torch.finfo(self.dtype).bits // 8
+            del self.data[layer][start * self.width * size:]
+            self.rows[layer] = start
         if self.dtype == torch.float16:
             x = x.clamp(-FP16_MAX, FP16_MAX)
         self.data[layer] += x.detach().to(self.dtype).contiguous().numpy().tobytes()

@@ -306,8 +306,10 @@ def run(service: Service, sock: socket.socket) -> None:
 
 
 def build_service(plan, plan_dir: str, shard: dict, tokenizer, template, make_exchange, peers: dict,
-                  sync: str, wire: str, max_body: int, max_waiting: int, procs: dict | None = None) -> Service:
-    """The metrics, the engine (started) and the routes' view of the plan."""
+                  sync: str, wire: str, max_body: int, max_waiting: int, procs: dict | None = None,
+                  drafts=None, draft_tokens: int = 0) -> Service:
+    """The metrics, the engine (started) and the routes' view of the plan; drafts: what makes a
+    coordinator's draft (core.draft.prepare_draft), None for none."""
     from ..core.plandir import PLAN_FILE, read_manifest
     from .engine import Engine
     from .metrics import Metrics
@@ -339,6 +341,7 @@ def build_service(plan, plan_dir: str, shard: dict, tokenizer, template, make_ex
     eos = {plan.model.eos_token_id} - {None}
     if template.config.eos_token in tokenizer.added:
         eos.add(tokenizer.added[template.config.eos_token])
-    engine = Engine(plan, shard, tokenizer, make_exchange, Metrics(remote, relaxed_layers), eos, max_waiting)
+    engine = Engine(plan, shard, tokenizer, make_exchange, Metrics(remote, relaxed_layers), eos, max_waiting,
+                    drafts=drafts, draft_tokens=draft_tokens)
     engine.start()
     return Service(engine, tokenizer, template, info, max_body, procs)

@@ -134,15 +134,18 @@ class Engine:
     """Runs Jobs one at a time on the coordinator thread."""
 
     def __init__(self, plan, shard, tokenizer, make_exchange: Callable[[], object], metrics: Metrics,
-                 eos_ids: set[int], max_waiting: int = 64, warn=_warn):
-        """make_exchange() -> a fresh Exchange (may raise DeviceLost); eos_ids: tokens that end a reply."""
+                 eos_ids: set[int], max_waiting: int = 64, warn=_warn, drafts=None, draft_tokens: int = 0):
+        """make_exchange() -> a fresh Exchange (may raise DeviceLost); eos_ids: tokens that end a reply;
+        drafts(coordinator) -> its draft (core.draft.prepare_draft), None: no drafts; draft_tokens: guesses
+        verified per pass."""
         self.plan, self.shard, self.tok = plan, shard, tokenizer
         self.make_exchange, self.metrics, self.warn = make_exchange, metrics, warn
         self.eos_ids, self.max_waiting = set(eos_ids), max_waiting
         self.jobs: queue.Queue = queue.Queue()
         self.waiting = 0
         self.lock = threading.Lock()
-        self.exchange = self.coord = None
+        self.exchange = self.coord = self.draft = None
+        self.drafts, self.draft_tokens = drafts, draft_tokens
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
         self.lost: dict[str, str] = {}
         """Device -> why, for devices holding critical groups that stopped answering."""
@@ -204,6 +207,7 @@ class Engine:
             if self.exchange is None:
                 self.exchange = self.make_exchange()
                 self.coord = Coordinator(self.plan, self.shard, self.exchange)
+                self.draft = self.drafts(self.coord) if self.drafts is not None else None
                 self.metrics.absorb(exchange_counters(self.exchange), fresh=True)
             if handshake:
                 self.exchange.begin(secrets.randbits(32))
@@ -260,7 +264,8 @@ class Engine:
         started = time.perf_counter()
         try:
             gen = self.coord.generate(list(work.prompt), work.max_tokens, session=secrets.randbits(32),
-                                      on_token=on_token, choose=sampler,
+                                      on_token=on_token, choose=sampler, draft=self.draft,
+                                      draft_tokens=self.draft_tokens,
                                       stop=lambda: bool(ended_by_eos) or stream.stopped or job.cancelled.is_set())
         except (DeviceLost, TransportError) as e:
             self._lose(str(e))

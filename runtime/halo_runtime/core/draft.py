@@ -1,0 +1,372 @@
+"""Draft tokens for exact multi-token verification (speculative decoding).
+
+A decode pass costs about the same whether its rounds carry one token row or a few (a round is
+latency, not arithmetic). So before a pass the coordinator asks a draft for k tokens that may
+follow, feeds the last token and the k guesses in one pass of T = k + 1 rows, and keeps what
+its own choice confirms (`verify`): the longest prefix of the guesses that greedy decoding would
+have produced, plus the one token its logits give after that prefix. The answer never changes;
+only the number of passes does. Rejected rows were written to every KV cache at positions past
+what is kept; the next pass starts at the first of them, and every device overwrites a cache
+from the start position a request carries (`DeviceCompute.attention` truncates to it).
+
+Sources (`DraftOptions.source`):
+- `lookup`: prompt lookup. The latest earlier occurrence of the last n tokens (n = 3, 2, 1) in
+  the prompt and the output so far, and what followed it. Free; pays on text that quotes or
+  repeats its context.
+- `self`: HALO's own placement as the draft: the coordinator's own attention heads and MLP
+  groups, run on its own KV cache; every MLP group held elsewhere is replaced by its calibration
+  mean (relaxed ones by the plan's low-rank estimate when it has one), remote attention heads are
+  left out (nothing estimates them). No second model, but k sequential passes over the
+  coordinator's share of the model per decode pass.
+- a path: a small HF LLaMA checkpoint (config.json + *.safetensors) with the plan's vocabulary,
+  run whole on the coordinator with `model.FullModel`'s math and its own KV cache.
+
+Every source drafts greedily, so its draft distribution is one-hot and the speculative-sampling
+rule (Leviathan et al. 2023, Chen et al. 2023) accepts guess x with probability p(x) and, on a
+rejection, draws from p with x removed: the tokens keep exactly the target distribution.
+
+Example (lookup continues the text after the latest earlier "the cat"; verification keeps the
+guesses greedy decoding confirms, and the token after them):
+    >>> import torch
+    >>> from halo_runtime.core.draft import DraftOptions, lookup_draft, verify
+    >>> seen = [7, 1, 2, 3, 4, 9, 1, 2]          # "... the cat sat on ... the cat"
+    >>> lookup_draft(seen, 3)
+    [3, 4, 9]
+    >>> rows = torch.nn.functional.one_hot(torch.tensor([3, 4, 5, 6]), 10).float()  # the model's argmaxes
+    >>> verify(rows, [3, 4, 9], seen)            # 3 and 4 confirmed, 9 replaced by 5
+    ([3, 4, 5], 2)
+    >>> DraftOptions(source="none").enabled, DraftOptions().enabled
+    (False, True)
+    >>> DraftOptions(tokens=99)
+    Traceback (most recent call last):
+    ...
+    ValueError: --draft-tokens must be in 0..16, got 99
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from .model import FullModel, ModelConfig, decoder_layer, lm_logits, mlp_partial
+from .plan import Plan, PlanError
+
+SOURCES = ("none", "lookup", "self")
+"""Named draft sources; any other value of `--draft` is a checkpoint directory."""
+MAX_DRAFT_TOKENS = 16
+"""Most guesses per pass (a pass then carries 17 rows per round)."""
+LOOKUP_NGRAM = 3
+"""Longest suffix lookup matches; it tries shorter ones (down to one token) when that finds nothing."""
+
+
+@dataclass(frozen=True)
+class DraftOptions:
+    """Where guesses come from, and how many per pass."""
+
+    source: str = "lookup"
+    """Draft source: none, lookup (n-grams of the prompt and output), self (the coordinator's own groups), or PATH of a small HF LLaMA checkpoint with the plan's vocabulary."""
+    # 4: on the built-in model it gained on every prompt measured (docs/BENCHMARKS.md, "Several tokens
+    # per pass"); 8 gains more on text that repeats itself but costs chat replies, whose guesses mostly fail
+    tokens: int = 4
+    """Guesses verified per pass (0 = none)."""
+
+    def __post_init__(self):
+        if not isinstance(self.source, str) or not self.source:
+            raise ValueError("--draft must be none, lookup, self or a checkpoint directory")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or not 0 <= self.tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"--draft-tokens must be in 0..{MAX_DRAFT_TOKENS}, got {self.tokens}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.source != "none" and self.tokens > 0
+
+
+class Draft(Protocol):
+    """Guesses the tokens that follow."""
+
+    name: str
+    """What `--json` reports as the source."""
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k guesses of what follows `tokens` (the prompt, then every token generated so far)."""
+
+
+# ---- verification --------------------------------------------------------------------------------
+
+def verify(logits: torch.Tensor, guesses: list[int], seen: list[int], choose=None) -> tuple[list[int], int]:
+    """(tokens, guesses accepted) of a pass whose rows [len(guesses) + 1, vocab] followed `seen`,
+    then `seen` + guesses[:i] for row i.
+
+    choose(logits, tokens so far) -> token, as `Coordinator.generate` takes it [default: argmax].
+    A choice with a `distribution(logits, tokens)` that returns probabilities (a sampling
+    `core.sampling.Sampler`) gets the speculative-sampling rule, its draws from its `generator`;
+    any other choice must be deterministic, and is applied row by row: the tokens are exactly
+    the ones it would choose one pass at a time from the same logits.
+    """
+    out = []
+    distribution = getattr(choose, "distribution", None)
+    for i in range(len(guesses) + 1):
+        context = seen + out
+        p = distribution(logits[i], context) if distribution is not None else None
+        if p is None:
+            token = int(torch.argmax(logits[i])) if choose is None else int(choose(logits[i], context))
+            if i < len(guesses) and token == guesses[i]:
+                out.append(token)
+                continue
+            return out + [token], i
+        if i < len(guesses):
+            # the draft is one-hot on the guess x: accept with min(1, p(x) / 1), else draw from
+            # max(0, p - onehot(x)) normalised, i.e. p without x
+            x = guesses[i]
+            if float(torch.rand(1, generator=choose.generator)) < float(p[x]):
+                out.append(x)
+                continue
+            p = p.clone()
+            p[x] = 0.0
+            return out + [int(torch.multinomial(p / p.sum(), 1, generator=choose.generator))], i
+        return out + [int(torch.multinomial(p, 1, generator=choose.generator))], i
+    raise AssertionError("unreachable")
+
+
+# ---- lookup ----------------------------------------------------------------------------------------
+
+def lookup_draft(tokens: list[int], k: int, ngram: int = LOOKUP_NGRAM) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the last n tokens, for the
+    longest n <= ngram that occurs; a continuation that runs into the end goes on from its own
+    guesses (so a repeating loop is drafted whole). [] when nothing matches."""
+    end = len(tokens)
+    for n in range(min(ngram, end - 1), 0, -1):
+        suffix = tokens[end - n:]
+        first = suffix[0]
+        for i in range(end - n - 1, -1, -1):  # latest first: recent text predicts best
+            if tokens[i] == first and tokens[i:i + n] == suffix:
+                seq = list(tokens)
+                for j in range(k):
+                    seq.append(seq[i + n + j])
+                return seq[end:]
+    return []
+
+
+class LookupDraft:
+    """Prompt lookup: n-grams of the prompt and the output so far."""
+
+    name = "lookup"
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        return lookup_draft(tokens, k)
+
+
+# ---- drafts that run a model -----------------------------------------------------------------------
+
+class _CachedDraft:
+    """A draft model with its own KV cache, kept across passes: each proposal feeds only the tokens
+    it has not seen, after rewinding its cache to the longest prefix it shares with them."""
+
+    name = "model"
+
+    def __init__(self):
+        self.fed: list[int] = []
+        """Tokens whose keys and values the draft's cache holds, in order."""
+
+    def _logits(self, tokens: list[int], start: int) -> torch.Tensor:
+        """Last-row logits [vocab] of `tokens` fed at position `start`, the cache cut there first."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        if k <= 0 or not tokens:
+            return []
+        keep = 0
+        for a, b in zip(self.fed, tokens):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(tokens) - 1)  # at least one token fed: its logits give the first guess
+        logits = self._logits(tokens[keep:], keep)
+        self.fed = list(tokens)
+        out = []
+        for j in range(k):
+            out.append(int(torch.argmax(logits)))
+            if j + 1 < k:
+                logits = self._logits(out[-1:], len(self.fed))
+                self.fed.append(out[-1])
+        return out
+
+
+class CheckpointDraft(_CachedDraft):
+    """A small HF LLaMA checkpoint run whole on the coordinator."""
+
+    def __init__(self, path: str | Path, plan: Plan, plan_dir: str | Path | None = None):
+        super().__init__()
+        path = Path(path)
+        self.name = str(path)
+        cfg, weights = load_checkpoint(path)
+        if cfg.vocab_size != plan.model.vocab_size:
+            raise PlanError(f"--draft {path}: vocabulary of {cfg.vocab_size} tokens; the plan's model has "
+                            f"{plan.model.vocab_size} (a draft must use the plan's tokenizer)")
+        if plan_dir is not None:
+            _check_same_tokenizer(path, Path(plan_dir))
+        self.model = FullModel(cfg, weights)
+        self.embed = weights["model.embed_tokens.weight"]
+        self.head = weights.get("lm_head.weight", self.embed)
+
+    def _logits(self, tokens: list[int], start: int) -> torch.Tensor:
+        m = self.model
+        for cache in m.caches:
+            cache.truncate(start)
+        positions = torch.arange(start, start + len(tokens))
+        h = self.embed[torch.tensor(tokens, dtype=torch.long)]
+        for i in range(m.cfg.num_layers):
+            h = decoder_layer(m.cfg, h, m.layer_weight(i, "input_layernorm"), m.layer_weight(i, "post_attention_layernorm"),
+                              lambda x, i=i: m.attention(i, positions, x), lambda x, mm, i=i: m.mlp(i, x, mm))
+        return lm_logits(m.cfg, h[-1:], m.w["model.norm.weight"], self.head)[0]
+
+
+class SelfDraft(_CachedDraft):
+    """The coordinator's own groups, with calibration means (or low-rank estimates) for the MLP
+    groups other devices hold and nothing for their attention heads."""
+
+    name = "self"
+
+    def __init__(self, coordinator):
+        super().__init__()
+        c = coordinator
+        self.coord = c
+        self.local = copy.copy(c.local)  # the same weights, its own KV cache
+        self.local.reset()
+        plan, L = c.plan, c.cfg.num_layers
+        shard = c.local.shard
+        self.extra: list[torch.Tensor | None] = []
+        """Per layer: the summed means of the remote MLP groups no relaxed part covers."""
+        for i in range(L):
+            covered = {g for part in c.relaxed[i].values() for g in part.groups}
+            remote = [g.index for g in plan.groups if g.layer == i and g.kind == "mlp"
+                      and g.device != plan.coordinator and g.index not in covered]
+            self.extra.append(shard[f"compensation.{i}.mean"][remote].sum(0) if remote else None)
+
+    def _logits(self, tokens: list[int], start: int) -> torch.Tensor:
+        c = self.coord
+        h = c.embed[torch.tensor(tokens, dtype=torch.long)]
+        for i in range(c.cfg.num_layers):
+            h = decoder_layer(c.cfg, h, *c.norms[i], lambda x, i=i: self._attention(i, x, start),
+                              lambda x, m, i=i: self._mlp(i, m))
+        return lm_logits(c.cfg, h[-1:], c.final_norm, c.lm_head)[0]
+
+    def _attention(self, layer: int, x: torch.Tensor, start: int) -> torch.Tensor:
+        if not self.local.has_attention(layer):
+            return torch.zeros_like(x)
+        return self.local.attention(layer, x, start)
+
+    def _mlp(self, layer: int, m: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(m)
+        if self.local.has_mlp(layer):
+            for part in self.local.mlp(layer, m):
+                if part is not None:
+                    out = out + part
+        for part in self.coord.relaxed[layer].values():
+            if self.coord.compensation == "lowrank" and part.lowrank is not None:
+                gate, up, down, bias = part.lowrank
+                out = out + mlp_partial(m, gate, up, down) + bias
+            elif self.coord.compensation != "zero":
+                out = out + part.mean
+        if self.extra[layer] is not None:
+            out = out + self.extra[layer]
+        return out
+
+
+# ---- opening a source ------------------------------------------------------------------------------
+
+def prepare_draft(options: DraftOptions, plan: Plan, plan_dir: str | Path | None = None
+                  ) -> Callable[[object], Draft] | None:
+    """What makes the draft of a Coordinator (None: no drafts). A checkpoint is loaded and checked
+    here, once: a bad path fails before any device starts."""
+    if not options.enabled:
+        return None
+    if options.source == "lookup":
+        return lambda coordinator: LookupDraft()
+    if options.source == "self":
+        return SelfDraft
+    draft = CheckpointDraft(options.source, plan, plan_dir)
+    return lambda coordinator: draft
+
+
+def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, fp32 HF-named weights) of an HF LLaMA directory; PlanError names what is wrong."""
+    from safetensors.torch import load_file
+
+    where = f"--draft {path}"
+    if not path.is_dir():
+        raise PlanError(f"{where}: not a directory (expected none, lookup, self or a checkpoint directory)")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise PlanError(f"{where}: config.json unreadable ({e.__class__.__name__}: {e})") from None
+    cfg = _config(raw, f"{where}/config.json")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise PlanError(f"{where}: no *.safetensors weights")
+    weights = {}
+    for f in files:
+        try:
+            weights.update({k: v.float() for k, v in load_file(str(f)).items()})
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise PlanError(f"{where}: {f.name} unreadable ({e})") from None
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{t}.weight" for i in range(cfg.num_layers)
+        for t in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                  "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise PlanError(f"{where}: weights lack {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return cfg, weights
+
+
+def _config(raw: dict, where: str) -> ModelConfig:
+    """The draft's ModelConfig from an HF config.json (plain or llama3 RoPE, as FullModel runs it)."""
+    if raw.get("model_type") != "llama":
+        raise PlanError(f"{where}: model_type {raw.get('model_type')!r}; a draft must be a LLaMA checkpoint")
+    rope = dict(raw.get("rope_scaling") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    try:
+        heads, hidden = int(raw["num_attention_heads"]), int(raw["hidden_size"])
+        return ModelConfig(
+            vocab_size=int(raw["vocab_size"]), hidden_size=hidden, intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]), num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads), rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rope_scaling=None if kind == "default" else {"rope_type": kind, **rope},
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        raise PlanError(f"{where}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"{where}: {e}") from None
+
+
+def _check_same_tokenizer(path: Path, plan_dir: Path) -> None:
+    """Refuse a draft whose tokenizer.json maps tokens to other ids than the plan's."""
+    from .plandir import TOKENIZER_FILE
+
+    theirs, ours = path / "tokenizer.json", plan_dir / TOKENIZER_FILE
+    if not theirs.exists() or not ours.exists():
+        return  # the vocabulary size was checked; nothing more to compare
+
+    def vocab(p: Path) -> dict:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        return {**data.get("model", {}).get("vocab", {}), **added}
+
+    try:
+        same = vocab(theirs) == vocab(ours)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PlanError(f"--draft {path}: tokenizer.json unreadable ({e})") from None
+    if not same:
+        raise PlanError(f"--draft {path}: its tokenizer.json differs from the plan's (a draft must use the "
+                        "plan's tokenizer)")
