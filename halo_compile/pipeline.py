@@ -162,7 +162,8 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
     inputs = placement_inputs(cfg, unplaced, cluster.devices, cluster.coordinator,
                               {**model.weights, **coordinator_tensors}, opts.max_context, opts.seed,
                               opts.solver_time, select_rate, opts.weights)
-    placement, blind = inputs.place(), inputs.place_loss_blind()
+    blind = inputs.place_loss_blind()
+    placement = inputs.place(baseline=blind)  # never dominated by the loss-blind plan
     _log(opts, f"      placement solved in {placement.solve_wall_s:.1f} s wall, "
                f"loss-blind in {blind.solve_wall_s:.1f} s")
     plan = _plan(model, cluster, opts, unplaced, predictors, inputs, placement, blind)

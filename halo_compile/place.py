@@ -65,24 +65,30 @@ from .placecost import (
     load_ms,
     mb,
     predicted_token_ms,
+    rounds_per_token,
     stream_share,
 )
 from .placesolve import LOSS_SCALE, TIME_UNITS_PER_MS, Problem, capacity, optimise
 
 __all__ = ["GroupCost", "InfeasibleError", "PlaceOptions", "Placement", "PlacementInputs", "device_reports",
-           "expected_lost_importance", "group_cost", "importance_at_risk", "load_ms", "mark_streaming", "place",
-           "place_loss_blind", "placement_inputs", "predicted_token_ms", "stream_share"]
+           "dominates", "expected_lost_importance", "group_cost", "importance_at_risk", "load_ms", "mark_streaming",
+           "place", "place_loss_blind", "placement_inputs", "predicted_token_ms", "rounds_per_token", "stream_share"]
 
 
 def place(groups, devices, coordinator: str, fixed_bytes: dict[str, int], miss: dict[str, float],
-          options: PlaceOptions = PlaceOptions()) -> Placement:
+          options: PlaceOptions = PlaceOptions(), baseline: Placement | None = None) -> Placement:
     """Minimise per-token time, then lost importance within `time_slack` of that time.
 
     fixed_bytes: bytes a device holds besides its groups (the coordinator's embeddings, norms, LM
     head, predictors). miss: post-retransmission miss probability of every other device's relaxed
     replies; the coordinator's entry, if any, is ignored (it computes locally).
+    baseline: the loss-blind placement of the same inputs, if already solved; it is solved here
+    when a link loses anything. The result is never dominated by it (as slow or slower and
+    losing as much or more importance, one of them strictly): the solver takes it as a candidate.
     """
-    return _place(groups, devices, coordinator, fixed_bytes, miss, options, aware=True)
+    if baseline is None and any(m > 0 for name, m in miss.items() if name != coordinator):
+        baseline = place_loss_blind(groups, devices, coordinator, fixed_bytes, miss, options)
+    return _place(groups, devices, coordinator, fixed_bytes, miss, options, aware=True, baseline=baseline)
 
 
 def place_loss_blind(groups, devices, coordinator: str, fixed_bytes: dict[str, int],
@@ -91,13 +97,39 @@ def place_loss_blind(groups, devices, coordinator: str, fixed_bytes: dict[str, i
     return _place(groups, devices, coordinator, fixed_bytes, miss, options, aware=False)
 
 
-def _place(groups, devices, coordinator, fixed_bytes, miss, options, aware: bool) -> Placement:
+def dominates(a: Placement, b: Placement) -> bool:
+    """a is as fast as b and loses no more importance, and is strictly better in one of them."""
+    return (a.predicted_token_ms <= b.predicted_token_ms and a.expected_lost_importance <= b.expected_lost_importance
+            and (a.predicted_token_ms, a.expected_lost_importance) != (b.predicted_token_ms,
+                                                                        b.expected_lost_importance))
+
+
+def _place(groups, devices, coordinator, fixed_bytes, miss, options, aware: bool,
+           baseline: Placement | None = None) -> Placement:
     groups, devices, miss = _prepare(groups, devices, coordinator, fixed_bytes, miss)
     p = Problem.build(groups, devices, coordinator, fixed_bytes, miss, options, loss_aware=aware)
-    a, status, bound, runs = optimise(p, options, loss_phase=aware)
+    index = {name: i for i, name in enumerate(p.device_names)}
+    candidates = [[index[baseline.assignment[g.id]] for g in groups]] if baseline is not None else []
+    a, status, bound, runs = optimise(p, options, loss_phase=aware, candidates=candidates)
     value, scale = (p.loss_units(a), LOSS_SCALE * p.num_layers) if aware \
         else (p.time_units(a), TIME_UNITS_PER_MS)
-    assignment, by_name = p.names(a), {d.name: d for d in devices}
+    solver = SolverReport(status=status, objective=value / scale, bound=min(bound, value) / scale,
+                          deterministic_time=sum(r.dtime for r in runs), num_workers=options.num_workers)
+    placed = _evaluate(groups, devices, coordinator, fixed_bytes, miss, options, p.names(a), solver,
+                       solve_wall_s=sum(r.wall for r in runs), num_layers=p.num_layers)
+    if baseline is not None and dominates(baseline, placed):
+        # the solver compares in integer units (0.1 us, 1e-9 importance): settle near-ties exactly
+        placed = replace(placed, assignment=dict(baseline.assignment), device_time_ms=baseline.device_time_ms,
+                         predicted_token_ms=baseline.predicted_token_ms,
+                         expected_lost_importance=baseline.expected_lost_importance,
+                         rounds_per_token=baseline.rounds_per_token)
+    return placed
+
+
+def _evaluate(groups, devices, coordinator, fixed_bytes, miss, options, assignment, solver, solve_wall_s,
+              num_layers) -> Placement:
+    """A Placement for `assignment`: the cost model's time, loss, rounds and per-device compute."""
+    by_name = {d.name: d for d in devices}
     device_ms = {d.name: 0.0 for d in devices}
     for g in groups:
         device_ms[assignment[g.id]] += compute_ms(g, by_name[assignment[g.id]])
@@ -106,13 +138,11 @@ def _place(groups, devices, coordinator, fixed_bytes, miss, options, aware: bool
     load = {g.id: share[assignment[g.id]] * load_ms(g, by_name[assignment[g.id]])
             for g in groups if share[assignment[g.id]]}
     return Placement(
-        assignment=assignment, device_time_ms=device_ms,
-        solver=SolverReport(status=status, objective=value / scale, bound=min(bound, value) / scale,
-                            deterministic_time=sum(r.dtime for r in runs),
-                            num_workers=options.num_workers),
+        assignment=assignment, device_time_ms=device_ms, solver=solver,
         predicted_token_ms=predicted_token_ms(groups, assignment, devices, coordinator, miss, options, load),
-        expected_lost_importance=expected_lost_importance(groups, assignment, miss, p.num_layers),
-        solve_wall_s=sum(r.wall for r in runs))
+        expected_lost_importance=expected_lost_importance(groups, assignment, miss, num_layers),
+        rounds_per_token=rounds_per_token(groups, assignment, coordinator),
+        solve_wall_s=solve_wall_s)
 
 
 def _prepare(groups, devices, coordinator, fixed_bytes, miss):
@@ -171,9 +201,11 @@ class PlacementInputs:
         if self.coordinator not in [d.name for d in self.devices]:
             raise ValueError(f"coordinator {self.coordinator!r} is not a device")
 
-    def place(self) -> Placement:
-        """`place` on these inputs: fast, then little importance lost."""
-        return place(self.costs, self.devices, self.coordinator, self.fixed_bytes, self.miss, self.options)
+    def place(self, baseline: Placement | None = None) -> Placement:
+        """`place` on these inputs: fast, then little importance lost; baseline: `place_loss_blind()`'s
+        result, if already solved (else solved again when a link loses anything)."""
+        return place(self.costs, self.devices, self.coordinator, self.fixed_bytes, self.miss, self.options,
+                     baseline)
 
     def place_loss_blind(self) -> Placement:
         """`place_loss_blind` on these inputs: fast, as if no link lost anything."""

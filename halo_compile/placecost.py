@@ -14,8 +14,11 @@
   of d's weights expected to be streamed, `stream_share`, times its load: linear, and it steers
   groups off devices whose memory is short relative to their compute. Loads are charged in full
   although the runtime overlaps them with earlier rounds: the model is conservative there.
-- Each layer l has two synchronisation rounds r (attn, mlp); per round the slowest device's
+- Each layer l has up to two synchronisation rounds r (attn, mlp); per round the slowest device's
   compute (+ load) plus its round trip (+ expected wait) is the round's time; T sums the rounds.
+  A round trip is paid only to a device that holds a group of the round, so a layer whose
+  attention (or MLP) stays entirely on the coordinator has no attention (MLP) round: its time is
+  the coordinator's compute, and the runtime asks no one (`rounds_per_token` counts the rest).
 
 A plan group's cost (`group_cost`) takes its weight bytes from `halo_runtime.core.residency`,
 the definition the runtime streams by, and charges two flops (multiply, add) per weight.
@@ -23,7 +26,7 @@ the definition the runtime streams by, and charges two flops (multiply, add) per
 Example:
     >>> from halo_runtime.core.model import ModelConfig
     >>> from halo_runtime.core.plan import Device, Group
-    >>> from halo_compile.placecost import GroupCost, group_cost, load_ms, stream_share
+    >>> from halo_compile.placecost import GroupCost, group_cost, load_ms, rounds_per_token, stream_share
     >>> cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=32, num_layers=1,
     ...                   num_heads=4, num_kv_heads=2, head_dim=2)
     >>> c = group_cost(cfg, Group("L0.mlp.0", 0, "mlp", 0, (0, 1, 2), "", False, 0.1), max_context=16)
@@ -35,6 +38,9 @@ Example:
     40.0
     >>> stream_share([g], [sd], {})                     # 10 MB of RAM for its 8 MB: nothing streamed
     {'sd': 0.0}
+    >>> a = GroupCost("L0.attn.0", 0, "attn", True, 1.0, 1, 0, 1)
+    >>> rounds_per_token([a, g], {"L0.attn.0": "pi", "L0.mlp.0": "sd"}, "pi")   # attention stays home
+    1
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from halo_runtime.core.model import ModelConfig
-from halo_runtime.core.plan import Device, Group, SolverReport
+from halo_runtime.core.plan import Device, Group, SolverReport, network_rounds
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.residency import BYTES_PER_WEIGHT, weight_bytes
 
@@ -164,10 +170,14 @@ class Placement:
     """Per layer, the expected share of the MLP output lost to missed relaxed replies."""
     solve_wall_s: float = 0.0
     """Wall-clock time in the solver (varies run to run; kept out of plan.json)."""
+    rounds_per_token: int = 0
+    """Synchronisation rounds per token: (layer, attn|mlp) rounds with a group on a remote device."""
 
     def __post_init__(self):
         if self.predicted_token_ms < 0 or self.expected_lost_importance < 0:
             raise ValueError("predicted time and lost importance must be >= 0")
+        if self.rounds_per_token < 0:
+            raise ValueError("rounds_per_token must be >= 0")
 
 
 
@@ -210,6 +220,12 @@ def predicted_token_ms(groups, assignment, devices, coordinator, miss=None, opti
                    + crit * wait_ms(by_name[n], coordinator, options)
                    for n, (t, crit) in per_device.items())
                for per_device in rounds.values())
+
+
+def rounds_per_token(groups, assignment: dict[str, str], coordinator: str) -> int:
+    """Rounds a token waits on the network: a (layer, kind) round counts if any of its groups is on
+    a device other than the coordinator (the runtime skips the others: nobody to ask)."""
+    return len(network_rounds(((g.layer, g.kind, assignment[g.id]) for g in groups), coordinator))
 
 
 def load_ms(g: GroupCost, d: Device) -> float:

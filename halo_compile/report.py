@@ -9,6 +9,8 @@ Example (the checked-in plan):
     >>> print(lines[3]); print(next(line for line in lines if line.startswith("pi5-3")))
     device              memory MB  attn mlp crit mlp rlx importance    PLR  time ms
     pi5-3                  9/6144     0        0      18       1.0%   5.0%     2.48
+    >>> print(next(line for line in lines if line.startswith("rounds")))
+    rounds per token: 60 of 60 (30 attention, 30 MLP; a round whose groups all stay on the coordinator asks no one)
 """
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ def inspect_text(plan: Plan) -> str:
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     lines.append(f"predicted time per token: {plan.predicted_token_ms:.2f} ms (per layer and round: slowest "
                  f"device plus its round trip)")
+    rounds = plan.network_rounds()
+    attn = sum(kind == "attn" for _, kind in rounds)
+    lines.append(f"rounds per token: {len(rounds)} of {2 * plan.model.num_layers} ({attn} attention, "
+                 f"{len(rounds) - attn} MLP; a round whose groups all stay on the coordinator asks no one)")
     lines.append(f"expected lost importance per layer: {100 * plan.expected_lost_importance:.4f}% of the layer "
                  f"output at {plan.predicted_token_ms:.2f} ms/token (this placement)")
     lines.append(f"  vs a loss-blind placement: {100 * plan.loss_blind_lost_importance:.4f}% at its planned speed, "

@@ -43,6 +43,9 @@ from .plan import Plan
 from .predictor import layer_predictor, predict_groups
 from .qcompute import coordinator_tables
 
+_ONE_ROW = torch.ones(1, dtype=torch.bool)
+"""`awaited` rows of a one-token round (read only: exchanges never write into it)."""
+
 COMPENSATIONS = ("zero", "mean", "lowrank")
 """What stands in for a missing relaxed part: nothing; the calibration mean of the device's relaxed
 groups (`compensation.{layer}.mean`); or a low-rank estimate of their output from the MLP input,
@@ -108,6 +111,8 @@ class _RelaxedPart:
     """[hidden] sum of their calibration-mean contributions."""
     lowrank: tuple | None
     """(gate, up, down, bias) of their low-rank estimates, concatenated; None if the plan has none."""
+    group_set: frozenset = frozenset()
+    """The same indices as a set, for decode's one-row test."""
 
 
 class Coordinator:
@@ -131,6 +136,8 @@ class Coordinator:
         if self.compensation == "lowrank" and not has_lowrank:
             raise ValueError("this plan has no low-rank compensation (recompile it with a newer halo-compile)")
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
+        # rounds with a group on a remote device; the others are computed here without asking anyone
+        self.asks = set(plan.network_rounds())
         # per layer: which remote devices hold relaxed groups, and what stands in for their part
         self.relaxed: list[dict[str, _RelaxedPart]] = []
         for i in range(L):
@@ -140,7 +147,7 @@ class Coordinator:
                 idx = [g.index for g in plan.groups_on(dev, i, "mlp") if not g.critical]
                 if idx:
                     lowrank = _lowrank(shard, i, idx) if has_lowrank else None
-                    per_dev[dev] = _RelaxedPart(idx, means[idx].sum(0), lowrank)
+                    per_dev[dev] = _RelaxedPart(idx, means[idx].sum(0), lowrank, frozenset(idx))
             self.relaxed.append(per_dev)
         self.position = 0
         self.session = 0
@@ -159,14 +166,22 @@ class Coordinator:
             h = decoder_layer(cfg, h, *self.norms[layer], partial(self._attention, step, layer, start, stats),
                               partial(self._mlp, step, layer, start, stats))
         self.position += tokens.shape[0]
+        t0 = time.perf_counter()
         logits = lm_logits(cfg, h if all_positions else h[-1:], self.final_norm, self.lm_head)
+        stats.compute_ms += 1e3 * (time.perf_counter() - t0)  # the LM head is the coordinator's compute too
         return logits if all_positions else logits[0]
 
     def _attention(self, step: int, layer: int, start: int, stats: TokenStats, x: torch.Tensor) -> torch.Tensor:
         """Every device's attention heads on x, all awaited (they hold KV state)."""
+        has_local = self.local.has_attention(layer)
+        if (layer, "attn") not in self.asks:  # every head is here: no round
+            t0 = time.perf_counter()
+            out = self.local.attention(layer, x, start) if has_local else torch.zeros_like(x)
+            stats.compute_ms += 1e3 * (time.perf_counter() - t0)
+            return out
         self.exchange.post("attn", step, layer, x, start)
         t0 = time.perf_counter()
-        local = self.local.attention(layer, x, start) if self.local.has_attention(layer) else None
+        local = self.local.attention(layer, x, start) if has_local else None
         t1 = time.perf_counter()
         remote = self.exchange.collect("attn", step, layer, {})
         t2 = time.perf_counter()
@@ -178,19 +193,28 @@ class Coordinator:
              m: torch.Tensor) -> torch.Tensor:
         """Every device's MLP part on m: critical and predicted ones (the predictor reads x) awaited,
         relaxed ones that miss the deadline compensated."""
+        has_local = self.local.has_mlp(layer)
+        if (layer, "mlp") not in self.asks:  # every neuron is here: no round, nothing relaxed remote
+            t0 = time.perf_counter()
+            crit, rlx = self.local.mlp(layer, m) if has_local else (None, None)
+            stats.compute_ms += 1e3 * (time.perf_counter() - t0)
+            return _sum([crit, rlx], m)
         awaited = self._awaited(layer, x)
         self.exchange.post("mlp", step, layer, m, start)
         t0 = time.perf_counter()
-        crit, rlx = self.local.mlp(layer, m) if self.local.has_mlp(layer) else (None, None)
+        crit, rlx = self.local.mlp(layer, m) if has_local else (None, None)
         t1 = time.perf_counter()
         result = self.exchange.collect("mlp", step, layer, awaited)
         t2 = time.perf_counter()
-        missing = [(dev, result.missing[dev]) for dev in self.remote if dev in result.missing]
-        comp = [self._compensate(layer, dev, m, rows) for dev, rows in missing]
-        for dev, rows in missing:
-            stats.missing[dev] = stats.missing.get(dev, 0) + 1
-            stats.missing_rows += int(rows.sum())
-        stats.awaited_rows += sum(int(rows.sum()) for rows in awaited.values())
+        comp = []
+        if result.missing:
+            missing = [(dev, result.missing[dev]) for dev in self.remote if dev in result.missing]
+            comp = [self._compensate(layer, dev, m, rows) for dev, rows in missing]
+            for dev, rows in missing:
+                stats.missing[dev] = stats.missing.get(dev, 0) + 1
+                stats.missing_rows += int(rows.sum())
+        if awaited:
+            stats.awaited_rows += sum(int(rows.sum()) for rows in awaited.values())
         stats.relaxed_parts += len(self.relaxed[layer])
         stats.compute_ms += 1e3 * (t1 - t0)
         stats.wait_ms += 1e3 * (t2 - t1)
@@ -201,6 +225,9 @@ class Coordinator:
         if not self.relaxed[layer] or not self.await_predicted:
             return {}
         flagged = predict_groups(x, self.predictors[layer])
+        if x.shape[0] == 1:  # decode: one row, one look at which groups are flagged
+            hot = set(flagged[0].nonzero().flatten().tolist())
+            return {dev: _ONE_ROW for dev, part in self.relaxed[layer].items() if hot & part.group_set}
         out = {}
         for dev, part in self.relaxed[layer].items():
             rows = flagged[:, part.groups].any(1)
@@ -304,9 +331,10 @@ def _lowrank(shard: dict[str, torch.Tensor], layer: int, groups: list[int]) -> t
 
 
 def _sum(parts: list, like: torch.Tensor) -> torch.Tensor:
-    """Sum partials in a fixed order (float addition is not associative; order fixes the bits)."""
-    total = torch.zeros_like(like)
+    """Sum partials in a fixed order (float addition is not associative; order fixes the bits).
+    The first part starts the sum: 0 + p is p (up to the sign of a zero), so no zeros tensor is needed."""
+    total = None
     for p in parts:
         if p is not None:
-            total = total + p
-    return total
+            total = p if total is None else total + p
+    return torch.zeros_like(like) if total is None else total

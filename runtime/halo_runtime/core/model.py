@@ -119,6 +119,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """RoPE's inverse frequencies [head_dim / 2] (llama3 scaling applied); computed once per shape
+    and kept, as every attention call of every token needs them (callers must not write into it)."""
+    scaling = cfg.rope_scaling or {}
+    key = (cfg.head_dim, cfg.rope_theta, repr(sorted(scaling.items())))
+    inv = _INV_FREQ.get(key)
+    if inv is None:
+        inv = _INV_FREQ[key] = _inv_frequencies(cfg)
+    return inv
+
+
+_INV_FREQ: dict[tuple, torch.Tensor] = {}
+
+
+def _inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = cfg.rope_scaling or {}
@@ -193,8 +207,9 @@ def attention_heads(cfg: ModelConfig, x: torch.Tensor, positions: torch.Tensor, 
     values = values.repeat_interleave(g, dim=0)
     scores = (q @ keys.transpose(1, 2)) * (hd ** -0.5)
     past = keys.shape[1] - T
-    mask = torch.ones(T, keys.shape[1], dtype=torch.bool).tril(diagonal=past)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if T > 1:  # one new token sees every cached one: its mask would be all True
+        mask = torch.ones(T, keys.shape[1], dtype=torch.bool).tril(diagonal=past)
+        scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return (probs @ values).transpose(0, 1)
 

@@ -14,6 +14,8 @@ Example (the checked-in plan: SmolLM2-135M on four Raspberry Pi 5):
     [('L0.attn.1', True), ('L0.mlp.4', True), ('L0.mlp.5', True)]
     >>> plan.groups_on("pi5-1", layer=0)[-1].critical          # relaxed groups come last
     False
+    >>> len(plan.network_rounds()), plan.network_rounds()[:2]   # of 2 rounds per layer
+    (60, [(0, 'attn'), (0, 'mlp')])
 """
 from __future__ import annotations
 
@@ -34,6 +36,12 @@ FLOAT_DIGITS = 6
 OPTIONAL = {"omit_default": True}
 """Field metadata: written to plan.json only when it differs from its default, so plans that do
 not use a feature (e.g. streaming) keep the bytes they had before the field existed."""
+
+
+def network_rounds(placed, coordinator: str) -> list[tuple[int, str]]:
+    """(layer, kind) rounds with a group on a device other than `coordinator`, sorted; `placed`
+    yields (layer, kind, device) per group. The one definition of a round the runtime sends."""
+    return sorted({(layer, kind) for layer, kind, device in placed if device != coordinator})
 
 
 @dataclass(frozen=True)
@@ -283,6 +291,11 @@ class Plan:
         """
         mine = [g for g in self.layer_groups(layer, kind) if g.device == device]
         return sorted(mine, key=lambda g: (g.kind != "attn", not g.critical, g.index))
+
+    def network_rounds(self) -> list[tuple[int, str]]:
+        """The (layer, "attn" | "mlp") rounds that ask a remote device, in order: a round whose
+        groups all stay on the coordinator sends nothing (the rounds a token waits on the network)."""
+        return network_rounds(((g.layer, g.kind, g.device) for g in self.groups), self.coordinator)
 
     # ---- serialisation ------------------------------------------------------------------------
 

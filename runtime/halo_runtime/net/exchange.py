@@ -55,6 +55,9 @@ from .wire import Kind, Message, attempt_of, make_flags
 from .worker import WorkerStats
 
 PHASE_REQUEST = {"attn": Kind.REQUEST_ATTN, "mlp": Kind.REQUEST_MLP}
+# plain ints for the per-round loop: reading an enum member costs a descriptor call each time
+_ATTN, _CRIT, _RLX = int(Kind.REPLY_ATTN), int(Kind.REPLY_MLP_CRITICAL), int(Kind.REPLY_MLP_RELAXED)
+_REPLIES, _HELLO, _RESET = (_ATTN, _CRIT, _RLX), int(Kind.HELLO), int(Kind.RESET)
 
 
 class PeerShims:
@@ -87,12 +90,13 @@ def _layout(plan: Plan) -> dict:
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _Round:
     phase: str
     step: int
     layer: int
     payload: dict
+    """Device -> its request message (devices with the same number of reply copies share one)."""
     targets: list
     rows: int = 1
     """Tokens in the round; a missing relaxed part misses all of them (one message per round)."""
@@ -109,6 +113,8 @@ class UdpExchange:
     def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
                  bind_host: str = "0.0.0.0", shim=None, auth: Authenticator | None = None, warn=_warn):
         self.plan, self.policy, self.peers = plan, policy, peers
+        if isinstance(shim, PeerShims) and not shim.shims:
+            shim = None  # no link to emulate: datagrams go straight to the socket
         self.width = plan.model.hidden_size
         self.index = {d: i for i, d in enumerate(plan.device_names)}
         self.names = {i: d for d, i in self.index.items()}
@@ -116,6 +122,10 @@ class UdpExchange:
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
         self.lossy = {d for d in self.remote if plan.device(d).loss > 0}
         self.layout = _layout(plan)
+        # per phase and layer, the devices asked, in device order (computed once, not per round)
+        self.targets = {"attn": self.layout["attn"],
+                        "mlp": [sorted(set(c) | set(r), key=self.remote.index)
+                                for c, r in zip(self.layout["crit"], self.layout["relaxed"])]}
         # devices whose loss ends the run: they hold attention (KV state) or critical MLP groups
         self.critical = {d for d in self.remote
                          if any(d in self.layout["attn"][i] or d in self.layout["crit"][i]
@@ -175,17 +185,25 @@ class UdpExchange:
     # ---- rounds ---------------------------------------------------------------------------------
 
     def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None:
-        if phase == "attn":
-            targets = self.layout["attn"][layer]
-            if targets:
-                self.history.append(layer, x, start)
-        else:
-            targets = sorted(set(self.layout["crit"][layer]) | set(self.layout["relaxed"][layer]),
-                             key=self.remote.index)
-        targets = [d for d in targets if d not in self.down]
-        copies = {d: self.policy.redundancy if d in self.lossy else 1 for d in targets}
-        encoded = {c: encode_request(x, start, self.policy.wire, c) for c in set(copies.values())}
-        payload = {d: encoded[copies[d]] for d in targets}
+        targets = self.targets[phase][layer]
+        if phase == "attn" and targets:
+            self.history.append(layer, x, start)
+        if self.down:
+            targets = [d for d in targets if d not in self.down]
+        if not targets:  # a round that stays on the coordinator: nothing to send, nothing to await
+            self.round = _Round(phase, step, layer, {}, targets, rows=x.shape[0])
+            return
+        kind = PHASE_REQUEST[phase]
+        # one message per number of reply copies (usually one for all): encoded and checked once
+        msgs: dict[int, Message] = {}
+        payload = {}
+        for d in targets:
+            c = self.policy.redundancy if d in self.lossy else 1
+            m = msgs.get(c)
+            if m is None:
+                m = msgs[c] = Message(kind, self.session, step, layer, self.me,
+                                      encode_request(x, start, self.policy.wire, c))
+            payload[d] = m
         self.round = _Round(phase, step, layer, payload, targets, rows=x.shape[0])
         if step > 2:
             self.endpoint.reassembler.set_watermark(step - 2)
@@ -194,10 +212,10 @@ class UdpExchange:
 
     def _send(self, d: str, attempt: int) -> None:
         r = self.round
-        msg = Message(PHASE_REQUEST[r.phase], self.session, r.step, r.layer, self.me, r.payload[d])
+        msg, dest, addr = r.payload[d], self.index[d], self.peers[d]
         copies = self.policy.redundancy if d in self.lossy else 1
         for c in range(copies):
-            self.endpoint.send(msg, self.peers[d], make_flags(min(attempt, 15), redundant=c > 0), dest=self.index[d])
+            self.endpoint.send(msg, addr, make_flags(min(attempt, 15), redundant=c > 0), dest=dest)
         now = time.monotonic()
         if self.asked_since[d] is None:
             self.asked_since[d] = now
@@ -268,16 +286,18 @@ class UdpExchange:
     def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
         # one message per round carries every token: a device flagged on any token is awaited
         r = self.round
+        if not self.targets[phase][layer]:  # nobody holds a part of this round: nothing to wait for
+            return RoundResult(parts=[])
         relaxed: set[str] = set()
         if phase == "attn":
-            want = {(d, Kind.REPLY_ATTN) for d in self.layout["attn"][layer]}
+            want = {(d, _ATTN) for d in self.layout["attn"][layer]}
         else:
-            want = {(d, Kind.REPLY_MLP_CRITICAL) for d in self.layout["crit"][layer]}
+            want = {(d, _CRIT) for d in self.layout["crit"][layer]}
             for d in self.layout["relaxed"][layer]:
                 self.counters["relaxed_parts"] += 1
                 if d in awaited and d not in self.down:
                     self.counters["awaited_relaxed"] += 1
-                    want.add((d, Kind.REPLY_MLP_RELAXED))
+                    want.add((d, _RLX))
                 else:
                     relaxed.add(d)
         deadline = {d: r.sent.get(d, 0.0) + (1 + self.policy.relaxed_retries) * self.rtt[(d, phase)].rto_s
@@ -285,34 +305,19 @@ class UdpExchange:
         got: dict[tuple, torch.Tensor] = {}
         first_reply: set[str] = set()
         crit_done = time.monotonic()
+        wake = 0.0  # when a timer (retransmission, deadline, silence, probe) is next due
         while True:
             now = time.monotonic()
             pending_crit = [k for k in want if k not in got and k[0] not in self.down]
             if pending_crit:
                 crit_done = now
-            pending_rlx = [d for d in relaxed if (d, Kind.REPLY_MLP_RELAXED) not in got and now < deadline[d]
+            pending_rlx = [d for d in relaxed if (d, _RLX) not in got and now < deadline[d]
                            and d not in self.down]
             if not pending_crit and not pending_rlx:
                 break
-            timers = []
-            crit_devices = {k[0] for k in pending_crit}
-            for d in crit_devices | set(pending_rlx):
-                if d in crit_devices or r.attempts[d] < self.policy.relaxed_retries:
-                    if now >= r.next_try[d]:
-                        self._send(d, r.attempts[d] + 1)
-                    timers.append(r.next_try[d])
-            timers += [deadline[d] for d in pending_rlx]
-            for d in sorted(crit_devices | set(pending_rlx)):
-                if d in self.critical and self._silent_for(d, now) > self.policy.dead_after_s:
-                    raise DeviceLost(f"device {d} ({self.peers[d][0]}:{self.peers[d][1]}) stopped answering: no "
-                                     f"reply for layer {layer} {phase} of step {step} in "
-                                     f"{self.policy.dead_after_s:g} s; it holds critical groups, so the run ends")
-                if d not in self.critical and self._silent_for(d, now) > self.policy.down_after_s:
-                    self._mark_down(d)
-            if self.down and now >= self.next_probe:
-                self._probe(now)
-            wait = max(0.0, min(timers) - now) if timers else 0.05
-            item = self.endpoint.recv(min(wait, 0.05))
+            if now >= wake:  # replies arriving before any timer is due need no timer work
+                wake = self._timers(r, phase, step, layer, pending_crit, pending_rlx, deadline, now)
+            item = self.endpoint.recv(max(0.0, min(wake - now, 0.05)))
             if item is None:
                 continue
             msg = item[0]
@@ -324,14 +329,15 @@ class UdpExchange:
                 self.counters["unknown_session"] += 1
                 continue
             self.asked_since[d] = None  # any authentic message of this session: it is alive
-            if msg.kind in (Kind.HELLO, Kind.RESET):
+            if msg.kind == _HELLO or msg.kind == _RESET:
                 self._control(msg, d)
+                wake = 0.0  # a rejoin re-requests and resets timers
                 continue
             if msg.step != step or msg.layer != layer:
                 self.counters["late"] += 1
                 continue
             key = (d, msg.kind)
-            if key in got or (key not in want and not (msg.kind == Kind.REPLY_MLP_RELAXED and d in relaxed)):
+            if key in got or (key not in want and not (msg.kind == _RLX and d in relaxed)):
                 self.counters["late"] += key not in got
                 continue
             try:
@@ -345,10 +351,10 @@ class UdpExchange:
                     self.rtt[(d, phase)].sample(time.monotonic() - r.sent[d])
         result = RoundResult(parts=[])
         for d in self.remote:  # fixed device order keeps the sum's bits reproducible
-            for kind in (Kind.REPLY_ATTN, Kind.REPLY_MLP_CRITICAL, Kind.REPLY_MLP_RELAXED):
+            for kind in _REPLIES:
                 if (d, kind) in got:
                     result.parts.append(got[(d, kind)])
-            if (d in relaxed or (d, Kind.REPLY_MLP_RELAXED) in want) and (d, Kind.REPLY_MLP_RELAXED) not in got:
+            if (d in relaxed or (d, _RLX) in want) and (d, _RLX) not in got:
                 result.missing[d] = torch.ones(r.rows, dtype=torch.bool)
                 self.counters["compensated"] += 1
                 if d in relaxed and d not in self.down:
@@ -356,6 +362,29 @@ class UdpExchange:
                     over = 1e3 * (now - max(deadline[d], crit_done))
                     self.counters["max_relaxed_overshoot_ms"] = max(self.counters["max_relaxed_overshoot_ms"], over)
         return result
+
+    def _timers(self, r: _Round, phase: str, step: int, layer: int, pending_crit, pending_rlx, deadline,
+                now: float) -> float:
+        """Re-request what is due, mark silent devices down (or end the run), probe the down ones;
+        returns when the next timer is due."""
+        timers = []
+        crit_devices = {k[0] for k in pending_crit}
+        for d in crit_devices | set(pending_rlx):
+            if d in crit_devices or r.attempts[d] < self.policy.relaxed_retries:
+                if now >= r.next_try[d]:
+                    self._send(d, r.attempts[d] + 1)
+                timers.append(r.next_try[d])
+        timers += [deadline[d] for d in pending_rlx]
+        for d in sorted(crit_devices | set(pending_rlx)):
+            if d in self.critical and self._silent_for(d, now) > self.policy.dead_after_s:
+                raise DeviceLost(f"device {d} ({self.peers[d][0]}:{self.peers[d][1]}) stopped answering: no "
+                                 f"reply for layer {layer} {phase} of step {step} in "
+                                 f"{self.policy.dead_after_s:g} s; it holds critical groups, so the run ends")
+            if d not in self.critical and self._silent_for(d, now) > self.policy.down_after_s:
+                self._mark_down(d)
+        if self.down and now >= self.next_probe:
+            self._probe(now)
+        return min(timers) if timers else now + 0.05
 
     def stats(self) -> ExchangeStats:
         c = self.endpoint.counters

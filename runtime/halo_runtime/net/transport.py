@@ -202,13 +202,28 @@ class UdpEndpoint:
         """
         target = self._resolve(addr)
         datagrams = encode(msg, self.max_datagram, flags, self.auth, dest)
-        for d in datagrams:
-            if self.shim is not None:
+        if self.shim is not None:
+            for d in datagrams:
                 self.shim.send_datagram(self._sendto, d, target)
-            else:
-                self._sendto(d, target)
+            with self._lock:
+                self.counters.messages_sent += 1
+            return len(datagrams)
+        # no shim: send inline and count once per message (one lock, not one per datagram)
+        sent = nbytes = errors = 0
+        for d in datagrams:
+            try:
+                self._sock.sendto(d, target)
+            except OSError:
+                errors += 1
+                continue
+            sent += 1
+            nbytes += len(d)
         with self._lock:
-            self.counters.messages_sent += 1
+            c = self.counters
+            c.datagrams_sent += sent
+            c.bytes_sent += nbytes
+            c.send_errors += errors
+            c.messages_sent += 1
         return len(datagrams)
 
     def recv(self, timeout_s: float | None = None) -> tuple[Message, Addr] | None:

@@ -90,6 +90,8 @@ class Kind(enum.IntEnum):
 
 
 FIRST_CONTROL_KIND = 16
+_KIND_OF = {int(k): k for k in Kind}
+"""Kind member of each known value (a dict lookup is far cheaper than calling Kind)."""
 
 
 def is_control(kind: int) -> bool:
@@ -133,9 +135,16 @@ class Message:
     """Flags byte as sent (FLAG_*, attempt in bits 4-7); on receipt, those of the completing chunk."""
 
     def __post_init__(self):
-        for name, bits in (("kind", 8), ("session", 32), ("step", 32), ("layer", 16), ("sender", 16), ("flags", 8)):
-            _check_range(name, getattr(self, name), bits)
-        if not isinstance(self.payload, bytes):
+        # one chained test for the common case (every message sent or received passes here, several
+        # per round); the per-field loop only runs to name what is wrong
+        k, se, st, la, sd, fl = self.kind, self.session, self.step, self.layer, self.sender, self.flags
+        if not (isinstance(k, int) and type(se) is type(st) is type(la) is type(sd) is type(fl) is int
+                and 0 <= k < 256 and 0 <= se < 4294967296 and 0 <= st < 4294967296 and 0 <= la < 65536
+                and 0 <= sd < 65536 and 0 <= fl < 256):
+            for name, bits in (("kind", 8), ("session", 32), ("step", 32), ("layer", 16), ("sender", 16),
+                               ("flags", 8)):
+                _check_range(name, getattr(self, name), bits)
+        if type(self.payload) is not bytes:
             object.__setattr__(self, "payload", bytes(self.payload))
 
 
@@ -369,5 +378,5 @@ class Reassembler:
             if len(self._done) > self._remember:
                 self._done.popitem(last=False)
         self.counters.completed += 1
-        kind = Kind(h.kind) if h.kind in Kind._value2member_map_ else h.kind
+        kind = _KIND_OF.get(h.kind, h.kind)
         return Message(kind, h.session, h.step, h.layer, h.sender, payload, h.flags)

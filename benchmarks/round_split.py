@@ -1,0 +1,86 @@
+"""Where a round's time goes on the coordinator: compute, waiting for the wire, and the rest.
+
+Starts the plan's remote devices as local workers (loopback, no loss, no delay), runs the
+coordinator in this process over UDP, and decodes TOKENS tokens after a short prompt, REPS times.
+Per token (median): wall time split into compute (the coordinator's own groups and the LM head,
+`TokenStats.compute_ms`), wait (`TokenStats.wait_ms`, collect) and other (the rest: norms,
+predictor, encoding, sending, decoding, sums), divided by the rounds per token
+(`Plan.network_rounds`). On a loaded machine wall time mostly measures the scheduler, so it also
+reports the coordinator thread's CPU time outside its compute, per round (`cpu_overhead_ms_per_round`),
+which contention inflates far less. One JSON line.
+
+Example:
+    $ .venv/bin/python benchmarks/round_split.py artifacts/smollm2-135m-pi5-with-shards 32 2
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+from halo_runtime.core import coordinator as coordinator_module
+from halo_runtime.core.coordinator import Coordinator, TokenStats
+from halo_runtime.core.plan import load_plan
+from halo_runtime.core.shards import load_shard
+from halo_runtime.localcluster import local_auth, start_local_workers, stop_workers
+from halo_runtime.net.exchange import UdpExchange
+
+PROMPT = [1, 504, 3458, 282, 4649, 314]
+
+
+def _timed(fn, cpu: dict):
+    """fn, adding the calling thread's CPU seconds in it to cpu["compute"]."""
+    def wrapped(*a, **k):
+        t = time.thread_time()
+        try:
+            return fn(*a, **k)
+        finally:
+            cpu["compute"] += time.thread_time() - t
+    return wrapped
+
+
+def main(plan_dir: str, tokens: int = 32, reps: int = 1) -> dict:
+    torch.set_num_threads(1)
+    plan = load_plan(plan_dir)
+    shard = load_shard(plan_dir, plan, plan.coordinator)
+    args = SimpleNamespace(plan=plan_dir, key_file=None, delay_ms=0.0, jitter_ms=0.0, seed=0)
+    auth, workers, rows = local_auth(args), {}, []
+    try:
+        peers = start_local_workers(args, plan, {d: 0.0 for d in plan.device_names}, auth, workers)
+        exchange = UdpExchange(plan, peers, bind_host="127.0.0.1", auth=auth)
+        coord = Coordinator(plan, shard, exchange)
+        cpu = {"compute": 0.0}
+        coord.local.attention = _timed(coord.local.attention, cpu)
+        coord.local.mlp = _timed(coord.local.mlp, cpu)
+        coordinator_module.lm_logits = _timed(coordinator_module.lm_logits, cpu)
+        for rep in range(reps):
+            coord.reset(rep + 1)
+            with torch.no_grad():
+                coord.forward(torch.tensor(PROMPT), 0, TokenStats())
+                tok = torch.tensor([PROMPT[-1]])
+                for step in range(1, tokens + 1):
+                    st, cpu["compute"] = TokenStats(), 0.0
+                    c0, w0 = time.thread_time(), time.perf_counter()
+                    logits = coord.forward(tok, step, st)
+                    wall, c = 1e3 * (time.perf_counter() - w0), 1e3 * (time.thread_time() - c0)
+                    tok = torch.tensor([int(torch.argmax(logits))])
+                    rows.append((wall, st.compute_ms, st.wait_ms, c, 1e3 * cpu["compute"]))
+        exchange.close()
+    finally:
+        stop_workers(workers)
+    wall, comp, wait, c, cc = (statistics.median(r[i] for r in rows) for i in range(5))
+    rounds = len(plan.network_rounds())
+    return {"rounds": rounds, "tokens": len(rows), "wall_ms": round(wall, 2), "compute_ms": round(comp, 2),
+            "wait_ms": round(wait, 2), "other_ms": round(wall - comp - wait, 2),
+            "other_ms_per_round": round((wall - comp - wait) / max(rounds, 1), 3),
+            "cpu_ms": round(c, 2), "cpu_compute_ms": round(cc, 2),
+            "cpu_overhead_ms_per_round": round((c - cc) / max(rounds, 1), 3)}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: round_split.py PLAN_DIR [TOKENS] [REPS]")
+    print(json.dumps(main(sys.argv[1], *(int(a) for a in sys.argv[2:4]))))
