@@ -57,6 +57,7 @@ def test_lookup_drafts_the_latest_match_and_continues_loops():
     assert lookup_draft([1, 2, 3, 9, 1, 2, 4, 8, 1, 2], 2) == [4, 8]   # latest "1 2"
     assert lookup_draft([5, 6, 5, 6, 5], 5) == [6, 5, 6, 5, 6]        # runs on from its own guesses
     assert lookup_draft([1, 2, 3], 4) == [] and lookup_draft([], 3) == [] and lookup_draft([4], 3) == []
+    assert lookup_draft([7, 1, 2, 9, 3, 7], 4) == [1]                 # a 1-token match drafts one token only
 
 
 def test_greedy_tokens_identical_whatever_the_draft(tiny_plan, shards, tiny_vocab_dir):
