@@ -82,8 +82,10 @@ def knn_graph(similarity: torch.Tensor | None, k: int, acts: torch.Tensor | None
         sim = similarity[r0:r1].clone() if a is None else _rounded(a[:, r0:r1].T @ a)
         rows = torch.arange(r1 - r0)
         sim[rows, rows + r0] = -2.0
-        # stable sort: ties broken by neuron index, never by float noise
-        order = torch.sort(-sim, dim=1, stable=True).indices[:, :k]
+        # most similar first, ties broken by neuron index, never by float noise: the order of a stable
+        # sort of -sim, found by top-k on a unique integer key (similarities are multiples of 1e-4)
+        key = torch.round(sim * 10 ** SIMILARITY_DECIMALS).long() * -n + torch.arange(n)
+        order = torch.topk(key, k, dim=1, largest=False, sorted=True).indices
         weights = sim.gather(1, order)
         for i, (js, ws) in enumerate(zip(order.tolist(), weights.tolist(), strict=True)):
             for j, weight in zip(js, ws, strict=True):
@@ -101,6 +103,17 @@ def _split(members: list[int], importance: torch.Tensor) -> tuple[list[int], lis
 def _link(graph: nx.Graph, a: set[int], b: set[int]) -> float:
     small, big = (a, b) if len(a) < len(b) else (b, a)
     return sum(d["weight"] for u in small for v, d in graph[u].items() if v in big)
+
+
+def _links(graph: nx.Graph, small: set[int], groups: list[list[int]]) -> dict[int, float]:
+    """`_link(graph, small, set(groups[i]))` for every group i larger than `small`, in one pass over
+    small's edges, adding in the same order (so the same floats)."""
+    where = {v: i for i, g in enumerate(groups) for v in g}
+    terms: dict[int, list[float]] = {}
+    for u in small:
+        for v, d in graph[u].items():
+            terms.setdefault(where[v], []).append(d["weight"])
+    return {i: sum(t) for i, t in terms.items()}
 
 
 def group_neurons(acts: torch.Tensor, importance: torch.Tensor, num_groups: int, seed: int = 0,
@@ -130,7 +143,9 @@ def group_neurons(acts: torch.Tensor, importance: torch.Tensor, num_groups: int,
         small = set(groups[smallest])
         candidates = [i for i in range(len(groups)) if i != smallest and len(groups[i]) + len(small) <= cap]
         candidates = candidates or [i for i in range(len(groups)) if i != smallest]
-        target = max(candidates, key=lambda i: (_link(graph, small, set(groups[i])), -len(groups[i]), -groups[i][0]))
+        links = _links(graph, small, groups)
+        target = max(candidates, key=lambda i: (_link(graph, small, set(groups[i])) if len(groups[i]) <= len(small)
+                                                else links.get(i, 0), -len(groups[i]), -groups[i][0]))
         groups[target] = sorted(set(groups[target]) | small)
         groups.pop(smallest)
     # order groups by importance, most important first, so group ids read meaningfully
