@@ -183,7 +183,7 @@ def compile_one(model_dir: Path, profile: Path, out: Path, weights: str, calib_t
 
     timer = StepTimer()
     opts = CompileOptions(calib_tokens=calib_tokens, sample_tokens=min(4096, calib_tokens), weights=weights,
-                          progress=False)
+                          progress=bool(os.environ.get("HALO_SCALE_PROGRESS")))
     wall, cpu = time.perf_counter(), time.process_time()
     plan, _ = compile_plan(str(model_dir), profile, out, opts, timer=timer)
     rec = timer.to_json()
