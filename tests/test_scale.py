@@ -66,3 +66,33 @@ def test_compile_records_every_step(tiny_ckpt):
     verify_plan(root / "plan", str(ckpt))
     table = scale.markdown([{**rec, "shape": "tiny", "parameters": scale.parameters(shape), "loadavg": [1.0, 1.5]}])
     assert table.count("\n") == 3 and "| tiny |" in table
+
+
+def test_profile_reads_one_layer_at_a_time(tiny_ckpt):
+    """Memory is bounded by one layer: layer i+1 is not read before layer i has been handed over."""
+    import dataclasses
+    from collections.abc import Mapping
+
+    from halo_compile.load import load_model
+    from halo_compile.profiling import profile_layers
+
+    shape, ckpt, _ = tiny_ckpt
+    m = load_model(str(ckpt), progress=False)
+    reads = []
+
+    class Spy(Mapping):
+        def __getitem__(self, name):
+            reads.append(name)
+            return m.weights[name]
+
+        def __iter__(self):
+            return iter(m.weights)
+
+        def __len__(self):
+            return len(m.weights)
+
+    spied = dataclasses.replace(m, weights=Spy())
+    for i, stats, w in profile_layers(spied, [list(range(3, 40))] * 2, sample_tokens=16, progress=False):
+        later = {r for r in reads if r.startswith("model.layers.") and int(r.split(".")[2]) > i}
+        assert not later and len(w) == 9 and stats.mlp_in.shape == (16, shape.hidden)
+    assert len(reads) == 1 + 9 * shape.layers  # the embeddings once, each layer tensor once
