@@ -10,6 +10,10 @@ working. It is not in the manifest, so plan.json and manifest.json stay byte-ide
 
 File names and the manifest format are defined once, in `halo_runtime.core.plandir`.
 
+`emit` takes shards made in memory; `emit_streaming` makes them from a lazily read checkpoint one
+layer at a time (`ShardWriter` assembles each device's file), computing the plan's model and
+weights fingerprints on the way, so a compile never holds more than a layer of weights.
+
 Example:
     >>> import tempfile, pathlib
     >>> from halo_compile.emit import _swap_in
@@ -22,8 +26,11 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,15 +46,87 @@ from halo_runtime.core.plandir import (
     manifest_text,
     read_key,
 )
+from halo_runtime.core.qshards import quant_fingerprint_update
+from halo_runtime.core.shards import quantise_weight, quantised_names, slice_extras, slice_layer
 from safetensors.torch import save_file
 
-from .load import tokenizer_config
+from .load import fingerprint_update, tokenizer_config
+from .shardwriter import ShardWriter
 
 
 def emit(out_dir: str | Path, plan: Plan, shards: dict[str, dict[str, torch.Tensor]],
          tokenizer_file: str | Path, tok_config: TokenizerConfig | None = None) -> Path:
     """Write the plan directory atomically; returns its path. tok_config: the chat template and
     special tokens [default: read from the checkpoint directory that holds `tokenizer_file`]."""
+    def write(tmp: Path) -> Plan:
+        for device in plan.device_names:
+            save_file(shards[device], str(tmp / plan.shard_file(device)))
+        return plan
+    return _emit(out_dir, plan, write, tokenizer_file, tok_config)[1]
+
+
+def emit_streaming(out_dir: str | Path, plan: Plan, weights: Mapping[str, torch.Tensor],
+                   coordinator_tensors: dict[str, torch.Tensor], tokenizer_file: str | Path,
+                   tok_config: TokenizerConfig | None = None) -> tuple[Plan, Path]:
+    """`emit` for a plan whose shards are cut from `weights` (HF-named fp32, read one tensor at a
+    time) a layer at a time, plus `coordinator_tensors` on the coordinator. Fills in the plan's
+    model fingerprint (and, quantised, its weights fingerprint) as they are read; returns the plan
+    written and the directory."""
+    def write(tmp: Path) -> Plan:
+        writers = {dev: ShardWriter(tmp / plan.shard_file(dev)) for dev in plan.device_names}
+        try:
+            fps = _write_shards(plan, weights, writers)
+            writers[plan.coordinator].put_all(coordinator_tensors)
+            for w in writers.values():
+                w.finish()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        return replace(plan, model_fingerprint=fps[0], weights_fingerprint=fps[1])
+    return _emit(out_dir, plan, write, tokenizer_file, tok_config)
+
+
+def _write_shards(plan: Plan, weights: Mapping[str, torch.Tensor], writers: dict[str, ShardWriter]) -> tuple[str, str]:
+    """Every tensor once, in name order (the order both fingerprints hash in: a layer's tensors are
+    adjacent in it), each layer sliced for every device as soon as it is complete."""
+    model_hash, quant_hash = hashlib.sha256(), hashlib.sha256()
+    quantised = plan.weights != "fp32"
+    qnames = set(quantised_names(plan)) if quantised else set()
+    extras_q = {}
+    layer, fp32, qmodel = None, {}, {}
+
+    def flush():
+        for dev, w in writers.items():
+            w.put_all(slice_layer(plan, dev, layer, fp32, qmodel))
+
+    for name in sorted(weights):
+        at = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        if at != layer and layer is not None:
+            flush()
+            fp32, qmodel = {}, {}
+        layer = at
+        t = weights[name]
+        fingerprint_update(model_hash, name, t)
+        if name in qnames:
+            q = quantise_weight(plan, name, t)
+            quant_fingerprint_update(quant_hash, name, q)
+            (qmodel if at is not None else extras_q)[name] = q
+        if at is not None:
+            fp32[name] = t
+        del t
+    if layer is not None:
+        flush()
+    fp32 = {}
+    w = writers[plan.coordinator]
+    # the coordinator's embeddings, norm and LM head: quantised ones were kept, fp32 ones read again
+    w.put_all(slice_extras(plan, plan.coordinator, weights, extras_q))
+    return model_hash.hexdigest(), quant_hash.hexdigest() if quantised else plan.weights_fingerprint
+
+
+def _emit(out_dir: str | Path, plan: Plan, write_shards: Callable[[Path], Plan], tokenizer_file: str | Path,
+          tok_config: TokenizerConfig | None) -> tuple[Plan, Path]:
+    """Write the directory: `write_shards(tmp)` writes the shard files and returns the plan to save."""
     out = Path(out_dir)
     if (out / KEY_FILE).exists():
         read_key(out / KEY_FILE)  # refuse to compile over a damaged key rather than replace it silently
@@ -56,23 +135,20 @@ def emit(out_dir: str | Path, plan: Plan, shards: dict[str, dict[str, torch.Tens
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        files = [PLAN_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]
+        plan = write_shards(tmp)
+        files = [PLAN_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] + [plan.shard_file(d) for d in plan.device_names]
         (tmp / PLAN_FILE).write_text(plan.to_json())
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         if tok_config is None:
             tok_config = tokenizer_config(Path(tokenizer_file).parent)
         (tmp / TOKENIZER_CONFIG_FILE).write_text(tok_config.to_json(), encoding="utf-8")
-        for device in plan.device_names:
-            name = plan.shard_file(device)
-            save_file(shards[device], str(tmp / name))
-            files.append(name)
         (tmp / MANIFEST_FILE).write_text(manifest_text(tmp, files))
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     ensure_key(out)  # after the swap: an existing key was carried over by _swap_in
-    return out
+    return plan, out
 
 
 def _swap_in(new: Path, target: Path) -> None:

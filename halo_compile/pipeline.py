@@ -1,5 +1,10 @@
 """The compiler, step by step: load -> profile -> group -> score -> predict -> place -> emit.
 
+Memory is bounded by one layer, not by the model: the checkpoint is read lazily; profiling hands
+over one layer at a time (`profiling.profile_layers`), and that layer is grouped, scored,
+compensated and predicted before the next is read, keeping only the small results; emit reads the
+weights again a layer at a time (`emit.emit_streaming`). Steps can be timed (`steps.StepTimer`).
+
 Each step's per-layer work lives in its own module and returns a typed result: `group.group_layer`
 -> LayerGroups, `score.score_layer` -> LayerScores, `compensate.compensate_layer` ->
 LayerCompensation, `predict.predict_layer` -> LayerPredictor; placement is set up, solved and
@@ -26,16 +31,13 @@ from pathlib import Path
 import torch
 from halo_runtime.core.plan import SCHEMA_VERSION, Plan, PredictorReport
 from halo_runtime.core.plandir import shard_file
-from halo_runtime.core.qshards import quant_fingerprint
 from halo_runtime.core.quant import FORMATS
-from halo_runtime.core.shards import quantise_model, slice_device
-from tqdm import tqdm
 
 from . import __version__
 from .calib import calibration_text, read_text_file, token_chunks
 from .cluster import ClusterProfile, load_profile
 from .compensate import compensate_layer
-from .emit import emit
+from .emit import emit_streaming
 from .group import group_layer
 from .load import LoadedModel, load_model
 from .place import (
@@ -48,8 +50,9 @@ from .place import (
     placement_inputs,
 )
 from .predict import LayerPredictor, predict_layer
-from .profiling import profile_model
+from .profiling import profile_layers
 from .score import plan_groups, score_layer
+from .steps import StepTimer
 
 
 @dataclass(frozen=True)
@@ -102,15 +105,6 @@ def _log(opts: CompileOptions, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _layers(opts: CompileOptions, num_layers: int, step: str):
-    return tqdm(range(num_layers), desc=step, disable=not opts.progress, leave=False)
-
-
-def _mlp(model: LoadedModel, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The layer's gate, up and down projections."""
-    return tuple(model.weights[f"model.layers.{layer}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
-
-
 def _calibration_chunks(model: LoadedModel, opts: CompileOptions) -> list[list[int]]:
     from transformers import PreTrainedTokenizerFast
 
@@ -122,60 +116,68 @@ def _calibration_chunks(model: LoadedModel, opts: CompileOptions) -> list[list[i
 
 
 def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path | None,
-                 opts: CompileOptions = CompileOptions()) -> tuple[Plan, Path]:
+                 opts: CompileOptions = CompileOptions(), timer: StepTimer | None = None) -> tuple[Plan, Path]:
     """Compile a model for a cluster into `out_dir` (default artifacts/<model>-<profile>); the plan as
-    plan.json holds it, and the directory."""
+    plan.json holds it, and the directory. `timer` records each step's time and memory."""
+    timer = timer or StepTimer()
     torch.manual_seed(opts.seed)
     started = time.perf_counter()
-    cluster = load_profile(profile_path)
-    _log(opts, f"[1/7] load {model_spec}")
-    model = load_model(model_spec, progress=opts.progress)
-    cfg, num_layers = model.config, model.config.num_layers
-    out = Path(out_dir) if out_dir else Path("artifacts") / f"{model.name}-{cluster.name}"
-    check_capacity(cfg, cluster.devices, cluster.coordinator, model.weights, opts.max_context, opts.weights)
+    with timer.step("load"):
+        cluster = load_profile(profile_path)
+        _log(opts, f"[1/7] load {model_spec}")
+        model = load_model(model_spec, progress=opts.progress)
+        cfg, num_layers = model.config, model.config.num_layers
+        out = Path(out_dir) if out_dir else Path("artifacts") / f"{model.name}-{cluster.name}"
+        # shapes only (meta tensors): the capacity check and the solver count bytes, never read values
+        shapes = {k: torch.empty(v, device="meta") for k, v in model.shapes.items()}
+        check_capacity(cfg, cluster.devices, cluster.coordinator, shapes, opts.max_context, opts.weights)
+        chunks = _calibration_chunks(model, opts)
 
-    _log(opts, f"[2/7] profile on {opts.calib_tokens} calibration tokens")
-    stats = profile_model(model, _calibration_chunks(model, opts), opts.sample_tokens, opts.seed,
-                          opts.progress).layers
+    _log(opts, f"[2/7] profile on {opts.calib_tokens} calibration tokens, layer by layer")
+    _log(opts, f"[3/7] group, [4/7] score and fit compensation, [5/7] train predictors ({num_layers} layers)")
+    groups, scores, compensations, predictors = [], [], [], []
+    layers = profile_layers(model, chunks, opts.sample_tokens, opts.seed, opts.progress)
+    while True:
+        with timer.step("profile"):
+            item = next(layers, None)
+        if item is None:
+            break
+        i, stats, w = item
+        gate, up, down = (w[f"model.layers.{i}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
+        with timer.step("group"):
+            groups.append(group_layer(stats.mlp_in, gate, up, down, stats.mean_abs_act, cfg.num_kv_heads,
+                                      opts.mlp_groups, opts.seed))
+        with timer.step("score"):
+            scores.append(score_layer(groups[i], stats.kv_norm_sum, opts.relaxed_share))
+        with timer.step("compensate"):
+            compensations.append(compensate_layer(stats.mean_act, stats.mlp_in, gate, up, down, groups[i], scores[i],
+                                                  opts.compensation_rank))
+        with timer.step("predict"):
+            predictors.append(predict_layer(stats.attn_in, stats.mlp_in, gate, up, down, groups[i],
+                                            opts.predictor_threshold, opts.predictor_rank, opts.seed + i))
+        del item, stats, w, gate, up, down  # the layer's weights and samples: the next layer replaces them
 
-    _log(opts, f"[3/7] group ({num_layers} layers)")
-    groups = [group_layer(stats[i].mlp_in, *_mlp(model, i), stats[i].mean_abs_act, cfg.num_kv_heads,
-                          opts.mlp_groups, opts.seed) for i in _layers(opts, num_layers, "group")]
+    with timer.step("place"):
+        unplaced = [g for i in range(num_layers) for g in plan_groups(i, groups[i], scores[i])]
+        coordinator_tensors = {}
+        for i in range(num_layers):
+            coordinator_tensors.update(predictors[i].tensors(i))
+            coordinator_tensors.update(compensations[i].tensors(i))
+        _log(opts, f"[6/7] place {len(unplaced)} groups on {len(cluster.devices)} devices (CP-SAT)")
+        select_rate = {g.id: predictors[g.layer].select_rate[g.index] for g in unplaced if g.kind == "mlp"}
+        inputs = placement_inputs(cfg, unplaced, cluster.devices, cluster.coordinator,
+                                  {**shapes, **coordinator_tensors}, opts.max_context, opts.seed,
+                                  opts.solver_time, select_rate, opts.weights)
+        blind = inputs.place_loss_blind()
+        placement = inputs.place(baseline=blind)  # never dominated by the loss-blind plan
+        _log(opts, f"      placement solved in {placement.solve_wall_s:.1f} s wall, "
+                   f"loss-blind in {blind.solve_wall_s:.1f} s")
+        plan = _plan(model, cluster, opts, unplaced, predictors, inputs, placement, blind)
 
-    _log(opts, "[4/7] score and fit compensation")
-    scores = [score_layer(groups[i], stats[i].kv_norm_sum, opts.relaxed_share) for i in range(num_layers)]
-    compensations = [compensate_layer(stats[i].mean_act, stats[i].mlp_in, *_mlp(model, i), groups[i], scores[i],
-                                      opts.compensation_rank) for i in _layers(opts, num_layers, "compensate")]
-
-    _log(opts, "[5/7] train predictors")
-    predictors = [predict_layer(stats[i].attn_in, stats[i].mlp_in, *_mlp(model, i), groups[i],
-                                opts.predictor_threshold, opts.predictor_rank, opts.seed + i)
-                  for i in _layers(opts, num_layers, "predict")]
-    unplaced = [g for i in range(num_layers) for g in plan_groups(i, groups[i], scores[i])]
-    coordinator_tensors = {}
-    for i in range(num_layers):
-        coordinator_tensors.update(predictors[i].tensors(i))
-        coordinator_tensors.update(compensations[i].tensors(i))
-
-    _log(opts, f"[6/7] place {len(unplaced)} groups on {len(cluster.devices)} devices (CP-SAT)")
-    select_rate = {g.id: predictors[g.layer].select_rate[g.index] for g in unplaced if g.kind == "mlp"}
-    inputs = placement_inputs(cfg, unplaced, cluster.devices, cluster.coordinator,
-                              {**model.weights, **coordinator_tensors}, opts.max_context, opts.seed,
-                              opts.solver_time, select_rate, opts.weights)
-    blind = inputs.place_loss_blind()
-    placement = inputs.place(baseline=blind)  # never dominated by the loss-blind plan
-    _log(opts, f"      placement solved in {placement.solve_wall_s:.1f} s wall, "
-               f"loss-blind in {blind.solve_wall_s:.1f} s")
-    plan = _plan(model, cluster, opts, unplaced, predictors, inputs, placement, blind)
-    qmodel = None
-    if opts.weights != "fp32":  # quantised once, by group; each device takes its slices
-        qmodel = quantise_model(plan, model.weights)
-        plan = replace(plan, weights_fingerprint=quant_fingerprint(qmodel))
-
-    _log(opts, f"[7/7] emit {out}")
-    shards = {dev: slice_device(plan, dev, model.weights, qmodel) for dev in plan.device_names}
-    shards[plan.coordinator].update(coordinator_tensors)
-    emit(out, plan, shards, model.tokenizer_file)
+    with timer.step("emit"):
+        _log(opts, f"[7/7] emit {out}")
+        # the model and (quantised once, by group) weights fingerprints are hashed as emit reads the weights
+        plan, out = emit_streaming(out, plan, model.weights, coordinator_tensors, model.tokenizer_file)
     _log(opts, f"compiled in {time.perf_counter() - started:.1f} s")
     # hand back exactly what plan.json holds (floats rounded), so reports agree with `inspect`
     return Plan.from_json(plan.to_json()), out
@@ -187,7 +189,7 @@ def _plan(model: LoadedModel, cluster: ClusterProfile, opts: CompileOptions, gro
     cfg, trained = model.config, [p.trained for p in predictors]
     plan = Plan(
         schema_version=SCHEMA_VERSION, compiler_version=__version__, seed=opts.seed,
-        model_name=model.name, model_fingerprint=model.fingerprint, model=cfg,
+        model_name=model.name, model_fingerprint="pending", model=cfg,
         profile_name=cluster.name, profile_fingerprint=cluster.fingerprint,
         coordinator=cluster.coordinator, devices=cluster.devices, max_context=opts.max_context,
         groups=tuple(replace(g, device=placement.assignment[g.id]) for g in groups),
@@ -200,6 +202,6 @@ def _plan(model: LoadedModel, cluster: ClusterProfile, opts: CompileOptions, gro
         loss_blind_token_ms=blind.predicted_token_ms,
         loss_blind_lost_importance=importance_at_risk(inputs.costs, blind.assignment, inputs.miss, cfg.num_layers),
         shards=tuple(shard_file(dev.name) for dev in cluster.devices),
-        # the fingerprint needs the placed groups: compile_plan fills it in once it has quantised
+        # emit fills in both fingerprints as it reads the weights (the weights one needs the groups)
         weights=opts.weights, weights_fingerprint="" if opts.weights == "fp32" else "pending")
     return mark_streaming(plan, inputs)

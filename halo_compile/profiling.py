@@ -1,4 +1,10 @@
-"""Step 2, profile: run the model on calibration text and keep streaming statistics.
+"""Step 2, profile: run the model on calibration text, layer by layer, and keep streaming statistics.
+
+`profile_layers` reads one layer's weights at a time, runs every calibration chunk through it
+(the chunks' hidden states, calibration tokens x hidden, are what stays between layers) and hands
+the layer's statistics and weights to the caller before reading the next layer: peak memory is
+one layer plus the calibration activations, whatever the model's size. Each chunk goes through
+the same operations as a whole-model pass would, so the numbers are the same.
 
 Per layer it accumulates, over every calibration token, sums of each MLP neuron's activation
 act(gate(x))*up(x) (signed, absolute and squared) and of each attention head's output norm
@@ -10,7 +16,7 @@ Example (a random two-layer model, saved and loaded as any HF checkpoint):
     >>> import tempfile
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from halo_compile.load import load_model
-    >>> from halo_compile.profiling import profile_model
+    >>> from halo_compile.profiling import profile_layers, profile_model
     >>> path = (tmp := tempfile.TemporaryDirectory()).name
     >>> LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
     ...                              num_attention_heads=2, num_key_value_heads=1)).save_pretrained(path)
@@ -18,15 +24,21 @@ Example (a random two-layer model, saved and loaded as any HF checkpoint):
     ...                      progress=False)
     >>> len(prof.layers), prof.layers[0].mean_abs_act.shape
     (2, torch.Size([32]))
+    >>> [(i, tuple(s.mlp_in.shape), len(w)) for i, s, w in profile_layers(load_model(path, progress=False),
+    ...                                                                 [[1, 2, 3, 4] * 8], 16, progress=False)]
+    [(0, (16, 16), 9), (1, (16, 16), 9)]
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from halo_runtime.core.model import KVCache, ModelConfig, attention_heads, decoder_layer, mlp_activations
 from tqdm import tqdm
+
+from .load import LAYER_TENSORS
 
 
 @dataclass
@@ -106,34 +118,43 @@ def _mlp(w: dict, i: int, keep: torch.Tensor, s, x: torch.Tensor, m: torch.Tenso
     return act @ _layer(w, i, "mlp.down_proj").T
 
 
-@torch.no_grad()
 def profile_model(model, chunks: list[list[int]], sample_tokens: int = 4096, seed: int = 0,
                   progress: bool = True) -> ActivationStats:
-    """Stream `chunks` of token ids through the model (each chunk its own context)."""
+    """Every layer's statistics at once (`profile_layers`, keeping all of them: small models only)."""
+    layers = [s for _, s, _ in profile_layers(model, chunks, sample_tokens, seed, progress)]
+    return ActivationStats(layers=layers, tokens=sum(len(c) for c in chunks))
+
+
+def layer_weights(model, i: int) -> dict[str, torch.Tensor]:
+    """Layer i's fp32 tensors, HF-named, read from the checkpoint."""
+    return {f"model.layers.{i}.{t}.weight": model.weights[f"model.layers.{i}.{t}.weight"] for t in LAYER_TENSORS}
+
+
+@torch.no_grad()
+def profile_layers(model, chunks: list[list[int]], sample_tokens: int = 4096, seed: int = 0,
+                   progress: bool = True) -> Iterator[tuple[int, LayerStats, dict[str, torch.Tensor]]]:
+    """Stream `chunks` of token ids (each chunk its own context) through the model one layer at a
+    time; yields (layer, its LayerStats, its fp32 weights) before reading the next layer."""
     cfg: ModelConfig = model.config
-    w = model.weights
     L, I, H, KV = cfg.num_layers, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads
     f64 = dict(dtype=torch.float64)
-    stats = [LayerStats(0, torch.zeros(I, **f64), torch.zeros(I, **f64), torch.zeros(I, **f64),
-                        torch.zeros(H, **f64), torch.zeros(KV, **f64), [], []) for _ in range(L)]
     total = sum(len(c) for c in chunks)
     chosen = _sample_positions(total, sample_tokens, seed)
-    offset = 0
-    bar = tqdm(total=total, desc="profile", unit="tok", disable=not progress, leave=False)
-    for chunk in chunks:
-        tokens = torch.tensor(chunk, dtype=torch.long)
-        T = tokens.shape[0]
-        keep = chosen[(chosen >= offset) & (chosen < offset + T)] - offset
-        positions = torch.arange(T)
-        h = w["model.embed_tokens.weight"][tokens]
-        for i in range(L):
-            h = decoder_layer(cfg, h, _layer(w, i, "input_layernorm"), _layer(w, i, "post_attention_layernorm"),
-                              partial(_attention, cfg, w, i, positions, stats[i]), partial(_mlp, w, i, keep, stats[i]))
-        offset += T
-        bar.update(T)
-    bar.close()
-    empty = torch.zeros(0, cfg.hidden_size)
-    for s in stats:
+    embed = model.weights["model.embed_tokens.weight"]
+    hidden = [embed[torch.tensor(c, dtype=torch.long)] for c in chunks]
+    del embed
+    starts = [sum(len(c) for c in chunks[:k]) for k in range(len(chunks))]
+    for i in tqdm(range(L), desc="profile", unit="layer", disable=not progress, leave=False):
+        w = layer_weights(model, i)
+        s = LayerStats(0, torch.zeros(I, **f64), torch.zeros(I, **f64), torch.zeros(I, **f64),
+                       torch.zeros(H, **f64), torch.zeros(KV, **f64), [], [])
+        for k, (h, offset) in enumerate(zip(hidden, starts, strict=True)):
+            T = h.shape[0]
+            keep = chosen[(chosen >= offset) & (chosen < offset + T)] - offset
+            positions = torch.arange(T)
+            hidden[k] = decoder_layer(cfg, h, _layer(w, i, "input_layernorm"), _layer(w, i, "post_attention_layernorm"),
+                                      partial(_attention, cfg, w, i, positions, s), partial(_mlp, w, i, keep, s))
+        empty = torch.zeros(0, cfg.hidden_size)
         s.attn_in = torch.cat(s.attn_in) if s.attn_in else empty
         s.mlp_in = torch.cat(s.mlp_in) if s.mlp_in else empty
-    return ActivationStats(layers=stats, tokens=total)
+        yield i, s, w

@@ -255,17 +255,17 @@ def test_failed_compile_leaves_existing_out_dir_alone(existing_out, tmp_path, ti
 def test_compile_failing_while_writing_leaves_existing_out_dir_alone(existing_out, tiny_vocab_dir, good_profile,
                                                                     monkeypatch):
     """The disk fills up while the second shard is written: the old plan stays, nothing half-written appears."""
-    import halo_compile.emit as emit
+    from halo_compile.shardwriter import ShardWriter
 
-    real_save, calls = emit.save_file, []
+    real_finish, calls = ShardWriter.finish, []
 
-    def failing_save(tensors, path, *a, **kw):
-        calls.append(path)
+    def failing_finish(self):
+        calls.append(self.path)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        return real_save(tensors, path, *a, **kw)
+        return real_finish(self)
 
-    monkeypatch.setattr(emit, "save_file", failing_save)
+    monkeypatch.setattr(ShardWriter, "finish", failing_finish)
     before = snapshot(existing_out)
     siblings = sorted(os.listdir(existing_out.parent))
     r = _runner().invoke(main, ["plan", str(tiny_vocab_dir), "--cluster", str(good_profile),

@@ -256,7 +256,8 @@ class FullModel:
     """The whole model on one device, from an HF-named state dict: the reference the plan must match."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
-        self.cfg, self.w = cfg, weights
+        # a dict of its own: a lazily read checkpoint (halo_compile.load) is then read once, not per token
+        self.cfg, self.w = cfg, dict(weights)
         self.caches = [KVCache() for _ in range(cfg.num_layers)]
 
     def reset(self) -> None:

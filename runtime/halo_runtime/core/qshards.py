@@ -82,22 +82,35 @@ def slice_quantised(plan: Plan, device: str, weights: dict[str, torch.Tensor],
     """What `device` holds of the quantised model (values and scales), plus its fp32 norms."""
     out: dict[str, torch.Tensor] = {}
     for layer in range(plan.model.num_layers):
-        pre = f"layers.{layer}"
-        for proj, path in PROJ.items():
-            if not _holds(plan, device, layer, proj):
-                continue
-            q = qmodel[f"model.layers.{layer}.{path}.weight"]
-            part = take_segments(q, _segment_index(plan, device, layer, proj)) if proj in COLUMN_SLICED \
-                else take_rows(q, _row_index(plan, device, layer, proj))
-            out.update(to_tensors(f"{pre}.{path.split('.')[0].replace('self_attn', 'attn')}.{proj}", part))
-        if device == plan.coordinator:
-            for norm in LAYER_NORMS:
-                out[f"{pre}.{norm}"] = weights[f"model.layers.{layer}.{norm}.weight"].contiguous()
+        out.update(slice_quantised_layer(plan, device, layer, weights, qmodel))
     if device == plan.coordinator:
-        out["norm"] = weights[COORDINATOR_WEIGHTS["norm"]].contiguous()
-        for short, hf in QUANTISED_EXTRAS.items():
-            if hf in qmodel:
-                out.update(to_tensors(short, qmodel[hf]))
+        out.update(slice_quantised_extras(plan, weights, qmodel))
+    return out
+
+
+def slice_quantised_layer(plan: Plan, device: str, layer: int, weights, qmodel) -> dict[str, torch.Tensor]:
+    """`slice_quantised`'s part for one layer (`weights`, `qmodel`: that layer's tensors suffice)."""
+    out: dict[str, torch.Tensor] = {}
+    pre = f"layers.{layer}"
+    for proj, path in PROJ.items():
+        if not _holds(plan, device, layer, proj):
+            continue
+        q = qmodel[f"model.layers.{layer}.{path}.weight"]
+        part = take_segments(q, _segment_index(plan, device, layer, proj)) if proj in COLUMN_SLICED \
+            else take_rows(q, _row_index(plan, device, layer, proj))
+        out.update(to_tensors(f"{pre}.{path.split('.')[0].replace('self_attn', 'attn')}.{proj}", part))
+    if device == plan.coordinator:
+        for norm in LAYER_NORMS:
+            out[f"{pre}.{norm}"] = weights[f"model.layers.{layer}.{norm}.weight"].contiguous()
+    return out
+
+
+def slice_quantised_extras(plan: Plan, weights, qmodel) -> dict[str, torch.Tensor]:
+    """The coordinator's quantised embeddings and LM head, and its fp32 final norm."""
+    out = {"norm": weights[COORDINATOR_WEIGHTS["norm"]].contiguous()}
+    for short, hf in QUANTISED_EXTRAS.items():
+        if hf in qmodel:
+            out.update(to_tensors(short, qmodel[hf]))
     return out
 
 
@@ -189,9 +202,13 @@ def quant_fingerprint(qmodel: dict[str, QuantWeight]) -> str:
     """SHA-256 over a quantised model: per weight by name, its format, segments, values and scales."""
     h = hashlib.sha256()
     for name in sorted(qmodel):
-        q = qmodel[name]
-        h.update(f"{name}\0{q.format.name}\0{json.dumps([q.rows, list(q.segments)])}\0".encode())
-        for t in (q.values, q.scales):
-            if t is not None:
-                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        quant_fingerprint_update(h, name, qmodel[name])
     return h.hexdigest()
+
+
+def quant_fingerprint_update(h, name: str, q: QuantWeight) -> None:
+    """Feed one weight into a `quant_fingerprint` hash; callers feed every weight, sorted by name."""
+    h.update(f"{name}\0{q.format.name}\0{json.dumps([q.rows, list(q.segments)])}\0".encode())
+    for t in (q.values, q.scales):
+        if t is not None:
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)

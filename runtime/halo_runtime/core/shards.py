@@ -62,31 +62,51 @@ def slice_device(plan: Plan, device: str, weights: dict[str, torch.Tensor],
     """The model weights one device holds (HF-named `weights` in, shard-named tensors out), in
     the plan's format: quantised plans cut `qmodel` (`quantise_model`, made here if not given)."""
     if plan.weights != "fp32":
-        from .qshards import slice_quantised
-        return slice_quantised(plan, device, weights, qmodel or quantise_model(plan, weights))
-    hd, out = plan.model.head_dim, {}
+        qmodel = qmodel or quantise_model(plan, weights)
+    out = {}
     for layer in range(plan.model.num_layers):
-        s = device_indices(plan, device, layer)
-        w = lambda p: weights[f"model.layers.{layer}.{PROJ[p]}.weight"]  # noqa: E731
-        pre = f"layers.{layer}"
-        if s.kv_heads:
-            out[f"{pre}.attn.q_proj"] = _rows(w("q_proj"), s.q_heads, hd)
-            out[f"{pre}.attn.k_proj"] = _rows(w("k_proj"), s.kv_heads, hd)
-            out[f"{pre}.attn.v_proj"] = _rows(w("v_proj"), s.kv_heads, hd)
-            out[f"{pre}.attn.o_proj"] = _rows(w("o_proj").T, s.q_heads, hd).T
-        if s.neurons:
-            idx = torch.tensor(s.neurons, dtype=torch.long)
-            out[f"{pre}.mlp.gate_proj"] = w("gate_proj").index_select(0, idx)
-            out[f"{pre}.mlp.up_proj"] = w("up_proj").index_select(0, idx)
-            out[f"{pre}.mlp.down_proj"] = w("down_proj").index_select(1, idx)
-        if device == plan.coordinator:
-            for norm in LAYER_NORMS:
-                out[f"{pre}.{norm}"] = weights[f"model.layers.{layer}.{norm}.weight"]
+        out.update(slice_layer(plan, device, layer, weights, qmodel))
+    out.update(slice_extras(plan, device, weights, qmodel))
+    return out
+
+
+def slice_layer(plan: Plan, device: str, layer: int, weights, qmodel=None) -> dict[str, torch.Tensor]:
+    """`slice_device`'s part for one layer: `weights` (and, quantised, `qmodel`) need hold only
+    that layer's tensors, so a compiler can cut shards one layer at a time."""
+    if plan.weights != "fp32":
+        from .qshards import slice_quantised_layer
+        return slice_quantised_layer(plan, device, layer, weights, qmodel)
+    hd, out = plan.model.head_dim, {}
+    s = device_indices(plan, device, layer)
+    w = lambda p: weights[f"model.layers.{layer}.{PROJ[p]}.weight"]  # noqa: E731
+    pre = f"layers.{layer}"
+    if s.kv_heads:
+        out[f"{pre}.attn.q_proj"] = _rows(w("q_proj"), s.q_heads, hd)
+        out[f"{pre}.attn.k_proj"] = _rows(w("k_proj"), s.kv_heads, hd)
+        out[f"{pre}.attn.v_proj"] = _rows(w("v_proj"), s.kv_heads, hd)
+        out[f"{pre}.attn.o_proj"] = _rows(w("o_proj").T, s.q_heads, hd).T
+    if s.neurons:
+        idx = torch.tensor(s.neurons, dtype=torch.long)
+        out[f"{pre}.mlp.gate_proj"] = w("gate_proj").index_select(0, idx)
+        out[f"{pre}.mlp.up_proj"] = w("up_proj").index_select(0, idx)
+        out[f"{pre}.mlp.down_proj"] = w("down_proj").index_select(1, idx)
     if device == plan.coordinator:
-        for short, hf in COORDINATOR_WEIGHTS.items():
-            out[short] = weights[hf]
-        if not plan.model.tie_word_embeddings:
-            out["lm_head"] = weights["lm_head.weight"]
+        for norm in LAYER_NORMS:
+            out[f"{pre}.{norm}"] = weights[f"model.layers.{layer}.{norm}.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def slice_extras(plan: Plan, device: str, weights, qmodel=None) -> dict[str, torch.Tensor]:
+    """`slice_device`'s tensors outside the layers (the coordinator's embeddings, final norm and
+    LM head; nothing for other devices): `weights`/`qmodel` need hold only those."""
+    if device != plan.coordinator:
+        return {}
+    if plan.weights != "fp32":
+        from .qshards import slice_quantised_extras
+        return slice_quantised_extras(plan, weights, qmodel)
+    out = {short: weights[hf] for short, hf in COORDINATOR_WEIGHTS.items()}
+    if not plan.model.tie_word_embeddings:
+        out["lm_head"] = weights["lm_head.weight"]
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -195,15 +215,26 @@ def quantise_model(plan: Plan, weights: dict[str, torch.Tensor]) -> dict[str, Qu
     """The plan's quantised model: every projection, the embeddings and (untied) LM head in
     `plan.weights`, HF-named. It depends on the groups, never on their placement."""
     out = {}
-    for layer in range(plan.model.num_layers):
-        for proj, path in PROJ.items():
-            name = f"model.layers.{layer}.{path}.weight"
-            out[name] = quantise_columns(weights[name], plan.weights, column_groups(plan, layer, proj)) \
-                if proj in COLUMN_SLICED else quantise(weights[name], plan.weights)
-    for hf in QUANTISED_EXTRAS.values():
-        if hf in weights and (hf != "lm_head.weight" or not plan.model.tie_word_embeddings):
-            out[hf] = quantise(weights[hf], plan.weights)
+    for name in quantised_names(plan):
+        if name in weights or name.startswith("model.layers."):
+            out[name] = quantise_weight(plan, name, weights[name])
     return out
+
+
+def quantised_names(plan: Plan) -> list[str]:
+    """HF names of the tensors `quantise_model` quantises."""
+    names = [f"model.layers.{layer}.{path}.weight" for layer in range(plan.model.num_layers) for path in PROJ.values()]
+    extras = [hf for hf in QUANTISED_EXTRAS.values() if hf != "lm_head.weight" or not plan.model.tie_word_embeddings]
+    return names + extras
+
+
+def quantise_weight(plan: Plan, name: str, w: torch.Tensor) -> QuantWeight:
+    """One entry of `quantise_model`: the fp32 weight `name` in the plan's format (column-sliced
+    projections by the layer's groups), so a compiler can quantise one tensor at a time."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[-2] in COLUMN_SLICED:
+        return quantise_columns(w, plan.weights, column_groups(plan, int(parts[2]), parts[-2]))
+    return quantise(w, plan.weights)
 
 
 def dequantise_model_weight(plan: Plan, name: str, q: QuantWeight) -> torch.Tensor:
