@@ -52,6 +52,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .hfconfig import ConfigError, config_from_hf
 from .model import FullModel, ModelConfig, decoder_layer, lm_logits, mlp_partial
 from .plan import Plan, PlanError
 
@@ -309,7 +310,10 @@ def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise PlanError(f"{where}: config.json unreadable ({e.__class__.__name__}: {e})") from None
-    cfg = _config(raw, f"{where}/config.json")
+    try:
+        cfg = config_from_hf(raw, f"{where}/config.json")
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise PlanError(f"{where}: no *.safetensors weights")
@@ -329,29 +333,6 @@ def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if missing:
         raise PlanError(f"{where}: weights lack {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     return cfg, weights
-
-
-def _config(raw: dict, where: str) -> ModelConfig:
-    """The draft's ModelConfig from an HF config.json (plain or llama3 RoPE, as FullModel runs it)."""
-    if raw.get("model_type") != "llama":
-        raise PlanError(f"{where}: model_type {raw.get('model_type')!r}; a draft must be a LLaMA checkpoint")
-    rope = dict(raw.get("rope_scaling") or {})
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    try:
-        heads, hidden = int(raw["num_attention_heads"]), int(raw["hidden_size"])
-        return ModelConfig(
-            vocab_size=int(raw["vocab_size"]), hidden_size=hidden, intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]), num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or hidden // heads), rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            rope_scaling=None if kind == "default" else {"rope_type": kind, **rope},
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)))
-    except KeyError as e:
-        raise PlanError(f"{where}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise PlanError(f"{where}: {e}") from None
 
 
 def _check_same_tokenizer(path: Path, plan_dir: Path) -> None:
