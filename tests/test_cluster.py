@@ -22,6 +22,7 @@ PROFILES = ROOT / "profiles"
     ("pi5-2ms.yaml", "pi5-2ms", 4, "pi5-0"),
     ("pi-mixed.yaml", "pi-mixed", 4, "pi5"),
     ("local.yaml", "local", 4, "dev0"),
+    ("single.yaml", "single", 1, "pi5-0"),
 ])
 def test_shipped_profiles_load(file, name, n, coordinator):
     p = load_profile(PROFILES / file)
@@ -34,7 +35,8 @@ def test_shipped_profiles_load(file, name, n, coordinator):
 
 
 def test_shipped_profiles_are_all_covered():
-    assert sorted(f.name for f in PROFILES.glob("*.yaml")) == ["local.yaml", "pi-mixed.yaml", "pi5-2ms.yaml", "pi5.yaml"]
+    assert sorted(f.name for f in PROFILES.glob("*.yaml")) == ["local.yaml", "pi-mixed.yaml", "pi5-2ms.yaml", "pi5.yaml",
+                                                                 "single.yaml"]
 
 
 def test_pi5_profile_values():

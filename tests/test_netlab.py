@@ -140,11 +140,12 @@ def test_generation_in_the_lab_at_5pct_loss(tiny_plan):
                   extra_generate=["--wire", "fp32"])
     with bench:
         assert bench.lossy, "the tiny plan has a lossy device"
-        bench.set_plr(0.0)
+        bench.set_conditions(0.0, delay, delay / 4)
         strict0 = bench.run("strict", "The capital of France is", 8, timeout_s=300)
         gloo0 = bench.run_gloo("The capital of France is", 8, timeout_s=300, extra=["--wire", "fp32"])
-        assert gloo0["tokens"] == strict0["tokens"]
-        bench.set_plr(0.05)
+        draft0 = bench.run("draft", "The capital of France is", 8, timeout_s=300)  # relaxed + lookup drafts
+        assert gloo0["tokens"] == strict0["tokens"] == draft0["tokens"]
+        bench.set_conditions(0.05, delay, delay / 4)
         relaxed = bench.run("relaxed", "The capital of France is", 16, timeout_s=300)
         strict = bench.run("strict", "The capital of France is", 16, timeout_s=300)
         names = bench.lab.namespaces()
