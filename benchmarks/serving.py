@@ -97,7 +97,8 @@ def rounds(plan_dir: str, sync: str, rows: list[int], reps: int) -> dict:
     from halo_runtime.cli import _load_coordinator
     from halo_runtime.core.coordinator import Coordinator, TokenStats
     from halo_runtime.localcluster import local_auth, start_local_workers, stop_workers
-    from halo_runtime.net.exchange import TcpExchange, UdpExchange
+    from halo_runtime.net.exchange import UdpExchange
+    from halo_runtime.net.tcpexchange import TcpExchange
 
     torch.set_num_threads(1)
     args = argparse.Namespace(plan=plan_dir, wire="fp16", relaxed_retries=1, redundancy=1, dead_after=4.0,

@@ -370,7 +370,8 @@ def _report(result: dict, args) -> None:
 
 
 def run_generate(args) -> None:
-    from .net.exchange import TcpExchange, UdpExchange
+    from .net.exchange import UdpExchange
+    from .net.tcpexchange import TcpExchange
 
     plan, shard, tok, policy = _load_coordinator(args)
     drafts = _drafts(args, plan)
@@ -392,8 +393,9 @@ def run_generate(args) -> None:
 
 def run_local(args) -> None:
     from .localcluster import local_auth, local_loss, start_local_workers, stop_workers
-    from .net.exchange import PeerShims, TcpExchange, UdpExchange
+    from .net.exchange import PeerShims, UdpExchange
     from .net.shim import LossShim
+    from .net.tcpexchange import TcpExchange
 
     plan, shard, tok, policy = _load_coordinator(args)
     drafts = _drafts(args, plan)
@@ -441,8 +443,9 @@ def run_local(args) -> None:
 def run_serve(args) -> None:
     from .core.chat import ChatTemplate
     from .localcluster import local_auth, local_loss, start_local_workers, stop_workers
-    from .net.exchange import PeerShims, TcpExchange, UdpExchange
+    from .net.exchange import PeerShims, UdpExchange
     from .net.shim import LossShim
+    from .net.tcpexchange import TcpExchange
 
     try:
         from .server.app import build_service, listen, run

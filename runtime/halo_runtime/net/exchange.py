@@ -1,4 +1,4 @@
-"""Coordinator side of the network: UDP with relaxed synchronisation, and TCP for the strict baseline.
+"""Coordinator side of the network: UDP with relaxed synchronisation (TCP, the strict baseline: tcpexchange).
 
 UDP delivery policy, per layer round:
 - critical parts (attention, critical MLP, and relaxed parts the predictor promoted) are awaited;
@@ -10,9 +10,6 @@ UDP delivery policy, per layer round:
   that many times (copies are dropped on arrival), turning a miss rate q into about q^copies.
 RTT is sampled per device and round kind, only from first attempts (Karn's rule); it includes
 the device's compute time, which is what a deadline must allow for.
-
-The strict exchange sends the same requests over TCP and awaits every part, as
-distributed-llama does; TCP's own retransmission handles loss.
 
 Device failure (UDP): a device asked for something and silent for `down_after_s` that holds only
 relaxed groups is marked down with one warning line: its parts are compensated without waiting,
@@ -39,7 +36,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,7 +47,7 @@ from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
 from .recovery import DeviceLost, History, rebuild
 from .shim import LossShim
-from .transport import RttEstimator, TcpChannel, TransportError, UdpEndpoint
+from .transport import RttEstimator, TransportError, UdpEndpoint
 from .wire import Kind, Message, attempt_of, make_flags
 from .worker import WorkerStats
 
@@ -423,100 +420,3 @@ class UdpExchange:
 
     def close(self) -> None:
         self.endpoint.close()
-
-
-REPLY_KINDS = (Kind.REPLY_ATTN, Kind.REPLY_MLP_CRITICAL, Kind.REPLY_MLP_RELAXED)
-
-
-class TcpExchange:
-    """Strict synchronisation over TCP: every part awaited, like distributed-llama."""
-
-    def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
-                 shims: dict[str, LossShim] | None = None, auth: Authenticator | None = None):
-        self.plan, self.policy = plan, policy
-        self.auth, self.guard = auth or Authenticator(), ReplayGuard()
-        self.width = plan.model.hidden_size
-        self.index = {d: i for i, d in enumerate(plan.device_names)}
-        self.remote = [d for d in plan.device_names if d != plan.coordinator]
-        self.layout = _layout(plan)
-        self.channels = {}
-        for d in self.remote:
-            try:
-                self.channels[d] = TcpChannel.connect(peers[d], shim=(shims or {}).get(d), auth=self.auth,
-                                                      guard=self.guard, me=self.index[plan.coordinator])
-            except TransportError as e:
-                self.close()
-                raise DeviceLost(f"device {d}: {e}") from None
-        self.session, self.pending = 0, None
-
-    def begin(self, session: int) -> None:
-        self.session = session
-        me = self.index[self.plan.coordinator]
-        for d, ch in self.channels.items():
-            ch.send(Message(Kind.HELLO, session, 0, 0, me), dest=self.index[d])
-        for d, ch in self.channels.items():
-            self._await(d, lambda m: m.kind == Kind.HELLO, "the session handshake")
-
-    def _await(self, d: str, match, what: str) -> Message:
-        while True:
-            try:
-                msg = self.channels[d].recv(self.policy.dead_after_s)
-            except TransportError as e:
-                raise DeviceLost(f"device {d}: {e}") from None
-            if msg is None:
-                raise DeviceLost(f"device {d} stopped answering ({what}; {self.policy.dead_after_s:g} s)")
-            if msg.session == self.session and match(msg):
-                return msg
-
-    def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None:
-        if phase == "attn":
-            targets = self.layout["attn"][layer]
-        else:
-            targets = [d for d in self.remote if d in self.layout["crit"][layer] or d in self.layout["relaxed"][layer]]
-        body = encode_request(x, start, self.policy.wire)
-        me = self.index[self.plan.coordinator]
-        for d in targets:
-            self.channels[d].send(Message(PHASE_REQUEST[phase], self.session, step, layer, me, body), dest=self.index[d])
-        self.pending = targets
-
-    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
-        result = RoundResult(parts=[])
-        for d in self.pending:
-            n = (1 if phase == "attn" else
-                 (d in self.layout["crit"][layer]) + (d in self.layout["relaxed"][layer]))
-            while n:
-                msg = self._await(d, lambda m: m.step == step and m.layer == layer and m.kind in REPLY_KINDS,
-                                  f"layer {layer} {phase}, step {step}")
-                result.parts.append(decode_tensor(msg.payload, self.policy.wire, self.width))
-                n -= 1
-        return result
-
-    def stats(self) -> ExchangeStats:
-        # TCP retransmits and orders in the kernel: this exchange counts only bytes and drops
-        rcs = [c.reassembler.counters for c in self.channels.values()]
-        drops = {k: sum(getattr(rc, k) for rc in rcs)
-                 for k in ("malformed", "bad_length", "forged", "misdirected", "replayed", "stale")}
-        kept = {"bytes_sent": sum(c.counters.bytes_sent for c in self.channels.values()),
-                "bytes_received": sum(c.counters.bytes_received for c in self.channels.values()),
-                "dropped": Drops(**drops, unknown_session=None)}
-        return ExchangeStats(**{**{f.name: None for f in fields(ExchangeStats)}, **kept})
-
-    def device_stats(self, timeout_s: float = 1.0) -> dict[str, WorkerStats]:
-        """Each remote device's own counters, by name."""
-        me, out = self.index[self.plan.coordinator], {}
-        for d, ch in self.channels.items():
-            try:
-                ch.send(Message(Kind.STATS, self.session, 0, 0, me), dest=self.index[d])
-                msg = self._await(d, lambda m: m.kind == Kind.STATS, "stats")
-                out[d] = WorkerStats.from_json(json.loads(msg.payload))
-            except (DeviceLost, TransportError, ValueError):
-                continue
-        return out
-
-    def close(self) -> None:
-        for d, c in self.channels.items():
-            try:
-                c.send(Message(Kind.BYE, self.session, 0, 0, self.index[self.plan.coordinator]), dest=self.index[d])
-            except TransportError:
-                pass
-            c.close()

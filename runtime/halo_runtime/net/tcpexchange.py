@@ -1,0 +1,126 @@
+"""The strict baseline: the same requests as `UdpExchange`, over TCP, every part awaited, as
+distributed-llama does; TCP's own retransmission handles loss.
+
+Example (the checked-in plan, its workers nowhere: connecting names the device that is missing):
+    >>> from halo_runtime.core.plan import load_plan
+    >>> from halo_runtime.net.tcpexchange import TcpExchange
+    >>> plan = load_plan("artifacts/smollm2-135m-pi5")
+    >>> TcpExchange(plan, {d: ("127.0.0.1", 9) for d in plan.device_names if d != plan.coordinator})
+    Traceback (most recent call last):
+    ...
+    halo_runtime.net.recovery.DeviceLost: device pi5-1: ...
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import torch
+
+from ..core.codec import decode_tensor, encode_request
+from ..core.exchange import Drops, ExchangeStats, RoundResult
+from ..core.plan import Plan
+from ..core.policy import DeliveryPolicy
+from .auth import Authenticator, ReplayGuard
+from .exchange import PHASE_REQUEST, _layout
+from .recovery import DeviceLost
+from .shim import LossShim
+from .transport import TcpChannel, TransportError
+from .wire import Kind, Message
+from .worker import WorkerStats
+
+REPLY_KINDS = (Kind.REPLY_ATTN, Kind.REPLY_MLP_CRITICAL, Kind.REPLY_MLP_RELAXED)
+
+
+class TcpExchange:
+    """Strict synchronisation over TCP: every part awaited, like distributed-llama."""
+
+    def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
+                 shims: dict[str, LossShim] | None = None, auth: Authenticator | None = None):
+        self.plan, self.policy = plan, policy
+        self.auth, self.guard = auth or Authenticator(), ReplayGuard()
+        self.width = plan.model.hidden_size
+        self.index = {d: i for i, d in enumerate(plan.device_names)}
+        self.remote = [d for d in plan.device_names if d != plan.coordinator]
+        self.layout = _layout(plan)
+        self.channels = {}
+        for d in self.remote:
+            try:
+                self.channels[d] = TcpChannel.connect(peers[d], shim=(shims or {}).get(d), auth=self.auth,
+                                                      guard=self.guard, me=self.index[plan.coordinator])
+            except TransportError as e:
+                self.close()
+                raise DeviceLost(f"device {d}: {e}") from None
+        self.session, self.pending = 0, None
+
+    def begin(self, session: int) -> None:
+        self.session = session
+        me = self.index[self.plan.coordinator]
+        for d, ch in self.channels.items():
+            ch.send(Message(Kind.HELLO, session, 0, 0, me), dest=self.index[d])
+        for d, ch in self.channels.items():
+            self._await(d, lambda m: m.kind == Kind.HELLO, "the session handshake")
+
+    def _await(self, d: str, match, what: str) -> Message:
+        while True:
+            try:
+                msg = self.channels[d].recv(self.policy.dead_after_s)
+            except TransportError as e:
+                raise DeviceLost(f"device {d}: {e}") from None
+            if msg is None:
+                raise DeviceLost(f"device {d} stopped answering ({what}; {self.policy.dead_after_s:g} s)")
+            if msg.session == self.session and match(msg):
+                return msg
+
+    def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None:
+        if phase == "attn":
+            targets = self.layout["attn"][layer]
+        else:
+            targets = [d for d in self.remote if d in self.layout["crit"][layer] or d in self.layout["relaxed"][layer]]
+        body = encode_request(x, start, self.policy.wire)
+        me = self.index[self.plan.coordinator]
+        for d in targets:
+            self.channels[d].send(Message(PHASE_REQUEST[phase], self.session, step, layer, me, body), dest=self.index[d])
+        self.pending = targets
+
+    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
+        result = RoundResult(parts=[])
+        for d in self.pending:
+            n = (1 if phase == "attn" else
+                 (d in self.layout["crit"][layer]) + (d in self.layout["relaxed"][layer]))
+            while n:
+                msg = self._await(d, lambda m: m.step == step and m.layer == layer and m.kind in REPLY_KINDS,
+                                  f"layer {layer} {phase}, step {step}")
+                result.parts.append(decode_tensor(msg.payload, self.policy.wire, self.width))
+                n -= 1
+        return result
+
+    def stats(self) -> ExchangeStats:
+        # TCP retransmits and orders in the kernel: this exchange counts only bytes and drops
+        rcs = [c.reassembler.counters for c in self.channels.values()]
+        drops = {k: sum(getattr(rc, k) for rc in rcs)
+                 for k in ("malformed", "bad_length", "forged", "misdirected", "replayed", "stale")}
+        kept = {"bytes_sent": sum(c.counters.bytes_sent for c in self.channels.values()),
+                "bytes_received": sum(c.counters.bytes_received for c in self.channels.values()),
+                "dropped": Drops(**drops, unknown_session=None)}
+        return ExchangeStats(**{**{f.name: None for f in fields(ExchangeStats)}, **kept})
+
+    def device_stats(self, timeout_s: float = 1.0) -> dict[str, WorkerStats]:
+        """Each remote device's own counters, by name."""
+        me, out = self.index[self.plan.coordinator], {}
+        for d, ch in self.channels.items():
+            try:
+                ch.send(Message(Kind.STATS, self.session, 0, 0, me), dest=self.index[d])
+                msg = self._await(d, lambda m: m.kind == Kind.STATS, "stats")
+                out[d] = WorkerStats.from_json(json.loads(msg.payload))
+            except (DeviceLost, TransportError, ValueError):
+                continue
+        return out
+
+    def close(self) -> None:
+        for d, c in self.channels.items():
+            try:
+                c.send(Message(Kind.BYE, self.session, 0, 0, self.index[self.plan.coordinator]), dest=self.index[d])
+            except TransportError:
+                pass
+            c.close()
