@@ -48,7 +48,6 @@ from halo_runtime.core.plandir import (
 )
 from halo_runtime.core.qshards import quant_fingerprint_update
 from halo_runtime.core.shards import quantise_weight, quantised_names, slice_extras, slice_layer
-from safetensors.torch import save_file
 
 from .load import fingerprint_update, tokenizer_config
 from .shardwriter import ShardWriter
@@ -60,7 +59,9 @@ def emit(out_dir: str | Path, plan: Plan, shards: dict[str, dict[str, torch.Tens
     special tokens [default: read from the checkpoint directory that holds `tokenizer_file`]."""
     def write(tmp: Path) -> Plan:
         for device in plan.device_names:
-            save_file(shards[device], str(tmp / plan.shard_file(device)))
+            writer = ShardWriter(tmp / plan.shard_file(device))
+            writer.put_all(shards[device])
+            writer.finish()
         return plan
     return _emit(out_dir, plan, write, tokenizer_file, tok_config)[1]
 

@@ -16,14 +16,10 @@ Example (a random two-layer model, saved and loaded as any HF checkpoint):
     >>> import tempfile
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from halo_compile.load import load_model
-    >>> from halo_compile.profiling import profile_layers, profile_model
+    >>> from halo_compile.profiling import profile_layers
     >>> path = (tmp := tempfile.TemporaryDirectory()).name
     >>> LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
     ...                              num_attention_heads=2, num_key_value_heads=1)).save_pretrained(path)
-    >>> prof = profile_model(load_model(path, progress=False), [[1, 2, 3, 4] * 8], sample_tokens=16,
-    ...                      progress=False)
-    >>> len(prof.layers), prof.layers[0].mean_abs_act.shape
-    (2, torch.Size([32]))
     >>> [(i, tuple(s.mlp_in.shape), len(w)) for i, s, w in profile_layers(load_model(path, progress=False),
     ...                                                                 [[1, 2, 3, 4] * 8], 16, progress=False)]
     [(0, (16, 16), 9), (1, (16, 16), 9)]
@@ -71,16 +67,6 @@ class LayerStats:
         return self.act_abs_sum / max(self.tokens, 1)
 
 
-@dataclass
-class ActivationStats:
-    """What the profile step hands to grouping, scoring and prediction."""
-
-    layers: list[LayerStats]
-    """One entry per decoder layer."""
-    tokens: int
-    """Calibration tokens seen."""
-
-
 def _sample_positions(total: int, sample: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     k = min(sample, total)
@@ -116,13 +102,6 @@ def _mlp(w: dict, i: int, keep: torch.Tensor, s, x: torch.Tensor, m: torch.Tenso
         s.attn_in.append(x[keep].clone())
         s.mlp_in.append(m[keep].clone())
     return act @ _layer(w, i, "mlp.down_proj").T
-
-
-def profile_model(model, chunks: list[list[int]], sample_tokens: int = 4096, seed: int = 0,
-                  progress: bool = True) -> ActivationStats:
-    """Every layer's statistics at once (`profile_layers`, keeping all of them: small models only)."""
-    layers = [s for _, s, _ in profile_layers(model, chunks, sample_tokens, seed, progress)]
-    return ActivationStats(layers=layers, tokens=sum(len(c) for c in chunks))
 
 
 def layer_weights(model, i: int) -> dict[str, torch.Tensor]:

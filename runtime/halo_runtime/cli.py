@@ -289,7 +289,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
     eos = None if args.ignore_eos else plan.model.eos_token_id
     # a fresh random session: a device never mistakes this run's requests for an earlier run's
     gen = coord.generate(prompt, args.max_tokens, session=secrets.randbits(32), eos=eos, on_token=on_token,
-                         draft=draft, draft_tokens=args.draft_tokens)
+                         draft=draft, draft_tokens=args.draft_tokens if draft is not None else 0)
     elapsed = time.perf_counter() - started
     decode = [s.total_ms for s in gen.token_stats[1:]]
     relaxed = sum(s.relaxed_parts for s in gen.token_stats)

@@ -38,7 +38,7 @@ import torch
 from .device import DeviceCompute
 from .draft import verify
 from .exchange import Exchange
-from .model import decoder_layer, lm_logits, mlp_partial
+from .model import decoder_layer, lm_logits, mlp_partial, sum_parts
 from .plan import Plan
 from .predictor import layer_predictor, predict_groups
 from .qcompute import coordinator_tables
@@ -187,7 +187,7 @@ class Coordinator:
         t2 = time.perf_counter()
         stats.compute_ms += 1e3 * (t1 - t0)
         stats.wait_ms += 1e3 * (t2 - t1)
-        return _sum([local] + remote.parts, x)
+        return sum_parts([local] + remote.parts, x)
 
     def _mlp(self, step: int, layer: int, start: int, stats: TokenStats, x: torch.Tensor,
              m: torch.Tensor) -> torch.Tensor:
@@ -198,7 +198,7 @@ class Coordinator:
             t0 = time.perf_counter()
             crit, rlx = self.local.mlp(layer, m) if has_local else (None, None)
             stats.compute_ms += 1e3 * (time.perf_counter() - t0)
-            return _sum([crit, rlx], m)
+            return sum_parts([crit, rlx], m)
         awaited = self._awaited(layer, x)
         self.exchange.post("mlp", step, layer, m, start)
         t0 = time.perf_counter()
@@ -218,7 +218,7 @@ class Coordinator:
         stats.relaxed_parts += len(self.relaxed[layer])
         stats.compute_ms += 1e3 * (t1 - t0)
         stats.wait_ms += 1e3 * (t2 - t1)
-        return _sum([crit, rlx] + result.parts + comp, m)
+        return sum_parts([crit, rlx] + result.parts + comp, m)
 
     def _awaited(self, layer: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Remote device -> bool [T]: tokens where the predictor says one of its relaxed groups matters."""
@@ -328,13 +328,3 @@ def _lowrank(shard: dict[str, torch.Tensor], layer: int, groups: list[int]) -> t
     hidden = gate.shape[-1]
     return (gate.reshape(-1, hidden), up.reshape(-1, hidden), down.reshape(-1, hidden).T.contiguous(),
             shard[f"{pre}.bias"][pick].sum(0))
-
-
-def _sum(parts: list, like: torch.Tensor) -> torch.Tensor:
-    """Sum partials in a fixed order (float addition is not associative; order fixes the bits).
-    The first part starts the sum: 0 + p is p (up to the sign of a zero), so no zeros tensor is needed."""
-    total = None
-    for p in parts:
-        if p is not None:
-            total = p if total is None else total + p
-    return torch.zeros_like(like) if total is None else total

@@ -53,7 +53,7 @@ from typing import Callable, Protocol
 import torch
 
 from .hfconfig import ConfigError, config_from_hf
-from .model import FullModel, ModelConfig, decoder_layer, lm_logits, mlp_partial
+from .model import FullModel, ModelConfig, decoder_layer, lm_logits, sum_parts
 from .plan import Plan, PlanError
 
 SOURCES = ("none", "lookup", "self")
@@ -216,19 +216,11 @@ class CheckpointDraft(_CachedDraft):
         if plan_dir is not None:
             _check_same_tokenizer(path, Path(plan_dir))
         self.model = FullModel(cfg, weights)
-        self.embed = weights["model.embed_tokens.weight"]
-        self.head = weights.get("lm_head.weight", self.embed)
 
     def _logits(self, tokens: list[int], start: int) -> torch.Tensor:
-        m = self.model
-        for cache in m.caches:
+        for cache in self.model.caches:
             cache.truncate(start)
-        positions = torch.arange(start, start + len(tokens))
-        h = self.embed[torch.tensor(tokens, dtype=torch.long)]
-        for i in range(m.cfg.num_layers):
-            h = decoder_layer(m.cfg, h, m.layer_weight(i, "input_layernorm"), m.layer_weight(i, "post_attention_layernorm"),
-                              lambda x, i=i: m.attention(i, positions, x), lambda x, mm, i=i: m.mlp(i, x, mm))
-        return lm_logits(m.cfg, h[-1:], m.w["model.norm.weight"], self.head)[0]
+        return self.model.logits(torch.tensor(tokens, dtype=torch.long), last=True)[0]
 
 
 class SelfDraft(_CachedDraft):
@@ -267,20 +259,11 @@ class SelfDraft(_CachedDraft):
         return self.local.attention(layer, x, start)
 
     def _mlp(self, layer: int, m: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(m)
-        if self.local.has_mlp(layer):
-            for part in self.local.mlp(layer, m):
-                if part is not None:
-                    out = out + part
-        for part in self.coord.relaxed[layer].values():
-            if self.coord.compensation == "lowrank" and part.lowrank is not None:
-                gate, up, down, bias = part.lowrank
-                out = out + mlp_partial(m, gate, up, down) + bias
-            elif self.coord.compensation != "zero":
-                out = out + part.mean
-        if self.extra[layer] is not None:
-            out = out + self.extra[layer]
-        return out
+        c = self.coord
+        local = list(self.local.mlp(layer, m)) if self.local.has_mlp(layer) else []
+        every = torch.ones(m.shape[0], dtype=torch.bool)  # every row of every relaxed part is "missing"
+        estimates = [c._compensate(layer, dev, m, every) for dev in c.relaxed[layer]]
+        return sum_parts(local + estimates + [self.extra[layer]], m)
 
 
 # ---- opening a source ------------------------------------------------------------------------------

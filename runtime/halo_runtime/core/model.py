@@ -252,6 +252,16 @@ def decoder_layer(cfg: ModelConfig, h: torch.Tensor, input_norm: torch.Tensor, p
     return h + mlp(x, m)
 
 
+def sum_parts(parts: list, like: torch.Tensor) -> torch.Tensor:
+    """Sum partials in a fixed order (float addition is not associative; order fixes the bits).
+    The first part starts the sum: 0 + p is p (up to the sign of a zero), so no zeros tensor is needed."""
+    total = None
+    for p in parts:
+        if p is not None:
+            total = p if total is None else total + p
+    return torch.zeros_like(like) if total is None else total
+
+
 class FullModel:
     """The whole model on one device, from an HF-named state dict: the reference the plan must match."""
 
@@ -277,8 +287,9 @@ class FullModel:
         lw = partial(self.layer_weight, layer)
         return mlp_partial(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"))
 
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed `tokens` after what the cache holds; returns logits [T, vocab]."""
+    def logits(self, tokens: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """Feed `tokens` after what the cache holds; returns logits [T, vocab] (last: [1, vocab], the
+        last position only)."""
         cfg, w = self.cfg, self.w
         start = self.caches[0].length
         positions = torch.arange(start, start + tokens.shape[0])
@@ -288,4 +299,4 @@ class FullModel:
                               self.layer_weight(i, "post_attention_layernorm"),
                               partial(self.attention, i, positions), partial(self.mlp, i))
         head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
-        return lm_logits(cfg, h, w["model.norm.weight"], head)
+        return lm_logits(cfg, h[-1:] if last else h, w["model.norm.weight"], head)
