@@ -197,7 +197,8 @@ def test_parts_split_critical_and_relaxed_sums():
 
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
-def test_registry_picks_an_available_kernel_once_per_role(fmt):
+def test_registry_picks_an_available_kernel_once_per_role(fmt, monkeypatch):
+    monkeypatch.setattr(K, "_SELECTIONS", {})  # measured here, not pinned by an earlier test
     for role in K.ROLES:
         k = K.choose(fmt, role)
         assert k.format == fmt and k in K.candidates(fmt)
@@ -265,3 +266,11 @@ def test_module_examples_run(name):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted and result.failed == 0
+
+
+def test_measurement_chooses_only_kernels_that_keep_activations_exact():
+    sel = K.measure("int8", "groups", repeats=1)
+    assert K.kernel(sel.kernel).activations == "fp32"
+    for k in K.candidates("int8"):
+        if k.activations != "fp32":
+            assert k.name not in sel.times_us and K.PIN_ENV in sel.rejected[k.name]

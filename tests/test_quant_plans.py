@@ -27,8 +27,9 @@ from safetensors.torch import load_file, save_file
 PROMPT_IDS = [5, 17, 300, 42, 500]
 REMOTE_MB = {"fp32": 0.25, "bf16": 0.14, "int8": 0.08, "int4": 0.05}
 """Remote memory that makes the 4-device plan spread in each format (stored bytes shrink with it)."""
-PINS = "int8.dynamic-fbgemm,bf16.fbgemm-fp16,int4.int4pack"
-"""Kernels pinned for comparisons across processes (measurement could pick differently in each)."""
+PINS = "bf16.fbgemm-fp16,int4.int4pack"
+"""Kernels pinned for comparisons across processes (measurement could pick differently in each);
+int8 is left to measurement: every kernel it may choose keeps activations in fp32."""
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,8 @@ def test_local_udp_int8_equals_single_device(compiled):
         runs.append(json.loads(proc.stdout))
     udp4, one = runs
     assert udp4["tokens"] == one["tokens"]
-    assert udp4["weights"] == "int8" and udp4["kernels"]["int8"]["rows"] == "int8.dynamic-fbgemm"
+    from halo_runtime.core.kernels import kernel
+    assert udp4["weights"] == "int8" and kernel(udp4["kernels"]["int8"]["rows"]).activations == "fp32"
     assert all(k.get("int8") for d, k in udp4["kernels_by_device"].items()
                if any(g.device == d for g in plan4.groups))
 

@@ -7,10 +7,16 @@ Every candidate computes y = x @ dequantise(W).T for a `QuantWeight` W. They dif
 - "bf16": activations rounded to bf16;
 - "int8": activations quantised on the fly (dynamic int8).
 
+Only "fp32" kernels are chosen by measurement: their answer is the plan's quantised model up to
+fp32 rounding, whatever the placement. A kernel that rounds or quantises its input turns the
+last-bit differences of partial sums added in another order (another placement) into whole
+rounding steps, and a plan's greedy tokens could then change with where its groups sit (seen on
+SmolLM2 with dynamic int8). Those run only when pinned (`PIN_ENV`), for measurements.
+
 Dynamic int8 kernels take one scale over their whole input, so a `QuantLinear` calls them once
 per *segment* (neuron group, see `halo_runtime.core.quant`) and, where the kernel's scale spans
 all rows, once per token: a group's contribution then never depends on which other groups share
-its device, nor on which tokens share its batch. Distributing a plan does not change its answer.
+its device, nor on which tokens share its batch.
 
 `choose(fmt, role)` measures the available candidates on a small matrix (tens of ms, once per
 process and role: "rows" for row-sliced matrices, "groups" for column-sliced ones applied group
@@ -32,6 +38,7 @@ Example:
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -53,7 +60,7 @@ from .quant import (
 )
 
 BATCH_ROWS = 4
-"""From this many tokens on, token-by-token kernels that can unpack run one fp32 GEMM (prefill)."""
+"""From this many tokens on, kernels built for one token run one fp32 GEMM instead (prefill)."""
 MARGIN = 0.15
 """A later candidate is chosen over an earlier one only when it is this much faster."""
 MAX_RESIDENT = 1.5
@@ -207,6 +214,14 @@ def _run_dyn4(p, x):
     return torch.ops.aten._dyn_quant_matmul_4bit(_pad_x(x, width, idx), packed, INT4_BLOCK, width, rows)
 
 
+def _jit(name: str) -> Callable:
+    """A function of `jitkernels`, imported on first call: numba loads only where the kernel runs."""
+    def call(*args):
+        from . import jitkernels
+        return getattr(jitkernels, name)(*args)
+    return call
+
+
 def _mkl_prepare(w: QuantWeight):
     return torch.ops.mkl._mkl_reorder_linear_weight(w.values, 1), w.values
 
@@ -231,6 +246,8 @@ CANDIDATES: tuple[Kernel, ...] = (
            lambda p, x: torch.ops.quantized.linear_dynamic_fp16(x, p), lambda: "fbgemm" in _engines()),
     Kernel("bf16.dequant-fp32", "bf16", "fp32", lambda w: w.values, lambda w, x: F.linear(x, w.float())),
     *(_dynamic_int8(e) for e in ("fbgemm", "x86", "qnnpack", "onednn")),
+    Kernel("int8.numba", "int8", "fp32", _jit("prepare_int8"), _jit("int8_linear"),
+           lambda: importlib.util.find_spec("numba") is not None),
     Kernel("int8.weight-int8pack", "int8", "fp32", lambda w: (w.values, w.scales),
            lambda p, x: torch.ops.aten._weight_int8pack_mm(x, p[0], p[1]), _has("aten", "_weight_int8pack_mm")),
     Kernel("int8.int-mm", "int8", "int8", lambda w: (w.values.T, w.scales), _int_mm, _has("aten", "_int_mm")),
@@ -322,6 +339,8 @@ class QuantLinear:
             per_token = [self.parts(x[t:t + 1]) for t in range(T)]
             return [torch.cat([o[p] for o in per_token]) for p in range(len(self.prepared))]
         run, out = kern.run, []
+        if len(self.prepared) == 1 and len(self.prepared[0]) == 1:  # one part, one call: most matrices
+            return [run(self.prepared[0][0], x.contiguous())]
         # the hot path of decode: views, no copies, one stack-and-sum per part
         for xp, preps, widths in zip(x.split(self.part_widths, 1), self.prepared, self.widths):
             if len(preps) == 1:
@@ -378,6 +397,8 @@ PROBE_SHAPE = (1024, 2048)
 """Rows and columns of the probe matrix; in "groups", 16 groups of 128 columns, like a 1B model's
 MLP. Much smaller probes mislead: in cache, dequantise-then-fp32 looks fast."""
 _SELECTIONS: dict[tuple[str, str], Selection] = {}
+PIN_ENV = "HALO_KERNELS"
+"""Environment variable pinning kernels (read in `qcompute`)."""
 
 
 def resident_bytes(prepared) -> int:
@@ -385,6 +406,8 @@ def resident_bytes(prepared) -> int:
     if isinstance(prepared, torch.Tensor):
         return prepared.numel() * prepared.element_size()
     if isinstance(prepared, QuantWeight):
+        return prepared.nbytes
+    if hasattr(prepared, "__array_interface__"):  # a numpy array (numba kernels)
         return prepared.nbytes
     if isinstance(prepared, (tuple, list)):
         return sum(resident_bytes(p) for p in prepared)
@@ -424,6 +447,9 @@ def measure(fmt: str, role: str = "rows", repeats: int = 5, weight: QuantWeight 
     torch.set_num_threads(1)
     try:
         for kern in candidates(fmt):
+            if kern.activations != "fp32":
+                rejected[kern.name] = f"{kern.activations} activations: runs only when pinned ({PIN_ENV})"
+                continue
             _probe(kern, weight, inputs, repeats, times, rejected)
     finally:
         torch.set_num_threads(threads)

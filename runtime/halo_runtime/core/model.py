@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -151,10 +151,20 @@ def _inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, shape [T, head_dim], for the given absolute positions."""
-    freqs = positions.float()[:, None] * inv_frequencies(cfg)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    """cos and sin, shape [T, head_dim], for the given absolute positions (contiguous, ascending).
+
+    Every layer of a forward pass asks for the same positions: the last answer is kept (callers
+    must not write into it), so decode computes them once per token, not once per layer.
+    """
+    key = (cfg.head_dim, cfg.rope_theta, repr(cfg.rope_scaling), int(positions[0]), positions.shape[0])
+    if _ROPE_LAST[0] != key:
+        freqs = positions.float()[:, None] * inv_frequencies(cfg)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        _ROPE_LAST[:] = [key, (emb.cos(), emb.sin())]
+    return _ROPE_LAST[1]
+
+
+_ROPE_LAST: list = [None, None]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -167,25 +177,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[None] + _rotate_half(x) * sin[None]
 
 
-@dataclass
 class KVCache:
-    """Keys and values of some KV heads of one layer, grown one step at a time."""
+    """Keys and values [kv_heads, T, head_dim] of some KV heads of one layer.
 
-    keys: torch.Tensor = field(default=None)  # [kv_heads, T, head_dim]
-    values: torch.Tensor = field(default=None)
+    Held in buffers that double when full, so a decode step writes one row instead of copying the
+    whole cache; `truncate` (a rewind, for retransmissions and rejected drafts) only moves the end.
+    """
+
+    def __init__(self):
+        self._keys = self._values = None
+        self.length = 0
 
     @property
-    def length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[1]
+    def keys(self) -> torch.Tensor | None:
+        return None if self._keys is None else self._keys[:, :self.length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._values is None else self._values[:, :self.length]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys = k if self.keys is None else torch.cat((self.keys, k), dim=1)
-        self.values = v if self.values is None else torch.cat((self.values, v), dim=1)
+        end = self.length + k.shape[1]
+        if self._keys is None or end > self._keys.shape[1]:
+            capacity = max(end, 2 * self.length, 16)
+            keys, values = k.new_empty(k.shape[0], capacity, k.shape[2]), v.new_empty(v.shape[0], capacity, v.shape[2])
+            if self.length:
+                keys[:, :self.length], values[:, :self.length] = self.keys, self.values
+            self._keys, self._values = keys, values
+        self._keys[:, self.length:end] = k
+        self._values[:, self.length:end] = v
+        self.length = end
         return self.keys, self.values
 
     def truncate(self, length: int) -> None:
-        if self.keys is not None:
-            self.keys, self.values = self.keys[:, :length], self.values[:, :length]
+        self.length = min(self.length, length)
 
 
 def attention_heads(cfg: ModelConfig, x: torch.Tensor, positions: torch.Tensor, q_proj: torch.Tensor,
@@ -203,15 +228,16 @@ def attention_heads(cfg: ModelConfig, x: torch.Tensor, positions: torch.Tensor, 
     cos, sin = rope_tables(cfg, positions)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = cache.append(k, v)
-    keys = keys.repeat_interleave(g, dim=0)
-    values = values.repeat_interleave(g, dim=0)
+    kv = keys.shape[0]
+    # the g query heads of one KV head read its keys as one batch of g*T rows: no copies of the cache
+    q = q.reshape(kv, g * T, hd)
     scores = (q @ keys.transpose(1, 2)) * (hd ** -0.5)
     past = keys.shape[1] - T
     if T > 1:  # one new token sees every cached one: its mask would be all True
-        mask = torch.ones(T, keys.shape[1], dtype=torch.bool).tril(diagonal=past)
+        mask = torch.ones(T, keys.shape[1], dtype=torch.bool).tril(diagonal=past).repeat(g, 1)
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return (probs @ values).transpose(0, 1)
+    return (probs @ values).view(kv * g, T, hd).transpose(0, 1)
 
 
 def attention_partial(cfg: ModelConfig, x: torch.Tensor, positions: torch.Tensor,

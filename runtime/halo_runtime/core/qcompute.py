@@ -24,13 +24,10 @@ import os
 
 import torch
 
-from .kernels import QuantLinear, choose, kernel
+from .kernels import PIN_ENV, QuantLinear, choose, kernel
 from .plan import Plan, PlanError
 from .quant import QuantWeight, dequantise, take_rows
 from .shards import read_weight
-
-PIN_ENV = "HALO_KERNELS"
-"""Environment variable pinning kernels (see the module docstring)."""
 
 
 def kernel_pins(text: str | None) -> dict[tuple[str, str], str]:
