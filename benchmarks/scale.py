@@ -314,10 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             _write(args.out, ordered, machine())
         if args.run:
             sys.path.insert(0, str(HERE))
-            from e2e import run_e2e
+            from e2e import run_e2e, write_profiles
             s = SHAPES["1b"]
             ckpt = write_checkpoint(args.cache / "ckpt-1b", s, args.seed, tok_dir)
-            e2e = run_e2e(ckpt, s, args.cache / "e2e", profile_yaml)
+            e2e = run_e2e(str(ckpt), args.cache / "e2e", write_profiles(s, args.cache / "e2e", profile_yaml))
             args.out.with_name("e2e.json").write_text(json.dumps({"machine": machine(), **e2e}, indent=1) + "\n")
     finally:
         if not args.keep:
