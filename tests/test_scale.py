@@ -96,3 +96,18 @@ def test_profile_reads_one_layer_at_a_time(tiny_ckpt):
         later = {r for r in reads if r.startswith("model.layers.") and int(r.split(".")[2]) > i}
         assert not later and len(w) == 9 and stats.mlp_in.shape == (16, shape.hidden)
     assert len(reads) == 1 + 9 * shape.layers  # the embeddings once, each layer tensor once
+
+
+@pytest.mark.slow
+def test_formats_end_to_end_benchmark_runs_small(tiny_ckpt, tmp_path):
+    """benchmarks/e2e.py on the tiny shape: every format on 1 and 4 devices, tokens equal across counts."""
+    import e2e
+
+    shape, ckpt, _ = tiny_ckpt
+    rec = e2e.run_e2e(str(ckpt), tmp_path, e2e.write_profiles(shape, tmp_path / "profiles", scale.profile_yaml),
+                      calib_tokens=256, max_tokens=4, reps=1)
+    assert set(rec["tpot_p50_ms"]) == {name for name, _, _ in e2e.CONFIGS}
+    assert rec["int8_4dev_tokens_equal_1dev"] and all(rec["tokens_equal_across_devices"].values())
+    assert all(len(r[0]["tokens"]) == 4 for r in rec["runs"].values())
+    e2e.plot(rec, tmp_path / "e2e.png")
+    assert (tmp_path / "e2e.png").stat().st_size > 0
