@@ -274,3 +274,13 @@ def test_measurement_chooses_only_kernels_that_keep_activations_exact():
     for k in K.candidates("int8"):
         if k.activations != "fp32":
             assert k.name not in sel.times_us and K.PIN_ENV in sel.rejected[k.name]
+
+
+def test_int8_weight_only_kernel_agrees_for_one_few_and_many_tokens():
+    from halo_runtime.core import jitkernels as J
+
+    w = quantise(_weight(40, 72), "int8")
+    p, ref = J.prepare_int8(w), dequantise(w)
+    for T in (1, 3, J.GEMM_ROWS):  # the matrix-vector loop, the row-reusing loop, one fp32 GEMM
+        x = torch.randn(T, 72, generator=torch.Generator().manual_seed(T))
+        assert torch.allclose(J.int8_linear(p, x), x @ ref.T, rtol=1e-4, atol=1e-4), f"T={T}"
