@@ -1,8 +1,9 @@
 """Weight formats end to end: TPOT and per-device peak RSS of 1-device and 4-device plans in fp32,
 bf16 and int8, each run with `halo-run local --plr 0 --wire fp32` (no loss, exact wire), the
 configurations alternating for `--reps` rounds (back to back: the machine is shared). Checks that
-the 4-device int8 tokens equal the 1-device int8 plan's, and reports int8 TPOT over fp32's per
-device count. Writes JSON and a bar plot.
+the 4-device plans' tokens, run once more with `--sync strict` (every part awaited: a relaxed run
+compensates parts that miss their deadline, which a busy machine causes even at 0% loss), equal
+the 1-device plans', and reports int8 TPOT over fp32's per device count. Writes JSON and a plot.
 
 `--shape 1b` (default) compiles a random-weight 1B-shape checkpoint (few calibration tokens,
 default 512: what is measured here is the runtime, and the groups only need to exist) for the
@@ -47,13 +48,14 @@ def compile_plan(model: str, profile: Path, out: Path, weights: str, calib_token
     return round(time.perf_counter() - t0, 1)
 
 
-def run_local(plan: Path, max_tokens: int) -> dict:
+def run_local(plan: Path, max_tokens: int, sync: str = "relaxed") -> dict:
     p = subprocess.run([sys.executable, "-m", "halo_runtime.cli", "local", "--plan", str(plan), "--plr", "0",
-                        "--wire", "fp32", "--json", "--quiet", "--ignore-eos", "--draft", "none",
+                        "--sync", sync, "--wire", "fp32", "--json", "--quiet", "--ignore-eos", "--draft", "none",
                         "--max-tokens", str(max_tokens), "--prompt", PROMPT],
                        check=True, env=_env(), capture_output=True, text=True, timeout=1800)
     r = json.loads(p.stdout.strip().splitlines()[-1])
-    return {k: r.get(k) for k in ("tokens", "tpot_ms", "ttft_ms", "peak_rss_mb", "weights", "kernels")}
+    return {k: r.get(k) for k in ("tokens", "tpot_ms", "ttft_ms", "peak_rss_mb", "weights", "kernels",
+                                  "compensated_share")}
 
 
 def run_e2e(model: str, work: Path, profiles: dict[tuple[str, int], Path], calib_tokens: int | None = 512,
@@ -74,9 +76,15 @@ def run_e2e(model: str, work: Path, profiles: dict[tuple[str, int], Path], calib
     p50 = {k: statistics.median(r["tpot_ms"]["p50"] for r in rs) for k, rs in runs.items()}
     rss = {k: max(max(r["peak_rss_mb"].values()) for r in rs) for k, rs in runs.items()}
     tokens = {k: rs[0]["tokens"] for k, rs in runs.items()}
+    # relaxed runs compensate parts that miss their deadline even at 0% loss (a busy machine makes
+    # devices late), and then may leave the exact tokens by design; strict runs await every part
+    strict = {w: run_local(work / f"plan-{w}-4dev", max_tokens, "strict")["tokens"] for _, w, _ in CONFIGS[:3]}
     return {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "calib_tokens": calib_tokens, "reps": reps,
-            "int8_4dev_tokens_equal_1dev": tokens["int8-4dev"] == tokens["int8-1dev"],
-            "tokens_equal_across_devices": {w: tokens[f"{w}-4dev"] == tokens[f"{w}-1dev"] for _, w, _ in CONFIGS[:3]},
+            "int8_4dev_tokens_equal_1dev": strict["int8"] == tokens["int8-1dev"],
+            "tokens_equal_across_devices": {w: strict[w] == tokens[f"{w}-1dev"] for _, w, _ in CONFIGS[:3]},
+            "relaxed_tokens_equal_across_devices": {w: tokens[f"{w}-4dev"] == tokens[f"{w}-1dev"]
+                                                    for _, w, _ in CONFIGS[:3]},
+            "compensated_share": {k: max(r["compensated_share"] or 0 for r in rs) for k, rs in runs.items()},
             "tpot_p50_ms": p50, "max_device_peak_rss_mb": rss,
             "int8_over_fp32_tpot": {n: round(p50[f"int8-{n}dev"] / p50[f"fp32-{n}dev"], 3) for n in (1, 4)},
             "compile_s": compile_s, "runs": runs, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
