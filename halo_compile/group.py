@@ -3,7 +3,8 @@
 Neurons that fire together on the same tokens belong together: then, for a given token, a few
 groups carry most of the layer's output and the rest can be late without much harm. We build a
 k-nearest-neighbour graph on the correlation of |activation| over the sampled calibration tokens
-and find communities with networkx's Louvain method (seeded, so deterministic). Communities are
+(tensor products a block at a time; `knn_graph`) and find communities with the Louvain method
+(igraph's C implementation, seeded, so deterministic; `louvain`). Communities are
 then merged or split to exactly `num_groups`: splits cut a community along importance order, so
 the pieces are homogeneous in importance and the least important ones can be relaxed together.
 Sizes stay uneven; no rule ties them to the device count.
