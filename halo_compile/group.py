@@ -69,9 +69,10 @@ KNN_BLOCK_BYTES = 64 << 20
 correlation matrix of an 8B layer (n = 14,336) would be 1.6 GB in float64."""
 
 KNN_BLOCK = 1024
-"""Rows and columns of one square block of the float32 correlation matrix (4 MB). Only the blocks
-on and above the diagonal are computed, so smaller blocks do less redundant work on the diagonal
-(at n = 8192: 56% of the full product, against 62% with 2048)."""
+"""Rows of one strip of the float32 correlation matrix. Only the part of a strip on and right of
+the diagonal is computed and kept for the later strips (the upper triangle: 0.4 GB for an 8B
+layer), so narrower strips do less redundant work on the diagonal (at n = 8192: 56% of the full
+product, 62% with 2048 rows)."""
 
 KNN_SPARE = 8
 """Extra candidates per row that the float32 pass hands to the exact float64 pass: the float32
@@ -112,33 +113,29 @@ class KnnGraph:
 def _top_candidates(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, k] the k nearest neighbours of each neuron by the (float64, rounded) correlation of the
     normalised activations a [tokens, n], most similar first, ties by neuron index, and [n, k] their
-    correlations. Candidates are found in float32 (a quarter of float64's time), one square block of
-    the symmetric matrix at a time and each block used for both its rows and its columns (half the
-    products), keeping each neuron's k + KNN_SPARE best; the candidates are then scored in float64."""
+    correlations. Candidates are found in float32 (a quarter of float64's time), a strip of
+    KNN_BLOCK rows at a time, keeping each neuron's k + KNN_SPARE best; the matrix is symmetric, so
+    a strip computes only its columns from its own first row on and copies the rest from the earlier
+    strips (about half the products); the candidates are then scored in float64."""
     n = a.shape[1]
     a32 = a.float()
     c = min(n - 1, k + KNN_SPARE)
-    block = KNN_BLOCK
-    best = torch.full((n, c), -float("inf"))
-    best_idx = torch.zeros((n, c), dtype=torch.long)
-
-    def merge(r0: int, sim: torch.Tensor, c0: int) -> None:
-        """Fold rows r0.. of the block sim [rows, cols] (columns c0..) into the running best."""
-        r1, top = r0 + sim.shape[0], torch.topk(sim, min(c, sim.shape[1]), dim=1, sorted=False)
-        vals = torch.cat([best[r0:r1], top.values], 1)
-        idx = torch.cat([best_idx[r0:r1], top.indices + c0], 1)
-        keep = torch.topk(vals, c, dim=1, sorted=False).indices
-        best[r0:r1], best_idx[r0:r1] = vals.gather(1, keep), idx.gather(1, keep)
-
-    for r0 in range(0, n, block):
-        for c0 in range(r0, n, block):
-            sim = a32[:, r0:r0 + block].T @ a32[:, c0:c0 + block]
-            if c0 == r0:
-                sim.fill_diagonal_(-3.0)  # below any correlation: never its own neighbour
-            merge(r0, sim, c0)
-            if c0 != r0:
-                merge(c0, sim.T, r0)
-    cand = best_idx.sort(dim=1).values
+    upper: list[tuple[int, torch.Tensor]] = []  # (first row, the strip's columns from that row on)
+    cand = []
+    for r0 in range(0, n, KNN_BLOCK):
+        r1 = min(n, r0 + KNN_BLOCK)
+        strip = torch.empty(r1 - r0, n)
+        for q0, right in upper:
+            strip[:, q0:q0 + right.shape[0]] = right[:, r0 - q0:r1 - q0].T
+        right = a32[:, r0:r1].T @ a32[:, r0:]
+        strip[:, r0:] = right
+        if r1 < n:
+            upper.append((r0, right))
+        rows = torch.arange(r1 - r0)
+        strip[rows, rows + r0] = -3.0  # below any correlation: never its own neighbour
+        cand.append(torch.topk(strip, c, dim=1, sorted=False).indices)
+    del upper
+    cand = torch.cat(cand).sort(dim=1).values
     # the float64 correlation of each candidate pair (a dot product of two columns), in slices of
     # rows so the gathered columns [rows, candidates, tokens] stay within the block budget
     rows_of = a.T.contiguous()  # [n, tokens]: a neuron's column as a contiguous row, cheap to gather
