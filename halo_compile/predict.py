@@ -75,10 +75,19 @@ def matters(contrib: torch.Tensor, threshold: float) -> torch.Tensor:
     return contrib[:, :-1] > threshold * contrib[:, -1:].clamp_min(1e-12)
 
 
+MAX_EPOCHS = 200
+"""Passes over the training tokens at most, whatever `steps` asks: with few tokens (an 8B compile
+samples 1,024) 600 steps of 512 would be 375 passes; on an 8B-shape layer 300 steps did as well
+(held-back recall 0.8745, precision 0.931) as 600 (0.8692, 0.930) in half the time. SmolLM2's and
+the 1B shape's 3,276 training tokens stay at 600 steps (94 passes)."""
+
+
 def _batches(n: int, batch: int, steps: int, gen: torch.Generator) -> list[torch.Tensor | None]:
     """Row indices of each step's minibatch: seeded shuffles of 0..n-1, cut into batches (None =
-    the whole set, when a batch would hold it all)."""
-    if batch <= 0 or batch >= n:
+    the whole set, when a batch would hold it all); at most MAX_EPOCHS passes over the n rows."""
+    per_step = n if batch <= 0 or batch >= n else batch
+    steps = min(steps, max(1, -(-MAX_EPOCHS * n // per_step)))
+    if per_step == n:
         return [None] * steps
     out: list[torch.Tensor | None] = []
     while len(out) < steps:
