@@ -146,7 +146,7 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
         gate, up, down = (w[f"model.layers.{i}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
         with timer.step("group"):
             groups.append(group_layer(stats.mlp_in, gate, up, down, stats.mean_abs_act, cfg.num_kv_heads,
-                                      opts.mlp_groups, opts.seed))
+                                      opts.mlp_groups, opts.seed, acts=stats.mlp_act))
         with timer.step("score"):
             scores.append(score_layer(groups[i], stats.kv_norm_sum, opts.relaxed_share))
         with timer.step("compensate"):
@@ -154,7 +154,8 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
                                                   opts.compensation_rank))
         with timer.step("predict"):
             predictors.append(predict_layer(stats.attn_in, stats.mlp_in, gate, up, down, groups[i],
-                                            opts.predictor_threshold, opts.predictor_rank, opts.seed + i))
+                                            opts.predictor_threshold, opts.predictor_rank, opts.seed + i,
+                                            acts=stats.mlp_act))
         del item, stats, w, gate, up, down  # the layer's weights and samples: the next layer replaces them
 
     with timer.step("place"):

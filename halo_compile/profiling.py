@@ -10,7 +10,7 @@ Per layer it accumulates, over every calibration token, sums of each MLP neuron'
 act(gate(x))*up(x) (signed, absolute and squared) and of each attention head's output norm
 ||o_proj[:, h] @ attn_h||. Memory is bounded whatever the token count: the sums are per neuron
 and per head, and a fixed-size, seeded sample of tokens keeps the normalised inputs the later
-steps need (co-activation grouping and predictor training recompute activations from them).
+steps need, and those tokens' MLP activations (co-activation grouping and the predictor's labels).
 
 Example (a random two-layer model, saved and loaded as any HF checkpoint):
     >>> import tempfile
@@ -57,6 +57,9 @@ class LayerStats:
     """[sample, hidden] sampled layer inputs after input_layernorm (the predictor's input)."""
     mlp_in: torch.Tensor
     """[sample, hidden] the same tokens' inputs after post_attention_layernorm (the MLP's input)."""
+    mlp_act: torch.Tensor
+    """[sample, intermediate] the same tokens' MLP activations act(gate(m))*up(m): computed here
+    anyway, and kept so grouping and the predictor's labels need not compute them again."""
 
     @property
     def mean_act(self) -> torch.Tensor:
@@ -101,6 +104,7 @@ def _mlp(w: dict, i: int, keep: torch.Tensor, s, x: torch.Tensor, m: torch.Tenso
     if keep.numel():
         s.attn_in.append(x[keep].clone())
         s.mlp_in.append(m[keep].clone())
+        s.mlp_act.append(act[keep].clone())
     return act @ _layer(w, i, "mlp.down_proj").T
 
 
@@ -126,7 +130,7 @@ def profile_layers(model, chunks: list[list[int]], sample_tokens: int = 4096, se
     for i in tqdm(range(L), desc="profile", unit="layer", disable=not progress, leave=False):
         w = layer_weights(model, i)
         s = LayerStats(0, torch.zeros(I, **f64), torch.zeros(I, **f64), torch.zeros(I, **f64),
-                       torch.zeros(H, **f64), torch.zeros(KV, **f64), [], [])
+                       torch.zeros(H, **f64), torch.zeros(KV, **f64), [], [], [])
         for k, (h, offset) in enumerate(zip(hidden, starts, strict=True)):
             T = h.shape[0]
             keep = chosen[(chosen >= offset) & (chosen < offset + T)] - offset
@@ -136,4 +140,5 @@ def profile_layers(model, chunks: list[list[int]], sample_tokens: int = 4096, se
         empty = torch.zeros(0, cfg.hidden_size)
         s.attn_in = torch.cat(s.attn_in) if s.attn_in else empty
         s.mlp_in = torch.cat(s.mlp_in) if s.mlp_in else empty
+        s.mlp_act = torch.cat(s.mlp_act) if s.mlp_act else torch.zeros(0, I)
         yield i, s, w

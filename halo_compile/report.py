@@ -8,7 +8,7 @@ Example (the checked-in plan):
     plan: smollm2-135m on pi5 (4 devices, coordinator pi5-0), schema 1, compiler 0.1.0, seed 0
     >>> print(lines[3]); print(next(line for line in lines if line.startswith("pi5-3")))
     device              memory MB  attn mlp crit mlp rlx importance    PLR  time ms
-    pi5-3                  9/6144     0        0      18       1.0%   5.0%     2.48
+    pi5-3                  8/6144     0        0      13       0.8%   5.0%     2.06
     >>> print(next(line for line in lines if line.startswith("rounds")))
     rounds per token: 60 of 60 (30 attention, 30 MLP; a round whose groups all stay on the coordinator asks no one)
 """

@@ -11,7 +11,7 @@ Example (the checked-in plan: SmolLM2-135M on four Raspberry Pi 5):
     >>> plan.coordinator, [d.loss for d in plan.devices]
     ('pi5-0', [0.0, 0.0, 0.05, 0.05])
     >>> [(g.id, g.critical) for g in plan.groups_on("pi5-1", layer=0)][:3]
-    [('L0.attn.1', True), ('L0.mlp.4', True), ('L0.mlp.5', True)]
+    [('L0.attn.1', True), ('L0.mlp.0', True), ('L0.mlp.1', True)]
     >>> plan.groups_on("pi5-1", layer=0)[-1].critical          # relaxed groups come last
     False
     >>> len(plan.network_rounds()), plan.network_rounds()[:2]   # of 2 rounds per layer

@@ -9,7 +9,7 @@ Example (the checked-in plan; device pi5-1's part of layer 0):
     >>> from halo_runtime.core.shards import device_indices
     >>> s = device_indices(load_plan("artifacts/smollm2-135m-pi5"), "pi5-1", layer=0)
     >>> s.kv_heads, s.q_heads, len(s.neurons), s.n_critical
-    ((1,), (3, 4, 5), 676, 607)
+    ((1,), (3, 4, 5), 676, 627)
 """
 from __future__ import annotations
 
