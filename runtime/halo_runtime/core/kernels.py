@@ -48,15 +48,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .int4kernels import prepare_dyn4, prepare_int4pack, run_dyn4, run_int4pack
 from .quant import (
-    INT4_BLOCK,
     QuantWeight,
-    _layout,
     dequantise,
-    pack_int4,
     quantise,
     take_segments,
-    unpack_int4,
 )
 
 BATCH_ROWS = 4
@@ -158,62 +155,6 @@ def _onednn_qlinear(p, x: torch.Tensor) -> torch.Tensor:
                                               "none", [], "")
 
 
-def _padded(segments: Sequence[int]) -> tuple[int, torch.Tensor | None]:
-    """Width once each segment is padded to whole int4 blocks, and where the real columns go (None: no padding)."""
-    starts, pos = 0, []
-    for n in segments:
-        pos.append(torch.arange(n) + starts)
-        starts += -(-n // INT4_BLOCK) * INT4_BLOCK
-    idx = torch.cat(pos)
-    return starts, None if starts == idx.numel() else idx
-
-
-def _pad_x(x: torch.Tensor, width: int, idx: torch.Tensor | None) -> torch.Tensor:
-    if idx is None:
-        return x
-    out = x.new_zeros(x.shape[0], width)
-    out[:, idx] = x
-    return out
-
-
-def _int4_blocks(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
-    """int4 values [rows, padded] (q in [-8, 7], 0 in the padding), scales [rows, padded/32], width, index."""
-    width, idx = _padded(w.segments)
-    lay = _layout(w.segments)
-    q = unpack_int4(w.values)[:, lay.nibble_index]
-    if idx is not None:
-        full = torch.zeros(w.rows, width, dtype=torch.int8)
-        full[:, idx] = q
-        q = full
-    return q, w.scales, width, idx
-
-
-def _prepare_int4pack(w: QuantWeight):
-    q, scales, width, idx = _int4_blocks(w)
-    extra = -w.rows % 16  # the packing wants whole tiles of 16 rows: pad with zero rows, drop their outputs
-    q, s = F.pad(q, (0, 0, 0, extra)), F.pad(scales.float(), (0, 0, 0, extra), value=1.0).T.contiguous()
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
-    return packed, torch.stack((s, torch.zeros_like(s)), -1).contiguous(), width, idx, w.rows
-
-
-def _run_int4pack(p, x):
-    packed, sz, width, idx, rows = p
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(_pad_x(x, width, idx), packed, INT4_BLOCK, sz)
-    return y if y.shape[1] == rows else y[:, :rows]
-
-
-def _prepare_dyn4(w: QuantWeight):
-    q, scales, width, idx = _int4_blocks(w)
-    packed = torch.ops.aten._dyn_quant_pack_4bit_weight(pack_int4(q), scales.contiguous(), None, INT4_BLOCK,
-                                                        width, w.rows)
-    return packed, width, idx, w.rows
-
-
-def _run_dyn4(p, x):
-    packed, width, idx, rows = p
-    return torch.ops.aten._dyn_quant_matmul_4bit(_pad_x(x, width, idx), packed, INT4_BLOCK, width, rows)
-
-
 def _jit(name: str) -> Callable:
     """A function of `jitkernels`, imported on first call: numba loads only where the kernel runs."""
     def call(*args):
@@ -230,7 +171,6 @@ def _mkl_run(p, x):
     return torch.ops.mkl._mkl_linear(x, p[0], p[1], None, x.shape[0])
 
 
-_deq = lambda w: dequantise(w).contiguous()  # noqa: E731
 _linear = lambda w, x: F.linear(x, w)  # noqa: E731
 
 CANDIDATES: tuple[Kernel, ...] = (
@@ -258,9 +198,9 @@ CANDIDATES: tuple[Kernel, ...] = (
            token_by_token=True),
     Kernel("int8.dequant-fp32", "int8", "fp32", lambda w: w,
            lambda w, x: F.linear(x, w.values.float() * w.scales[:, None])),
-    Kernel("int4.int4pack", "int4", "fp32", _prepare_int4pack, _run_int4pack,
+    Kernel("int4.int4pack", "int4", "fp32", prepare_int4pack, run_int4pack,
            _has("aten", "_weight_int4pack_mm_for_cpu")),
-    Kernel("int4.dyn-quant-4bit", "int4", "int8", _prepare_dyn4, _run_dyn4, _has("aten", "_dyn_quant_matmul_4bit")),
+    Kernel("int4.dyn-quant-4bit", "int4", "int8", prepare_dyn4, run_dyn4, _has("aten", "_dyn_quant_matmul_4bit")),
     Kernel("int4.dequant-fp32", "int4", "fp32", lambda w: w, lambda w, x: F.linear(x, dequantise(w))),
 )
 """Every kernel, per format in fallback order (what to prefer when timings tie)."""
