@@ -28,7 +28,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PROMPT = "The history of the Roman Empire begins"
-CONFIGS = [(f"{w}-{n}dev", w, n) for n in (1, 4) for w in ("fp32", "bf16", "int8")]
+FORMATS = ("fp32", "bf16", "int8")
+"""Weight formats compared."""
+CONFIGS = [(f"{w}-{n}dev", w, n) for n in (1, 4) for w in FORMATS]
 """(name, weights, devices) of every run."""
 
 
@@ -78,12 +80,12 @@ def run_e2e(model: str, work: Path, profiles: dict[tuple[str, int], Path], calib
     tokens = {k: rs[0]["tokens"] for k, rs in runs.items()}
     # relaxed runs compensate parts that miss their deadline even at 0% loss (a busy machine makes
     # devices late), and then may leave the exact tokens by design; strict runs await every part
-    strict = {w: run_local(work / f"plan-{w}-4dev", max_tokens, "strict")["tokens"] for _, w, _ in CONFIGS[:3]}
+    strict = {w: run_local(work / f"plan-{w}-4dev", max_tokens, "strict")["tokens"] for w in FORMATS}
     return {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "calib_tokens": calib_tokens, "reps": reps,
             "int8_4dev_tokens_equal_1dev": strict["int8"] == tokens["int8-1dev"],
-            "tokens_equal_across_devices": {w: strict[w] == tokens[f"{w}-1dev"] for _, w, _ in CONFIGS[:3]},
+            "tokens_equal_across_devices": {w: strict[w] == tokens[f"{w}-1dev"] for w in FORMATS},
             "relaxed_tokens_equal_across_devices": {w: tokens[f"{w}-4dev"] == tokens[f"{w}-1dev"]
-                                                    for _, w, _ in CONFIGS[:3]},
+                                                    for w in FORMATS},
             "compensated_share": {k: max(r["compensated_share"] or 0 for r in rs) for k, rs in runs.items()},
             "tpot_p50_ms": p50, "max_device_peak_rss_mb": rss,
             "int8_over_fp32_tpot": {n: round(p50[f"int8-{n}dev"] / p50[f"fp32-{n}dev"], 3) for n in (1, 4)},
