@@ -216,12 +216,12 @@ def predictor_recall(plan: Plan, shards: dict, windows: list[torch.Tensor]) -> d
     cfg, w, coord = plan.model, assemble(plan, shards), shards[plan.coordinator]
     tp = flagged = positive = total = 0
     for tokens in windows:
-        h, positions = w["model.embed_tokens.weight"][tokens], torch.arange(len(tokens))
+        h = w["model.embed_tokens.weight"][tokens]
         for i in range(cfg.num_layers):
             lw = lambda n: w[f"model.layers.{i}.{n}.weight"]  # noqa: E731
 
             def attention(x):
-                return attention_partial(cfg, x, positions, lw("self_attn.q_proj"), lw("self_attn.k_proj"),
+                return attention_partial(cfg, x, 0, lw("self_attn.q_proj"), lw("self_attn.k_proj"),
                                          lw("self_attn.v_proj"), lw("self_attn.o_proj"), KVCache())
 
             def mlp(x, m):

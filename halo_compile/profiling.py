@@ -80,10 +80,10 @@ def _layer(weights: dict, i: int, name: str) -> torch.Tensor:
     return weights[f"model.layers.{i}.{name}.weight"]
 
 
-def _attention(cfg: ModelConfig, w: dict, i: int, positions: torch.Tensor, s, x: torch.Tensor) -> torch.Tensor:
+def _attention(cfg: ModelConfig, w: dict, i: int, s, x: torch.Tensor) -> torch.Tensor:
     """Layer i's attention output on x; adds its per-head and per-KV-group output norms to s."""
     T, H, KV = x.shape[0], cfg.num_heads, cfg.num_kv_heads
-    heads = attention_heads(cfg, x, positions, _layer(w, i, "self_attn.q_proj"),
+    heads = attention_heads(cfg, x, 0, _layer(w, i, "self_attn.q_proj"),
                             _layer(w, i, "self_attn.k_proj"), _layer(w, i, "self_attn.v_proj"), KVCache())
     o = _layer(w, i, "self_attn.o_proj").view(cfg.hidden_size, H, cfg.head_dim)
     # per-head contribution to the residual stream: [T, H, hidden]
@@ -134,9 +134,8 @@ def profile_layers(model, chunks: list[list[int]], sample_tokens: int = 4096, se
         for k, (h, offset) in enumerate(zip(hidden, starts, strict=True)):
             T = h.shape[0]
             keep = chosen[(chosen >= offset) & (chosen < offset + T)] - offset
-            positions = torch.arange(T)
             hidden[k] = decoder_layer(cfg, h, _layer(w, i, "input_layernorm"), _layer(w, i, "post_attention_layernorm"),
-                                      partial(_attention, cfg, w, i, positions, s), partial(_mlp, w, i, keep, s))
+                                      partial(_attention, cfg, w, i, s), partial(_mlp, w, i, keep, s))
         empty = torch.zeros(0, cfg.hidden_size)
         s.attn_in = torch.cat(s.attn_in) if s.attn_in else empty
         s.mlp_in = torch.cat(s.mlp_in) if s.mlp_in else empty

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from .model import KVCache, attention_partial, mlp_activations
+from .model import KVCache, attend, linear, swiglu
 from .plan import Plan
-from .shards import device_indices
+from .shards import device_indices, fuse_rows
 
 
 class DeviceCompute:
@@ -42,22 +42,30 @@ class DeviceCompute:
     def __init__(self, plan: Plan, device: str, shard: dict[str, torch.Tensor]):
         self.plan, self.cfg, self.name = plan, plan.model, device
         self.slices = [device_indices(plan, device, layer) for layer in range(plan.model.num_layers)]
-        self.attn_weights, self.mlp_weights = [], []
+        self.attn_weights, self.mlp_weights = [], []  # per layer: ((q|k|v), o) and ((gate|up), down)
         self.shard, self._group_downs = shard, {}
-        if plan.weights != "fp32":  # QuantLinears with the kernels chosen in this process
+        # the coordinator's own MLP part is never sent, so it is never late: no critical/relaxed
+        # split, one product (a kernel call and a sum fewer per layer in decode)
+        self.one_mlp_part = device == plan.coordinator
+        if plan.weights != "fp32":
             from .qcompute import device_weights
-            for layer in range(plan.model.num_layers):
-                attn, mlp = device_weights(plan, device, shard, layer)
-                self.attn_weights.append(attn)
-                self.mlp_weights.append(mlp)
-        for layer, s in enumerate(self.slices if plan.weights == "fp32" else ()):
+        for layer, s in enumerate(self.slices):
             pre = f"layers.{layer}"
-            self.attn_weights.append(
-                tuple(shard[f"{pre}.attn.{p}"] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
-                if s.kv_heads else None)
-            self.mlp_weights.append(
-                tuple(shard[f"{pre}.mlp.{p}"] for p in ("gate_proj", "up_proj", "down_proj"))
-                if s.neurons else None)
+            # rows that read the same input are multiplied in one call: q, k and v; gate and up
+            fused = {}
+            if s.kv_heads:
+                fused.update(fuse_rows(shard, [f"{pre}.attn.{p}" for p in ("q_proj", "k_proj", "v_proj")],
+                                       f"{pre}.attn.qkv", device))
+            if s.neurons:
+                fused.update(fuse_rows(shard, [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"], f"{pre}.mlp.gate_up",
+                                       device))
+            if plan.weights != "fp32":  # QuantLinears with the kernels chosen in this process
+                attn, mlp = device_weights(plan, device, shard, fused, layer, self.one_mlp_part)
+            else:
+                attn = (fused[f"{pre}.attn.qkv"], shard[f"{pre}.attn.o_proj"]) if s.kv_heads else None
+                mlp = (fused[f"{pre}.mlp.gate_up"], shard[f"{pre}.mlp.down_proj"]) if s.neurons else None
+            self.attn_weights.append(attn)
+            self.mlp_weights.append(mlp)
         self.caches = [KVCache() for _ in range(plan.model.num_layers)]
 
     def has_attention(self, layer: int) -> bool:
@@ -74,19 +82,22 @@ class DeviceCompute:
 
     def attention(self, layer: int, x: torch.Tensor, start: int) -> torch.Tensor:
         """Partial attention output of this device's KV-head groups for tokens at start.. ."""
-        q, k, v, o = self.attn_weights[layer]
+        qkv, o = self.attn_weights[layer]
         cache = self.caches[layer]
         if cache.length != start:
             # a retransmitted request for tokens already cached: recompute from the cached prefix
             cache.truncate(start)
-        positions = torch.arange(start, start + x.shape[0])
-        return attention_partial(self.cfg, x, positions, q, k, v, o, cache)
+        heads = attend(self.cfg, linear(x, qkv), start, cache)
+        return linear(heads.reshape(x.shape[0], -1), o)
 
     def mlp(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(critical partial, relaxed partial) of this device's MLP neurons; None where it has none."""
-        gate, up, down = self.mlp_weights[layer]
+        """(critical partial, relaxed partial) of this device's MLP neurons; None where it has none.
+        The coordinator gets (all of its neurons, None)."""
+        gate_up, down = self.mlp_weights[layer]
         n_crit = self.slices[layer].n_critical
-        act = mlp_activations(x, gate, up)
+        act = swiglu(linear(x, gate_up))
+        if self.one_mlp_part:
+            return linear(act, down), None
         if not isinstance(down, torch.Tensor):  # quantised: the parts are (critical, relaxed) groups
             crit, rlx = down.parts(act)
             return (crit if n_crit else None), (rlx if act.shape[1] > n_crit else None)
@@ -96,8 +107,8 @@ class DeviceCompute:
 
     def mlp_groups(self, layer: int, x: torch.Tensor) -> list[torch.Tensor]:
         """Each of this device's MLP groups' partial sum, in `Plan.groups_on` order (for simulation)."""
-        gate, up, down = self.mlp_weights[layer]
-        act = mlp_activations(x, gate, up)
+        gate_up, down = self.mlp_weights[layer]
+        act = swiglu(linear(x, gate_up))
         if not isinstance(down, torch.Tensor):
             if layer not in self._group_downs:  # built on first use: simulation only
                 from .qcompute import group_linear

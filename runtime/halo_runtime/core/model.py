@@ -15,7 +15,7 @@ Example:
     >>> from halo_runtime.core.model import ModelConfig, rope_tables, rms_norm
     >>> cfg = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1,
     ...                   num_heads=2, num_kv_heads=1, head_dim=4)
-    >>> cos, sin = rope_tables(cfg, torch.arange(3))
+    >>> cos, sin = rope_tables(cfg, start=0, length=3)
     >>> tuple(cos.shape), float(rms_norm(torch.ones(1, 8), torch.ones(8), cfg.rms_norm_eps).sum())
     ((3, 4), 7.999...)
 
@@ -113,6 +113,10 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == weight.dtype == torch.float32:
+        # torch's own op: the same bits as the lines below (checked in tests), in one call instead
+        # of seven; decode runs two per layer, and each call costs ~20 us once weights flush the caches
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -150,31 +154,31 @@ def _inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, shape [T, head_dim], for the given absolute positions (contiguous, ascending).
+def rope_tables(cfg: ModelConfig, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin, shape [T, head_dim], for positions start .. start+length-1; the signed
+    sin is sin with its first half negated, which is what `apply_rope` multiplies.
 
     Every layer of a forward pass asks for the same positions: the last answer is kept (callers
     must not write into it), so decode computes them once per token, not once per layer.
     """
-    key = (cfg.head_dim, cfg.rope_theta, repr(cfg.rope_scaling), int(positions[0]), positions.shape[0])
-    if _ROPE_LAST[0] != key:
-        freqs = positions.float()[:, None] * inv_frequencies(cfg)[None, :]
+    last = _ROPE_LAST
+    if last[0] is not cfg or last[1] != start or last[2] != length:
+        freqs = torch.arange(start, start + length).float()[:, None] * inv_frequencies(cfg)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        _ROPE_LAST[:] = [key, (emb.cos(), emb.sin())]
-    return _ROPE_LAST[1]
+        sin = emb.sin()
+        sin[:, :cfg.head_dim // 2].neg_()
+        last[:] = [cfg, start, length, (emb.cos(), sin)]
+    return last[3]
 
 
-_ROPE_LAST: list = [None, None]
+_ROPE_LAST: list = [None, None, None, None]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [heads, T, head_dim]."""
-    return x * cos[None] + _rotate_half(x) * sin[None]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [heads, T, head_dim]. transformers' x * cos + rotate_half(x) * sin, bit for bit:
+    rotate_half(x) is roll(x, half) with its first half negated, and the negation sits in the
+    signed sin (negating is exact), so this is four ops instead of seven."""
+    return x * cos[None] + x.roll(x.shape[-1] // 2, -1) * signed_sin[None]
 
 
 class KVCache:
@@ -213,22 +217,32 @@ class KVCache:
         self.length = min(self.length, length)
 
 
-def attention_heads(cfg: ModelConfig, x: torch.Tensor, positions: torch.Tensor, q_proj: torch.Tensor,
+def attention_heads(cfg: ModelConfig, x: torch.Tensor, start: int, q_proj: torch.Tensor,
                     k_proj: torch.Tensor, v_proj: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Per-head attention outputs [T, local query heads, head_dim], before o_proj.
 
-    x is the normalised hidden state [T, hidden] at absolute `positions` (contiguous, following
-    what the cache already holds). The projections hold only this subset's rows, with query
+    x is the normalised hidden state [T, hidden] at absolute positions start .. start+T-1
+    (following what the cache already holds). The projections hold only this subset's rows, with query
     heads ordered so that local KV head j serves local query heads j*g .. j*g+g-1.
     """
-    T, hd, g = x.shape[0], cfg.head_dim, cfg.group_size
-    q = linear(x, q_proj).view(T, -1, hd).transpose(0, 1)
-    k = linear(x, k_proj).view(T, -1, hd).transpose(0, 1)
-    v = linear(x, v_proj).view(T, -1, hd).transpose(0, 1)
-    cos, sin = rope_tables(cfg, positions)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return attend(cfg, torch.cat((linear(x, q_proj), linear(x, k_proj), linear(x, v_proj)), 1), start, cache)
+
+
+def attend(cfg: ModelConfig, qkv: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+    """`attention_heads` from the projections already made: qkv [T, (q heads + 2 KV heads) x head_dim]
+    is x times the query, key and value rows side by side (a device multiplies them in one call)."""
+    T, hd, g = qkv.shape[0], cfg.head_dim, cfg.group_size
+    kv = qkv.shape[1] // (hd * (g + 2))
+    heads = qkv.view(T, -1, hd).transpose(0, 1)
+    cos, sin = rope_tables(cfg, start, T)
+    qk = apply_rope(heads[:kv * (g + 1)], cos, sin)  # queries and keys rotate alike: one call
+    q, k, v = qk[:kv * g], qk[kv * g:], heads[kv * (g + 1):]
     keys, values = cache.append(k, v)
-    kv = keys.shape[0]
+    if T == 1 and q.dtype == torch.float32:
+        # decode: torch's fused attention (no mask, GQA by head index) is one call instead of eight,
+        # and agrees with the lines below to fp32 rounding; prefill and the compiler keep those
+        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], enable_gqa=True)
+        return out[0].transpose(0, 1)
     # the g query heads of one KV head read its keys as one batch of g*T rows: no copies of the cache
     q = q.reshape(kv, g * T, hd)
     scores = (q @ keys.transpose(1, 2)) * (hd ** -0.5)
@@ -240,17 +254,24 @@ def attention_heads(cfg: ModelConfig, x: torch.Tensor, positions: torch.Tensor, 
     return (probs @ values).view(kv * g, T, hd).transpose(0, 1)
 
 
-def attention_partial(cfg: ModelConfig, x: torch.Tensor, positions: torch.Tensor,
+def attention_partial(cfg: ModelConfig, x: torch.Tensor, start: int,
                       q_proj: torch.Tensor, k_proj: torch.Tensor, v_proj: torch.Tensor,
                       o_proj: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Output of some KV-head groups: o_proj[:, heads] @ attention(heads), shape [T, hidden]."""
-    heads = attention_heads(cfg, x, positions, q_proj, k_proj, v_proj, cache)
+    heads = attention_heads(cfg, x, start, q_proj, k_proj, v_proj, cache)
     return linear(heads.reshape(x.shape[0], -1), o_proj)
 
 
 def mlp_activations(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor) -> torch.Tensor:
     """SwiGLU intermediate act(gate(x)) * up(x) for the neurons whose rows are given: [T, n]."""
     return F.silu(linear(x, gate_proj)) * linear(x, up_proj)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """`mlp_activations` from the projections already made: gate_up [T, 2n] is x times the gate
+    rows and the up rows side by side (a device multiplies them in one call)."""
+    n = gate_up.shape[1] // 2
+    return F.silu(gate_up[:, :n]) * gate_up[:, n:]
 
 
 def mlp_partial(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
@@ -302,10 +323,10 @@ class FullModel:
     def layer_weight(self, layer: int, name: str) -> torch.Tensor:
         return self.w[f"model.layers.{layer}.{name}.weight"]
 
-    def attention(self, layer: int, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """All of the layer's attention heads on x at `positions`, extending its KV cache."""
+    def attention(self, layer: int, start: int, x: torch.Tensor) -> torch.Tensor:
+        """All of the layer's attention heads on x at positions start.., extending its KV cache."""
         lw = partial(self.layer_weight, layer)
-        return attention_partial(self.cfg, x, positions, lw("self_attn.q_proj"), lw("self_attn.k_proj"),
+        return attention_partial(self.cfg, x, start, lw("self_attn.q_proj"), lw("self_attn.k_proj"),
                                  lw("self_attn.v_proj"), lw("self_attn.o_proj"), self.caches[layer])
 
     def mlp(self, layer: int, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -318,11 +339,10 @@ class FullModel:
         last position only)."""
         cfg, w = self.cfg, self.w
         start = self.caches[0].length
-        positions = torch.arange(start, start + tokens.shape[0])
         h = w["model.embed_tokens.weight"][tokens]
         for i in range(cfg.num_layers):
             h = decoder_layer(cfg, h, self.layer_weight(i, "input_layernorm"),
                               self.layer_weight(i, "post_attention_layernorm"),
-                              partial(self.attention, i, positions), partial(self.mlp, i))
+                              partial(self.attention, i, start), partial(self.mlp, i))
         head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
         return lm_logits(cfg, h[-1:] if last else h, w["model.norm.weight"], head)

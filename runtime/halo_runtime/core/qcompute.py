@@ -81,27 +81,29 @@ def coordinator_tables(plan: Plan, shard: dict[str, torch.Tensor]):
     return QuantEmbedding(emb), linear(head, "rows")
 
 
-def device_weights(plan: Plan, device: str, shard: dict[str, torch.Tensor], layer: int):
-    """(q, k, v, o) and (gate, up, down) QuantLinears of a device's layer (None where it holds none);
-    down's parts are (critical groups, relaxed groups)."""
+def device_weights(plan: Plan, device: str, shard: dict[str, torch.Tensor], fused: dict[str, torch.Tensor],
+                   layer: int, one_part: bool = False):
+    """((q|k|v), o) and ((gate|up), down) QuantLinears of a device's layer (None where it holds
+    none); `fused` holds the stacked rows (`shards.fuse_rows`: layers.L.attn.qkv, layers.L.mlp.gate_up).
+    down's parts are (critical groups, relaxed groups), or all groups in one with `one_part`."""
     from .qshards import shard_segments
     from .shards import device_indices
 
     s, pre = device_indices(plan, device, layer), f"layers.{layer}"
-    read = lambda name, segs=None: read_weight(shard, f"{pre}.{name}", plan, device,  # noqa: E731
-                                               segs if plan.weights == "int4" else None)
+    read = lambda name, segs=None, src=shard: read_weight(src, f"{pre}.{name}", plan, device,  # noqa: E731
+                                                          segs if plan.weights == "int4" else None)
     attn = mlp = None
     if s.kv_heads:
         o = _segmented(read("attn.o_proj", shard_segments(plan, device, layer, "o_proj")),
                        shard_segments(plan, device, layer, "o_proj"), device, "o_proj")
-        attn = tuple(linear(read(f"attn.{p}"), "rows") for p in ("q_proj", "k_proj", "v_proj")) + (linear(o, "groups"),)
+        attn = (linear(read("attn.qkv", src=fused), "rows"), linear(o, "groups"))
     if s.neurons:
         segs = shard_segments(plan, device, layer, "down_proj")
         down = _segmented(read("mlp.down_proj", segs), segs, device, "down_proj")
         groups = plan.groups_on(device, layer, "mlp")
         n_crit = sum(1 for g in groups if g.critical)
-        mlp = (linear(read("mlp.gate_proj"), "rows"), linear(read("mlp.up_proj"), "rows"),
-               linear(down, "groups", (n_crit, len(groups) - n_crit)))
+        mlp = (linear(read("mlp.gate_up", src=fused), "rows"),
+               linear(down, "groups", (len(groups),) if one_part else (n_crit, len(groups) - n_crit)))
     return attn, mlp
 
 

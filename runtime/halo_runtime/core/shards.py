@@ -13,6 +13,8 @@ Example (the checked-in plan; device pi5-1's part of layer 0):
 """
 from __future__ import annotations
 
+import ctypes
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,15 @@ import torch
 from safetensors.torch import load_file
 
 from .plan import Plan, PlanError
-from .quant import QuantWeight, dequantise, dequantise_columns, from_tensors, quantise, quantise_columns
+from .quant import (
+    SCALE_SUFFIX,
+    QuantWeight,
+    dequantise,
+    dequantise_columns,
+    from_tensors,
+    quantise,
+    quantise_columns,
+)
 
 PROJ = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
         "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
@@ -255,3 +265,54 @@ def read_weight(shard: dict[str, torch.Tensor], name: str, plan: Plan, device: s
         return from_tensors(shard, name, plan.weights, segments)
     except ValueError as e:
         raise PlanError(f"shard of {device}: {e}") from None
+
+
+def fuse_rows(shard: dict[str, torch.Tensor], names: list[str], fused: str, device: str) -> dict[str, torch.Tensor]:
+    """The row-sliced weights `names` of a shard stacked into one weight called `fused` (values,
+    and scales if stored), returned as shard entries: one product then makes all of their outputs.
+
+    The shard's own entries become views of the stacked tensors, so the process still holds each
+    weight once and the shard still reads as written (verify, assemble and simulation see no change).
+    """
+    out = {}
+    for suffix in ("", SCALE_SUFFIX):
+        keys = [n + suffix for n in names]
+        present = [k in shard for k in keys]
+        if not any(present) and suffix:
+            continue
+        if not all(present):
+            raise PlanError(f"shard of {device}: missing tensor {keys[present.index(False)]}")
+        parts = [shard[k] for k in keys]
+        if len({(p.dtype, p.shape[1:]) for p in parts}) != 1:
+            raise PlanError(f"shard of {device}: {', '.join(keys)} differ in dtype or columns")
+        whole = torch.cat(parts)
+        at = 0
+        for k, p in zip(keys, parts):
+            shard[k] = whole[at:at + p.shape[0]]
+            at += p.shape[0]
+        out[fused + suffix] = whole
+        _drop_pages(parts)
+    return out
+
+
+def _drop_pages(tensors: list[torch.Tensor]) -> None:
+    """Give back the resident pages of tensors nobody reads any more (Linux; elsewhere a no-op).
+
+    `load_file` maps the shard file: its tensors are the file's pages, and the ones `fuse_rows`
+    copied would stay resident (counted in RSS twice) until the whole file is unmapped. The pages
+    lying wholly inside such a tensor are released (MADV_DONTNEED); read again, they fault back
+    from the file. Only tensors inside a file mapping are touched: never memory of our own.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/self/maps") as f:
+            files = [tuple(int(a, 16) for a in line.split()[0].split("-")) for line in f
+                     if len(line.split()) >= 6 and line.split()[5].startswith("/")]
+    except (OSError, AttributeError):
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    for t in tensors:
+        start = -(-t.data_ptr() // page) * page
+        end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+        if end > start and t.is_contiguous() and any(lo <= start and end <= hi for lo, hi in files):
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED

@@ -156,8 +156,7 @@ class StreamingCompute(DeviceCompute):
         cache = self.caches[layer]
         if cache.length != start:
             cache.truncate(start)
-        positions = torch.arange(start, start + x.shape[0])
-        out = attention_partial(self.cfg, x, positions, q, k, v, o, cache)
+        out = attention_partial(self.cfg, x, start, q, k, v, o, cache)
         self.cache.release(self.ids[layer, "attn"])
         return out
 
