@@ -2,7 +2,8 @@
 
 The same class serves a worker process, the coordinator's own groups, and in-process
 simulation, so every path runs the identical math. MLP output is split in two partial sums,
-critical and relaxed, because the coordinator treats them differently (await vs deadline).
+critical and relaxed, because the coordinator treats them differently (await vs deadline); the
+coordinator's own part is one sum (it is never sent, so never late).
 
 Example (the checked-in plan's cluster with a toy one-layer model; pi5-1 holds everything):
     >>> import dataclasses, torch
