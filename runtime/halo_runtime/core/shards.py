@@ -274,7 +274,7 @@ def fuse_rows(shard: dict[str, torch.Tensor], names: list[str], fused: str, devi
     The shard's own entries become views of the stacked tensors, so the process still holds each
     weight once and the shard still reads as written (verify, assemble and simulation see no change).
     """
-    out = {}
+    out, copied = {}, []
     for suffix in ("", SCALE_SUFFIX):
         keys = [n + suffix for n in names]
         present = [k in shard for k in keys]
@@ -291,7 +291,8 @@ def fuse_rows(shard: dict[str, torch.Tensor], names: list[str], fused: str, devi
             shard[k] = whole[at:at + p.shape[0]]
             at += p.shape[0]
         out[fused + suffix] = whole
-        _drop_pages(parts)
+        copied += parts
+    _drop_pages(copied)
     return out
 
 
