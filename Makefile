@@ -9,7 +9,10 @@ DEMO   := out/demo-pi5
 LAB_STAMP := $(VENV)/.lab-v1
 LAB_APT   := iproute2 nftables iptables ethtool libnetfilter-queue-dev gcc python3-dev
 BENCH_PLAN := artifacts/smollm2-135m-pi5
+# compiled for the lab's 2 ms links, with the lossy boards made to hold a third of the model
+TIGHT_PLAN := out/plans/smollm2-135m-pi5-tight-2ms
 QUICK_OUT  ?= out/bench-quick/plr_sweep.json
+QUICK_TIGHT_OUT ?= out/bench-quick/plr_sweep_tight_2ms.json
 
 .PHONY: install demo test test-slow test-all plans clean lab-setup bench bench-quick
 
@@ -74,6 +77,12 @@ $(BENCH_PLAN)/tokenizer.json:
 bench: lab-setup install $(BENCH_PLAN)/tokenizer.json
 	$(BIN)/python benchmarks/plr_sweep.py --plan $(BENCH_PLAN) --out benchmarks/results/plr_sweep.json
 
-# 0% and 5% loss at 0 and 2 ms one way, one repetition; same JSON shape, written to $(QUICK_OUT)
-bench-quick: lab-setup install $(BENCH_PLAN)/tokenizer.json
+$(TIGHT_PLAN)/tokenizer.json: install
+	$(BIN)/halo-compile plan smollm2-135m --cluster profiles/pi5-tight-2ms.yaml -o $(TIGHT_PLAN) -q
+
+# 0% and 5% loss at 0 and 2 ms one way, one repetition, written to $(QUICK_OUT); then the plan
+# compiled for 2 ms links at 2 ms, relaxed with and without redundancy vs strict -> $(QUICK_TIGHT_OUT)
+bench-quick: lab-setup install $(BENCH_PLAN)/tokenizer.json $(TIGHT_PLAN)/tokenizer.json
 	$(BIN)/python benchmarks/plr_sweep.py --quick --plan $(BENCH_PLAN) --out $(QUICK_OUT)
+	$(BIN)/python benchmarks/plr_sweep.py --quick --delays 2 --modes relaxed,redundant,strict \
+	  --plan $(TIGHT_PLAN) --out $(QUICK_TIGHT_OUT)

@@ -8,6 +8,8 @@ repetition the modes run back to back with the same prompt and token count:
 
 - relaxed: `halo-run generate --sync relaxed --draft none` (UDP, deadlines, compensation);
 - draft:   the same with `--draft lookup` (several tokens verified per pass);
+- redundant: relaxed with `--redundancy 2` (every message to and from a lossy device sent twice;
+  opt-in: `--modes relaxed,redundant,strict`);
 - strict:  `halo-run generate --sync strict --draft none` (TCP, cubic, every part awaited);
 - gloo:    `gloo_tp.py` (torch.distributed gloo all-reduce over TCP, same partition).
 
@@ -60,7 +62,9 @@ PROMPTS = [
 FULL = dict(plrs=[0.0, 0.01, 0.02, 0.05, 0.10], delays=[0.0, 2.0], reps=3, tokens=64, gloo_reps=1, gloo_tokens=16)
 QUICK = dict(plrs=[0.0, 0.05], delays=[0.0, 2.0], reps=1, tokens=24, gloo_reps=1, gloo_tokens=6)
 MODES = {"relaxed": ["--sync", "relaxed", "--draft", "none"], "draft": ["--sync", "relaxed", "--draft", "lookup"],
+         "redundant": ["--sync", "relaxed", "--draft", "none", "--redundancy", "2"],
          "strict": ["--sync", "strict", "--draft", "none"], "gloo": None}
+DEFAULT_MODES = ("relaxed", "draft", "strict", "gloo")
 """Sweep mode -> its `halo-run generate` arguments (None: the gloo baseline)."""
 WORKER_PORT = 7700
 GLOO_PORT = 29500
@@ -253,7 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"{QUICK['plrs']} loss at {QUICK['delays']} ms, "
                                                           f"{QUICK['reps']} rep, {QUICK['tokens']} tokens")
     ap.add_argument("--plrs", default=None, help="comma-separated loss rates, e.g. 0,0.01,0.05")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--gloo-reps", type=int, default=None, help="repetitions of the gloo baseline")
@@ -390,7 +394,7 @@ def _sweep(args, plan_dir, out, png, plrs, delays, reps, tokens, gloo_reps, gloo
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc["duration_s"] = round(time.time() - started, 1)
     # same greedy tokens as strict, prompt by prompt (at 0% loss every mode must agree)
-    for other in ("relaxed", "draft", "gloo"):
+    for other in ("relaxed", "draft", "redundant", "gloo"):
         if other not in modes or "strict" not in modes:
             continue
         key = f"same_tokens_{other}_vs_strict"

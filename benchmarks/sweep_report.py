@@ -19,10 +19,12 @@ from benchcommon import percentiles
 
 TARGET_DELAY_MS = 2.0
 """One-way delay at which the loss targets are read (the issue's lab: 2 ms +- 0.5)."""
-MODE_ORDER = ("relaxed", "draft", "strict", "gloo")
-LABELS = {"relaxed": "HALO relaxed (UDP)", "draft": "HALO relaxed + lookup draft", "strict": "HALO strict (TCP)",
+MODE_ORDER = ("relaxed", "draft", "redundant", "strict", "gloo")
+LABELS = {"relaxed": "HALO relaxed (UDP)", "draft": "HALO relaxed + lookup draft",
+          "redundant": "HALO relaxed, lossy links x2", "strict": "HALO strict (TCP)",
           "gloo": "gloo all-reduce (TCP)"}
-STYLE = {"relaxed": ("tab:green", "o"), "draft": ("tab:olive", "D"), "strict": ("tab:red", "s"),
+STYLE = {"relaxed": ("tab:green", "o"), "draft": ("tab:olive", "D"), "redundant": ("tab:cyan", "v"),
+         "strict": ("tab:red", "s"),
          "gloo": ("tab:blue", "^")}
 
 
@@ -72,6 +74,10 @@ def _summary(runs: list[dict]) -> dict:
     if ("relaxed", 0.05) in p50 and ("relaxed", 0.0) in p50:
         out["relaxed_5pct_over_0pct_p50"] = round(p50[("relaxed", 0.05)] / p50[("relaxed", 0.0)], 3)
         out["target_1_15x_met"] = out["relaxed_5pct_over_0pct_p50"] <= 1.15
+    if ("redundant", 0.05) in p50 and ("strict", 0.05) in p50:
+        out["strict_over_redundant_p50_at_5pct"] = round(p50[("strict", 0.05)] / p50[("redundant", 0.05)], 3)
+    if ("redundant", 0.05) in p50 and ("redundant", 0.0) in p50:
+        out["redundant_5pct_over_0pct_p50"] = round(p50[("redundant", 0.05)] / p50[("redundant", 0.0)], 3)
     for mode in MODE_ORDER:
         base = p50.get((mode, 0.0))
         if base:
@@ -126,7 +132,7 @@ def table(doc: dict) -> str:
     for r in sorted(doc["runs"], key=lambda r: (r.get("delay_ms") or 0.0, r["plr"], MODE_ORDER.index(r["mode"]))):
         t = r["tpot_ms"]
         ol = f"{100 * r['observed_loss']:.2f}%" if r["observed_loss"] is not None else "-"
-        comp = f"{100 * r['compensated_share']:.2f}%" if r["mode"] in ("relaxed", "draft") else "-"
+        comp = f"{100 * r['compensated_share']:.2f}%" if r["mode"] in ("relaxed", "draft", "redundant") else "-"
         rows.append(f"| {r.get('delay_ms') or 0.0:g} ms | {r['mode']} | {100 * r['plr']:.0f}% | {t['p50']:.1f} | "
                     f"{t['p90']:.1f} | {t['p99']:.1f} | {r.get('tokens_per_pass', 1.0):.2f} | {ol} | {comp} | "
                     f"{r['decode_tokens'] // r['repetitions'] + 1} x {r['repetitions']} | "

@@ -20,6 +20,7 @@ PROFILES = ROOT / "profiles"
 @pytest.mark.parametrize("file, name, n, coordinator", [
     ("pi5.yaml", "pi5", 4, "pi5-0"),
     ("pi5-2ms.yaml", "pi5-2ms", 4, "pi5-0"),
+    ("pi5-tight-2ms.yaml", "pi5-tight-2ms", 4, "pi5-0"),
     ("pi-mixed.yaml", "pi-mixed", 4, "pi5"),
     ("local.yaml", "local", 4, "dev0"),
     ("single.yaml", "single", 1, "pi5-0"),
@@ -35,8 +36,8 @@ def test_shipped_profiles_load(file, name, n, coordinator):
 
 
 def test_shipped_profiles_are_all_covered():
-    assert sorted(f.name for f in PROFILES.glob("*.yaml")) == ["local.yaml", "pi-mixed.yaml", "pi5-2ms.yaml", "pi5.yaml",
-                                                                 "single.yaml"]
+    assert sorted(f.name for f in PROFILES.glob("*.yaml")) == ["local.yaml", "pi-mixed.yaml", "pi5-2ms.yaml",
+                                                                 "pi5-tight-2ms.yaml", "pi5.yaml", "single.yaml"]
 
 
 def test_pi5_profile_values():
@@ -50,7 +51,7 @@ def test_pi5_profile_values():
     assert p.devices[1].port == 7700
 
 
-@pytest.mark.parametrize("file", ["pi5.yaml", "pi5-2ms.yaml", "pi-mixed.yaml", "local.yaml"])
+@pytest.mark.parametrize("file", ["pi5.yaml", "pi5-2ms.yaml", "pi5-tight-2ms.yaml", "pi-mixed.yaml", "local.yaml"])
 def test_shipped_profiles_match_their_yaml(file):
     """Every device field is the device's own value, else the profile default, else the Device default
     (compared with the YAML itself, so retuning a profile's numbers does not break this test)."""
