@@ -136,6 +136,11 @@ def test_worker_port_in_use(plan_copy):
                          f"cannot bind 127.0.0.1:{port}: address already in use")
 
 
+def test_run_with_no_threads(tmp_path):
+    for args in (("worker", "--device", "dev1"), ("generate", "--prompt", "hi")):
+        assert_run_error(halo_run(*args, "--plan", tmp_path, "--threads", "0"), "threads must be", "got 0")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -276,6 +276,24 @@ def test_measurement_chooses_only_kernels_that_keep_activations_exact():
             assert k.name not in sel.times_us and K.PIN_ENV in sel.rejected[k.name]
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_int8_loop_gives_the_same_bits_on_two_threads(tokens, monkeypatch):
+    """`--threads` splits the rows among threads; each row is still summed by one, the same way."""
+    from halo_runtime.core import jitkernels as J
+
+    w = quantise(_weight(3 * J.ROW_BLOCK + 5, 72), "int8")
+    p = J.prepare_int8(w)
+    x = torch.randn(tokens, 72, generator=torch.Generator().manual_seed(tokens))
+    one = J.int8_linear(p, x)
+    monkeypatch.setattr(K, "THREADS", 2)
+    assert torch.equal(J.int8_linear(p, x), one)
+
+
+def test_compute_options_refuse_no_threads():
+    with pytest.raises(ValueError, match="threads must be"):
+        K.ComputeOptions(threads=0)
+
+
 def test_int8_weight_only_kernel_agrees_for_one_few_and_many_tokens():
     from halo_runtime.core import jitkernels as J
 

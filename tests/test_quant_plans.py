@@ -141,15 +141,16 @@ def test_local_udp_int8_equals_single_device(compiled):
     plan1, dir1 = compiled("int8", 1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HALO_KERNELS": PINS}
     runs = []
-    for directory in (dir4, dir1):
+    # the 1-device plan also on two threads (--threads splits the int8 products' rows: same bits)
+    for directory, threads in ((dir4, 1), (dir1, 1), (dir1, 2)):
         proc = subprocess.run([sys.executable, "-m", "halo_runtime.cli", "local", "--plan", str(directory),
                                "--prompt", "The capital of France is", "--max-tokens", "10", "--ignore-eos",
-                               "--plr", "0", "--wire", "fp32", "--json", "--quiet"],
+                               "--plr", "0", "--wire", "fp32", "--json", "--quiet", "--threads", str(threads)],
                               capture_output=True, text=True, timeout=240, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs.append(json.loads(proc.stdout))
-    udp4, one = runs
-    assert udp4["tokens"] == one["tokens"]
+    udp4, one, two_threads = runs
+    assert udp4["tokens"] == one["tokens"] == two_threads["tokens"] and two_threads["threads"] == 2
     from halo_runtime.core.kernels import kernel
     assert udp4["weights"] == "int8" and kernel(udp4["kernels"]["int8"]["rows"]).activations == "fp32"
     assert all(k.get("int8") for d, k in udp4["kernels_by_device"].items()

@@ -60,6 +60,13 @@ def _coordinator_args(p: argparse.ArgumentParser) -> None:
                    **_field(DeliveryPolicy, "dead_after_s", " (default %(default)g s)"))
     p.add_argument("--draft", metavar="none|lookup|self|PATH", **_field(DraftOptions, "source", " (default %(default)s)"))
     p.add_argument("--draft-tokens", type=int, metavar="K", **_field(DraftOptions, "tokens", " (default %(default)s)"))
+    _threads_arg(p, " (local: the coordinator's; each worker it starts keeps one)")
+
+
+def _threads_arg(p: argparse.ArgumentParser, suffix: str = "") -> None:
+    from .core.kernels import ComputeOptions
+
+    p.add_argument("--threads", type=int, metavar="N", **_field(ComputeOptions, "threads", suffix))
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -117,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--warm-storage", action="store_true",
                    help="keep the shard's pages in the page cache (default: drop them after each read)")
     w.add_argument("--stats-file", default=None, help="write the group cache's counters here at exit (JSON)")
+    _threads_arg(w)
     g = sub.add_parser("generate", help="generate text as the coordinator")
     _generate_args(g)
     loc = sub.add_parser("local", help="run every device as a local process on loopback (emulated loss)")
@@ -142,14 +150,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    import torch
-
+    from .core.kernels import set_threads
     from .core.plan import PlanError
     from .net.exchange import DeviceLost
     from .net.transport import TransportError
 
-    torch.set_num_threads(1)  # one thread per device process: several share this machine's cores
     try:
+        set_threads(args.threads)
         {"worker": run_worker, "generate": run_generate, "local": run_local, "serve": run_serve}[args.command](args)
     except (PlanError, TransportError, DeviceLost, OSError, ValueError) as e:
         _fail(str(e))
@@ -299,7 +306,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
         for d, n in s.missing.items():
             per_device[d] = per_device.get(d, 0) + n
     return {
-        "sync": sync, "wire": args.wire, "weights": plan.weights, "kernels": selections(),
+        "sync": sync, "wire": args.wire, "weights": plan.weights, "kernels": selections(), "threads": args.threads,
         "prompt_tokens": len(prompt), "tokens": gen.tokens,
         "text": tok.decode(gen.tokens, skip_special=True),
         "ttft_ms": round(gen.token_stats[0].total_ms, 3) if gen.token_stats else None,

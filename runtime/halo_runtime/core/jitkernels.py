@@ -15,7 +15,10 @@ reuse it for every token; `GEMM_ROWS` tokens or more (prefill) dequantise the ma
 one fp32 GEMM: there the multiplications, not the bytes, are the cost. (Dequantising for a
 5-token verification pass cost 5-10x the loop, measured.)
 
-Compiled on first use and cached on disk by numba (about a second once per machine).
+With `kernels.set_threads(n)` (`halo-run --threads`) the rows are split among n threads in
+blocks of `ROW_BLOCK`; a row is summed by one thread either way, so the answer is the same bits.
+
+Compiled on first use and cached on disk by numba (a few seconds once per machine).
 
 Example:
     >>> import torch
@@ -33,31 +36,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .quant import QuantWeight
 
 GEMM_ROWS = 16
 """From this many tokens on, dequantise the matrix once and run one fp32 GEMM."""
+ROW_BLOCK = 32
+"""Rows per task when the products run on several threads (`kernels.set_threads`)."""
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True)
-def _matvec_int8(x, w, scales, y):  # pragma: no cover - compiled
-    # fastmath lets LLVM split the sum over k into several vector accumulators (the reassociation
-    # any vectorised fp32 GEMM does): the answer differs from a sequential sum by fp32 rounding only
-    rows, cols = w.shape
-    for t in range(x.shape[0]):
-        for r in range(rows):
+def _int8_rows(x, w, scales, y, lo, hi):  # pragma: no cover - compiled
+    # rows lo..hi of y = x @ (w * scales).T. fastmath lets LLVM split the sum over k into several
+    # vector accumulators (the reassociation any vectorised fp32 GEMM does): the answer differs from
+    # a sequential sum by fp32 rounding only, and is the same whichever thread computes the row
+    cols = w.shape[1]
+    if x.shape[0] == 1:
+        for r in range(lo, hi):
             acc = np.float32(0.0)
             for k in range(cols):
-                acc += x[t, k] * np.float32(w[r, k])
-            y[t, r] = acc * scales[r]
-
-
-@numba.njit(fastmath=True, nogil=True, cache=True)
-def _matmul_int8(x, w, scales, y):  # pragma: no cover - compiled
-    # each weight row is widened once (it stays in L1) and read by every token
-    rows, cols = w.shape
+                acc += x[0, k] * np.float32(w[r, k])
+            y[0, r] = acc * scales[r]
+        return
+    # a few tokens (draft verification): each weight row is widened once (it stays in L1) and read
+    # by every token
     row = np.empty(cols, np.float32)
-    for r in range(rows):
+    for r in range(lo, hi):
         for k in range(cols):
             row[k] = np.float32(w[r, k])
         for t in range(x.shape[0]):
@@ -65,6 +69,19 @@ def _matmul_int8(x, w, scales, y):  # pragma: no cover - compiled
             for k in range(cols):
                 acc += x[t, k] * row[k]
             y[t, r] = acc * scales[r]
+
+
+@numba.njit(fastmath=True, nogil=True, cache=True)
+def _int8_serial(x, w, scales, y):  # pragma: no cover - compiled
+    _int8_rows(x, w, scales, y, 0, w.shape[0])
+
+
+@numba.njit(fastmath=True, nogil=True, cache=True, parallel=True)
+def _int8_parallel(x, w, scales, y):  # pragma: no cover - compiled
+    rows = w.shape[0]
+    blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
+    for b in numba.prange(blocks):
+        _int8_rows(x, w, scales, y, b * ROW_BLOCK, min(rows, (b + 1) * ROW_BLOCK))
 
 
 def prepare_int8(w: QuantWeight) -> tuple[np.ndarray, np.ndarray]:
@@ -79,5 +96,10 @@ def int8_linear(prepared: tuple[np.ndarray, np.ndarray], x: torch.Tensor) -> tor
     if T >= GEMM_ROWS:
         return F.linear(x, torch.from_numpy(values).float() * torch.from_numpy(scales)[:, None])
     y = np.empty((T, values.shape[0]), np.float32)
-    (_matvec_int8 if T == 1 else _matmul_int8)(x.contiguous().numpy(), values, scales, y)
+    threads = min(kernels.THREADS, numba.config.NUMBA_NUM_THREADS)
+    if threads > 1 and values.shape[0] >= 2 * ROW_BLOCK:
+        numba.set_num_threads(threads)  # numba's count is per calling thread, so it is set here
+        _int8_parallel(x.contiguous().numpy(), values, scales, y)
+    else:
+        _int8_serial(x.contiguous().numpy(), values, scales, y)
     return torch.from_numpy(y)

@@ -370,6 +370,7 @@ def measure(fmt: str, role: str = "rows", repeats: int = 5, weight: QuantWeight 
     """Time every available candidate for `fmt` on `weight` (a device's own matrix: the truest
     probe) or else a seeded PROBE_SHAPE matrix cut into the role's segments; keep the fastest that
     agrees with the reference. One thread: on a busy machine a thread pool's waits swamp the calls."""
+    global THREADS
     gen = torch.Generator().manual_seed(0)
     if weight is None:
         rows, cols = PROBE_SHAPE
@@ -383,8 +384,9 @@ def measure(fmt: str, role: str = "rows", repeats: int = 5, weight: QuantWeight 
                                          torch.randn(3, weight.cols, generator=gen))]
     del dense
     times, rejected = {}, {}
-    threads = torch.get_num_threads()
+    threads, loop_threads = torch.get_num_threads(), THREADS
     torch.set_num_threads(1)
+    THREADS = 1
     try:
         for kern in candidates(fmt):
             if kern.activations != "fp32":
@@ -393,6 +395,7 @@ def measure(fmt: str, role: str = "rows", repeats: int = 5, weight: QuantWeight 
             _probe(kern, weight, inputs, repeats, times, rejected)
     finally:
         torch.set_num_threads(threads)
+        THREADS = loop_threads
     if not times:
         raise RuntimeError(f"no working kernel for {fmt} weights ({rejected})")
     best = None
@@ -440,6 +443,32 @@ def choose(fmt: str, role: str = "rows", name: str | None = None, probe: QuantWe
     if (fmt, role) not in _SELECTIONS:
         _SELECTIONS[fmt, role] = measure(fmt, role, weight=probe)
     return kernel(_SELECTIONS[fmt, role].kernel)
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How one process runs its products."""
+
+    threads: int = 1
+    """Threads for this process's matrix products (int8 decode products, and every format's prefill);
+    1 where several device processes share a machine, a board's core count where a device has it to
+    itself."""
+
+    def __post_init__(self):
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"threads must be a whole number of at least 1, got {self.threads!r}")
+
+
+THREADS = 1
+"""This process's `ComputeOptions.threads` (`set_threads`); read by the int8 loop on every call."""
+
+
+def set_threads(threads: int) -> None:
+    """Run this process's products on `threads` threads: torch's GEMMs, and the int8 loop split by
+    rows (each row is still summed by one thread, so the answer is the same bits for any count)."""
+    global THREADS
+    THREADS = ComputeOptions(threads).threads
+    torch.set_num_threads(threads)
 
 
 def role_of(weight: QuantWeight) -> str:
