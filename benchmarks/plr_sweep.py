@@ -64,8 +64,9 @@ QUICK = dict(plrs=[0.0, 0.05], delays=[0.0, 2.0], reps=1, tokens=24, gloo_reps=1
 MODES = {"relaxed": ["--sync", "relaxed", "--draft", "none"], "draft": ["--sync", "relaxed", "--draft", "lookup"],
          "redundant": ["--sync", "relaxed", "--draft", "none", "--redundancy", "2"],
          "strict": ["--sync", "strict", "--draft", "none"], "gloo": None}
-DEFAULT_MODES = ("relaxed", "draft", "strict", "gloo")
 """Sweep mode -> its `halo-run generate` arguments (None: the gloo baseline)."""
+DEFAULT_MODES = ("relaxed", "draft", "strict", "gloo")
+"""The modes a sweep runs unless `--modes` says otherwise (redundant is opt-in)."""
 WORKER_PORT = 7700
 GLOO_PORT = 29500
 TOKEN_LINE = re.compile(r"token\s+(\d+)\s.*total\s+([\d.]+) ms\s+compute\s+([\d.]+)\s+wait\s+([\d.]+)")

@@ -24,8 +24,7 @@ LABELS = {"relaxed": "HALO relaxed (UDP)", "draft": "HALO relaxed + lookup draft
           "redundant": "HALO relaxed, lossy links x2", "strict": "HALO strict (TCP)",
           "gloo": "gloo all-reduce (TCP)"}
 STYLE = {"relaxed": ("tab:green", "o"), "draft": ("tab:olive", "D"), "redundant": ("tab:cyan", "v"),
-         "strict": ("tab:red", "s"),
-         "gloo": ("tab:blue", "^")}
+         "strict": ("tab:red", "s"), "gloo": ("tab:blue", "^")}
 
 
 def aggregate(mode: str, plr: float, delay_ms: float | None, reps: list[dict]) -> dict:
