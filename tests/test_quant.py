@@ -276,17 +276,19 @@ def test_measurement_chooses_only_kernels_that_keep_activations_exact():
             assert k.name not in sel.times_us and K.PIN_ENV in sel.rejected[k.name]
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp32"])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_int8_loop_gives_the_same_bits_on_two_threads(tokens, monkeypatch):
+def test_numba_loop_gives_the_same_bits_on_two_threads(fmt, tokens, monkeypatch):
     """`--threads` splits the rows among threads; each row is still summed by one, the same way."""
     from halo_runtime.core import jitkernels as J
 
-    w = quantise(_weight(3 * J.ROW_BLOCK + 5, 72), "int8")
-    p = J.prepare_int8(w)
+    w = quantise(_weight(3 * J.ROW_BLOCK + 5, 72), fmt)
+    p, run = (J.prepare_int8(w), J.int8_linear) if fmt == "int8" else (J.prepare_fp32(w), J.fp32_linear)
     x = torch.randn(tokens, 72, generator=torch.Generator().manual_seed(tokens))
-    one = J.int8_linear(p, x)
+    one = run(p, x)
+    assert torch.allclose(one, x @ dequantise(w).T, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(K, "THREADS", 2)
-    assert torch.equal(J.int8_linear(p, x), one)
+    assert torch.equal(run(p, x), one)
 
 
 def test_compute_options_refuse_no_threads():

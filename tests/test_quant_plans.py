@@ -70,6 +70,24 @@ def test_distributed_tokens_equal_single_device_in_process(compiled, fmt, monkey
     assert _tokens(plan4, dir4) == _tokens(plan1, dir1)
 
 
+def test_fp32_on_two_threads_goes_through_the_kernels_with_the_same_tokens(compiled, monkeypatch):
+    """With several threads an fp32 plan's products go through the measured kernels (the numba loop
+    can use the threads, torch's one-token product cannot); the tokens stay those of one thread."""
+    from halo_runtime.core import kernels as K
+    from halo_runtime.core.kernels import QuantLinear
+
+    plan4, dir4 = compiled("fp32", 4)
+    plan1, dir1 = compiled("fp32", 1)
+    one_thread = _tokens(plan1, dir1)
+    monkeypatch.setattr(K, "THREADS", 2)
+    monkeypatch.setenv("HALO_KERNELS", "fp32.numba")
+    name = next(g.device for g in plan4.groups if g.kind == "mlp")
+    dev = DeviceCompute(plan4, name, load_shard(dir4, plan4, name))
+    layer = next(i for i in range(plan4.model.num_layers) if dev.has_mlp(i))
+    assert isinstance(dev.mlp_weights[layer][0], QuantLinear)
+    assert _tokens(plan4, dir4) == _tokens(plan1, dir1) == one_thread
+
+
 def test_int8_shards_are_int8_and_verify_passes(compiled, tiny_vocab_dir):
     from halo_compile.verify import verify_plan
 

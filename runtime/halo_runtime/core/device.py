@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .model import KVCache, attend, linear, swiglu
 from .plan import Plan
 from .shards import device_indices, fuse_rows
@@ -48,7 +49,10 @@ class DeviceCompute:
         # the coordinator's own MLP part is never sent, so it is never late: no critical/relaxed
         # split, one product (a kernel call and a sum fewer per layer in decode)
         self.one_mlp_part = device == plan.coordinator
-        if plan.weights != "fp32":
+        # quantised weights, and fp32 ones in a process given several threads (torch's one-token
+        # product runs on one), go through the kernels chosen by measurement in this process
+        through_kernels = plan.weights != "fp32" or kernels.THREADS > 1
+        if through_kernels:
             from .qcompute import device_weights
         for layer, s in enumerate(self.slices):
             pre = f"layers.{layer}"
@@ -60,7 +64,7 @@ class DeviceCompute:
             if s.neurons:
                 fused.update(fuse_rows(shard, [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"], f"{pre}.mlp.gate_up",
                                        device))
-            if plan.weights != "fp32":  # QuantLinears with the kernels chosen in this process
+            if through_kernels:
                 attn, mlp = device_weights(plan, device, shard, fused, layer, self.one_mlp_part)
             else:
                 attn = (fused[f"{pre}.attn.qkv"], shard[f"{pre}.attn.o_proj"]) if s.kv_heads else None

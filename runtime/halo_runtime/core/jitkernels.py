@@ -1,4 +1,5 @@
-"""Weight-only int8 matrix-vector product compiled by numba: int8 weights, fp32 activations and sums.
+"""Weight-only int8 matrix-vector product compiled by numba: int8 weights, fp32 activations and sums
+(and the same loop on fp32 weights, which can run on several threads where torch's cannot).
 
 Decode multiplies one token's activations by every weight once, so its speed is set by how
 fast weights stream from memory; int8 reads a quarter of fp32's bytes. The library kernels
@@ -46,8 +47,8 @@ ROW_BLOCK = 32
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True)
-def _int8_rows(x, w, scales, y, lo, hi):  # pragma: no cover - compiled
-    # rows lo..hi of y = x @ (w * scales).T. fastmath lets LLVM split the sum over k into several
+def _rows(x, w, scales, y, lo, hi):  # pragma: no cover - compiled
+    # rows lo..hi of y = x @ (w * scales).T, w int8 or fp32 (numba compiles each). fastmath lets LLVM split the sum over k into several
     # vector accumulators (the reassociation any vectorised fp32 GEMM does): the answer differs from
     # a sequential sum by fp32 rounding only, and is the same whichever thread computes the row
     cols = w.shape[1]
@@ -72,16 +73,16 @@ def _int8_rows(x, w, scales, y, lo, hi):  # pragma: no cover - compiled
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True)
-def _int8_serial(x, w, scales, y):  # pragma: no cover - compiled
-    _int8_rows(x, w, scales, y, 0, w.shape[0])
+def _serial(x, w, scales, y):  # pragma: no cover - compiled
+    _rows(x, w, scales, y, 0, w.shape[0])
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True, parallel=True)
-def _int8_parallel(x, w, scales, y):  # pragma: no cover - compiled
+def _parallel(x, w, scales, y):  # pragma: no cover - compiled
     rows = w.shape[0]
     blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
     for b in numba.prange(blocks):
-        _int8_rows(x, w, scales, y, b * ROW_BLOCK, min(rows, (b + 1) * ROW_BLOCK))
+        _rows(x, w, scales, y, b * ROW_BLOCK, min(rows, (b + 1) * ROW_BLOCK))
 
 
 def prepare_int8(w: QuantWeight) -> tuple[np.ndarray, np.ndarray]:
@@ -92,14 +93,30 @@ def prepare_int8(w: QuantWeight) -> tuple[np.ndarray, np.ndarray]:
 def int8_linear(prepared: tuple[np.ndarray, np.ndarray], x: torch.Tensor) -> torch.Tensor:
     """x [T, cols] fp32 @ (values * scales[:, None]).T -> [T, rows] fp32."""
     values, scales = prepared
-    T = x.shape[0]
-    if T >= GEMM_ROWS:
+    if x.shape[0] >= GEMM_ROWS:
         return F.linear(x, torch.from_numpy(values).float() * torch.from_numpy(scales)[:, None])
-    y = np.empty((T, values.shape[0]), np.float32)
+    return _loop(values, scales, x)
+
+
+def prepare_fp32(w: QuantWeight) -> tuple[np.ndarray, np.ndarray]:
+    """(values fp32, ones) as numpy arrays: the int8 loop's inputs for fp32 weights (x * 1 is exact)."""
+    return w.values.float().contiguous().numpy(), np.ones(w.rows, np.float32)
+
+
+def fp32_linear(prepared: tuple[np.ndarray, np.ndarray], x: torch.Tensor) -> torch.Tensor:
+    """x [T, cols] fp32 @ values.T -> [T, rows] fp32; prefill-size batches run torch's GEMM."""
+    values, scales = prepared
+    if x.shape[0] >= GEMM_ROWS:
+        return F.linear(x, torch.from_numpy(values))
+    return _loop(values, scales, x)
+
+
+def _loop(values: np.ndarray, scales: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    y = np.empty((x.shape[0], values.shape[0]), np.float32)
     threads = min(kernels.THREADS, numba.config.NUMBA_NUM_THREADS)
     if threads > 1 and values.shape[0] >= 2 * ROW_BLOCK:
         numba.set_num_threads(threads)  # numba's count is per calling thread, so it is set here
-        _int8_parallel(x.contiguous().numpy(), values, scales, y)
+        _parallel(x.contiguous().numpy(), values, scales, y)
     else:
-        _int8_serial(x.contiguous().numpy(), values, scales, y)
+        _serial(x.contiguous().numpy(), values, scales, y)
     return torch.from_numpy(y)

@@ -179,6 +179,9 @@ CANDIDATES: tuple[Kernel, ...] = (
     Kernel("fp32.mkldnn", "fp32", "fp32", lambda w: torch.ops.mkldnn._reorder_linear_weight(w.values, 1),
            lambda p, x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
            lambda: torch.backends.mkldnn.is_available()),
+    # the int8 loop on fp32 weights: on one thread about torch's speed, but it splits over threads
+    Kernel("fp32.numba", "fp32", "fp32", _jit("prepare_fp32"), _jit("fp32_linear"),
+           lambda: importlib.util.find_spec("numba") is not None),
     Kernel("bf16.linear", "bf16", "bf16", lambda w: w.values,
            lambda w, x: F.linear(x.to(torch.bfloat16), w).float()),
     # fbgemm's fp16 GEMM: bf16 values are exact in fp16 down to |w| 6e-5 (the tolerance check guards the rest)
@@ -369,8 +372,9 @@ def _error(y: torch.Tensor, ref: torch.Tensor) -> float:
 def measure(fmt: str, role: str = "rows", repeats: int = 5, weight: QuantWeight | None = None) -> Selection:
     """Time every available candidate for `fmt` on `weight` (a device's own matrix: the truest
     probe) or else a seeded PROBE_SHAPE matrix cut into the role's segments; keep the fastest that
-    agrees with the reference. One thread: on a busy machine a thread pool's waits swamp the calls."""
-    global THREADS
+    agrees with the reference. torch runs on one thread (its one-token products use one anyway,
+    and on a busy machine a thread pool's waits swamp the calls); the numba loops on the process's
+    `set_threads` count, as they will run."""
     gen = torch.Generator().manual_seed(0)
     if weight is None:
         rows, cols = PROBE_SHAPE
@@ -384,9 +388,8 @@ def measure(fmt: str, role: str = "rows", repeats: int = 5, weight: QuantWeight 
                                          torch.randn(3, weight.cols, generator=gen))]
     del dense
     times, rejected = {}, {}
-    threads, loop_threads = torch.get_num_threads(), THREADS
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    THREADS = 1
     try:
         for kern in candidates(fmt):
             if kern.activations != "fp32":
@@ -395,7 +398,6 @@ def measure(fmt: str, role: str = "rows", repeats: int = 5, weight: QuantWeight 
             _probe(kern, weight, inputs, repeats, times, rejected)
     finally:
         torch.set_num_threads(threads)
-        THREADS = loop_threads
     if not times:
         raise RuntimeError(f"no working kernel for {fmt} weights ({rejected})")
     best = None
@@ -450,9 +452,9 @@ class ComputeOptions:
     """How one process runs its products."""
 
     threads: int = 1
-    """Threads for this process's matrix products (int8 decode products, and every format's prefill);
-    1 where several device processes share a machine, a board's core count where a device has it to
-    itself."""
+    """Threads for this process's matrix products (the numba loops in decode, every format's
+    prefill); 1 where several device processes share a machine, a board's core count where a device
+    has it to itself."""
 
     def __post_init__(self):
         if not isinstance(self.threads, int) or self.threads < 1:
@@ -460,12 +462,14 @@ class ComputeOptions:
 
 
 THREADS = 1
-"""This process's `ComputeOptions.threads` (`set_threads`); read by the int8 loop on every call."""
+"""This process's `ComputeOptions.threads` (`set_threads`); read by the numba loop on every call."""
 
 
 def set_threads(threads: int) -> None:
-    """Run this process's products on `threads` threads: torch's GEMMs, and the int8 loop split by
-    rows (each row is still summed by one thread, so the answer is the same bits for any count)."""
+    """Run this process's products on `threads` threads: torch's GEMMs, and the numba loop split by
+    rows (each row is still summed by one thread, so the answer is the same bits for any count).
+    Call it before building a `DeviceCompute`: with more than one, fp32 weights go through the
+    measured kernels too."""
     global THREADS
     THREADS = ComputeOptions(threads).threads
     torch.set_num_threads(threads)

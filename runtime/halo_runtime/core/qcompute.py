@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from . import kernels
 from .kernels import PIN_ENV, QuantLinear, choose, kernel
 from .plan import Plan, PlanError
 from .quant import QuantWeight, dequantise, take_rows
@@ -71,9 +72,9 @@ class QuantEmbedding:
 
 
 def coordinator_tables(plan: Plan, shard: dict[str, torch.Tensor]):
-    """(embeddings, LM head) of the coordinator: tensors for fp32 plans, else QuantEmbedding and
-    QuantLinear (a tied LM head reads the embeddings' stored values)."""
-    if plan.weights == "fp32":
+    """(embeddings, LM head) of the coordinator: tensors for fp32 plans on one thread, else
+    QuantEmbedding and QuantLinear (a tied LM head reads the embeddings' stored values)."""
+    if plan.weights == "fp32" and kernels.THREADS == 1:
         embed = shard["embed_tokens"]
         return embed, shard.get("lm_head", embed)
     emb = read_weight(shard, "embed_tokens", plan, plan.coordinator)
