@@ -48,9 +48,10 @@ ROW_BLOCK = 32
 
 @numba.njit(fastmath=True, nogil=True, cache=True)
 def _rows(x, w, scales, y, lo, hi):  # pragma: no cover - compiled
-    # rows lo..hi of y = x @ (w * scales).T, w int8 or fp32 (numba compiles each). fastmath lets LLVM split the sum over k into several
-    # vector accumulators (the reassociation any vectorised fp32 GEMM does): the answer differs from
-    # a sequential sum by fp32 rounding only, and is the same whichever thread computes the row
+    # rows lo..hi of y = x @ (w * scales).T, w int8 or fp32 (numba compiles each). fastmath lets
+    # LLVM split the sum over k into several vector accumulators (the reassociation any vectorised
+    # fp32 GEMM does): the answer differs from a sequential sum by fp32 rounding only, and is the
+    # same whichever thread computes the row
     cols = w.shape[1]
     if x.shape[0] == 1:
         for r in range(lo, hi):
