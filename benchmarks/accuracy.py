@@ -6,7 +6,7 @@ The eval runs are split by loss rate so that they can run side by side (one torc
     $ halo-compile eval artifacts/smollm2-135m-pi5 --tokens 20480 --plr 0 --plr 0.01 --plr 0.02 --json > a.json
     $ halo-compile eval artifacts/smollm2-135m-pi5 --tokens 20480 --plr 0.05 --plr 0.1 --json > b.json
     $ halo-compile eval artifacts/smollm2-135m-pi5 --tokens 4096 --plr 0.2 --plr 0.3 --json > stress.json
-    $ python benchmarks/accuracy.py a.json b.json --stress stress.json   # needs matplotlib (`make install`)
+    $ python -m benchmarks.accuracy a.json b.json --stress stress.json   # needs matplotlib (`make install`)
 """
 from __future__ import annotations
 

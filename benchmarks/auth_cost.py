@@ -5,7 +5,7 @@ its check alone, and the whole send path (`wire.encode`) and receive path (`Reas
 length, tag, destination, replay window, reassembly) with the key. Single thread.
 
 Example:
-    $ .venv/bin/python benchmarks/auth_cost.py
+    $ .venv/bin/python -m benchmarks.auth_cost
 """
 from __future__ import annotations
 

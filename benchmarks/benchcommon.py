@@ -2,7 +2,7 @@
 and snapshots of the runtime and plan so that a long run measures one version of the code.
 
 Example:
-    >>> from benchcommon import machine, percentiles
+    >>> from benchmarks.benchcommon import machine, percentiles
     >>> percentiles([3.0, 1.0, 2.0])["p50"]
     2.0
     >>> sorted(machine())[:3]

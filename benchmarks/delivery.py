@@ -5,7 +5,7 @@ relaxed_retries in {0, 1} and redundancy in {1, 2}, and records per-token bytes,
 share of relaxed parts that missed their deadline (compensated).
 
 Example:
-    $ .venv/bin/python benchmarks/delivery.py --plan artifacts/smollm2-135m-pi5 --plr 0.05 \\
+    $ .venv/bin/python -m benchmarks.delivery --plan artifacts/smollm2-135m-pi5 --plr 0.05 \\
         --out benchmarks/results/delivery.json
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchcommon import machine
+from benchmarks.benchcommon import machine
 
 PROMPT = "The history of the Roman Empire begins"
 

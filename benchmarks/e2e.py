@@ -12,7 +12,7 @@ scale benchmark's generated profiles; `--shape smollm2` compiles the built-in mo
 Called by `scale.py --run` too.
 
 Example:
-    $ .venv/bin/python benchmarks/e2e.py --shape smollm2 --reps 3 --out benchmarks/results/formats_tpot.json
+    $ .venv/bin/python -m benchmarks.e2e --shape smollm2 --reps 3 --out benchmarks/results/formats_tpot.json
 """
 from __future__ import annotations
 
@@ -121,9 +121,8 @@ def plot(rec: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, str(HERE))
-    from benchcommon import machine
-    from scale import DEFAULT_CACHE, SHAPES, builtin_tokenizer_dir, profile_yaml, write_checkpoint
+    from benchmarks.benchcommon import machine
+    from benchmarks.scale import DEFAULT_CACHE, SHAPES, builtin_tokenizer_dir, profile_yaml, write_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="1b", choices=sorted(SHAPES) + ["smollm2"])

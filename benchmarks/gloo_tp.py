@@ -13,7 +13,7 @@ are pinned to cubic by preloading `tcp_cc_preload.c` (built on the fly with gcc,
 skip); the result says which algorithm was in effect.
 
 Example (one process per device; in the lab each runs in its own namespace):
-    $ python benchmarks/gloo_tp.py --plan artifacts/smollm2-135m-pi5 --rank 0 --master 10.77.0.1:29500 \
+    $ python -m benchmarks.gloo_tp --plan artifacts/smollm2-135m-pi5 --rank 0 --master 10.77.0.1:29500 \
           --prompt "Hello" --max-tokens 64 --json      # and --rank 1, 2, 3 on the other devices
 """
 from __future__ import annotations
@@ -36,8 +36,7 @@ try:
     import halo_runtime  # noqa: F401  (installed by `make install`)
 except ImportError:
     sys.path.insert(0, str(ROOT / "runtime"))
-sys.path.insert(0, str(HERE))
-from benchcommon import percentiles  # noqa: E402
+from benchmarks.benchcommon import percentiles  # noqa: E402
 
 
 def preload_library() -> str | None:
@@ -189,7 +188,7 @@ def main(argv=None) -> None:
         lib = preload_library()
         if lib:  # re-exec with the shim loaded so that gloo's sockets get it
             env = {**os.environ, "LD_PRELOAD": lib, "HALO_TCP_CC_PRELOADED": "1"}
-            os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])], env)
+            os.execve(sys.executable, [sys.executable, "-m", "benchmarks.gloo_tp", *(argv or sys.argv[1:])], env)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "eth0" if os.path.exists("/sys/class/net/eth0") else "lo")
     result = run(args)
     if result is not None:

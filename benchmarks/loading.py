@@ -16,7 +16,7 @@ cgroup's peak usage. The perplexity cost of `predictive` comes from `halo-compil
 Needs root (cgroup v1 at /sys/fs/cgroup/memory) and the plan's shards (`make plans`).
 
 Example:
-    $ .venv/bin/python benchmarks/loading.py --plan artifacts/smollm2-135m-pi5 --device pi5-1 \\
+    $ .venv/bin/python -m benchmarks.loading --plan artifacts/smollm2-135m-pi5 --device pi5-1 \\
         --out benchmarks/results/loading.json
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchcommon import machine
+from benchmarks.benchcommon import machine
 
 PROMPT = "The history of the Roman Empire begins"
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")

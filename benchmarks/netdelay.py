@@ -5,7 +5,7 @@ its link's delay (+ jitter, + Gilbert-Elliott burst loss) and re-injects it.
 one JSON object per line. Needs PyPI `NetfilterQueue` and root (or `unshare -rnm`).
 
 Example (what `Lab` sends it):
-    python benchmarks/netdelay.py '{"queues": {"a": {"ns": "/run/netns/x-a", "links": {"10.77.0.2":
+    python -m benchmarks.netdelay '{"queues": {"a": {"ns": "/run/netns/x-a", "links": {"10.77.0.2":
         {"delay_ms": 2, "jitter_ms": 0.5}}}}, "max_held": 20000, "seed": 0}'
     {"op": "stats"}      # -> {"links": {...}}   then {"op": "quit"}
 """
@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 
-from netns import NETNS_DIR, enter_netns
+from benchmarks.netns import NETNS_DIR, enter_netns
 
 
 class _LinkState:

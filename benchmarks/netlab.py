@@ -24,16 +24,16 @@ configured in, or sent from, the namespace the lab was started in. Namespaces ar
 Works as root, and inside `unshare -rnm` (it then mounts a private tmpfs on /run/netns).
 
 Usage (as root, so not a doctest; tests/test_netlab.py runs it where namespaces work):
-    from netlab import Lab, LinkSpec
+    from benchmarks.netlab import Lab, LinkSpec
     with Lab(["a", "b", "c"], prefix="demo") as lab:
         lab.set_link("a", "b", LinkSpec(loss=0.05, delay_ms=2, jitter_ms=0.5))
         out = lab.run("a", ["ping", "-c", "1", lab.addr("b")])
         lab.counters()[("a", "b")]      # {'sent': ..., 'dropped': ..., 'observed_loss': ...}
 
 Command line:
-    python benchmarks/netlab.py check                     # what works here, as JSON
-    python benchmarks/netlab.py selftest --loss 0.05      # 10k datagrams over a lossy and a clean link
-    python benchmarks/netlab.py clean [--prefix P] [--all]
+    python -m benchmarks.netlab check                     # what works here, as JSON
+    python -m benchmarks.netlab selftest --loss 0.05      # 10k datagrams over a lossy and a clean link
+    python -m benchmarks.netlab clean [--prefix P] [--all]
 """
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from netns import DEFAULT_PREFIX, TOOLS, LabError, _ensure_netns_dir, _sh, check, clean, delete_netns, list_netns  # noqa: F401
+from benchmarks.netns import DEFAULT_PREFIX, TOOLS, LabError, _ensure_netns_dir, _sh, check, clean, delete_netns, list_netns  # noqa: F401
 
+ROOT = Path(__file__).resolve().parents[1]  # where `python -m benchmarks.netdelay` runs
 _SEQ = itertools.count()
 
 
@@ -341,7 +342,7 @@ class Lab:
             raise LabError("delay, jitter and burst loss need PyPI NetfilterQueue (apt-get install "
                            f"libnetfilter-queue-dev gcc; pip install NetfilterQueue): {e}") from None
         arg = json.dumps({"queues": cfg, "max_held": self.max_held, "seed": self.seed})
-        self.delayd = subprocess.Popen([sys.executable, str(Path(__file__).with_name("netdelay.py")), arg],
+        self.delayd = subprocess.Popen([sys.executable, "-m", "benchmarks.netdelay", arg], cwd=ROOT,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                                        start_new_session=True)
         line = self._delayd_read(10)
@@ -475,7 +476,7 @@ def main(argv=None) -> None:
     elif args.cmd == "clean":
         print(json.dumps({"removed": clean(args.prefix, args.all)}))
     elif args.cmd == "selftest":
-        from netprobe import datagram_test, rtt_test
+        from benchmarks.netprobe import datagram_test, rtt_test
         lossy = (LinkSpec.burst(args.loss, args.burst, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms)
                  if args.burst else LinkSpec(loss=args.loss, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms))
         with Lab(["a", "b", "c"], links={("a", "b"): lossy}) as lab:

@@ -2,8 +2,8 @@
 a UDP ping-pong (round-trip percentiles). Used by `netlab.py selftest` and the lab tests.
 
 Usage (as root, so not a doctest; tests/test_netlab.py runs it where namespaces work):
-    from netlab import Lab, LinkSpec
-    from netprobe import datagram_test, rtt_test
+    from benchmarks.netlab import Lab, LinkSpec
+    from benchmarks.netprobe import datagram_test, rtt_test
     with Lab(["a", "b"], links={("a", "b"): LinkSpec(loss=0.05)}) as lab:
         datagram_test(lab, "a", "b", 10000)["received_share"]      # about 0.95
 """
@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 
-from netns import LabError
+from benchmarks.netns import LabError
 
 _SENDER = r"""
 import socket, sys, time

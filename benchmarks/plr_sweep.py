@@ -19,8 +19,8 @@ lossy links, the share of relaxed contributions compensated, and the machine's C
 the run; per (mode, loss) the runs are pooled. Output: a JSON file, a plot, and a console table.
 
 Example:
-    $ sudo .venv/bin/python benchmarks/plr_sweep.py                      # full sweep (make bench)
-    $ sudo .venv/bin/python benchmarks/plr_sweep.py --quick --out /tmp/q.json   # make bench-quick
+    $ sudo .venv/bin/python -m benchmarks.plr_sweep                      # full sweep (make bench)
+    $ sudo .venv/bin/python -m benchmarks.plr_sweep --quick --out /tmp/q.json   # make bench-quick
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
 try:
     import importlib.util
     if importlib.util.find_spec("halo_runtime") is None:  # a bare checkout without `make install`
@@ -47,9 +46,9 @@ try:
 except ImportError:
     pass
 
-from benchcommon import CpuMeter, SnapshotError, machine, plan_ready, snapshot_plan, snapshot_runtime  # noqa: E402
-from netlab import Lab, LabError, LinkSpec, PortSpec, check  # noqa: E402
-from sweep_report import aggregate, plot, summary, table  # noqa: E402
+from benchmarks.benchcommon import CpuMeter, SnapshotError, machine, plan_ready, snapshot_plan, snapshot_runtime  # noqa: E402
+from benchmarks.netlab import Lab, LabError, LinkSpec, PortSpec, check  # noqa: E402
+from benchmarks.sweep_report import aggregate, plot, summary, table  # noqa: E402
 
 PROMPTS = [
     "The history of the Raspberry Pi begins",
@@ -220,11 +219,11 @@ class Bench:
         with CpuMeter() as cpu:
             t0 = time.monotonic()
             for rank, d in enumerate(order):
-                argv = [sys.executable, str(HERE / "gloo_tp.py"), "--plan", self.plan_dir, "--rank", str(rank),
+                argv = [sys.executable, "-m", "benchmarks.gloo_tp", "--plan", self.plan_dir, "--rank", str(rank),
                         "--master", master, "--prompt", prompt, "--max-tokens", str(tokens), "--json",
                         "--timeout-s", str(timeout_s), *(extra or [])]
                 procs[d] = self.lab.popen(d, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          env=self.env)
+                                          env=self.env, cwd=ROOT)
             try:
                 out, err = procs[self.coord].communicate(timeout=timeout_s)
             except subprocess.TimeoutExpired:

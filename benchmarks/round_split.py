@@ -10,7 +10,7 @@ reports the coordinator thread's CPU time outside its compute, per round (`cpu_o
 which contention inflates far less. One JSON line.
 
 Example:
-    $ .venv/bin/python benchmarks/round_split.py artifacts/smollm2-135m-pi5-with-shards 32 2
+    $ .venv/bin/python -m benchmarks.round_split artifacts/smollm2-135m-pi5-with-shards 32 2
 """
 from __future__ import annotations
 

@@ -13,12 +13,12 @@ devices at 0% loss gives the greedy tokens of a 1-device int8 plan of the same w
 and per-device peak RSS are measured next to fp32 and bf16.
 
 Example:
-    >>> from scale import SHAPES, parameters
+    >>> from benchmarks.scale import SHAPES, parameters
     >>> SHAPES["8b"].intermediate, round(parameters(SHAPES["8b"]) / 1e9, 2), round(parameters(SHAPES["1b"]) / 1e9, 2)
     (14336, 7.38, 1.07)
 
 Usage:
-    $ .venv/bin/python benchmarks/scale.py --shapes 135m,1b,3b,8b --weights int8 \\
+    $ .venv/bin/python -m benchmarks.scale --shapes 135m,1b,3b,8b --weights int8 \\
         --out benchmarks/results/scale.json [--keep] [--calib-tokens 8b=2048] [--run]
 """
 from __future__ import annotations
@@ -206,9 +206,9 @@ def run_compile(model_dir: Path, profile: Path, out: Path, weights: str, calib_t
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--compile-one", str(model_dir), str(profile), str(out),
+        cmd = [sys.executable, "-m", "benchmarks.scale", "--compile-one", str(model_dir), str(profile), str(out),
                weights, str(calib_tokens), str(result)]
-        subprocess.run(cmd, check=True, timeout=timeout, env=env)
+        subprocess.run(cmd, check=True, timeout=timeout, env=env, cwd=ROOT)
         return json.loads(result.read_text())
 
 
@@ -288,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     calib = _per_shape(args.calib_tokens, names)
     tok_dir = args.tokenizer_dir or builtin_tokenizer_dir()
-    sys.path.insert(0, str(HERE))
-    from benchcommon import machine
+    from benchmarks.benchcommon import machine
 
     args.cache.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -315,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             ordered = sorted(results.values(), key=lambda r: r["parameters"])
             _write(args.out, ordered, machine())
         if args.run:
-            sys.path.insert(0, str(HERE))
-            from e2e import run_e2e, write_profiles
+            from benchmarks.e2e import run_e2e, write_profiles
             s = SHAPES["1b"]
             ckpt = write_checkpoint(args.cache / "ckpt-1b", s, args.seed, tok_dir)
             e2e = run_e2e(str(ckpt), args.cache / "e2e", write_profiles(s, args.cache / "e2e", profile_yaml))

@@ -9,10 +9,10 @@
    1-row round does, serving T requests per round multiplies throughput; results and what it
    would take in docs/BENCHMARKS.md ("Serving").
 
-    python benchmarks/serving.py --plan DIR [--sync strict] [--tokens 32] [--reps 3] [--out FILE.json]
+    python -m benchmarks.serving --plan DIR [--sync strict] [--tokens 32] [--reps 3] [--out FILE.json]
 
 Example:
-    >>> from serving import gaps_ms
+    >>> from benchmarks.serving import gaps_ms
     >>> gaps_ms([0.0, 0.010, 0.030])
     [10.0, 20.0]
 """
@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "runtime"))
 
 PROMPT = "Tell me about the sea."
@@ -93,7 +92,7 @@ class Serve:
 def rounds(plan_dir: str, sync: str, rows: list[int], reps: int) -> dict:
     """ms per round carrying T token rows, on live workers (the cost a T-request batch would see)."""
     import torch
-    from benchcommon import percentiles
+    from benchmarks.benchcommon import percentiles
     from halo_runtime.cli import _load_coordinator
     from halo_runtime.core.coordinator import Coordinator, TokenStats
     from halo_runtime.localcluster import local_auth, start_local_workers, stop_workers
@@ -130,7 +129,7 @@ def rounds(plan_dir: str, sync: str, rows: list[int], reps: int) -> dict:
 
 
 def main() -> None:
-    from benchcommon import cpu_times, machine, percentiles
+    from benchmarks.benchcommon import cpu_times, machine, percentiles
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--plan", required=True)

@@ -13,8 +13,8 @@ Writes one JSON object (default benchmarks/results/soak.json). Processes run at 
 torch thread each, so a soak shares a machine politely.
 
 Example:
-    $ .venv/bin/python benchmarks/soak.py --plan artifacts/smollm2-135m-pi5 --minutes 30
-    $ .venv/bin/python benchmarks/soak.py --plan /tmp/tiny-plan --minutes 1 --long-tokens 50 --out /tmp/soak.json
+    $ .venv/bin/python -m benchmarks.soak --plan artifacts/smollm2-135m-pi5 --minutes 30
+    $ .venv/bin/python -m benchmarks.soak --plan /tmp/tiny-plan --minutes 1 --long-tokens 50 --out /tmp/soak.json
 """
 from __future__ import annotations
 

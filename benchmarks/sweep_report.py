@@ -4,7 +4,7 @@ plot and the Markdown table (`plr_sweep.py --from-json` recomputes them from a f
 The targets are read at the issue's conditions: 5% loss, 2 ms one-way delay (TARGET_DELAY_MS).
 
 Example:
-    >>> from sweep_report import summary
+    >>> from benchmarks.sweep_report import summary
     >>> runs = [{"mode": m, "plr": p, "delay_ms": 2.0, "tpot_ms": {"p50": v}, "reps": [{"token_ms": [v]}]}
     ...         for m, p, v in [("relaxed", 0.0, 100.0), ("relaxed", 0.05, 105.0), ("strict", 0.05, 400.0)]]
     >>> summary(runs)["strict_over_relaxed_p50_at_5pct"], summary(runs)["target_1_15x_met"]
@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from benchcommon import percentiles
+from benchmarks.benchcommon import percentiles
 
 TARGET_DELAY_MS = 2.0
 """One-way delay at which the loss targets are read (the issue's lab: 2 ms +- 0.5)."""

@@ -26,8 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # `make install` installs halo_runtime (editable); a bare checkout still runs the tests.
 if importlib.util.find_spec("halo_runtime") is None:
     sys.path.insert(0, str(ROOT / "runtime"))
-if importlib.util.find_spec("halo_compile") is None:
-    sys.path.insert(0, str(ROOT))
 
 TINY_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=128, vocab_size=256, max_position_embeddings=256,

@@ -7,7 +7,6 @@ import doctest
 import importlib
 import pkgutil
 import re
-import sys
 from pathlib import Path
 
 import halo_runtime
@@ -16,8 +15,7 @@ import pytest
 import halo_compile
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "benchmarks"
-PURE_BENCHMARK_MODULES = ["benchcommon", "scale", "sweep_report"]  # the others need root, a lab or minutes
+PURE_BENCHMARK_MODULES = ["benchmarks.benchcommon", "benchmarks.scale", "benchmarks.sweep_report"]  # the others need root, a lab or minutes
 TEST_HELPERS = ["tinytok"]  # tests/ is on sys.path (rootdir conftest)
 # an example that is skipped or commented out runs nothing and cannot fail
 _DEAD_EXAMPLE = re.compile(r"doctest:\s*\+SKIP|^\s*>>>\s*#", re.M)
@@ -31,8 +29,6 @@ def _modules() -> list[str]:
 
 
 def _import(name: str):
-    if name in PURE_BENCHMARK_MODULES:
-        sys.path.insert(0, str(BENCHMARKS))
     return importlib.import_module(name)
 
 

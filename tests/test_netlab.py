@@ -9,18 +9,16 @@ benchmark (benchmarks/plr_sweep.py), not here; only physical lower bounds are ch
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import netlab
+from benchmarks.netlab import Lab, LinkSpec, PortSpec
+from benchmarks.netprobe import datagram_test, rtt_test
 
-import netlab  # noqa: E402
-from netlab import Lab, LinkSpec, PortSpec  # noqa: E402
-from netprobe import datagram_test, rtt_test  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 INFO = netlab.check()
 needs_lab = pytest.mark.skipif(not INFO["ok"], reason=f"network lab unavailable: {INFO['reason']}")
@@ -132,7 +130,7 @@ def test_stale_lab_of_the_same_prefix_is_removed():
 def test_generation_in_the_lab_at_5pct_loss(tiny_plan):
     """4 devices, one of them behind a 5% lossy link: relaxed and strict generate every token, the
     gloo baseline with the same partition agrees with strict at 0% loss, and nothing is left."""
-    from plr_sweep import Bench
+    from benchmarks.plr_sweep import Bench
 
     plan, plan_dir = tiny_plan
     delay = 1.0 if INFO.get("netfilterqueue") else 0.0

@@ -245,7 +245,7 @@ def test_kernel_benchmark_runs_small(tmp_path):
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "k.json"
-    subprocess.run([sys.executable, str(root / "benchmarks" / "kernels.py"), "--matrices", "2", "--rows", "64",
+    subprocess.run([sys.executable, "-m", "benchmarks.matvec", "--matrices", "2", "--rows", "64",
                     "--cols", "96", "--small-rows", "32", "--small-cols", "64", "--repeats", "2",
                     "--group-shapes", "smoke:64x96:3", "-o", str(out)], check=True, capture_output=True,
                    cwd=root, timeout=120)
@@ -256,14 +256,11 @@ def test_kernel_benchmark_runs_small(tmp_path):
     assert data["per_group"] and {r["groups"] for r in data["per_group"]} == {3}
 
 
-@pytest.mark.parametrize("name", ["halo_runtime.core.quant", "halo_runtime.core.kernels", "kernels"])
+@pytest.mark.parametrize("name", ["halo_runtime.core.quant", "halo_runtime.core.kernels", "benchmarks.matvec"])
 def test_module_examples_run(name):
     # test_doctests.py walks only halo_runtime's top level since the core/net/storage split
     import doctest
     import importlib
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted and result.failed == 0
 

@@ -3,15 +3,11 @@ fresh process with per-step timing, and the lazily read checkpoint it relies on.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import scale  # noqa: E402
+from benchmarks import scale
 
 STEPS = {"load", "profile", "group", "score", "compensate", "predict", "place", "emit"}
 
@@ -101,7 +97,7 @@ def test_profile_reads_one_layer_at_a_time(tiny_ckpt):
 @pytest.mark.slow
 def test_formats_end_to_end_benchmark_runs_small(tiny_ckpt, tmp_path):
     """benchmarks/e2e.py on the tiny shape: every format on 1 and 4 devices, tokens equal across counts."""
-    import e2e
+    from benchmarks import e2e
 
     shape, ckpt, _ = tiny_ckpt
     rec = e2e.run_e2e(str(ckpt), tmp_path, e2e.write_profiles(shape, tmp_path / "profiles", scale.profile_yaml),

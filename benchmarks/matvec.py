@@ -8,11 +8,11 @@ weights (the kernel alone). Then the cost of calling a dynamic-int8 kernel once 
 (what keeps a group's answer independent of its neighbours) against one call, at SmolLM2 and 1B
 sizes, and what `halo_runtime.core.kernels.choose` picks here. Writes JSON and prints tables.
 
-    python benchmarks/kernels.py                       # ~5 min on a quiet 2-core machine
-    python benchmarks/kernels.py --matrices 4 --rows 1024 --cols 512 --group-shapes t:256x512:4
+    python -m benchmarks.matvec                        # ~5 min on a quiet 2-core machine
+    python -m benchmarks.matvec --matrices 4 --rows 1024 --cols 512 --group-shapes t:256x512:4
 
 Example:
-    >>> from kernels import uneven_sizes
+    >>> from benchmarks.matvec import uneven_sizes
     >>> s = uneven_sizes(1536, 16, seed=0); (len(s), sum(s), min(s) > 0)
     (16, 1536, True)
 """
@@ -31,13 +31,11 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "runtime"))
-sys.path.insert(0, str(HERE))
+from benchmarks.benchcommon import machine
+from halo_runtime.core import kernels as K
+from halo_runtime.core.quant import FORMATS, dequantise, quantise
 
-from benchcommon import machine  # noqa: E402
-from halo_runtime.core import kernels as K  # noqa: E402
-from halo_runtime.core.quant import FORMATS, dequantise, quantise  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 DEFAULT_GROUP_SHAPES = ("smollm2-down:576x1536:16", "smollm2-o:576x576:3", "1b-down:2048x8192:16",
                         "1b-o:2048x2048:8")
