@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -78,16 +77,16 @@ def _tcp_cc_in_effect() -> str:
 
 
 def run(args) -> dict | None:
+    import numpy as np
     import torch
     import torch.distributed as dist
+    from halo_runtime.core.coordinator import rms_norm
     from halo_runtime.core.device import DeviceCompute
-    from halo_runtime.core.model import decoder_layer, lm_logits
     from halo_runtime.core.plan import load_plan
     from halo_runtime.core.plandir import TOKENIZER_FILE
-    from halo_runtime.core.qcompute import coordinator_tables
-    from halo_runtime.core.shards import load_shard
+    from halo_runtime.core.segment import Runner, Segment, Tables
+    from halo_runtime.core.shards import load_shard, read_safetensors
     from halo_runtime.core.tokenizer import Tokenizer
-    from safetensors import safe_open
 
     torch.set_num_threads(1)
     plan = load_plan(args.plan)
@@ -98,33 +97,32 @@ def run(args) -> dict | None:
     cfg = plan.model
     shard = load_shard(args.plan, plan, device)
     compute = DeviceCompute(plan, device, shard)
-    coord_file = Path(args.plan) / plan.shard_file(plan.coordinator)
-    if args.rank == 0:
-        coord = shard
-        embed, lm_head = coordinator_tables(plan, shard)  # quantised plans store them small
-    else:  # the norms only: every rank keeps a replica of the residual stream
-        with safe_open(str(coord_file), framework="pt") as f:
-            coord = {k: f.get_tensor(k) for k in f.keys() if k.endswith("layernorm")}
-    norms = [(coord[f"layers.{i}.input_layernorm"], coord[f"layers.{i}.post_attention_layernorm"])
+    coord = shard if args.rank == 0 else read_safetensors(Path(args.plan) / plan.shard_file(plan.coordinator))
+    # every rank keeps a replica of the residual stream, so every rank applies the norms
+    norms = [(np.asarray(coord[f"layers.{i}.input_layernorm"]), np.asarray(coord[f"layers.{i}.post_attention_layernorm"]))
              for i in range(cfg.num_layers)]
+    if args.rank == 0:  # embeddings and LM head, through the runtime's own graphs
+        runner = Runner(compute, Tables(cfg, plan.weights, shard, compute.arena), plan.max_context)
+        embed_seg = Segment((), embed=True, head=False, predictor_layer=None)
+        head_seg = Segment((), embed=False, head=True, predictor_layer=None)
     tok = Tokenizer.from_file(Path(args.plan) / TOKENIZER_FILE)
     prompt = tok.encode(args.prompt)
     if len(prompt) + args.max_tokens > plan.max_context:
         raise SystemExit("prompt + max tokens exceed the plan's max context")
     wire = {"fp16": torch.float16, "fp32": torch.float32}[args.wire]
 
-    def all_reduce(part):
+    def all_reduce(part: np.ndarray) -> np.ndarray:
         """The sum of every rank's part, sent as `wire`."""
-        part = part.to(wire)
-        dist.all_reduce(part)
-        return part.float()
+        t = torch.from_numpy(np.ascontiguousarray(part)).to(wire)
+        dist.all_reduce(t)
+        return t.float().numpy()
 
     def attention(layer, position, x):
-        part = compute.attention(layer, x, position) if compute.has_attention(layer) else torch.zeros_like(x)
+        part = compute.attention(layer, x, position) if compute.has_attention(layer) else np.zeros_like(x)
         return all_reduce(part)
 
-    def mlp(layer, x, m):
-        part = torch.zeros_like(m)
+    def mlp(layer, m):
+        part = np.zeros_like(m)
         if compute.has_mlp(layer):
             for p in compute.mlp(layer, m):
                 if p is not None:
@@ -137,27 +135,30 @@ def run(args) -> dict | None:
     try:
         dist.barrier()
         tokens, token_ms = [], []
-        feed = torch.tensor(prompt, dtype=torch.long)
+        feed = list(prompt)
         start = 0
-        with torch.no_grad():
-            for step in range(args.max_tokens):
-                t0 = time.perf_counter()
-                T = feed.shape[0]
-                h = embed[feed].to(wire) if args.rank == 0 else torch.empty(T, cfg.hidden_size, dtype=wire)
-                dist.broadcast(h, 0)
-                h = h.float()
-                for layer in range(cfg.num_layers):
-                    h = decoder_layer(cfg, h, *norms[layer], partial(attention, layer, start),
-                                      partial(mlp, layer))
-                start += T
-                if args.rank == 0:
-                    logits = lm_logits(cfg, h[-1:], coord["norm"], lm_head)[0]
-                    token = int(torch.argmax(logits))
-                    tokens.append(token)
-                    feed = torch.tensor([token], dtype=torch.long)
-                else:
-                    feed = torch.zeros(1, dtype=torch.long)  # only its length matters off rank 0
-                token_ms.append(1e3 * (time.perf_counter() - t0))
+        eps = cfg.rms_norm_eps
+        for step in range(args.max_tokens):
+            t0 = time.perf_counter()
+            T = len(feed)
+            if args.rank == 0:
+                h = torch.from_numpy(runner.run("embed", embed_seg, np.asarray(feed, np.int32), start)[0]).to(wire)
+            else:
+                h = torch.empty(T, cfg.hidden_size, dtype=wire)
+            dist.broadcast(h, 0)
+            h = h.float().numpy()
+            for layer in range(cfg.num_layers):
+                h = h + attention(layer, start, rms_norm(h, norms[layer][0], eps))
+                h = h + mlp(layer, rms_norm(h, norms[layer][1], eps))
+            start += T
+            if args.rank == 0:
+                logits = runner.run("head", head_seg, h, start)[2][-1]
+                token = int(np.argmax(logits))
+                tokens.append(token)
+                feed = [token]
+            else:
+                feed = [0]  # only its length matters off rank 0
+            token_ms.append(1e3 * (time.perf_counter() - t0))
         cc = _tcp_cc_in_effect()
         dist.barrier()
     finally:

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -46,7 +47,15 @@ try:
 except ImportError:
     pass
 
-from benchmarks.benchcommon import CpuMeter, SnapshotError, machine, plan_ready, snapshot_plan, snapshot_runtime  # noqa: E402
+from benchmarks.benchcommon import (  # noqa: E402
+    CpuMeter,
+    SnapshotError,
+    machine,
+    percentiles,
+    plan_ready,
+    snapshot_plan,
+    snapshot_runtime,
+)
 from benchmarks.netlab import Lab, LabError, LinkSpec, PortSpec, check  # noqa: E402
 from benchmarks.sweep_report import aggregate, plot, summary, table  # noqa: E402
 
@@ -62,12 +71,13 @@ FULL = dict(plrs=[0.0, 0.01, 0.02, 0.05, 0.10], delays=[0.0, 2.0], reps=3, token
 QUICK = dict(plrs=[0.0, 0.05], delays=[0.0, 2.0], reps=1, tokens=24, gloo_reps=1, gloo_tokens=6)
 MODES = {"relaxed": ["--sync", "relaxed", "--draft", "none"], "draft": ["--sync", "relaxed", "--draft", "lookup"],
          "redundant": ["--sync", "relaxed", "--draft", "none", "--redundancy", "2"],
-         "strict": ["--sync", "strict", "--draft", "none"], "gloo": None}
-"""Sweep mode -> its `halo-run generate` arguments (None: the gloo baseline)."""
+         "strict": ["--sync", "strict", "--draft", "none"], "gloo": None, "peer": None}
+"""Sweep mode -> its `halo-run generate` arguments (None: the gloo baseline, or the peer's commands)."""
 DEFAULT_MODES = ("relaxed", "draft", "strict", "gloo")
 """The modes a sweep runs unless `--modes` says otherwise (redundant is opt-in)."""
 WORKER_PORT = 7700
 GLOO_PORT = 29500
+PEER_PORT = 9998
 TOKEN_LINE = re.compile(r"token\s+(\d+)\s.*total\s+([\d.]+) ms\s+compute\s+([\d.]+)\s+wait\s+([\d.]+)")
 
 
@@ -243,9 +253,56 @@ class Bench:
         res.update(self.observed_loss(), cpu=cpu.result, wall_s=round(wall, 2))
         return res
 
-    def run(self, mode: str, prompt: str, tokens: int, timeout_s: float) -> dict:
+    def run_peer(self, peer: dict, prompt: str, tokens: int, timeout_s: float) -> dict:
+        """Another system in the same lab: `peer["worker"]` in every remote namespace, `peer["root"]`
+        in the coordinator's (placeholders {port}, {workers}, {tokens}, {prompt}). Its start-up
+        (distributed-llama sends the weights to its workers) runs on clean links: the root is
+        stopped when it prints `peer["ready"]`, the condition is switched on, and it goes on."""
+        from benchmarks.compare import parse
+
+        conditions = (self.plr, self.delay_ms, self.jitter_ms)
+        self.set_conditions(0.0, 0.0, 0.0)
+        procs = {d: self.lab.popen(d, shlex.split(peer["worker"].format(port=PEER_PORT)), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL) for d in self.remote}
+        try:
+            time.sleep(1.0)  # the workers listen before the root connects
+            workers = " ".join(f"{self.lab.addr(d)}:{PEER_PORT}" for d in self.remote)
+            argv = shlex.split(peer["root"].format(workers=workers, tokens=tokens, prompt=prompt))
+            root = self.lab.popen(self.coord, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            procs["root"] = root
+            out, deadline = [], time.monotonic() + timeout_s
+            for line in root.stdout:
+                out.append(line)
+                if peer["ready"] in line:
+                    root.send_signal(signal.SIGSTOP)
+                    self.set_conditions(*conditions)
+                    self.lab.reset_counters()
+                    root.send_signal(signal.SIGCONT)
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError("the peer did not get ready in time")
+            with CpuMeter() as cpu:
+                t0 = time.monotonic()
+                rest, _ = root.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                wall = time.monotonic() - t0
+            text = "".join(out) + (rest or "")
+            if root.returncode:
+                raise LabError(f"peer root failed ({root.returncode}): {text[-1500:]}")
+        finally:
+            self.stop(procs)
+            self.set_conditions(*conditions)
+        times = parse(peer["format"], text)
+        if not times:
+            raise LabError(f"no per-token times in the peer's output: {text[-600:]}")
+        res = {"tpot_ms": percentiles(times), "token_ms": times, "tokens": [], "peer_root": peer["root"]}
+        res.update(self.observed_loss(), cpu=cpu.result, wall_s=round(wall, 2))
+        return res
+
+    def run(self, mode: str, prompt: str, tokens: int, timeout_s: float, peer: dict | None = None) -> dict:
         if mode == "gloo":
             return self.run_gloo(prompt, tokens, timeout_s)
+        if mode == "peer":
+            return self.run_peer(peer, prompt, tokens, timeout_s)
         return self.run_halo(mode, prompt, tokens, timeout_s)
 
 
@@ -276,6 +333,13 @@ def main(argv=None) -> int:
     ap.add_argument("--code", default=None, metavar="GIT_REV",
                     help="run halo_runtime, plan.json and manifest.json of this git revision [default: the "
                          "working tree]; shards still come from --plan and must match that manifest")
+    ap.add_argument("--peer-worker", default=None, metavar="CMD",
+                    help="mode peer: another system's worker, run in every remote namespace ({port})")
+    ap.add_argument("--peer-root", default=None, metavar="CMD",
+                    help="mode peer: its root, in the coordinator's namespace ({workers}, {tokens}, {prompt})")
+    ap.add_argument("--peer-ready", default="Weights loaded",
+                    help="mode peer: the root's line after which the condition is switched on")
+    ap.add_argument("--peer-format", default="dllama", help="mode peer: its per-token lines (benchmarks.compare)")
     ap.add_argument("--from-json", default=None, metavar="PATH",
                     help="no runs: recompute the summary, plot and table of a finished sweep's JSON")
     args = ap.parse_args(argv)
@@ -305,6 +369,8 @@ def main(argv=None) -> int:
     for m in modes:
         if m not in MODES:
             ap.error(f"unknown mode {m!r}")
+    if "peer" in modes and not (args.peer_worker and args.peer_root):
+        ap.error("mode peer needs --peer-worker and --peer-root")
     info = check()
     if not info["ok"] or not info.get("netfilterqueue"):
         print(f"plr_sweep: the lab cannot run here: {info['reason']}", file=sys.stderr)
@@ -345,6 +411,7 @@ def _sweep(args, plan_dir, out, png, plrs, delays, reps, tokens, gloo_reps, gloo
            "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code": code,
            "settings": {"plrs": plrs, "delays_ms": delays, "modes": modes, "reps": reps, "tokens": tokens,
                         "gloo_reps": gloo_reps, "gloo_tokens": gloo_tokens,
+                        "peer_worker": args.peer_worker, "peer_root": args.peer_root,
                         "prompts": PROMPTS[:reps], "generate_args": args.generate_arg, "burst": args.burst,
                         "loss_applies_to": "every directed link to or from a lossy device"},
            "runs": [], "failed_runs": [], "summary": {}}
@@ -371,7 +438,9 @@ def _sweep(args, plan_dir, out, png, plrs, delays, reps, tokens, gloo_reps, gloo
                 r = None
                 for attempt in range(2):  # a failed run is recorded, retried once, then skipped
                     try:
-                        r = bench.run(mode, prompt, n, args.run_timeout_s)
+                        r = bench.run(mode, prompt, n, args.run_timeout_s,
+                                      peer={"worker": args.peer_worker, "root": args.peer_root,
+                                            "ready": args.peer_ready, "format": args.peer_format})
                         break
                     except (LabError, subprocess.TimeoutExpired, ValueError) as e:
                         doc["failed_runs"].append({"mode": mode, "plr": plr, "delay_ms": delay, "rep": rep,

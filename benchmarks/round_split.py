@@ -3,7 +3,7 @@
 Starts the plan's remote devices as local workers (loopback, no loss, no delay), runs the
 coordinator in this process over UDP, and decodes TOKENS tokens after a short prompt, REPS times.
 Per token (median): wall time split into compute (the coordinator's own groups and the LM head,
-`TokenStats.compute_ms`), wait (`TokenStats.wait_ms`, collect) and other (the rest: norms,
+`TokenStats.compute_ms`: its ggml graph calls), wait (`TokenStats.wait_ms`, collect) and other (the rest: norms,
 predictor, encoding, sending, decoding, sums), divided by the rounds per token
 (`Plan.network_rounds`). On a loaded machine wall time mostly measures the scheduler, so it also
 reports the coordinator thread's CPU time outside its compute, per round (`cpu_overhead_ms_per_round`),
@@ -20,8 +20,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-import torch
-from halo_runtime.core import coordinator as coordinator_module
+import numpy as np
 from halo_runtime.core.coordinator import Coordinator, TokenStats
 from halo_runtime.core.plan import load_plan
 from halo_runtime.core.shards import load_shard
@@ -43,7 +42,6 @@ def _timed(fn, cpu: dict):
 
 
 def main(plan_dir: str, tokens: int = 32, reps: int = 1) -> dict:
-    torch.set_num_threads(1)
     plan = load_plan(plan_dir)
     shard = load_shard(plan_dir, plan, plan.coordinator)
     args = SimpleNamespace(plan=plan_dir, key_file=None, delay_ms=0.0, jitter_ms=0.0, seed=0)
@@ -55,19 +53,18 @@ def main(plan_dir: str, tokens: int = 32, reps: int = 1) -> dict:
         cpu = {"compute": 0.0}
         coord.local.attention = _timed(coord.local.attention, cpu)
         coord.local.mlp = _timed(coord.local.mlp, cpu)
-        coordinator_module.lm_logits = _timed(coordinator_module.lm_logits, cpu)
+        coord.runner.run = _timed(coord.runner.run, cpu)  # segments: embedding, LM head, local rounds
         for rep in range(reps):
             coord.reset(rep + 1)
-            with torch.no_grad():
-                coord.forward(torch.tensor(PROMPT), 0, TokenStats())
-                tok = torch.tensor([PROMPT[-1]])
-                for step in range(1, tokens + 1):
-                    st, cpu["compute"] = TokenStats(), 0.0
-                    c0, w0 = time.thread_time(), time.perf_counter()
-                    logits = coord.forward(tok, step, st)
-                    wall, c = 1e3 * (time.perf_counter() - w0), 1e3 * (time.thread_time() - c0)
-                    tok = torch.tensor([int(torch.argmax(logits))])
-                    rows.append((wall, st.compute_ms, st.wait_ms, c, 1e3 * cpu["compute"]))
+            coord.forward(PROMPT, 0, TokenStats())
+            tok = [PROMPT[-1]]
+            for step in range(1, tokens + 1):
+                st, cpu["compute"] = TokenStats(), 0.0
+                c0, w0 = time.thread_time(), time.perf_counter()
+                logits = coord.forward(tok, step, st)
+                wall, c = 1e3 * (time.perf_counter() - w0), 1e3 * (time.thread_time() - c0)
+                tok = [int(np.argmax(logits))]
+                rows.append((wall, st.compute_ms, st.wait_ms, c, 1e3 * cpu["compute"]))
         exchange.close()
     finally:
         stop_workers(workers)

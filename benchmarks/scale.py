@@ -8,8 +8,8 @@ generated 4-device profile whose memory (a third of the model each, plus the coo
 embeddings) makes the groups spread. Results: JSON (per shape: steps, totals, plan summary with
 the predictor's recall), a plot of time and memory against parameters, and a markdown table.
 
-`--run` adds the end-to-end check of the 1B shape (`e2e.run_e2e`): its int8 plan on 4 local
-devices at 0% loss gives the greedy tokens of a 1-device int8 plan of the same weights, and TPOT
+`--run` adds the end-to-end check of the 1B shape (`e2e.run_e2e`): its q8_0 plan on 4 local
+devices at 0% loss gives the greedy tokens of a 1-device q8_0 plan of the same weights, and TPOT
 and per-device peak RSS are measured next to fp32 and bf16.
 
 Example:
@@ -18,7 +18,7 @@ Example:
     (14336, 7.38, 1.07)
 
 Usage:
-    $ .venv/bin/python -m benchmarks.scale --shapes 135m,1b,3b,8b --weights int8 \\
+    $ .venv/bin/python -m benchmarks.scale --shapes 135m,1b,3b,8b --weights q8_0 \\
         --out benchmarks/results/scale.json [--keep] [--calib-tokens 8b=2048] [--run]
 """
 from __future__ import annotations
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="135m,1b,3b,8b", help="comma-separated: " + ",".join(SHAPES))
-    ap.add_argument("--weights", default="int8", help="shard format (fp32|bf16|int8|int4)")
+    ap.add_argument("--weights", default="q8_0", help="shard format (fp32|bf16|q8_0|q4_0)")
     ap.add_argument("--calib-tokens", help="calibration tokens: N, or per shape like 1b=4096,8b=1024 "
                                            "[default: per shape, " + ", ".join(f"{k}={v.calib_tokens}" for k, v in SHAPES.items()) + "]")
     ap.add_argument("--seed", type=int, default=0)

@@ -26,6 +26,7 @@ import sys
 from functools import wraps
 
 import click
+from halo_runtime.core.formats import FORMATS, REPLACED
 from halo_runtime.core.options import field_default, field_docs
 
 from . import __version__
@@ -118,7 +119,7 @@ def main():
 @field_option("--relaxed-share", of=COMPILE, type=float)
 @field_option("--max-context", of=COMPILE, type=int)
 @field_option("--solver-time", of=COMPILE, type=float)
-@field_option("--weights", of=COMPILE, type=click.Choice(["fp32", "bf16", "int8", "int4"]))
+@field_option("--weights", of=COMPILE, type=click.Choice([*FORMATS, *REPLACED]))
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @friendly
 def plan(model, cluster, out, seed, calib, calib_tokens, mlp_groups, relaxed_share, max_context, solver_time,

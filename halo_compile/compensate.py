@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from halo_runtime.core.model import mlp_activations
+
+from .reference import mlp_activations
 
 if TYPE_CHECKING:
     from .group import LayerGroups

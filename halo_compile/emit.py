@@ -46,11 +46,10 @@ from halo_runtime.core.plandir import (
     manifest_text,
     read_key,
 )
-from halo_runtime.core.qshards import quant_fingerprint_update
-from halo_runtime.core.shards import quantise_weight, quantised_names, slice_extras, slice_layer
 
 from .load import fingerprint_update, tokenizer_config
 from .shardwriter import ShardWriter
+from .slicing import slice_extras, slice_layer, store_weight, stored_fingerprint_update, stored_names
 
 
 def emit(out_dir: str | Path, plan: Plan, shards: dict[str, dict[str, torch.Tensor]],
@@ -93,7 +92,7 @@ def _write_shards(plan: Plan, weights: Mapping[str, torch.Tensor], writers: dict
     adjacent in it), each layer sliced for every device as soon as it is complete."""
     model_hash, quant_hash = hashlib.sha256(), hashlib.sha256()
     quantised = plan.weights != "fp32"
-    qnames = set(quantised_names(plan)) if quantised else set()
+    qnames = set(stored_names(plan))
     extras_q = {}
     layer, fp32, qmodel = None, {}, {}
 
@@ -109,9 +108,10 @@ def _write_shards(plan: Plan, weights: Mapping[str, torch.Tensor], writers: dict
         layer = at
         t = weights[name]
         fingerprint_update(model_hash, name, t)
-        if name in qnames:
-            q = quantise_weight(plan, name, t)
-            quant_fingerprint_update(quant_hash, name, q)
+        if name in qnames and (at is not None or quantised):  # stored once, then cut for every device
+            q = store_weight(plan, name, t)
+            if quantised:
+                stored_fingerprint_update(quant_hash, name, q, plan.weights)
             (qmodel if at is not None else extras_q)[name] = q
         if at is not None:
             fp32[name] = t

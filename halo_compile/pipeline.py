@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from halo_runtime.core.plan import SCHEMA_VERSION, Plan, PredictorReport
 from halo_runtime.core.plandir import shard_file
-from halo_runtime.core.quant import FORMATS
+from halo_runtime.core.formats import FORMATS, weight_format
 
 from . import __version__
 from .calib import calibration_text, read_text_file, token_chunks
@@ -39,7 +39,7 @@ from .cluster import ClusterProfile, load_profile
 from .compensate import compensate_layer
 from .emit import emit_streaming
 from .group import group_layer
-from .load import LoadedModel, load_model
+from .load import LoadedModel, ModelError, load_model
 from .place import (
     Placement,
     PlacementInputs,
@@ -86,7 +86,7 @@ class CompileOptions:
     progress: bool = True
     """Show progress bars on stderr."""
     weights: str = "fp32"
-    """Format the shards store weights in: fp32, bf16, int8 or int4 (halo_runtime.core.quant)."""
+    """Format the shards store weights in: fp32, bf16, q8_0 or q4_0 (halo_runtime.core.formats)."""
 
     def __post_init__(self):
         checks = {"calib_tokens": self.calib_tokens >= 16, "chunk_tokens": self.chunk_tokens >= 16,
@@ -94,7 +94,7 @@ class CompileOptions:
                   "relaxed_share": 0 <= self.relaxed_share < 1, "max_context": self.max_context >= 1,
                   "predictor_rank": self.predictor_rank >= 1, "compensation_rank": self.compensation_rank >= 0,
                   "predictor_threshold": 0 < self.predictor_threshold < 1, "solver_time": self.solver_time > 0}
-        checks["weights"] = self.weights in FORMATS
+        weight_format(self.weights)  # ValueError naming the choices, or what replaced an old format
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"option {name}: invalid value {getattr(self, name)!r}")
@@ -130,6 +130,7 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
         out = Path(out_dir) if out_dir else Path("artifacts") / f"{model.name}-{cluster.name}"
         # shapes only (meta tensors): the capacity check and the solver count bytes, never read values
         shapes = {k: torch.empty(v, device="meta") for k, v in model.shapes.items()}
+        check_blocks(cfg, opts.weights)
         check_capacity(cfg, cluster.devices, cluster.coordinator, shapes, opts.max_context, opts.weights)
         chunks = _calibration_chunks(model, opts)
 
@@ -146,7 +147,7 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
         gate, up, down = (w[f"model.layers.{i}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
         with timer.step("group"):
             groups.append(group_layer(stats.mlp_in, gate, up, down, stats.mean_abs_act, cfg.num_kv_heads,
-                                      opts.mlp_groups, opts.seed, acts=stats.mlp_act))
+                                      opts.mlp_groups, opts.seed, acts=stats.mlp_act, unit=FORMATS[opts.weights].block))
         with timer.step("score"):
             scores.append(score_layer(groups[i], stats.kv_norm_sum, opts.relaxed_share))
         with timer.step("compensate"):
@@ -182,6 +183,18 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
     _log(opts, f"compiled in {time.perf_counter() - started:.1f} s")
     # hand back exactly what plan.json holds (floats rounded), so reports agree with `inspect`
     return Plan.from_json(plan.to_json()), out
+
+
+def check_blocks(cfg, weights: str) -> None:
+    """A block format needs every row and every group's columns in whole blocks: ModelError naming the
+    dimension that is not (hidden size, MLP width, or an attention group's query heads x head_dim)."""
+    block = FORMATS[weights].block
+    dims = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "query heads per KV head x head_dim": cfg.group_size * cfg.head_dim}
+    for name, n in dims.items():
+        if n % block:
+            raise ModelError(f"--weights {weights} stores blocks of {block} inputs; the model's {name} is {n}, "
+                             f"not a multiple (use fp32 or bf16)")
 
 
 def _plan(model: LoadedModel, cluster: ClusterProfile, opts: CompileOptions, groups, predictors: list[LayerPredictor],

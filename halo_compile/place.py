@@ -29,7 +29,7 @@ Example:
     >>> round(p.predicted_token_ms, 3), round(p.expected_lost_importance, 6)
     (0.6, 0.000475)
     >>> import torch
-    >>> from halo_runtime.core.model import ModelConfig
+    >>> from halo_runtime.core.config import ModelConfig
     >>> from halo_runtime.core.plan import Group
     >>> from halo_compile.place import placement_inputs
     >>> cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=32, num_layers=1,
@@ -45,12 +45,13 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
-from halo_runtime.core.model import ModelConfig
+from halo_runtime.core.config import ModelConfig
 from halo_runtime.core.plan import Device, DeviceReport, Plan, SolverReport
 from halo_runtime.core.policy import DeliveryPolicy
-from halo_runtime.core.quant import SCALE_SUFFIX, weight_format
+from halo_runtime.core.formats import weight_format
 from halo_runtime.core.residency import BYTES_PER_WEIGHT, residency, weight_bytes
 
 from .placecost import (
@@ -222,12 +223,12 @@ def coordinator_bytes(tensors: dict, weights: str = "fp32", hidden: int | None =
     their stored width) in format `weights`, scales included."""
     fmt, total = weight_format(weights), 0
     for k, v in tensors.items():
-        if "proj" in k or k.endswith(SCALE_SUFFIX):
+        if "proj" in k:
             continue
         if k in QUANTISED_TABLES:
-            total += fmt.nbytes(v.shape[0], (hidden or v.shape[1],))
+            total += fmt.nbytes(v.shape[0], hidden or v.shape[1])
         else:
-            total += v.numel() * BYTES_PER_WEIGHT
+            total += math.prod(v.shape) * BYTES_PER_WEIGHT  # torch tensors (the compiler) or numpy (a shard)
     return total
 
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from halo_runtime.core.model import mlp_activations
-from halo_runtime.core.predictor import predict_groups
+
+from .reference import mlp_activations
 
 if TYPE_CHECKING:
     from .group import LayerGroups
@@ -129,13 +129,19 @@ def train_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int = 32, seed:
         weights = {"down": down.detach().clone(), "up": up.detach().clone(), "bias": bias.detach().clone()}
         xv, yv = (x[n_train:], labels[n_train:]) if T - n_train > 0 else (xt, labels[:n_train])
         with torch.no_grad():
-            pred = predict_groups(xv.float(), weights)
+            pred = predict_groups(xv, weights)
         tp = float((pred & yv).sum())
         recall = tp / max(float(yv.sum()), 1.0)
         precision = tp / max(float(pred.sum()), 1.0)
         return TrainedPredictor(weights, recall, precision, float(labels.float().mean()))
     finally:
         torch.set_num_threads(threads)
+
+
+def predict_groups(x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[T, groups] True where the predictor flags a group: the formula of the runtime's
+    `halo_runtime.core.predictor` (numpy there), in torch, which the compiler's figures come from."""
+    return (torch.relu(x @ weights["down"].T) @ weights["up"].T + weights["bias"]) > 0
 
 
 @dataclass(frozen=True)
@@ -168,5 +174,5 @@ def predict_layer(attn_in: torch.Tensor, mlp_in: torch.Tensor, gate: torch.Tenso
     contrib = group_contributions(mlp_in, gate, up, down, groups.mlp_lists, acts)
     trained = train_predictor(attn_in, matters(contrib, threshold), rank, seed, steps=steps)
     with torch.no_grad():
-        rates = predict_groups(attn_in.float(), trained.weights).float().mean(0)
+        rates = predict_groups(attn_in, trained.weights).float().mean(0)
     return LayerPredictor(trained, tuple(float(f"{r:.6g}") for r in rates.tolist()))

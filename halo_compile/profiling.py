@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from halo_runtime.core.model import KVCache, ModelConfig, attention_heads, decoder_layer, mlp_activations
+from halo_runtime.core.config import ModelConfig
 from tqdm import tqdm
 
 from .load import LAYER_TENSORS
+from .reference import KVCache, attention_heads, decoder_layer, mlp_activations
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Write a safetensors file tensor by tensor, byte-identical to `safetensors.torch.save_file`.
+"""Write a safetensors file tensor by tensor (torch tensors or numpy arrays), byte-identical to
+`safetensors.torch.save_file`.
 
 `save_file` needs every tensor in memory at once; a device's shard of an 8B model is gigabytes.
 `ShardWriter.put` appends each tensor's bytes to a scratch file as it comes (the compiler makes
@@ -28,6 +29,7 @@ import os
 import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # safetensors' Dtype enum order (the header sorts by it, largest first) and names.
@@ -35,12 +37,18 @@ _DTYPES = {torch.bool: ("BOOL", 0), torch.uint8: ("U8", 4), torch.int8: ("I8", 5
            torch.uint16: ("U16", 10), torch.float16: ("F16", 11), torch.bfloat16: ("BF16", 12),
            torch.int32: ("I32", 13), torch.uint32: ("U32", 14), torch.float32: ("F32", 15),
            torch.float64: ("F64", 17), torch.int64: ("I64", 18), torch.uint64: ("U64", 19)}
+_NUMPY = {np.dtype(np.bool_): torch.bool, np.dtype(np.uint8): torch.uint8, np.dtype(np.int8): torch.int8,
+          np.dtype(np.int16): torch.int16, np.dtype(np.uint16): torch.uint16, np.dtype(np.float16): torch.float16,
+          np.dtype(np.int32): torch.int32, np.dtype(np.uint32): torch.uint32, np.dtype(np.float32): torch.float32,
+          np.dtype(np.float64): torch.float64, np.dtype(np.int64): torch.int64, np.dtype(np.uint64): torch.uint64}
 COPY_CHUNK = 64 << 20
 """Bytes copied from the scratch file per read."""
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's raw little-endian bytes, as safetensors stores them."""
+def tensor_bytes(t) -> memoryview:
+    """The tensor's (or array's) raw little-endian bytes, as safetensors stores them."""
+    if isinstance(t, np.ndarray):
+        return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8)) if t.size else memoryview(b"")
     flat = t.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
@@ -54,17 +62,18 @@ class ShardWriter:
         self._scratch = open(self._scratch_path, "wb")
         self._entries: dict[str, tuple[str, int, list[int], int, int]] = {}
 
-    def put(self, name: str, tensor: torch.Tensor) -> None:
+    def put(self, name: str, tensor) -> None:
         if name in self._entries:
             raise ValueError(f"{self.path}: tensor {name} written twice")
-        if tensor.dtype not in _DTYPES:
+        dt = _NUMPY.get(tensor.dtype) if isinstance(tensor, np.ndarray) else tensor.dtype
+        if dt not in _DTYPES:
             raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {tensor.dtype}")
         data = tensor_bytes(tensor)
-        dtype, rank = _DTYPES[tensor.dtype]
+        dtype, rank = _DTYPES[dt]
         self._entries[name] = (dtype, rank, list(tensor.shape), self._scratch.tell(), data.nbytes)
         self._scratch.write(data)
 
-    def put_all(self, tensors: dict[str, torch.Tensor]) -> None:
+    def put_all(self, tensors: dict) -> None:
         for name, t in tensors.items():
             self.put(name, t)
 

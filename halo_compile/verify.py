@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from halo_runtime.core.plan import PlanError, load_plan
 from halo_runtime.core.plandir import check_files, read_manifest
-from halo_runtime.core.qshards import assemble_quantised, quant_fingerprint
-from halo_runtime.core.shards import assemble, load_shard, quantise_model
+from halo_runtime.core.shards import load_shard
 
 from .load import fingerprint, load_model
+from .slicing import assemble, assemble_stored, stored_fingerprint, stored_model
 
 
 def check_manifest(directory: Path) -> int:
@@ -67,8 +68,8 @@ def verify_plan(directory: str | Path, model_spec: str | None = None) -> list[st
 def _verify_quantised(directory: Path, plan, shards: dict, model_spec: str | None) -> list[str]:
     """The shards reassemble exactly to the plan's quantised model (its weights fingerprint), and,
     given the model, that model quantised by the plan's groups is the same, bit for bit."""
-    qmodel, norms = assemble_quantised(plan, shards)
-    fp = quant_fingerprint(qmodel)
+    qmodel, norms = assemble_stored(plan, shards)
+    fp = stored_fingerprint(qmodel, plan.weights)
     if fp != plan.weights_fingerprint:
         raise PlanError(f"{directory}: shards reassemble to {plan.weights} weights fingerprint {fp[:12]}, plan says "
                         f"{plan.weights_fingerprint[:12]} (a value or scale tensor differs from what was compiled)")
@@ -79,11 +80,11 @@ def _verify_quantised(directory: Path, plan, shards: dict, model_spec: str | Non
         if model.fingerprint != plan.model_fingerprint:
             raise PlanError(f"{directory}: {model_spec} has fingerprint {model.fingerprint[:12]}, plan says "
                             f"{plan.model_fingerprint[:12]}")
-        if quant_fingerprint(quantise_model(plan, model.weights)) != fp:
+        if stored_fingerprint(stored_model(plan, model.weights), plan.weights) != fp:
             raise PlanError(f"{directory}: {model_spec} quantised to {plan.weights} by the plan's groups differs "
                             f"from the shards")
         for name, t in norms.items():
-            if not torch.equal(t.float(), model.weights[name].float()):
+            if not torch.equal(torch.from_numpy(np.array(t, dtype=np.float32)), model.weights[name].float()):
                 raise PlanError(f"{directory}: {name} differs from {model_spec}")
         done.append(f"model: {model_spec} quantised to {plan.weights} by the plan's groups is what the shards "
                     f"hold, bit for bit")

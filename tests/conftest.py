@@ -21,6 +21,9 @@ import pytest
 # machine the spinning burnt most of the suite's CPU (evaluating the tiny plan: 15.6 s of CPU
 # spinning, 0.4 s passive) and slowed the processes it shares the cores with.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# the compiler pins the instruction set torch and MKL sum with (halo_compile/__init__.py): before
+# any test module makes torch compute, so in-process compiles give what `halo-compile` gives
+import halo_compile  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[1]
 # `make install` installs halo_runtime (editable); a bare checkout still runs the tests.

@@ -10,8 +10,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-import torch
 from halo_runtime.core.coordinator import Coordinator
 from halo_runtime.core.draft import (
     CheckpointDraft,
@@ -47,10 +47,10 @@ class RandomDraft:
     name = "random"
 
     def __init__(self, vocab: int, seed: int = 0):
-        self.vocab, self.gen = vocab, torch.Generator().manual_seed(seed)
+        self.vocab, self.gen = vocab, np.random.default_rng(seed)
 
     def propose(self, tokens, k):
-        return torch.randint(self.vocab, (k,), generator=self.gen).tolist()
+        return self.gen.integers(self.vocab, size=k).tolist()
 
 
 def test_lookup_drafts_the_latest_match_and_continues_loops():
@@ -71,7 +71,7 @@ def test_greedy_tokens_identical_whatever_the_draft(tiny_plan, shards, tiny_voca
             assert gen.tokens == base.tokens, (make, k)
             assert len(gen.token_stats) == len(gen.tokens) == len(gen.logits)
             for ours, ref in zip(gen.logits, base.logits):
-                assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+                assert np.allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
             assert gen.drafted > 0 and gen.passes < len(gen.tokens) + gen.drafted
 
 
@@ -94,7 +94,7 @@ def test_rejected_positions_never_leak(tiny_plan, shards):
     gen = coord.generate(PROMPT_IDS, 30, keep_logits=True, draft=RandomDraft(plan.model.vocab_size), draft_tokens=8)
     assert gen.tokens == base.tokens and gen.acceptance < 0.2
     for ours, ref in zip(gen.logits, base.logits):
-        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+        assert np.allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
     # one more pass feeds the last token at the right position, wherever the caches stood
     assert coord.position == len(PROMPT_IDS) + len(gen.tokens) - 1
     devices = [coord.local, *coord.exchange.devices.values()]
@@ -141,7 +141,7 @@ def test_sampling_with_drafts_is_seeded_and_close_to_the_target(tiny_plan, shard
 
 def exact_two_token_distribution(target, vocab):
     """P(first two tokens) when a one-pass-per-token sampler draws from target(context)."""
-    out = torch.zeros(vocab, vocab)
+    out = np.zeros((vocab, vocab))
     p0 = target(())
     for a in range(vocab):
         out[a] = p0[a] * target((a,))
@@ -152,8 +152,9 @@ def test_speculative_sampling_keeps_the_target_distribution():
     """Two tokens from a toy model whose next-token distribution depends on the context, drafted
     with fixed guesses: the empirical joint distribution matches the exact one."""
     vocab, guesses = 4, [1, 2]
-    table = torch.softmax(torch.tensor([[0.2, 1.0, -0.5, 0.3], [1.5, 0.0, 0.4, -1.0], [0.0, 0.1, 2.0, 0.0],
-                                        [-0.3, 0.5, 0.5, 0.9], [0.6, 0.6, 0.0, -2.0]]), dim=1)
+    table = np.exp([[0.2, 1.0, -0.5, 0.3], [1.5, 0.0, 0.4, -1.0], [0.0, 0.1, 2.0, 0.0],
+                    [-0.3, 0.5, 0.5, 0.9], [0.6, 0.6, 0.0, -2.0]])
+    table /= table.sum(1, keepdims=True)  # softmax per row
 
     def target(context):  # the toy model: a distribution per (last token or none)
         return table[context[-1] if context else 4]
@@ -162,15 +163,15 @@ def test_speculative_sampling_keeps_the_target_distribution():
         """A Sampler-like choice: probabilities straight from the toy table (the logits are row ids)."""
 
         def __init__(self, seed):
-            self.generator = torch.Generator().manual_seed(seed)
+            self.generator = np.random.default_rng(seed)
 
         def distribution(self, logits, tokens):
             return target(tuple(tokens))
 
-    n, counts = 20000, torch.zeros(vocab, vocab)
+    n, counts = 20000, np.zeros((vocab, vocab))
     toy = Toy(5)
     for _ in range(n):
-        rows = torch.zeros(3, vocab)
+        rows = np.zeros((3, vocab), dtype=np.float32)
         tokens, _ = verify(rows, guesses, [], toy)
         if len(tokens) == 1:  # the first guess was rejected: the next pass draws the second token
             tokens = tokens + verify(rows[:1], [], tokens, toy)[0]
@@ -246,10 +247,10 @@ def test_rejoin_history_drops_rejected_rows():
     from halo_runtime.net.recovery import History
 
     h = History(1, 4, "fp32")
-    h.append(0, torch.full((3, 4), 1.0), 0)        # the prompt
-    h.append(0, torch.full((5, 4), 2.0), 3)        # the last token and 4 guesses
-    h.append(0, torch.full((2, 4), 3.0), 5)        # 1 guess accepted: the next pass starts at 3 + 2
+    h.append(0, np.full((3, 4), 1.0, np.float32), 0)        # the prompt
+    h.append(0, np.full((5, 4), 2.0, np.float32), 3)        # the last token and 4 guesses
+    h.append(0, np.full((2, 4), 3.0, np.float32), 5)        # 1 guess accepted: the next pass starts at 3 + 2
     assert h.inputs(0)[:, 0].tolist() == [1, 1, 1, 2, 2, 3, 3]
     assert h.inputs(0, drop_last=True).shape == (5, 4)
-    h.append(0, torch.full((1, 4), 4.0))           # no start: after the last row, as before
+    h.append(0, np.full((1, 4), 4.0, np.float32))           # no start: after the last row, as before
     assert h.inputs(0)[:, 0].tolist() == [1, 1, 1, 2, 2, 3, 3, 4]

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
-from halo_runtime.core.model import FullModel
 
 from halo_compile import load as load_mod
 from halo_compile.load import LoadedModel, ModelError, fingerprint, load_model
+from halo_compile.reference import FullModel
 
 
 def _hf_logits(path, tokens: torch.Tensor) -> torch.Tensor:

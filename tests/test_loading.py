@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import threading
 
+import numpy as np
 import pytest
-import torch
 from halo_runtime.core.plan import Device, Group, from_plain
 from halo_runtime.core.residency import Residency, choose_resident, window_bytes
 from halo_runtime.storage.groupcache import GroupCache, LoadConfig, Part, Storage
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 
 from halo_compile.cluster import ProfileError, parse_profile
 from halo_compile.place import GroupCost, PlaceOptions, load_ms, place, predicted_token_ms, stream_share
@@ -158,8 +158,8 @@ def test_residency_checks_its_budget():
 
 @pytest.fixture
 def store(tmp_path):
-    w = torch.arange(40 * 8, dtype=torch.float32).reshape(40, 8)
-    save_file({"w": w, "d": w.T.contiguous()}, str(tmp_path / "s.safetensors"))
+    w = np.arange(40 * 8, dtype=np.float32).reshape(40, 8)
+    save_file({"w": w, "d": np.ascontiguousarray(w.T)}, str(tmp_path / "s.safetensors"))
     return tmp_path / "s.safetensors", w
 
 
@@ -172,7 +172,7 @@ def test_storage_reads_rows_and_columns_and_drops_pages(store):
     path, w = store
     s = Storage(path, cold=True)
     (rows, cols), n = s.read((Part("w", 0, 4, 8), Part("d", 1, 4, 8)))
-    assert torch.equal(rows, w[4:8]) and torch.equal(cols, w.T[:, 4:8]) and n == 2 * 4 * 8 * 4
+    assert np.array_equal(rows, w[4:8]) and np.array_equal(cols, w.T[:, 4:8]) and n == 2 * 4 * 8 * 4
     s.close()
 
 
@@ -200,7 +200,7 @@ def test_cache_stays_within_its_window_and_returns_the_right_tensors(store):
             for i in range(10):
                 cache.prefetch([f"g{(i + k) % 10}" for k in range(1, 4)])
                 (rows, cols), = cache.get([f"g{i}"])
-                assert torch.equal(rows, w[4 * i:4 * i + 4]) and torch.equal(cols, w.T[:, 4 * i:4 * i + 4])
+                assert np.array_equal(rows, w[4 * i:4 * i + 4]) and np.array_equal(cols, w.T[:, 4 * i:4 * i + 4])
                 cache.release([f"g{i}"])
                 peak.append(cache.streamed_bytes)
     finally:
@@ -235,7 +235,7 @@ def test_cache_is_safe_with_concurrent_prefetch(store):
             for _ in range(5):
                 for i in range(10):
                     (rows, _), = cache.get([f"g{i}"])
-                    assert torch.equal(rows, w[4 * i:4 * i + 4])
+                    assert np.array_equal(rows, w[4 * i:4 * i + 4])
                     cache.release([f"g{i}"])
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
@@ -323,8 +323,8 @@ def _run(plan, directory, computes, tokens=6, prompt=(1, 5, 9, 14)):
 
 @pytest.mark.parametrize("share", [1.0, 0.8, 0.7])  # 3 layers: streaming needs 2/3 for its window
 def test_exact_streaming_gives_the_full_shards_output_on_the_tiny_plan(stream_plan, share):
-    """Same weights, same math: equal up to BLAS rounding (where a tensor sits in memory alone
-    changes the last bits here), and the same tokens."""
+    """Same weights, same ggml graph: the same logits (held to fp32 rounding, not to the bit) and the
+    same tokens."""
     from halo_runtime.storage.streaming import open_streaming
 
     plan, directory = stream_plan
@@ -337,7 +337,7 @@ def test_exact_streaming_gives_the_full_shards_output_on_the_tiny_plan(stream_pl
         dev.close()
     assert got.tokens == ref.tokens
     for a, b in zip(got.logits, ref.logits):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     st = dev.cache.stats.summary()
     if share < 1.0:
         assert st["loads"] > 0 and st["needed"] == st["hits"] + st["waited"] + st["demand"]
@@ -354,17 +354,17 @@ def test_predictive_mode_computes_only_the_selected_groups(stream_plan):
     rep = {r.name: r for r in plan.device_reports}[name]
     full = DeviceCompute(plan, name, load_shard(directory, plan, name))
     dev = open_streaming(plan, directory, name, LoadConfig(budget=rep.weight_bytes * 3 // 4, mode="predictive"))
-    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
     n_groups, hidden = len(plan.layer_groups(0, "mlp")), plan.model.hidden_size
     # a predictor that selects every other group, whatever the input
-    bias = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(n_groups)])
-    dev.predictors = [{"down": torch.zeros(4, hidden), "up": torch.zeros(n_groups, 4), "bias": bias}
-                      for _ in range(plan.model.num_layers)]
+    bias = np.array([1.0 if i % 2 == 0 else -1.0 for i in range(n_groups)], np.float32)
+    dev.predictors = [{"down": np.zeros((4, hidden), np.float32), "up": np.zeros((n_groups, 4), np.float32),
+                       "bias": bias} for _ in range(plan.model.num_layers)]
     try:
         for layer in range(plan.model.num_layers):
             if not full.has_mlp(layer):
                 continue
-            x, m = torch.randn(1, plan.model.hidden_size), torch.randn(1, plan.model.hidden_size)
+            x, m = rng.standard_normal((2, 1, plan.model.hidden_size)).astype(np.float32)
             if dev.has_attention(layer):
                 dev.attention(layer, x, 0)
             else:  # the device learns x from the attention request; here we hand it over
@@ -373,12 +373,12 @@ def test_predictive_mode_computes_only_the_selected_groups(stream_plan):
             flags = predict_groups(x, dev.predictors[layer])[0]
             groups = plan.groups_on(name, layer, "mlp")
             parts = full.mlp_groups(layer, m)
-            want_c = sum((p for g, p in zip(groups, parts) if g.critical and flags[g.index]), torch.zeros(1, 64))
-            want_r = sum((p for g, p in zip(groups, parts) if not g.critical and flags[g.index]), torch.zeros(1, 64))
+            want_c = sum((p for g, p in zip(groups, parts) if g.critical and flags[g.index]), np.zeros((1, 64)))
+            want_r = sum((p for g, p in zip(groups, parts) if not g.critical and flags[g.index]), np.zeros((1, 64)))
             if crit is not None:
-                torch.testing.assert_close(crit, want_c, rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(crit, want_c, rtol=1e-5, atol=1e-5)
             if rlx is not None:
-                torch.testing.assert_close(rlx, want_r, rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(rlx, want_r, rtol=1e-5, atol=1e-5)
     finally:
         dev.close()
     assert dev.cache.stats.skipped > 0

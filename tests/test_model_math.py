@@ -1,14 +1,40 @@
-"""The lean decode math is the reference math: the one-call RMSNorm and the rolled RoPE give
-transformers' bits, decode's fused attention agrees with the masked path to fp32 rounding, and
-stacked projections are the shard's own tensors (views, no second copy)."""
+"""The compiler's torch reference math (`halo_compile.reference`) is transformers' math, and the
+devices' ggml graphs (`halo_runtime.core.layers`, `device.DeviceCompute`) are the reference's.
+
+Reference: the one-call RMSNorm and the rolled RoPE give transformers' bits, decode's fused
+attention agrees with the masked path to fp32 rounding, SwiGLU of stacked rows is the two products.
+ggml: RMSNorm and llama3 RoPE frequency factors agree with the reference, and a device's attention
+on T rows at once (prefill, draft verification) equals feeding them one at a time through its KV
+cache (decode), and the reference's attention, to fp32 rounding.
+"""
 from __future__ import annotations
 
+import dataclasses
+
+import ggml.ggml as G
+import numpy as np
 import pytest
 import torch
-from halo_runtime.core.model import KVCache, ModelConfig, apply_rope, attend, rms_norm, rope_tables, swiglu
-from halo_runtime.core.plan import PlanError
-from halo_runtime.core.quant import quantise, to_tensors
-from halo_runtime.core.shards import fuse_rows
+from halo_runtime.core.config import ModelConfig
+from halo_runtime.core.device import DeviceCompute
+from halo_runtime.core.ggmlops import Arena, Graph, new_input
+from halo_runtime.core.layers import KV_BUCKET, rope_factors
+from halo_runtime.core.layers import rms_norm as ggml_rms_norm
+from halo_runtime.core.shards import shard_name
+
+from halo_compile.reference import (
+    KVCache,
+    apply_rope,
+    attend,
+    attention_partial,
+    inv_frequencies,
+    rms_norm,
+    rope_tables,
+    swiglu,
+)
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
 
 
 def _rotate_half(x):
@@ -16,10 +42,12 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _cfg(heads=6, kv=2, hd=16):
+def _cfg(heads=6, kv=2, hd=16, scaling=None):
     return ModelConfig(vocab_size=32, hidden_size=heads * hd, intermediate_size=8, num_layers=1,
-                       num_heads=heads, num_kv_heads=kv, head_dim=hd)
+                       num_heads=heads, num_kv_heads=kv, head_dim=hd, rope_scaling=scaling)
 
+
+# ---- the reference is transformers' math -------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(1, 576), (7, 64), (33, 2048)])
 def test_rms_norm_is_transformers_bit_for_bit(shape):
@@ -63,41 +91,92 @@ def test_swiglu_of_stacked_rows():
     assert torch.equal(swiglu(torch.cat((g, u), 1)), torch.nn.functional.silu(g) * u)
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4"])
-def test_fuse_rows_stacks_without_a_second_copy(fmt):
-    torch.manual_seed(4)
-    shard = {}
-    for name, rows in (("q", 6), ("k", 2), ("v", 2)):
-        w = torch.randn(rows, 64)
-        shard.update({name: w} if fmt == "fp32" else to_tensors(name, quantise(w, fmt)))
-    before = {k: v.clone() for k, v in shard.items()}
-    fused = fuse_rows(shard, ["q", "k", "v"], "qkv", "dev1")
-    whole = fused["qkv"]
-    assert whole.shape[0] == 10 and set(fused) == ({"qkv"} if fmt == "fp32" else {"qkv", "qkv.scale"})
-    for k, v in shard.items():  # same values, now views of the stacked tensors
-        assert torch.equal(v, before[k])
-        assert v.untyped_storage().data_ptr() == fused["qkv" + k[1:]].untyped_storage().data_ptr()
+# ---- ggml's pieces are the reference's ----------------------------------------------------------------
+
+def test_ggml_rms_norm_agrees_with_the_reference():
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((7, 576)) * 3).astype(np.float32)
+    w = rng.standard_normal(576).astype(np.float32)
+    arena = Arena()
+    weight = arena.array(w)
+
+    def build(ctx):
+        xin = new_input(ctx, G.GGML_TYPE_F32, 7, 576)
+        return {"x": xin}, {"y": ggml_rms_norm(ctx, xin, weight, 1e-5)}
+
+    graph = Graph(build)
+    graph.inputs["x"][:] = x
+    graph.compute()
+    ref = rms_norm(torch.from_numpy(x), torch.from_numpy(w), 1e-5).numpy()
+    assert np.abs(graph.outputs["y"] - ref).max() <= 1e-6 * np.abs(ref).max()
+    graph.close()
+    arena.close()
 
 
-def test_fuse_rows_names_what_is_missing_or_mismatched():
-    with pytest.raises(PlanError, match="shard of dev2: missing tensor k"):
-        fuse_rows({"q": torch.zeros(2, 4)}, ["q", "k"], "qk", "dev2")
-    with pytest.raises(PlanError, match="dev2: q, k differ"):
-        fuse_rows({"q": torch.zeros(2, 4), "k": torch.zeros(2, 5)}, ["q", "k"], "qk", "dev2")
+def test_llama3_frequency_factors_are_the_references_scaling():
+    """ggml divides plain RoPE's frequencies by these factors; the result must be the reference's."""
+    assert rope_factors(_cfg()) is None
+    cfg = _cfg(scaling=LLAMA3)
+    plain = inv_frequencies(_cfg()).numpy()
+    scaled = inv_frequencies(cfg).numpy()
+    factors = rope_factors(cfg)
+    assert factors.shape == (cfg.head_dim // 2,) and factors.dtype == np.float32
+    np.testing.assert_allclose(plain / factors, scaled, rtol=1e-6)
+    assert factors.min() == pytest.approx(1.0) and factors.max() == pytest.approx(8.0)
+    assert ((factors > 1.0 + 1e-6) & (factors < 8.0 - 1e-6)).any(), "the smoothed middle band is exercised"
 
 
-def test_fuse_rows_of_a_mapped_shard_file_keeps_every_value(tmp_path):
-    """load_file maps the file; the copied tensors' pages are given back, and anything still
-    holding an original reads the file's values again."""
-    from safetensors.torch import load_file, save_file
+def _attention_weights(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    """Shard-named weights of a one-layer model (DeviceCompute.whole_model builds attention and MLP)."""
+    rng = np.random.default_rng(seed)
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+              "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    return {shard_name(0, p): (rng.standard_normal(s) * 0.2).astype(np.float32) for p, s in shapes.items()}
 
-    torch.manual_seed(5)
-    want = {n: torch.randn(rows, 1024) for n, rows in (("q", 64), ("k", 16), ("v", 16), ("o", 8))}
-    save_file(want, str(tmp_path / "shard.safetensors"))
-    shard = load_file(str(tmp_path / "shard.safetensors"))
-    held = shard["k"]
-    fused = fuse_rows(shard, ["q", "k", "v"], "qkv", "dev1")
-    assert torch.equal(fused["qkv"], torch.cat([want["q"], want["k"], want["v"]]))
-    for n in want:
-        assert torch.equal(shard[n], want[n])
-    assert torch.equal(held, want["k"])
+
+def _rel(ours, ref) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("scaling", [None, LLAMA3], ids=["plain", "llama3-rope"])
+def test_device_attention_on_t_rows_equals_one_row_at_a_time(scaling):
+    """Prefill (T rows, masked) = decode (one row at a time through the KV cache) = verification
+    (a few rows after a cached prefix) = the reference's attention, across the cache's 32-key buckets."""
+    cfg = dataclasses.replace(_cfg(heads=4, kv=2, hd=16, scaling=scaling), intermediate_size=32)
+    shard = _attention_weights(cfg, seed=5)
+    T = 40  # past the first KV bucket
+    assert T > KV_BUCKET
+    x = np.random.default_rng(6).standard_normal((T, cfg.hidden_size)).astype(np.float32)
+    p = {n: torch.from_numpy(shard[f"layers.0.attn.{n}"]) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    ref = attention_partial(cfg, torch.from_numpy(x), 0, p["q_proj"], p["k_proj"], p["v_proj"], p["o_proj"],
+                            KVCache()).numpy()
+
+    prefill = DeviceCompute.whole_model(cfg, shard, "fp32", capacity=64)
+    whole = prefill.attention(0, x, start=0)
+    assert whole.shape == (T, cfg.hidden_size) and prefill.cache_length(0) == T
+
+    decode = DeviceCompute.whole_model(cfg, shard, "fp32", capacity=64)
+    steps = np.concatenate([decode.attention(0, x[t:t + 1], start=t) for t in range(T)])
+    assert decode.cache_length(0) == T
+
+    verify = DeviceCompute.whole_model(cfg, shard, "fp32", capacity=64)
+    chunks = [verify.attention(0, x[:29], start=0)]
+    chunks += [verify.attention(0, x[a:a + 4], start=a) for a in range(29, T - 3, 4)]
+    chunked = np.concatenate(chunks)
+
+    assert _rel(whole, ref) <= 1e-5
+    assert _rel(steps, whole) <= 1e-5
+    assert _rel(chunked, whole[:len(chunked)]) <= 1e-5
+    # the cache was written: the last row's attention reads the 39 before it (zeros there would not match)
+    assert _rel(decode.attention(0, x[T - 1:], start=T - 1), ref[T - 1]) <= 1e-5
+    for dev in (prefill, decode, verify):
+        dev.close()
+
+
+def test_device_attention_refuses_positions_past_its_context():
+    cfg = dataclasses.replace(_cfg(heads=4, kv=2, hd=16), intermediate_size=32)
+    dev = DeviceCompute.whole_model(cfg, _attention_weights(cfg, seed=7), "fp32", capacity=8)
+    with pytest.raises(ValueError, match="exceed the plan's context 8"):
+        dev.attention(0, np.zeros((2, cfg.hidden_size), dtype=np.float32), start=7)
+    dev.close()

@@ -7,10 +7,13 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from halo_runtime.core.plan import FLOAT_DIGITS, PLAN_FILE, SCHEMA_VERSION, Plan, PlanError, load_plan
-from halo_runtime.core.shards import assemble, load_shard
+from halo_runtime.core.shards import load_shard
+
+from halo_compile.slicing import assemble
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +381,7 @@ def test_assemble_row_held_twice(plan, shards):
     overlapping = dataclasses.replace(plan, groups=tuple(b2 if g.id == b.id else g for g in plan.groups))
     with pytest.raises(PlanError) as err:
         assemble(overlapping, _copy(shards))   # same row counts, so only the overlap is wrong
-    assert str(err.value) == "model.layers.0.mlp.gate_proj.weight: slice 0 is held more than once across the shards"
+    assert str(err.value) == "model.layers.0.mlp.gate_proj.weight: row 0 is held more than once across the shards"
 
 
 def test_assemble_row_missing(plan, shards):
@@ -392,33 +395,33 @@ def test_assemble_row_missing(plan, shards):
     # drop the same neuron from the shard so the row counts agree with the damaged plan
     dev = g.device
     order = [n for grp in plan.groups_on(dev, 1, "mlp") for n in grp.members]
-    keep = torch.tensor([i for i, n in enumerate(order) if n != gone])
-    broken[dev]["layers.1.mlp.gate_proj"] = broken[dev]["layers.1.mlp.gate_proj"].index_select(0, keep)
-    broken[dev]["layers.1.mlp.up_proj"] = broken[dev]["layers.1.mlp.up_proj"].index_select(0, keep)
-    broken[dev]["layers.1.mlp.down_proj"] = broken[dev]["layers.1.mlp.down_proj"].index_select(1, keep)
+    keep = np.array([i for i, n in enumerate(order) if n != gone])
+    broken[dev]["layers.1.mlp.gate_proj"] = broken[dev]["layers.1.mlp.gate_proj"][keep]
+    broken[dev]["layers.1.mlp.up_proj"] = broken[dev]["layers.1.mlp.up_proj"][keep]
+    broken[dev]["layers.1.mlp.down_proj"] = broken[dev]["layers.1.mlp.down_proj"][:, keep]
     with pytest.raises(PlanError) as err:
         assemble(p, broken)
-    assert str(err.value) == f"model.layers.1.mlp.gate_proj.weight: slice {gone} is missing across the shards"
+    assert str(err.value) == f"model.layers.1.mlp.gate_proj.weight: row {gone} is missing across the shards"
 
 
 def test_assemble_extra_row_in_a_shard(plan, shards):
     broken = _copy(shards)
     dev = _holder(plan, broken, "layers.0.mlp.up_proj")
     t = broken[dev]["layers.0.mlp.up_proj"]
-    broken[dev]["layers.0.mlp.up_proj"] = torch.cat([t, t[:1]])
+    broken[dev]["layers.0.mlp.up_proj"] = np.concatenate([t, t[:1]])
     n = t.shape[0]
     with pytest.raises(PlanError) as err:
         assemble(plan, broken)
-    assert str(err.value) == (f"shard of {dev}: model.layers.0.mlp.up_proj.weight has {n + 1} slices, "
-                              f"plan says {n}")
+    assert str(err.value) == (f"shard of {dev}: layers.0.mlp.up_proj has shape ({n + 1}, {t.shape[1]}), "
+                              f"plan says ({n}, {t.shape[1]})")
 
 
 def test_assemble_does_not_modify_its_input(plan, shards):
-    before = {dev: {k: v.clone() for k, v in t.items()} for dev, t in shards.items()}
+    before = {dev: {k: v.copy() for k, v in t.items()} for dev, t in shards.items()}
     assemble(plan, shards)
     for dev, tensors in shards.items():
         assert tensors.keys() == before[dev].keys()
-        assert all(torch.equal(v, before[dev][k]) for k, v in tensors.items())
+        assert all(np.array_equal(v, before[dev][k]) for k, v in tensors.items())
 
 
 def test_load_shard_errors(plan_and_dir, tmp_path):

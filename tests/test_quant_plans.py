@@ -1,35 +1,44 @@
-"""Quantised plans end to end (issue 11): compile in a weight format, verify, run distributed.
+"""Quantised plans end to end: compile the tiny model in ggml's block formats (q8_0, q4_0), verify,
+inspect, and run it on one device and on four.
 
-A plan in format F holds the model quantised once, by neuron group, so its answer does not depend
-on placement: at 0% loss the 4-device plan's greedy tokens equal the 1-device plan's of the same
-weights and grouping options, in process and over UDP. Plus the checks that refuse damage and
-the fail-fast memory check that runs before profiling.
+A plan in format F stores the model quantised once, group by group, with MLP groups sized in whole
+blocks of 32 neurons: so the stored model depends on the groups, never on their placement, and at
+0% loss the 4-device plan's greedy tokens equal the 1-device plan's (in process and over loopback
+with `--sync strict`). Also: the shards hold uint8 blocks, `verify` re-quantises the model and finds
+the shards bit for bit, `inspect` reports the stored bytes, the replaced int8/int4 formats are
+refused with one line (by the compiler and, for an old plan, by the runtime), and the fail-fast
+memory check counts the chosen format.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
-from conftest import cluster_yaml
+from conftest import ROOT, cluster_yaml
 from halo_runtime.core.coordinator import Coordinator
-from halo_runtime.core.device import DeviceCompute
 from halo_runtime.core.exchange import InProcessExchange
-from halo_runtime.core.plan import PlanError
+from halo_runtime.core.formats import FORMATS
 from halo_runtime.core.shards import load_shard
-from safetensors.torch import load_file, save_file
 
+BLOCK_FORMATS = ["q8_0", "q4_0"]
 PROMPT_IDS = [5, 17, 300, 42, 500]
-REMOTE_MB = {"fp32": 0.25, "bf16": 0.14, "int8": 0.08, "int4": 0.05}
-"""Remote memory that makes the 4-device plan spread in each format (stored bytes shrink with it)."""
-PINS = "bf16.fbgemm-fp16,int4.int4pack"
-"""Kernels pinned for comparisons across processes (measurement could pick differently in each);
-int8 is left to measurement: every kernel it may choose keeps activations in fp32."""
+REMOTE_MB = 0.05
+"""Remote memory that makes the 4-device plan spread in both block formats."""
+MB = 1024 * 1024
+
+
+def _cli(module: str, *args, timeout=180) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repository root (as the README's commands run)."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +52,9 @@ def compiled(tiny_vocab_dir, tmp_path_factory):
         if (fmt, n) not in made:
             root = tmp_path_factory.mktemp(f"q-{fmt}-{n}")
             profile = root / "cluster.yaml"
-            profile.write_text(cluster_yaml(n, lossy=1 if n > 1 else 0, remote_memory_mb=REMOTE_MB[fmt]))
-            opts = CompileOptions(calib_tokens=1024, chunk_tokens=128, sample_tokens=512, mlp_groups=5,
+            profile.write_text(cluster_yaml(n, lossy=1 if n > 1 else 0, remote_memory_mb=REMOTE_MB if n > 1 else None))
+            # 96 MLP neurons in 3 groups: the only grouping of whole 32-neuron blocks with more than one group
+            opts = CompileOptions(calib_tokens=1024, chunk_tokens=128, sample_tokens=512, mlp_groups=3,
                                   relaxed_share=0.3, max_context=256, solver_time=2.0, progress=False, weights=fmt)
             made[fmt, n] = compile_plan(str(tiny_vocab_dir), profile, root / "plan", opts)
         return made[fmt, n]
@@ -52,142 +62,197 @@ def compiled(tiny_vocab_dir, tmp_path_factory):
     return make
 
 
-def _tokens(plan, directory, n=12):
+def _mlp_groups_are_whole_blocks(plan):
+    for layer in range(plan.model.num_layers):
+        sizes = [len(g.members) for g in plan.layer_groups(layer, "mlp")]
+        assert len(sizes) > 1 and all(s % 32 == 0 for s in sizes), f"layer {layer}: {sizes}"
+        members = sorted(n for g in plan.layer_groups(layer, "mlp") for n in g.members)
+        assert members == list(range(plan.model.intermediate_size))
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_shards_store_blocks_and_verify_passes(compiled, tiny_vocab_dir, fmt):
+    plan, directory = compiled(fmt, 4)
+    f = FORMATS[fmt]
+    text = (directory / "plan.json").read_text()
+    assert f'"weights": "{fmt}"' in text and '"weights_fingerprint"' in text
+    _mlp_groups_are_whole_blocks(plan)
+    cfg, workers = plan.model, 0
+    for dev, report in zip(plan.device_names, plan.device_reports):
+        shard = load_shard(directory, plan, dev)
+        projections = {k: t for k, t in shard.items() if k.endswith("_proj")}
+        for name, t in projections.items():  # rows of whole blocks: 34 (q8_0) or 18 (q4_0) bytes per 32 inputs
+            assert t.dtype == np.uint8 and t.ndim == 2 and t.shape[1] % f.block_bytes == 0, name
+        for name in [k for k in shard if k.endswith("layernorm") or k == "norm"]:
+            assert shard[name].dtype == np.float32 and shard[name].shape == (cfg.hidden_size,), name
+        if dev == plan.coordinator:
+            assert shard["embed_tokens"].dtype == np.uint8
+            assert shard["embed_tokens"].shape == f.stored_shape(cfg.vocab_size, cfg.hidden_size)
+        elif projections:
+            workers += 1
+            # the plan counts what a worker stores: its shard is those bytes exactly
+            assert report.weight_bytes == sum(t.nbytes for t in shard.values())
+    assert workers >= 2, "the 4-device plan should spread"
+    proc = _cli("halo_compile.cli", "verify", directory, "--model", tiny_vocab_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert all(line.startswith("ok  ") for line in lines) and len(lines) == 3, proc.stdout
+    assert f"{fmt} weights reassemble to the plan's quantised model (fingerprint {plan.weights_fingerprint[:12]})" \
+        in lines[1]
+    assert f"quantised to {fmt} by the plan's groups is what the shards hold, bit for bit" in lines[2]
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_verify_catches_a_changed_block(compiled, tmp_path, fmt):
+    """One scale byte of one block on one worker: the reassembled model's fingerprint tells."""
+    import hashlib
+
+    from halo_runtime.core.plan import PlanError
+    from safetensors.numpy import load_file, save_file
+
+    from halo_compile.verify import verify_plan
+
+    plan, directory = compiled(fmt, 4)
+    copy = tmp_path / "plan"
+    shutil.copytree(directory, copy)
+    worker = next(d for d in plan.device_names[1:] if plan.groups_on(d, 0, "mlp"))
+    name = plan.shard_file(worker)
+    tensors = load_file(str(copy / name))
+    tensors["layers.0.mlp.down_proj"][0, 1] ^= 0x40  # the high byte of the first block's fp16 scale
+    save_file(tensors, str(copy / name))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"][name]["sha256"] = hashlib.sha256((copy / name).read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PlanError) as e:
+        verify_plan(copy)
+    assert f"{fmt} weights fingerprint" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_inspect_shows_the_stored_bytes(compiled, fmt):
+    plan, directory = compiled(fmt, 4)
+    proc = _cli("halo_compile.cli", "inspect", directory)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("weights:"))
+    expected = ", ".join(f"{r.name} {r.weight_bytes / MB:.1f} MB" for r in plan.device_reports)
+    assert line == f"weights: {fmt}, fingerprint {plan.weights_fingerprint[:12]}; stored bytes per device: {expected}"
+    # and the reported bytes are the format's: the same model in q4_0 stores fewer than in q8_0
+    one = {f: compiled(f, 1)[0].device_reports[0].weight_bytes for f in BLOCK_FORMATS}
+    assert one["q4_0"] < one["q8_0"]
+
+
+def _in_process(plan, directory, n=8):
     shards = {d: load_shard(directory, plan, d) for d in plan.device_names}
     coord = Coordinator(plan, shards[plan.coordinator], InProcessExchange(plan, shards))
-    return coord.generate(PROMPT_IDS, n).tokens
+    gen = coord.generate(PROMPT_IDS, n, keep_logits=True)
+    return gen.tokens, np.stack(gen.logits), shards
 
 
-@pytest.mark.parametrize("fmt", ["int8", "bf16", "int4"])
-def test_distributed_tokens_equal_single_device_in_process(compiled, fmt, monkeypatch):
-    monkeypatch.setenv("HALO_KERNELS", PINS)
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_distributed_equals_single_device_in_process(compiled, fmt):
     plan4, dir4 = compiled(fmt, 4)
     plan1, dir1 = compiled(fmt, 1)
     assert plan4.weights == plan1.weights == fmt
     # the quantised model depends on the groups, never on where they are placed
     assert plan4.weights_fingerprint == plan1.weights_fingerprint != ""
     assert len({g.device for g in plan4.groups}) >= 3, "the 4-device plan should spread"
-    assert _tokens(plan4, dir4) == _tokens(plan1, dir1)
+    tokens4, logits4, _ = _in_process(plan4, dir4)
+    tokens1, logits1, shards1 = _in_process(plan1, dir1)
+    assert tokens4 == tokens1
+    # partial sums added in another order: the same logits to fp32 rounding
+    assert np.abs(logits4 - logits1).max() <= 1e-4 * np.abs(logits1).max()
+    # and they are the torch reference's of the dequantised model, to ggml's rounding of the inputs
+    from halo_compile.reference import FullModel
+    from halo_compile.slicing import assemble
+
+    ref = FullModel(plan1.model, assemble(plan1, shards1))
+    want = [ref.logits(torch.tensor(PROMPT_IDS))[-1]]
+    for t in tokens1[:-1]:
+        want.append(ref.logits(torch.tensor([t]))[-1])
+    want = torch.stack(want).numpy()
+    assert np.abs(logits1 - want).max() <= 0.03 * np.abs(want).max()
 
 
-def test_fp32_on_two_threads_goes_through_the_kernels_with_the_same_tokens(compiled, monkeypatch):
-    """With several threads an fp32 plan's products go through the measured kernels (the numba loop
-    can use the threads, torch's one-token product cannot); the tokens stay those of one thread."""
-    from halo_runtime.core import kernels as K
-    from halo_runtime.core.kernels import QuantLinear
-
-    plan4, dir4 = compiled("fp32", 4)
-    plan1, dir1 = compiled("fp32", 1)
-    one_thread = _tokens(plan1, dir1)
-    monkeypatch.setattr(K, "THREADS", 2)
-    monkeypatch.setenv("HALO_KERNELS", "fp32.numba")
-    name = next(g.device for g in plan4.groups if g.kind == "mlp")
-    dev = DeviceCompute(plan4, name, load_shard(dir4, plan4, name))
-    layer = next(i for i in range(plan4.model.num_layers) if dev.has_mlp(i))
-    assert isinstance(dev.mlp_weights[layer][0], QuantLinear)
-    assert _tokens(plan4, dir4) == _tokens(plan1, dir1) == one_thread
-
-
-def test_int8_shards_are_int8_and_verify_passes(compiled, tiny_vocab_dir):
-    from halo_compile.verify import verify_plan
-
-    plan, directory = compiled("int8", 4)
-    text = (directory / "plan.json").read_text()
-    assert '"weights": "int8"' in text and '"weights_fingerprint"' in text
-    worker = next(d for d in plan.device_names if d != plan.coordinator and any(g.device == d for g in plan.groups))
-    shard = load_shard(directory, plan, worker)
-    assert {t.dtype for k, t in shard.items() if not k.endswith(".scale")} == {torch.int8}
-    coord = load_shard(directory, plan, plan.coordinator)
-    assert coord["embed_tokens"].dtype == torch.int8 and coord["embed_tokens.scale"].dtype == torch.float32
-    done = verify_plan(directory, str(tiny_vocab_dir))
-    assert "int8 weights reassemble to the plan's quantised model" in done[1]
-    assert "bit for bit" in done[2]
-
-
-def test_fp32_plans_omit_the_weights_fields(compiled):
-    plan, directory = compiled("fp32", 1)
-    assert plan.weights == "fp32" and '"weights' not in (directory / "plan.json").read_text()
-
-
-def _forge(directory, shard_name, change):
-    path = directory / shard_name
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file(tensors, str(path))
-    manifest = json.loads((directory / "manifest.json").read_text())
-    manifest["files"][shard_name]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    (directory / "manifest.json").write_text(json.dumps(manifest))
-
-
-def test_damaged_scales_are_refused_with_one_line(compiled, tmp_path):
-    import shutil
-
-    from halo_compile.verify import verify_plan
-
-    plan, directory = compiled("int8", 4)
-    copy = tmp_path / "plan"
-    shutil.copytree(directory, copy)
-    worker = next(d for d in plan.device_names if d != plan.coordinator and any(g.device == d for g in plan.groups))
-    name = plan.shard_file(worker)
-    names = list(load_file(str(copy / name)))
-    row_scale = next(k for k in names if k.endswith("gate_proj.scale"))
-    scale = next(k for k in names if k.endswith("down_proj.scale"))
-
-    def double(which):
-        def change(t):
-            t[which] = t[which] * 2
-        return change
-    _forge(copy, name, double(row_scale))   # a row's scale: only the fingerprint can tell
-    with pytest.raises(PlanError) as e:
-        verify_plan(copy)
-    assert "weights fingerprint" in str(e.value) and "\n" not in str(e.value)
-    _forge(copy, name, double(scale))       # a copy of down_proj's row scales: the devices disagree
-    with pytest.raises(PlanError) as e:
-        verify_plan(copy)
-    assert "disagree on the row scales" in str(e.value) and "\n" not in str(e.value)
-
-    def wrong_dtype(t):
-        t[scale] = t[scale].double()
-    _forge(copy, name, wrong_dtype)
-    with pytest.raises(PlanError) as e:
-        DeviceCompute(plan, worker, load_shard(copy, plan, worker))
-    assert f"shard of {worker}: tensor {scale[:-len('.scale')]}" in str(e.value) and "\n" not in str(e.value)
-
-
-def test_local_udp_int8_equals_single_device(compiled):
-    plan4, dir4 = compiled("int8", 4)
-    plan1, dir1 = compiled("int8", 1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HALO_KERNELS": PINS}
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_distributed_equals_single_device_over_loopback(compiled, fmt):
     runs = []
-    # the 1-device plan also on two threads (--threads splits the int8 products' rows: same bits)
-    for directory, threads in ((dir4, 1), (dir1, 1), (dir1, 2)):
-        proc = subprocess.run([sys.executable, "-m", "halo_runtime.cli", "local", "--plan", str(directory),
-                               "--prompt", "The capital of France is", "--max-tokens", "10", "--ignore-eos",
-                               "--plr", "0", "--wire", "fp32", "--json", "--quiet", "--threads", str(threads)],
-                              capture_output=True, text=True, timeout=240, env=env)
+    for n in (4, 1):
+        _, directory = compiled(fmt, n)
+        proc = _cli("halo_runtime.cli", "local", "--plan", directory, "--prompt", "The capital of France is",
+                    "--max-tokens", "8", "--ignore-eos", "--sync", "strict", "--wire", "fp32", "--plr", "0",
+                    "--draft", "none", "--json", "--quiet", timeout=240)
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs.append(json.loads(proc.stdout))
-    udp4, one, two_threads = runs
-    assert udp4["tokens"] == one["tokens"] == two_threads["tokens"] and two_threads["threads"] == 2
-    from halo_runtime.core.kernels import kernel
-    assert udp4["weights"] == "int8" and kernel(udp4["kernels"]["int8"]["rows"]).activations == "fp32"
-    assert all(k.get("int8") for d, k in udp4["kernels_by_device"].items()
-               if any(g.device == d for g in plan4.groups))
+    four, one = runs
+    assert four["weights"] == one["weights"] == fmt
+    assert len(four["tokens"]) == 8 and four["tokens"] == one["tokens"]
+    assert set(four["devices"]) >= {"dev1", "dev2", "dev3"} and not one["devices"]
+    assert all(d["computed"] > 0 for d in four["devices"].values())
+
+
+@pytest.mark.parametrize("old,new", [("int8", "q8_0"), ("int4", "q4_0")])
+def test_the_compiler_refuses_replaced_formats_with_one_line(tiny_vocab_dir, tmp_path, old, new):
+    profile = tmp_path / "c.yaml"
+    profile.write_text(cluster_yaml(1))
+    proc = _cli("halo_compile.cli", "plan", tiny_vocab_dir, "--cluster", profile, "--weights", old,
+                "-o", tmp_path / "out", timeout=120)
+    # click's usage error: exit code 2, a usage line, a hint line, then the one line that says what to do
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert "Traceback" not in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error == (f"Error: Invalid value: weight format '{old}' was replaced by {new} (ggml's blocks of 32); "
+                     f"recompile the plan with --weights {new}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_runtime_refuses_an_old_int8_plan_with_one_line(compiled, tmp_path):
+    _, directory = compiled("q8_0", 1)
+    copy = tmp_path / "plan"
+    shutil.copytree(directory, copy)
+    plan_json = copy / "plan.json"
+    plan_json.write_text(plan_json.read_text().replace('"weights": "q8_0"', '"weights": "int8"'))
+    proc = _cli("halo_runtime.cli", "local", "--plan", copy, "--prompt", "hi", "--max-tokens", "2", "--json",
+                "--quiet", timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("halo-run: error: "), proc.stderr
+    assert "weight format 'int8' was replaced by q8_0" in lines[0] and "--weights q8_0" in lines[0]
+
+
+def test_check_blocks_names_the_dimension_that_is_not_whole_blocks():
+    from halo_runtime.core.config import ModelConfig
+
+    from halo_compile.load import ModelError
+    from halo_compile.pipeline import check_blocks
+
+    def cfg(**kw):
+        base = {"vocab_size": 32, "hidden_size": 64, "intermediate_size": 96, "num_layers": 1, "num_heads": 4,
+                "num_kv_heads": 2, "head_dim": 16}
+        return ModelConfig(**{**base, **kw})
+
+    for fmt in ("fp32", "bf16", "q8_0", "q4_0"):
+        check_blocks(cfg(), fmt)  # the suite's tiny model fits every format
+    for kw, dim in (({"hidden_size": 48, "num_heads": 3, "num_kv_heads": 3}, "hidden_size is 48"),
+                    ({"intermediate_size": 80}, "intermediate_size is 80"),
+                    ({"num_heads": 2, "num_kv_heads": 2, "head_dim": 24}, "x head_dim is 24")):
+        for fmt in ("fp32", "bf16"):
+            check_blocks(cfg(**kw), fmt)
+        with pytest.raises(ModelError, match=re.escape(dim)):
+            check_blocks(cfg(**kw), "q8_0")
 
 
 def test_too_small_cluster_fails_before_profiling(tiny_vocab_dir, tmp_path):
     profile = tmp_path / "small.yaml"
     profile.write_text(cluster_yaml(2, memory_mb=0.05, remote_memory_mb=0.05))
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "halo_compile.cli", "plan", str(tiny_vocab_dir), "--cluster",
-                           str(profile), "--weights", "int8", "-o", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+    proc = _cli("halo_compile.cli", "plan", tiny_vocab_dir, "--cluster", profile, "--weights", "q8_0",
+                "-o", tmp_path / "out", timeout=120)
     elapsed = time.perf_counter() - started
     lines = [line for line in proc.stderr.strip().splitlines() if "Writing model shards" not in line]
     assert proc.returncode == 2 and lines[0].startswith("[1/7] load"), proc.stderr
     error = lines[-1]   # the only line after loading: profiling ([2/7]) never started
     assert len(lines) == 2 and error.startswith("halo-compile: error: "), proc.stderr
-    assert "int8 weights" in error and "short by" in error and "the cluster has" in error
+    assert "q8_0 weights" in error and "short by" in error and "the cluster has" in error
     # under 15 s on an idle machine (interpreter start-up dominates); generous for a busy shared one
     assert elapsed < 60 and not (tmp_path / "out").exists()
 
@@ -199,8 +264,9 @@ def test_capacity_counts_the_chosen_format(tiny_vocab_dir):
     from halo_compile.place import InfeasibleError, check_capacity
 
     m = load_model(str(tiny_vocab_dir), progress=False)
-    # 0.2 MB: the tiny model's int8 weights and KV cache fit, its fp32 weights do not
+    # 0.2 MB: the tiny model's q8_0 and q4_0 weights and KV cache fit, its fp32 weights do not
     devices = [Device("a", "127.0.0.1:1", 200_000, 1.0)]
-    check_capacity(m.config, devices, "a", m.weights, 64, "int8")
+    for fmt in BLOCK_FORMATS:
+        check_capacity(m.config, devices, "a", m.weights, 64, fmt)
     with pytest.raises(InfeasibleError, match="fp32 weights"):
         check_capacity(m.config, devices, "a", m.weights, 64, "fp32")

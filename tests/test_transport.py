@@ -10,8 +10,8 @@ import struct
 import threading
 import time
 
+import numpy as np
 import pytest
-import torch
 from halo_runtime.core.codec import HEADER_SIZE, MAX_DATAGRAM, TAG_LEN, WireError, decode_tensor, encode_tensor
 from halo_runtime.net.auth import Authenticator
 from halo_runtime.net.shim import LossShim
@@ -188,26 +188,27 @@ def test_memory_is_bounded():
 # --- tensor codec -------------------------------------------------------------------------------
 
 def test_tensor_fp32_exact():
-    x = torch.randn(7, 576) * torch.logspace(-30, 30, 576)
-    x[0, :4] = torch.tensor([float("inf"), float("-inf"), -0.0, 1e-45])
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((7, 576)) * np.logspace(-30, 30, 576)).astype(np.float32)
+    x[0, :4] = [float("inf"), float("-inf"), -0.0, 1e-45]
     y = decode_tensor(encode_tensor(x, "fp32"), "fp32", width=576)
-    assert y.dtype == torch.float32 and torch.equal(y.view(torch.int32), x.view(torch.int32))
+    assert y.dtype == np.float32 and np.array_equal(y.view(np.int32), x.view(np.int32))
 
 
 def test_tensor_fp16_and_bf16_tolerance():
-    x = torch.randn(3, 576) * 10
+    x = (np.random.default_rng(1).standard_normal((3, 576)) * 10).astype(np.float32)
     b = encode_tensor(x, "fp16")
     assert len(b) == 9 + 3 * 576 * 2
-    torch.testing.assert_close(decode_tensor(b, "fp16", 576), x, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(decode_tensor(encode_tensor(x, "bf16")), x, rtol=8e-3, atol=1e-2)
-    big = torch.tensor([[1e6, -1e6, 3.0]])
+    np.testing.assert_allclose(decode_tensor(b, "fp16", 576), x, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(decode_tensor(encode_tensor(x, "bf16")), x, rtol=8e-3, atol=1e-2)
+    big = np.array([[1e6, -1e6, 3.0]], np.float32)
     assert decode_tensor(encode_tensor(big, "fp16")).tolist() == [[65504.0, -65504.0, 3.0]]
-    assert decode_tensor(encode_tensor(torch.ones(576))).shape == (1, 576)
-    assert decode_tensor(encode_tensor(torch.ones(0, 576), "fp32")).shape == (0, 576)
+    assert decode_tensor(encode_tensor(np.ones(576, np.float32))).shape == (1, 576)
+    assert decode_tensor(encode_tensor(np.ones((0, 576), np.float32), "fp32")).shape == (0, 576)
 
 
 def test_tensor_decode_errors():
-    b = encode_tensor(torch.ones(2, 4), "fp16")
+    b = encode_tensor(np.ones((2, 4), np.float32), "fp16")
     for data, wire, width in [(b[:5], None, None), (b[:-1], None, None), (b + b"\0", None, None),
                               (b, "fp32", None), (b, None, 5), (b"\x07" + b[1:], None, None)]:
         with pytest.raises(WireError):

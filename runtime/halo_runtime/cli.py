@@ -64,7 +64,7 @@ def _coordinator_args(p: argparse.ArgumentParser) -> None:
 
 
 def _threads_arg(p: argparse.ArgumentParser, suffix: str = "") -> None:
-    from .core.kernels import ComputeOptions
+    from .core.compute import ComputeOptions
 
     p.add_argument("--threads", type=int, metavar="N", **_field(ComputeOptions, "threads", suffix))
 
@@ -150,13 +150,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    from .core.kernels import set_threads
+    from .core.compute import ComputeOptions
     from .core.plan import PlanError
     from .net.exchange import DeviceLost
     from .net.transport import TransportError
 
     try:
-        set_threads(args.threads)
+        ComputeOptions(args.threads)  # validates --threads before anything starts
         {"worker": run_worker, "generate": run_generate, "local": run_local, "serve": run_serve}[args.command](args)
     except (PlanError, TransportError, DeviceLost, OSError, ValueError) as e:
         _fail(str(e))
@@ -185,11 +185,11 @@ def run_worker(args) -> None:
     compute = _streaming(args, plan)
     shard = {} if compute is not None else load_shard(args.plan, plan, args.device)
     auth = _auth(args, args.plan)
-    worker = Worker(plan, args.device, shard, host, port, shim, compute=compute, auth=auth)
-    from .core.kernels import selections
+    worker = Worker(plan, args.device, shard, host, port, shim, compute=compute, auth=auth, threads=args.threads)
+    from .core.compute import kernels
     if args.announce:
         print(json.dumps({"device": args.device, "host": worker.address[0], "port": worker.address[1],
-                          "kernels": selections()}), flush=True)
+                          "kernels": kernels()}), flush=True)
     else:
         print(f"halo-run worker {args.device} listening on {worker.address[0]}:{worker.address[1]} (UDP and TCP)",
               file=sys.stderr, flush=True)
@@ -216,9 +216,6 @@ def _streaming(args, plan):
     budget = int(args.memory_budget * 1e6) if args.memory_budget else plan_budget(plan, args.device)
     if budget is None:
         return None
-    if plan.weights != "fp32":
-        _fail(f"{args.plan}: device {args.device} would stream its weights from storage, which needs fp32 "
-              f"weights; this plan stores {plan.weights} (recompile with --weights fp32, or drop --memory-budget)")
     mbps = args.storage_mbps if args.storage_mbps is not None else plan.device(args.device).storage_mbps
     config = LoadConfig(budget=budget, mode=args.load_mode, mbps=mbps, cold=not args.warm_storage)
     return open_streaming(plan, args.plan, args.device, config)
@@ -260,10 +257,10 @@ def _drafts(args, plan):
 
 
 def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", drafts=None) -> dict:
+    from .core.compute import kernels
     from .core.coordinator import Coordinator
-    from .core.kernels import selections
 
-    coord = Coordinator(plan, shard, exchange)
+    coord = Coordinator(plan, shard, exchange, threads=args.threads)
     draft = drafts(coord) if drafts is not None else None
     prompt = _prompt_ids(tok, args.prompt, args.chat, args.plan)
 
@@ -306,7 +303,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
         for d, n in s.missing.items():
             per_device[d] = per_device.get(d, 0) + n
     return {
-        "sync": sync, "wire": args.wire, "weights": plan.weights, "kernels": selections(), "threads": args.threads,
+        "sync": sync, "wire": args.wire, "weights": plan.weights, "kernels": kernels(), "threads": args.threads,
         "prompt_tokens": len(prompt), "tokens": gen.tokens,
         "text": tok.decode(gen.tokens, skip_special=True),
         "ttft_ms": round(gen.token_stats[0].total_ms, 3) if gen.token_stats else None,
@@ -371,9 +368,9 @@ def _report(result: dict, args) -> None:
         acc = "n/a" if d["acceptance"] is None else f"{100 * d['acceptance']:.1f}%"
         print(f"[{result['sync']}] draft {d['source']} ({d['tokens']} per pass): {result['tokens_per_pass']} "
               f"tokens per pass, {acc} of guesses accepted")
-    kernels = "; ".join(f"{fmt} {', '.join(f'{role} {k}' for role, k in roles.items())}"
-                        for fmt, roles in result.get("kernels", {}).items())
-    print(f"[{result['sync']}] weights {result.get('weights', 'fp32')}" + (f"; kernels {kernels}" if kernels else ""))
+    k = result.get("kernels") or {}
+    print(f"[{result['sync']}] weights {result.get('weights', 'fp32')}; {k.get('engine', '?')}, "
+          f"{'/'.join(k.get('simd', []))}; {result.get('threads', 1)} thread(s)")
 
 
 def run_generate(args) -> None:

@@ -8,11 +8,11 @@ copies u8) and then a tensor. A datagram adds `HEADER_SIZE` bytes of header in f
 chunk and `TAG_LEN` bytes of authentication tag behind it, and stays within `MAX_DATAGRAM`.
 
 Example:
-    >>> import torch
+    >>> import numpy as np
     >>> from halo_runtime.core.codec import decode_request, encode_request, datagrams
-    >>> x = torch.randn(1, 576)
+    >>> x = np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
     >>> start, copies, wire, y = decode_request(encode_request(x, 5, "fp16"), width=576)
-    >>> start, copies, wire, bool((y - x).abs().max() < 1e-2)
+    >>> start, copies, wire, bool(np.abs(y - x).max() < 1e-2)
     (5, 1, 'fp16', True)
     >>> datagrams(len(encode_request(x, 5, "fp16"))), datagrams(len(encode_request(x, 5, "fp32")))
     (1, 2)
@@ -22,7 +22,6 @@ from __future__ import annotations
 import struct
 
 import numpy as np
-import torch
 
 HEADER_SIZE = 33
 """Bytes of a datagram's fixed header (layout in `halo_runtime.net.wire`)."""
@@ -56,32 +55,32 @@ _WIRE_BY_CODE = {code: (name, dt) for name, (code, dt) in _WIRES.items()}
 FP16_MAX = 65504.0
 
 
-def encode_tensor(t: torch.Tensor, wire: str = "fp16") -> bytes:
-    """A [T, hidden] tensor (1-D counts as one row) as bytes; fp32 round-trips bit for bit.
+def encode_tensor(t: np.ndarray, wire: str = "fp16") -> bytes:
+    """A [T, hidden] float array (1-D counts as one row) as bytes; fp32 round-trips bit for bit.
 
     fp16 saturates at +-65504 instead of overflowing to inf (outlier activations exist); bf16 keeps
-    fp32's range at 8 bits of mantissa.
+    fp32's range at 8 bits of mantissa (rounded to nearest even).
     """
     if wire not in _WIRES:
         raise ValueError(f"unknown wire dtype {wire!r}; expected one of {sorted(_WIRES)}")
-    x = t.detach()
-    if x.dim() == 1:
-        x = x.unsqueeze(0)
-    if x.dim() != 2:
-        raise ValueError(f"expected a 2-D [T, hidden] tensor, got shape {tuple(t.shape)}")
-    x = x.to("cpu", torch.float32).contiguous()
+    x = np.asarray(t, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D [T, hidden] array, got shape {x.shape}")
     code, dt = _WIRES[wire]
     if wire == "fp32":
-        arr = x.numpy().astype(dt, copy=False)
+        arr = x.astype(dt, copy=False)
     elif wire == "fp16":
-        arr = x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).numpy().astype(dt, copy=False)
+        arr = np.clip(x, -FP16_MAX, FP16_MAX).astype(dt)
     else:
-        arr = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).astype(dt, copy=False)
+        bits = np.ascontiguousarray(x).view(np.uint32)
+        arr = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(dt)
     return TENSOR_HEADER.pack(code, x.shape[0], x.shape[1]) + arr.tobytes()
 
 
-def decode_tensor(data: bytes, wire: str | None = None, width: int | None = None) -> torch.Tensor:
-    """The fp32 [rows, cols] tensor in `data`; raises WireError if it disagrees with `wire`/`width`."""
+def decode_tensor(data: bytes, wire: str | None = None, width: int | None = None) -> np.ndarray:
+    """The float32 [rows, cols] array in `data`; raises WireError if it disagrees with `wire`/`width`."""
     if len(data) < TENSOR_HEADER.size:
         raise WireError(f"tensor payload of {len(data)} bytes is shorter than its header")
     code, rows, cols = TENSOR_HEADER.unpack_from(data)
@@ -99,8 +98,8 @@ def decode_tensor(data: bytes, wire: str | None = None, width: int | None = None
     if name == "bf16":
         arr = (arr.astype(np.uint32) << 16).view(np.float32)
     else:
-        arr = arr.astype(np.float32)  # copies: the tensor must not alias the (read-only) bytes
-    return torch.from_numpy(arr).reshape(rows, cols)
+        arr = arr.astype(np.float32)  # copies: the array must not alias the (read-only) bytes
+    return arr.reshape(rows, cols)
 
 
 # --- requests --------------------------------------------------------------------------------------
@@ -109,13 +108,13 @@ REQUEST_PREFIX = struct.Struct("<IB")  # start position, reply copies
 WIRE_NAMES = {code: name for name, (code, _) in _WIRES.items()}
 
 
-def encode_request(x: torch.Tensor, start: int, wire: str, copies: int = 1) -> bytes:
+def encode_request(x: np.ndarray, start: int, wire: str, copies: int = 1) -> bytes:
     """A request's payload: where `x`'s rows start in the sequence, how many copies of the reply
     to send (redundancy), and `x` in `wire`'s dtype."""
     return REQUEST_PREFIX.pack(start, copies) + encode_tensor(x, wire)
 
 
-def decode_request(payload: bytes, width: int) -> tuple[int, int, str, torch.Tensor]:
+def decode_request(payload: bytes, width: int) -> tuple[int, int, str, np.ndarray]:
     """(start, copies, wire, x); raises WireError on a malformed payload."""
     if len(payload) < REQUEST_PREFIX.size + TENSOR_HEADER.size:
         raise WireError("request too short")

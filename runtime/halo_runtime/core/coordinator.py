@@ -8,6 +8,11 @@ groups' output (see COMPENSATIONS); the predictor promotes a device's relaxed pa
 tokens where it predicts one of its groups matters. How messages travel is the Exchange's
 business (in process, UDP, or TCP for the strict baseline), so every path shares this code.
 
+Rounds no remote device takes part in are computed here without asking anyone, runs of them as
+one ggml graph each (`segment`): on a one-device plan a token is one native call. In a network
+round the coordinator posts the input, computes its own groups (`device.DeviceCompute`, one call)
+while the devices compute theirs, and adds what comes back in a fixed device order (numpy).
+
 Loss and waiting are per token: a round carries T tokens (T = 1 in decode, the whole prompt in
 prefill), `awaited` and `RoundResult.missing` hold a bool per token, and compensation fills only
 the missing rows. The network exchanges send one message per round, so for T > 1 they await a
@@ -31,19 +36,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
 
-import torch
+import numpy as np
 
 from .device import DeviceCompute
 from .draft import verify
 from .exchange import Exchange
-from .model import decoder_layer, lm_logits, mlp_partial, sum_parts
 from .plan import Plan
 from .predictor import layer_predictor, predict_groups
-from .qcompute import coordinator_tables
+from .segment import Runner, Segment, Tables, schedule
 
-_ONE_ROW = torch.ones(1, dtype=torch.bool)
+_ONE_ROW = np.ones(1, dtype=bool)
 """`awaited` rows of a one-token round (read only: exchanges never write into it)."""
 
 COMPENSATIONS = ("zero", "mean", "lowrank")
@@ -81,7 +84,7 @@ class Generation:
     """Generated token ids (prompt excluded)."""
     token_stats: list[TokenStats]
     """One per generated token; the first also covers the prompt."""
-    logits: list[torch.Tensor]
+    logits: list[np.ndarray]
     """The logits each generated token was chosen from, when asked to keep them."""
     passes: int = 0
     """Forward passes run (the prompt's included)."""
@@ -107,7 +110,7 @@ class _RelaxedPart:
 
     groups: list[int]
     """Their indices among the layer's MLP groups (predictor and compensation columns)."""
-    mean: torch.Tensor
+    mean: np.ndarray
     """[hidden] sum of their calibration-mean contributions."""
     lowrank: tuple | None
     """(gate, up, down, bias) of their low-rank estimates, concatenated; None if the plan has none."""
@@ -115,18 +118,36 @@ class _RelaxedPart:
     """The same indices as a set, for decode's one-row test."""
 
 
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm of every row (float32), for the inputs the coordinator posts in network rounds."""
+    return (x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))).astype(np.float32) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def sum_parts(parts: list, like: np.ndarray) -> np.ndarray:
+    """Sum partials in a fixed order (float addition is not associative; order fixes the bits)."""
+    total = None
+    for p in parts:
+        if p is not None:
+            total = p if total is None else total + p
+    return np.zeros_like(like) if total is None else total
+
+
 class Coordinator:
-    def __init__(self, plan: Plan, shard: dict[str, torch.Tensor], exchange: Exchange,
-                 compensation: str | None = None, await_predicted: bool = True):
+    def __init__(self, plan: Plan, shard: dict[str, np.ndarray], exchange: Exchange,
+                 compensation: str | None = None, await_predicted: bool = True, threads: int = 1):
         """compensation: one of COMPENSATIONS; None = "lowrank" if the plan has it, else "mean".
-        await_predicted: await relaxed parts on the tokens where the predictor flags them."""
-        self.plan, self.cfg, self.exchange = plan, plan.model, exchange
-        self.local = DeviceCompute(plan, plan.coordinator, shard)
-        self.embed, self.lm_head = coordinator_tables(plan, shard)  # tensors, or quantised (qcompute)
-        self.final_norm = shard["norm"]
+        await_predicted: await relaxed parts on the tokens where the predictor flags them.
+        threads: ggml threads for the coordinator's own products."""
+        self.plan, self.cfg, self.exchange, self.threads = plan, plan.model, exchange, threads
+        self.shard = shard
+        self.local = DeviceCompute(plan, plan.coordinator, shard, threads)
+        self.tables = Tables(plan.model, plan.weights, shard, self.local.arena)
+        self.runner = Runner(self.local, self.tables, plan.max_context, threads)
         L = self.cfg.num_layers
-        self.norms = [(shard[f"layers.{i}.input_layernorm"], shard[f"layers.{i}.post_attention_layernorm"])
-                      for i in range(L)]
         self.predictors = [layer_predictor(shard, i) for i in range(L)]
         self.await_predicted = await_predicted
         has_lowrank = all(f"compensation.{i}.groups" in shard for i in range(L))
@@ -136,12 +157,11 @@ class Coordinator:
         if self.compensation == "lowrank" and not has_lowrank:
             raise ValueError("this plan has no low-rank compensation (recompile it with a newer halo-compile)")
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
-        # rounds with a group on a remote device; the others are computed here without asking anyone
-        self.asks = set(plan.network_rounds())
+        self.steps = schedule(plan)
         # per layer: which remote devices hold relaxed groups, and what stands in for their part
         self.relaxed: list[dict[str, _RelaxedPart]] = []
         for i in range(L):
-            means = shard[f"compensation.{i}.mean"]
+            means = np.asarray(shard[f"compensation.{i}.mean"], dtype=np.float32)
             per_dev = {}
             for dev in self.remote:
                 idx = [g.index for g in plan.groups_on(dev, i, "mlp") if not g.critical]
@@ -158,30 +178,36 @@ class Coordinator:
         self.session = session
         self.exchange.begin(session)
 
-    def forward(self, tokens: torch.Tensor, step: int, stats: TokenStats, all_positions: bool = False) -> torch.Tensor:
-        """Feed tokens at the current position; returns last-position logits [vocab], or [T, vocab]."""
-        cfg, start = self.cfg, self.position
-        h = self.embed[tokens]
-        for layer in range(cfg.num_layers):
-            h = decoder_layer(cfg, h, *self.norms[layer], partial(self._attention, step, layer, start, stats),
-                              partial(self._mlp, step, layer, start, stats))
-        self.position += tokens.shape[0]
-        t0 = time.perf_counter()
-        logits = lm_logits(cfg, h if all_positions else h[-1:], self.final_norm, self.lm_head)
-        stats.compute_ms += 1e3 * (time.perf_counter() - t0)  # the LM head is the coordinator's compute too
-        return logits if all_positions else logits[0]
+    # ---- one pass -----------------------------------------------------------------------------
 
-    def _attention(self, step: int, layer: int, start: int, stats: TokenStats, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens, step: int, stats: TokenStats, all_positions: bool = False) -> np.ndarray:
+        """Feed tokens at the current position; returns last-position logits [vocab], or [T, vocab]."""
+        tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
+        start, T = self.position, tokens.shape[0]
+        h = x_pred = None
+        for i, st in enumerate(self.steps):
+            if isinstance(st, Segment):
+                t0 = time.perf_counter()
+                h, x_seg, logits = self.runner.run(i, st, tokens if st.embed else h, start, all_positions)
+                x_pred = x_seg if x_seg is not None else x_pred
+                stats.compute_ms += 1e3 * (time.perf_counter() - t0)
+                continue
+            layer, kind = st
+            if kind == "attn":
+                x_pred = rms_norm(h, self.tables.norms[layer][0], self.cfg.rms_norm_eps)
+                h = h + self._attention(step, layer, start, stats, x_pred)
+            else:
+                m = rms_norm(h, self.tables.norms[layer][1], self.cfg.rms_norm_eps)
+                h = h + self._mlp(step, layer, start, stats, x_pred, m)
+        self.local.lengths = [start + T] * self.cfg.num_layers
+        self.position += T
+        return logits if all_positions else logits[-1]
+
+    def _attention(self, step: int, layer: int, start: int, stats: TokenStats, x: np.ndarray) -> np.ndarray:
         """Every device's attention heads on x, all awaited (they hold KV state)."""
-        has_local = self.local.has_attention(layer)
-        if (layer, "attn") not in self.asks:  # every head is here: no round
-            t0 = time.perf_counter()
-            out = self.local.attention(layer, x, start) if has_local else torch.zeros_like(x)
-            stats.compute_ms += 1e3 * (time.perf_counter() - t0)
-            return out
         self.exchange.post("attn", step, layer, x, start)
         t0 = time.perf_counter()
-        local = self.local.attention(layer, x, start) if has_local else None
+        local = self.local.attention(layer, x, start) if self.local.has_attention(layer) else None
         t1 = time.perf_counter()
         remote = self.exchange.collect("attn", step, layer, {})
         t2 = time.perf_counter()
@@ -189,20 +215,13 @@ class Coordinator:
         stats.wait_ms += 1e3 * (t2 - t1)
         return sum_parts([local] + remote.parts, x)
 
-    def _mlp(self, step: int, layer: int, start: int, stats: TokenStats, x: torch.Tensor,
-             m: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, step: int, layer: int, start: int, stats: TokenStats, x: np.ndarray, m: np.ndarray) -> np.ndarray:
         """Every device's MLP part on m: critical and predicted ones (the predictor reads x) awaited,
         relaxed ones that miss the deadline compensated."""
-        has_local = self.local.has_mlp(layer)
-        if (layer, "mlp") not in self.asks:  # every neuron is here: no round, nothing relaxed remote
-            t0 = time.perf_counter()
-            crit, rlx = self.local.mlp(layer, m) if has_local else (None, None)
-            stats.compute_ms += 1e3 * (time.perf_counter() - t0)
-            return sum_parts([crit, rlx], m)
         awaited = self._awaited(layer, x)
         self.exchange.post("mlp", step, layer, m, start)
         t0 = time.perf_counter()
-        crit, rlx = self.local.mlp(layer, m) if has_local else (None, None)
+        crit, rlx = self.local.mlp(layer, m) if self.local.has_mlp(layer) else (None, None)
         t1 = time.perf_counter()
         result = self.exchange.collect("mlp", step, layer, awaited)
         t2 = time.perf_counter()
@@ -220,22 +239,22 @@ class Coordinator:
         stats.wait_ms += 1e3 * (t2 - t1)
         return sum_parts([crit, rlx] + result.parts + comp, m)
 
-    def _awaited(self, layer: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _awaited(self, layer: int, x: np.ndarray) -> dict[str, np.ndarray]:
         """Remote device -> bool [T]: tokens where the predictor says one of its relaxed groups matters."""
         if not self.relaxed[layer] or not self.await_predicted:
             return {}
         flagged = predict_groups(x, self.predictors[layer])
         if x.shape[0] == 1:  # decode: one row, one look at which groups are flagged
-            hot = set(flagged[0].nonzero().flatten().tolist())
+            hot = set(np.flatnonzero(flagged[0]).tolist())
             return {dev: _ONE_ROW for dev, part in self.relaxed[layer].items() if hot & part.group_set}
         out = {}
         for dev, part in self.relaxed[layer].items():
             rows = flagged[:, part.groups].any(1)
-            if bool(rows.any()):
+            if rows.any():
                 out[dev] = rows
         return out
 
-    def _compensate(self, layer: int, dev: str, m: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    def _compensate(self, layer: int, dev: str, m: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
         """The estimate that stands in for `dev`'s relaxed part on the missing `rows` (zeros elsewhere)."""
         part = self.relaxed[layer][dev]
         if self.compensation == "zero":
@@ -243,18 +262,20 @@ class Coordinator:
         every = bool(rows.all())
         if self.compensation == "mean":
             if every:
-                return part.mean.expand_as(m)
-            return rows[:, None].to(m.dtype) * part.mean
+                return np.broadcast_to(part.mean, m.shape)
+            return rows[:, None].astype(np.float32) * part.mean
         gate, up, down, bias = part.lowrank
         # only the missing rows are estimated: in decode that is one token, rarely
-        est = mlp_partial(m if every else m[rows], gate, up, down) + bias
+        mm = m if every else m[rows]
+        est = (silu(mm @ gate.T) * (mm @ up.T)) @ down.T + bias
         if every:
             return est
-        out = torch.zeros_like(m)
+        out = np.zeros_like(m)
         out[rows] = est
         return out
 
-    @torch.no_grad()
+    # ---- generation ----------------------------------------------------------------------------
+
     def generate(self, prompt: list[int], max_tokens: int, session: int = 1, keep_logits: bool = False,
                  eos: int | None = None, on_token=None, choose=None, stop=None, draft=None,
                  draft_tokens: int = 0) -> Generation:
@@ -270,7 +291,7 @@ class Coordinator:
         self.reset(session)
         gen = Generation([], [], [])
         seen = list(prompt)
-        feed = torch.tensor(prompt, dtype=torch.long)
+        feed = list(prompt)
         while len(gen.tokens) < max_tokens:
             if stop is not None and stop():
                 break
@@ -282,8 +303,7 @@ class Coordinator:
             stats.draft_ms = 1e3 * (time.perf_counter() - t0)
             start = self.position
             if guesses:
-                logits = self.forward(torch.cat((feed, torch.tensor(guesses, dtype=torch.long))), gen.passes,
-                                      stats, all_positions=True)
+                logits = self.forward(feed + guesses, gen.passes, stats, all_positions=True)
             else:
                 logits = self.forward(feed, gen.passes, stats)[None]
             tokens, accepted = verify(logits, guesses, seen, choose)
@@ -301,12 +321,12 @@ class Coordinator:
                 gen.tokens.append(token)
                 gen.token_stats.append(st)
                 if keep_logits:
-                    gen.logits.append(logits[j].clone())
+                    gen.logits.append(logits[j].copy())
                 if on_token:
                     on_token(len(gen.tokens) - 1, token, st)
                 if (eos is not None and token == eos) or len(gen.tokens) >= max_tokens:
                     return gen
-            feed = torch.tensor(tokens[-1:], dtype=torch.long)
+            feed = tokens[-1:]
         return gen
 
 
@@ -319,12 +339,12 @@ def _share(stats: TokenStats, n: int) -> list[TokenStats]:
     return [replace(stats, **times)] + [TokenStats(**times) for _ in range(n - 1)]
 
 
-def _lowrank(shard: dict[str, torch.Tensor], layer: int, groups: list[int]) -> tuple:
+def _lowrank(shard: dict[str, np.ndarray], layer: int, groups: list[int]) -> tuple:
     """The low-rank estimators of `groups`, concatenated: their sum is one SwiGLU plus a bias."""
     pre = f"compensation.{layer}"
-    rows = {int(g): r for r, g in enumerate(shard[f"{pre}.groups"].tolist())}
-    pick = torch.tensor([rows[g] for g in groups], dtype=torch.long)
-    gate, up, down = (shard[f"{pre}.{k}"][pick] for k in ("gate", "up", "down"))  # [n, rank, hidden] each
+    rows = {int(g): r for r, g in enumerate(np.asarray(shard[f"{pre}.groups"]).tolist())}
+    pick = np.array([rows[g] for g in groups], dtype=np.int64)
+    gate, up, down = (np.asarray(shard[f"{pre}.{k}"], dtype=np.float32)[pick] for k in ("gate", "up", "down"))
     hidden = gate.shape[-1]
-    return (gate.reshape(-1, hidden), up.reshape(-1, hidden), down.reshape(-1, hidden).T.contiguous(),
-            shard[f"{pre}.bias"][pick].sum(0))
+    return (gate.reshape(-1, hidden), up.reshape(-1, hidden), np.ascontiguousarray(down.reshape(-1, hidden).T),
+            np.asarray(shard[f"{pre}.bias"], dtype=np.float32)[pick].sum(0))

@@ -1,127 +1,223 @@
-"""What one device computes: its attention heads (with their KV cache) and its MLP neurons.
+"""What one device computes: its attention heads (with their KV cache) and its MLP neurons, each
+round as one ggml graph computed by one call.
 
-The same class serves a worker process, the coordinator's own groups, and in-process
-simulation, so every path runs the identical math. MLP output is split in two partial sums,
+The same class serves a worker process, the coordinator's own groups, and in-process simulation,
+so every path runs the identical math (`layers`). Its weights are the shard's arrays, multiplied
+where they lie (a memory-mapped shard is never copied). MLP output is split in two partial sums,
 critical and relaxed, because the coordinator treats them differently (await vs deadline); the
 coordinator's own part is one sum (it is never sent, so never late).
 
+`DeviceBackend` is the seam: what a worker, the in-process exchange and the coordinator ask of a
+device. `DeviceCompute` (every weight in RAM) and `storage.streaming.StreamingCompute` (weights
+read from storage under a memory budget) both provide it.
+
 Example (the checked-in plan's cluster with a toy one-layer model; pi5-1 holds everything):
-    >>> import dataclasses, torch
+    >>> import dataclasses
+    >>> import numpy as np
+    >>> from halo_runtime.core.config import ModelConfig
     >>> from halo_runtime.core.device import DeviceCompute
-    >>> from halo_runtime.core.model import ModelConfig, mlp_partial
     >>> from halo_runtime.core.plan import Group, load_plan
-    >>> cfg = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=6, num_layers=1,
-    ...                   num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
+    ...                   num_heads=2, num_kv_heads=1, head_dim=16)
     >>> groups = (Group("L0.attn.0", 0, "attn", 0, (0,), "pi5-1", True, 1.0),
-    ...           Group("L0.mlp.0", 0, "mlp", 0, (0, 1, 2, 3), "pi5-1", True, 0.8),
-    ...           Group("L0.mlp.1", 0, "mlp", 1, (4, 5), "pi5-1", False, 0.2))
-    >>> plan = dataclasses.replace(load_plan("artifacts/smollm2-135m-pi5"), model=cfg, groups=groups)
-    >>> shapes = {"attn.q_proj": (8, 8), "attn.k_proj": (4, 8), "attn.v_proj": (4, 8), "attn.o_proj": (8, 8),
-    ...           "mlp.gate_proj": (6, 8), "mlp.up_proj": (6, 8), "mlp.down_proj": (8, 6)}
-    >>> shard = {f"layers.0.{name}": torch.randn(shape) for name, shape in shapes.items()}
+    ...           Group("L0.mlp.0", 0, "mlp", 0, tuple(range(40)), "pi5-1", True, 0.8),
+    ...           Group("L0.mlp.1", 0, "mlp", 1, tuple(range(40, 64)), "pi5-1", False, 0.2))
+    >>> plan = dataclasses.replace(load_plan("artifacts/smollm2-135m-pi5"), model=cfg, groups=groups, max_context=64)
+    >>> rng = np.random.default_rng(0)
+    >>> shapes = {"attn.q_proj": (32, 32), "attn.k_proj": (16, 32), "attn.v_proj": (16, 32), "attn.o_proj": (32, 32),
+    ...           "mlp.gate_proj": (64, 32), "mlp.up_proj": (64, 32), "mlp.down_proj": (32, 64)}
+    >>> shard = {f"layers.0.{n}": rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
     >>> dev = DeviceCompute(plan, "pi5-1", shard)
-    >>> x = torch.randn(3, 8)                                    # 3 tokens' normalised inputs
-    >>> tuple(dev.attention(0, x, start=0).shape), dev.cache_length(0)
-    ((3, 8), 3)
-    >>> critical, relaxed = dev.mlp(0, x)                        # neurons 0-3, and 4-5
-    >>> full = mlp_partial(x, *(shard[f"layers.0.mlp.{p}"] for p in ("gate_proj", "up_proj", "down_proj")))
-    >>> torch.allclose(critical + relaxed, full, atol=1e-5)
+    >>> x = rng.standard_normal((3, 32)).astype(np.float32)      # 3 tokens' normalised inputs
+    >>> dev.attention(0, x, start=0).shape, dev.cache_length(0)
+    ((3, 32), 3)
+    >>> critical, relaxed = dev.mlp(0, x)                       # neurons 0-39, and 40-63
+    >>> g, u, d = (shard[f"layers.0.mlp.{p}_proj"] for p in ("gate", "up", "down"))
+    >>> act = (x @ g.T) / (1 + np.exp(-(x @ g.T))) * (x @ u.T)
+    >>> bool(np.allclose(critical + relaxed, act @ d.T, rtol=1e-4, atol=1e-4))
     True
 """
 from __future__ import annotations
 
-import torch
+from typing import Protocol
 
-from . import kernels
-from .model import KVCache, attend, linear, swiglu
-from .plan import Plan
-from .shards import device_indices, fuse_rows
+import numpy as np
+
+from .formats import weight_format
+from .ggmlops import Arena, Graph, new_input
+from .layers import KVCache, Rows, attention, kv_keys, mlp, rope_factors
+from .plan import Plan, PlanError
+from .shards import LayerSlice, device_indices
+
+import ggml.ggml as G
+
+CACHED_ROWS = 17
+"""Graphs of up to this many rows (decode, and draft verification) are kept; longer ones (prefill)
+are built for the pass and freed."""
+
+
+class DeviceBackend(Protocol):
+    """A device's share of the model, as a worker, the in-process exchange and the coordinator use it.
+    Arrays are float32 [T, hidden]; `start` is the position of the first of the T rows."""
+
+    def has_attention(self, layer: int) -> bool: ...
+
+    def has_mlp(self, layer: int) -> bool: ...
+
+    def reset(self) -> None:
+        """Forget every session's KV cache."""
+
+    def cache_length(self, layer: int) -> int: ...
+
+    def attention(self, layer: int, x: np.ndarray, start: int) -> np.ndarray:
+        """Partial attention output of its KV-head groups for rows at start.. (cached from there on)."""
+
+    def mlp(self, layer: int, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(critical partial, relaxed partial) of its MLP neurons; None where it has none."""
+
+    def mlp_groups(self, layer: int, x: np.ndarray) -> list[np.ndarray]:
+        """Each of its MLP groups' partial sum, in `Plan.groups_on` order (for simulation)."""
 
 
 class DeviceCompute:
-    """The slice of every layer that one device holds, and its KV cache."""
+    """The slice of every layer that one device holds, its KV cache, and its rounds as graphs."""
 
-    def __init__(self, plan: Plan, device: str, shard: dict[str, torch.Tensor]):
-        self.plan, self.cfg, self.name = plan, plan.model, device
-        self.slices = [device_indices(plan, device, layer) for layer in range(plan.model.num_layers)]
-        self.attn_weights, self.mlp_weights = [], []  # per layer: ((q|k|v), o) and ((gate|up), down)
-        self.shard, self._group_downs = shard, {}
-        # the coordinator's own MLP part is never sent, so it is never late: no critical/relaxed
-        # split, one product (a kernel call and a sum fewer per layer in decode)
-        self.one_mlp_part = device == plan.coordinator
-        # quantised weights, and fp32 ones in a process given several threads (torch's one-token
-        # product runs on one), go through the kernels chosen by measurement in this process
-        through_kernels = plan.weights != "fp32" or kernels.THREADS > 1
-        if through_kernels:
-            from .qcompute import device_weights
+    def __init__(self, plan: Plan | None, device: str, shard: dict[str, np.ndarray], threads: int = 1,
+                 layout: tuple | None = None):
+        """layout: (config, weight format, layer slices, context) for a model without a plan
+        (`whole_model`); otherwise they come from the plan."""
+        self.plan, self.name, self.threads = plan, device, threads
+        if layout is None:
+            layout = (plan.model, plan.weights, [device_indices(plan, device, layer)
+                                                 for layer in range(plan.model.num_layers)], plan.max_context)
+        cfg, weights, self.slices, capacity = layout
+        self.cfg, self.fmt = cfg, weight_format(weights)
+        self.arena = Arena()
+        factors = rope_factors(cfg)
+        self.factors = None if factors is None else self.arena.array(factors)
+        # the coordinator's own MLP part is never sent, so it is never late: one product, no split
+        self.one_mlp_part = plan is None or device == plan.coordinator
+        self.attn, self.mlp_w, self.caches = [], [], []
         for layer, s in enumerate(self.slices):
             pre = f"layers.{layer}"
-            # rows that read the same input are multiplied in one call: q, k and v; gate and up
-            fused = {}
+            attn = mlp_w = cache = None
             if s.kv_heads:
-                fused.update(fuse_rows(shard, [f"{pre}.attn.{p}" for p in ("q_proj", "k_proj", "v_proj")],
-                                       f"{pre}.attn.qkv", device))
+                attn = tuple(self._matrix(shard, f"{pre}.attn.{p}", cfg.hidden_size) for p in ("q_proj", "k_proj", "v_proj")) \
+                    + (self._matrix(shard, f"{pre}.attn.o_proj", len(s.q_heads) * cfg.head_dim),)
+                cache = KVCache(self.arena, len(s.kv_heads), capacity, cfg.head_dim)
             if s.neurons:
-                fused.update(fuse_rows(shard, [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"], f"{pre}.mlp.gate_up",
-                                       device))
-            if through_kernels:
-                attn, mlp = device_weights(plan, device, shard, fused, layer, self.one_mlp_part)
-            else:
-                attn = (fused[f"{pre}.attn.qkv"], shard[f"{pre}.attn.o_proj"]) if s.kv_heads else None
-                mlp = (fused[f"{pre}.mlp.gate_up"], shard[f"{pre}.mlp.down_proj"]) if s.neurons else None
-            self.attn_weights.append(attn)
-            self.mlp_weights.append(mlp)
-        self.caches = [KVCache() for _ in range(plan.model.num_layers)]
+                mlp_w = (self._matrix(shard, f"{pre}.mlp.gate_proj", cfg.hidden_size),
+                         self._matrix(shard, f"{pre}.mlp.up_proj", cfg.hidden_size),
+                         self._matrix(shard, f"{pre}.mlp.down_proj", len(s.neurons)))
+            self.attn.append(attn)
+            self.mlp_w.append(mlp_w)
+            self.caches.append(cache)
+        self.lengths = [0] * cfg.num_layers
+        self.graphs: dict[tuple, tuple[int, Graph]] = {}
+
+    @classmethod
+    def whole_model(cls, cfg, shard: dict[str, np.ndarray], weights: str, capacity: int, threads: int = 1,
+                    name: str = "model") -> DeviceCompute:
+        """Every head and neuron of a model whose shard-named weights are `shard` (a draft checkpoint)."""
+        whole = LayerSlice(tuple(range(cfg.num_kv_heads)), tuple(range(cfg.num_heads)),
+                           tuple(range(cfg.intermediate_size)), cfg.intermediate_size)
+        return cls(None, name, shard, threads, (cfg, weights, [whole] * cfg.num_layers, capacity))
+
+    def _matrix(self, shard, name: str, cols: int):
+        if name not in shard:
+            raise PlanError(f"shard of {self.name}: missing tensor {name}")
+        try:
+            return self.arena.matrix(np.ascontiguousarray(shard[name]), self.fmt, cols)
+        except ValueError as e:
+            raise PlanError(f"shard of {self.name}: {name}: {e}") from None
 
     def has_attention(self, layer: int) -> bool:
-        return bool(self.slices[layer].kv_heads)
+        return self.attn[layer] is not None
 
     def has_mlp(self, layer: int) -> bool:
-        return bool(self.slices[layer].neurons)
+        return self.mlp_w[layer] is not None
 
     def reset(self) -> None:
-        self.caches = [KVCache() for _ in range(self.cfg.num_layers)]
+        self.lengths = [0] * self.cfg.num_layers
 
     def cache_length(self, layer: int) -> int:
-        return self.caches[layer].length
+        return self.lengths[layer]
 
-    def attention(self, layer: int, x: torch.Tensor, start: int) -> torch.Tensor:
+    def _graph(self, key: tuple, keys: int, build) -> Graph:
+        """The graph for `key` (layer, kind, T) reading `keys` cached keys: kept when T is small."""
+        held = self.graphs.get(key)
+        if held is not None and held[0] == keys:
+            return held[1]
+        graph = Graph(build)
+        if key[2] <= CACHED_ROWS:
+            if held is not None:
+                held[1].close()
+            self.graphs[key] = (keys, graph)
+        return graph
+
+    def _run(self, key: tuple, graph: Graph) -> list[np.ndarray]:
+        graph.compute(self.threads)
+        outs = [graph.outputs[k].copy() for k in sorted(graph.outputs)]
+        if key[2] > CACHED_ROWS:
+            graph.close()
+        return outs
+
+    def attention(self, layer: int, x: np.ndarray, start: int) -> np.ndarray:
         """Partial attention output of this device's KV-head groups for tokens at start.. ."""
-        qkv, o = self.attn_weights[layer]
+        T = x.shape[0]
         cache = self.caches[layer]
-        if cache.length != start:
-            # a retransmitted request for tokens already cached: recompute from the cached prefix
-            cache.truncate(start)
-        heads = attend(self.cfg, linear(x, qkv), start, cache)
-        return linear(heads.reshape(x.shape[0], -1), o)
+        if start + T > cache.capacity:
+            raise ValueError(f"{self.name}: positions up to {start + T} exceed the plan's context {cache.capacity}")
+        keys = kv_keys(start, T, cache.capacity)
+        q, k, v, o = self.attn[layer]
 
-    def mlp(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        def build(ctx):
+            rows = Rows.inputs(ctx, T, keys, self.factors)
+            xin = new_input(ctx, G.GGML_TYPE_F32, T, self.cfg.hidden_size)
+            return {"x": xin, **rows.named()}, {"y": attention(ctx, self.cfg, xin, q, k, v, o, cache, rows)}
+
+        key = (layer, "attn", T)
+        graph = self._graph(key, keys, build)
+        graph.inputs["x"][:] = x
+        Rows.fill(graph.inputs, start)
+        # a retransmitted request for tokens already cached overwrites them from `start`
+        self.lengths[layer] = start + T
+        return self._run(key, graph)[0]
+
+    def _mlp_parts(self, layer: int, x: np.ndarray, parts: list[tuple[int, int]], kind: str) -> list[np.ndarray]:
+        gate, up, down = self.mlp_w[layer]
+        T, per_col = x.shape[0], self.fmt.block_bytes / self.fmt.block
+
+        def build(ctx):
+            xin = new_input(ctx, G.GGML_TYPE_F32, T, self.cfg.hidden_size)
+            outs = mlp(ctx, xin, gate, up, down, parts, per_col)
+            return {"x": xin}, {f"y{i:03d}": y for i, y in enumerate(outs)}
+
+        key = (layer, kind, T)
+        graph = self._graph(key, 0, build)
+        graph.inputs["x"][:] = x
+        return self._run(key, graph)
+
+    def mlp(self, layer: int, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(critical partial, relaxed partial) of this device's MLP neurons; None where it has none.
         The coordinator gets (all of its neurons, None)."""
-        gate_up, down = self.mlp_weights[layer]
-        n_crit = self.slices[layer].n_critical
-        act = swiglu(linear(x, gate_up))
-        if self.one_mlp_part:
-            return linear(act, down), None
-        if not isinstance(down, torch.Tensor):  # quantised: the parts are (critical, relaxed) groups
-            crit, rlx = down.parts(act)
-            return (crit if n_crit else None), (rlx if act.shape[1] > n_crit else None)
-        critical = act[:, :n_crit] @ down[:, :n_crit].T if n_crit else None
-        relaxed = act[:, n_crit:] @ down[:, n_crit:].T if act.shape[1] > n_crit else None
-        return critical, relaxed
+        n, n_crit = len(self.slices[layer].neurons), self.slices[layer].n_critical
+        if self.one_mlp_part or n_crit in (0, n):
+            (out,) = self._mlp_parts(layer, x, [(0, n)], "mlp")
+            return (None, out) if n_crit == 0 and not self.one_mlp_part else (out, None)
+        crit, rlx = self._mlp_parts(layer, x, [(0, n_crit), (n_crit, n)], "mlp")
+        return crit, rlx
 
-    def mlp_groups(self, layer: int, x: torch.Tensor) -> list[torch.Tensor]:
+    def mlp_groups(self, layer: int, x: np.ndarray) -> list[np.ndarray]:
         """Each of this device's MLP groups' partial sum, in `Plan.groups_on` order (for simulation)."""
-        gate_up, down = self.mlp_weights[layer]
-        act = swiglu(linear(x, gate_up))
-        if not isinstance(down, torch.Tensor):
-            if layer not in self._group_downs:  # built on first use: simulation only
-                from .qcompute import group_linear
-                self._group_downs[layer] = group_linear(self.plan, self.name, self.shard, layer)
-            return self._group_downs[layer].parts(act)
-        out, at = [], 0
+        parts, at = [], 0
         for g in self.plan.groups_on(self.name, layer, "mlp"):
-            n = len(g.members)
-            out.append(act[:, at:at + n] @ down[:, at:at + n].T)
-            at += n
-        return out
+            parts.append((at, at + len(g.members)))
+            at += len(g.members)
+        return self._mlp_parts(layer, x, parts, "groups")
+
+    def close(self) -> None:
+        for _, graph in self.graphs.values():
+            graph.close()
+        self.graphs.clear()
+        self.arena.close()

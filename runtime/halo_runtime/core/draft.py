@@ -19,7 +19,7 @@ Sources (`DraftOptions.source`):
   left out (nothing estimates them). No second model, but k sequential passes over the
   coordinator's share of the model per decode pass.
 - a path: a small HF LLaMA checkpoint (config.json + *.safetensors) with the plan's vocabulary,
-  run whole on the coordinator with `model.FullModel`'s math and its own KV cache.
+  run whole on the coordinator (`segment.LocalModel`: one graph per pass) with its own KV cache.
 
 Every source drafts greedily, so its draft distribution is one-hot and the speculative-sampling
 rule (Leviathan et al. 2023, Chen et al. 2023) accepts guess x with probability p(x) and, on a
@@ -27,12 +27,12 @@ rejection, draws from p with x removed: the tokens keep exactly the target distr
 
 Example (lookup continues the text after the latest earlier "and the cat"; verification keeps
 the guesses greedy decoding confirms, and the token after them):
-    >>> import torch
+    >>> import numpy as np
     >>> from halo_runtime.core.draft import DraftOptions, lookup_draft, verify
     >>> seen = [7, 1, 2, 3, 4, 9, 7, 1, 2]       # "and the cat sat on ... and the cat"
     >>> lookup_draft(seen, 3)
     [3, 4, 9]
-    >>> rows = torch.nn.functional.one_hot(torch.tensor([3, 4, 5, 6]), 10).float()  # the model's argmaxes
+    >>> rows = np.eye(10, dtype=np.float32)[[3, 4, 5, 6]]   # one-hot rows: the model's argmaxes
     >>> verify(rows, [3, 4, 9], seen)            # 3 and 4 confirmed, 9 replaced by 5
     ([3, 4, 5], 2)
     >>> DraftOptions(source="none").enabled, DraftOptions().enabled
@@ -44,17 +44,17 @@ the guesses greedy decoding confirms, and the token after them):
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-import torch
+import numpy as np
 
+from .config import ModelConfig
 from .hfconfig import ConfigError, config_from_hf
-from .model import FullModel, ModelConfig, decoder_layer, lm_logits, sum_parts
 from .plan import Plan, PlanError
+from .sampling import draw
 
 SOURCES = ("none", "lookup", "self")
 """Named draft sources; any other value of `--draft` is a checkpoint directory."""
@@ -98,7 +98,7 @@ class Draft(Protocol):
 
 # ---- verification --------------------------------------------------------------------------------
 
-def verify(logits: torch.Tensor, guesses: list[int], seen: list[int], choose=None) -> tuple[list[int], int]:
+def verify(logits: np.ndarray, guesses: list[int], seen: list[int], choose=None) -> tuple[list[int], int]:
     """(tokens, guesses accepted) of a pass whose rows [len(guesses) + 1, vocab] followed `seen`,
     then `seen` + guesses[:i] for row i.
 
@@ -114,7 +114,7 @@ def verify(logits: torch.Tensor, guesses: list[int], seen: list[int], choose=Non
         context = seen + out
         p = distribution(logits[i], context) if distribution is not None else None
         if p is None:
-            token = int(torch.argmax(logits[i])) if choose is None else int(choose(logits[i], context))
+            token = int(np.argmax(logits[i])) if choose is None else int(choose(logits[i], context))
             if i < len(guesses) and token == guesses[i]:
                 out.append(token)
                 continue
@@ -123,13 +123,13 @@ def verify(logits: torch.Tensor, guesses: list[int], seen: list[int], choose=Non
             # the draft is one-hot on the guess x: accept with min(1, p(x) / 1), else draw from
             # max(0, p - onehot(x)) normalised, i.e. p without x
             x = guesses[i]
-            if float(torch.rand(1, generator=choose.generator)) < float(p[x]):
+            if choose.generator.random() < float(p[x]):
                 out.append(x)
                 continue
-            p = p.clone()
+            p = p.copy()
             p[x] = 0.0
-            return out + [int(torch.multinomial(p / p.sum(), 1, generator=choose.generator))], i
-        return out + [int(torch.multinomial(p, 1, generator=choose.generator))], i
+            return out + [draw(p, choose.generator)], i
+        return out + [draw(p, choose.generator)], i
     raise AssertionError("unreachable")
 
 
@@ -177,11 +177,10 @@ class _CachedDraft:
         self.fed: list[int] = []
         """Tokens whose keys and values the draft's cache holds, in order."""
 
-    def _logits(self, tokens: list[int], start: int) -> torch.Tensor:
+    def _logits(self, tokens: list[int], start: int) -> np.ndarray:
         """Last-row logits [vocab] of `tokens` fed at position `start`, the cache cut there first."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def propose(self, tokens: list[int], k: int) -> list[int]:
         if k <= 0 or not tokens:
             return []
@@ -195,7 +194,7 @@ class _CachedDraft:
         self.fed = list(tokens)
         out = []
         for j in range(k):
-            out.append(int(torch.argmax(logits)))
+            out.append(int(np.argmax(logits)))
             if j + 1 < k:
                 logits = self._logits(out[-1:], len(self.fed))
                 self.fed.append(out[-1])
@@ -205,7 +204,9 @@ class _CachedDraft:
 class CheckpointDraft(_CachedDraft):
     """A small HF LLaMA checkpoint run whole on the coordinator."""
 
-    def __init__(self, path: str | Path, plan: Plan, plan_dir: str | Path | None = None):
+    def __init__(self, path: str | Path, plan: Plan, plan_dir: str | Path | None = None, threads: int = 1):
+        from .segment import LocalModel
+
         super().__init__()
         path = Path(path)
         self.name = str(path)
@@ -215,12 +216,10 @@ class CheckpointDraft(_CachedDraft):
                             f"{plan.model.vocab_size} (a draft must use the plan's tokenizer)")
         if plan_dir is not None:
             _check_same_tokenizer(path, Path(plan_dir))
-        self.model = FullModel(cfg, weights)
+        self.model = LocalModel(cfg, weights, "fp32", plan.max_context + MAX_DRAFT_TOKENS, threads)
 
-    def _logits(self, tokens: list[int], start: int) -> torch.Tensor:
-        for cache in self.model.caches:
-            cache.truncate(start)
-        return self.model.logits(torch.tensor(tokens, dtype=torch.long), last=True)[0]
+    def _logits(self, tokens: list[int], start: int) -> np.ndarray:
+        return self.model.logits(tokens, start)
 
 
 class SelfDraft(_CachedDraft):
@@ -230,40 +229,42 @@ class SelfDraft(_CachedDraft):
     name = "self"
 
     def __init__(self, coordinator):
+        from .device import DeviceCompute
+        from .segment import Runner, Segment
+
         super().__init__()
-        c = coordinator
-        self.coord = c
-        self.local = copy.copy(c.local)  # the same weights, its own KV cache
-        self.local.reset()
+        c = self.coord = coordinator
         plan, L = c.plan, c.cfg.num_layers
-        shard = c.local.shard
-        self.extra: list[torch.Tensor | None] = []
+        # the same (mapped) weights, its own KV cache
+        self.local = DeviceCompute(plan, plan.coordinator, c.shard, c.threads)
+        self.runner = Runner(self.local, c.tables, plan.max_context, c.threads)
+        self.embed = Segment((), embed=True, head=False, predictor_layer=None)
+        self.head = Segment((), embed=False, head=True, predictor_layer=None)
+        self.extra: list[np.ndarray | None] = []
         """Per layer: the summed means of the remote MLP groups no relaxed part covers."""
         for i in range(L):
             covered = {g for part in c.relaxed[i].values() for g in part.groups}
             remote = [g.index for g in plan.groups if g.layer == i and g.kind == "mlp"
                       and g.device != plan.coordinator and g.index not in covered]
-            self.extra.append(shard[f"compensation.{i}.mean"][remote].sum(0) if remote else None)
+            means = np.asarray(c.shard[f"compensation.{i}.mean"], dtype=np.float32)
+            self.extra.append(means[remote].sum(0) if remote else None)
 
-    def _logits(self, tokens: list[int], start: int) -> torch.Tensor:
-        c = self.coord
-        h = c.embed[torch.tensor(tokens, dtype=torch.long)]
+    def _logits(self, tokens: list[int], start: int) -> np.ndarray:
+        from .coordinator import rms_norm, sum_parts
+
+        c, eps = self.coord, self.coord.cfg.rms_norm_eps
+        h, _, _ = self.runner.run("embed", self.embed, np.asarray(tokens, dtype=np.int32), start)
+        every = np.ones(h.shape[0], dtype=bool)  # every row of every relaxed part is "missing"
         for i in range(c.cfg.num_layers):
-            h = decoder_layer(c.cfg, h, *c.norms[i], lambda x, i=i: self._attention(i, x, start),
-                              lambda x, m, i=i: self._mlp(i, m))
-        return lm_logits(c.cfg, h[-1:], c.final_norm, c.lm_head)[0]
-
-    def _attention(self, layer: int, x: torch.Tensor, start: int) -> torch.Tensor:
-        if not self.local.has_attention(layer):
-            return torch.zeros_like(x)
-        return self.local.attention(layer, x, start)
-
-    def _mlp(self, layer: int, m: torch.Tensor) -> torch.Tensor:
-        c = self.coord
-        local = list(self.local.mlp(layer, m)) if self.local.has_mlp(layer) else []
-        every = torch.ones(m.shape[0], dtype=torch.bool)  # every row of every relaxed part is "missing"
-        estimates = [c._compensate(layer, dev, m, every) for dev in c.relaxed[layer]]
-        return sum_parts(local + estimates + [self.extra[layer]], m)
+            x = rms_norm(h, c.tables.norms[i][0], eps)
+            if self.local.has_attention(i):
+                h = h + self.local.attention(i, x, start)
+            m = rms_norm(h, c.tables.norms[i][1], eps)
+            local = list(self.local.mlp(i, m)) if self.local.has_mlp(i) else []
+            estimates = [c._compensate(i, dev, m, every) for dev in c.relaxed[i]]
+            h = h + sum_parts(local + estimates + [self.extra[i]], m)
+        _, _, logits = self.runner.run("head", self.head, h, start)
+        return logits[-1]
 
 
 # ---- opening a source ------------------------------------------------------------------------------
@@ -282,9 +283,9 @@ def prepare_draft(options: DraftOptions, plan: Plan, plan_dir: str | Path | None
     return lambda coordinator: draft
 
 
-def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(config, fp32 HF-named weights) of an HF LLaMA directory; PlanError names what is wrong."""
-    from safetensors.torch import load_file
+def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(config, float32 weights under shard names) of an HF LLaMA directory; PlanError names what is wrong."""
+    from .shards import PROJ, read_safetensors, shard_name
 
     where = f"--draft {path}"
     if not path.is_dir():
@@ -303,19 +304,20 @@ def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     weights = {}
     for f in files:
         try:
-            weights.update({k: v.float() for k, v in load_file(str(f)).items()})
-        except Exception as e:  # safetensors raises several types for a damaged file
+            weights.update(read_safetensors(f, floats=True))
+        except (ValueError, KeyError, TypeError, OSError) as e:
             raise PlanError(f"{where}: {f.name} unreadable ({e})") from None
-    names = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        f"model.layers.{i}.{t}.weight" for i in range(cfg.num_layers)
-        for t in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                  "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    names = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight"}
+    for i in range(cfg.num_layers):
+        names.update({shard_name(i, p): f"model.layers.{i}.{hf}.weight" for p, hf in PROJ.items()})
+        names.update({f"layers.{i}.{n}": f"model.layers.{i}.{n}.weight"
+                      for n in ("input_layernorm", "post_attention_layernorm")})
     if not cfg.tie_word_embeddings:
-        names.append("lm_head.weight")
-    missing = [n for n in names if n not in weights]
+        names["lm_head"] = "lm_head.weight"
+    missing = [hf for hf in names.values() if hf not in weights]
     if missing:
         raise PlanError(f"{where}: weights lack {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    return cfg, weights
+    return cfg, {short: np.ascontiguousarray(weights[hf], dtype=np.float32) for short, hf in names.items()}
 
 
 def _check_same_tokenizer(path: Path, plan_dir: Path) -> None:

@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Protocol
 
-import torch
+import numpy as np
 
 from .codec import decode_tensor, encode_tensor
-from .device import DeviceCompute
+from .device import DeviceBackend, DeviceCompute
 from .plan import Plan
 
 
@@ -35,10 +35,10 @@ from .plan import Plan
 class RoundResult:
     """What came back for one layer's round."""
 
-    parts: list[torch.Tensor]
+    parts: list[np.ndarray]
     """Partial sums that arrived in time (critical ones always), in device order. Rows of a relaxed
     part that are missing (see `missing`) hold zeros."""
-    missing: dict[str, torch.Tensor] = field(default_factory=dict)
+    missing: dict[str, np.ndarray] = field(default_factory=dict)
     """Device -> bool [T]: tokens whose relaxed part missed the deadline and must be compensated."""
 
 
@@ -148,9 +148,9 @@ class Exchange(Protocol):
 
     def begin(self, session: int) -> None: ...
 
-    def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None: ...
+    def post(self, phase: str, step: int, layer: int, x: np.ndarray, start: int) -> None: ...
 
-    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
+    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, np.ndarray]) -> RoundResult:
         """`awaited`: device -> bool [T], tokens whose relaxed part must be awaited; only devices
         flagged on some token are keys, so `device in awaited` means "await it this round"."""
 
@@ -161,16 +161,16 @@ class Exchange(Protocol):
 
 
 class InProcessExchange:
-    def __init__(self, plan: Plan, shards: dict[str, dict[str, torch.Tensor]],
+    def __init__(self, plan: Plan, shards: dict[str, dict[str, np.ndarray]],
                  miss: dict[str, float] | None = None, seed: int = 0, wire: str = "fp32",
-                 computes: dict[str, DeviceCompute] | None = None):
+                 computes: dict[str, DeviceBackend] | None = None):
         """computes: prebuilt devices by name (e.g. a StreamingCompute); their shards are not read."""
         self.plan, self.wire = plan, wire
         self.order = [d for d in plan.device_names if d != plan.coordinator]
         computes = computes or {}
         self.devices = {d: computes.get(d) or DeviceCompute(plan, d, shards[d]) for d in self.order}
         self.miss = miss or {}
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = np.random.default_rng(seed)
         self.pending: tuple | None = None
         self.relaxed_parts = self.compensated = self.awaited_relaxed = 0
         self.per_device = {d: DeviceStats() for d in self.order}
@@ -179,16 +179,16 @@ class InProcessExchange:
         for dev in self.devices.values():
             dev.reset()
 
-    def _wire(self, t: torch.Tensor | None) -> torch.Tensor | None:
+    def _wire(self, t: np.ndarray | None) -> np.ndarray | None:
         """What the tensor becomes on the wire (fp16 rounding included), as the network path sees it."""
         if t is None or self.wire == "fp32":
             return t
         return decode_tensor(encode_tensor(t, self.wire), self.wire)
 
-    def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None:
+    def post(self, phase: str, step: int, layer: int, x: np.ndarray, start: int) -> None:
         self.pending = (phase, layer, self._wire(x), start)
 
-    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
+    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, np.ndarray]) -> RoundResult:
         _, _, x, start = self.pending
         result = RoundResult(parts=[])
         for name in self.order:
@@ -206,18 +206,18 @@ class InProcessExchange:
             T = relaxed.shape[0]
             # draw for every token, awaited or not, so the random stream does not depend on the
             # predictor or the compensation and runs stay comparable across methods
-            lost = torch.rand(T, generator=self.gen) < self.miss.get(name, 0.0)
+            lost = self.gen.random(T) < self.miss.get(name, 0.0)
             wait = _rows(awaited, name, T)
             missing = lost & ~wait
             self.per_device[name] += DeviceStats(T, int(lost.sum()), int(wait.sum()), int(missing.sum()))
             self.relaxed_parts += 1
             self.awaited_relaxed += bool(wait.any())
-            if bool(missing.any()):
+            if missing.any():
                 self.compensated += 1
                 result.missing[name] = missing
-                if bool(missing.all()):
+                if missing.all():
                     continue
-                relaxed = relaxed.masked_fill(missing[:, None], 0.0)
+                relaxed = np.where(missing[:, None], np.float32(0), relaxed)
             result.parts.append(relaxed)
         return result
 
@@ -230,7 +230,7 @@ class InProcessExchange:
         pass
 
 
-def _rows(awaited: dict[str, torch.Tensor], name: str, T: int) -> torch.Tensor:
+def _rows(awaited: dict[str, np.ndarray], name: str, T: int) -> np.ndarray:
     """Tokens of `name` the coordinator awaits."""
     rows = awaited.get(name)
-    return rows if rows is not None else torch.zeros(T, dtype=torch.bool)
+    return rows if rows is not None else np.zeros(T, dtype=bool)

@@ -12,7 +12,7 @@ Example:
 """
 from __future__ import annotations
 
-from .model import ModelConfig
+from .config import ModelConfig
 
 
 class ConfigError(ValueError):

@@ -27,9 +27,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model import ModelConfig
+from .config import ModelConfig
+from .formats import weight_format
 from .plandir import PLAN_FILE, PlanError
-from .quant import FORMATS
 
 SCHEMA_VERSION = 1
 FLOAT_DIGITS = 6
@@ -238,8 +238,8 @@ class Plan:
     shards: tuple[str, ...]
     """Shard file per device, in the order of `devices`."""
     weights: str = field(default="fp32", metadata=OPTIONAL)
-    """Format the shards store projections, embeddings and LM head in: fp32, bf16, int8 or int4
-    (`halo_runtime.core.quant`); norms, predictor and compensation stay fp32."""
+    """Format the shards store projections, embeddings and LM head in: fp32, bf16, q8_0 or q4_0
+    (`halo_runtime.core.formats`); norms, predictor and compensation stay fp32."""
     weights_fingerprint: str = field(default="", metadata=OPTIONAL)
     """SHA-256 over the quantised model the shards hold together (`shards.quant_fingerprint`);
     empty for fp32, whose shards reassemble to `model_fingerprint` itself."""
@@ -255,8 +255,10 @@ class Plan:
             raise ValueError(f"coordinator: {self.coordinator!r} is not a device")
         if len(self.shards) != len(self.devices):
             raise ValueError("shards: need one shard file per device")
-        if self.weights not in FORMATS:
-            raise ValueError(f"weights: unknown format {self.weights!r} (known: {', '.join(FORMATS)})")
+        try:
+            weight_format(self.weights)
+        except ValueError as e:
+            raise ValueError(f"weights: {e}") from None
         if (self.weights == "fp32") != (not self.weights_fingerprint):
             raise ValueError("weights_fingerprint: required for quantised weights, absent for fp32")
         for g in self.groups:

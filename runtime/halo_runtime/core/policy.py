@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from .codec import REQUEST_PREFIX, datagrams, encode_tensor
 
@@ -51,7 +51,7 @@ class DeliveryPolicy:
 
     def message_datagrams(self, hidden_size: int) -> tuple[int, int]:
         """Datagrams of a one-token (decode) request and of one partial-sum reply on this wire."""
-        tensor = encode_tensor(torch.zeros(1, hidden_size), self.wire)
+        tensor = encode_tensor(np.zeros((1, hidden_size), np.float32), self.wire)
         return datagrams(REQUEST_PREFIX.size + len(tensor)), datagrams(len(tensor))
 
     def miss_probability(self, loss: float, hidden_size: int | None = None) -> float:

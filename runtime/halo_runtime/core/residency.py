@@ -5,24 +5,24 @@ from storage); the runtime's storage shell (`halo_runtime.storage`) carries it o
 bytes are defined here once, for both.
 
 Example:
-    >>> from halo_runtime.core.model import ModelConfig
+    >>> from halo_runtime.core.config import ModelConfig
     >>> from halo_runtime.core.residency import choose_resident, weight_bytes
     >>> sorted(choose_resident([("a", 40, 2.0), ("b", 30, 0.9), ("c", 30, 0.5)], budget=75))
     ['a', 'b']
-    >>> cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=32, num_layers=1,
-    ...                   num_heads=4, num_kv_heads=2, head_dim=2)
-    >>> weight_bytes(cfg, "attn", 1), weight_bytes(cfg, "mlp", 10)   # (2*2+2)*2*8*4, 3*8*10*4
-    (384, 960)
-    >>> weight_bytes(cfg, "mlp", 10, "int8")   # gate, up: 10 rows of 8 + a scale each; down: 8x10 + 8 scales
-    352
+    >>> cfg = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=1,
+    ...                   num_heads=4, num_kv_heads=2, head_dim=8)
+    >>> weight_bytes(cfg, "attn", 1), weight_bytes(cfg, "mlp", 32)   # (2*8+2*8)*32*4 + 32*16*4, 3*32*32*4
+    (6144, 12288)
+    >>> weight_bytes(cfg, "mlp", 32, "q8_0")   # 3 matrices of 32x32 in blocks of 32 at 34 bytes each
+    3264
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .model import ModelConfig
+from .config import ModelConfig
+from .formats import weight_format
 from .plan import Group, Plan
-from .quant import weight_format
 
 BYTES_PER_WEIGHT = 4
 """Bytes of one fp32 weight (also what flops are counted from: two per weight)."""
@@ -30,18 +30,16 @@ BYTES_PER_WEIGHT = 4
 
 def weight_bytes(cfg: ModelConfig, kind: str, num_members: int, weights: str = "fp32") -> int:
     """Stored bytes of a group of `num_members` KV heads (attn: q,k,v rows and o columns of each) or
-    MLP neurons (mlp: gate,up rows and down columns of each) in a shard, in format `weights`.
-
-    Row-sliced rows carry their own scales; the column-sliced matrix (o or down) is counted as
-    one segment of the group's columns with its own copy of the row scales (int8 devices keep one
-    copy per device, so this overcounts by at most hidden_size*4 bytes per extra group)."""
+    MLP neurons (mlp: gate,up rows and down columns of each) in a shard, in format `weights`
+    (`formats`: block formats store whole blocks of 32 inputs, scales inside)."""
     fmt, hidden = weight_format(weights), cfg.hidden_size
+    if not num_members:
+        return 0
     if kind == "attn":
         q_rows = cfg.group_size * cfg.head_dim * num_members
         kv_rows = cfg.head_dim * num_members
-        return (fmt.nbytes(q_rows + 2 * kv_rows, (hidden,)) + fmt.nbytes(hidden, (q_rows,))
-                if num_members else 0)
-    return fmt.nbytes(2 * num_members, (hidden,)) + fmt.nbytes(hidden, (num_members,)) if num_members else 0
+        return fmt.nbytes(q_rows + 2 * kv_rows, hidden) + fmt.nbytes(hidden, q_rows)
+    return fmt.nbytes(2 * num_members, hidden) + fmt.nbytes(hidden, num_members)
 
 
 def group_bytes(plan: Plan, group: Group) -> int:

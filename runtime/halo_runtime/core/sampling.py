@@ -3,16 +3,16 @@ a seed and repetition penalties.
 
 Greedy (temperature 0) stays the default everywhere: it is what the exactness tests compare, and
 `Coordinator.generate` uses argmax unless it is given a `Sampler`. Sampling draws from a
-`torch.Generator` seeded per request, so the same seed and the same logits give the same tokens;
+numpy `Generator` seeded per request, so the same seed and the same logits give the same tokens;
 without a seed each request draws a fresh one. Penalties follow the two common definitions:
 `repetition_penalty` as in transformers (a seen token's logit is divided by it when positive,
 multiplied when negative; prompt included), `frequency_penalty` and `presence_penalty` as in
 OpenAI's API (subtracted per occurrence, and once, for tokens generated so far).
 
 Example:
-    >>> import torch
+    >>> import numpy as np
     >>> from halo_runtime.core.sampling import Sampler, SamplingParams
-    >>> logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    >>> logits = np.array([0.0, 3.0, 2.9, -1.0], np.float32)
     >>> Sampler(SamplingParams())(logits, [])                            # greedy
     1
     >>> Sampler(SamplingParams(repetition_penalty=2.0))(logits, [1])     # 3.0 / 2 < 2.9
@@ -33,7 +33,7 @@ import math
 import secrets
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -76,34 +76,45 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def penalize(logits: torch.Tensor, seen: list[int], generated: list[int], p: SamplingParams) -> torch.Tensor:
-    """`logits` [vocab] with the repetition, frequency and presence penalties applied (a new tensor)."""
-    out = logits.clone()
+def penalize(logits: np.ndarray, seen: list[int], generated: list[int], p: SamplingParams) -> np.ndarray:
+    """`logits` [vocab] with the repetition, frequency and presence penalties applied (a new array)."""
+    out = np.array(logits, dtype=np.float32)
     if p.repetition_penalty != 1.0 and seen:
-        idx = torch.tensor(sorted(set(seen)), dtype=torch.long)
+        idx = np.array(sorted(set(seen)), dtype=np.int64)
         vals = out[idx]
-        out[idx] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        out[idx] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if (p.frequency_penalty or p.presence_penalty) and generated:
-        counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=out.shape[0]).to(out.dtype)
-        out -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
+        counts = np.bincount(np.array(generated, dtype=np.int64), minlength=out.shape[0]).astype(np.float32)
+        out -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).astype(np.float32)
     return out
 
 
-def restrict(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def restrict(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     """`logits` with every token outside the top-k and the top-p nucleus set to -inf (the most
     likely token always stays)."""
-    out = logits.clone()
+    out = np.array(logits, dtype=np.float32)
     if 0 < top_k < out.shape[0]:
-        kth = torch.topk(out, top_k).values[-1]
+        kth = np.partition(out, -top_k)[-top_k]
         out[out < kth] = -math.inf
     if top_p < 1.0:
-        order = torch.argsort(out, descending=True)
-        probs = torch.softmax(out[order], dim=0)
+        order = np.argsort(-out, kind="stable")
+        probs = softmax(out[order])
         # drop a token when the ones before it already reach top_p (transformers' rule)
-        drop = (torch.cumsum(probs, 0) - probs) >= top_p
+        drop = (np.cumsum(probs) - probs) >= top_p
         drop[0] = False
         out[order[drop]] = -math.inf
     return out
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
+
+
+def draw(p: np.ndarray, generator: np.random.Generator) -> int:
+    """One index drawn with probabilities proportional to p (inverse CDF: one uniform draw)."""
+    c = np.cumsum(p, dtype=np.float64)
+    return int(min(np.searchsorted(c, generator.random() * c[-1], side="right"), len(p) - 1))
 
 
 class Sampler:
@@ -113,19 +124,19 @@ class Sampler:
         """prompt_tokens: how many of the tokens it is given are the prompt (penalties count the rest)."""
         self.params, self.prompt_tokens = params, prompt_tokens
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = np.random.default_rng(self.seed)
 
-    def __call__(self, logits: torch.Tensor, tokens: list[int]) -> int:
+    def __call__(self, logits: np.ndarray, tokens: list[int]) -> int:
         if self.params.greedy:
             p = self.params
-            return int(torch.argmax(penalize(logits.float(), tokens, tokens[self.prompt_tokens:], p)))
-        return int(torch.multinomial(self.distribution(logits, tokens), 1, generator=self.generator))
+            return int(np.argmax(penalize(logits, tokens, tokens[self.prompt_tokens:], p)))
+        return draw(self.distribution(logits, tokens), self.generator)
 
-    def distribution(self, logits: torch.Tensor, tokens: list[int]) -> torch.Tensor | None:
+    def distribution(self, logits: np.ndarray, tokens: list[int]) -> np.ndarray | None:
         """The probabilities [vocab] the next token is drawn from; None when greedy (no draw). Draft
         verification (core.draft.verify) needs them for the speculative-sampling rule."""
         p = self.params
         if p.greedy:
             return None
-        logits = penalize(logits.float(), tokens, tokens[self.prompt_tokens:], p)
-        return torch.softmax(restrict(logits / p.temperature, p.top_k, p.top_p), dim=0)
+        logits = penalize(logits, tokens, tokens[self.prompt_tokens:], p)
+        return softmax(restrict(logits / p.temperature, p.top_k, p.top_p))

@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from ..core.codec import WireError, decode_tensor, encode_request
 from ..core.exchange import Drops, ExchangeStats, RoundResult
@@ -181,7 +181,7 @@ class UdpExchange:
 
     # ---- rounds ---------------------------------------------------------------------------------
 
-    def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None:
+    def post(self, phase: str, step: int, layer: int, x: np.ndarray, start: int) -> None:
         targets = self.targets[phase][layer]
         if phase == "attn" and targets:
             self.history.append(layer, x, start)
@@ -280,7 +280,7 @@ class UdpExchange:
         if r is not None and d in r.payload and d not in self.down:
             self._send(d, r.attempts.get(d, 0) + 1)
 
-    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
+    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, np.ndarray]) -> RoundResult:
         # one message per round carries every token: a device flagged on any token is awaited
         r = self.round
         if not self.targets[phase][layer]:  # nobody holds a part of this round: nothing to wait for
@@ -299,7 +299,7 @@ class UdpExchange:
                     relaxed.add(d)
         deadline = {d: r.sent.get(d, 0.0) + (1 + self.policy.relaxed_retries) * self.rtt[(d, phase)].rto_s
                     for d in relaxed}
-        got: dict[tuple, torch.Tensor] = {}
+        got: dict[tuple, np.ndarray] = {}
         first_reply: set[str] = set()
         crit_done = time.monotonic()
         wake = 0.0  # when a timer (retransmission, deadline, silence, probe) is next due
@@ -352,7 +352,7 @@ class UdpExchange:
                 if (d, kind) in got:
                     result.parts.append(got[(d, kind)])
             if (d in relaxed or (d, _RLX) in want) and (d, _RLX) not in got:
-                result.missing[d] = torch.ones(r.rows, dtype=torch.bool)
+                result.missing[d] = np.ones(r.rows, dtype=bool)
                 self.counters["compensated"] += 1
                 if d in relaxed and d not in self.down:
                     # how long past the later of its deadline and the last critical part we waited

@@ -8,18 +8,18 @@ after a HELLO that tells the device to drop whatever state it holds, and waits f
 per layer. The worker appends them to its KV cache in order (worker.Worker, REBUILD_ATTN).
 
 Example:
-    >>> import torch
+    >>> import numpy as np
     >>> from halo_runtime.net.recovery import History
     >>> h = History(layers=2, width=4, wire="fp16")
-    >>> h.append(0, torch.ones(3, 4)); h.append(0, torch.zeros(1, 4))
+    >>> h.append(0, np.ones((3, 4), np.float32)); h.append(0, np.zeros((1, 4), np.float32))
     >>> h.inputs(0).shape, h.inputs(0, drop_last=True).shape, h.rows
-    (torch.Size([4, 4]), torch.Size([3, 4]), [4, 0])
+    ((4, 4), (3, 4), [4, 0])
 """
 from __future__ import annotations
 
 import time
 
-import torch
+import numpy as np
 
 from ..core.codec import FP16_MAX, encode_request
 from .auth import Authenticator, ReplayGuard
@@ -44,34 +44,32 @@ class History:
 
     def __init__(self, layers: int, width: int, wire: str):
         self.width = width
-        self.dtype = torch.float16 if wire == "fp16" else torch.float32
+        self.dtype = np.dtype(np.float16 if wire == "fp16" else np.float32)
         self.rows = [0] * layers
         self.last = [0] * layers
         self.data = [bytearray() for _ in range(layers)]
 
-    def append(self, layer: int, x: torch.Tensor, start: int | None = None) -> None:
+    def append(self, layer: int, x: np.ndarray, start: int | None = None) -> None:
         """Record x's rows at positions start.. (default: after the last); rows at or past `start`
         were rejected draft tokens (core.draft) and are dropped, as the devices drop them."""
         if start is not None and start < self.rows[layer]:
-            size = torch.finfo(self.dtype).bits // 8
-            del self.data[layer][start * self.width * size:]
+            del self.data[layer][start * self.width * self.dtype.itemsize:]
             self.rows[layer] = start
-        if self.dtype == torch.float16:
-            x = x.clamp(-FP16_MAX, FP16_MAX)
-        self.data[layer] += x.detach().to(self.dtype).contiguous().numpy().tobytes()
+        if self.dtype == np.float16:
+            x = np.clip(x, -FP16_MAX, FP16_MAX)
+        self.data[layer] += np.ascontiguousarray(x, dtype=self.dtype).tobytes()
         self.rows[layer] += x.shape[0]
         self.last[layer] = x.shape[0]
 
-    def inputs(self, layer: int, drop_last: bool = False) -> torch.Tensor:
-        """[rows, width] fp32: every input of `layer`, or all but the latest round's."""
+    def inputs(self, layer: int, drop_last: bool = False) -> np.ndarray:
+        """[rows, width] float32: every input of `layer`, or all but the latest round's."""
         n = self.rows[layer] - (self.last[layer] if drop_last else 0)
-        size = torch.finfo(self.dtype).bits // 8
-        raw = bytes(self.data[layer][:n * self.width * size])
-        return torch.frombuffer(bytearray(raw), dtype=self.dtype).reshape(n, self.width).float()
+        raw = bytes(self.data[layer][:n * self.width * self.dtype.itemsize])
+        return np.frombuffer(raw, dtype=self.dtype).reshape(n, self.width).astype(np.float32)
 
 
 def rebuild(name: str, addr: tuple, auth: Authenticator, guard: ReplayGuard, me: int, dest: int, session: int,
-            step: int, inputs: dict[int, torch.Tensor], wire: str, timeout_s: float) -> None:
+            step: int, inputs: dict[int, np.ndarray], wire: str, timeout_s: float) -> None:
     """Re-introduce device `name` to `session` and replay `inputs` (layer -> [rows, hidden]) into its
     KV cache, over TCP. DeviceLost if it does not finish in `timeout_s`; TransportError if the
     connection fails."""

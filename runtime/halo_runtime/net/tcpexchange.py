@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 
-import torch
+import numpy as np
 
 from ..core.codec import decode_tensor, encode_request
 from ..core.exchange import Drops, ExchangeStats, RoundResult
@@ -72,7 +72,7 @@ class TcpExchange:
             if msg.session == self.session and match(msg):
                 return msg
 
-    def post(self, phase: str, step: int, layer: int, x: torch.Tensor, start: int) -> None:
+    def post(self, phase: str, step: int, layer: int, x: np.ndarray, start: int) -> None:
         if phase == "attn":
             targets = self.layout["attn"][layer]
         else:
@@ -83,7 +83,7 @@ class TcpExchange:
             self.channels[d].send(Message(PHASE_REQUEST[phase], self.session, step, layer, me, body), dest=self.index[d])
         self.pending = targets
 
-    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, torch.Tensor]) -> RoundResult:
+    def collect(self, phase: str, step: int, layer: int, awaited: dict[str, np.ndarray]) -> RoundResult:
         result = RoundResult(parts=[])
         for d in self.pending:
             n = (1 if phase == "attn" else

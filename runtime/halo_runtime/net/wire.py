@@ -27,10 +27,10 @@ sender's replay window (`auth.ReplayGuard`); each kind of rejection has its own 
 Payloads (tensors, requests) and the sizes above are defined in `halo_runtime.core.codec`.
 
 Example:
-    >>> import torch
+    >>> import numpy as np
     >>> from halo_runtime.core.codec import decode_tensor, encode_tensor
     >>> from halo_runtime.net.wire import Kind, Message, Reassembler, encode
-    >>> x = torch.randn(2, 576)
+    >>> x = np.random.default_rng(0).standard_normal((2, 576)).astype(np.float32)
     >>> msg = Message(Kind.REPLY_MLP_RELAXED, session=7, step=3, layer=12, sender=2,
     ...               payload=encode_tensor(x, "fp32"))
     >>> datagrams = encode(msg)          # tagged under auth.INSECURE_KEY; pass auth= for a real key
@@ -39,7 +39,7 @@ Example:
     >>> r = Reassembler()
     >>> [r.feed(d) for d in reversed(datagrams)][-1] == msg
     True
-    >>> torch.equal(decode_tensor(msg.payload, "fp32", width=576), x)
+    >>> bool(np.array_equal(decode_tensor(msg.payload, "fp32", width=576), x))
     True
 """
 from __future__ import annotations

@@ -24,10 +24,10 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
-import torch
+import numpy as np
 
 from ..core.codec import WireError, decode_request, encode_tensor
-from ..core.device import DeviceCompute
+from ..core.device import DeviceBackend, DeviceCompute
 from ..core.plan import Plan
 from .auth import Authenticator, ReplayGuard
 from .shim import LossShim
@@ -99,14 +99,14 @@ class WorkerStats:
 class Worker:
     """Serves one device's part of the plan."""
 
-    def __init__(self, plan: Plan, device: str, shard: dict[str, torch.Tensor], host: str, port: int,
-                 shim: LossShim | None = None, log=None, compute: DeviceCompute | None = None,
-                 auth: Authenticator | None = None):
+    def __init__(self, plan: Plan, device: str, shard: dict[str, np.ndarray], host: str, port: int,
+                 shim: LossShim | None = None, log=None, compute: DeviceBackend | None = None,
+                 auth: Authenticator | None = None, threads: int = 1):
         """compute: a prebuilt DeviceCompute (e.g. a StreamingCompute under a memory budget);
-        then `shard` is not read."""
+        then `shard` is not read. threads: ggml threads for this device's rounds."""
         self.plan, self.device = plan, device
         self.index = plan.device_names.index(device)
-        self.compute = compute or DeviceCompute(plan, device, shard)
+        self.compute = compute or DeviceCompute(plan, device, shard, threads)
         self.auth = auth or Authenticator()
         # one replay window per sender for UDP and every TCP connection: a recorded connection
         # replayed on a new one is refused too
@@ -189,7 +189,7 @@ class Worker:
                                  make_flags(attempt_of(msg.flags), redundant=True)) for m in replies]
             return out + redundant * (copies - 1)
 
-    def _compute(self, msg: Message, start: int, wire: str, x: torch.Tensor) -> list[Message]:
+    def _compute(self, msg: Message, start: int, wire: str, x: np.ndarray) -> list[Message]:
         layer, mk = msg.layer, lambda kind, t: Message(kind, msg.session, msg.step, layer, self.index,  # noqa: E731
                                                        encode_tensor(t, wire))
         if layer >= self.plan.model.num_layers:

@@ -330,11 +330,9 @@ def build_service(plan, plan_dir: str, shard: dict, tokenizer, template, make_ex
     devices = [{"name": d, "role": "coordinator" if d == plan.coordinator else "worker",
                 "address": "local" if d == plan.coordinator else "%s:%d" % tuple(peers[d][:2]), "holds": holds(d)}
                for d in plan.device_names]
-    dtype = str(shard["embed_tokens"].dtype).removeprefix("torch.")
     info = {"model": plan.model_name, "plan_fingerprint": read_manifest(plan_dir)[PLAN_FILE]["sha256"],
             "model_fingerprint": plan.model_fingerprint,
-            "weights_format": getattr(plan, "weights_format", None) or {"float32": "fp32", "float16": "fp16",
-                                                                          "bfloat16": "bf16"}.get(dtype, dtype),
+            "weights_format": plan.weights,
             "sync": sync, "wire": wire, "max_context": plan.max_context, "devices": devices,
             "vocab_size": min(plan.model.vocab_size, tokenizer.vocab_size),
             "created": int(os.stat(os.path.join(plan_dir, PLAN_FILE)).st_mtime)}

@@ -28,20 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from ..core.formats import FORMATS, WeightFormat
 from ..core.plan import Plan, PlanError
 from ..core.residency import Residency
+from ..core.shards import SAFETENSORS_DTYPES
 
 MODES = ("exact", "predictive")
-_DTYPES = {"F32": np.float32, "F16": np.float16}
 
 
 # ---- the shard on storage ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Part:
-    """One tensor slice of a group: rows (dim 0) or columns (dim 1) start:stop of a shard tensor."""
+    """One tensor slice of a group: rows (dim 0) or columns (dim 1, model inputs; whole blocks in
+    the block formats) start:stop of a shard tensor."""
 
     name: str
     """Shard tensor name."""
@@ -74,9 +75,10 @@ def group_parts(plan: Plan, device: str, layer: int, kind: str) -> dict[str, tup
 class Storage:
     """A safetensors shard, memory-mapped; `read` copies a slice out and (cold) drops its pages."""
 
-    def __init__(self, path: str | Path, mbps: float = 0.0, cold: bool = False):
-        """mbps: throttle reads to this many MB/s (0: as fast as the disk); cold: drop pages after reads."""
-        self.path, self.mbps, self.cold = Path(path), mbps, cold
+    def __init__(self, path: str | Path, mbps: float = 0.0, cold: bool = False, fmt: WeightFormat = FORMATS["fp32"]):
+        """mbps: throttle reads to this many MB/s (0: as fast as the disk); cold: drop pages after reads;
+        fmt: the weight format of its matrices (column slices are whole blocks of it)."""
+        self.path, self.mbps, self.cold, self.fmt = Path(path), mbps, cold, fmt
         try:
             self.fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
@@ -93,21 +95,30 @@ class Storage:
     def _array(self, name: str) -> np.ndarray:
         meta = self.header[name]
         begin, end = meta["data_offsets"]
-        return np.ndarray(tuple(meta["shape"]), dtype=_DTYPES[meta["dtype"]], buffer=self.map,
+        return np.ndarray(tuple(meta["shape"]), dtype=SAFETENSORS_DTYPES[meta["dtype"]], buffer=self.map,
                           offset=self.base + begin), (self.base + begin, self.base + end)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str) -> np.ndarray:
         """A whole tensor, copied into RAM."""
         return self.read((Part(name, 0, 0, self.header[name]["shape"][0]),))[0][0]
 
-    def read(self, parts) -> tuple[list[torch.Tensor], int]:
+    def per_col(self, name: str) -> float:
+        """Stored elements per model column of a matrix (column slices are cut in these units)."""
+        itemsize = np.dtype(SAFETENSORS_DTYPES[self.header[name]["dtype"]]).itemsize
+        return self.fmt.block_bytes / self.fmt.block / itemsize
+
+    def read(self, parts) -> tuple[list[np.ndarray], int]:
         """Copies of the slices, and the bytes they hold; throttled and page-dropped as configured."""
         with self.lock:
             t0, out, nbytes, spans = time.perf_counter(), [], 0, []
             for p in parts:
                 arr, span = self._array(p.name)
-                piece = arr[p.start:p.stop] if p.dim == 0 else arr[:, p.start:p.stop]
-                out.append(torch.from_numpy(np.ascontiguousarray(piece).copy()))
+                if p.dim == 0:
+                    piece = arr[p.start:p.stop]
+                else:
+                    f = self.per_col(p.name)
+                    piece = arr[:, int(p.start * f):int(p.stop * f)]
+                out.append(np.ascontiguousarray(piece).copy())
                 nbytes += piece.nbytes
                 spans.append(span)
             if self.cold:
@@ -196,7 +207,7 @@ class GroupCache:
                     self.queue.append(gid)
             self.cond.notify_all()
 
-    def get(self, gids) -> list[list[torch.Tensor]]:
+    def get(self, gids) -> list[list[np.ndarray]]:
         """Each group's tensors, waiting for in-flight reads and reading the rest on demand."""
         out = []
         for gid in gids:
@@ -298,8 +309,11 @@ def sum_bytes(storage: Storage, parts) -> int:
     total = 0
     for p in parts:
         shape = storage.header[p.name]["shape"]
-        other = shape[1] if p.dim == 0 else shape[0]
-        total += (p.stop - p.start) * other * np.dtype(_DTYPES[storage.header[p.name]["dtype"]]).itemsize
+        item = np.dtype(SAFETENSORS_DTYPES[storage.header[p.name]["dtype"]]).itemsize
+        if p.dim == 0:
+            total += (p.stop - p.start) * shape[1] * item
+        else:
+            total += int((p.stop - p.start) * storage.per_col(p.name)) * shape[0] * item
     return total
 
 

@@ -9,17 +9,18 @@ MLP selection; the background thread reads them while attention computes, the re
 the coordinator aggregates and the MLP request comes back. No extra bytes on the wire.
 
 Modes: `exact` computes every group (the cache reads missed ones on demand; streamed groups are
-concatenated back into the shard's layout, so the math is the full shard's: equal up to BLAS
-rounding, which here varies in the last bits with where a tensor sits in memory);
+concatenated back into the shard's layout and multiplied by the same ggml graph as
+`DeviceCompute`'s, so the answer is the full shard's);
 `predictive` computes only the MLP groups the predictor selects for the token (any token of the
 round), the others contribute zero.
 
 Example (the checked-in plan's cluster with a toy 3-layer MLP on pi5-3, its shard written to a
 temporary directory, and a budget for two of the three layers: the third is read when needed):
-    >>> import dataclasses, tempfile, torch
-    >>> from safetensors.torch import save_file
+    >>> import dataclasses, tempfile
+    >>> import numpy as np
+    >>> from safetensors.numpy import save_file
+    >>> from halo_runtime.core.config import ModelConfig
     >>> from halo_runtime.core.device import DeviceCompute
-    >>> from halo_runtime.core.model import ModelConfig
     >>> from halo_runtime.core.plan import Group, load_plan
     >>> from halo_runtime.storage.groupcache import LoadConfig
     >>> from halo_runtime.storage.streaming import open_streaming
@@ -27,13 +28,14 @@ temporary directory, and a budget for two of the three layers: the third is read
     ...                   num_heads=2, num_kv_heads=1, head_dim=4)
     >>> groups = tuple(Group(f"L{i}.mlp.0", i, "mlp", 0, tuple(range(6)), "pi5-3", True, 1.0) for i in range(3))
     >>> plan = dataclasses.replace(load_plan("artifacts/smollm2-135m-pi5"), model=cfg, groups=groups)
+    >>> rng = np.random.default_rng(0)
     >>> shapes = {"gate_proj": (6, 8), "up_proj": (6, 8), "down_proj": (8, 6)}
-    >>> shard = {f"layers.{i}.mlp.{p}": torch.randn(s) for i in range(3) for p, s in shapes.items()}
+    >>> shard = {f"layers.{i}.mlp.{p}": rng.standard_normal(s).astype(np.float32) for i in range(3) for p, s in shapes.items()}
     >>> plan_dir = (tmp := tempfile.TemporaryDirectory()).name
     >>> save_file(shard, f"{plan_dir}/{plan.shard_file('pi5-3')}")
     >>> dev = open_streaming(plan, plan_dir, "pi5-3", LoadConfig(budget=2 * 576, mode="exact", cold=False))
-    >>> held, x = DeviceCompute(plan, "pi5-3", shard), torch.randn(2, 8)
-    >>> all(torch.allclose(dev.mlp(i, x)[0], held.mlp(i, x)[0], atol=1e-6) for i in range(3))
+    >>> held, x = DeviceCompute(plan, "pi5-3", shard), rng.standard_normal((2, 8)).astype(np.float32)
+    >>> all(np.array_equal(dev.mlp(i, x)[0], held.mlp(i, x)[0]) for i in range(3))
     True
     >>> dev.cache.stats.summary()["hit_rate"] < 1          # a group came from storage
     True
@@ -43,10 +45,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+import ggml.ggml as G
+import numpy as np
 
 from ..core.device import DeviceCompute
-from ..core.model import KVCache, attention_partial, mlp_activations
+from ..core.formats import cat_columns, weight_format
+from ..core.ggmlops import Arena, Graph, new_input
+from ..core.layers import KVCache, Rows, attention, kv_keys, mlp, rope_factors
 from ..core.plan import Plan, PlanError
 from ..core.predictor import layer_predictor, predict_groups
 from ..core.residency import Residency, residency
@@ -54,7 +59,8 @@ from ..core.shards import device_indices
 from .groupcache import GroupCache, LoadConfig, Storage, group_parts
 
 _NAMES = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
-_DIMS = {"attn": (0, 0, 0, 1), "mlp": (0, 0, 1)}
+_COLUMNS = {"attn": (False, False, False, True), "mlp": (False, False, True)}
+"""Which of a kind's matrices are cut by columns (o and down): their groups sit side by side."""
 
 
 def plan_budget(plan: Plan, device: str) -> int | None:
@@ -77,15 +83,22 @@ class StreamingCompute(DeviceCompute):
             raise ValueError("the coordinator cannot stream its weights (it holds the residual stream)")
         if config.mode == "predictive" and predictors is None:
             raise ValueError("predictive loading needs the predictor (the coordinator's shard)")
-        self.plan, self.cfg, self.name, self.mode = plan, plan.model, device, config.mode
+        self.plan, self.cfg, self.name, self.mode, self.threads = plan, plan.model, device, config.mode, 1
+        self.fmt = weight_format(plan.weights)
         L = plan.model.num_layers
         self.slices = [device_indices(plan, device, layer) for layer in range(L)]
-        self.caches = [KVCache() for _ in range(L)]
+        self.arena = Arena()
+        factors = rope_factors(self.cfg)
+        self.factors = None if factors is None else self.arena.array(factors)
+        self.caches = [KVCache(self.arena, len(s.kv_heads), plan.max_context, self.cfg.head_dim) if s.kv_heads
+                       else None for s in self.slices]
+        self.lengths = [0] * L
+        self.graphs = {}
         self.predictors = predictors
         self.residency: Residency = residency(plan, device, config.budget)
         self.ids = {(layer, kind): [g.id for g in plan.groups_on(device, layer, kind)]
                     for layer in range(L) for kind in ("attn", "mlp")}
-        self.whole: dict[tuple, tuple] = {}  # (layer, kind) -> shard tensors, when all its groups are resident
+        self.whole: dict[tuple, tuple] = {}  # (layer, kind) -> shard arrays, when all its groups are resident
         parts = {}
         for (layer, kind), ids in self.ids.items():
             if not ids:
@@ -96,28 +109,34 @@ class StreamingCompute(DeviceCompute):
             else:
                 parts.update(gp)
         self.cache = GroupCache(storage, parts, self.residency)
-        self.selected: dict[int, torch.Tensor] = {}
+        self.selected: dict[int, np.ndarray] = {}
         self.pairs = [0, 0]  # predictive: (token, group) pairs computed, of all
         self.sizes = {g.id: len(g.members) for g in plan.groups if g.device == device}
         self.critical = {g.id for g in plan.groups if g.device == device and g.critical}
         self.index = {g.id: g.index for g in plan.groups if g.device == device}
 
+    def has_attention(self, layer: int) -> bool:
+        return bool(self.ids[layer, "attn"])
+
+    def has_mlp(self, layer: int) -> bool:
+        return bool(self.ids[layer, "mlp"])
+
     # ---- scheduling -----------------------------------------------------------------------------
 
-    def _predict(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+    def _predict(self, layer: int, x: np.ndarray) -> np.ndarray | None:
         """[T, groups of the layer] True where the predictor says the token needs the group."""
         if self.predictors is None or not self.ids[layer, "mlp"]:
             return None
-        return predict_groups(x.float(), self.predictors[layer])
+        return predict_groups(x, self.predictors[layer])
 
-    def _mlp_order(self, layer: int, flags: torch.Tensor | None) -> list[str]:
+    def _mlp_order(self, layer: int, flags: np.ndarray | None) -> list[str]:
         ids = self.ids[layer, "mlp"]
         if flags is None:
             return list(ids)
-        on = [g for g in ids if bool(flags[:, self.index[g]].any())]
+        on = [g for g in ids if flags[:, self.index[g]].any()]
         return on if self.mode == "predictive" else on + [g for g in ids if g not in on]
 
-    def _schedule(self, layer: int, x: torch.Tensor | None) -> None:
+    def _schedule(self, layer: int, x: np.ndarray | None) -> None:
         """Queue what the next rounds need: this layer's MLP, then the next layer's attention and MLP."""
         nxt = (layer + 1) % self.cfg.num_layers  # after the last layer: the next token's first
         order = []
@@ -132,7 +151,7 @@ class StreamingCompute(DeviceCompute):
     # ---- compute --------------------------------------------------------------------------------
 
     def _weights(self, layer: int, kind: str, ids: list[str]) -> tuple:
-        """Shard-layout tensors of `ids` (in shard order) of one layer and kind."""
+        """Shard-layout arrays of `ids` (in shard order) of one layer and kind."""
         whole = self.whole.get((layer, kind))
         if whole is not None:  # resident groups count as hits, as they do in the cache
             with self.cache.cond:
@@ -141,60 +160,111 @@ class StreamingCompute(DeviceCompute):
         if whole is not None and len(ids) == len(self.ids[layer, kind]):
             return whole
         if whole is not None:  # an MLP layer held whole, some groups skipped: slices of it, no reads
-            starts, at = {}, 0
+            got, at = {}, 0
             for g in self.ids[layer, kind]:
-                starts[g], at = at, at + self.sizes[g]
-            return tuple(torch.cat([t.narrow(dim, starts[g], self.sizes[g]) for g in ids], dim)
-                         for t, dim in zip(whole, _DIMS[kind]))
+                got[g], at = (at, at + self.sizes[g]), at + self.sizes[g]
+            per = self.fmt.block_bytes / self.fmt.block / whole[-1].dtype.itemsize
+            return tuple(cat_columns([t[:, int(got[g][0] * per):int(got[g][1] * per)] for g in ids]) if col
+                         else np.concatenate([t[got[g][0]:got[g][1]] for g in ids])
+                         for t, col in zip(whole, _COLUMNS[kind]))
         got = self.cache.get(ids)
-        return tuple(torch.cat([g[i] for g in got], dim) if len(got) > 1 else got[0][i]
-                     for i, dim in enumerate(_DIMS[kind]))
+        return tuple((cat_columns([g[i] for g in got]) if col else np.concatenate([g[i] for g in got]))
+                     if len(got) > 1 else got[0][i] for i, col in enumerate(_COLUMNS[kind]))
 
-    def attention(self, layer: int, x: torch.Tensor, start: int) -> torch.Tensor:
+    def _once(self, build_outputs, *weights, cols: list[int], T: int, rows: tuple | None = None) -> list[np.ndarray]:
+        """One pass through a graph over this call's weights (they change from call to call)."""
+        arena = Arena(16)
+        try:
+            tensors = [arena.matrix(np.ascontiguousarray(w), self.fmt, c) for w, c in zip(weights, cols)]
+
+            def build(ctx):
+                x = new_input(ctx, G.GGML_TYPE_F32, T, self.cfg.hidden_size)
+                r = Rows.inputs(ctx, T, rows[1], self.factors) if rows else None
+                outs = build_outputs(ctx, x, tensors, r)
+                extra = {"act_mask": self._mask_tensor} if self._mask_tensor is not None else {}
+                return {"x": x, **extra, **(r.named() if r else {})}, {f"y{i}": y for i, y in enumerate(outs)}
+
+            self._mask_tensor = None
+            graph = Graph(build)
+            try:
+                graph.inputs["x"][:] = self._x
+                if "act_mask" in graph.inputs:
+                    graph.inputs["act_mask"][:] = self._mask
+                if rows:
+                    Rows.fill(graph.inputs, rows[0])
+                graph.compute(self.threads)
+                return [graph.outputs[f"y{i}"].copy() for i in range(len(graph.outputs))]
+            finally:
+                graph.close()
+        finally:
+            arena.close()
+
+    def attention(self, layer: int, x: np.ndarray, start: int) -> np.ndarray:
         self._schedule(layer, x)
-        q, k, v, o = self._weights(layer, "attn", self.ids[layer, "attn"])
-        cache = self.caches[layer]
-        if cache.length != start:
-            cache.truncate(start)
-        out = attention_partial(self.cfg, x, start, q, k, v, o, cache)
+        ws = self._weights(layer, "attn", self.ids[layer, "attn"])
+        cfg, cache, T = self.cfg, self.caches[layer], x.shape[0]
+        self._x = x
+        hidden, q_cols = cfg.hidden_size, ws[0].shape[0]
+        (out,) = self._once(lambda ctx, xin, t, r: [attention(ctx, cfg, xin, *t, cache, r)], *ws,
+                            cols=[hidden, hidden, hidden, q_cols], T=T, rows=(start, kv_keys(start, T, cache.capacity)))
+        self.lengths[layer] = start + T
         self.cache.release(self.ids[layer, "attn"])
         return out
 
-    def mlp(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def mlp(self, layer: int, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         ids = self.ids[layer, "mlp"]
         flags = self.selected.pop(layer, None)
         if self.mode == "predictive" and flags is not None:
             cols = [self.index[g] for g in ids]
             self.pairs[0] += int(flags[:, cols].sum())
             self.pairs[1] += flags.shape[0] * len(cols)
-            keep = [g for g in ids if bool(flags[:, self.index[g]].any())]  # needed by some token
+            keep = [g for g in ids if flags[:, self.index[g]].any()]  # needed by some token
             self.cache.stats.skipped += len(ids) - len(keep)
         else:
             keep, flags = ids, None
         if not self.ids[layer, "attn"]:
             self._schedule(layer, None)  # no attention request this layer: queue the next one now
         has_crit, has_rlx = any(g in self.critical for g in ids), any(g not in self.critical for g in ids)
-        zeros = torch.zeros(x.shape[0], self.cfg.hidden_size, dtype=x.dtype)
+        zeros = np.zeros((x.shape[0], self.cfg.hidden_size), dtype=np.float32)
         if not keep:
-            return (zeros if has_crit else None), (zeros.clone() if has_rlx else None)
+            return (zeros if has_crit else None), (zeros.copy() if has_rlx else None)
         gate, up, down = self._weights(layer, "mlp", keep)
+        n = sum(self.sizes[g] for g in keep)
         n_crit = sum(self.sizes[g] for g in keep if g in self.critical)
-        act = mlp_activations(x, gate, up)
+        parts = [p for p in ((0, n_crit), (n_crit, n)) if p[1] > p[0]]
+        self._x = x
         if flags is not None and x.shape[0] > 1:
             # several tokens (prefill, evaluation): each token keeps only its own selected groups
-            cols = torch.tensor([self.index[g] for g in keep for _ in range(self.sizes[g])])
-            act = act * flags[:, cols].to(act.dtype)
-        critical = act[:, :n_crit] @ down[:, :n_crit].T if n_crit else (zeros if has_crit else None)
-        relaxed = act[:, n_crit:] @ down[:, n_crit:].T if act.shape[1] > n_crit else (zeros if has_rlx else None)
+            outs = self._masked_mlp(x, gate, up, down, keep, flags, parts)
+        else:
+            per = self.fmt.block_bytes / self.fmt.block
+            outs = self._once(lambda ctx, xin, t, r: mlp(ctx, xin, *t, parts, per), gate, up, down,
+                              cols=[self.cfg.hidden_size, self.cfg.hidden_size, n], T=x.shape[0])
         self.cache.release(keep)
+        critical = outs.pop(0) if n_crit else (zeros if has_crit else None)
+        relaxed = outs.pop(0) if n > n_crit else (zeros if has_rlx else None)
         return critical, relaxed
 
-    def mlp_groups(self, layer: int, x: torch.Tensor) -> list[torch.Tensor]:
+    def _masked_mlp(self, x, gate, up, down, keep, flags, parts) -> list[np.ndarray]:
+        """Each token's MLP over only the groups selected for it (evaluation): the activations of
+        the other groups are zeroed per row."""
+        cols = np.array([self.index[g] for g in keep for _ in range(self.sizes[g])])
+        self._mask = flags[:, cols].astype(np.float32)
+        n, per = len(cols), self.fmt.block_bytes / self.fmt.block
+        return self._once(lambda ctx, xin, t, r: mlp(ctx, xin, *t, parts, per, self._mask_input(ctx, x.shape[0], n)),
+                          gate, up, down, cols=[self.cfg.hidden_size, self.cfg.hidden_size, n], T=x.shape[0])
+
+    def _mask_input(self, ctx, T: int, n: int):
+        self._mask_tensor = new_input(ctx, G.GGML_TYPE_F32, T, n)
+        return self._mask_tensor
+
+    def mlp_groups(self, layer: int, x: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError("per-group simulation reads the whole shard; use DeviceCompute")
 
     def close(self) -> None:
         self.cache.close()
         self.cache.storage.close()
+        self.arena.close()
 
 
 def open_streaming(plan: Plan, plan_dir: str | Path, device: str, config: LoadConfig) -> StreamingCompute:
@@ -212,4 +282,5 @@ def open_streaming(plan: Plan, plan_dir: str | Path, device: str, config: LoadCo
         finally:
             store.close()
         predictors = [layer_predictor(keys, layer) for layer in range(plan.model.num_layers)]
-    return StreamingCompute(plan, device, Storage(path, mbps=config.mbps, cold=config.cold), config, predictors)
+    return StreamingCompute(plan, device, Storage(path, mbps=config.mbps, cold=config.cold,
+                                                  fmt=weight_format(plan.weights)), config, predictors)

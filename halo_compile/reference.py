@@ -1,18 +1,20 @@
-"""LLaMA math without transformers: the pieces a device or the coordinator computes.
+"""LLaMA math in torch, without transformers: the compiler's reference model.
 
-Every function works on a *subset* of the model (some KV-head groups, some MLP neurons), so the
-same code runs the whole model on one device and a slice of it on each of several devices.
-Numerics follow transformers' LlamaForCausalLM exactly (fp32 RMSNorm, rotate-half RoPE,
-optional llama3 RoPE scaling, GQA, SwiGLU).
+The compiler profiles, groups, trains the predictor and fits compensation on these functions
+(torch, batched, with autograd where training needs it); devices run the same math as ggml graphs
+(`halo_runtime.core.layers`), and tests hold the two to fp32 rounding. Every function works on a
+*subset* of the model (some KV-head groups, some MLP neurons). Numerics follow transformers'
+LlamaForCausalLM exactly (fp32 RMSNorm, rotate-half RoPE, optional llama3 RoPE scaling, GQA,
+SwiGLU).
 
-`decoder_layer` is the one place a layer's structure is written (normalise, add attention,
-normalise, add MLP); whoever runs a layer passes its own attention and MLP parts: the full model
-local weights, the coordinator the devices' partial sums, the compiler's profiling and eval
-the same math plus what they record.
+`decoder_layer` is where a torch layer's structure is written (normalise, add attention,
+normalise, add MLP); whoever runs one passes its own attention and MLP parts: `FullModel` its
+local weights, the compiler's profiling and eval the same math plus what they record.
 
 Example:
     >>> import torch
-    >>> from halo_runtime.core.model import ModelConfig, rope_tables, rms_norm
+    >>> from halo_runtime.core.config import ModelConfig
+    >>> from halo_compile.reference import rope_tables, rms_norm
     >>> cfg = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1,
     ...                   num_heads=2, num_kv_heads=1, head_dim=4)
     >>> cos, sin = rope_tables(cfg, start=0, length=3)
@@ -21,7 +23,7 @@ Example:
 
 The whole model (FullModel, the reference a plan must match), from HF-named random weights;
 decoding one token after a cached prefix gives what a prefill of all of them gives:
-    >>> from halo_runtime.core.model import FullModel
+    >>> from halo_compile.reference import FullModel
     >>> shapes = {"embed_tokens": (32, 8), "norm": (8,), "layers.0.input_layernorm": (8,),
     ...           "layers.0.post_attention_layernorm": (8,), "layers.0.self_attn.q_proj": (8, 8),
     ...           "layers.0.self_attn.k_proj": (4, 8), "layers.0.self_attn.v_proj": (4, 8),
@@ -36,7 +38,7 @@ decoding one token after a cached prefix gives what a prefill of all of them giv
 
 A layer with stand-in parts: attention returns its input x, the MLP its input m (the
 normalised residual after attention, here 2 * norm(1 + x) = 2), so the output is 1 + 1 + 2:
-    >>> from halo_runtime.core.model import decoder_layer
+    >>> from halo_compile.reference import decoder_layer
     >>> seen = []
     >>> out = decoder_layer(cfg, torch.ones(3, 8), torch.ones(8), 2 * torch.ones(8),
     ...                     attention=lambda x: seen.append("attention") or x,
@@ -48,68 +50,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from halo_runtime.core.config import ModelConfig
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape and numerics of a LLaMA-architecture decoder."""
-
-    vocab_size: int
-    """Number of token ids."""
-    hidden_size: int
-    """Width of the residual stream."""
-    intermediate_size: int
-    """MLP neurons per layer."""
-    num_layers: int
-    """Decoder layers."""
-    num_heads: int
-    """Query heads per layer."""
-    num_kv_heads: int
-    """Key/value heads per layer (GQA); each serves num_heads // num_kv_heads query heads."""
-    head_dim: int
-    """Width of one attention head."""
-    rms_norm_eps: float = 1e-5
-    """Epsilon inside every RMSNorm."""
-    rope_theta: float = 10000.0
-    """RoPE base wavelength."""
-    rope_scaling: dict | None = None
-    """None for plain RoPE, or llama3 scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
-    "high_freq_factor", "original_max_position_embeddings"}."""
-    max_position_embeddings: int = 2048
-    """Longest context the checkpoint was trained for."""
-    tie_word_embeddings: bool = False
-    """True when the LM head reuses the token embedding matrix."""
-    bos_token_id: int | None = None
-    """Token prepended to prompts, if the model uses one."""
-    eos_token_id: int | None = None
-    """Token that ends generation."""
-
-    def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model config: num_heads {self.num_heads} is not a multiple of "
-                             f"num_kv_heads {self.num_kv_heads}")
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("llama3", "default"):
-            raise ValueError(f"model config: unsupported rope_scaling {self.rope_scaling.get('rope_type')!r} "
-                             "(supported: default, llama3)")
-
-    @property
-    def group_size(self) -> int:
-        """Query heads that read one KV head."""
-        return self.num_heads // self.num_kv_heads
-
-
-def linear(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w.T for a weight tensor [out, in]; a quantised weight (`kernels.QuantLinear`) is called."""
-    return x @ w.T if isinstance(w, torch.Tensor) else w(x)
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for a weight tensor [out, in]."""
+    return x @ w.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -297,16 +247,6 @@ def decoder_layer(cfg: ModelConfig, h: torch.Tensor, input_norm: torch.Tensor, p
     h = h + attention(x)
     m = rms_norm(h, post_norm, cfg.rms_norm_eps)
     return h + mlp(x, m)
-
-
-def sum_parts(parts: list, like: torch.Tensor) -> torch.Tensor:
-    """Sum partials in a fixed order (float addition is not associative; order fixes the bits).
-    The first part starts the sum: 0 + p is p (up to the sign of a zero), so no zeros tensor is needed."""
-    total = None
-    for p in parts:
-        if p is not None:
-            total = p if total is None else total + p
-    return torch.zeros_like(like) if total is None else total
 
 
 class FullModel:

@@ -1,0 +1,186 @@
+"""ggml, through the PyPI package ggml-python: weights that live in numpy arrays, and graphs that
+run a device's whole round in one native call.
+
+ggml is llama.cpp's tensor library: block formats (q8_0, q4_0) multiplied with integer dot
+products (AVX2/AVX-512 on x86, NEON `sdot` on ARM), threads inside the kernels. Two objects:
+
+- `Arena`: tensors whose bytes are numpy arrays we own or map (shard weights, KV caches). Its
+  ggml context allocates nothing; each tensor points into an array the arena keeps alive, so a
+  shard mapped from disk is multiplied in place, never copied.
+- `Graph`: a computation built once by a Python function and computed many times by one call
+  (`compute`); ggml's graph allocator gives its intermediate tensors one buffer; its inputs and
+  outputs are numpy views, written and read without copies through ctypes.
+
+Example (one q8_0 matrix times two vectors, against the dequantised matrix; ggml rounds the
+input to 8-bit blocks too, so they agree to about 1%):
+    >>> import numpy as np
+    >>> from halo_runtime.core.formats import FORMATS, dequantise, quantise
+    >>> from halo_runtime.core.ggmlops import Arena, Graph, new_input
+    >>> import ggml.ggml as G
+    >>> w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    >>> stored = quantise(w, "q8_0")
+    >>> arena = Arena()
+    >>> W = arena.matrix(stored, FORMATS["q8_0"], cols=64)
+    >>> def build(ctx):
+    ...     x = new_input(ctx, G.GGML_TYPE_F32, 2, 64)              # 2 rows of 64 inputs
+    ...     return {"x": x}, {"y": G.ggml_mul_mat(ctx, W, x)}
+    >>> graph = Graph(build)
+    >>> x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    >>> graph.inputs["x"][:] = x
+    >>> graph.compute()
+    >>> y, ref = graph.outputs["y"], x @ dequantise(stored, "q8_0").T
+    >>> y.shape, bool(np.abs(y - ref).max() < 0.01 * np.abs(ref).max())
+    ((2, 8), True)
+"""
+from __future__ import annotations
+
+import ctypes
+import weakref
+
+import ggml.ggml as G  # PyPI ggml-python: the `ggml` package; nothing of ours shares the name
+import numpy as np
+
+from .formats import WeightFormat
+
+_NUMPY = {G.GGML_TYPE_F32: np.float32, G.GGML_TYPE_F16: np.uint16, G.GGML_TYPE_BF16: np.uint16,
+          G.GGML_TYPE_I32: np.int32, G.GGML_TYPE_I64: np.int64}
+"""numpy dtype of the element types a graph's inputs and outputs use (F16 as raw bits)."""
+MAX_NODES = 8192
+"""Nodes one graph may hold (a whole 1B-class model's token is ~1,000)."""
+_compute = G.lib.ggml_graph_compute  # the raw ctypes function: the one call of a round
+# ggml-python 0.0.45 declares this one's result as a 32-bit int, which truncates the pointer
+G.lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+
+
+def quantise_rows(w: np.ndarray, fmt: WeightFormat) -> np.ndarray:
+    """float32 [rows, cols] -> ggml blocks [rows, row_bytes] (ggml's reference quantiser)."""
+    rows, cols = w.shape
+    out = np.zeros((rows, fmt.row_bytes(cols)), dtype=np.uint8)
+    src = np.ascontiguousarray(w, dtype=np.float32)
+    done = G.ggml_quantize_chunk(fmt.ggml_type, src.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                 out.ctypes.data_as(ctypes.c_void_p), 0, rows, cols, None)
+    if done != out.nbytes:
+        raise RuntimeError(f"ggml quantised {done} bytes of {fmt.name}, expected {out.nbytes}")
+    return out
+
+
+def dequantise_rows(stored: np.ndarray, fmt: WeightFormat) -> np.ndarray:
+    """ggml blocks [rows, row_bytes] -> float32 [rows, cols]."""
+    raw = np.ascontiguousarray(stored).view(np.uint8)
+    rows, cols = raw.shape[0], fmt.cols_of(raw)
+    out = np.empty((rows, cols), dtype=np.float32)
+    to_float = G.ggml_get_type_traits(fmt.ggml_type).contents.to_float
+    to_float(raw.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), rows * cols)
+    return out
+
+
+def _view(t, dims: int = 2, dtype=None) -> np.ndarray:
+    """A numpy view of a tensor's data with at least `dims` dimensions, shape reversed from ggml's
+    ne (ne0 is the innermost; ggml does not keep trailing dimensions of 1, numpy shapes do)."""
+    dims = max(dims, G.ggml_n_dims(t))
+    shape = tuple(reversed(t.contents.ne[:dims]))
+    dtype = dtype or _NUMPY[t.contents.type]
+    n = int(np.prod(shape))
+    buf = (ctypes.c_uint8 * (n * np.dtype(dtype).itemsize)).from_address(G.ggml_get_data(t))
+    return np.frombuffer(buf, dtype=dtype, count=n).reshape(shape)
+
+
+def new_input(ctx, ggml_type: int, *shape: int):
+    """A graph input of numpy shape `shape` (outermost first); `Graph.inputs` gives its view."""
+    ne = (ctypes.c_int64 * len(shape))(*reversed(shape))
+    t = G.ggml_new_tensor(ctx, ggml_type, len(shape), ne)
+    G.ggml_set_input(t)
+    _INPUT_DIMS[ctypes.addressof(t.contents)] = len(shape)
+    return t
+
+
+_INPUT_DIMS: dict[int, int] = {}
+"""Dimensions each graph input was made with (address -> count), for its numpy view's shape."""
+
+
+class Arena:
+    """Tensors whose data are numpy arrays (see the module docstring); `close` frees the context."""
+
+    def __init__(self, capacity: int = 4096):
+        params = G.ggml_init_params(mem_size=capacity * G.ggml_tensor_overhead(), mem_buffer=None, no_alloc=True)
+        self.ctx = G.ggml_init(params)
+        self._keep: list[np.ndarray] = []
+        self._finalizer = weakref.finalize(self, G.ggml_free, self.ctx)
+
+    def _point(self, t, arr: np.ndarray):
+        if not arr.flags.c_contiguous:
+            raise ValueError("ggml tensors need contiguous arrays")
+        self._keep.append(arr)
+        t.contents.data = arr.ctypes.data
+        return t
+
+    def matrix(self, stored: np.ndarray, fmt: WeightFormat, cols: int):
+        """A weight [rows, cols] as a shard stores it (ggml: ne0 = cols inputs, ne1 = rows)."""
+        rows = stored.shape[0]
+        if stored.nbytes != fmt.nbytes(rows, cols):
+            raise ValueError(f"{fmt.name} matrix of {rows}x{cols} needs {fmt.nbytes(rows, cols)} bytes, "
+                             f"got {stored.nbytes}")
+        return self._point(G.ggml_new_tensor_2d(self.ctx, fmt.ggml_type, cols, rows), stored)
+
+    def array(self, arr: np.ndarray):
+        """A float32 array of 1 to 4 dimensions (norm weights, KV caches)."""
+        if arr.dtype != np.float32 or not 1 <= arr.ndim <= 4:
+            raise ValueError(f"arena arrays are float32 of 1-4 dims, got {arr.dtype} {arr.shape}")
+        ne = (ctypes.c_int64 * arr.ndim)(*reversed(arr.shape))
+        return self._point(G.ggml_new_tensor(self.ctx, G.GGML_TYPE_F32, arr.ndim, ne), arr)
+
+    def close(self) -> None:
+        self._finalizer()
+        self._keep.clear()
+
+
+class Graph:
+    """A computation built once by `build(ctx) -> (inputs, outputs)` (dicts of tensors) and computed
+    many times; `inputs` and `outputs` are numpy views of those tensors (valid until `close`)."""
+
+    def __init__(self, build, max_nodes: int = MAX_NODES):
+        size = max_nodes * G.ggml_tensor_overhead() + G.ggml_graph_overhead_custom(max_nodes, False)
+        self.ctx = G.ggml_init(G.ggml_init_params(mem_size=size, mem_buffer=None, no_alloc=True))
+        self.galloc = None
+        try:
+            inputs, outputs = build(self.ctx)
+            self.graph = G.ggml_new_graph_custom(self.ctx, max_nodes, False)
+            for t in outputs.values():
+                G.ggml_set_output(t)
+                G.ggml_build_forward_expand(self.graph, t)
+            self.galloc = G.ggml_gallocr_new(G.ggml_backend_cpu_buffer_type())
+            if not G.ggml_gallocr_alloc_graph(self.galloc, self.graph):
+                raise MemoryError("ggml could not allocate a graph's buffer")
+        except BaseException:
+            self._free(self.ctx, self.galloc)
+            raise
+        self._finalizer = weakref.finalize(self, self._free, self.ctx, self.galloc)
+        self.inputs = {k: _view(t, _INPUT_DIMS.pop(ctypes.addressof(t.contents), 1)) for k, t in inputs.items()}
+        self.outputs = {k: _view(t) for k, t in outputs.items()}
+        self._plans: dict[int, tuple] = {}
+
+    @staticmethod
+    def _free(ctx, galloc) -> None:
+        if galloc is not None:
+            G.ggml_gallocr_free(galloc)
+        G.ggml_free(ctx)
+
+    @property
+    def nodes(self) -> int:
+        return G.ggml_graph_n_nodes(self.graph)
+
+    def compute(self, threads: int = 1) -> None:
+        """Run the graph once on `threads` threads (ggml's threads, inside the kernels)."""
+        plan = self._plans.get(threads)
+        if plan is None:
+            cplan = G.ggml_graph_plan(self.graph, threads, None)
+            work = np.empty(max(cplan.work_size, 1), dtype=np.uint8)
+            cplan.work_data = work.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+            plan = self._plans[threads] = (cplan, work, ctypes.byref(cplan))
+        status = _compute(self.graph, plan[2])
+        if status != G.GGML_STATUS_SUCCESS:
+            raise RuntimeError(f"ggml graph compute failed (status {status})")
+
+    def close(self) -> None:
+        self._finalizer()
+        self._plans.clear()

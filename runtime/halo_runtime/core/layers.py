@@ -1,0 +1,155 @@
+"""LLaMA math as ggml graph pieces, on a *subset* of a layer: some KV-head groups, some MLP neurons.
+
+The same pieces build a worker's round (`device.DeviceCompute`: its heads with their KV cache, or
+its neurons), the coordinator's own part of a round, and the coordinator's runs of rounds that no
+remote device takes part in (`segment.Segment`: whole layers, norms and residual adds included; on
+a one-device plan, the whole token in one graph). Numerics follow transformers' LlamaForCausalLM:
+RMSNorm in fp32, rotate-half RoPE (ggml's NEOX mode; llama3 scaling through frequency factors),
+GQA (query head i reads KV head i // group_size), SwiGLU; what ggml adds is its input rounding
+for bf16 and the block formats (`formats`).
+
+Every piece takes a `Rows` of graph inputs: where the T rows of this pass sit in the sequence and
+which cached keys they may see. Decode graphs are kept per (T, number of keys rounded up to
+`KV_BUCKET`): the mask hides the keys past each row's position, so one graph serves a bucket's
+worth of tokens, and a new graph is built (a few ms) only when the cache grows past it.
+
+Example (one layer's attention on 3 tokens, then a 4th through the cache):
+    >>> import numpy as np
+    >>> from halo_runtime.core.config import ModelConfig
+    >>> from halo_runtime.core.layers import KV_BUCKET, kv_keys
+    >>> kv_keys(start=0, rows=3, capacity=256), kv_keys(start=40, rows=1, capacity=256), KV_BUCKET
+    (32, 64, 32)
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+
+import ggml.ggml as G
+import numpy as np
+
+from .config import ModelConfig
+from .ggmlops import Arena, new_input
+
+KV_BUCKET = 32
+"""Keys a decode graph is built for, rounded up to this (its mask hides the rest)."""
+F16_NEG_INF = 0xFC00
+"""-inf in fp16 bits: what the mask holds for a key a row may not see."""
+
+
+def kv_keys(start: int, rows: int, capacity: int) -> int:
+    """Keys a graph for `rows` rows at `start` reads: the cache's filled length rounded up to KV_BUCKET."""
+    return min(capacity, -(-(start + rows) // KV_BUCKET) * KV_BUCKET)
+
+
+def rope_factors(cfg: ModelConfig) -> np.ndarray | None:
+    """ggml's frequency factors for llama3 RoPE scaling (None without scaling): plain RoPE's inverse
+    frequency of each dimension pair divided by the scaled one, as llama.cpp computes them."""
+    s = cfg.rope_scaling or {}
+    if s.get("rope_type") != "llama3":
+        return None
+    dim = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    factor, low, high, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    scaled = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return (inv / scaled).astype(np.float32)
+
+
+@dataclass
+class Rows:
+    """The graph inputs every piece of a pass shares: T rows at positions start .. start+T-1."""
+
+    positions: object
+    """int32 [T]: each row's position (RoPE)."""
+    slots: object
+    """int64 [T]: the KV-cache row each new key and value is written to (its position)."""
+    mask: object
+    """fp16 [T, keys]: 0 where a row may see a cached key, -inf where not (causal, and the bucket's tail)."""
+    keys: int
+    """Cached keys the graph reads (`kv_keys`)."""
+    factors: object = None
+    """llama3 RoPE frequency factors (a float32 tensor), or None."""
+
+    @classmethod
+    def inputs(cls, ctx, T: int, keys: int, factors=None) -> Rows:
+        return cls(new_input(ctx, G.GGML_TYPE_I32, T), new_input(ctx, G.GGML_TYPE_I64, T),
+                   new_input(ctx, G.GGML_TYPE_F16, T, keys), keys, factors)
+
+    @staticmethod
+    def fill(views: dict, start: int) -> None:
+        """Write a pass's row inputs (views named positions, slots, mask) for rows at `start`."""
+        T, keys = views["mask"].shape
+        pos = np.arange(start, start + T)
+        views["positions"][:] = pos
+        views["slots"][:] = pos
+        views["mask"][:] = np.where(np.arange(keys)[None, :] <= pos[:, None], 0, F16_NEG_INF)
+
+    def named(self) -> dict:
+        return {"positions": self.positions, "slots": self.slots, "mask": self.mask}
+
+
+class KVCache:
+    """Keys and values of some KV heads of one layer, for the plan's whole context: [heads, capacity,
+    head_dim] float32 each, zeros until written (untouched pages cost no memory). A row is written at
+    its position, so a rewind (a retransmission, rejected drafts) just writes over it."""
+
+    def __init__(self, arena: Arena, kv_heads: int, capacity: int, head_dim: int):
+        self.capacity = capacity
+        self.keys = arena.array(np.zeros((kv_heads, capacity, head_dim), dtype=np.float32))
+        self.values = arena.array(np.zeros((kv_heads, capacity, head_dim), dtype=np.float32))
+
+
+def rms_norm(ctx, x, weight, eps: float):
+    """RMSNorm of every row of x [T, hidden] times the norm's weight."""
+    return G.ggml_mul(ctx, G.ggml_rms_norm(ctx, x, eps), weight)
+
+
+def attention(ctx, cfg: ModelConfig, x, q, k, v, o, cache: KVCache, rows: Rows):
+    """o[:, heads] @ attention(heads) for the KV-head groups whose rows q, k, v hold (and o's
+    columns): [T, hidden]. Writes the T rows' keys and values into `cache`."""
+    hd, T = cfg.head_dim, x.contents.ne[1]
+    nq, nkv = q.contents.ne[1] // hd, k.contents.ne[1] // hd
+
+    def rope(t, heads):
+        t = G.ggml_reshape_3d(ctx, t, hd, heads, T)
+        return G.ggml_rope_ext(ctx, t, rows.positions, rows.factors, hd, G.GGML_ROPE_TYPE_NEOX, 0,
+                               cfg.rope_theta, 1.0, 0.0, 1.0, 0.0, 0.0)
+
+    qs = rope(G.ggml_mul_mat(ctx, q, x), nq)
+    ks = rope(G.ggml_mul_mat(ctx, k, x), nkv)
+    vs = G.ggml_reshape_3d(ctx, G.ggml_mul_mat(ctx, v, x), hd, nkv, T)
+    keys = G.ggml_set_rows(ctx, cache.keys, G.ggml_permute(ctx, ks, 0, 2, 1, 3), rows.slots)
+    values = G.ggml_set_rows(ctx, cache.values, G.ggml_permute(ctx, vs, 0, 2, 1, 3), rows.slots)
+    nb = cache.keys.contents.nb
+    keys = G.ggml_view_3d(ctx, keys, hd, rows.keys, nkv, nb[1], nb[2], 0)
+    values = G.ggml_view_3d(ctx, values, hd, rows.keys, nkv, nb[1], nb[2], 0)
+    out = G.ggml_flash_attn_ext(ctx, G.ggml_permute(ctx, qs, 0, 2, 1, 3), keys, values, rows.mask,
+                                1.0 / math.sqrt(hd), 0.0, 0.0)  # [hd, heads, T]
+    return G.ggml_mul_mat(ctx, o, G.ggml_reshape_2d(ctx, out, hd * nq, T))
+
+
+def mlp(ctx, x, gate, up, down, parts: list[tuple[int, int]], down_bytes_per_col: float, act_mask=None):
+    """down[:, a:b] @ act[a:b] per part (a, b) of the neurons whose rows gate and up hold, with act =
+    silu(gate x) * up x: one [T, hidden] output per part. A part's columns are whole blocks.
+    act_mask [T, neurons] (0 or 1) keeps only some neurons per row (predictive loading)."""
+    T = x.contents.ne[1]
+    act = G.ggml_swiglu_split(ctx, G.ggml_mul_mat(ctx, gate, x), G.ggml_mul_mat(ctx, up, x))
+    if act_mask is not None:
+        act = G.ggml_mul(ctx, act, act_mask)
+    out = []
+    hidden, row = down.contents.ne[1], down.contents.nb[1]
+    for a, b in parts:
+        if (a, b) == (0, down.contents.ne[0]):
+            out.append(G.ggml_mul_mat(ctx, down, act))
+            continue
+        w = G.ggml_view_2d(ctx, down, b - a, hidden, row, int(a * down_bytes_per_col))
+        y = G.ggml_view_2d(ctx, act, b - a, T, act.contents.nb[1], a * ctypes.sizeof(ctypes.c_float))
+        # contiguous, so a part takes the same GEMM kernel whether or not it shares its device:
+        # ggml hands only contiguous inputs to llamafile's tiled GEMM, which sums in another order
+        out.append(G.ggml_mul_mat(ctx, w, G.ggml_cont(ctx, y)))
+    return out
