@@ -6,7 +6,8 @@ kernels use (ATen picks AVX-512 where the CPU has it, MKL picks its own path per
 computes anything, importing the compiler fixes both to AVX2 on x86-64 CPUs that have it (every
 x86 board host and workstation of the last decade): the same inputs and seed then give the same
 plan and shards on any of them (measured: an AVX-512 Xeon reproduced a Zen 1 machine's groups,
-scores and placement only with these pinned). An environment that sets either variable wins.
+scores and placement only with these pinned), except the predictor's trained weights, which still
+differ in their last bits between those two (issue 25). An environment that sets either variable wins.
 """
 import os as _os
 import platform as _platform
