@@ -44,7 +44,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from halo_runtime.core.formats import dequantise, quantise, take_columns, take_rows, weight_format
+from halo_runtime.core.formats import cat_columns, dequantise, quantise, take_columns, take_rows, weight_format
 from halo_runtime.core.plan import Plan, PlanError
 from halo_runtime.core.shards import (
     COLUMN_SLICED,
@@ -209,7 +209,7 @@ def assemble_stored(plan: Plan, shards: Mapping[str, Mapping[str, np.ndarray]]
                             at += b - a
                     if sorted(pieces) != list(range(len(segs))):
                         raise PlanError(f"{hf}: a segment is missing across the shards")
-                    stored[hf] = np.concatenate([pieces[i].view(np.uint8) for i in range(len(segs))], 1).view(fmt.dtype)
+                    stored[hf] = cat_columns([pieces[i] for i in range(len(segs))])
                 else:
                     total = {"q_proj": cfg.num_heads * cfg.head_dim, "k_proj": cfg.num_kv_heads * cfg.head_dim,
                              "v_proj": cfg.num_kv_heads * cfg.head_dim}.get(proj, cfg.intermediate_size)

@@ -120,7 +120,7 @@ class _RelaxedPart:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm of every row (float32), for the inputs the coordinator posts in network rounds."""
-    return (x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))).astype(np.float32) * weight
+    return (x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))).astype(np.float32, copy=False) * weight
 
 
 def silu(x: np.ndarray) -> np.ndarray:

@@ -44,16 +44,13 @@ from typing import Protocol
 import numpy as np
 
 from .formats import weight_format
-from .ggmlops import Arena, Graph, new_input
+from .ggmlops import Arena, GraphCache, new_input
 from .layers import KVCache, Rows, attention, kv_keys, mlp, rope_factors
 from .plan import Plan, PlanError
 from .shards import LayerSlice, device_indices
 
 import ggml.ggml as G
 
-CACHED_ROWS = 17
-"""Graphs of up to this many rows (decode, and draft verification) are kept; longer ones (prefill)
-are built for the pass and freed."""
 
 
 class DeviceBackend(Protocol):
@@ -113,7 +110,7 @@ class DeviceCompute:
             self.mlp_w.append(mlp_w)
             self.caches.append(cache)
         self.lengths = [0] * cfg.num_layers
-        self.graphs: dict[tuple, tuple[int, Graph]] = {}
+        self.graphs = GraphCache()
 
     @classmethod
     def whole_model(cls, cfg, shard: dict[str, np.ndarray], weights: str, capacity: int, threads: int = 1,
@@ -143,25 +140,6 @@ class DeviceCompute:
     def cache_length(self, layer: int) -> int:
         return self.lengths[layer]
 
-    def _graph(self, key: tuple, keys: int, build) -> Graph:
-        """The graph for `key` (layer, kind, T) reading `keys` cached keys: kept when T is small."""
-        held = self.graphs.get(key)
-        if held is not None and held[0] == keys:
-            return held[1]
-        graph = Graph(build)
-        if key[2] <= CACHED_ROWS:
-            if held is not None:
-                held[1].close()
-            self.graphs[key] = (keys, graph)
-        return graph
-
-    def _run(self, key: tuple, graph: Graph) -> list[np.ndarray]:
-        graph.compute(self.threads)
-        outs = [graph.outputs[k].copy() for k in sorted(graph.outputs)]
-        if key[2] > CACHED_ROWS:
-            graph.close()
-        return outs
-
     def attention(self, layer: int, x: np.ndarray, start: int) -> np.ndarray:
         """Partial attention output of this device's KV-head groups for tokens at start.. ."""
         T = x.shape[0]
@@ -176,27 +154,26 @@ class DeviceCompute:
             xin = new_input(ctx, G.GGML_TYPE_F32, T, self.cfg.hidden_size)
             return {"x": xin, **rows.named()}, {"y": attention(ctx, self.cfg, xin, q, k, v, o, cache, rows)}
 
-        key = (layer, "attn", T)
-        graph = self._graph(key, keys, build)
+        graph = self.graphs.get((layer, "attn", T), T, keys, build)
         graph.inputs["x"][:] = x
         Rows.fill(graph.inputs, start)
         # a retransmitted request for tokens already cached overwrites them from `start`
         self.lengths[layer] = start + T
-        return self._run(key, graph)[0]
+        return self.graphs.run(graph, T, self.threads)["y"]
 
     def _mlp_parts(self, layer: int, x: np.ndarray, parts: list[tuple[int, int]], kind: str) -> list[np.ndarray]:
         gate, up, down = self.mlp_w[layer]
-        T, per_col = x.shape[0], self.fmt.block_bytes / self.fmt.block
+        T, per_col = x.shape[0], self.fmt.bytes_per_col
 
         def build(ctx):
             xin = new_input(ctx, G.GGML_TYPE_F32, T, self.cfg.hidden_size)
             outs = mlp(ctx, xin, gate, up, down, parts, per_col)
             return {"x": xin}, {f"y{i:03d}": y for i, y in enumerate(outs)}
 
-        key = (layer, kind, T)
-        graph = self._graph(key, 0, build)
+        graph = self.graphs.get((layer, kind, T), T, 0, build)
         graph.inputs["x"][:] = x
-        return self._run(key, graph)
+        out = self.graphs.run(graph, T, self.threads)
+        return [out[k] for k in sorted(out)]
 
     def mlp(self, layer: int, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(critical partial, relaxed partial) of this device's MLP neurons; None where it has none.
@@ -217,7 +194,5 @@ class DeviceCompute:
         return self._mlp_parts(layer, x, parts, "groups")
 
     def close(self) -> None:
-        for _, graph in self.graphs.values():
-            graph.close()
-        self.graphs.clear()
+        self.graphs.close()
         self.arena.close()

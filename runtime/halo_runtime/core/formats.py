@@ -71,6 +71,11 @@ class WeightFormat:
         """Blocks with scales (the block formats); False for fp32 and bf16."""
         return self.block > 1
 
+    @property
+    def bytes_per_col(self) -> float:
+        """Stored bytes per input column (fractional for blocks: a column slice is cut in whole blocks)."""
+        return self.block_bytes / self.block
+
     def row_bytes(self, cols: int) -> int:
         """Stored bytes of one row of `cols` inputs; ValueError if they are not whole blocks."""
         if cols % self.block:
@@ -127,7 +132,7 @@ def take_rows(stored: np.ndarray, rows: Sequence[int] | np.ndarray) -> np.ndarra
 def take_columns(stored: np.ndarray, fmt: WeightFormat, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
     """Columns [a, b) of each range, side by side, of a stored matrix; every bound whole blocks."""
     raw = _bytes(stored)
-    per = fmt.block_bytes / fmt.block
+    per = fmt.bytes_per_col
     parts = []
     for a, b in ranges:
         if a % fmt.block or b % fmt.block or not 0 <= a < b:

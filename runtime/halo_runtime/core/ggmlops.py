@@ -165,10 +165,6 @@ class Graph:
             G.ggml_gallocr_free(galloc)
         G.ggml_free(ctx)
 
-    @property
-    def nodes(self) -> int:
-        return G.ggml_graph_n_nodes(self.graph)
-
     def compute(self, threads: int = 1) -> None:
         """Run the graph once on `threads` threads (ggml's threads, inside the kernels)."""
         plan = self._plans.get(threads)
@@ -184,3 +180,42 @@ class Graph:
     def close(self) -> None:
         self._finalizer()
         self._plans.clear()
+
+
+CACHED_ROWS = 17
+"""Graphs of up to this many rows (decode, and draft verification) are kept; longer ones (prefill)
+are built for the pass and freed."""
+
+
+class GraphCache:
+    """A device's graphs of short passes, kept per key and rebuilt when the number of cached keys
+    they read changes (every KV_BUCKET positions); long passes are built, computed once and freed."""
+
+    def __init__(self):
+        self._held: dict[tuple, tuple[int, Graph]] = {}
+
+    def get(self, key: tuple, rows: int, keys: int, build) -> Graph:
+        """The graph for `key` of `rows` rows reading `keys` cached keys, built by `build` if need be."""
+        held = self._held.get(key)
+        if held is not None and held[0] == keys:
+            return held[1]
+        graph = Graph(build)
+        if rows <= CACHED_ROWS:
+            if held is not None:
+                held[1].close()
+            self._held[key] = (keys, graph)
+        return graph
+
+    @staticmethod
+    def run(graph: Graph, rows: int, threads: int) -> dict[str, np.ndarray]:
+        """Compute `graph` and copy its outputs out (the next pass reuses its buffers)."""
+        graph.compute(threads)
+        out = {k: v.copy() for k, v in graph.outputs.items()}
+        if rows > CACHED_ROWS:
+            graph.close()
+        return out
+
+    def close(self) -> None:
+        for _, graph in self._held.values():
+            graph.close()
+        self._held.clear()

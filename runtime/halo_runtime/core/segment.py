@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import ggml.ggml as G
 import numpy as np
 
-from .device import CACHED_ROWS
+from .device import DeviceCompute
 from .formats import weight_format
-from .ggmlops import Arena, Graph, new_input
+from .ggmlops import Arena, GraphCache, new_input
 from .layers import Rows, attention, kv_keys, mlp, rms_norm
 from .plan import Plan
 
@@ -44,6 +44,11 @@ class Segment:
     predictor_layer: int | None
     """The layer whose MLP round follows remotely with this segment holding its attention round:
     the segment also outputs that layer's normalised input, which the predictor reads."""
+
+    @property
+    def attends(self) -> bool:
+        """It holds an attention round, so it reads and writes KV caches (and rows' positions)."""
+        return any(kind == "attn" for _, kind in self.rounds)
 
 
 def schedule(plan: Plan) -> list:
@@ -81,9 +86,8 @@ class Tables:
         f32 = lambda name: np.ascontiguousarray(shard[name], dtype=np.float32)  # noqa: E731
         self.norms = [(f32(f"layers.{i}.input_layernorm"), f32(f"layers.{i}.post_attention_layernorm"))
                       for i in range(cfg.num_layers)]
-        self.final_norm = f32("norm")
         self.g_norms = [(arena.array(a), arena.array(b)) for a, b in self.norms]
-        self.g_final = arena.array(self.final_norm)
+        self.g_final = arena.array(f32("norm"))
         self.embed = arena.matrix(np.ascontiguousarray(shard["embed_tokens"]), fmt, cfg.hidden_size)
         self.head = (arena.matrix(np.ascontiguousarray(shard["lm_head"]), fmt, cfg.hidden_size)
                      if "lm_head" in shard else self.embed)
@@ -103,10 +107,10 @@ def build(ctx, seg: Segment, dev, tables: Tables, T: int, keys: int, all_positio
     else:
         h = inputs["h"] = new_input(ctx, G.GGML_TYPE_F32, T, hidden)
     rows = None
-    if any(kind == "attn" for _, kind in seg.rounds):
+    if seg.attends:
         rows = Rows.inputs(ctx, T, keys, dev.factors)
         inputs.update(rows.named())
-    per_col = dev.fmt.block_bytes / dev.fmt.block
+    per_col = dev.fmt.bytes_per_col
     for layer, kind in seg.rounds:
         in_norm, post_norm = tables.g_norms[layer]
         if kind == "attn":
@@ -135,42 +139,26 @@ class Runner:
 
     def __init__(self, dev, tables: Tables, capacity: int, threads: int = 1):
         self.dev, self.tables, self.capacity, self.threads = dev, tables, capacity, threads
-        self.graphs: dict[tuple, tuple[int, Graph]] = {}
+        self.graphs = GraphCache()
 
     def run(self, key, seg: Segment, inp: np.ndarray, start: int, all_positions: bool = False):
         """Segment `seg` (cached under `key`) on T rows at `start`, fed token ids (an embedding
         segment) or h: (h or None, the predictor's x or None, logits or None)."""
         T = inp.shape[0]
-        if start + T > self.capacity and any(kind == "attn" for _, kind in seg.rounds):
+        if start + T > self.capacity and seg.attends:
             # ggml would abort the process writing the KV cache past its end (DeviceCompute checks alike)
             raise ValueError(f"{self.dev.name}: positions up to {start + T} exceed the context {self.capacity}")
-        keys = kv_keys(start, T, self.capacity) if seg.rounds else 0
-        cache_key = (key, T, all_positions)
-        held = self.graphs.get(cache_key)
-        if held is not None and held[0] == keys:
-            graph = held[1]
-        else:
-            graph = Graph(lambda ctx: build(ctx, seg, self.dev, self.tables, T, keys, all_positions))
-            if T <= CACHED_ROWS:
-                if held is not None:
-                    held[1].close()
-                self.graphs[cache_key] = (keys, graph)
+        keys = kv_keys(start, T, self.capacity) if seg.attends else 0
+        graph = self.graphs.get((key, T, all_positions), T, keys,
+                                lambda ctx: build(ctx, seg, self.dev, self.tables, T, keys, all_positions))
         graph.inputs["tokens" if seg.embed else "h"][:] = inp
-        if "mask" in graph.inputs:
+        if seg.attends:
             Rows.fill(graph.inputs, start)
-        graph.compute(self.threads)
-        out = graph.outputs
-        h = None if seg.head else out["h"].copy()
-        x = out["x"].copy() if "x" in out else None
-        logits = out["logits"].copy() if seg.head else None
-        if T > CACHED_ROWS:
-            graph.close()
-        return h, x, logits
+        out = self.graphs.run(graph, T, self.threads)
+        return out.get("h"), out.get("x"), out.get("logits")
 
     def close(self) -> None:
-        for _, graph in self.graphs.values():
-            graph.close()
-        self.graphs.clear()
+        self.graphs.close()
 
 
 class LocalModel:
@@ -178,8 +166,6 @@ class LocalModel:
     `shard` holds its weights under shard names (layers.L.attn.q_proj, ..., embed_tokens, norm)."""
 
     def __init__(self, cfg, shard: dict[str, np.ndarray], weights: str, capacity: int, threads: int = 1):
-        from .device import DeviceCompute
-
         self.dev = DeviceCompute.whole_model(cfg, shard, weights, capacity, threads)
         self.segment = Segment(tuple((i, k) for i in range(cfg.num_layers) for k in ("attn", "mlp")),
                                embed=True, head=True, predictor_layer=None)

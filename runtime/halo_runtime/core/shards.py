@@ -32,8 +32,6 @@ PROJ = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "s
         "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
         "down_proj": "mlp.down_proj"}
 """Shard projection name -> its HF module path."""
-ROW_SLICED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-"""Projections a device holds whole rows of."""
 COLUMN_SLICED = ("o_proj", "down_proj")
 """Projections a device holds whole column segments of: one segment per neuron group."""
 COORDINATOR_WEIGHTS = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight"}

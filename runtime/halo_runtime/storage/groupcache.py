@@ -105,7 +105,7 @@ class Storage:
     def per_col(self, name: str) -> float:
         """Stored elements per model column of a matrix (column slices are cut in these units)."""
         itemsize = np.dtype(SAFETENSORS_DTYPES[self.header[name]["dtype"]]).itemsize
-        return self.fmt.block_bytes / self.fmt.block / itemsize
+        return self.fmt.bytes_per_col / itemsize
 
     def read(self, parts) -> tuple[list[np.ndarray], int]:
         """Copies of the slices, and the bytes they hold; throttled and page-dropped as configured."""

@@ -93,7 +93,6 @@ class StreamingCompute(DeviceCompute):
         self.caches = [KVCache(self.arena, len(s.kv_heads), plan.max_context, self.cfg.head_dim) if s.kv_heads
                        else None for s in self.slices]
         self.lengths = [0] * L
-        self.graphs = {}
         self.predictors = predictors
         self.residency: Residency = residency(plan, device, config.budget)
         self.ids = {(layer, kind): [g.id for g in plan.groups_on(device, layer, kind)]
@@ -163,7 +162,7 @@ class StreamingCompute(DeviceCompute):
             got, at = {}, 0
             for g in self.ids[layer, kind]:
                 got[g], at = (at, at + self.sizes[g]), at + self.sizes[g]
-            per = self.fmt.block_bytes / self.fmt.block / whole[-1].dtype.itemsize
+            per = self.fmt.bytes_per_col / whole[-1].dtype.itemsize
             return tuple(cat_columns([t[:, int(got[g][0] * per):int(got[g][1] * per)] for g in ids]) if col
                          else np.concatenate([t[got[g][0]:got[g][1]] for g in ids])
                          for t, col in zip(whole, _COLUMNS[kind]))
@@ -171,25 +170,29 @@ class StreamingCompute(DeviceCompute):
         return tuple((cat_columns([g[i] for g in got]) if col else np.concatenate([g[i] for g in got]))
                      if len(got) > 1 else got[0][i] for i, col in enumerate(_COLUMNS[kind]))
 
-    def _once(self, build_outputs, *weights, cols: list[int], T: int, rows: tuple | None = None) -> list[np.ndarray]:
-        """One pass through a graph over this call's weights (they change from call to call)."""
+    def _once(self, build_outputs, *weights, cols: list[int], x: np.ndarray, rows: tuple | None = None,
+              mask: np.ndarray | None = None) -> list[np.ndarray]:
+        """One pass through a graph over this call's weights (they change from call to call):
+        build_outputs(ctx, x, weight tensors, Rows or None, act_mask or None) -> output tensors."""
         arena = Arena(16)
+        T = x.shape[0]
         try:
             tensors = [arena.matrix(np.ascontiguousarray(w), self.fmt, c) for w, c in zip(weights, cols)]
 
             def build(ctx):
-                x = new_input(ctx, G.GGML_TYPE_F32, T, self.cfg.hidden_size)
+                xin = new_input(ctx, G.GGML_TYPE_F32, T, self.cfg.hidden_size)
                 r = Rows.inputs(ctx, T, rows[1], self.factors) if rows else None
-                outs = build_outputs(ctx, x, tensors, r)
-                extra = {"act_mask": self._mask_tensor} if self._mask_tensor is not None else {}
-                return {"x": x, **extra, **(r.named() if r else {})}, {f"y{i}": y for i, y in enumerate(outs)}
+                inputs = {"x": xin, **(r.named() if r else {})}
+                if mask is not None:
+                    inputs["act_mask"] = new_input(ctx, G.GGML_TYPE_F32, T, mask.shape[1])
+                outs = build_outputs(ctx, xin, tensors, r, inputs.get("act_mask"))
+                return inputs, {f"y{i}": y for i, y in enumerate(outs)}
 
-            self._mask_tensor = None
             graph = Graph(build)
             try:
-                graph.inputs["x"][:] = self._x
-                if "act_mask" in graph.inputs:
-                    graph.inputs["act_mask"][:] = self._mask
+                graph.inputs["x"][:] = x
+                if mask is not None:
+                    graph.inputs["act_mask"][:] = mask
                 if rows:
                     Rows.fill(graph.inputs, rows[0])
                 graph.compute(self.threads)
@@ -203,10 +206,9 @@ class StreamingCompute(DeviceCompute):
         self._schedule(layer, x)
         ws = self._weights(layer, "attn", self.ids[layer, "attn"])
         cfg, cache, T = self.cfg, self.caches[layer], x.shape[0]
-        self._x = x
         hidden, q_cols = cfg.hidden_size, ws[0].shape[0]
-        (out,) = self._once(lambda ctx, xin, t, r: [attention(ctx, cfg, xin, *t, cache, r)], *ws,
-                            cols=[hidden, hidden, hidden, q_cols], T=T, rows=(start, kv_keys(start, T, cache.capacity)))
+        (out,) = self._once(lambda ctx, xin, t, r, am: [attention(ctx, cfg, xin, *t, cache, r)], *ws,
+                            cols=[hidden, hidden, hidden, q_cols], x=x, rows=(start, kv_keys(start, T, cache.capacity)))
         self.lengths[layer] = start + T
         self.cache.release(self.ids[layer, "attn"])
         return out
@@ -232,31 +234,18 @@ class StreamingCompute(DeviceCompute):
         n = sum(self.sizes[g] for g in keep)
         n_crit = sum(self.sizes[g] for g in keep if g in self.critical)
         parts = [p for p in ((0, n_crit), (n_crit, n)) if p[1] > p[0]]
-        self._x = x
+        mask = None
         if flags is not None and x.shape[0] > 1:
-            # several tokens (prefill, evaluation): each token keeps only its own selected groups
-            outs = self._masked_mlp(x, gate, up, down, keep, flags, parts)
-        else:
-            per = self.fmt.block_bytes / self.fmt.block
-            outs = self._once(lambda ctx, xin, t, r: mlp(ctx, xin, *t, parts, per), gate, up, down,
-                              cols=[self.cfg.hidden_size, self.cfg.hidden_size, n], T=x.shape[0])
+            # several tokens (prefill, evaluation): each token keeps only its own selected groups,
+            # the activations of the others zeroed per row
+            mask = flags[:, np.array([self.index[g] for g in keep for _ in range(self.sizes[g])])].astype(np.float32)
+        per = self.fmt.bytes_per_col
+        outs = self._once(lambda ctx, xin, t, r, am: mlp(ctx, xin, *t, parts, per, am), gate, up, down,
+                          cols=[self.cfg.hidden_size, self.cfg.hidden_size, n], x=x, mask=mask)
         self.cache.release(keep)
         critical = outs.pop(0) if n_crit else (zeros if has_crit else None)
         relaxed = outs.pop(0) if n > n_crit else (zeros if has_rlx else None)
         return critical, relaxed
-
-    def _masked_mlp(self, x, gate, up, down, keep, flags, parts) -> list[np.ndarray]:
-        """Each token's MLP over only the groups selected for it (evaluation): the activations of
-        the other groups are zeroed per row."""
-        cols = np.array([self.index[g] for g in keep for _ in range(self.sizes[g])])
-        self._mask = flags[:, cols].astype(np.float32)
-        n, per = len(cols), self.fmt.block_bytes / self.fmt.block
-        return self._once(lambda ctx, xin, t, r: mlp(ctx, xin, *t, parts, per, self._mask_input(ctx, x.shape[0], n)),
-                          gate, up, down, cols=[self.cfg.hidden_size, self.cfg.hidden_size, n], T=x.shape[0])
-
-    def _mask_input(self, ctx, T: int, n: int):
-        self._mask_tensor = new_input(ctx, G.GGML_TYPE_F32, T, n)
-        return self._mask_tensor
 
     def mlp_groups(self, layer: int, x: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError("per-group simulation reads the whole shard; use DeviceCompute")
