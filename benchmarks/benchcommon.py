@@ -49,7 +49,8 @@ def machine() -> dict:
         pass
     import torch
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "gpu": None, "kernel": platform.release(),
-            "python": platform.python_version(), "torch": torch.__version__, "hostname": platform.node()}
+            "python": platform.python_version(), "torch": torch.__version__, "hostname": platform.node(),
+            "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def cpu_times() -> tuple[int, int]:

@@ -150,13 +150,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    from .core.compute import ComputeOptions
+    from .core.compute import ComputeOptions, rows_differ_by_pass
     from .core.plan import PlanError
     from .net.exchange import DeviceLost
     from .net.transport import TransportError
 
     try:
         ComputeOptions(args.threads)  # validates --threads before anything starts
+        if (why := rows_differ_by_pass()) is not None:
+            print(f"halo-run: warning: {why}", file=sys.stderr, flush=True)
         {"worker": run_worker, "generate": run_generate, "local": run_local, "serve": run_serve}[args.command](args)
     except (PlanError, TransportError, DeviceLost, OSError, ValueError) as e:
         _fail(str(e))

@@ -5,10 +5,17 @@ with `-march=native`): its kernel for each weight format is the widest this CPU 
 VNNI, AVX2, NEON `sdot`, ...), chosen by ggml, not by us. `kernels()` names what it uses, for
 `halo-run --json` and the start-up line.
 
+A row's result must not depend on the pass it travels in: a draft's verification pass must give
+the bits of one-token decoding (so drafts never change a reply), and a row's bits must not depend
+on the thread count. ggml's own products compute every output element with one dot product, whatever
+the rows beside it; llamafile's tiled GEMM (used for passes of 2+ rows when ggml is built with
+`-DGGML_LLAMAFILE=ON`) and ARM's 2-row int8 matmul (i8mm, even row counts) sum in another order.
+`make install` builds ggml without llamafile; `rows_differ_by_pass()` says where the exactness is lost.
+
 Example:
     >>> from halo_runtime.core.compute import ComputeOptions, kernels
-    >>> ComputeOptions(threads=2).threads, sorted(kernels())[:2]
-    (2, ['engine', 'simd'])
+    >>> ComputeOptions(threads=2).threads, sorted(kernels())
+    (2, ['engine', 'rows_exact', 'simd'])
     >>> ComputeOptions(threads=0)
     Traceback (most recent call last):
     ...
@@ -34,16 +41,29 @@ class ComputeOptions:
             raise ValueError(f"threads must be a whole number of at least 1, got {self.threads!r}")
 
 
-_FEATURES = ("avx512_vnni", "avx512", "avx_vnni", "avx2", "matmul_int8", "dotprod", "neon", "sve", "f16c", "fma",
-             "llamafile")
-"""CPU features ggml reports, widest first (the first present names the kernels' instruction set),
-and whether it was built with llamafile's batched GEMM (`make install` builds it so; prefill runs
-about twice as fast with it)."""
+_FEATURES = ("avx512_vnni", "avx512", "avx_vnni", "avx2", "matmul_int8", "dotprod", "neon", "sve", "f16c", "fma")
+"""CPU features ggml reports, widest first (the first present names the kernels' instruction set)."""
+
+
+@cache
+def rows_differ_by_pass() -> str | None:
+    """None where a row's bits are the same in every pass (see the module docstring); else why not."""
+    import ggml.ggml as G
+
+    if G.ggml_cpu_has_llamafile():
+        return ("ggml was built with llamafile's tiled GEMM, so passes of several rows (prefill, drafts) "
+                "round differently from one-row decoding: reinstall ggml-python with "
+                "CMAKE_ARGS=-DGGML_LLAMAFILE=OFF pip install --no-cache-dir --force-reinstall ggml-python")
+    if G.ggml_cpu_has_matmul_int8():
+        return ("this CPU's 2-row int8 matmul (i8mm) serves q8_0/q4_0 passes of an even number of rows, "
+                "which may round differently from one-row decoding (fp32 and bf16 plans are exact)")
+    return None
 
 
 @cache
 def kernels() -> dict:
-    """{"engine": ggml and its binding's version, "simd": the instruction sets ggml uses here}."""
+    """{"engine": ggml and its binding's version, "simd": the instruction sets ggml uses here,
+    "rows_exact": whether a row's bits are the same in every pass}."""
     import ggml.ggml as G
 
     try:
@@ -51,4 +71,5 @@ def kernels() -> dict:
     except PackageNotFoundError:
         binding = "unknown"
     present = [f for f in _FEATURES if getattr(G, f"ggml_cpu_has_{f}", lambda: 0)()]
-    return {"engine": f"ggml (ggml-python {binding})", "simd": present or ["scalar"]}
+    return {"engine": f"ggml (ggml-python {binding})", "simd": present or ["scalar"],
+            "rows_exact": rows_differ_by_pass() is None}

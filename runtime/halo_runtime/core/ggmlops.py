@@ -170,6 +170,10 @@ class Graph:
         plan = self._plans.get(threads)
         if plan is None:
             cplan = G.ggml_graph_plan(self.graph, threads, None)
+            # ggml's reference attention: each row on its own, masked keys skipped, in every pass.
+            # Its tiled (64+ rows) and split-key (one row, 512+ keys) variants sum in another order,
+            # so a row's bits would depend on the pass it travels in, and on the thread count
+            cplan.use_ref = True
             work = np.empty(max(cplan.work_size, 1), dtype=np.uint8)
             cplan.work_data = work.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
             plan = self._plans[threads] = (cplan, work, ctypes.byref(cplan))

@@ -149,7 +149,5 @@ def mlp(ctx, x, gate, up, down, parts: list[tuple[int, int]], down_bytes_per_col
             continue
         w = G.ggml_view_2d(ctx, down, b - a, hidden, row, int(a * down_bytes_per_col))
         y = G.ggml_view_2d(ctx, act, b - a, T, act.contents.nb[1], a * ctypes.sizeof(ctypes.c_float))
-        # contiguous, so a part takes the same GEMM kernel whether or not it shares its device:
-        # ggml hands only contiguous inputs to llamafile's tiled GEMM, which sums in another order
-        out.append(G.ggml_mul_mat(ctx, w, G.ggml_cont(ctx, y)))
+        out.append(G.ggml_mul_mat(ctx, w, y))
     return out
