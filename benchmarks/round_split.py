@@ -14,9 +14,9 @@ Example:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 import time
 from types import SimpleNamespace
 
@@ -78,6 +78,9 @@ def main(plan_dir: str, tokens: int = 32, reps: int = 1) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: round_split.py PLAN_DIR [TOKENS] [REPS]")
-    print(json.dumps(main(sys.argv[1], *(int(a) for a in sys.argv[2:4]))))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("plan", help="a compiled plan directory with its shards")
+    ap.add_argument("tokens", nargs="?", type=int, default=32, help="tokens decoded per repetition")
+    ap.add_argument("reps", nargs="?", type=int, default=1, help="repetitions")
+    a = ap.parse_args()
+    print(json.dumps(main(a.plan, a.tokens, a.reps)))

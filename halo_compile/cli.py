@@ -171,6 +171,9 @@ def verify(directory, model):
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--plr", "plrs", type=float, multiple=True,
               help="Loss rate on the plan's lossy links; repeat for several [default: the profile's rates].")
+@field_option("--burst", of=EVAL, type=float,
+              help="Also run each loss rate with losses in bursts of this mean length (datagrams) on the "
+                   "lossy links, next to independent losses [default: the profile's own bursts].")
 @field_option("--tokens", of=EVAL, type=int)
 @field_option("--text", "text_file", of=EVAL, type=click.Path(dir_okay=False),
               help="UTF-8 text to score [default: evaluation half of the built-in Wikipedia articles].")
@@ -179,6 +182,8 @@ def verify(directory, model):
               help="Only these methods (repeatable; the default method always runs, first): "
                    "predictor+lowrank, predictor, lowrank, mean, zero, loss-blind.")
 @field_option("--context", of=EVAL, type=int)
+@field_option("--greedy-prompts", of=EVAL, type=int)
+@field_option("--greedy-tokens", of=EVAL, type=int)
 @field_option("--relaxed-retries", of=POLICY, type=int,
               help="Delivery policy simulated: fast re-requests of a late relaxed part before its deadline.")
 @field_option("--redundancy", of=POLICY, type=int,
@@ -188,9 +193,10 @@ def verify(directory, model):
 @click.option("--predictive", multiple=True, metavar="DEVICE",
               help="Run DEVICE in predictive loading mode (skip MLP groups predicted inactive); repeatable.")
 @friendly
-def evaluate(directory, plrs, tokens, text_file, seed, methods, context, relaxed_retries, redundancy, as_json, quiet,
-             predictive):
-    """Perplexity of the full model and of the plan in DIRECTORY under simulated loss, per method."""
+def evaluate(directory, plrs, burst, tokens, text_file, seed, methods, context, greedy_prompts, greedy_tokens,
+             relaxed_retries, redundancy, as_json, quiet, predictive):
+    """Perplexity, top-1 agreement and greedy agreement of the plan in DIRECTORY under simulated loss,
+    per method, against the plan with nothing lost."""
     import json
 
     import torch
@@ -201,7 +207,8 @@ def evaluate(directory, plrs, tokens, text_file, seed, methods, context, relaxed
 
     torch.set_num_threads(1)  # the machines this runs on are small and shared
     try:
-        opts = EvalOptions(plrs=tuple(plrs) or None, tokens=tokens, context=context, text_file=text_file, seed=seed,
+        opts = EvalOptions(plrs=tuple(plrs) or None, burst=burst, tokens=tokens, context=context, text_file=text_file, seed=seed,
+                           greedy_prompts=greedy_prompts, greedy_tokens=greedy_tokens,
                            methods=tuple(methods) or None, progress=not quiet, predictive=tuple(predictive),
                            policy=DeliveryPolicy(relaxed_retries=relaxed_retries, redundancy=redundancy))
     except ValueError as e:

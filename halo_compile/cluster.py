@@ -14,6 +14,7 @@ Schema (every field documented in profiles/README.md):
         jitter_ms: 0.05
         bandwidth_mbps: 1000
         loss: 0.0                  # packet loss rate of its link, in [0, 1)
+        burst: 3                   # optional: mean loss burst length in datagrams (0: independent)
         storage_mbps: 90           # optional: storage read MB/s; lets weights exceed memory_mb
                                    # (the rest is streamed from storage, see halo_runtime.storage.groupcache)
 
@@ -34,7 +35,7 @@ import yaml
 from halo_runtime.core.plan import Device
 
 DEVICE_KEYS = {"name", "address", "memory_mb", "compute_gflops", "latency_ms", "jitter_ms",
-               "bandwidth_mbps", "loss", "storage_mbps"}
+               "bandwidth_mbps", "loss", "burst", "storage_mbps"}
 LINK_KEYS = DEVICE_KEYS - {"name", "address", "memory_mb"}
 TOP_KEYS = {"name", "coordinator", "defaults", "devices", "description"}
 MB = 1024 * 1024
@@ -94,6 +95,8 @@ def _device(raw, defaults: dict, where: str) -> Device:
         raise ProfileError(f"{where}.memory_mb: must be positive, got {numbers['memory_mb']}")
     if "loss" in numbers and not 0 <= numbers["loss"] < 1:
         raise ProfileError(f"{where}.loss: {numbers['loss']} is outside [0, 1)")
+    if numbers.get("burst", 0) != 0 and numbers["burst"] < 1:
+        raise ProfileError(f"{where}.burst: {numbers['burst']} is not a mean burst length (0, or at least 1 datagram)")
     for key in ("compute_gflops", "bandwidth_mbps", "storage_mbps"):
         if key in numbers and numbers[key] <= 0:
             raise ProfileError(f"{where}.{key}: must be positive, got {numbers[key]}")

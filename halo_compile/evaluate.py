@@ -8,9 +8,18 @@ predictor, deadline and compensation code the devices run, without sockets. Each
 relaxed part of each (token, layer) is missed with the probability the runtime's delivery policy
 gives for its loss rate (`DeliveryPolicy.miss_probability`: request or reply lost on every
 attempt before the deadline); critical and awaited parts always arrive, as they are
-retransmitted until they do. Text is scored in non-overlapping windows (context 512), each fed
+retransmitted until they do. A link that loses in bursts (its profile's `burst`, or `--burst L`,
+which runs each loss rate both ways) is simulated as a Gilbert channel (`core.policy.BurstyLink`):
+a burst takes a device's parts in consecutive layers and tokens, and its re-requests with them.
+Text is scored in non-overlapping windows (context 512), each fed
 at once like a prefill while loss is drawn per token row, as decode would see it. Every method
 at one loss rate sees the same random draws, so their differences do not come from different draws.
+
+Perplexity can hide a near-tie that flips a free-running reply, so each run also reports how often
+the plan's most likely next token is the lossless plan's (`top1_agreement`, teacher-forced over the
+text) and, for a few prompts (each window's first PROMPT_TOKENS tokens), how many tokens of a
+greedy reply generated under loss equal the lossless reply before the first difference
+(`greedy_matched`, mean over prompts; a flip early in a reply changes everything after it).
 
 Methods (see METHODS): "zero", "mean", "lowrank" (compensation only, never wait); "predictor"
 and "predictor+lowrank" (wait where the predictor flags a group, compensate the rest);
@@ -76,6 +85,8 @@ METHODS = {
 CONTEXT = 512
 RECALL_WINDOWS = 4
 """Windows on which the predictor's recall is measured (one extra full-model pass each)."""
+PROMPT_TOKENS = 32
+"""Tokens at the start of a window that prompt its greedy reply (see `greedy_replies`)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,9 @@ class EvalOptions:
 
     plrs: tuple[float, ...] | None = None
     """Loss rates to put on the plan's lossy links; None = the profile's own rates."""
+    burst: float | None = None
+    """Mean loss burst length (datagrams) to compare: each loss rate is then run with independent
+    losses and with bursts of this length on the lossy links; None = the profile's own bursts."""
     tokens: int = 8192
     """Evaluation tokens (the text is cut into windows of `context`)."""
     context: int = CONTEXT
@@ -100,6 +114,11 @@ class EvalOptions:
     """Wire dtype simulated in process (fp32 isolates loss from fp16 rounding)."""
     recall_windows: int = RECALL_WINDOWS
     """Windows on which the predictor's recall is measured (0 = skip)."""
+    greedy_prompts: int = 8
+    """Windows whose first PROMPT_TOKENS tokens prompt a greedy reply under loss, compared token by
+    token with the reply nothing lost gives (0 = skip)."""
+    greedy_tokens: int = 32
+    """Tokens of each greedy reply."""
     solver_time: float = 10.0
     """CP-SAT deterministic time for the loss-blind re-placement."""
     progress: bool = True
@@ -111,6 +130,10 @@ class EvalOptions:
     def __post_init__(self):
         if self.tokens < 2 or self.context < 2:
             raise ValueError("tokens and context must be >= 2")
+        if self.burst is not None and self.burst < 1:
+            raise ValueError(f"burst {self.burst}: a mean burst length is at least 1 datagram")
+        if self.greedy_prompts < 0 or self.greedy_tokens < 1:
+            raise ValueError("greedy_prompts must be >= 0 and greedy_tokens >= 1")
         for p in self.plrs or ():
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"loss rate {p} is outside [0, 1)")
@@ -151,15 +174,27 @@ def evaluation_windows(plan_dir: str | Path, text_file: str | None, tokens: int,
     return windows
 
 
-def miss_rates(plan: Plan, plr: float | None, policy: DeliveryPolicy) -> dict[str, float]:
-    """Per remote device, the chance a relaxed part misses its deadline (plr overrides lossy links)."""
+def link_losses(plan: Plan, plr: float | None, burst: float | None = None) -> dict[str, tuple[float, float]]:
+    """Per remote device, (loss rate, mean burst length; 0 = independent) of its link: plr and burst
+    override the profile's on its lossy links (None keeps them)."""
     out = {}
     for d in plan.devices:
-        if d.name == plan.coordinator:
-            continue
-        loss = d.loss if plr is None or d.loss == 0 else plr
-        out[d.name] = policy.miss_probability(loss, plan.model.hidden_size)
+        if d.name != plan.coordinator:
+            lossy = d.loss > 0
+            out[d.name] = (plr if lossy and plr is not None else d.loss,
+                           burst if lossy and burst is not None else d.burst)
     return out
+
+
+def miss_rates(plan: Plan, plr: float | None, policy: DeliveryPolicy, burst: float | None = None) -> dict[str, float]:
+    """Per remote device, the chance a relaxed part misses its deadline (plr, burst override lossy links)."""
+    return {name: policy.miss_probability(loss, plan.model.hidden_size, b)
+            for name, (loss, b) in link_losses(plan, plr, burst).items()}
+
+
+def bursty_links(plan: Plan, plr: float | None, burst: float | None = None) -> dict[str, tuple[float, float]]:
+    """The links of `link_losses` that lose in bursts (the in-process exchange's `bursty`)."""
+    return {name: lb for name, lb in link_losses(plan, plr, burst).items() if lb[0] > 0 and lb[1] > 0}
 
 
 def _nll(logits: np.ndarray, window: torch.Tensor) -> float:
@@ -171,26 +206,61 @@ def _windows(windows: list[list[int]]) -> list[torch.Tensor]:
     return [torch.tensor(w, dtype=torch.long) for w in windows if len(w) >= 2]
 
 
-def full_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], bar=None) -> list[float]:
-    """Negative log-likelihood per window of the plan with nothing lost: the single-device model."""
-    return plan_nll(plan, shards, windows, METHODS["zero"], {}, 0, bar=bar)[0]
+def full_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], bar=None) -> tuple[list[float], np.ndarray]:
+    """Negative log-likelihood per window of the plan with nothing lost (the single-device model),
+    and its most likely next token at every scored position."""
+    nll, _, top1 = plan_nll(plan, shards, windows, METHODS["zero"], {}, 0, bar=bar)
+    return nll, top1
+
+
+def _coordinator(plan: Plan, shards: dict, method: Method, miss: dict[str, float], seed: int, wire: str,
+                 computes: dict | None, bursty: dict | None,
+                 policy: DeliveryPolicy) -> tuple[Coordinator, InProcessExchange]:
+    exchange = InProcessExchange(plan, shards, miss=miss, seed=seed, wire=wire, computes=computes, bursty=bursty,
+                                 policy=policy)
+    return Coordinator(plan, shards[plan.coordinator], exchange, compensation=method.compensation,
+                       await_predicted=method.await_predicted), exchange
 
 
 @torch.no_grad()
 def plan_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], method: Method, miss: dict[str, float],
-             seed: int, wire: str = "fp32", bar=None,
-             computes: dict | None = None) -> tuple[list[float], dict[str, DeviceStats]]:
-    """NLL per window of the plan run by the runtime coordinator under simulated loss, and what was missed.
-    computes: prebuilt devices by name (e.g. predictive StreamingComputes)."""
-    exchange = InProcessExchange(plan, shards, miss=miss, seed=seed, wire=wire, computes=computes)
-    coord = Coordinator(plan, shards[plan.coordinator], exchange, compensation=method.compensation,
-                        await_predicted=method.await_predicted)
-    out = []
+             seed: int, wire: str = "fp32", bar=None, computes: dict | None = None, bursty: dict | None = None,
+             policy: DeliveryPolicy = DeliveryPolicy()) -> tuple[list[float], dict[str, DeviceStats], np.ndarray]:
+    """NLL per window of the plan run by the runtime coordinator under simulated loss, what was
+    missed, and the most likely next token at every scored position (teacher-forced, windows in a row).
+    computes: prebuilt devices by name (e.g. predictive StreamingComputes); bursty: `bursty_links`."""
+    coord, exchange = _coordinator(plan, shards, method, miss, seed, wire, computes, bursty, policy)
+    out, top1 = [], []
     for i, w in enumerate(windows):
         coord.reset(i + 1)
-        out.append(_nll(coord.forward(w.numpy(), 0, TokenStats(), all_positions=True), w))
+        logits = coord.forward(w.numpy(), 0, TokenStats(), all_positions=True)
+        out.append(_nll(logits, w))
+        top1.append(np.asarray(logits)[:-1].argmax(1))
         bar and bar.update(1)
-    return out, exchange.stats().devices
+    return out, exchange.stats().devices, np.concatenate(top1)
+
+
+def greedy_replies(plan: Plan, shards: dict, prompts: list[list[int]], tokens: int, method: Method,
+                   miss: dict[str, float], seed: int, wire: str = "fp32", bar=None, computes: dict | None = None,
+                   bursty: dict | None = None, policy: DeliveryPolicy = DeliveryPolicy()) -> list[list[int]]:
+    """The greedy reply of `tokens` tokens to each prompt, free-running under simulated loss (each
+    token's loss drawn as decode meets it), as `halo-run generate` would give it."""
+    coord, _ = _coordinator(plan, shards, method, miss, seed, wire, computes, bursty, policy)
+    out = []
+    for i, prompt in enumerate(prompts):
+        out.append(coord.generate(prompt, tokens, session=i + 1).tokens)
+        bar and bar.update(1)
+    return out
+
+
+def matched_prefix(reply: list[int], reference: list[int]) -> int:
+    """Tokens of `reply` equal to `reference` before the first that differs."""
+    n = 0
+    for a, b in zip(reply, reference):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def loss_blind_variant(plan: Plan, shards: dict, solver_time: float = 10.0) -> tuple[Plan, dict]:
@@ -246,7 +316,8 @@ def _ppl(nll: float, count: int) -> float:
 
 
 def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
-    """Perplexity of the full model and of the plan per loss rate and method (default method first)."""
+    """Perplexity of the full model and of the plan per loss rate and method (default method first),
+    with the plan's top-1 and greedy agreement with the lossless plan."""
     plan = load_plan(plan_dir)
     shards = {d: load_shard(plan_dir, plan, d) for d in plan.device_names}
     default = default_method(plan_dir, plan)
@@ -257,37 +328,52 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
     windows = _windows(evaluation_windows(plan_dir, opts.text_file, opts.tokens, opts.context))
     count = sum(len(w) - 1 for w in windows)
     plrs = list(opts.plrs) if opts.plrs else [None]
+    losses = [(p, b) for p in plrs for b in ([None] if opts.burst is None else [0.0, opts.burst])]
     # at zero loss nothing is missed, so every method on one placement computes the same thing
-    runs = [(p, m) for p in plrs for m in methods
-            if any(miss_rates(plan, p, opts.policy).values()) or m in (methods[0], "loss-blind")]
-    bar = tqdm(total=len(windows) * (1 + len(runs)), desc="eval", unit="win", disable=not opts.progress)
+    runs = [(p, b, m) for p, b in losses for m in methods
+            if any(miss_rates(plan, p, opts.policy, b).values()) or m in (methods[0], "loss-blind")]
+    prompts = [w[:PROMPT_TOKENS].tolist() for w in windows[:opts.greedy_prompts] if len(w) > PROMPT_TOKENS]
+    if PROMPT_TOKENS + opts.greedy_tokens > plan.max_context:
+        prompts = []  # a plan this short has no room for the replies
+    bar = tqdm(total=(len(windows) + len(prompts)) * (1 + len(runs)), desc="eval", unit="win",
+               disable=not opts.progress)
     recall = predictor_recall(plan, shards, windows[:opts.recall_windows]) if opts.recall_windows else None
-    full_windows = full_nll(plan, shards, windows, bar)
+    full_windows, full_top1 = full_nll(plan, shards, windows, bar)
     full = _ppl(sum(full_windows), count)
+    full_replies = greedy_replies(plan, shards, prompts, opts.greedy_tokens, METHODS["zero"], {}, 0, bar=bar)
     computes = _predictive(plan, plan_dir, opts.predictive)
     blind = None
     results, done = [], {}
-    for plr in plrs:
-        miss = miss_rates(plan, plr, opts.policy)
+    for plr, burst in losses:
+        miss = miss_rates(plan, plr, opts.policy, burst)
+        bursty = bursty_links(plan, plr, burst)
         for name in methods:
             method = METHODS[name]
-            key = (plr, name) if any(miss.values()) else (plr, "loss-blind" if method.loss_blind else methods[0])
+            key = (plr, burst, name) if any(miss.values()) else \
+                (plr, None, "loss-blind" if method.loss_blind else methods[0])
             if key not in done:
                 p, s = plan, shards
                 if method.loss_blind:
                     blind = blind or loss_blind_variant(plan, shards, opts.solver_time)
                     p, s = blind
                     method = replace(method, compensation=METHODS[default].compensation)
-                nll, per_device = plan_nll(p, s, windows, method, miss, opts.seed, opts.wire, bar,
-                                           None if method.loss_blind else computes)
-                done[key] = (nll, per_device)
-            nll, per_device = done[key]
-            if key[1] != name and not method.await_predicted:  # a zero-loss copy: this method awaits nothing
+                devices = None if method.loss_blind else computes
+                nll, per_device, top1 = plan_nll(p, s, windows, method, miss, opts.seed, opts.wire, bar, devices,
+                                                 bursty, opts.policy)
+                replies = greedy_replies(p, s, prompts, opts.greedy_tokens, method, miss, opts.seed, opts.wire,
+                                         bar, devices, bursty, opts.policy)
+                done[key] = (nll, per_device, top1, replies)
+            nll, per_device, top1, replies = done[key]
+            if key[2] != name and not method.await_predicted:  # a zero-loss copy: this method awaits nothing
                 per_device = {d: replace(c, awaited=0) for d, c in per_device.items()}
             ppl = _ppl(sum(nll), count)
             results.append({
-                "plr": plr if plr is not None else _profile_plr(plan), "method": name, "ppl": round(ppl, 4),
+                "plr": plr if plr is not None else _profile_plr(plan),
+                "burst": burst if burst is not None else _profile_burst(plan), "method": name, "ppl": round(ppl, 4),
                 "delta": round(ppl / full - 1, 6), "delta_se": _stderr(nll, full_windows, count),
+                "top1_agreement": round(float((top1 == full_top1).mean()), 6),
+                "greedy_matched": round(float(np.mean([matched_prefix(r, f) for r, f in zip(replies, full_replies)])), 3)
+                if prompts else None,
                 "miss": {d: round(q, 6) for d, q in miss.items() if q},
                 "relaxed": {d: _rates(c) for d, c in per_device.items() if c.rows}})
     bar.close()
@@ -296,6 +382,7 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
             "wire": opts.wire, "policy": {"relaxed_retries": opts.policy.relaxed_retries,
                                           "redundancy": opts.policy.redundancy, "wire": opts.policy.wire},
             "default_method": default, "predictor": recall, "results": results,
+            "greedy": {"prompts": len(prompts), "prompt_tokens": PROMPT_TOKENS, "tokens": opts.greedy_tokens},
             **({"predictive": {d: {"computed_share": round(c.pairs[0] / max(c.pairs[1], 1), 4)}
                                for d, c in computes.items()}} if computes else {})}
 
@@ -326,6 +413,11 @@ def _profile_plr(plan: Plan) -> float | None:
     return rates.pop() if len(rates) == 1 else (0.0 if not rates else None)
 
 
+def _profile_burst(plan: Plan) -> float | None:
+    bursts = {d.burst for d in plan.devices if d.loss > 0}
+    return bursts.pop() if len(bursts) == 1 else (0.0 if not bursts else None)
+
+
 def _rates(c: DeviceStats) -> dict:
     """Per device: share of its (token, layer) relaxed parts lost on the wire, awaited, compensated."""
     n = c.rows
@@ -337,17 +429,24 @@ def format_table(report: dict) -> str:
     """The report as a table a person reads: perplexity and change per loss rate and method."""
     lines = [f"full model: perplexity {report['full_ppl']:.4f} on {report['tokens']} tokens "
              f"({report['windows']} windows of {report['context']}, seed {report['seed']})",
-             f"{'PLR':>6}  {'method':<18} {'ppl':>9} {'change':>8} {'s.e.':>6}  "
+             f"{'PLR':>9}  {'method':<18} {'ppl':>9} {'change':>8} {'s.e.':>6} {'top-1':>6} {'greedy':>6}  "
              "relaxed parts missed / awaited per device"]
     for r in report["results"]:
         plr = "-" if r["plr"] is None else f"{100 * r['plr']:.1f}%"
+        plr += f" b{r['burst']:g}" if r["burst"] else ""
         per = ", ".join(f"{d} {100 * c['compensated']:.2f}%/{100 * c['awaited']:.1f}%"
                         for d, c in r["relaxed"].items() if c["lost"] or c["awaited"])
         se = "-" if r["delta_se"] is None else f"±{100 * r['delta_se']:.3f}"
-        lines.append(f"{plr:>6}  {r['method']:<18} {r['ppl']:>9.4f} {100 * r['delta']:>+7.3f}% {se:>6}  {per}")
+        greedy = "-" if r["greedy_matched"] is None else f"{r['greedy_matched']:.1f}"
+        lines.append(f"{plr:>9}  {r['method']:<18} {r['ppl']:>9.4f} {100 * r['delta']:>+7.3f}% {se:>6} "
+                     f"{100 * r['top1_agreement']:>5.1f}% {greedy:>6}  {per}")
     p = report["predictor"]
     if p:
         lines.append(f"predictor on relaxed groups ({p['tokens']} tokens): recall {p['recall']:.3f}, precision "
                      f"{p['precision']:.3f}, flags {100 * p['flagged']:.1f}% of (token, group) pairs")
+    g = report["greedy"]
+    lines.append(f"top-1: share of positions whose most likely next token is the lossless plan's; greedy: "
+                 f"tokens of a {g['tokens']}-token greedy reply equal to the lossless one before the first "
+                 f"difference (mean of {g['prompts']} prompts of {g['prompt_tokens']} tokens)")
     lines.append(f"default method (what halo-run does): {report['default_method']}")
     return "\n".join(lines)

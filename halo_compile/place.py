@@ -248,7 +248,8 @@ def placement_inputs(cfg: ModelConfig, groups, devices, coordinator: str, coordi
         costs=tuple(group_cost(cfg, g, max_context, select_rate.get(g.id, 1.0), weights) for g in groups),
         devices=tuple(devices), coordinator=coordinator,
         fixed_bytes={coordinator: coordinator_bytes(coordinator_tensors, weights, cfg.hidden_size)},
-        miss={d.name: 0.0 if d.name == coordinator else policy.miss_probability(d.loss) for d in devices},
+        miss={d.name: 0.0 if d.name == coordinator else policy.miss_probability(d.loss, burst=d.burst)
+              for d in devices},
         # one token's partial sum in fp16, the default wire
         options=PlaceOptions(seed=seed, max_deterministic_time=solver_time, message_bytes=2 * cfg.hidden_size))
 

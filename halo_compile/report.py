@@ -15,6 +15,7 @@ Example (the checked-in plan):
 from __future__ import annotations
 
 from halo_runtime.core.plan import Plan
+from halo_runtime.core.policy import DeliveryPolicy
 
 MB = 1024 * 1024
 
@@ -41,6 +42,12 @@ def inspect_text(plan: Plan) -> str:
         lines.append(f"{dev.name + role:<10} {mem:>18} {attn:>5} {crit:>8} {rlx:>7} "
                      f"{100 * rep.importance_share:>9.1f}% {100 * dev.loss:>5.1f}% {rep.predicted_time_ms:>8.2f}")
     lines.append("(* coordinator: also holds embeddings, norms, LM head, predictors, compensation)")
+    bursty = [d for d in plan.devices if d.burst and d.loss]
+    if bursty:
+        policy = DeliveryPolicy()
+        lines.append("loss in bursts (a relaxed part's miss chance, bursty vs if independent): " + ", ".join(
+            f"{d.name} mean {d.burst:g} datagrams ({100 * policy.miss_probability(d.loss, burst=d.burst):.2f}% vs "
+            f"{100 * policy.miss_probability(d.loss):.2f}%)" for d in bursty))
     fp = f", fingerprint {plan.weights_fingerprint[:12]}" if plan.weights_fingerprint else ""
     lines.append(f"weights: {plan.weights}{fp}; stored bytes per device: "
                  + ", ".join(f"{r.name} {r.weight_bytes / MB:.1f} MB" for r in plan.device_reports))

@@ -174,6 +174,7 @@ BAD = [
     ("memory-bool", _set(["devices", 1, "memory_mb"], True), ["devices[1] (b).memory_mb", "expected a number"]),
     ("loss-one", _set(["devices", 1, "loss"], 1.0), ["devices[1] (b).loss", "outside [0, 1)"]),
     ("loss-negative", _set(["devices", 1, "loss"], -0.1), ["devices[1] (b).loss", "-0.1", "outside [0, 1)"]),
+    ("burst-short", _set(["devices", 1, "burst"], 0.5), ["devices[1] (b).burst", "0.5", "mean burst length"]),
     ("zero-compute", _set(["devices", 0, "compute_gflops"], 0), ["devices[0] (a).compute_gflops", "positive"]),
     ("zero-bandwidth", _set(["devices", 0, "bandwidth_mbps"], 0), ["devices[0] (a).bandwidth_mbps", "positive"]),
     ("negative-latency", _set(["devices", 1, "latency_ms"], -0.5), ["devices[1] (b).latency_ms", ">= 0"]),

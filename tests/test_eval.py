@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from conftest import cluster_yaml
 from halo_runtime.core.coordinator import Coordinator, TokenStats
 from halo_runtime.core.exchange import DeviceStats, InProcessExchange
-from halo_runtime.core.policy import DeliveryPolicy
+from halo_runtime.core.policy import BurstyLink, DeliveryPolicy
 from halo_runtime.core.shards import device_indices, load_shard
 
 from halo_compile.cli import main
-from halo_compile.evaluate import EvalOptions, evaluate, evaluation_windows, miss_rates
+from halo_compile.evaluate import EvalOptions, evaluate, evaluation_windows, matched_prefix, miss_rates
 from halo_compile.reference import FullModel
 from halo_compile.slicing import assemble
 
@@ -133,6 +133,9 @@ def test_zero_loss_plan_perplexity_equals_full_model(tiny_plan, shards):
     assert report["results"][0]["method"] == report["default_method"]
     for r in report["results"]:
         assert r["ppl"] == pytest.approx(report["full_ppl"], rel=1e-4), r["method"]
+        # nothing lost: the same most likely token everywhere, the same greedy replies
+        assert r["top1_agreement"] == 1.0 and r["greedy_matched"] == 32.0, r["method"]
+    assert report["greedy"] == {"prompts": 5, "prompt_tokens": 32, "tokens": 32}
     assert {r["method"] for r in report["results"]} >= {"zero", "mean", "predictor", "loss-blind"}
     # the reference ("full") perplexity is the plan's own at zero loss; for this fp32 plan it is the
     # reassembled single-device model's (torch) up to fp32 rounding
@@ -144,6 +147,68 @@ def test_zero_loss_plan_perplexity_equals_full_model(tiny_plan, shards):
         nll += float(torch.nn.functional.cross_entropy(full.logits(w)[:-1].double(), w[1:], reduction="sum"))
         count += len(w) - 1
     assert plan.weights == "fp32" and report["full_ppl"] == pytest.approx(float(np.exp(nll / count)), rel=1e-4)
+
+
+@pytest.mark.parametrize("redundancy, retries, hidden", [(1, 1, None), (1, 0, None), (2, 1, None), (1, 2, 576),
+                                                       (2, 1, 2048), (1, 1, 2048)])
+def test_burst_loss_prices_like_independent_loss_at_its_limit(redundancy, retries, hidden):
+    """A Gilbert channel with mean burst 1 / (1 - p) forgets its state: the closed form of independent
+    loss. Very long bursts take a part's every attempt or none: the miss tends to the loss rate. For
+    one-datagram messages, longer bursts make the re-request (or the redundant copy) fail with the
+    first attempt, and a lone attempt fail less (its request and reply are lost together or not at all)."""
+    policy, p = DeliveryPolicy(redundancy=redundancy, relaxed_retries=retries), 0.05
+    independent = policy.miss_probability(p, hidden)
+    assert policy.miss_probability(p, hidden, burst=1 / (1 - p)) == pytest.approx(independent, rel=1e-9)
+    by_burst = [policy.miss_probability(p, hidden, burst=b) for b in (1.5, 3, 10, 1000)]
+    assert by_burst[-1] == pytest.approx(p, rel=0.01)
+    if policy.message_datagrams(hidden or 576) == (1, 1):
+        if retries == 0 and redundancy == 1:
+            assert by_burst == sorted(by_burst, reverse=True) and by_burst[0] < independent
+        else:
+            assert independent < by_burst[0] and by_burst == sorted(by_burst)
+
+
+@pytest.mark.parametrize("burst", [1.5, 3.0, 8.0])
+def test_bursty_link_draws_what_the_policy_prices_in_runs(burst):
+    policy, p = DeliveryPolicy(), 0.05
+    link = BurstyLink(p, burst, policy, None, np.random.default_rng(0))
+    missed = link.misses(20_000, 30)
+    assert missed.mean() == pytest.approx(policy.miss_probability(p, burst=burst), rel=0.08)
+    # a burst takes the next round too: far likelier after a miss than the rate says
+    flat = missed.ravel()
+    after_miss = flat[1:][flat[:-1]].mean()
+    assert after_miss > (1.5 if burst < 2 else 3) * flat.mean()
+    with pytest.raises(ValueError, match="mean burst length"):
+        BurstyLink(p, 0.5, policy, None, np.random.default_rng(0))
+
+
+def test_eval_burst_runs_each_rate_both_ways(tiny_plan):
+    _, directory = tiny_plan
+    report = evaluate(directory, EvalOptions(plrs=(0.1,), burst=4.0, methods=("zero",), recall_windows=0,
+                                             greedy_prompts=2, greedy_tokens=8, progress=False, **TINY))
+    rows = {(r["burst"], r["method"]): r for r in report["results"]}
+    assert set(rows) == {(0.0, "zero"), (4.0, "zero"), (0.0, report["default_method"]),
+                         (4.0, report["default_method"])}
+    lost = {b: sum(c["lost"] * c["parts"] for c in rows[b, "zero"]["relaxed"].values()) for b in (0.0, 4.0)}
+    assert lost[4.0] > lost[0.0] > 0  # the re-request rarely saves a part inside a burst
+    assert all(r["plr"] == 0.1 for r in report["results"])
+    res = CliRunner().invoke(main, ["eval", str(directory), "--quiet", "--tokens", "256", "--context", "128",
+                                    "--plr", "0.1", "--burst", "0.5", "--method", "zero"])
+    assert res.exit_code == 2 and "burst 0.5" in res.output
+
+
+def test_matched_prefix_stops_at_the_first_difference():
+    assert matched_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert matched_prefix([5, 6], [5, 6]) == 2 and matched_prefix([7], [8]) == 0
+
+
+def test_heavy_loss_lowers_top1_and_greedy_agreement(plan_copy):
+    all_remote_lossy(plan_copy, 0.5)
+    report = evaluate(plan_copy, EvalOptions(plrs=(0.5,), methods=("zero",), recall_windows=0, progress=False,
+                                             greedy_prompts=3, greedy_tokens=24, **TINY))
+    zero = next(r for r in report["results"] if r["method"] == "zero")
+    assert zero["relaxed"] and 0.0 < zero["top1_agreement"] < 1.0
+    assert 0.0 <= zero["greedy_matched"] < 24.0 and report["greedy"]["prompts"] == 3
 
 
 def test_miss_rates_override_only_lossy_links(tiny_plan):
@@ -165,7 +230,8 @@ def test_cli_prints_one_json_object(tiny_plan):
     assert out["tokens"] == 256
     # the default method comes first even when not asked for
     assert [r["method"] for r in out["results"]] == [out["default_method"], "zero", "predictor"]
-    assert all(set(r) >= {"plr", "method", "ppl"} and r["plr"] == 0.05 for r in out["results"])
+    assert all(set(r) >= {"plr", "method", "ppl", "top1_agreement", "greedy_matched"} and r["plr"] == 0.05
+               for r in out["results"])
     assert 0.0 <= out["predictor"]["recall"] <= 1.0
     table = CliRunner().invoke(main, ["eval", str(directory), "--quiet", "--tokens", "256", "--context", "128",
                                       "--method", "zero"])

@@ -6,7 +6,9 @@ loss). Loss is drawn per token row, because in decode one message carries one to
 relaxed part of device d for token t in a layer is missed with d's miss probability (from
 `DeliveryPolicy.miss_probability`) unless the coordinator awaits that token; critical parts
 always arrive, as the network exchange retransmits them until they do. A round of T tokens
-(a whole evaluation window) thus sees what T decode steps would, at prefill speed. In use:
+(a whole evaluation window) thus sees what T decode steps would, at prefill speed. A device given
+in `bursty` loses in bursts instead (`policy.BurstyLink`): its misses are drawn per pass for every
+(token, layer) in decode order, so a burst takes several consecutive layers and tokens. In use:
 `InProcessExchange(plan, shards, miss={"pi5-2": 0.01})` under a `Coordinator`, then
 `exchange.stats().devices["pi5-2"]` holds that device's rows: expected, lost, awaited, compensated.
 
@@ -29,6 +31,7 @@ import numpy as np
 from .codec import decode_tensor, encode_tensor
 from .device import DeviceBackend, DeviceCompute
 from .plan import Plan
+from .policy import BurstyLink, DeliveryPolicy
 
 
 @dataclass
@@ -163,19 +166,27 @@ class Exchange(Protocol):
 class InProcessExchange:
     def __init__(self, plan: Plan, shards: dict[str, dict[str, np.ndarray]],
                  miss: dict[str, float] | None = None, seed: int = 0, wire: str = "fp32",
-                 computes: dict[str, DeviceBackend] | None = None):
-        """computes: prebuilt devices by name (e.g. a StreamingCompute); their shards are not read."""
+                 computes: dict[str, DeviceBackend] | None = None,
+                 bursty: dict[str, tuple[float, float]] | None = None, policy: DeliveryPolicy = DeliveryPolicy()):
+        """computes: prebuilt devices by name (e.g. a StreamingCompute); their shards are not read.
+        bursty: device -> (loss rate, mean burst length) of a link losing in bursts under `policy`
+        (its entry in `miss` is then unused)."""
         self.plan, self.wire = plan, wire
         self.order = [d for d in plan.device_names if d != plan.coordinator]
         computes = computes or {}
         self.devices = {d: computes.get(d) or DeviceCompute(plan, d, shards[d]) for d in self.order}
         self.miss = miss or {}
         self.gen = np.random.default_rng(seed)
+        self.bursty = {d: BurstyLink(loss, burst, policy, plan.model.hidden_size,
+                                     np.random.default_rng((seed, self.order.index(d))))
+                       for d, (loss, burst) in (bursty or {}).items()}
+        self._pattern: dict[str, tuple[int, np.ndarray]] = {}  # bursty device -> (last layer, misses of the pass)
         self.pending: tuple | None = None
         self.relaxed_parts = self.compensated = self.awaited_relaxed = 0
         self.per_device = {d: DeviceStats() for d in self.order}
 
     def begin(self, session: int) -> None:
+        self._pattern.clear()
         for dev in self.devices.values():
             dev.reset()
 
@@ -206,7 +217,8 @@ class InProcessExchange:
             T = relaxed.shape[0]
             # draw for every token, awaited or not, so the random stream does not depend on the
             # predictor or the compensation and runs stay comparable across methods
-            lost = self.gen.random(T) < self.miss.get(name, 0.0)
+            lost = self._bursty_lost(name, layer, T) if name in self.bursty else \
+                self.gen.random(T) < self.miss.get(name, 0.0)
             wait = _rows(awaited, name, T)
             missing = lost & ~wait
             self.per_device[name] += DeviceStats(T, int(lost.sum()), int(wait.sum()), int(missing.sum()))
@@ -220,6 +232,15 @@ class InProcessExchange:
                 relaxed = np.where(missing[:, None], np.float32(0), relaxed)
             result.parts.append(relaxed)
         return result
+
+    def _bursty_lost(self, name: str, layer: int, T: int) -> np.ndarray:
+        """A bursty device's misses in this layer: a pass (the layers coming round again, or another
+        row count) draws every (token, layer) of its T rows at once, in decode order."""
+        last = self._pattern.get(name)
+        if last is None or layer <= last[0] or last[1].shape[0] != T:
+            last = (layer, self.bursty[name].misses(T, self.plan.model.num_layers))
+        self._pattern[name] = (layer, last[1])
+        return last[1][:, layer]
 
     def stats(self) -> ExchangeStats:
         # nothing travels, so the network's counters are truly zero here

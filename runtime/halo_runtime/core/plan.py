@@ -65,6 +65,9 @@ class Device:
     """Link bandwidth in Mbit/s."""
     loss: float = 0.0
     """Packet loss rate of its link, in [0, 1)."""
+    burst: float = field(default=0.0, metadata=OPTIONAL)
+    """Mean length of its link's loss bursts, in datagrams (Gilbert channel, `core.policy`); 0 = losses
+    independent of each other."""
     storage_mbps: float = field(default=0.0, metadata=OPTIONAL)
     """Storage read bandwidth in MB/s (1e6 bytes). Above 0 the device may hold more weights than
     `memory_bytes`: those groups stay on storage and are loaded as needed (halo_runtime.storage.groupcache)."""
@@ -87,6 +90,9 @@ class Device:
             raise ValueError(f"device {self.name}: bandwidth must be positive")
         if not 0.0 <= self.loss < 1.0:
             raise ValueError(f"device {self.name}: loss {self.loss} is outside [0, 1)")
+        if self.burst != 0.0 and not (self.burst >= 1.0 and self.loss / (1.0 - self.loss) <= self.burst):
+            raise ValueError(f"device {self.name}: burst {self.burst} must be 0 (independent losses) or a mean "
+                             f"length of at least max(1, loss / (1 - loss)) datagrams")
 
     @property
     def host(self) -> str:
