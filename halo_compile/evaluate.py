@@ -368,8 +368,8 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
                 per_device = {d: replace(c, awaited=0) for d, c in per_device.items()}
             ppl = _ppl(sum(nll), count)
             results.append({
-                "plr": plr if plr is not None else _profile_plr(plan),
-                "burst": burst if burst is not None else _profile_burst(plan), "method": name, "ppl": round(ppl, 4),
+                "plr": plr if plr is not None else _profile_link(plan, "loss"),
+                "burst": burst if burst is not None else _profile_link(plan, "burst"), "method": name, "ppl": round(ppl, 4),
                 "delta": round(ppl / full - 1, 6), "delta_se": _stderr(nll, full_windows, count),
                 "top1_agreement": round(float((top1 == full_top1).mean()), 6),
                 "greedy_matched": round(float(np.mean([matched_prefix(r, f) for r, f in zip(replies, full_replies)])), 3)
@@ -408,14 +408,10 @@ def _stderr(nll: list[float], full: list[float], count: int) -> float | None:
     return round(float(diff.std() * len(diff) ** 0.5 / count), 6) if len(diff) > 1 else None
 
 
-def _profile_plr(plan: Plan) -> float | None:
-    rates = {d.loss for d in plan.devices if d.loss > 0}
-    return rates.pop() if len(rates) == 1 else (0.0 if not rates else None)
-
-
-def _profile_burst(plan: Plan) -> float | None:
-    bursts = {d.burst for d in plan.devices if d.loss > 0}
-    return bursts.pop() if len(bursts) == 1 else (0.0 if not bursts else None)
+def _profile_link(plan: Plan, field: str) -> float | None:
+    """The lossy links' common `loss` or `burst` (0 without lossy links, None where they differ)."""
+    values = {getattr(d, field) for d in plan.devices if d.loss > 0}
+    return values.pop() if len(values) == 1 else (0.0 if not values else None)
 
 
 def _rates(c: DeviceStats) -> dict:

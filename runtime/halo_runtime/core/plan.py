@@ -31,6 +31,7 @@ from pathlib import Path
 from .config import ModelConfig
 from .formats import weight_format
 from .plandir import PLAN_FILE, PlanError
+from .policy import gilbert
 
 SCHEMA_VERSION = 1
 FLOAT_DIGITS = 6
@@ -90,9 +91,15 @@ class Device:
             raise ValueError(f"device {self.name}: bandwidth must be positive")
         if not 0.0 <= self.loss < 1.0:
             raise ValueError(f"device {self.name}: loss {self.loss} is outside [0, 1)")
-        if self.burst != 0.0 and not (self.burst >= 1.0 and self.loss / (1.0 - self.loss) <= self.burst):
-            raise ValueError(f"device {self.name}: burst {self.burst} must be 0 (independent losses) or a mean "
-                             f"length of at least max(1, loss / (1 - loss)) datagrams")
+        if self.burst != 0.0:
+            if self.burst < 1.0:
+                raise ValueError(f"device {self.name}: burst {self.burst} must be 0 (independent losses) or a mean "
+                                 "length of at least 1 datagram")
+            if self.loss > 0.0:
+                try:
+                    gilbert(self.loss, self.burst)  # the one statement of which bursts a loss rate admits
+                except ValueError as e:
+                    raise ValueError(f"device {self.name}: {e}") from None
 
     @property
     def host(self) -> str:
