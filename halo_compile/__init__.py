@@ -1,13 +1,14 @@
 """HALO offline planning compiler.
 
-A plan's bytes depend on float sums (profiling statistics, grouping, scores, the predictor's and
-the compensation's training), and torch sums in an order that depends on the instruction set its
-kernels use (ATen picks AVX-512 where the CPU has it, MKL picks its own path per CPU). Before torch
-computes anything, importing the compiler fixes both to AVX2 on x86-64 CPUs that have it (every
-x86 board host and workstation of the last decade): the same inputs and seed then give the same
-plan and shards on any of them (measured: an AVX-512 Xeon reproduced a Zen 1 machine's groups,
-scores and placement only with these pinned), except the predictor's trained weights, which still
-differ in their last bits between those two (issue 25). An environment that sets either variable wins.
+A plan's bytes depend on float results (profiling statistics, grouping, scores, the predictor's
+and the compensation's training), and torch computes them in an order, and with exp and sin
+code, that the CPU's instruction set decides. `halo_compile.floats` is what makes two CPUs agree:
+the compiler computes in float64 and rounds what it writes to a grid far coarser than float64's
+differences (checked: a compile with torch's plain C kernels, `ATEN_CPU_CAPABILITY=default`, gives
+the bytes of one with its AVX2 kernels). Importing the compiler also pins torch and MKL to AVX2
+on x86-64 CPUs that have it, before torch computes anything: the float32 parts that remain (the
+candidate search of grouping, whose float64 pass decides) then agree bit for bit on those CPUs
+too. An environment that sets either variable wins.
 """
 import os as _os
 import platform as _platform

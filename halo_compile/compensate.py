@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .floats import DTYPE, settle
 from .reference import mlp_activations
 
 if TYPE_CHECKING:
@@ -87,8 +88,10 @@ def lowrank_compensation(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, 
         rows = torch.tensor(needed, dtype=torch.long)
         act = mlp_activations(x, gate.index_select(0, rows), up.index_select(0, rows))
         n_fit = max(1, int(T * (1 - holdout))) if T > 1 else T
-        out = {k: torch.zeros(len(relaxed), rank, h) for k in ("gate", "up", "down")}
-        bias = torch.zeros(len(relaxed), h)
+        # gate and up rows are the model's own (float32 values, exact); down and bias are fitted, in float64
+        out = {k: torch.zeros(len(relaxed), rank, h) for k in ("gate", "up")}
+        out["down"] = torch.zeros(len(relaxed), rank, h, dtype=DTYPE)
+        bias = torch.zeros(len(relaxed), h, dtype=DTYPE)
         error, mean_error = [], []
         for row, gi in enumerate(relaxed):
             members = groups[gi]
@@ -102,13 +105,14 @@ def lowrank_compensation(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, 
             k = len(kept)
             out["gate"][row, :k] = gate[kept]
             out["up"][row, :k] = up[kept]
-            out["down"][row, :k] = w[:k].float()
-            bias[row] = w[k].float()
+            out["down"][row, :k] = w[:k]
+            bias[row] = w[k]
             held = slice(n_fit, T) if T > n_fit else slice(0, T)
             energy = float((y[held] ** 2).sum()) or 1.0
             error.append(float(((y[held] - feats[held] @ w) ** 2).sum()) / energy)
             mean_error.append(float(((y[held] - t.mean(0)) ** 2).sum()) / energy)
-        tensors = {"groups": torch.tensor(relaxed, dtype=torch.int64), **out, "bias": bias}
+        out["down"] = settle(out["down"])  # the same bytes on every CPU (halo_compile.floats)
+        tensors = {"groups": torch.tensor(relaxed, dtype=torch.int64), **out, "bias": settle(bias)}
         return Compensation(tensors, error, mean_error)
     finally:
         torch.set_num_threads(threads)
@@ -144,4 +148,4 @@ def compensate_layer(mean_act: torch.Tensor, mlp_in: torch.Tensor, gate: torch.T
     members = groups.mlp_lists
     lowrank = lowrank_compensation(mlp_in, gate, up, down, members, scores.relaxed, groups.neuron_importance,
                                    rank) if rank else None
-    return LayerCompensation(mean_contribution(mean_act.float(), down, members), lowrank)
+    return LayerCompensation(settle(mean_contribution(mean_act, down, members)), lowrank)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .floats import DTYPE, settle
 from .reference import mlp_activations
 
 if TYPE_CHECKING:
@@ -96,6 +97,11 @@ def _batches(n: int, batch: int, steps: int, gen: torch.Generator) -> list[torch
     return out[:steps]
 
 
+def _uniform(shape: tuple[int, int], fan_in: int, gen: torch.Generator) -> torch.Tensor:
+    """Uniform weights of variance 1 / fan_in, in float64, from `gen`'s bits (the same on every CPU)."""
+    return (torch.rand(shape, generator=gen, dtype=DTYPE) * 2 - 1) * (3 / fan_in) ** 0.5
+
+
 def train_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int = 32, seed: int = 0,
                     steps: int = 600, lr: float = 1e-2, holdout: float = 0.2, batch: int = 512) -> TrainedPredictor:
     """x [T, hidden] predictor inputs, labels [T, groups] bool; batch: tokens per Adam step (0 = all).
@@ -110,10 +116,14 @@ def train_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int = 32, seed:
         T, d = x.shape
         G = labels.shape[1]
         n_train = max(1, int(T * (1 - holdout)))
-        xt, yt = x[:n_train].float(), labels[:n_train].float()
-        down = torch.nn.Parameter(torch.randn(rank, d, generator=gen) / d ** 0.5)
-        up = torch.nn.Parameter(torch.randn(G, rank, generator=gen) / rank ** 0.5)
-        bias = torch.nn.Parameter(torch.zeros(G))
+        # float64 throughout, settled at the end: the same weights on every CPU (halo_compile.floats)
+        x = x.to(DTYPE)
+        xt, yt = x[:n_train], labels[:n_train].to(DTYPE)
+        # uniform, not normal, initial weights of the same variance: torch draws normal numbers with
+        # the CPU's own log and cos (vectorised on AVX2), uniform ones from the generator's bits alone
+        down = torch.nn.Parameter(_uniform((rank, d), d, gen))
+        up = torch.nn.Parameter(_uniform((G, rank), rank, gen))
+        bias = torch.nn.Parameter(torch.zeros(G, dtype=DTYPE))
         # recall matters more than precision: a missed important group costs accuracy, a false
         # alarm only costs a wait, so positives are weighted up to balance the classes
         pos = yt.mean(0).clamp(1e-3, 1 - 1e-3)
@@ -126,7 +136,7 @@ def train_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int = 32, seed:
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yb, pos_weight=pos_weight)
             loss.backward()
             opt.step()
-        weights = {"down": down.detach().clone(), "up": up.detach().clone(), "bias": bias.detach().clone()}
+        weights = {"down": settle(down.detach()), "up": settle(up.detach()), "bias": settle(bias.detach())}
         xv, yv = (x[n_train:], labels[n_train:]) if T - n_train > 0 else (xt, labels[:n_train])
         with torch.no_grad():
             pred = predict_groups(xv, weights)
@@ -140,8 +150,10 @@ def train_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int = 32, seed:
 
 def predict_groups(x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """[T, groups] True where the predictor flags a group: the formula of the runtime's
-    `halo_runtime.core.predictor` (numpy there), in torch, which the compiler's figures come from."""
-    return (torch.relu(x @ weights["down"].T) @ weights["up"].T + weights["bias"]) > 0
+    `halo_runtime.core.predictor` (numpy there), in torch, which the compiler's figures come from
+    (in x's float type: the compiler's float64, where CPUs agree)."""
+    w = {k: v.to(x.dtype) for k, v in weights.items()}
+    return (torch.relu(x @ w["down"].T) @ w["up"].T + w["bias"]) > 0
 
 
 @dataclass(frozen=True)

@@ -34,13 +34,14 @@ import torch
 from halo_runtime.core.config import ModelConfig
 from tqdm import tqdm
 
+from .floats import DTYPE
 from .load import LAYER_TENSORS
 from .reference import KVCache, attention_heads, decoder_layer, mlp_activations
 
 
 @dataclass
 class LayerStats:
-    """Streaming sums for one layer (float64 so long runs do not drift)."""
+    """Streaming sums for one layer, and its sampled tokens, in float64 (`halo_compile.floats`)."""
 
     tokens: int
     """Tokens accumulated."""
@@ -89,18 +90,18 @@ def _attention(cfg: ModelConfig, w: dict, i: int, s, x: torch.Tensor) -> torch.T
     o = _layer(w, i, "self_attn.o_proj").view(cfg.hidden_size, H, cfg.head_dim)
     # per-head contribution to the residual stream: [T, H, hidden]
     per_head = torch.einsum("thd,khd->thk", heads, o)
-    s.head_norm_sum += per_head.norm(dim=-1).sum(0).double()
+    s.head_norm_sum += per_head.norm(dim=-1).sum(0)
     per_kv = per_head.view(T, KV, cfg.group_size, -1).sum(2)
-    s.kv_norm_sum += per_kv.norm(dim=-1).sum(0).double()
+    s.kv_norm_sum += per_kv.norm(dim=-1).sum(0)
     return per_head.sum(1)
 
 
 def _mlp(w: dict, i: int, keep: torch.Tensor, s, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Layer i's MLP output on m; adds its activation sums to s and keeps the sampled rows of x and m."""
     act = mlp_activations(m, _layer(w, i, "mlp.gate_proj"), _layer(w, i, "mlp.up_proj"))
-    s.act_sum += act.sum(0).double()
-    s.act_abs_sum += act.abs().sum(0).double()
-    s.act_sq_sum += act.pow(2).sum(0).double()
+    s.act_sum += act.sum(0)
+    s.act_abs_sum += act.abs().sum(0)
+    s.act_sq_sum += act.pow(2).sum(0)
     s.tokens += m.shape[0]
     if keep.numel():
         s.attn_in.append(x[keep].clone())
@@ -110,22 +111,24 @@ def _mlp(w: dict, i: int, keep: torch.Tensor, s, x: torch.Tensor, m: torch.Tenso
 
 
 def layer_weights(model, i: int) -> dict[str, torch.Tensor]:
-    """Layer i's fp32 tensors, HF-named, read from the checkpoint."""
-    return {f"model.layers.{i}.{t}.weight": model.weights[f"model.layers.{i}.{t}.weight"] for t in LAYER_TENSORS}
+    """Layer i's tensors, HF-named, read from the checkpoint, in the compiler's float type."""
+    return {f"model.layers.{i}.{t}.weight": model.weights[f"model.layers.{i}.{t}.weight"].to(DTYPE)
+            for t in LAYER_TENSORS}
 
 
 @torch.no_grad()
 def profile_layers(model, chunks: list[list[int]], sample_tokens: int = 4096, seed: int = 0,
                    progress: bool = True) -> Iterator[tuple[int, LayerStats, dict[str, torch.Tensor]]]:
     """Stream `chunks` of token ids (each chunk its own context) through the model one layer at a
-    time; yields (layer, its LayerStats, its fp32 weights) before reading the next layer."""
+    time; yields (layer, its LayerStats, its weights) before reading the next layer. Everything is in
+    float64 (`halo_compile.floats`), so the statistics are the same on every CPU to ~1e-14."""
     cfg: ModelConfig = model.config
     L, I, H, KV = cfg.num_layers, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads
-    f64 = dict(dtype=torch.float64)
+    f64 = dict(dtype=DTYPE)
     total = sum(len(c) for c in chunks)
     chosen = _sample_positions(total, sample_tokens, seed)
     embed = model.weights["model.embed_tokens.weight"]
-    hidden = [embed[torch.tensor(c, dtype=torch.long)] for c in chunks]
+    hidden = [embed[torch.tensor(c, dtype=torch.long)].to(DTYPE) for c in chunks]
     del embed
     starts = [sum(len(c) for c in chunks[:k]) for k in range(len(chunks))]
     for i in tqdm(range(L), desc="profile", unit="layer", disable=not progress, leave=False):
@@ -137,8 +140,8 @@ def profile_layers(model, chunks: list[list[int]], sample_tokens: int = 4096, se
             keep = chosen[(chosen >= offset) & (chosen < offset + T)] - offset
             hidden[k] = decoder_layer(cfg, h, _layer(w, i, "input_layernorm"), _layer(w, i, "post_attention_layernorm"),
                                       partial(_attention, cfg, w, i, s), partial(_mlp, w, i, keep, s))
-        empty = torch.zeros(0, cfg.hidden_size)
+        empty = torch.zeros(0, cfg.hidden_size, **f64)
         s.attn_in = torch.cat(s.attn_in) if s.attn_in else empty
         s.mlp_in = torch.cat(s.mlp_in) if s.mlp_in else empty
-        s.mlp_act = torch.cat(s.mlp_act) if s.mlp_act else torch.zeros(0, I)
+        s.mlp_act = torch.cat(s.mlp_act) if s.mlp_act else torch.zeros(0, I, **f64)
         yield i, s, w

@@ -67,28 +67,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # torch's own op: the same bits as the lines below (checked in tests), in one call instead
         # of seven; decode runs two per layer, and each call costs ~20 us once weights flush the caches
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    # transformers normalises half types in fp32; the compiler's float64 stays float64
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * wide.to(x.dtype)
 
 
-def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """RoPE's inverse frequencies [head_dim / 2] (llama3 scaling applied); computed once per shape
-    and kept, as every attention call of every token needs them (callers must not write into it)."""
+def inv_frequencies(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """RoPE's inverse frequencies [head_dim / 2] (llama3 scaling applied), computed in `dtype`
+    (float32 as transformers does; float64 for the compiler, see `halo_compile.exact`); computed
+    once per shape and kept, as every attention call of every token needs them (callers must not
+    write into it)."""
     scaling = cfg.rope_scaling or {}
-    key = (cfg.head_dim, cfg.rope_theta, repr(sorted(scaling.items())))
+    key = (cfg.head_dim, cfg.rope_theta, repr(sorted(scaling.items())), dtype)
     inv = _INV_FREQ.get(key)
     if inv is None:
-        inv = _INV_FREQ[key] = _inv_frequencies(cfg)
+        inv = _INV_FREQ[key] = _inv_frequencies(cfg, dtype)
     return inv
 
 
 _INV_FREQ: dict[tuple, torch.Tensor] = {}
 
 
-def _inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
+def _inv_frequencies(cfg: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim))
     scaling = cfg.rope_scaling or {}
     if scaling.get("rope_type") != "llama3":
         return inv_freq
@@ -104,20 +107,21 @@ def _inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_tables(cfg: ModelConfig, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin, shape [T, head_dim], for positions start .. start+length-1; the signed
-    sin is sin with its first half negated, which is what `apply_rope` multiplies.
+def rope_tables(cfg: ModelConfig, start: int, length: int,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin, shape [T, head_dim], in `dtype`, for positions start .. start+length-1;
+    the signed sin is sin with its first half negated, which is what `apply_rope` multiplies.
 
     Every layer of a forward pass asks for the same positions: the last answer is kept (callers
     must not write into it), so decode computes them once per token, not once per layer.
     """
     last = _ROPE_LAST
-    if last[0] is not cfg or last[1] != start or last[2] != length:
-        freqs = torch.arange(start, start + length).float()[:, None] * inv_frequencies(cfg)[None, :]
+    if last[0] is not cfg or last[1] != (start, dtype) or last[2] != length:
+        freqs = torch.arange(start, start + length).to(dtype)[:, None] * inv_frequencies(cfg, dtype)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         sin = emb.sin()
         sin[:, :cfg.head_dim // 2].neg_()
-        last[:] = [cfg, start, length, (emb.cos(), sin)]
+        last[:] = [cfg, (start, dtype), length, (emb.cos(), sin)]
     return last[3]
 
 
@@ -184,7 +188,8 @@ def attend(cfg: ModelConfig, qkv: torch.Tensor, start: int, cache: KVCache) -> t
     T, hd, g = qkv.shape[0], cfg.head_dim, cfg.group_size
     kv = qkv.shape[1] // (hd * (g + 2))
     heads = qkv.view(T, -1, hd).transpose(0, 1)
-    cos, sin = rope_tables(cfg, start, T)
+    # float32 tables for float32 (transformers' numbers); the compiler's float64 gets float64 ones
+    cos, sin = rope_tables(cfg, start, T, torch.float64 if qkv.dtype == torch.float64 else torch.float32)
     qk = apply_rope(heads[:kv * (g + 1)], cos, sin)  # queries and keys rotate alike: one call
     q, k, v = qk[:kv * g], qk[kv * g:], heads[kv * (g + 1):]
     keys, values = cache.append(k, v)
@@ -200,7 +205,7 @@ def attend(cfg: ModelConfig, qkv: torch.Tensor, start: int, cache: KVCache) -> t
     if T > 1:  # one new token sees every cached one: its mask would be all True
         mask = torch.ones(T, keys.shape[1], dtype=torch.bool).tril(diagonal=past).repeat(g, 1)
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
     return (probs @ values).view(kv * g, T, hd).transpose(0, 1)
 
 

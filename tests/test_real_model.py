@@ -100,37 +100,30 @@ def test_fp16_wire_agreement(real_plan, hf_reference):
     assert agree >= len(tokens) - 2 and worst < 2e-2
 
 
-# what the predictor's training writes: plan.json's figures of it, and the coordinator's shard (its weights)
-PREDICTOR_FIGURES = ("positive_rate", "precision", "recall")
+CHECKED_IN = ROOT / "artifacts" / "smollm2-135m-pi5"
 
 
-def _without_predictor_training(plan_dir: Path) -> tuple[dict, dict]:
-    plan = json.loads((plan_dir / "plan.json").read_text())
-    for key in PREDICTOR_FIGURES:
-        plan["predictor"].pop(key)
-    manifest = json.loads((plan_dir / "manifest.json").read_text())
-    manifest["files"].pop("plan.json")  # its figures' digits change its length too
-    manifest["files"][f"shard-{plan['coordinator']}.safetensors"].pop("sha256")
-    return plan, manifest
+def _same_bytes(out: Path) -> None:
+    # manifest.json holds every shard's sha256: equal manifests mean equal shards
+    for name in ("plan.json", "manifest.json"):
+        assert (out / name).read_bytes() == (CHECKED_IN / name).read_bytes(), f"{name} differs from the checked-in one"
 
 
 def test_checked_in_plan_is_reproduced_byte_for_byte(tmp_path):
-    """The plan and manifest under artifacts/ come out of the default compile, bit for bit.
-
-    Known gap (issue 25): the predictor's training still sums in an order that the CPU family
-    decides (MKL's path on AMD differs from its pinned AVX2 path on Intel: an AVX-512 Xeon
-    reproduced a Zen 1 plan's groups, scores, placement and every other shard, not the predictor).
-    Where only the predictor's weights and figures differ, the test is an expected failure that
-    says so; any other difference fails it."""
+    """The plan and manifest under artifacts/ come out of the default compile, bit for bit."""
     from halo_compile.pipeline import CompileOptions, compile_plan
 
-    checked_in = ROOT / "artifacts" / "smollm2-135m-pi5"
     _, out = compile_plan("smollm2-135m", ROOT / "profiles" / "pi5.yaml", tmp_path / "plan",
                           CompileOptions(progress=False))
-    if all((Path(out) / n).read_bytes() == (checked_in / n).read_bytes() for n in ("plan.json", "manifest.json")):
-        return
-    ours, theirs = _without_predictor_training(Path(out)), _without_predictor_training(checked_in)
-    assert ours[0] == theirs[0], "plan.json differs beyond the predictor's training"
-    assert ours[1] == theirs[1], "manifest.json differs beyond the predictor's training"
-    pytest.xfail("only the predictor's training differs from the checked-in plan: a CPU family other "
-                 "than the one that compiled it (issue 25)")
+    _same_bytes(Path(out))
+
+
+def test_the_same_plan_with_torchs_plain_c_kernels(tmp_path):
+    """Issue 25: a compile whose torch kernels are plain C (`ATEN_CPU_CAPABILITY=default`: other sums,
+    other exp and sin than the AVX2 kernels the checked-in plan was compiled with) writes the same
+    bytes (halo_compile.floats)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    subprocess.run([sys.executable, "-m", "halo_compile.cli", "plan", "smollm2-135m", "--cluster",
+                    str(ROOT / "profiles" / "pi5.yaml"), "-o", str(tmp_path / "plan"), "-q"],
+                   env=env, check=True, cwd=ROOT)
+    _same_bytes(tmp_path / "plan")
