@@ -4,6 +4,7 @@
     $ halo-compile inspect artifacts/smollm2-135m-pi5
     $ halo-compile verify artifacts/smollm2-135m-pi5 --model smollm2-135m
     $ halo-compile eval artifacts/smollm2-135m-pi5 --plr 0.05 --plr 0.1 --tokens 8192 --json
+    $ halo-compile profile merge probe-*.yaml --base profiles/pi5.yaml -o profiles/pi5-measured.yaml
 
 An option that sets a field of an options dataclass (CompileOptions, EvalOptions, DeliveryPolicy)
 takes its default, and its help unless it has its own, from that field: the defaults are typed once.
@@ -215,6 +216,31 @@ def evaluate(directory, plrs, burst, tokens, text_file, seed, methods, context, 
         raise click.BadParameter(str(e)) from None
     report = run_eval(directory, opts)
     click.echo(json.dumps(report) if as_json else format_table(report))
+
+
+@main.group()
+def profile():
+    """Cluster profiles: merge what `halo-run probe` measured on each board into one."""
+
+
+@profile.command("merge")
+@click.argument("entries", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--base", type=click.Path(dir_okay=False), default=None,
+              help="Hand-written profile to update: its devices of the same names take the measured values; "
+                   "its comments, names, coordinator and defaults stay.")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Merged profile to write (atomically, only once it is a valid profile).")
+@click.option("--name", default=None, help="Profile name [default: the base's, else measured].")
+@click.option("--coordinator", default=None,
+              help="Coordinator device [default: the base's, else the first entry's device].")
+@friendly
+def merge(entries, base, out, name, coordinator):
+    """Merge the profile ENTRIES that `halo-run probe` printed on each board into one cluster profile."""
+    from .profilemerge import merge_files
+
+    merge_files(entries, out, base, name, coordinator)
+    merged = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}" + (f" into {base}" if base else "")
+    click.echo(f"wrote {out} ({merged}); check it, then: halo-compile plan MODEL --cluster {out}")
 
 
 if __name__ == "__main__":

@@ -16,26 +16,38 @@ Schema (every field documented in profiles/README.md):
         loss: 0.0                  # packet loss rate of its link, in [0, 1)
         burst: 3                   # optional: mean loss burst length in datagrams (0: independent)
         storage_mbps: 90           # optional: storage read MB/s; lets weights exceed memory_mb
-                                   # (the rest is streamed from storage, see halo_runtime.storage.groupcache)
+                                   # (the rest is streamed from storage, see halo_runtime.storage.groupcache;
+                                   # ignored on the coordinator, which never streams)
+        compute_gflops_by_format: {fp32: 2.0, q8_0: 5.1}   # optional: GFLOP/s per --weights format
+        power_w: [2.7, 7.1]        # optional: watts idle and busy (energy per token in the plan)
+
+A device's compute for placement is `compute_gflops_by_format[F]` for a plan compiled with
+`--weights F` where the profile gives it, else `compute_gflops`: `load_profile(path, weights=F)`
+resolves it, so the plan's devices record the figure the placement used.
 
 Example:
-    >>> from halo_compile.cluster import load_profile
+    >>> from halo_compile.cluster import compute_for_format, load_profile
     >>> p = load_profile("profiles/pi5.yaml")
     >>> [d.name for d in p.devices], p.coordinator
     (['pi5-0', 'pi5-1', 'pi5-2', 'pi5-3'], 'pi5-0')
+    >>> compute_for_format(2.0, {"fp32": 2.1, "q8_0": 5.1}, "q8_0"), compute_for_format(2.0, {"q8_0": 5.1}, "bf16")
+    (5.1, 2.0)
 """
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
+from halo_runtime.core.formats import weight_format
 from halo_runtime.core.plan import Device
 
 DEVICE_KEYS = {"name", "address", "memory_mb", "compute_gflops", "latency_ms", "jitter_ms",
-               "bandwidth_mbps", "loss", "burst", "storage_mbps"}
+               "bandwidth_mbps", "loss", "burst", "storage_mbps", "compute_gflops_by_format", "power_w"}
+NOT_NUMBERS = {"name", "address", "compute_gflops_by_format", "power_w"}
+"""Device keys whose value is not one number (checked by their own rules)."""
 LINK_KEYS = DEVICE_KEYS - {"name", "address", "memory_mb"}
 TOP_KEYS = {"name", "coordinator", "defaults", "devices", "description"}
 MB = 1024 * 1024
@@ -57,8 +69,11 @@ class ClusterProfile:
     """Every device, coordinator included, in file order."""
     fingerprint: str
     """SHA-256 of the profile file's bytes."""
+    weights: str = "fp32"
+    """Weight format the devices' compute_gflops was resolved for (`compute_gflops_by_format`)."""
 
     def __post_init__(self):
+        weight_format(self.weights)  # ValueError naming the formats
         if not self.devices:
             raise ValueError("devices: at least one device is needed")
         names = [d.name for d in self.devices]
@@ -74,7 +89,41 @@ def _number(value, where: str, integer: bool = False):
     return value
 
 
-def _device(raw, defaults: dict, where: str) -> Device:
+def compute_for_format(compute_gflops: float, by_format: dict[str, float] | None, weights: str) -> float:
+    """GFLOP/s a device computes with in weight format `weights`: its measured figure for that
+    format where the profile gives one, else its `compute_gflops` (a format it was not measured in
+    is assumed to run at the default format's speed, as before the per-format figures existed)."""
+    return (by_format or {}).get(weights, compute_gflops)
+
+
+def _by_format(value, where: str) -> dict[str, float]:
+    """`compute_gflops_by_format`: weight format name -> GFLOP/s, each a known format and > 0."""
+    if not isinstance(value, dict):
+        raise ProfileError(f"{where}: expected a mapping of weight format to GFLOP/s, got {value!r}")
+    out = {}
+    for fmt, gflops in value.items():
+        try:
+            weight_format(fmt if isinstance(fmt, str) else repr(fmt))
+        except ValueError as e:
+            raise ProfileError(f"{where}: {e}") from None
+        gflops = _number(gflops, f"{where}.{fmt}")
+        if gflops <= 0:
+            raise ProfileError(f"{where}.{fmt}: must be positive, got {gflops}")
+        out[fmt] = float(gflops)
+    return out
+
+
+def _power(value, where: str) -> tuple[float, float]:
+    """`power_w: [IDLE, BUSY]`: watts, 0 <= idle <= busy."""
+    if not isinstance(value, list) or len(value) != 2:
+        raise ProfileError(f"{where}: expected [IDLE, BUSY] in watts, got {value!r}")
+    idle, busy = (float(_number(v, where)) for v in value)
+    if not 0 <= idle <= busy:
+        raise ProfileError(f"{where}: need 0 <= idle <= busy watts, got [{idle:g}, {busy:g}]")
+    return idle, busy
+
+
+def _device(raw, defaults: dict, where: str, weights: str = "fp32") -> Device:
     if not isinstance(raw, dict):
         raise ProfileError(f"{where}: expected a mapping of device fields")
     unknown = sorted(set(raw) - DEVICE_KEYS)
@@ -90,7 +139,7 @@ def _device(raw, defaults: dict, where: str) -> Device:
     where = f"{where} ({name})"
     if not isinstance(fields["address"], str):
         raise ProfileError(f"{where}.address: expected host:port, got {fields['address']!r}")
-    numbers = {k: _number(v, f"{where}.{k}") for k, v in fields.items() if k not in ("name", "address")}
+    numbers = {k: _number(v, f"{where}.{k}") for k, v in fields.items() if k not in NOT_NUMBERS}
     if numbers["memory_mb"] <= 0:
         raise ProfileError(f"{where}.memory_mb: must be positive, got {numbers['memory_mb']}")
     if "loss" in numbers and not 0 <= numbers["loss"] < 1:
@@ -103,14 +152,24 @@ def _device(raw, defaults: dict, where: str) -> Device:
     for key in ("latency_ms", "jitter_ms"):
         if key in numbers and numbers[key] < 0:
             raise ProfileError(f"{where}.{key}: must be >= 0, got {numbers[key]}")
+    by_format = _by_format(fields["compute_gflops_by_format"], f"{where}.compute_gflops_by_format") \
+        if "compute_gflops_by_format" in fields else None
+    numbers["compute_gflops"] = compute_for_format(numbers["compute_gflops"], by_format, weights)
+    extra = {"power_w": _power(fields["power_w"], f"{where}.power_w")} if "power_w" in fields else {}
     try:
         return Device(name=name, address=fields["address"], memory_bytes=int(numbers.pop("memory_mb") * MB),
-                      **{k: float(v) for k, v in numbers.items()})
+                      **{k: float(v) for k, v in numbers.items()}, **extra)
     except (ValueError, OverflowError) as e:  # OverflowError: memory_mb so large that MB times it is inf
         raise ProfileError(f"{where}: {e}") from None
 
 
-def parse_profile(text: str, source: str) -> ClusterProfile:
+def parse_profile(text: str, source: str, weights: str = "fp32") -> ClusterProfile:
+    """The profile in `text` (`source` names it in errors), each device's compute resolved for
+    plans whose shards store weight format `weights` (`compute_for_format`). The coordinator's
+    storage_mbps is a measurement of its board, not a request: the coordinator holds the residual
+    stream and never streams weights, so its device gets 0 (every board may be probed alike, and
+    a `defaults:` figure means the other boards)."""
+    weight_format(weights)  # a caller's mistake, not the profile's: ValueError
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -135,7 +194,7 @@ def parse_profile(text: str, source: str) -> ClusterProfile:
     devices_raw = raw.get("devices")
     if not isinstance(devices_raw, list) or not devices_raw:
         raise ProfileError(f"{source}: devices: expected a non-empty list")
-    devices = tuple(_device(d, defaults, f"{source}: devices[{i}]") for i, d in enumerate(devices_raw))
+    devices = tuple(_device(d, defaults, f"{source}: devices[{i}]", weights) for i, d in enumerate(devices_raw))
     names = [d.name for d in devices]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -149,13 +208,14 @@ def parse_profile(text: str, source: str) -> ClusterProfile:
         raise ProfileError(f"{source}: coordinator: {coordinator!r} is not one of the devices ({', '.join(names)})")
     where = names.index(coordinator)
     if devices[where].storage_mbps > 0:
-        raise ProfileError(f"{source}: devices[{where}] ({coordinator}).storage_mbps: the coordinator holds the "
-                           "residual stream and cannot stream weights; set storage_mbps on other devices only")
+        devices = devices[:where] + (replace(devices[where], storage_mbps=0.0),) + devices[where + 1:]
     fingerprint = hashlib.sha256(text.encode()).hexdigest()
-    return ClusterProfile(name=name, coordinator=coordinator, devices=devices, fingerprint=fingerprint)
+    return ClusterProfile(name=name, coordinator=coordinator, devices=devices, fingerprint=fingerprint,
+                          weights=weights)
 
 
-def load_profile(path: str | Path) -> ClusterProfile:
+def load_profile(path: str | Path, weights: str = "fp32") -> ClusterProfile:
+    """The profile file at `path`, resolved for weight format `weights` (see `parse_profile`)."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")  # bytes as-is: the fingerprint is of the file's bytes
@@ -163,4 +223,4 @@ def load_profile(path: str | Path) -> ClusterProfile:
         raise ProfileError(f"{path}: no such profile") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ProfileError(f"{path}: cannot read ({e})") from None
-    return parse_profile(text, str(path))
+    return parse_profile(text, str(path), weights)

@@ -123,7 +123,7 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
     torch.manual_seed(opts.seed)
     started = time.perf_counter()
     with timer.step("load"):
-        cluster = load_profile(profile_path)
+        cluster = load_profile(profile_path, opts.weights)  # each device's compute for this weight format
         _log(opts, f"[1/7] load {model_spec}")
         model = load_model(model_spec, progress=opts.progress)
         cfg, num_layers = model.config, model.config.num_layers

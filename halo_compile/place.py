@@ -12,8 +12,9 @@ model and the CP-SAT phases in placesolve.py. This module is the entry point:
   that a device with storage_mbps may exceed it with weights it streams from storage.
 
 `halo-compile plan` and `eval`'s loss-blind re-placement set the solver up the same way, with
-`placement_inputs`; after placement, `device_reports` sums what each device holds and
-`mark_streaming` marks the groups that devices with storage stream.
+`placement_inputs`; after placement, `device_reports` sums what each device holds (and, for
+devices with `power_w`, prices its energy per token) and `mark_streaming` marks the groups that
+devices with storage stream.
 
 Example:
     >>> from halo_runtime.core.plan import Device
@@ -60,6 +61,7 @@ from .placecost import (
     Placement,
     PlaceOptions,
     compute_ms,
+    energy_mj,
     expected_lost_importance,
     group_cost,
     importance_at_risk,
@@ -72,8 +74,9 @@ from .placecost import (
 from .placesolve import LOSS_SCALE, TIME_UNITS_PER_MS, Problem, capacity, optimise
 
 __all__ = ["GroupCost", "InfeasibleError", "PlaceOptions", "Placement", "PlacementInputs", "device_reports",
-           "dominates", "expected_lost_importance", "group_cost", "importance_at_risk", "load_ms", "mark_streaming",
-           "place", "place_loss_blind", "placement_inputs", "predicted_token_ms", "rounds_per_token", "stream_share"]
+           "dominates", "energy_mj", "expected_lost_importance", "group_cost", "importance_at_risk", "load_ms",
+           "mark_streaming", "place", "place_loss_blind", "placement_inputs", "predicted_token_ms", "rounds_per_token",
+           "stream_share", "with_energy"]
 
 
 def place(groups, devices, coordinator: str, fixed_bytes: dict[str, int], miss: dict[str, float],
@@ -267,7 +270,16 @@ def device_reports(inputs: PlacementInputs, placement: Placement, num_layers: in
             # attention and MLP shares each sum to 1 per layer
             importance_share=sum(c.importance for c in mine) / (2 * num_layers),
             predicted_time_ms=placement.device_time_ms[dev.name]))
-    return tuple(reports)
+    return with_energy(tuple(reports), inputs.devices, placement.predicted_token_ms)
+
+
+def with_energy(reports, devices, token_ms: float) -> tuple[DeviceReport, ...]:
+    """The reports with each device's predicted energy per token at `token_ms` (`energy_mj`), for
+    the devices whose profile gives `power_w`; the others keep None."""
+    power = {d.name: d.power_w for d in devices}
+    return tuple(r if power[r.name] is None else replace(r, energy_mj=energy_mj(power[r.name], r.predicted_time_ms,
+                                                                                    token_ms))
+                 for r in reports)
 
 
 def mark_streaming(plan: Plan, inputs: PlacementInputs) -> Plan:
@@ -305,10 +317,12 @@ def mark_streaming(plan: Plan, inputs: PlacementInputs) -> Plan:
     if not load:
         return plan
     assignment = {g.id: g.device for g in plan.groups}
+    token_ms = predicted_token_ms(inputs.costs, assignment, plan.devices, plan.coordinator, inputs.miss,
+                                  inputs.options, load)
+    # storage loads lengthen the token: every device idles longer, so its energy is priced again
     return replace(plan, groups=tuple(replace(g, streamed=g.id in load) for g in plan.groups),
-                   device_reports=tuple(reports[d.name] for d in plan.devices),
-                   predicted_token_ms=predicted_token_ms(inputs.costs, assignment, plan.devices, plan.coordinator,
-                                                         inputs.miss, inputs.options, load))
+                   device_reports=with_energy(tuple(reports[d.name] for d in plan.devices), plan.devices, token_ms),
+                   predicted_token_ms=token_ms)
 
 
 def check_capacity(cfg: ModelConfig, devices, coordinator: str, tensors: dict, max_context: int,

@@ -19,6 +19,9 @@
   A round trip is paid only to a device that holds a group of the round, so a layer whose
   attention (or MLP) stays entirely on the coordinator has no attention (MLP) round: its time is
   the coordinator's compute, and the runtime asks no one (`rounds_per_token` counts the rest).
+- Energy per token of a device with `power_w` [idle, busy]: busy watts over its compute time plus
+  idle watts over the rest of the token time (waiting on the network or on the others counts as
+  idle), `energy_mj`. It is reported, not optimised: placement minimises time and lost importance.
 
 A plan group's cost (`group_cost`) takes its weight bytes from `halo_runtime.core.residency`,
 the definition the runtime streams by, and charges two flops (multiply, add) per weight.
@@ -26,7 +29,7 @@ the definition the runtime streams by, and charges two flops (multiply, add) per
 Example:
     >>> from halo_runtime.core.config import ModelConfig
     >>> from halo_runtime.core.plan import Device, Group
-    >>> from halo_compile.placecost import GroupCost, group_cost, load_ms, rounds_per_token, stream_share
+    >>> from halo_compile.placecost import GroupCost, energy_mj, group_cost, load_ms, rounds_per_token, stream_share
     >>> cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=32, num_layers=1,
     ...                   num_heads=4, num_kv_heads=2, head_dim=2)
     >>> c = group_cost(cfg, Group("L0.mlp.0", 0, "mlp", 0, (0, 1, 2), "", False, 0.1), max_context=16)
@@ -41,6 +44,8 @@ Example:
     >>> a = GroupCost("L0.attn.0", 0, "attn", True, 1.0, 1, 0, 1)
     >>> rounds_per_token([a, g], {"L0.attn.0": "pi", "L0.mlp.0": "sd"}, "pi")   # attention stays home
     1
+    >>> energy_mj((2.5, 7.0), compute_ms=10.0, token_ms=40.0)   # 7 W x 10 ms + 2.5 W x 30 ms
+    145.0
 """
 from __future__ import annotations
 
@@ -273,6 +278,13 @@ def wait_ms(d: Device, coordinator: str, options: PlaceOptions) -> float:
     if d.name == coordinator:
         return 0.0
     return DeliveryPolicy(relaxed_retries=0).miss_probability(d.loss) * options.rto_ms
+
+
+def energy_mj(power_w: tuple[float, float], compute_ms: float, token_ms: float) -> float:
+    """Energy per token in mJ (W x ms) of a device drawing power_w = (idle, busy) watts: busy for
+    its compute time, idle for the rest of the token time (never less than 0 of it)."""
+    idle, busy = power_w
+    return busy * compute_ms + idle * max(0.0, token_ms - compute_ms)
 
 
 def mb(n: int) -> str:

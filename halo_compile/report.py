@@ -11,6 +11,17 @@ Example (the checked-in plan):
     pi5-3                  8/6144     0        0      13       0.8%   5.0%     2.06
     >>> print(next(line for line in lines if line.startswith("rounds")))
     rounds per token: 60 of 60 (30 attention, 30 MLP; a round whose groups all stay on the coordinator asks no one)
+
+With the boards' measured power (`power_w` in the profile), each device's report carries its
+predicted energy per token, and the plan their sum:
+    >>> import dataclasses
+    >>> from halo_compile.place import with_energy
+    >>> plan = load_plan("artifacts/smollm2-135m-pi5")
+    >>> plan = dataclasses.replace(plan, devices=tuple(dataclasses.replace(d, power_w=(2.7, 7.1)) for d in plan.devices))
+    >>> plan = dataclasses.replace(plan, device_reports=with_energy(plan.device_reports, plan.devices,
+    ...                                                             plan.predicted_token_ms))
+    >>> print(next(line for line in inspect_text(plan).splitlines() if "energy" in line))
+    predicted energy per token: ... mJ (pi5-0 ..., pi5-1 ..., pi5-2 ..., pi5-3 ...; busy W x its compute time + ...)
 """
 from __future__ import annotations
 
@@ -57,6 +68,7 @@ def inspect_text(plan: Plan) -> str:
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     lines.append(f"predicted time per token: {plan.predicted_token_ms:.2f} ms (per layer and round: slowest "
                  f"device plus its round trip)")
+    lines += _energy_lines(plan)
     rounds = plan.network_rounds()
     attn = sum(kind == "attn" for _, kind in rounds)
     lines.append(f"rounds per token: {len(rounds)} of {2 * plan.model.num_layers} ({attn} attention, "
@@ -71,6 +83,20 @@ def inspect_text(plan: Plan) -> str:
     lines.append(f"solver: {s.status}, objective {s.objective:g}, bound {s.bound:g}, "
                  f"{s.deterministic_time:.2f} s deterministic solve time, {s.num_workers} worker(s)")
     return "\n".join(lines)
+
+
+def _energy_lines(plan: Plan) -> list[str]:
+    """Predicted energy per token, when the profile gave devices `power_w` (none: no line, as before)."""
+    total = plan.predicted_token_mj
+    if total is None:
+        return []
+    known = [r for r in plan.device_reports if r.energy_mj is not None]
+    missing = [r.name for r in plan.device_reports if r.energy_mj is None]
+    line = (f"predicted energy per token: {total:.1f} mJ (" + ", ".join(f"{r.name} {r.energy_mj:.1f}" for r in known)
+            + "; busy W x its compute time + idle W x the rest of the token)")
+    if missing:
+        line += f"; not counted, no power_w: {', '.join(missing)}"
+    return [line]
 
 
 def _streaming_lines(plan: Plan) -> list[str]:

@@ -3,6 +3,7 @@ names the file and the field."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 
 import pytest
@@ -270,3 +271,136 @@ def test_profile_dataclass_checks():
 def test_sources_of_parse_profile_appear_in_messages():
     with pytest.raises(ProfileError, match=r"^<stdin>: devices: expected a non-empty list$"):
         parse_profile("name: x\n", "<stdin>")
+
+
+# ---- measured keys: compute per weight format, power (issue 25) ------------------------------------
+
+MEASURED = ("name: m\ndefaults: {compute_gflops_by_format: {q8_0: 4.0}}\ndevices:\n"
+            "  - {name: a, address: 'h:1', memory_mb: 64, compute_gflops: 2,"
+            " compute_gflops_by_format: {fp32: 2.2, bf16: 2.6, q8_0: 5.1}, power_w: [2.7, 7.1]}\n"
+            "  - {name: b, address: 'h:2', memory_mb: 64, compute_gflops: 1}\n")
+
+
+@pytest.mark.parametrize("weights, a, b", [
+    ("fp32", 2.2, 1.0),   # the measured fp32 figure wins over compute_gflops
+    ("bf16", 2.6, 1.0),
+    ("q8_0", 5.1, 4.0),   # b inherits the defaults' mapping
+    ("q4_0", 2.0, 1.0),   # not measured in q4_0: compute_gflops
+])
+def test_compute_is_resolved_for_the_compiles_weight_format(weights, a, b):
+    p = parse_profile(MEASURED, "m.yaml", weights)
+    assert [d.compute_gflops for d in p.devices] == [a, b] and p.weights == weights
+
+
+@pytest.mark.parametrize("by_format, weights, expected", [
+    (None, "q8_0", 2.0), ({}, "fp32", 2.0), ({"q8_0": 5.1}, "q8_0", 5.1), ({"q8_0": 5.1}, "q4_0", 2.0),
+    ({"fp32": 2.2}, "fp32", 2.2),
+])
+def test_compute_for_format(by_format, weights, expected):
+    from halo_compile.cluster import compute_for_format
+
+    assert compute_for_format(2.0, by_format, weights) == expected
+
+
+def test_load_profile_resolves_too(tmp_path):
+    f = tmp_path / "m.yaml"
+    f.write_text(MEASURED)
+    assert load_profile(f, "q8_0").devices[0].compute_gflops == 5.1
+    assert load_profile(f).devices[0].compute_gflops == 2.2
+    assert load_profile(f).fingerprint == load_profile(f, "q8_0").fingerprint   # the file's bytes, either way
+    with pytest.raises(ValueError, match="unknown weight format 'fp8'"):
+        load_profile(f, "fp8")
+
+
+def test_power_is_read_into_the_device():
+    a, b = parse_profile(MEASURED, "m.yaml").devices
+    assert a.power_w == (2.7, 7.1) and b.power_w is None
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("power_w", "[7.1, 2.7]", "devices[0] (a).power_w: need 0 <= idle <= busy watts, got [7.1, 2.7]"),
+    ("power_w", "[-1, 2]", "devices[0] (a).power_w: need 0 <= idle <= busy watts, got [-1, 2]"),
+    ("power_w", "[2.7]", "devices[0] (a).power_w: expected [IDLE, BUSY] in watts, got [2.7]"),
+    ("power_w", "7.1", "devices[0] (a).power_w: expected [IDLE, BUSY] in watts, got 7.1"),
+    ("power_w", "[2, .inf]", "devices[0] (a).power_w: expected a number, got inf"),
+    ("power_w", "[idle, 2]", "devices[0] (a).power_w: expected a number, got 'idle'"),
+    ("compute_gflops_by_format", "{q8_0: 0}", "devices[0] (a).compute_gflops_by_format.q8_0: must be positive, got 0"),
+    ("compute_gflops_by_format", "{q8_0: fast}",
+     "devices[0] (a).compute_gflops_by_format.q8_0: expected a number, got 'fast'"),
+    ("compute_gflops_by_format", "{fp16: 3}",
+     "devices[0] (a).compute_gflops_by_format: unknown weight format 'fp16' (choose from fp32, bf16, q8_0, q4_0)"),
+    ("compute_gflops_by_format", "{int8: 3}",
+     "devices[0] (a).compute_gflops_by_format: weight format 'int8' was replaced by q8_0"),
+    ("compute_gflops_by_format", "[3, 4]",
+     "devices[0] (a).compute_gflops_by_format: expected a mapping of weight format to GFLOP/s, got [3, 4]"),
+])
+def test_measured_keys_errors_name_file_device_and_field(tmp_path, field, value, message):
+    f = tmp_path / "bad-measured.yaml"
+    f.write_text(f"devices:\n  - {{name: a, address: 'h:1', memory_mb: 64, compute_gflops: 1, {field}: {value}}}\n")
+    with pytest.raises(ProfileError) as err:
+        load_profile(f)
+    assert str(err.value).startswith(f"{f}: {message}"), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_measured_key_through_the_cli_is_one_line_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from halo_compile.cli import main
+
+    f = tmp_path / "bad.yaml"
+    f.write_text("devices:\n  - {name: a, address: 'h:1', memory_mb: 64, compute_gflops: 1, power_w: [3, 1]}\n")
+    res = CliRunner().invoke(main, ["plan", "nothing-here", "--cluster", str(f), "-q"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.strip() == f"halo-compile: error: {f}: devices[0] (a).power_w: need 0 <= idle <= busy watts, " \
+                                 "got [3, 1]"
+
+
+@pytest.mark.parametrize("power", [(3.0, 1.0), (-1.0, 2.0), (1.0,), (1.0, float("nan"))])
+def test_device_checks_power(power):
+    with pytest.raises(ValueError, match="power_w"):
+        Device("a", "h:1", 1, 1.0, power_w=power)
+
+
+# ---- energy per token ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("power, compute_ms, token_ms, expected", [
+    ((2.5, 7.0), 10.0, 40.0, 7.0 * 10 + 2.5 * 30),   # busy for its compute, idle for the rest
+    ((2.5, 7.0), 40.0, 40.0, 280.0),                 # busy all the token
+    ((2.5, 7.0), 0.0, 40.0, 100.0),                  # nothing placed: idle all the token
+    ((0.0, 5.0), 50.0, 40.0, 250.0),                 # never a negative idle time
+])
+def test_energy_per_token(power, compute_ms, token_ms, expected):
+    from halo_compile.placecost import energy_mj
+
+    assert energy_mj(power, compute_ms, token_ms) == pytest.approx(expected)
+
+
+def test_reports_get_energy_and_the_plan_their_sum():
+    from halo_runtime.core.plan import DeviceReport, Plan, load_plan
+
+    from halo_compile.place import with_energy
+    from halo_compile.report import inspect_text
+
+    plan = load_plan(ROOT / "artifacts" / "smollm2-135m-pi5")
+    assert plan.predicted_token_mj is None and "energy" not in inspect_text(plan)
+    devices = tuple(d if d.name == "pi5-3" else dataclasses.replace(d, power_w=(2.0, 6.0)) for d in plan.devices)
+    reports = with_energy(plan.device_reports, devices, token_ms=100.0)
+    for r in reports:
+        want = None if r.name == "pi5-3" else 6.0 * r.predicted_time_ms + 2.0 * (100.0 - r.predicted_time_ms)
+        assert r.energy_mj == (want if want is None else pytest.approx(want))
+    withpower = dataclasses.replace(plan, devices=devices, device_reports=reports)
+    assert withpower.predicted_token_mj == pytest.approx(sum(r.energy_mj for r in reports[:3]))
+    line = next(ln for ln in inspect_text(withpower).splitlines() if ln.startswith("predicted energy"))
+    assert f"{withpower.predicted_token_mj:.1f} mJ" in line and line.endswith("not counted, no power_w: pi5-3")
+    again = Plan.from_json(withpower.to_json())          # the new fields survive plan.json
+    assert again.devices[0].power_w == (2.0, 6.0) and again.device_reports[0].energy_mj == pytest.approx(
+        reports[0].energy_mj, rel=1e-6)
+    assert isinstance(again.device_reports[3], DeviceReport) and again.device_reports[3].energy_mj is None
+
+
+def test_plans_without_power_keep_their_bytes():
+    from halo_runtime.core.plan import Plan
+
+    text = (ROOT / "artifacts" / "smollm2-135m-pi5" / "plan.json").read_text()
+    assert Plan.from_json(text).to_json() == text and "power_w" not in text and "energy_mj" not in text

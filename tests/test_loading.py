@@ -47,9 +47,10 @@ def test_profile_storage_bandwidth_errors_name_file_field_device(value, message)
     assert str(e.value) == message and "\n" not in str(e.value)
 
 
-def test_profile_coordinator_cannot_stream():
-    with pytest.raises(ProfileError, match=r"t.yaml: devices\[0\] \(a\).storage_mbps: the coordinator"):
-        parse_profile(profile("", defaults="defaults: {storage_mbps: 50}\n"), "t.yaml")
+def test_profile_coordinator_never_streams():
+    """A storage figure on the coordinator (here from `defaults:`, meant for the other boards) is ignored."""
+    p = parse_profile(profile("", defaults="defaults: {storage_mbps: 50}\n"), "t.yaml")
+    assert [d.storage_mbps for d in p.devices] == [0.0] + [50.0] * (len(p.devices) - 1)
 
 
 # ---- plan schema ----------------------------------------------------------------------------------

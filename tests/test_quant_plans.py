@@ -270,3 +270,22 @@ def test_capacity_counts_the_chosen_format(tiny_vocab_dir):
         check_capacity(m.config, devices, "a", m.weights, 64, fmt)
     with pytest.raises(InfeasibleError, match="fp32 weights"):
         check_capacity(m.config, devices, "a", m.weights, 64, "fp32")
+
+
+def test_a_plan_places_with_the_compute_measured_for_its_format(tiny_vocab_dir, tmp_path):
+    """`halo-run probe` measures each weight format: a q8_0 compile uses the q8_0 figure, and the
+    devices' power gives the plan an energy per token."""
+    from halo_compile.pipeline import CompileOptions, compile_plan
+
+    profile = tmp_path / "cluster.yaml"
+    profile.write_text("name: one\ncoordinator: a\ndevices:\n"
+                       "  - {name: a, address: '127.0.0.1:7900', memory_mb: 4096, compute_gflops: 1.0,\n"
+                       "     compute_gflops_by_format: {fp32: 1.0, q8_0: 3.5}, power_w: [2.0, 6.0]}\n")
+    opts = CompileOptions(calib_tokens=512, chunk_tokens=128, sample_tokens=256, mlp_groups=3,
+                          max_context=128, solver_time=1.0, progress=False, weights="q8_0")
+    plan, _ = compile_plan(str(tiny_vocab_dir), profile, tmp_path / "plan", opts)
+    assert plan.devices[0].compute_gflops == 3.5
+    report = plan.device_reports[0]
+    # one device: busy for its whole predicted compute time, which is the token's time
+    assert report.energy_mj == pytest.approx(6.0 * report.predicted_time_ms, rel=1e-3)
+    assert plan.predicted_token_mj == pytest.approx(report.energy_mj)

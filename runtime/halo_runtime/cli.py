@@ -6,6 +6,8 @@ Example:
     $ halo-run worker --plan DIR --device pi5-1 --bind 0.0.0.0:7700          # on each board
     $ halo-run generate --plan DIR --prompt "Hello" --max-tokens 32 --json   # on the coordinator
     $ halo-run serve --plan DIR --local --port 8000      # OpenAI-compatible API and chat page
+    $ halo-run probe --serve :7799                       # on the coordinator's board, then on each board:
+    $ halo-run probe --peer pi5-0.local:7799 -o pi5-1.yaml   # its profile entry (halo-compile profile merge)
 """
 from __future__ import annotations
 
@@ -133,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--compare", action="store_true", help="run relaxed and strict, and print both")
     s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API, with a chat page")
     _serve_args(s)
+    pr = sub.add_parser("probe", help="measure this board and print its profile entry (YAML); --serve: "
+                                      "answer other boards' link probes")
+    from .probe.command import add_args as _probe_args
+
+    _probe_args(pr)
     return parser
 
 
@@ -153,20 +160,28 @@ def main(argv=None) -> None:
     from .core.compute import ComputeOptions, rows_differ_by_pass
     from .core.plan import PlanError
     from .net.exchange import DeviceLost
+    from .net.probelink import ProbeError
     from .net.transport import TransportError
 
     try:
         ComputeOptions(args.threads)  # validates --threads before anything starts
         if (why := rows_differ_by_pass()) is not None:
             print(f"halo-run: warning: {why}", file=sys.stderr, flush=True)
-        {"worker": run_worker, "generate": run_generate, "local": run_local, "serve": run_serve}[args.command](args)
-    except (PlanError, TransportError, DeviceLost, OSError, ValueError) as e:
+        {"worker": run_worker, "generate": run_generate, "local": run_local, "serve": run_serve,
+         "probe": _run_probe}[args.command](args)
+    except (PlanError, TransportError, DeviceLost, ProbeError, OSError, ValueError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         sys.exit(130)
 
 
 # ---- worker --------------------------------------------------------------------------------------
+
+def _run_probe(args) -> None:
+    from .probe.command import run
+
+    run(args)
+
 
 def run_worker(args) -> None:
     from .core.plan import PLAN_FILE, load_plan
@@ -491,6 +506,7 @@ def run_serve(args) -> None:
         stop_workers(workers)
         for s in shims.values():
             s.close()
+
 
 
 if __name__ == "__main__":

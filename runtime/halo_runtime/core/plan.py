@@ -72,6 +72,8 @@ class Device:
     storage_mbps: float = field(default=0.0, metadata=OPTIONAL)
     """Storage read bandwidth in MB/s (1e6 bytes). Above 0 the device may hold more weights than
     `memory_bytes`: those groups stay on storage and are loaded as needed (halo_runtime.storage.groupcache)."""
+    power_w: tuple[float, float] | None = field(default=None, metadata=OPTIONAL)
+    """Watts it draws idle and busy, as measured on the board (None: not measured; no energy figures)."""
 
     def __post_init__(self):
         if not self.name:
@@ -100,6 +102,11 @@ class Device:
                     gilbert(self.loss, self.burst)  # the one statement of which bursts a loss rate admits
                 except ValueError as e:
                     raise ValueError(f"device {self.name}: {e}") from None
+        if self.power_w is not None:
+            if len(self.power_w) != 2 or not all(math.isfinite(w) for w in self.power_w) \
+                    or not 0.0 <= self.power_w[0] <= self.power_w[1]:
+                raise ValueError(f"device {self.name}: power_w {list(self.power_w)} is not [idle, busy] watts "
+                                 "with 0 <= idle <= busy")
 
     @property
     def host(self) -> str:
@@ -189,6 +196,9 @@ class DeviceReport:
     load_ms: float = field(default=0.0, metadata=OPTIONAL)
     """Streaming devices: expected storage read time per token, from the predictor's selection
     rates on calibration tokens (what `predictive` loading reads; `exact` reads all streamed bytes)."""
+    energy_mj: float | None = field(default=None, metadata=OPTIONAL)
+    """Predicted energy per token in mJ: busy watts over its compute time plus idle watts over the
+    rest of the predicted token time (`halo_compile.placecost.energy_mj`); None without `power_w`."""
 
 
 @dataclass(frozen=True)
@@ -292,6 +302,12 @@ class Plan:
     @property
     def device_names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.devices)
+
+    @property
+    def predicted_token_mj(self) -> float | None:
+        """Predicted energy per token in mJ of the devices with `power_w`, summed (None: none has it)."""
+        known = [r.energy_mj for r in self.device_reports if r.energy_mj is not None]
+        return sum(known) if known else None
 
     def shard_file(self, name: str) -> str:
         return self.shards[self.device_names.index(name)]
