@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from halo_runtime.core.codec import HEADER_SIZE, decode_request
 from halo_runtime.core.coordinator import Coordinator
 from halo_runtime.core.exchange import InProcessExchange
 from halo_runtime.core.plan import PLAN_FILE, load_plan
@@ -30,7 +31,7 @@ from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.shards import load_shard
 from halo_runtime.net.auth import Authenticator
 from halo_runtime.net.exchange import UdpExchange
-from halo_runtime.net.wire import Kind, Message, encode
+from halo_runtime.net.wire import Kind, Message, Reassembler, encode
 from halo_runtime.net.worker import WorkerStats
 
 PROMPT = [1, 17, 300, 400, 12, 99, 7]
@@ -203,6 +204,22 @@ def _attack(targets: list, coordinator: tuple, rec: Recorder, key: bytes, stop: 
             time.sleep(0.002)
 
 
+def _assert_no_activation_in_clear(captured: list[bytes], key: bytes, width: int) -> None:
+    """What an eavesdropper recorded of a run: the requests' activations (decoded here with the
+    key) appear nowhere in the recorded bytes, not even two fp32 values in a row."""
+    r = Reassembler(auth=Authenticator(key))
+    requests = [m for m in map(r.feed, captured) if m is not None and m.kind in (Kind.REQUEST_ATTN, Kind.REQUEST_MLP)]
+    values = b"".join(decode_request(m.payload, width)[3].astype("<f4").tobytes() for m in requests)
+    runs = {values[i:i + 8] for i in range(0, len(values) - 7, 4)}
+    assert len(requests) > 50 and len(runs) > 5_000, (len(requests), len(runs))
+    seen = [d for d in captured if any(d[i:i + 8] in runs for i in range(HEADER_SIZE, len(d) - 7))]
+    assert not seen, f"{len(seen)} of {len(captured)} datagrams carry activations in clear"
+    print(f"recorded {len(captured)} datagrams: {len(requests)} requests' {len(runs)} runs of two fp32 values "
+          "occur in none")
+    eve = Reassembler(auth=Authenticator(new_key()))
+    assert not [m for m in map(eve.feed, captured) if m] and eve.counters.forged == len(captured)
+
+
 def test_forged_garbage_and_replayed_datagrams_change_nothing(plan_dir, key, reference, workers):
     plan = workers.plan
     shard = load_shard(plan_dir, plan, plan.coordinator)
@@ -225,10 +242,11 @@ def test_forged_garbage_and_replayed_datagrams_change_nothing(plan_dir, key, ref
         time.sleep(0.2)  # let the last hostile datagrams land before reading the counters
         stats, devices = ex.stats(), ex.device_stats()
         ex.close()
-        return gen, stats, devices, sent
+        return gen, stats, devices, sent, rec
 
-    quiet, _, _, _ = run(False)
-    gen, stats, devices, sent = run(True)
+    quiet, _, _, _, captured = run(False)
+    _assert_no_activation_in_clear([d for d, _ in captured.kept], key, plan.model.hidden_size)
+    gen, stats, devices, sent, _ = run(True)
     assert quiet.tokens == reference.tokens
     assert gen.tokens == reference.tokens
     for a, b in zip(gen.logits, reference.logits):

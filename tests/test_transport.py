@@ -19,6 +19,7 @@ from halo_runtime.net.transport import RttEstimator, TcpChannel, TcpListener, Tr
 from halo_runtime.net.wire import (
     HEADER,
     MAGIC,
+    VERSION,
     Kind,
     Message,
     Reassembler,
@@ -87,9 +88,10 @@ def test_retransmission_is_delivered_again_but_redundant_copy_is_not():
         assert len([m for m in map(r.feed, encode(msg, flags=make_flags(attempt=99))) if m]) == 1
 
 
-def _resign(body: bytes) -> bytes:
-    """A datagram with a valid tag under the default (test) key, whatever its header says."""
-    return body + Authenticator().tag(body)
+def _seal(header: bytes, chunk: bytes) -> bytes:
+    """A datagram sealed under the default (test) key, whatever its header says."""
+    _, _, _, session, _, _, sender, *_, seq, _ = HEADER.unpack(header)
+    return header + Authenticator().seal(session, sender, seq, header, chunk)
 
 
 def test_malformed_datagrams_are_rejected():
@@ -98,9 +100,9 @@ def test_malformed_datagrams_are_rejected():
     pad = b"\0" * TAG_LEN
     bad_length = [b"", good[:HEADER_SIZE - 1], good[:-1], good + b"x", "text"]
     malformed = [
-        b"XX" + good[2:], good[:2] + b"\x09" + good[3:],
-        HEADER.pack(MAGIC, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0) + pad,            # count 0
-        HEADER.pack(MAGIC, 2, 1, 0, 0, 0, 0, 2, 2, 0, 0, 1, 0) + pad,            # index >= count
+        b"XX" + good[2:], good[:2] + b"\x09" + good[3:], good[:2] + b"\x02" + good[3:],   # HMAC-era version
+        HEADER.pack(MAGIC, VERSION, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0) + pad,      # count 0
+        HEADER.pack(MAGIC, VERSION, 1, 0, 0, 0, 0, 2, 2, 0, 0, 1, 0) + pad,      # index >= count
         None, 12,
     ]
     forged = [good[:40] + bytes([good[40] ^ 1]) + good[41:], good[:-1] + bytes([good[-1] ^ 0x80])]
@@ -132,11 +134,11 @@ def test_wrong_key_and_replay_are_counted():
 
 def test_chunk_count_mismatch_is_malformed():
     a, b = encode(_msg(2000))
-    forged = bytearray(b[:-TAG_LEN])
+    forged = bytearray(b[:HEADER_SIZE])
     struct.pack_into("!H", forged, 18, 3)  # same message key, different chunk count
     struct.pack_into("!Q", forged, 23, struct.unpack_from("!Q", b, 23)[0] + 100)  # a fresh sequence number
     r = Reassembler()
-    assert r.feed(a) is None and r.feed(_resign(bytes(forged))) is None
+    assert r.feed(a) is None and r.feed(_seal(bytes(forged), check_datagram(b)[1])) is None
     assert r.counters.malformed == 1 and r.feed(b) is not None
 
 
@@ -144,6 +146,80 @@ _VALID = [d for size in (0, 50, 3000) for d in encode(_msg(size, seed=size))]
 
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _plain_runs(plain: bytes, step: int) -> set[bytes]:
+    """Every 8-byte run of `plain` that starts at a value boundary (`step` bytes per value)."""
+    return {plain[i:i + 8] for i in range(0, len(plain) - 7, step)}
+
+
+@pytest.mark.parametrize("wire,step", [("fp32", 4), ("fp16", 2)])
+def test_a_captured_datagram_reveals_nothing_of_the_activation(wire, step):
+    key = b"c" * 32
+    rng = np.random.default_rng(11)
+    # known values: random ones, and a constant row that a cipher without a fresh nonce per block
+    # would give away as a repeating pattern
+    x = np.vstack([rng.standard_normal(576), np.full(576, 1.5), np.arange(576) / 64]).astype(np.float32)
+    payload = encode_tensor(x, wire)
+    msg = Message(Kind.REPLY_MLP_RELAXED, session=77, step=3, layer=4, sender=2, payload=payload)
+    captured = encode(msg, auth=Authenticator(key))
+    runs = _plain_runs(payload[9:], step)  # after the 9-byte tensor prefix, the values themselves
+    assert len(captured) > 1 and len(runs) > 500
+    for d in captured:
+        assert not any(d[i:i + 8] in runs for i in range(len(d) - 7))
+        assert d[HEADER_SIZE:-TAG_LEN] not in payload
+    # with the key it decodes, values and all
+    r = Reassembler(auth=Authenticator(key))
+    got = [m for m in map(r.feed, captured) if m]
+    assert got == [msg] and np.array_equal(decode_tensor(got[0].payload, wire, 576), decode_tensor(payload, wire, 576))
+    # under another deployment key, or relabelled to another session (that session's key), every
+    # datagram is refused as forged
+    other = Reassembler(auth=Authenticator(b"d" * 32))
+    assert not [m for m in map(other.feed, captured) if m] and other.counters.forged == len(captured)
+    spliced = [d[:4] + struct.pack("!I", 78) + d[8:] for d in captured]
+    r = Reassembler(auth=Authenticator(key))
+    assert not [m for m in map(r.feed, spliced) if m] and r.counters.forged == len(captured)
+    # the same message sealed again (new sequence numbers, hence nonces) shares no ciphertext
+    again = encode(msg, auth=Authenticator(key))
+    assert all(a[HEADER_SIZE:] != b[HEADER_SIZE:] for a, b in zip(captured, again))
+
+
+def test_session_keys_are_hkdf_of_the_deployment_key():
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    from halo_runtime.net.auth import HKDF_SALT, SESSION_INFO
+
+    key = bytes(range(32))
+    info = SESSION_INFO + struct.pack("!I", 0xDEADBEEF)
+    assert Authenticator(key).derive(info) == HKDF(hashes.SHA256(), 32, HKDF_SALT, info).derive(key)
+
+
+def test_session_key_cache_is_bounded_and_forgeries_do_not_enter_it():
+    from halo_runtime.net.auth import SESSION_KEYS
+
+    a = Authenticator(b"e" * 32)
+    for session in range(SESSION_KEYS + 10):
+        a.seal(session, 0, a.next_seq(), b"h", b"x")
+    assert len(a._sessions) == SESSION_KEYS and 0 not in a._sessions
+    b = Authenticator(b"e" * 32)
+    assert b.unseal(5, 0, 1, b"h", bytes(17)) is None and not b._sessions   # a forgery: no slot
+    seq = a.next_seq()
+    assert b.unseal(5, 0, seq, b"h", a.seal(5, 0, seq, b"h", b"x")) == b"x" and list(b._sessions) == [5]
+
+
+def test_sequence_numbers_are_unique_across_authenticators_of_a_process():
+    a, b = Authenticator(b"f" * 32), Authenticator(b"f" * 32)
+    seqs = [x.next_seq() for _ in range(1000) for x in (a, b)]
+    assert len(set(seqs)) == len(seqs) and seqs == sorted(seqs)
+    # a new Authenticator numbers from the clock on (within the ~1 ms of slack the swap needs), as a
+    # process started now would
+    from halo_runtime.net.auth import _SEQ_SLACK
+
+    last = a.next_seq()
+    time.sleep(0.01)
+    now = time.time_ns()
+    first = Authenticator(b"f" * 32).next_seq()
+    assert first >= now - _SEQ_SLACK and first - last > 5_000_000
+
+
 @given(st.binary(max_size=1500))
 def test_random_bytes_never_raise(data):
     r = Reassembler()

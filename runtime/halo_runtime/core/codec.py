@@ -1,11 +1,12 @@
 """What a message's payload holds, and how many datagrams it takes: socket-free, shared by the
 in-process exchange (which simulates the wire's rounding), the delivery policy (which prices
-messages) and the network shell (`halo_runtime.net.wire`, which frames and authenticates them).
+messages) and the network shell (`halo_runtime.net.wire`, which frames and encrypts them).
 
 Tensors travel as a 9-byte little-endian prefix (wire code u8, rows u32, cols u32) and then the
 values, little-endian, row-major. A request is a `REQUEST_PREFIX` (start position u32, reply
 copies u8) and then a tensor. A datagram adds `HEADER_SIZE` bytes of header in front of its
-chunk and `TAG_LEN` bytes of authentication tag behind it, and stays within `MAX_DATAGRAM`.
+chunk (encrypted: as long as the plaintext) and `TAG_LEN` bytes of authentication tag behind it,
+and stays within `MAX_DATAGRAM`.
 
 Example:
     >>> import numpy as np
@@ -26,7 +27,8 @@ import numpy as np
 HEADER_SIZE = 33
 """Bytes of a datagram's fixed header (layout in `halo_runtime.net.wire`)."""
 TAG_LEN = 16
-"""Bytes of truncated HMAC-SHA256 at the end of every datagram (128 bits: forgery odds 2^-128)."""
+"""Bytes of Poly1305 tag at the end of every datagram (ChaCha20-Poly1305, `halo_runtime.net.auth`;
+a forgery passes with odds under 8 * ceil(bytes / 16) / 2^106 per try: ~2^-97 for a full datagram)."""
 MAX_DATAGRAM = 1400
 """Default datagram budget: a 1500-byte MTU minus IPv4 (20) and UDP (8) headers, with headroom."""
 MAX_CHUNK = 0xFFFF

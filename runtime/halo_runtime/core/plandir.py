@@ -5,7 +5,7 @@ One definition of each, read by the runtime and written by the compiler (`halo_c
 tokenizer_config.json and every shard. A shard that was damaged in the copy, or comes from another compile, would
 otherwise load fine and compute wrong partial sums; `halo-run` refuses it with one line naming
 the file. Hashing runs at disk speed (a SmolLM2 shard: well under a second). The deployment key
-(`KEY_FILE`, never committed and not in the manifest) authenticates every datagram
+(`KEY_FILE`, never committed and not in the manifest) encrypts and authenticates every datagram
 (`halo_runtime.net.auth`); `halo-run` finds it with `resolve_key`.
 
 Example:

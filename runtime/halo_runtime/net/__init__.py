@@ -1,2 +1,2 @@
-"""The network shell around the core: wire framing, authentication, UDP/TCP transport, the
+"""The network shell around the core: wire framing, authenticated encryption, UDP/TCP transport, the
 network exchanges (relaxed UDP, strict TCP), the worker, device recovery and the loss shim."""

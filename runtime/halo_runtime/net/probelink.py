@@ -4,8 +4,8 @@
 Only transport and raw records live here (which ping came back after how long, which datagram of a
 train arrived); the statistics made of them (loss, bursts, latency) are `halo_runtime.probe`'s.
 
-Every probe datagram, packed big-endian, ends in a 16-byte tag from the deployment key
-(`auth.Authenticator.tag`); probe datagrams carry no activations, so they are authenticated, not
+Every probe datagram, packed big-endian, ends in a 16-byte tag under a key derived from the
+deployment key (`auth.Authenticator.tag`); probe datagrams carry no activations, so they are authenticated, not
 encrypted. A datagram whose tag, header or size is wrong, or whose (session, sequence number) was
 seen before (`auth.ReplayGuard`), is dropped and counted:
 

@@ -6,7 +6,7 @@ lost 94% of the time). Every datagram carries a fixed 33-byte header, packed big
 
     offset size field
     0      2    magic b"HL"
-    2      1    version (2)
+    2      1    version (3: the chunk encrypted; 2 was the clear chunk with an HMAC tag)
     3      1    kind (see `Kind`)
     4      4    session (u32)
     8      4    step (u32; prefill is step 0)
@@ -18,9 +18,12 @@ lost 94% of the time). Every datagram carries a fixed 33-byte header, packed big
     22     1    flags (bit 0 retransmission, bit 1 redundant copy, bits 4-7 attempt number)
     23     8    sequence number (u64, per sending process, see `auth`)
     31     2    destination (u16 device index; 0xFFFF = any)
-    33     n    chunk bytes, then TAG_LEN (16) bytes of truncated HMAC-SHA256 over everything before
+    33     n    chunk, encrypted (ChaCha20-Poly1305 under the session's key, nonce (sender, sequence
+                number); see `auth`), then its TAG_LEN (16) bytes of Poly1305 tag, which also
+                covers the header (associated data)
 
-A datagram is checked in order of cost: length and fields, then the tag, then its destination
+The header travels in clear (it routes, deduplicates and counts); the chunk does not. A datagram
+is checked in order of cost: length and fields, then the tag (and decryption), then its destination
 (a request recorded on its way to one device and replayed to another is refused), then the
 sender's replay window (`auth.ReplayGuard`); each kind of rejection has its own counter.
 
@@ -33,7 +36,7 @@ Example:
     >>> x = np.random.default_rng(0).standard_normal((2, 576)).astype(np.float32)
     >>> msg = Message(Kind.REPLY_MLP_RELAXED, session=7, step=3, layer=12, sender=2,
     ...               payload=encode_tensor(x, "fp32"))
-    >>> datagrams = encode(msg)          # tagged under auth.INSECURE_KEY; pass auth= for a real key
+    >>> datagrams = encode(msg)          # sealed under auth.INSECURE_KEY; pass auth= for a real key
     >>> len(datagrams), max(len(d) for d in datagrams) <= 1400
     (4, True)
     >>> r = Reassembler()
@@ -53,7 +56,7 @@ from ..core.codec import HEADER_SIZE, MAX_DATAGRAM, TAG_LEN, chunk_room, datagra
 from .auth import Authenticator, ReplayGuard
 
 MAGIC = b"HL"
-VERSION = 2
+VERSION = 3
 HEADER = struct.Struct("!2sBBIIHHHHHBQH")
 assert HEADER.size == HEADER_SIZE
 ANY = 0xFFFF
@@ -176,9 +179,9 @@ class Header:
 
 def encode(msg: Message, max_datagram: int = MAX_DATAGRAM, flags: int | None = None,
            auth: Authenticator | None = None, dest: int = ANY) -> list[bytes]:
-    """Cut `msg` into tagged datagrams of at most `max_datagram` bytes each, addressed to device
-    index `dest`; `flags` overrides `msg.flags`. Each datagram takes the next sequence number of
-    `auth` (default: the public test key)."""
+    """Cut `msg` into sealed datagrams (header in clear, chunk encrypted, tag) of at most
+    `max_datagram` bytes each, addressed to device index `dest`; `flags` overrides `msg.flags`.
+    Each datagram takes the next sequence number of `auth` (default: the public test key)."""
     auth = auth or _DEFAULT_AUTH
     room = chunk_room(max_datagram)
     if room < 1:
@@ -191,11 +194,13 @@ def encode(msg: Message, max_datagram: int = MAX_DATAGRAM, flags: int | None = N
     if count > 0xFFFF:
         raise ValueError(f"payload of {len(payload)} bytes needs {count} chunks; at most 65535")
     out = []
+    view = memoryview(payload)  # chunks are sealed from the payload in place, not copied first
     for i in range(count):
-        chunk = payload[i * room:(i + 1) * room]
-        body = HEADER.pack(MAGIC, VERSION, msg.kind, msg.session, msg.step, msg.layer, msg.sender,
-                           i, count, len(chunk), fl, auth.next_seq(), dest) + chunk
-        out.append(body + auth.tag(body))
+        chunk = view[i * room:(i + 1) * room]
+        seq = auth.next_seq()
+        header = HEADER.pack(MAGIC, VERSION, msg.kind, msg.session, msg.step, msg.layer, msg.sender,
+                             i, count, len(chunk), fl, seq, dest)
+        out.append(header + auth.seal(msg.session, msg.sender, seq, header, chunk))
     return out
 
 
@@ -205,10 +210,12 @@ BAD_LENGTH, MALFORMED, FORGED = "bad_length", "malformed", "forged"
 
 def check_datagram(data: bytes, max_datagram: int = MAX_UDP_PAYLOAD, auth: Authenticator | None = None
                    ) -> tuple[Header | None, bytes | str]:
-    """(header, chunk) of an authentic, well-formed datagram, else (None, reason). Never raises.
+    """(header, decrypted chunk) of an authentic, well-formed datagram, else (None, reason).
+    Never raises.
 
     Reasons: BAD_LENGTH (truncated, oversized, or disagreeing with its chunk length), MALFORMED
-    (magic, version, chunk index or count), FORGED (the tag does not verify under the key).
+    (magic, version, chunk index or count), FORGED (the tag does not verify under the key of the
+    header's session: another key, another session, or altered in transit).
     The replay window is the caller's business: only a verified header's seq may move it.
     """
     try:
@@ -226,11 +233,11 @@ def check_datagram(data: bytes, max_datagram: int = MAX_UDP_PAYLOAD, auth: Authe
         return None, MALFORMED
     if n != HEADER_SIZE + clen + TAG_LEN:
         return None, BAD_LENGTH
-    data = bytes(data)
-    if not (auth or _DEFAULT_AUTH).verify(data[:-TAG_LEN], data[-TAG_LEN:]):
+    view = memoryview(data)
+    chunk = (auth or _DEFAULT_AUTH).unseal(session, sender, seq, view[:HEADER_SIZE], view[HEADER_SIZE:])
+    if chunk is None:
         return None, FORGED
-    return (Header(kind, session, step, layer, sender, index, count, flags, seq, dest),
-            data[HEADER_SIZE:HEADER_SIZE + clen])
+    return Header(kind, session, step, layer, sender, index, count, flags, seq, dest), chunk
 
 
 @dataclass(slots=True)
@@ -244,7 +251,7 @@ class ReassemblyCounters:
     bad_length: int = 0
     """Datagrams dropped as truncated, oversized, or not as long as their header says."""
     forged: int = 0
-    """Datagrams dropped because their tag does not verify (wrong key, or altered in transit)."""
+    """Datagrams dropped because their tag does not verify (wrong key or session, or altered in transit)."""
     misdirected: int = 0
     """Authentic datagrams addressed to another device (a replay of someone else's traffic)."""
     replayed: int = 0
@@ -276,9 +283,9 @@ class Reassembler:
     Deduplication is per (session, step, layer, kind, sender, attempt): a redundant copy of the same
     transmission is dropped, but a retransmission (attempt >= 1, see `make_flags`) is delivered again,
     so that a device whose reply was lost sees the repeated request and can resend its reply.
-    Every datagram must carry a valid tag under `auth`, be addressed to `me` (if set), and carry a
-    sequence number its sender has not used before (`guard`, shared by all the sockets of a
-    process; default its own).
+    Every datagram must open under `auth` (a valid tag under its session's key), be addressed to
+    `me` (if set), and carry a sequence number its sender has not used before (`guard`, shared by
+    all the sockets of a process; default its own).
     Not thread-safe: one receiving thread feeds it.
     """
 

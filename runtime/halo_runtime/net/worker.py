@@ -9,8 +9,9 @@ Requests are `core.codec.encode_request` payloads; replies use the request's wir
 Sessions: only the coordinator's HELLO starts one (and resets the KV cache). A request for any
 other session is dropped and counted (`unknown_session`), and answered with a RESET so that a
 coordinator talking to a restarted device learns it must say HELLO and rebuild the device's KV
-cache (REBUILD_ATTN) before it can use it again. Every datagram must carry the deployment key's
-tag and a fresh sequence number (`auth`); rejects are counted, never raised.
+cache (REBUILD_ATTN) before it can use it again. Every datagram must open under its session's
+key (derived from the deployment key) and carry a fresh sequence number (`auth`); rejects are
+counted, never raised.
 
 Example:
     $ halo-run worker --plan artifacts/smollm2-135m-pi5 --device pi5-1 --bind 0.0.0.0:7700
@@ -64,7 +65,7 @@ class WorkerStats:
     dropped_bad_length: int = 0
     """Dropped as truncated, oversized, or not as long as their header says."""
     dropped_forged: int = 0
-    """Dropped because their tag does not verify (wrong key, or altered in transit)."""
+    """Dropped because their tag does not verify (wrong key or session, or altered in transit)."""
     dropped_misdirected: int = 0
     """Authentic, but addressed to another device."""
     dropped_replayed: int = 0
