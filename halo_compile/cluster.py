@@ -214,13 +214,17 @@ def parse_profile(text: str, source: str, weights: str = "fp32") -> ClusterProfi
                           weights=weights)
 
 
-def load_profile(path: str | Path, weights: str = "fp32") -> ClusterProfile:
-    """The profile file at `path`, resolved for weight format `weights` (see `parse_profile`)."""
-    path = Path(path)
+def read_profile_text(path: str | Path) -> str:
+    """A profile file's text, its bytes as they are (the fingerprint is of them); ProfileError naming
+    the file if it cannot be read."""
     try:
-        text = path.read_bytes().decode("utf-8")  # bytes as-is: the fingerprint is of the file's bytes
+        return Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ProfileError(f"{path}: no such profile") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ProfileError(f"{path}: cannot read ({e})") from None
-    return parse_profile(text, str(path), weights)
+
+
+def load_profile(path: str | Path, weights: str = "fp32") -> ClusterProfile:
+    """The profile file at `path`, resolved for weight format `weights` (see `parse_profile`)."""
+    return parse_profile(read_profile_text(path), str(path), weights)

@@ -46,14 +46,14 @@ Example (two entries, no base):
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
+from halo_runtime.core.plandir import write_atomically
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
-from .cluster import ProfileError, parse_profile
+from .cluster import ProfileError, parse_profile, read_profile_text
 
 HEADER = "# halo-compile profile merge of "
 """First line of the comment a merge writes; a later merge with this output as its base replaces it."""
@@ -212,34 +212,10 @@ def merge_profiles(entries: list[tuple[str, str]], base: tuple[str, str] | None 
     return text
 
 
-def read_profile_text(path: str | Path) -> tuple[str, str]:
-    """(source, text) of a profile file, for `merge_profiles`; ProfileError naming the file if unreadable."""
-    try:
-        return str(path), Path(path).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: no such profile") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProfileError(f"{path}: cannot read ({e})") from None
-
-
-def write_atomically(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: a failure leaves the old file (or
-    none), never half of the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:  # name the file the user gave, not the temporary one
-        raise OSError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # gone after the rename; what a failed write left otherwise
-
-
 def merge_files(entries, out: str | Path, base: str | Path | None = None, name: str | None = None,
                 coordinator: str | None = None) -> str:
     """Merge the entry files (and base file) into `out`, written only once the result is valid; the text."""
-    text = merge_profiles([read_profile_text(e) for e in entries],
-                          read_profile_text(base) if base is not None else None, name, coordinator)
+    text = merge_profiles([(str(e), read_profile_text(e)) for e in entries],
+                          (str(base), read_profile_text(base)) if base is not None else None, name, coordinator)
     write_atomically(out, text)
     return text

@@ -7,10 +7,11 @@ import os
 import pytest
 from click.testing import CliRunner
 from conftest import ROOT
+from halo_runtime.core.plandir import write_atomically
 
 from halo_compile.cli import main
 from halo_compile.cluster import MB, ProfileError, load_profile, parse_profile
-from halo_compile.profilemerge import HEADER, merge_files, merge_profiles, write_atomically
+from halo_compile.profilemerge import HEADER, merge_files, merge_profiles
 
 BASE = ROOT / "profiles" / "pi5.yaml"
 BOARDS = ["pi5-0", "pi5-1", "pi5-2", "pi5-3"]

@@ -145,13 +145,27 @@ def write_key(path: str | Path, key: bytes | None = None) -> bytes:
     key = new_key() if key is None else key
     if len(key) != KEY_BYTES:
         raise ValueError(f"a key has {KEY_BYTES} bytes, got {len(key)}")
+    write_atomically(path, key.hex() + "\n", mode=0o600)
+    return key
+
+
+def write_atomically(path: str | Path, text: str, mode: int = 0o644) -> None:
+    """Write `text` to `path` through a temporary file beside it (created with `mode`), synced, then
+    renamed: a failure leaves the old file (or none), never half of the new one. An OSError names
+    `path`, not the temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex() + "\n")
-    os.replace(tmp, path)
-    return key
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; what a failed write left otherwise
 
 
 def ensure_key(directory: str | Path) -> tuple[Path, bool]:

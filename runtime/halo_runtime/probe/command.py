@@ -15,6 +15,7 @@ import sys
 import time
 
 from ..cli import _auth, _fail, _field, _hostport, _threads_arg
+from ..core.plandir import write_atomically
 from .entry import significant
 
 
@@ -152,23 +153,9 @@ def run(args) -> None:
                     when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     text = entry.yaml()
     if args.output:
-        _write_atomic(args.output, text)
+        write_atomically(args.output, text)
         _progress(f"wrote {args.output}")
     if args.json:
         print(json.dumps(entry.to_json(), indent=1))
     elif not args.output:
         print(text, end="")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    """Write `path` as a whole or not at all (a temporary file beside it, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
