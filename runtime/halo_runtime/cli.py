@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import secrets
 import sys
 import time
+
+from .runstats import peak_rss_mb, percentiles
 
 EXIT_USER_ERROR = 2
 
@@ -160,7 +161,6 @@ def main(argv=None) -> None:
     from .core.compute import ComputeOptions, rows_differ_by_pass
     from .core.plan import PlanError
     from .net.exchange import DeviceLost
-    from .net.probelink import ProbeError
     from .net.transport import TransportError
 
     try:
@@ -169,19 +169,20 @@ def main(argv=None) -> None:
             print(f"halo-run: warning: {why}", file=sys.stderr, flush=True)
         {"worker": run_worker, "generate": run_generate, "local": run_local, "serve": run_serve,
          "probe": _run_probe}[args.command](args)
-    except (PlanError, TransportError, DeviceLost, ProbeError, OSError, ValueError) as e:
+    except (PlanError, TransportError, DeviceLost, OSError, ValueError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         sys.exit(130)
 
 
-# ---- worker --------------------------------------------------------------------------------------
-
 def _run_probe(args) -> None:
+    # measuring needs neither plan nor model: the probe's modules load only for `probe`
     from .probe.command import run
 
     run(args)
 
+
+# ---- worker --------------------------------------------------------------------------------------
 
 def run_worker(args) -> None:
     from .core.plan import PLAN_FILE, load_plan
@@ -258,14 +259,6 @@ def _prompt_ids(tok, text: str, chat: bool, plan_dir: str) -> list[int]:
     return tok.encode(text)
 
 
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None}
-    s = sorted(values)
-    pick = lambda q: round(s[min(len(s) - 1, int(round(q * (len(s) - 1))))], 3)  # noqa: E731
-    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
-
-
 def _drafts(args, plan):
     """The draft maker of `--draft` (None: no drafts); a bad checkpoint fails here, before any device starts."""
     from .core.draft import DraftOptions, prepare_draft
@@ -324,7 +317,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
         "prompt_tokens": len(prompt), "tokens": gen.tokens,
         "text": tok.decode(gen.tokens, skip_special=True),
         "ttft_ms": round(gen.token_stats[0].total_ms, 3) if gen.token_stats else None,
-        "tpot_ms": _percentiles(decode),
+        "tpot_ms": percentiles(decode),
         "tokens_per_s": round(len(gen.tokens) / elapsed, 3) if elapsed else None,
         "tokens_per_pass": round(gen.tokens_per_pass, 3) if gen.tokens_per_pass is not None else None,
         "draft": {"source": draft.name if draft is not None else "none",
@@ -357,19 +350,6 @@ def _load_coordinator(args):
     policy = DeliveryPolicy(wire=args.wire, relaxed_retries=args.relaxed_retries, redundancy=args.redundancy,
                             dead_after_s=args.dead_after)
     return plan, shard, Tokenizer.from_file(tok_path), policy
-
-
-def _peak_rss_mb(pid: int | None = None) -> float:
-    if pid is None:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def _report(result: dict, args) -> None:
@@ -406,7 +386,7 @@ def run_generate(args) -> None:
         result = generate_once(args, plan, shard, tok, exchange, args.sync, drafts=drafts)
     finally:
         exchange.close()
-    result["peak_rss_mb"] = {plan.coordinator: round(_peak_rss_mb(), 1)}
+    result["peak_rss_mb"] = {plan.coordinator: round(peak_rss_mb(), 1)}
     _report(result, args)
     if args.json:
         print(json.dumps(result))
@@ -443,8 +423,8 @@ def run_local(args) -> None:
                     s.close()
             result["plr"] = max(loss.values())
             result["kernels_by_device"] = {plan.coordinator: result["kernels"], **worker_kernels}
-            result["peak_rss_mb"] = {plan.coordinator: round(_peak_rss_mb(), 1),
-                                     **{d: round(_peak_rss_mb(p.pid), 1) for d, p in workers.items()}}
+            result["peak_rss_mb"] = {plan.coordinator: round(peak_rss_mb(), 1),
+                                     **{d: round(peak_rss_mb(p.pid), 1) for d, p in workers.items()}}
             _report(result, args)
             results.append(result)
         if args.compare and not args.json:
@@ -506,7 +486,6 @@ def run_serve(args) -> None:
         stop_workers(workers)
         for s in shims.values():
             s.close()
-
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ from .probelink import (
     SMALLEST,
     Kind,
     ProbeError,
-    _Record,
-    _Socket,
+    ProbeSocket,
+    TrainRecord,
     decode,
     encode,
     send_train,
@@ -148,7 +148,7 @@ class ProbeClient:
         self.auth = auth
         self.timeout_s = timeout_s
         self.session = secrets.randbits(32)
-        self.sock = _Socket(("::" if ":" in self.peer[0] else "0.0.0.0", 0), shim)
+        self.sock = ProbeSocket(("::" if ":" in self.peer[0] else "0.0.0.0", 0), shim)
         self._guard = ReplayGuard()
         self.forged = 0
         self._trains = 0
@@ -232,12 +232,12 @@ class ProbeClient:
     def _patience(self) -> float:
         return min(self.timeout_s, max(0.3, 10 * self._rtt_s))
 
-    def upstream(self, count: int, size: int, rate: float) -> tuple[_Record, int]:
+    def upstream(self, count: int, size: int, rate: float) -> tuple[TrainRecord, int]:
         """Send a train to the peer and fetch what arrived: (its record, the peer's overflow count)."""
         train = self._next_train()
         send_train(self.sock, self.auth, self.peer, self.session, train, count, size, rate)
         time.sleep(min(1.0, 0.2 + 4 * self._rtt_s))  # let stragglers (queued, delayed) arrive first
-        rec = _Record(count)
+        rec = TrainRecord(count)
         overflow = 0
         for first in range(0, count, REPORT_BITS):
             for _ in range(max(3, int(self.timeout_s / self._patience()))):
@@ -269,10 +269,10 @@ class ProbeClient:
         self._trains += 1
         return self._trains
 
-    def downstream(self, count: int, size: int, rate: float) -> _Record:
+    def downstream(self, count: int, size: int, rate: float) -> TrainRecord:
         """Ask the peer for a train and record what arrives."""
         train = self._next_train()
-        rec = _Record(count)
+        rec = TrainRecord(count)
         expected = count / rate if rate > 0 else 0.0  # rate 0: over when the link goes quiet
         end = time.monotonic() + self.timeout_s
         started = False

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from ..core.codec import TAG_LEN
 from .auth import Authenticator
 from .shim import LossShim
+from .transport import TransportError
 
 MAGIC = b"HPRB"
 VERSION = 1
@@ -87,8 +88,9 @@ class Kind(enum.IntEnum):
     REPORT = 7
 
 
-class ProbeError(RuntimeError):
-    """The probe cannot go on (a silent peer, a refused bind); the message says what to check."""
+class ProbeError(TransportError):
+    """The probe cannot go on (a silent peer, a refused bind); the message says what to check (the
+    CLI prints it as one error line, as any TransportError)."""
 
 
 def encode(auth: Authenticator, kind: int, session: int, body: bytes, size: int = 0) -> bytes:
@@ -130,7 +132,7 @@ def _socket(bind: tuple[str, int], rcvbuf: int = 4 << 20) -> socket.socket:
     return sock
 
 
-class _Socket:
+class ProbeSocket:
     """A UDP socket that receives with the kernel's count of datagrams it dropped for want of buffer
     (SO_RXQ_OVFL): such drops are this machine's, not the link's, and must not pass for link loss."""
 
@@ -169,7 +171,7 @@ class _Socket:
 
 
 @dataclass
-class _Record:
+class TrainRecord:
     """What arrived of one train (responder side for upstream trains, client side for downstream)."""
 
     count: int
@@ -199,7 +201,7 @@ class _Record:
         return tuple(bool(self.bits[i >> 3] >> (i & 7) & 1) for i in range(self.count))
 
 
-def send_train(sock: _Socket, auth: Authenticator, addr: tuple, session: int, train: int, count: int,
+def send_train(sock: ProbeSocket, auth: Authenticator, addr: tuple, session: int, train: int, count: int,
                size: int, rate: float, stop: threading.Event | None = None) -> None:
     """Send datagrams 0..count-1 of `train`, `rate` a second (0: as fast as the socket takes them).
 

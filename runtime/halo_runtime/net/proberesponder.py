@@ -31,8 +31,8 @@ from .probelink import (
     SEND,
     SMALLEST,
     Kind,
-    _Record,
-    _Socket,
+    ProbeSocket,
+    TrainRecord,
     decode,
     encode,
     send_train,
@@ -66,12 +66,12 @@ class Responder:
 
     def __init__(self, bind: tuple[str, int], auth: Authenticator, shim: LossShim | None = None):
         self.auth = auth
-        self.sock = _Socket(bind, shim)
+        self.sock = ProbeSocket(bind, shim)
         self.address: tuple[str, int] = tuple(self.sock.sock.getsockname()[:2])
         """(host, port) actually bound."""
         self.counters = ResponderCounters()
         self._guard = ReplayGuard()
-        self._sessions: OrderedDict[int, dict[int, _Record]] = OrderedDict()
+        self._sessions: OrderedDict[int, dict[int, TrainRecord]] = OrderedDict()
         self._sent: OrderedDict[tuple[int, int], bool] = OrderedDict()  # (session, train) already sent
         self._senders: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -111,11 +111,11 @@ class Responder:
                 if not 0 < count <= MAX_TRAIN or len(trains) >= 64:
                     c.refused += 1
                     return
-                trains[train] = _Record(count)
+                trains[train] = TrainRecord(count)
             trains[train].add(index, len(data), now)
         elif kind == Kind.REPORT_REQ and len(body) >= REPORT_REQ.size:
             train, first = REPORT_REQ.unpack_from(body)
-            rec = self._trains(session).get(train) or _Record(0)
+            rec = self._trains(session).get(train) or TrainRecord(0)
             bits = bytes(rec.bits[first // 8:(first + REPORT_BITS) // 8]) if first % 8 == 0 else b""
             head = REPORT.pack(train, rec.count, rec.received, rec.bytes, rec.last_ns - rec.first_ns,
                                self.sock.overflow & 0xFFFF_FFFF, first)
@@ -126,7 +126,7 @@ class Responder:
         else:
             c.malformed += 1
 
-    def _trains(self, session: int) -> dict[int, _Record]:
+    def _trains(self, session: int) -> dict[int, TrainRecord]:
         trains = self._sessions.get(session)
         if trains is None:
             if len(self._sessions) >= MAX_SESSIONS:

@@ -23,6 +23,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from ..runstats import percentile
+
 MIB = 1024 * 1024
 """A profile's `memory_mb` counts MiB (halo_compile.cluster.MB)."""
 FORMAT_ORDER = ("fp32", "bf16", "q8_0", "q4_0")
@@ -111,15 +113,11 @@ class FormatSpeed:
             raise ValueError(f"{self.format}: inconsistent speeds {self}")
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(round(q * (len(sorted_values) - 1))))]
-
-
 def speed_of(fmt: str, gflops: list[float], matrices: int) -> FormatSpeed:
     """FormatSpeed of the per-pass figures `gflops`, in the order they were measured."""
     s = sorted(gflops)
-    return FormatSpeed(fmt, gflops[0], statistics.median(gflops[len(gflops) // 2:]), _percentile(s, 0.1),
-                       _percentile(s, 0.9), len(gflops), matrices)
+    return FormatSpeed(fmt, gflops[0], statistics.median(gflops[len(gflops) // 2:]), percentile(s, 0.1),
+                       percentile(s, 0.9), len(gflops), matrices)
 
 
 def measure_format(fmt: str, opts: ComputeProbe, threads: int = 1) -> FormatSpeed:

@@ -24,7 +24,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from ..net.probeclient import RawLink
-from .board import _percentile
+from ..runstats import percentile
 
 BURST_FLOOR = 1.2
 """Mean bursts below this, statistically consistent with independent loss, are written as 0."""
@@ -158,7 +158,7 @@ def rtt_statistics(rtts_ms) -> RttStats:
     if not got:
         raise ValueError("no ping was answered")
     return RttStats(len(rtts_ms), len(got), statistics.fmean(got), statistics.pstdev(got),
-                    _percentile(got, 0.5), _percentile(got, 0.9), _percentile(got, 0.99))
+                    percentile(got, 0.5), percentile(got, 0.9), percentile(got, 0.99))
 
 
 @dataclass(frozen=True)
