@@ -121,10 +121,11 @@ def main():
 @field_option("--max-context", of=COMPILE, type=int)
 @field_option("--solver-time", of=COMPILE, type=float)
 @field_option("--weights", of=COMPILE, type=click.Choice([*FORMATS, *REPLACED]))
+@field_option("--failover/--no-failover", of=COMPILE, field="failover")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @friendly
 def plan(model, cluster, out, seed, calib, calib_tokens, mlp_groups, relaxed_share, max_context, solver_time,
-         weights, quiet):
+         weights, failover, quiet):
     """Compile MODEL (HF directory, .gguf file or built-in `smollm2-135m`) for a cluster."""
     import time
 
@@ -134,7 +135,7 @@ def plan(model, cluster, out, seed, calib, calib_tokens, mlp_groups, relaxed_sha
     try:
         opts = CompileOptions(seed=seed, calib_file=calib, calib_tokens=calib_tokens, mlp_groups=mlp_groups,
                               relaxed_share=relaxed_share, max_context=max_context, solver_time=solver_time,
-                              weights=weights, progress=not quiet)
+                              weights=weights, failover=failover, progress=not quiet)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     started = time.perf_counter()

@@ -12,7 +12,9 @@ File names and the manifest format are defined once, in `halo_runtime.core.pland
 
 `emit` takes shards made in memory; `emit_streaming` makes them from a lazily read checkpoint one
 layer at a time (`ShardWriter` assembles each device's file), computing the plan's model and
-weights fingerprints on the way, so a compile never holds more than a layer of weights.
+weights fingerprints on the way, so a compile never holds more than a layer of weights. A
+survivor's shard also holds the projections of the groups it adopts in the plan's failovers
+(`slicing.slice_adopted`, named `shards.failover_tensor`): on disk, mapped, read only if needed.
 
 Example:
     >>> import tempfile, pathlib
@@ -49,13 +51,22 @@ from halo_runtime.core.plandir import (
 
 from .load import fingerprint_update, tokenizer_config
 from .shardwriter import ShardWriter
-from .slicing import slice_extras, slice_layer, store_weight, stored_fingerprint_update, stored_names
+from .slicing import (
+    adopted_layouts,
+    slice_adopted,
+    slice_extras,
+    slice_layer,
+    store_weight,
+    stored_fingerprint_update,
+    stored_names,
+)
 
 
 def emit(out_dir: str | Path, plan: Plan, shards: dict[str, dict[str, torch.Tensor]],
          tokenizer_file: str | Path, tok_config: TokenizerConfig | None = None) -> Path:
-    """Write the plan directory atomically; returns its path. tok_config: the chat template and
-    special tokens [default: read from the checkpoint directory that holds `tokenizer_file`]."""
+    """Write the plan directory atomically; returns its path. shards: every device's tensors, the
+    failover ones (`slicing.slice_device`, or shards read back) included. tok_config: the chat
+    template and special tokens [default: read from the checkpoint directory that holds `tokenizer_file`]."""
     def write(tmp: Path) -> Plan:
         for device in plan.device_names:
             writer = ShardWriter(tmp / plan.shard_file(device))
@@ -95,10 +106,13 @@ def _write_shards(plan: Plan, weights: Mapping[str, torch.Tensor], writers: dict
     qnames = set(stored_names(plan))
     extras_q = {}
     layer, fp32, qmodel = None, {}, {}
+    layouts = {dev: adopted_layouts(plan, dev) for dev in writers}  # once: each is a plan, validated
 
     def flush():
         for dev, w in writers.items():
             w.put_all(slice_layer(plan, dev, layer, fp32, qmodel))
+            # what it would adopt if another device died: mapped, unread, until then
+            w.put_all(slice_adopted(plan, dev, layer, fp32, qmodel, layouts[dev]))
 
     for name in sorted(weights):
         at = int(name.split(".")[2]) if name.startswith("model.layers.") else None

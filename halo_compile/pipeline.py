@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from halo_runtime.core.plan import SCHEMA_VERSION, Plan, PredictorReport
+from halo_runtime.core.plan import SCHEMA_VERSION, Failover, Plan, PredictorReport
 from halo_runtime.core.plandir import shard_file
 from halo_runtime.core.formats import FORMATS, weight_format
 
@@ -38,6 +38,7 @@ from .calib import calibration_text, read_text_file, token_chunks
 from .cluster import ClusterProfile, load_profile
 from .compensate import compensate_layer
 from .emit import emit_streaming
+from .failover import plan_failover
 from .group import group_layer
 from .load import LoadedModel, ModelError, load_model
 from .place import (
@@ -87,6 +88,8 @@ class CompileOptions:
     """Show progress bars on stderr."""
     weights: str = "fp32"
     """Format the shards store weights in: fp32, bf16, q8_0 or q4_0 (halo_runtime.core.formats)."""
+    failover: bool = True
+    """Plan where each remote device's groups go if it dies, and keep their weights in the survivors' shards."""
 
     def __post_init__(self):
         checks = {"calib_tokens": self.calib_tokens >= 16, "chunk_tokens": self.chunk_tokens >= 16,
@@ -174,7 +177,9 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
         placement = inputs.place(baseline=blind)  # never dominated by the loss-blind plan
         _log(opts, f"      placement solved in {placement.solve_wall_s:.1f} s wall, "
                    f"loss-blind in {blind.solve_wall_s:.1f} s")
-        plan = _plan(model, cluster, opts, unplaced, predictors, inputs, placement, blind)
+        failover = plan_failover(inputs, placement.assignment, num_layers) if opts.failover else ()
+        _log_failover(opts, failover)
+        plan = _plan(model, cluster, opts, unplaced, predictors, inputs, placement, blind, failover)
 
     with timer.step("emit"):
         _log(opts, f"[7/7] emit {out}")
@@ -197,9 +202,22 @@ def check_blocks(cfg, weights: str) -> None:
                              f"not a multiple (use fp32 or bf16)")
 
 
+def _log_failover(opts: CompileOptions, failover: tuple[Failover, ...]) -> None:
+    """The compiler's summary of the failover: devices covered, and each one whose loss ends a run."""
+    if not opts.failover:
+        _log(opts, "      failover: not planned (--no-failover): a remote device's death ends a run")
+        return
+    covered = [f.device for f in failover if f.absorbable]
+    _log(opts, f"      failover: {len(covered)} of {len(failover)} remote devices with critical groups covered"
+               + (f" ({', '.join(covered)})" if covered else ""))
+    for f in failover:
+        if not f.absorbable:
+            _log(opts, f"      failover: {f.device} cannot be absorbed, its death ends a run: {f.reason}")
+
+
 def _plan(model: LoadedModel, cluster: ClusterProfile, opts: CompileOptions, groups, predictors: list[LayerPredictor],
-          inputs: PlacementInputs, placement: Placement, blind: Placement) -> Plan:
-    """The plan record: the placed groups, the reports of every step, and the streaming marks."""
+          inputs: PlacementInputs, placement: Placement, blind: Placement, failover: tuple[Failover, ...] = ()) -> Plan:
+    """The plan record: the placed groups, the reports of every step, the failover, and the streaming marks."""
     cfg, trained = model.config, [p.trained for p in predictors]
     plan = Plan(
         schema_version=SCHEMA_VERSION, compiler_version=__version__, seed=opts.seed,
@@ -217,5 +235,6 @@ def _plan(model: LoadedModel, cluster: ClusterProfile, opts: CompileOptions, gro
         loss_blind_lost_importance=importance_at_risk(inputs.costs, blind.assignment, inputs.miss, cfg.num_layers),
         shards=tuple(shard_file(dev.name) for dev in cluster.devices),
         # emit fills in both fingerprints as it reads the weights (the weights one needs the groups)
-        weights=opts.weights, weights_fingerprint="" if opts.weights == "fp32" else "pending")
+        weights=opts.weights, weights_fingerprint="" if opts.weights == "fp32" else "pending",
+        failover=failover)
     return mark_streaming(plan, inputs)

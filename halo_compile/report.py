@@ -22,11 +22,33 @@ predicted energy per token, and the plan their sum:
     ...                                                             plan.predicted_token_ms))
     >>> print(next(line for line in inspect_text(plan).splitlines() if "energy" in line))
     predicted energy per token: ... mJ (pi5-0 ..., pi5-1 ..., pi5-2 ..., pi5-3 ...; busy W x its compute time + ...)
+
+With the compiler's failover (planned here for the checked-in plan, which predates it), where each
+device's groups would go, what that costs, and the disk its survivors give them:
+    >>> from halo_runtime.core.shards import load_shard
+    >>> from halo_compile.failover import plan_failover
+    >>> from halo_compile.place import placement_inputs
+    >>> plan = load_plan("artifacts/smollm2-135m-pi5")
+    >>> inputs = placement_inputs(plan.model, plan.groups, plan.devices, plan.coordinator,
+    ...                           load_shard("artifacts/smollm2-135m-pi5", plan, plan.coordinator),
+    ...                           plan.max_context, plan.seed, solver_time=10.0)
+    >>> plan = dataclasses.replace(plan, failover=plan_failover(inputs, {g.id: g.device for g in plan.groups}, 30))
+    >>> lines = inspect_text(plan).splitlines()
+    >>> for line in lines[-6:]:
+    ...     print(line)
+    (their KV cache is allocated then)
+      pi5-1 dies: ... ms/token (now 60.65), expected lost importance ...% per layer (now 0.0361%)
+        pi5-0*     adopts ... groups (30 attn, ... mlp): ... MB of weights in its shard on disk, 30.0 MB of KV cache
+        pi5-2      adopts ... groups (0 attn, ... mlp): ... MB of weights in its shard on disk, 0.0 MB of KV cache
+        pi5-3      adopts ... groups (0 attn, ... mlp): ... MB of weights in its shard on disk, 0.0 MB of KV cache
+      pi5-2, pi5-3: relaxed groups only, no failover needed: their death is compensated like a late reply
 """
 from __future__ import annotations
 
-from halo_runtime.core.plan import Plan
+from halo_runtime.core.plan import Failover, Plan
 from halo_runtime.core.policy import DeliveryPolicy
+
+from .placecost import GroupCost, group_cost
 
 MB = 1024 * 1024
 
@@ -62,6 +84,10 @@ def inspect_text(plan: Plan) -> str:
     fp = f", fingerprint {plan.weights_fingerprint[:12]}" if plan.weights_fingerprint else ""
     lines.append(f"weights: {plan.weights}{fp}; stored bytes per device: "
                  + ", ".join(f"{r.name} {r.weight_bytes / MB:.1f} MB" for r in plan.device_reports))
+    kept = failover_disk_bytes(plan)
+    if kept:
+        lines.append("  and for failover, in the same shards on disk (read only after a failover): "
+                     + ", ".join(f"{n} {b / MB:.1f} MB" for n, b in kept.items()))
     lines += _streaming_lines(plan)
     lines.append("")
     p = plan.predictor
@@ -82,7 +108,59 @@ def inspect_text(plan: Plan) -> str:
     s = plan.solver
     lines.append(f"solver: {s.status}, objective {s.objective:g}, bound {s.bound:g}, "
                  f"{s.deterministic_time:.2f} s deterministic solve time, {s.num_workers} worker(s)")
+    lines += _failover_lines(plan)
     return "\n".join(lines)
+
+
+def _adopted(plan: Plan, f: Failover) -> dict[str, list[GroupCost]]:
+    """Per survivor of `f`, in plan device order, the costs of the groups it adopts."""
+    by_id, out = {g.id: g for g in plan.groups}, {}
+    for gid, survivor in f.moves:
+        out.setdefault(survivor, []).append(group_cost(plan.model, by_id[gid], plan.max_context, weights=plan.weights))
+    return {n: out[n] for n in plan.device_names if n in out}
+
+
+def failover_disk_bytes(plan: Plan) -> dict[str, int]:
+    """Per device, the bytes its shard keeps for the groups it adopts in the plan's failovers (all of
+    them: it keeps each dead device's tensors apart, `shards.failover_tensor`); none without failover."""
+    out: dict[str, int] = {}
+    for f in plan.failover:
+        for survivor, costs in _adopted(plan, f).items():
+            out[survivor] = out.get(survivor, 0) + sum(c.weight_bytes for c in costs)
+    return {n: out[n] for n in plan.device_names if n in out}
+
+
+def _failover_lines(plan: Plan) -> list[str]:
+    """Where each remote device's groups go if it dies, and what that costs (none: a plan compiled
+    without failover, or before it existed, prints as it did)."""
+    if not plan.failover:
+        return []
+    lines = ["", "failover (planned by the compiler): where a device's groups go if it dies; the survivors' shards",
+             "keep their weights, mapped from the shard file on disk and read into RAM only after a failover",
+             "(their KV cache is allocated then)"]
+    for f in plan.failover:
+        if not f.absorbable:
+            lines.append(f"  {f.device} dies: CANNOT BE ABSORBED, its death ends a run: {f.reason}")
+            continue
+        lines.append(f"  {f.device} dies: {f.predicted_token_ms:.2f} ms/token (now {plan.predicted_token_ms:.2f}), "
+                     f"expected lost importance {100 * f.expected_lost_importance:.4f}% per layer "
+                     f"(now {100 * plan.expected_lost_importance:.4f}%)")
+        for survivor, costs in _adopted(plan, f).items():
+            attn = sum(c.kind == "attn" for c in costs)
+            role = "*" if survivor == plan.coordinator else ""
+            lines.append(f"    {survivor + role:<10} adopts {len(costs):>4} group{'s' if len(costs) != 1 else ' '} ({attn} attn, "
+                         f"{len(costs) - attn} mlp): {sum(c.weight_bytes for c in costs) / MB:.1f} MB of weights "
+                         f"in its shard on disk, {sum(c.kv_bytes for c in costs) / MB:.1f} MB of KV cache")
+    covered = {f.device for f in plan.failover}
+    relaxed = [d for d in plan.device_names if d != plan.coordinator and d not in covered
+               and any(g.device == d for g in plan.groups)]
+    if relaxed:
+        lines.append(f"  {', '.join(relaxed)}: relaxed groups only, no failover needed: their death is "
+                     f"compensated like a late reply")
+    blocked = [f.device for f in plan.failover if not f.absorbable]
+    if blocked:
+        lines.append(f"  devices whose loss cannot be absorbed: {', '.join(blocked)}")
+    return lines
 
 
 def _energy_lines(plan: Plan) -> list[str]:

@@ -20,7 +20,7 @@ Example (the checked-in plan, re-formatted as q8_0 over random weights of its sh
     >>> cfg = dataclasses.replace(plan.model, num_layers=1, vocab_size=64)
     >>> groups = tuple(dataclasses.replace(g, members=tuple(range(96 * g.index, 96 * g.index + 96)))
     ...                if g.kind == "mlp" else g for g in plan.layer_groups(0))
-    >>> plan = dataclasses.replace(plan, model=cfg, groups=groups, weights="q8_0", weights_fingerprint="-")
+    >>> plan = dataclasses.replace(plan, model=cfg, groups=groups, weights="q8_0", weights_fingerprint="-", failover=())
     >>> h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     >>> shapes = {"embed_tokens": (64, h), "norm": (h,), "layers.0.input_layernorm": (h,),
     ...           "layers.0.post_attention_layernorm": (h,), "layers.0.self_attn.q_proj": (q, h),
@@ -52,8 +52,10 @@ from halo_runtime.core.shards import (
     LAYER_NORMS,
     PROJ,
     QUANTISED_EXTRAS,
+    adopted_plan,
     column_groups,
     device_indices,
+    failover_tensor,
     shard_name,
 )
 
@@ -100,8 +102,10 @@ def stored_model(plan: Plan, weights: Mapping) -> dict[str, np.ndarray]:
     return {name: store_weight(plan, name, weights[name]) for name in stored_names(plan) if name in weights}
 
 
-def _segments(plan: Plan, layer: int, proj: str, device: str | None = None) -> list[tuple[int, int]]:
-    """Column ranges in the stored matrix of each group (by index), or of `device`'s groups in shard order."""
+def _segments(plan: Plan, layer: int, proj: str, device: str | None = None, layout: Plan | None = None
+              ) -> list[tuple[int, int]]:
+    """Column ranges in the stored matrix of each group (by index), or of `device`'s groups in shard
+    order; layout: the plan whose groups `device` holds (default `plan`; a failover's adopted plan)."""
     starts, at = [], 0
     for g in column_groups(plan, layer, proj):
         starts.append((at, at + len(g)))
@@ -109,7 +113,7 @@ def _segments(plan: Plan, layer: int, proj: str, device: str | None = None) -> l
     if device is None:
         return starts
     kind = "attn" if proj == "o_proj" else "mlp"
-    return [starts[g.index] for g in plan.groups_on(device, layer, kind)]
+    return [starts[g.index] for g in (layout or plan).groups_on(device, layer, kind)]
 
 
 def _row_index(plan: Plan, device: str, layer: int, proj: str) -> list[int]:
@@ -131,21 +135,52 @@ def slice_layer(plan: Plan, device: str, layer: int, weights: Mapping, stored: M
                 ) -> dict[str, np.ndarray]:
     """What `device` holds of one layer: its rows and group segments of the stored model (made here
     from `weights` where `stored` lacks them), plus the coordinator's fp32 norms."""
-    fmt = weight_format(plan.weights)
-    out = {}
-    for proj, path in PROJ.items():
-        if not _holds(plan, device, layer, proj):
-            continue
-        hf = f"model.layers.{layer}.{path}.weight"
-        q = stored[hf] if stored is not None and hf in stored else store_weight(plan, hf, weights[hf])
-        if proj in COLUMN_SLICED:
-            out[shard_name(layer, proj)] = take_columns(q, fmt, _segments(plan, layer, proj, device))
-        else:
-            out[shard_name(layer, proj)] = take_rows(q, _row_index(plan, device, layer, proj))
+    out = _projections(plan, plan, device, layer, weights, stored)
     if device == plan.coordinator:
         for norm in LAYER_NORMS:
             out[f"layers.{layer}.{norm}"] = _np(weights[f"model.layers.{layer}.{norm}.weight"])
     return out
+
+
+def _projections(plan: Plan, layout: Plan, device: str, layer: int, weights: Mapping, stored: Mapping | None
+                 ) -> dict[str, np.ndarray]:
+    """The projections of one layer that `device` holds under `layout` (`plan` itself, or a failover's
+    adopted plan), cut from `plan`'s stored model: a layout's rows are model rows whatever groups
+    it holds, but o and down columns sit where `plan`'s groups put them."""
+    fmt = weight_format(plan.weights)
+    out = {}
+    for proj, path in PROJ.items():
+        if not _holds(layout, device, layer, proj):
+            continue
+        hf = f"model.layers.{layer}.{path}.weight"
+        q = stored[hf] if stored is not None and hf in stored else store_weight(plan, hf, weights[hf])
+        if proj in COLUMN_SLICED:
+            out[shard_name(layer, proj)] = take_columns(q, fmt, _segments(plan, layer, proj, device, layout))
+        else:
+            out[shard_name(layer, proj)] = take_rows(q, _row_index(layout, device, layer, proj))
+    return out
+
+
+def adopted_layouts(plan: Plan, holder: str) -> dict[str, Plan]:
+    """Per device whose death `holder` would absorb part of (`plan.failover`), the plan of what it
+    adopts (`shards.adopted_plan`), in plan order; a plan without failover gives none."""
+    out = {}
+    for f in plan.failover:
+        sub = adopted_plan(plan, f.device, holder) if f.absorbable else None
+        if sub is not None:
+            out[f.device] = sub
+    return out
+
+
+def slice_adopted(plan: Plan, holder: str, layer: int, weights: Mapping, stored: Mapping | None = None,
+                  layouts: dict[str, Plan] | None = None) -> dict[str, np.ndarray]:
+    """What `holder` keeps of one layer for the failovers it takes part in: per dead device, the
+    projections of the groups it would adopt, as `slice_layer` lays out any device's (so the
+    runtime builds them as a `DeviceCompute` of `shards.adopted_plan`), named `failover_tensor`.
+    layouts: `adopted_layouts(plan, holder)`, if already made (a layer at a time, they are)."""
+    layouts = adopted_layouts(plan, holder) if layouts is None else layouts
+    return {failover_tensor(dead, name): t for dead, sub in layouts.items()
+            for name, t in _projections(plan, sub, holder, layer, weights, stored).items()}
 
 
 def slice_extras(plan: Plan, device: str, weights: Mapping, stored: Mapping | None = None) -> dict[str, np.ndarray]:
@@ -161,11 +196,14 @@ def slice_extras(plan: Plan, device: str, weights: Mapping, stored: Mapping | No
 
 
 def slice_device(plan: Plan, device: str, weights: Mapping, stored: Mapping | None = None) -> dict[str, np.ndarray]:
-    """Every tensor of `device`'s shard (HF-named fp32 `weights` in, shard-named arrays out)."""
+    """Every tensor of `device`'s shard (HF-named fp32 `weights` in, shard-named arrays out), the
+    groups it would adopt in a failover included."""
     stored = stored if stored is not None else stored_model(plan, weights)
     out = {}
+    layouts = adopted_layouts(plan, device)
     for layer in range(plan.model.num_layers):
         out.update(slice_layer(plan, device, layer, weights, stored))
+        out.update(slice_adopted(plan, device, layer, weights, stored, layouts))
     out.update(slice_extras(plan, device, weights, stored))
     return out
 

@@ -80,6 +80,17 @@ def builtin_model():
     return load_model("smollm2-135m", progress=False)
 
 
+@pytest.fixture(scope="session")
+def pi5_plan(tmp_path_factory):
+    """(plan, directory): the default compile of the built-in model for profiles/pi5.yaml, the one
+    under artifacts/ (compiled once per session: the slow tests that need its shards share it)."""
+    from halo_compile.pipeline import CompileOptions, compile_plan
+
+    root = Path(__file__).resolve().parents[1]
+    return compile_plan("smollm2-135m", root / "profiles" / "pi5.yaml", tmp_path_factory.mktemp("pi5") / "plan",
+                        CompileOptions(progress=False))
+
+
 def cluster_yaml(n: int, *, lossy: int = 0, memory_mb: float = 4096, remote_memory_mb: float | None = None,
                  loss: float = 0.05, coordinator_gflops: float = 0.01, base_port: int = 7800) -> str:
     """A profile of n loopback devices. The coordinator is made slow so that the solver spreads

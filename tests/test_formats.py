@@ -432,7 +432,7 @@ def _placement_plan(cfg: ModelConfig, fmt: str, groups: list[list[int]], where: 
     placed += [Group(f"L0.mlp.{i}", 0, "mlp", i, tuple(members), where[i], i < 2, 0.25)
                for i, members in enumerate(groups)]
     return dataclasses.replace(base, model=cfg, groups=tuple(placed), max_context=64, weights=fmt,
-                               weights_fingerprint="" if fmt == "fp32" else "-")
+                               weights_fingerprint="" if fmt == "fp32" else "-", failover=())
 
 
 def _group_partials(plan, hf_weights, x: np.ndarray) -> dict[int, np.ndarray]:

@@ -10,7 +10,8 @@ import threading
 
 import numpy as np
 import pytest
-from halo_runtime.core.plan import Device, Group, from_plain
+from halo_runtime.core.plan import Device, Group
+from halo_runtime.core.planjson import from_plain
 from halo_runtime.core.residency import Residency, choose_resident, window_bytes
 from halo_runtime.storage.groupcache import GroupCache, LoadConfig, Part, Storage
 from safetensors.numpy import save_file
@@ -56,7 +57,7 @@ def test_profile_coordinator_never_streams():
 # ---- plan schema ----------------------------------------------------------------------------------
 
 def test_new_plan_fields_are_omitted_at_their_defaults_and_round_trip():
-    from halo_runtime.core.plan import _to_plain
+    from halo_runtime.core.planjson import to_plain as _to_plain
 
     dev = Device("b", "h:2", 10, 1.0)
     assert "storage_mbps" not in _to_plain(dev)

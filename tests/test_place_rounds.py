@@ -170,7 +170,7 @@ def test_runtime_sends_nothing_for_a_round_that_stays_home():
 
     plan = load_plan(ROOT / "artifacts" / "smollm2-135m-pi5")
     home = replace(plan, groups=tuple(replace(g, device=plan.coordinator) if g.layer == 0 and g.kind == "attn"
-                                      else g for g in plan.groups))
+                                      else g for g in plan.groups), failover=())
     assert (0, "attn") not in home.network_rounds() and (0, "mlp") in home.network_rounds()
     ex = UdpExchange(home, {d: ("127.0.0.1", 9) for d in home.device_names if d != home.coordinator},
                      bind_host="127.0.0.1")

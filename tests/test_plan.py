@@ -10,7 +10,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from halo_runtime.core.plan import FLOAT_DIGITS, PLAN_FILE, SCHEMA_VERSION, Plan, PlanError, load_plan
+from halo_runtime.core.plan import PLAN_FILE, SCHEMA_VERSION, Plan, PlanError, load_plan
+from halo_runtime.core.planjson import FLOAT_DIGITS
 from halo_runtime.core.shards import load_shard
 
 from halo_compile.slicing import assemble
@@ -183,7 +184,7 @@ def test_groups_on_order_with_everything_on_one_device(plan):
     """All of layer 0 on one device: attention, then critical MLP groups by index, then relaxed by index."""
     dev = plan.device_names[1]
     moved = tuple(dataclasses.replace(g, device=dev) if g.layer == 0 else g for g in plan.groups)
-    p = dataclasses.replace(plan, groups=moved)
+    p = dataclasses.replace(plan, groups=moved, failover=())  # the failover moves the old placement's groups
     mlp = p.layer_groups(0, "mlp")
     crit = [g.id for g in mlp if g.critical]
     relaxed = [g.id for g in mlp if not g.critical]

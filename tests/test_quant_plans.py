@@ -26,7 +26,9 @@ from conftest import ROOT, cluster_yaml
 from halo_runtime.core.coordinator import Coordinator
 from halo_runtime.core.exchange import InProcessExchange
 from halo_runtime.core.formats import FORMATS
-from halo_runtime.core.shards import load_shard
+from halo_runtime.core.shards import FAILOVER_PREFIX, load_shard
+
+from halo_compile.report import failover_disk_bytes
 
 BLOCK_FORMATS = ["q8_0", "q4_0"]
 PROMPT_IDS = [5, 17, 300, 42, 500]
@@ -90,8 +92,12 @@ def test_shards_store_blocks_and_verify_passes(compiled, tiny_vocab_dir, fmt):
             assert shard["embed_tokens"].shape == f.stored_shape(cfg.vocab_size, cfg.hidden_size)
         elif projections:
             workers += 1
-            # the plan counts what a worker stores: its shard is those bytes exactly
-            assert report.weight_bytes == sum(t.nbytes for t in shard.values())
+            # the plan counts what a worker stores: its shard is those bytes exactly, besides the
+            # groups it keeps for failover (counted by inspect, `report.failover_disk_bytes`)
+            own = sum(t.nbytes for k, t in shard.items() if not k.startswith(FAILOVER_PREFIX))
+            assert report.weight_bytes == own
+        kept = sum(t.nbytes for k, t in shard.items() if k.startswith(FAILOVER_PREFIX))
+        assert kept == failover_disk_bytes(plan).get(dev, 0), dev
     assert workers >= 2, "the 4-device plan should spread"
     proc = _cli("halo_compile.cli", "verify", directory, "--model", tiny_vocab_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]

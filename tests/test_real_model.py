@@ -109,13 +109,9 @@ def _same_bytes(out: Path) -> None:
         assert (out / name).read_bytes() == (CHECKED_IN / name).read_bytes(), f"{name} differs from the checked-in one"
 
 
-def test_checked_in_plan_is_reproduced_byte_for_byte(tmp_path):
+def test_checked_in_plan_is_reproduced_byte_for_byte(pi5_plan):
     """The plan and manifest under artifacts/ come out of the default compile, bit for bit."""
-    from halo_compile.pipeline import CompileOptions, compile_plan
-
-    _, out = compile_plan("smollm2-135m", ROOT / "profiles" / "pi5.yaml", tmp_path / "plan",
-                          CompileOptions(progress=False))
-    _same_bytes(Path(out))
+    _same_bytes(Path(pi5_plan[1]))
 
 
 def test_the_same_plan_with_torchs_plain_c_kernels(tmp_path):

@@ -327,6 +327,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
         "compensated_by_device": per_device,
         "wait_ms_per_token": round(sum(s.wait_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
         "compute_ms_per_token": round(sum(s.compute_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
+        "failovers": [e.to_json() for e in gen.failovers],
         "exchange": exchange.stats().to_json(),
         "devices": ({d: s.to_json() for d, s in exchange.device_stats().items()}
                     if hasattr(exchange, "device_stats") else {}),
@@ -360,6 +361,9 @@ def _report(result: dict, args) -> None:
     print(f"[{result['sync']}] {len(result['tokens'])} tokens; TPOT p50 {t['p50']} ms, p90 {t['p90']} ms, "
           f"p99 {t['p99']} ms; first token {result['ttft_ms']} ms; compensated "
           f"{100 * result['compensated_share']:.2f}% of relaxed parts")
+    for f in result["failovers"]:
+        print(f"[{result['sync']}] device {f['device']} died at token {f['token']}: replaced by the plan's failover "
+              f"in {f['switch_ms']:.0f} ms ({f['position']} tokens of KV cache rebuilt)")
     d = result["draft"]
     if d["source"] != "none":
         acc = "n/a" if d["acceptance"] is None else f"{100 * d['acceptance']:.1f}%"

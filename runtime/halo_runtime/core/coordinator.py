@@ -25,6 +25,11 @@ keeps what greedy decoding (or the speculative-sampling rule) confirms plus one 
 position the next request carries. A verification pass is an ordinary pass: same deadlines,
 same compensation.
 
+A device holding critical groups that dies (`DeviceLost` from the exchange) is replaced by the
+plan's failover: the exchange hands its groups to the survivors (`core.failover`), this device
+adopts its own share, its adopted heads' KV cache rebuilt from the session's attention inputs,
+and the interrupted pass runs again (`FailoverEvent`s in `Generation.failovers`).
+
 Example (what stands in for a relaxed part that missed its deadline; a whole generation is
 `Coordinator(plan, shard, exchange).generate(prompt_ids, max_tokens)`, as tests/test_runtime.py runs it
 on a compiled plan):
@@ -41,7 +46,8 @@ import numpy as np
 
 from .device import DeviceCompute
 from .draft import verify
-from .exchange import Exchange
+from .exchange import DeviceLost, Exchange
+from .failover import WithAdopted, adopt
 from .plan import Plan
 from .predictor import layer_predictor, predict_groups
 from .segment import Runner, Segment, Tables, schedule
@@ -79,6 +85,27 @@ class TokenStats:
 
 
 @dataclass
+class FailoverEvent:
+    """A device replaced by the plan's failover: which, when, and what the switch cost."""
+
+    device: str
+    """The device declared dead."""
+    at: float
+    """Unix time the switch finished."""
+    position: int
+    """Tokens of the session before it (prompt included): the KV cache rows rebuilt."""
+    switch_ms: float
+    """From declaring it dead to the survivors ready (hand-over and KV rebuild), in ms; the time to
+    notice it (`dead_after_s`, or a broken TCP connection) comes before."""
+    token: int = 0
+    """Index of the generated token whose pass it interrupted (0: before the first, or at the start)."""
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "at": round(self.at, 3), "position": self.position,
+                "switch_ms": round(self.switch_ms, 3), "token": self.token}
+
+
+@dataclass
 class Generation:
     tokens: list[int]
     """Generated token ids (prompt excluded)."""
@@ -92,6 +119,8 @@ class Generation:
     """Draft guesses verified."""
     accepted: int = 0
     """Draft guesses accepted."""
+    failovers: list = field(default_factory=list)
+    """`FailoverEvent`s of this generation (a device replaced by the plan's failover)."""
 
     @property
     def tokens_per_pass(self) -> float | None:
@@ -158,25 +187,74 @@ class Coordinator:
             raise ValueError("this plan has no low-rank compensation (recompile it with a newer halo-compile)")
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
         self.steps = schedule(plan)
-        # per layer: which remote devices hold relaxed groups, and what stands in for their part
-        self.relaxed: list[dict[str, _RelaxedPart]] = []
-        for i in range(L):
-            means = np.asarray(shard[f"compensation.{i}.mean"], dtype=np.float32)
+        self.relaxed = self._relaxed_parts(plan)
+        # after a failover: the groups this device adopted, added to its own in network rounds (one
+        # more graph call); the plan's own segments never held the dead device's groups
+        self.part = self.local
+        self.failed: str | None = None
+        self.failovers: list[FailoverEvent] = []
+        self.step_shift = 0
+        self.position = 0
+        self.session = 0
+
+    def _relaxed_parts(self, plan: Plan) -> list[dict[str, _RelaxedPart]]:
+        """Per layer: which remote devices hold relaxed groups under `plan`, and what stands in for them."""
+        has_lowrank = self.compensation == "lowrank"
+        out = []
+        for i in range(self.cfg.num_layers):
+            means = np.asarray(self.shard[f"compensation.{i}.mean"], dtype=np.float32)
             per_dev = {}
             for dev in self.remote:
                 idx = [g.index for g in plan.groups_on(dev, i, "mlp") if not g.critical]
                 if idx:
-                    lowrank = _lowrank(shard, i, idx) if has_lowrank else None
+                    lowrank = _lowrank(self.shard, i, idx) if has_lowrank else None
                     per_dev[dev] = _RelaxedPart(idx, means[idx].sum(0), lowrank, frozenset(idx))
-            self.relaxed.append(per_dev)
-        self.position = 0
-        self.session = 0
+            out.append(per_dev)
+        return out
 
     def reset(self, session: int) -> None:
-        self.local.reset()
+        self.part.reset()
         self.position = 0
         self.session = session
         self.exchange.begin(session)
+        failed = getattr(self.exchange, "failed", None)  # begin may replace a device, or find it back
+        if failed != self.failed:
+            t0 = time.perf_counter()
+            self._switch(failed, {})
+            if failed is not None:
+                self.failovers.append(FailoverEvent(failed, time.time(), 0, 1e3 * (time.perf_counter() - t0)))
+
+    # ---- failover -----------------------------------------------------------------------------
+
+    def _switch(self, dead: str | None, inputs: dict[int, np.ndarray]) -> None:
+        """Compute what the plan's failover for `dead` gives this device (None: the plan's own
+        groups again), its adopted heads' KV cache filled from `inputs` (layer -> rows from 0)."""
+        if self.part is not self.local:
+            self.part.close()
+        self.part, self.failed = self.local, dead
+        plan = self.plan if dead is None else self.plan.without(dead)
+        if dead is not None:
+            adopted = adopt(self.plan, dead, self.plan.coordinator, self.shard, self.threads)
+            if adopted is not None:
+                self.part = WithAdopted(self.local, adopted)
+                for layer, x in inputs.items():
+                    self.part.rebuild(layer, x)
+        self.relaxed = self._relaxed_parts(plan)
+
+    def _fail_over(self, lost: DeviceLost, start: int) -> None:
+        """Replace the device `lost` names by the plan's failover, its KV state rebuilt up to `start`;
+        `lost` again, with why, when that cannot be done."""
+        fail_over = getattr(self.exchange, "fail_over", None)
+        if lost.device is None or fail_over is None:
+            raise lost
+        t0 = time.perf_counter()
+        try:
+            inputs = fail_over(lost.device, start)
+        except DeviceLost as why:
+            raise DeviceLost(f"{lost}; {why}", lost.device) from None
+        self._switch(lost.device, inputs)
+        self.step_shift += 1  # the pass runs again under a new step: no device answers it from its reply cache
+        self.failovers.append(FailoverEvent(lost.device, time.time(), start, 1e3 * (time.perf_counter() - t0)))
 
     # ---- one pass -----------------------------------------------------------------------------
 
@@ -207,7 +285,7 @@ class Coordinator:
         """Every device's attention heads on x, all awaited (they hold KV state)."""
         self.exchange.post("attn", step, layer, x, start)
         t0 = time.perf_counter()
-        local = self.local.attention(layer, x, start) if self.local.has_attention(layer) else None
+        local = self.part.attention(layer, x, start) if self.part.has_attention(layer) else None
         t1 = time.perf_counter()
         remote = self.exchange.collect("attn", step, layer, {})
         t2 = time.perf_counter()
@@ -221,7 +299,7 @@ class Coordinator:
         awaited = self._awaited(layer, x)
         self.exchange.post("mlp", step, layer, m, start)
         t0 = time.perf_counter()
-        crit, rlx = self.local.mlp(layer, m) if self.local.has_mlp(layer) else (None, None)
+        crit, rlx = self.part.mlp(layer, m) if self.part.has_mlp(layer) else (None, None)
         t1 = time.perf_counter()
         result = self.exchange.collect("mlp", step, layer, awaited)
         t2 = time.perf_counter()
@@ -288,8 +366,9 @@ class Coordinator:
                              f"max context {self.plan.max_context}")
         if not prompt:
             raise ValueError("the prompt is empty")
+        before = len(self.failovers)
         self.reset(session)
-        gen = Generation([], [], [])
+        gen = Generation([], [], [], failovers=self.failovers[before:])
         seen = list(prompt)
         feed = list(prompt)
         while len(gen.tokens) < max_tokens:
@@ -302,10 +381,17 @@ class Coordinator:
             guesses = [int(t) for t in draft.propose(seen, k)][:k] if k > 0 else []
             stats.draft_ms = 1e3 * (time.perf_counter() - t0)
             start = self.position
-            if guesses:
-                logits = self.forward(feed + guesses, gen.passes, stats, all_positions=True)
-            else:
-                logits = self.forward(feed, gen.passes, stats)[None]
+            while True:
+                try:
+                    if guesses:
+                        logits = self.forward(feed + guesses, gen.passes + self.step_shift, stats, all_positions=True)
+                    else:
+                        logits = self.forward(feed, gen.passes + self.step_shift, stats)[None]
+                    break
+                except DeviceLost as lost:  # replaced by the plan's failover, then the pass runs again
+                    self._fail_over(lost, start)
+                    gen.failovers.append(self.failovers[-1])
+                    gen.failovers[-1].token = len(gen.tokens)
             tokens, accepted = verify(logits, guesses, seen, choose)
             if guesses:
                 # rejected rows are past the new position: the next pass overwrites them on every device

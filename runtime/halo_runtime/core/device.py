@@ -22,7 +22,8 @@ Example (the checked-in plan's cluster with a toy one-layer model; pi5-1 holds e
     >>> groups = (Group("L0.attn.0", 0, "attn", 0, (0,), "pi5-1", True, 1.0),
     ...           Group("L0.mlp.0", 0, "mlp", 0, tuple(range(40)), "pi5-1", True, 0.8),
     ...           Group("L0.mlp.1", 0, "mlp", 1, tuple(range(40, 64)), "pi5-1", False, 0.2))
-    >>> plan = dataclasses.replace(load_plan("artifacts/smollm2-135m-pi5"), model=cfg, groups=groups, max_context=64)
+    >>> plan = dataclasses.replace(load_plan("artifacts/smollm2-135m-pi5"), model=cfg, groups=groups, max_context=64,
+    ...                            failover=())
     >>> rng = np.random.default_rng(0)
     >>> shapes = {"attn.q_proj": (32, 32), "attn.k_proj": (16, 32), "attn.v_proj": (16, 32), "attn.o_proj": (32, 32),
     ...           "mlp.gate_proj": (64, 32), "mlp.up_proj": (64, 32), "mlp.down_proj": (32, 64)}

@@ -34,6 +34,14 @@ from .plan import Plan
 from .policy import BurstyLink, DeliveryPolicy
 
 
+class DeviceLost(RuntimeError):
+    """A device stopped answering; the message names it, and so does `device` when it is known."""
+
+    def __init__(self, message: str, device: str | None = None):
+        super().__init__(message)
+        self.device = device
+
+
 @dataclass
 class RoundResult:
     """What came back for one layer's round."""
@@ -161,6 +169,19 @@ class Exchange(Protocol):
         """A snapshot of the counters so far."""
 
     def close(self) -> None: ...
+
+
+class FailingOver(Exchange, Protocol):
+    """A network exchange that can replace a dead device by the plan's failover (`core.failover`)."""
+
+    failed: str | None
+    """The device replaced this session and the next ones (None: every device is in)."""
+
+    def fail_over(self, dead: str, start: int) -> dict[int, np.ndarray]:
+        """Send the survivors that adopt `dead`'s groups a FAILOVER and rebuild their KV cache from
+        the attention inputs of positions < `start`; from now on ask them instead of `dead`.
+        Returns those inputs per layer that `dead` held attention in (for the coordinator's own
+        adopted heads). DeviceLost if a survivor does not finish."""
 
 
 class InProcessExchange:

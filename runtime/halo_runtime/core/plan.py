@@ -2,8 +2,8 @@
 
 A plan says which device computes which neuron group of every layer, which groups are critical
 (always awaited) and which are relaxed (used only if they arrive before the deadline), and where
-every device listens. `plan.json` is written with deterministic bytes: keys sorted, floats
-rounded, one group per line.
+every device listens, and (`Failover`) where a dying device's groups go. `plan.json` is written
+with deterministic bytes: keys sorted, floats rounded, one group per line (`core.planjson`).
 
 Example (the checked-in plan: SmolLM2-135M on four Raspberry Pi 5):
     >>> from halo_runtime.core.plan import load_plan
@@ -20,21 +20,18 @@ Example (the checked-in plan: SmolLM2-135M on four Raspberry Pi 5):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ModelConfig
 from .formats import weight_format
 from .plandir import PLAN_FILE, PlanError
+from .planjson import dump, from_plain, to_plain
 from .policy import gilbert
 
 SCHEMA_VERSION = 1
-FLOAT_DIGITS = 6
 OPTIONAL = {"omit_default": True}
 """Field metadata: written to plan.json only when it differs from its default, so plans that do
 not use a feature (e.g. streaming) keep the bytes they had before the field existed."""
@@ -218,6 +215,33 @@ class PredictorReport:
 
 
 @dataclass(frozen=True)
+class Failover:
+    """Where one device's groups go if it dies, as the compiler solved it (`halo_compile.failover`)."""
+
+    device: str
+    """The device that dies (never the coordinator: it holds the residual stream)."""
+    moves: tuple[tuple[str, str], ...]
+    """(group id, survivor) for every group of `device`, in plan order; empty when the survivors
+    cannot hold them (`reason` says why): its death then ends the run."""
+    predicted_token_ms: float = 0.0
+    """Per-token time of the cluster without it, by the placement's cost model."""
+    expected_lost_importance: float = 0.0
+    """Expected share of a layer's output lost to packet loss without it (as `Plan`'s)."""
+    reason: str = field(default="", metadata=OPTIONAL)
+    """Why its groups cannot be absorbed (empty when `moves` is not)."""
+
+    def __post_init__(self):
+        if bool(self.moves) == bool(self.reason):
+            raise ValueError(f"failover of {self.device}: give either moves or the reason there are none")
+        if any(survivor == self.device for _, survivor in self.moves):
+            raise ValueError(f"failover of {self.device}: a group cannot move to the device that died")
+
+    @property
+    def absorbable(self) -> bool:
+        return bool(self.moves)
+
+
+@dataclass(frozen=True)
 class Plan:
     """A compiled, deployable placement of one model on one cluster."""
 
@@ -267,6 +291,9 @@ class Plan:
     weights_fingerprint: str = field(default="", metadata=OPTIONAL)
     """SHA-256 over the quantised model the shards hold together (`shards.quant_fingerprint`);
     empty for fp32, whose shards reassemble to `model_fingerprint` itself."""
+    failover: tuple[Failover, ...] = field(default=(), metadata=OPTIONAL)
+    """One per remote device holding critical groups, in device order: where its groups go if it
+    dies (the survivors keep their weights in their shards, `shards.failover_tensor`)."""
 
     def __post_init__(self):
         if self.schema_version != SCHEMA_VERSION:
@@ -290,6 +317,15 @@ class Plan:
                 raise ValueError(f"group {g.id}: device {g.device!r} is not in devices")
             if not 0 <= g.layer < self.model.num_layers:
                 raise ValueError(f"group {g.id}: layer {g.layer} out of range")
+        for f in self.failover:
+            if f.device not in names or f.device == self.coordinator:
+                raise ValueError(f"failover: {f.device!r} is not a remote device")
+            held = [g.id for g in self.groups if g.device == f.device]
+            if f.moves and [gid for gid, _ in f.moves] != held:
+                raise ValueError(f"failover of {f.device}: moves must name its groups, in plan order")
+            for _, survivor in f.moves:
+                if survivor not in names:
+                    raise ValueError(f"failover of {f.device}: {survivor!r} is not a device")
 
     # ---- queries the runtime and the compiler share -------------------------------------------
 
@@ -308,6 +344,25 @@ class Plan:
         """Predicted energy per token in mJ of the devices with `power_w`, summed (None: none has it)."""
         known = [r.energy_mj for r in self.device_reports if r.energy_mj is not None]
         return sum(known) if known else None
+
+    def failover_for(self, device: str) -> Failover | None:
+        """The compiler's fallback for `device`'s death (None: it holds no critical groups, or the
+        plan predates failover)."""
+        return next((f for f in self.failover if f.device == device), None)
+
+    def without(self, device: str) -> Plan:
+        """The plan after `device` died: its groups on the survivors its failover names (critical
+        stays critical), the failover's predictions, no further failover. ValueError if it has none."""
+        f = self.failover_for(device)
+        if f is None or not f.absorbable:
+            why = f.reason if f is not None else "the plan has no failover for it"
+            raise ValueError(f"device {device} cannot be replaced: {why}")
+        moved = dict(f.moves)
+        return dataclasses.replace(
+            self, groups=tuple(dataclasses.replace(g, device=moved[g.id]) if g.id in moved else g
+                               for g in self.groups),
+            predicted_token_ms=f.predicted_token_ms, expected_lost_importance=f.expected_lost_importance,
+            failover=())
 
     def shard_file(self, name: str) -> str:
         return self.shards[self.device_names.index(name)]
@@ -332,7 +387,7 @@ class Plan:
     # ---- serialisation ------------------------------------------------------------------------
 
     def to_json(self) -> str:
-        return _dump(_to_plain(self)) + "\n"
+        return dump(to_plain(self)) + "\n"
 
     @classmethod
     def from_json(cls, text: str, source: str = PLAN_FILE) -> "Plan":
@@ -356,99 +411,3 @@ def load_plan(directory: str | Path) -> Plan:
     except FileNotFoundError:
         raise PlanError(f"{path}: no plan here (run `halo-compile plan` first)") from None
     return Plan.from_json(text, str(path))
-
-
-# ---- deterministic JSON -------------------------------------------------------------------------
-
-def _round(x: float) -> float:
-    if x == 0 or not math.isfinite(x):
-        return x
-    return float(f"{x:.{FLOAT_DIGITS}g}")
-
-
-def _to_plain(obj):
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
-    if isinstance(obj, dict):
-        return {str(k): _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    if isinstance(obj, float):
-        return _round(obj)
-    return obj
-
-
-def _dump(obj, indent: int = 0) -> str:
-    """JSON with sorted keys; lists of scalars and small objects stay on one line."""
-    pad, inner = " " * indent, " " * (indent + 1)
-    if isinstance(obj, dict) and obj:
-        if all(not isinstance(v, (dict, list)) or _is_flat_list(v) for v in obj.values()) and indent > 0:
-            return json.dumps(obj, sort_keys=True, separators=(", ", ": "))
-        items = [f"{inner}{json.dumps(k)}: {_dump(obj[k], indent + 1)}" for k in sorted(obj)]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(obj, list) and obj and not _is_flat_list(obj):
-        return "[\n" + ",\n".join(inner + _dump(v, indent + 1) for v in obj) + "\n" + pad + "]"
-    return json.dumps(obj, sort_keys=True, separators=(", ", ": "))
-
-
-def _is_flat_list(v) -> bool:
-    return isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v)
-
-
-@functools.cache
-def _schema(cls) -> tuple[dict, dict]:
-    """A dataclass's resolved field types and its fields, once per class: resolving the string
-    annotations compiles each one, and a plan holds thousands of group records (0.2 s a load)."""
-    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
-
-
-def from_plain(cls, data, where: str):
-    """Build a frozen dataclass from parsed JSON, naming the exact field on any mismatch."""
-    if not isinstance(data, dict):
-        raise PlanError(f"{where}: expected an object for {cls.__name__}")
-    hints, fields = _schema(cls)
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise PlanError(f"{where}: unknown field {unknown[0]!r}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise PlanError(f"{where}: missing field {name!r}")
-            continue
-        kwargs[name] = _convert(hints[name], data[name], f"{where}: {name}")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise PlanError(f"{where}: {e}") from None
-
-
-def _convert(tp, value, where: str):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _convert(next(a for a in args if a is not type(None)), value, where)
-    if dataclasses.is_dataclass(tp):
-        return from_plain(tp, value, where)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise PlanError(f"{where}: expected a list")
-        if args[0] is int and all(type(v) is int for v in value):  # neuron lists: the bulk of a plan
-            return tuple(value)
-        return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PlanError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PlanError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp in (str, bool) and not isinstance(value, tp):
-        raise PlanError(f"{where}: expected {tp.__name__}, got {value!r}")
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise PlanError(f"{where}: expected an object")
-    return value

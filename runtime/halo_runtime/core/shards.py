@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,35 @@ def column_groups(plan: Plan, layer: int, proj: str) -> list[list[int]]:
     if kind == "mlp":
         return [list(gr.members) for gr in groups]
     return [[(h * g + j) * hd + d for h in gr.members for j in range(g) for d in range(hd)] for gr in groups]
+
+
+# ---- failover: the groups a survivor adopts when a device dies --------------------------------------
+
+FAILOVER_PREFIX = "failover."
+"""Shard tensors a survivor keeps for another device's groups; mapped, not read, until it dies."""
+
+
+def failover_tensor(dead: str, name: str) -> str:
+    """The shard name of tensor `name` (as `shard_name` calls it) of the groups a survivor adopts
+    when `dead` dies, e.g. failover.pi5-1.layers.3.mlp.gate_proj."""
+    return f"{FAILOVER_PREFIX}{dead}.{name}"
+
+
+def adopted_plan(plan: Plan, dead: str, holder: str) -> Plan | None:
+    """The plan as `holder` computes what it adopts from `dead`: exactly those groups, on `holder`,
+    so `device_indices`, the compiler's slicing and `DeviceCompute` lay them out as for any device.
+    None when `holder` adopts nothing."""
+    moved = {gid for gid, to in plan.failover_for(dead).moves if to == holder}
+    if not moved:
+        return None
+    after = plan.without(dead)
+    return replace(after, groups=tuple(g for g in after.groups if g.id in moved))
+
+
+def adopted_shard(shard: dict[str, np.ndarray], dead: str) -> dict[str, np.ndarray]:
+    """The tensors of a shard that hold what its device adopts from `dead`, by their `shard_name`s."""
+    pre = f"{FAILOVER_PREFIX}{dead}."
+    return {k[len(pre):]: v for k, v in shard.items() if k.startswith(pre)}
 
 
 # ---- reading safetensors files ----------------------------------------------------------------------

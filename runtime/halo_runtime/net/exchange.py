@@ -14,8 +14,11 @@ the device's compute time, which is what a deadline must allow for.
 Device failure (UDP): a device asked for something and silent for `down_after_s` that holds only
 relaxed groups is marked down with one warning line: its parts are compensated without waiting,
 and it is probed with HELLO every `probe_every_s` until it answers again. A device holding
-critical parts (attention, critical MLP) silent for `dead_after_s` ends the run with DeviceLost
-naming it. A restarted device answers requests of the running session with RESET; the
+critical parts (attention, critical MLP) silent for `dead_after_s` raises DeviceLost naming it;
+the coordinator then calls `fail_over`: the survivors the plan's failover names take its groups
+(FAILOVER over UDP, resent until echoed; their adopted heads' KV cache over TCP from `history`),
+or, without a failover for it, the run ends. A new session asks the replaced device briefly
+(`RETURN_GRACE_S`) and gives it its groups back if it answers. A restarted device answers requests of the running session with RESET; the
 coordinator then says HELLO and rebuilds its KV cache over TCP from the attention inputs it
 sent before (`history`), and carries on (rejoin).
 
@@ -28,7 +31,7 @@ Example (the checked-in plan, its workers nowhere: `begin` says which device doe
     >>> ex.begin(session=1, timeout_s=0.2)
     Traceback (most recent call last):
     ...
-    halo_runtime.net.recovery.DeviceLost: device pi5-1 at 127.0.0.1:9 does not answer (...)
+    halo_runtime.core.exchange.DeviceLost: device pi5-1 at 127.0.0.1:9 does not answer (...)
     >>> ex.close()
 """
 from __future__ import annotations
@@ -45,12 +48,14 @@ from ..core.exchange import Drops, ExchangeStats, RoundResult
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .recovery import DeviceLost, History, rebuild
+from .recovery import DeviceLost, History, adopted_inputs, adopters, hand_over, rebuild, why_not_replaced
 from .shim import LossShim
-from .transport import RttEstimator, TransportError, UdpEndpoint
+from .transport import RttEstimator, TcpChannel, TransportError, UdpEndpoint
 from .wire import Kind, Message, attempt_of, make_flags
 from .worker import WorkerStats
 
+RETURN_GRACE_S = 0.2
+"""How long a new session waits for a device replaced by its failover: if it answers, it is back."""
 PHASE_REQUEST = {"attn": Kind.REQUEST_ATTN, "mlp": Kind.REQUEST_MLP}
 # plain ints for the per-round loop: reading an enum member costs a descriptor call each time
 _ATTN, _CRIT, _RLX = int(Kind.REPLY_ATTN), int(Kind.REPLY_MLP_CRITICAL), int(Kind.REPLY_MLP_RELAXED)
@@ -118,15 +123,8 @@ class UdpExchange:
         self.me = self.index[plan.coordinator]
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
         self.lossy = {d for d in self.remote if plan.device(d).loss > 0}
-        self.layout = _layout(plan)
-        # per phase and layer, the devices asked, in device order (computed once, not per round)
-        self.targets = {"attn": self.layout["attn"],
-                        "mlp": [sorted(set(c) | set(r), key=self.remote.index)
-                                for c, r in zip(self.layout["crit"], self.layout["relaxed"])]}
-        # devices whose loss ends the run: they hold attention (KV state) or critical MLP groups
-        self.critical = {d for d in self.remote
-                         if any(d in self.layout["attn"][i] or d in self.layout["crit"][i]
-                                for i in range(plan.model.num_layers))}
+        self.full, self.failed = plan, None
+        self._use(plan)
         self.auth = auth or Authenticator()
         self.guard = ReplayGuard()
         self.endpoint = UdpEndpoint(bind_host, 0, shim=shim, auth=self.auth, guard=self.guard, me=self.me)
@@ -144,6 +142,19 @@ class UdpExchange:
                          "relaxed_parts": 0, "awaited_relaxed": 0, "max_relaxed_overshoot_ms": 0.0,
                          "unknown_session": 0, "devices_down": 0, "rejoins": 0}
 
+    def _use(self, plan: Plan) -> None:
+        """Ask the devices `plan` places groups on: the plan's own, or the one after a failover."""
+        self.plan = plan
+        self.layout = _layout(plan)
+        # per phase and layer, the devices asked, in device order (computed once, not per round)
+        self.targets = {"attn": self.layout["attn"],
+                        "mlp": [sorted(set(c) | set(r), key=self.remote.index)
+                                for c, r in zip(self.layout["crit"], self.layout["relaxed"])]}
+        # devices whose loss ends the run (or fails over): they hold attention (KV state) or critical MLP groups
+        self.critical = {d for d in self.remote
+                         if any(d in self.layout["attn"][i] or d in self.layout["crit"][i]
+                                for i in range(plan.model.num_layers))}
+
     # ---- session --------------------------------------------------------------------------------
 
     def begin(self, session: int, timeout_s: float | None = None) -> None:
@@ -155,29 +166,94 @@ class UdpExchange:
         # a relaxed-only device already down is probed, not awaited: a server does not stall every
         # request for it; it rejoins when it answers a probe
         was_down = self.down & set(self.remote)
-        waiting, attempt, deadline = set(self.remote) - was_down, 0, time.monotonic() + timeout_s
+        # a device replaced by its failover is asked too, but only briefly: if it answers, it is back
+        dead = {self.failed} if self.failed else set()
+        waiting, attempt, deadline = set(self.remote) - was_down - dead, 0, time.monotonic() + timeout_s
+        grace = time.monotonic() + min(RETURN_GRACE_S, timeout_s)
         self._probe(time.monotonic())
-        while waiting:
-            for d in sorted(waiting):
+        while waiting or (dead and time.monotonic() < grace):
+            for d in sorted(waiting | dead):
                 self.endpoint.send(Message(Kind.HELLO, session, 0, 0, self.me), self.peers[d],
                                    make_flags(min(attempt, 15)), dest=self.index[d])
             attempt += 1
             until = min(deadline, time.monotonic() + 0.05 * attempt)
-            while waiting and time.monotonic() < until:
+            while (waiting or dead) and time.monotonic() < until:
                 got = self.endpoint.recv(until - time.monotonic())
                 if got and got[0].kind == Kind.HELLO and got[0].session == session:
                     waiting.discard(self.names.get(got[0].sender))
+                    dead.discard(self.names.get(got[0].sender))
             if time.monotonic() >= deadline and waiting:
-                if not waiting & self.critical:
+                lost = sorted(waiting & self.critical)
+                if not lost:
                     break  # only relaxed groups are missing: marked down below, the session goes on
-                d = sorted(waiting & self.critical)[0]
+                if len(lost) == 1 and not self.failed and self._replaceable(lost[0]) \
+                        and not waiting & adopters(self.full, lost[0]):
+                    dead = {lost[0]}  # replaced below, before any token: nothing to rebuild
+                    waiting.discard(lost[0])
+                    break
+                d = lost[0]
                 raise DeviceLost(f"device {d} at {self.peers[d][0]}:{self.peers[d][1]} does not answer "
-                                 f"(is `halo-run worker --device {d}` running there, with this plan's key?)")
+                                 f"(is `halo-run worker --device {d}` running there, with this plan's key?)", d)
         self.down = set(was_down)
         for d in sorted(waiting):
             self._mark_down(d)
         self.rejoined.clear()
         self.asked_since = dict.fromkeys(self.remote)
+        if self.failed and not dead:
+            self.warn(f"device {self.failed} answers again: it takes its own groups back from this request on")
+            self._use(self.full)
+            self.failed = None
+        elif self.failed:  # still gone: the survivors take its groups again for this session
+            self._announce(self.failed)
+        elif dead:  # gone before this session's first token: nothing to rebuild
+            self.fail_over(dead.pop(), 0)
+
+    def _replaceable(self, d: str) -> bool:
+        f = self.full.failover_for(d)
+        return f is not None and f.absorbable
+
+    def fail_over(self, dead: str, start: int) -> dict[int, np.ndarray]:
+        """See `core.exchange.FailingOver`: the survivors take over `dead`'s groups."""
+        if self.failed or not self._replaceable(dead):
+            raise DeviceLost(f"device {dead} cannot be replaced: {why_not_replaced(self.full, dead, self.failed)}",
+                             dead)
+        inputs = {i: self.history.inputs(i)[:start] for i in range(self.plan.model.num_layers)
+                  if dead in self.layout["attn"][i]}
+        self._use(self.full.without(dead))
+        self.failed, self.round = dead, None
+        self.down.discard(dead)
+        self._announce(dead)
+        for s in sorted(adopters(self.full, dead), key=self.remote.index):
+            mine = adopted_inputs(self.full, dead, s, inputs)
+            if mine:  # KV rows to rebuild: reliably, over TCP (a datagram per row at 10% loss would not do)
+                try:
+                    with TcpChannel.connect(self.peers[s], timeout_s=self.policy.dead_after_s, auth=self.auth,
+                                            guard=self.guard, me=self.me) as ch:
+                        hand_over(ch, s, self.me, self.index[s], self.session, dead, mine, self.policy.wire,
+                                  self.policy.dead_after_s)
+                except TransportError as e:
+                    raise DeviceLost(f"device {s} cannot take over {dead}'s groups: {e}", s) from None
+        self.asked_since = dict.fromkeys(self.remote)
+        return inputs
+
+    def _announce(self, dead: str) -> None:
+        """FAILOVER to every survivor that adopts some of `dead`'s groups, over UDP like HELLO (a TCP
+        connection would cost a lost SYN its 1 s timeout), resent until each echoes it."""
+        waiting, attempt = set(adopters(self.full, dead)), 0
+        deadline = time.monotonic() + self.policy.dead_after_s
+        while waiting:
+            for d in sorted(waiting):
+                self.endpoint.send(Message(Kind.FAILOVER, self.session, 0, 0, self.me, dead.encode()), self.peers[d],
+                                   make_flags(min(attempt, 15)), dest=self.index[d])
+            attempt += 1
+            until = min(deadline, time.monotonic() + max(self.rtt[(d, "mlp")].rto_s for d in waiting) * attempt)
+            while waiting and time.monotonic() < until:
+                got = self.endpoint.recv(until - time.monotonic())
+                if got and got[0].kind == Kind.FAILOVER and got[0].session == self.session:
+                    waiting.discard(self.names.get(got[0].sender))
+            if waiting and time.monotonic() >= deadline:
+                d = sorted(waiting)[0]
+                raise DeviceLost(f"device {d} did not take over {dead}'s groups in {self.policy.dead_after_s:g} s", d)
 
     # ---- rounds ---------------------------------------------------------------------------------
 
@@ -265,7 +341,7 @@ class UdpExchange:
                     r.step if r else 0, inputs, self.policy.wire, self.policy.dead_after_s)
         except TransportError as e:
             if d in self.critical:
-                raise DeviceLost(f"device {d} restarted but cannot be rebuilt: {e}") from None
+                raise DeviceLost(f"device {d} restarted but cannot be rebuilt: {e}", d) from None
             return
         was_down = d in self.down
         if r is not None:
@@ -376,7 +452,7 @@ class UdpExchange:
             if d in self.critical and self._silent_for(d, now) > self.policy.dead_after_s:
                 raise DeviceLost(f"device {d} ({self.peers[d][0]}:{self.peers[d][1]}) stopped answering: no "
                                  f"reply for layer {layer} {phase} of step {step} in "
-                                 f"{self.policy.dead_after_s:g} s; it holds critical groups, so the run ends")
+                                 f"{self.policy.dead_after_s:g} s; it holds critical groups", d)
             if d not in self.critical and self._silent_for(d, now) > self.policy.down_after_s:
                 self._mark_down(d)
         if self.down and now >= self.next_probe:
@@ -398,7 +474,7 @@ class UdpExchange:
     def device_stats(self, timeout_s: float = 1.0) -> dict[str, WorkerStats]:
         """Each reachable remote device's own counters (requests, drops by reason), by name."""
         out: dict[str, WorkerStats] = {}
-        ask = [d for d in self.remote if d not in self.down]
+        ask = [d for d in self.remote if d not in self.down and d != self.failed]
         deadline = time.monotonic() + timeout_s
         for _ in range(3):
             for d in ask:

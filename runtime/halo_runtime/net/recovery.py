@@ -1,5 +1,6 @@
 """Device failure and rejoin: the error that ends a run, the coordinator's record of what it sent,
-and the rebuild of a restarted device's KV cache.
+the rebuild of a restarted device's KV cache, and the hand-over of a dead device's groups to the
+survivors the plan's failover names (`hand_over`: FAILOVER, then their KV cache from the same record).
 
 A device that restarts mid-session has an empty KV cache. The coordinator keeps, per layer, the
 attention inputs it broadcast this session (`History`); `rebuild` sends them to the device over
@@ -22,16 +23,15 @@ import time
 import numpy as np
 
 from ..core.codec import FP16_MAX, encode_request
+from ..core.exchange import DeviceLost
+from ..core.plan import Plan
+from ..core.shards import adopted_plan
 from .auth import Authenticator, ReplayGuard
 from .transport import TcpChannel
 from .wire import Kind, Message
 
 REBUILD = b"rebuild"
 """HELLO payload that makes a device drop its KV state even within the same session."""
-
-
-class DeviceLost(RuntimeError):
-    """A device stopped answering; the message names it."""
 
 
 class History:
@@ -85,7 +85,50 @@ def rebuild(name: str, addr: tuple, auth: Authenticator, guard: ReplayGuard, me:
             msg = ch.recv(max(0.0, deadline - time.monotonic()))
             if msg is None:
                 raise DeviceLost(f"device {name} restarted but did not finish rebuilding its KV cache "
-                                 f"in {timeout_s:g} s")
+                                 f"in {timeout_s:g} s", name)
             if msg.session == session:
                 want.discard((msg.kind, msg.layer if msg.kind == Kind.REBUILT else 0))
         ch.send(Message(Kind.BYE, session, 0, 0, me), dest=dest)
+
+
+def hand_over(ch: TcpChannel, name: str, me: int, dest: int, session: int, dead: str, inputs: dict[int, np.ndarray],
+              wire: str, timeout_s: float) -> None:
+    """Tell survivor `name` on `ch` to take over its share of `dead`'s groups (FAILOVER), and replay
+    `inputs` (layer -> [rows from position 0, hidden]) into the adopted heads' KV cache. Anything
+    else arriving on `ch` meanwhile (replies of a round the death interrupted) is dropped.
+    DeviceLost if it does not finish in `timeout_s`; TransportError if the connection fails."""
+    ch.send(Message(Kind.FAILOVER, session, 0, 0, me, dead.encode()), dest=dest)
+    want = {(Kind.FAILOVER, 0)}
+    for layer, xs in inputs.items():
+        if xs.shape[0]:
+            ch.send(Message(Kind.REBUILD_ATTN, session, 0, layer, me, encode_request(xs, 0, wire)), dest=dest)
+            want.add((Kind.REBUILT, layer))
+    deadline = time.monotonic() + timeout_s
+    while want:
+        msg = ch.recv(max(0.0, deadline - time.monotonic()))
+        if msg is None:
+            raise DeviceLost(f"device {name} did not take over {dead}'s groups in {timeout_s:g} s", name)
+        if msg.session == session:
+            want.discard((msg.kind, msg.layer if msg.kind == Kind.REBUILT else 0))
+
+
+def why_not_replaced(plan: Plan, dead: str, failed: str | None) -> str:
+    """Why `dead` cannot be replaced by the plan's failover (for the line that ends the run)."""
+    if failed:
+        return f"{failed} was replaced already, and a plan's failover covers one dead device at a time"
+    f = plan.failover_for(dead)
+    if f is None:
+        return "the plan has no failover for it (recompile it to get one)"
+    return f.reason
+
+
+def adopters(plan: Plan, dead: str) -> set[str]:
+    """The remote devices the plan's failover for `dead` gives groups to."""
+    return {to for _, to in plan.failover_for(dead).moves if to != plan.coordinator}
+
+
+def adopted_inputs(plan: Plan, dead: str, survivor: str, inputs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Of `inputs` (layer -> attention inputs of the session so far), those of the layers in which
+    `survivor` adopts attention heads of `dead`: what rebuilding their KV cache needs."""
+    layers = {g.layer for g in adopted_plan(plan, dead, survivor).groups if g.kind == "attn"}
+    return {i: x for i, x in inputs.items() if i in layers and x.shape[0]}

@@ -1,5 +1,6 @@
 """The strict baseline: the same requests as `UdpExchange`, over TCP, every part awaited, as
-distributed-llama does; TCP's own retransmission handles loss.
+distributed-llama does; TCP's own retransmission handles loss. A device that dies (its connection
+breaks, or it is silent for `dead_after_s`) is replaced by the plan's failover as in `UdpExchange`.
 
 Example (the checked-in plan, its workers nowhere: connecting names the device that is missing):
     >>> from halo_runtime.core.plan import load_plan
@@ -8,7 +9,7 @@ Example (the checked-in plan, its workers nowhere: connecting names the device t
     >>> TcpExchange(plan, {d: ("127.0.0.1", 9) for d in plan.device_names if d != plan.coordinator})
     Traceback (most recent call last):
     ...
-    halo_runtime.net.recovery.DeviceLost: device pi5-1: ...
+    halo_runtime.core.exchange.DeviceLost: device pi5-1: ...
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from ..core.exchange import Drops, ExchangeStats, RoundResult
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .exchange import PHASE_REQUEST, _layout
-from .recovery import DeviceLost
+from .exchange import PHASE_REQUEST, RETURN_GRACE_S, _layout
+from .recovery import DeviceLost, History, adopted_inputs, adopters, hand_over, why_not_replaced
 from .shim import LossShim
 from .transport import TcpChannel, TransportError
 from .wire import Kind, Message
@@ -37,50 +38,95 @@ class TcpExchange:
 
     def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
                  shims: dict[str, LossShim] | None = None, auth: Authenticator | None = None):
-        self.plan, self.policy = plan, policy
+        self.plan = self.full = plan
+        self.policy, self.peers, self.shims = policy, peers, shims or {}
         self.auth, self.guard = auth or Authenticator(), ReplayGuard()
         self.width = plan.model.hidden_size
         self.index = {d: i for i, d in enumerate(plan.device_names)}
+        self.me = self.index[plan.coordinator]
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
         self.layout = _layout(plan)
+        self.failed = None
+        self.history = History(plan.model.num_layers, self.width, policy.wire)
         self.channels = {}
         for d in self.remote:
             try:
-                self.channels[d] = TcpChannel.connect(peers[d], shim=(shims or {}).get(d), auth=self.auth,
-                                                      guard=self.guard, me=self.index[plan.coordinator])
+                self.channels[d] = self._connect(d)
             except TransportError as e:
                 self.close()
-                raise DeviceLost(f"device {d}: {e}") from None
+                raise DeviceLost(f"device {d}: {e}", d) from None
         self.session, self.pending = 0, None
+
+    def _connect(self, d: str, timeout_s: float = 5.0) -> TcpChannel:
+        return TcpChannel.connect(self.peers[d], timeout_s=timeout_s, shim=self.shims.get(d), auth=self.auth,
+                                  guard=self.guard, me=self.me)
 
     def begin(self, session: int) -> None:
         self.session = session
-        me = self.index[self.plan.coordinator]
+        self.history = History(self.plan.model.num_layers, self.width, self.policy.wire)
+        if self.failed:  # replaced by its failover: back if it takes a connection now
+            try:
+                self.channels[self.failed] = self._connect(self.failed, RETURN_GRACE_S)
+                self.layout, self.plan, self.failed = _layout(self.full), self.full, None
+            except TransportError:
+                pass
         for d, ch in self.channels.items():
-            ch.send(Message(Kind.HELLO, session, 0, 0, me), dest=self.index[d])
+            ch.send(Message(Kind.HELLO, session, 0, 0, self.me), dest=self.index[d])
         for d, ch in self.channels.items():
             self._await(d, lambda m: m.kind == Kind.HELLO, "the session handshake")
+        if self.failed:
+            self._hand_over(self.failed, {})
+
+    def fail_over(self, dead: str, start: int) -> dict[int, np.ndarray]:
+        """See `core.exchange.FailingOver`: the survivors take over `dead`'s groups."""
+        f = self.full.failover_for(dead)
+        if self.failed or f is None or not f.absorbable:
+            raise DeviceLost(f"device {dead} cannot be replaced: {why_not_replaced(self.full, dead, self.failed)}",
+                             dead)
+        inputs = {i: self.history.inputs(i)[:start] for i in range(self.plan.model.num_layers)
+                  if dead in self.layout["attn"][i]}
+        ch = self.channels.pop(dead, None)
+        if ch is not None:
+            ch.close()
+        self.plan, self.failed = self.full.without(dead), dead
+        self.layout = _layout(self.plan)
+        self._hand_over(dead, inputs)
+        return inputs
+
+    def _hand_over(self, dead: str, inputs: dict[int, np.ndarray]) -> None:
+        """`recovery.hand_over` to each survivor adopting some of `dead`'s groups, on its connection."""
+        for s in sorted(adopters(self.full, dead), key=self.remote.index):
+            try:
+                hand_over(self.channels[s], s, self.me, self.index[s], self.session, dead,
+                          adopted_inputs(self.full, dead, s, inputs), self.policy.wire, self.policy.dead_after_s)
+            except TransportError as e:
+                raise DeviceLost(f"device {s} cannot take over {dead}'s groups: {e}", s) from None
 
     def _await(self, d: str, match, what: str) -> Message:
         while True:
             try:
                 msg = self.channels[d].recv(self.policy.dead_after_s)
             except TransportError as e:
-                raise DeviceLost(f"device {d}: {e}") from None
+                raise DeviceLost(f"device {d}: {e}", d) from None
             if msg is None:
-                raise DeviceLost(f"device {d} stopped answering ({what}; {self.policy.dead_after_s:g} s)")
+                raise DeviceLost(f"device {d} stopped answering ({what}; {self.policy.dead_after_s:g} s)", d)
             if msg.session == self.session and match(msg):
                 return msg
 
     def post(self, phase: str, step: int, layer: int, x: np.ndarray, start: int) -> None:
         if phase == "attn":
             targets = self.layout["attn"][layer]
+            if targets:
+                self.history.append(layer, x, start)
         else:
             targets = [d for d in self.remote if d in self.layout["crit"][layer] or d in self.layout["relaxed"][layer]]
         body = encode_request(x, start, self.policy.wire)
-        me = self.index[self.plan.coordinator]
         for d in targets:
-            self.channels[d].send(Message(PHASE_REQUEST[phase], self.session, step, layer, me, body), dest=self.index[d])
+            try:
+                self.channels[d].send(Message(PHASE_REQUEST[phase], self.session, step, layer, self.me, body),
+                                      dest=self.index[d])
+            except TransportError as e:
+                raise DeviceLost(f"device {d}: {e}", d) from None
         self.pending = targets
 
     def collect(self, phase: str, step: int, layer: int, awaited: dict[str, np.ndarray]) -> RoundResult:

@@ -90,6 +90,9 @@ class Kind(enum.IntEnum):
     """Device -> coordinator: a request for a session this device does not know (it restarted)."""
     STATS = 19
     """Coordinator -> device: send your counters; the reply carries them as JSON."""
+    FAILOVER = 20
+    """Coordinator -> device: take over the groups the plan's failover gives you of the device named
+    in the payload (this session); REBUILD_ATTN then fills their KV cache. The device echoes it."""
 
 
 FIRST_CONTROL_KIND = 16

@@ -9,7 +9,10 @@ Requests are `core.codec.encode_request` payloads; replies use the request's wir
 Sessions: only the coordinator's HELLO starts one (and resets the KV cache). A request for any
 other session is dropped and counted (`unknown_session`), and answered with a RESET so that a
 coordinator talking to a restarted device learns it must say HELLO and rebuild the device's KV
-cache (REBUILD_ATTN) before it can use it again. Every datagram must open under its session's
+cache (REBUILD_ATTN) before it can use it again. When a device holding critical groups dies, the
+coordinator sends each survivor the plan's failover for it (FAILOVER naming the dead device): the
+survivor adds the groups it adopts (`core.failover`), rebuilds their KV cache from REBUILD_ATTN,
+and answers as before with the sums; a new session starts from the plan's own placement again. Every datagram must open under its session's
 key (derived from the deployment key) and carry a fresh sequence number (`auth`); rejects are
 counted, never raised.
 
@@ -29,6 +32,7 @@ import numpy as np
 
 from ..core.codec import WireError, decode_request, encode_tensor
 from ..core.device import DeviceBackend, DeviceCompute
+from ..core.failover import WithAdopted, adopt
 from ..core.plan import Plan
 from .auth import Authenticator, ReplayGuard
 from .shim import LossShim
@@ -105,9 +109,9 @@ class Worker:
                  auth: Authenticator | None = None, threads: int = 1):
         """compute: a prebuilt DeviceCompute (e.g. a StreamingCompute under a memory budget);
         then `shard` is not read. threads: ggml threads for this device's rounds."""
-        self.plan, self.device = plan, device
+        self.plan, self.device, self.shard, self.threads = plan, device, shard, threads
         self.index = plan.device_names.index(device)
-        self.compute = compute or DeviceCompute(plan, device, shard, threads)
+        self.own = self.compute = compute or DeviceCompute(plan, device, shard, threads)
         self.auth = auth or Authenticator()
         # one replay window per sender for UDP and every TCP connection: a recorded connection
         # replayed on a new one is refused too
@@ -122,6 +126,8 @@ class Worker:
         self.channels: list = []
         self.closed_drops = dict.fromkeys(DROP_REASONS, 0)
         self.session: int | None = None
+        self.failed: str | None = None
+        """The dead device whose groups this one computes too, this session (a FAILOVER)."""
         self.replies: OrderedDict[tuple, list[Message]] = OrderedDict()
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -149,6 +155,7 @@ class Worker:
                 # a new session, or a coordinator rebuilding this device's KV cache (payload "rebuild")
                 if msg.session != self.session or msg.payload == b"rebuild":
                     self.session = msg.session
+                    self._own_groups_only()
                     self.compute.reset()
                     self.replies.clear()
                     self.udp.reassembler.set_watermark(0)
@@ -156,6 +163,8 @@ class Worker:
             if msg.kind == Kind.STATS:
                 body = json.dumps(self.stats().to_json()).encode()
                 return [Message(Kind.STATS, msg.session, msg.step, 0, self.index, body, msg.flags)]
+            if msg.kind == Kind.FAILOVER and msg.session == self.session:
+                return self._fail_over(msg)
             if msg.kind not in (Kind.REQUEST_ATTN, Kind.REQUEST_MLP, Kind.REBUILD_ATTN):
                 return []
             if msg.session != self.session:
@@ -197,7 +206,10 @@ class Worker:
             raise WireError(f"layer {layer} out of range")
         if msg.kind == Kind.REBUILD_ATTN:
             # earlier tokens' attention inputs, in order: append them to the KV cache; the ack is empty
-            if self.compute.has_attention(layer):
+            if self.compute is not self.own:  # after a FAILOVER: the adopted heads' cache, from position 0
+                self.compute.rebuild(layer, x)
+                self.counters["rebuilt_tokens"] += x.shape[0]
+            elif self.compute.has_attention(layer):
                 if self.compute.cache_length(layer) != start:
                     raise StateError(f"layer {layer}: rebuild at position {start}, cache holds "
                                      f"{self.compute.cache_length(layer)}")
@@ -220,6 +232,32 @@ class Worker:
         if relaxed is not None:
             out.append(mk(Kind.REPLY_MLP_RELAXED, relaxed))
         return out
+
+    def _fail_over(self, msg: Message) -> list[Message]:
+        """Take over what the plan's failover gives this device of the dead one named in the payload
+        (the same dead device again: nothing to do); the reply cache goes, replies now change."""
+        dead = msg.payload.decode(errors="replace")
+        if self.compute is self.own or self.failed != dead:
+            failover = self.plan.failover_for(dead)
+            if failover is None or not failover.absorbable or self.shard is None:
+                self.log(f"cannot take over the groups of {dead!r}: "
+                         + ("this worker streams its weights" if self.shard is None and failover else
+                            "the plan has no failover for it"))
+                return []
+            self._own_groups_only()
+            adopted = adopt(self.plan, dead, self.device, self.shard, self.threads)
+            if adopted is not None:
+                self.compute = WithAdopted(self.own, adopted)
+                self.log(f"took over {dead}'s groups: {sum(1 for _, to in failover.moves if to == self.device)}")
+            self.failed = dead
+            self.replies.clear()
+        return [Message(Kind.FAILOVER, msg.session, 0, 0, self.index, msg.payload, msg.flags)]
+
+    def _own_groups_only(self) -> None:
+        """Back to the plan's own placement (a new session starts with every device in)."""
+        if self.compute is not self.own:
+            self.compute.close()
+        self.compute, self.failed = self.own, None
 
     # ---- serving ------------------------------------------------------------------------------
 

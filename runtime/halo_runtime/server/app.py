@@ -176,13 +176,14 @@ class Service:
     def health_body(self) -> dict:
         status = self.engine.device_status()
         for d, proc in self.procs.items():
-            if proc.poll() is not None:
+            if proc.poll() is not None and status.get(d) != "replaced":
                 status[d] = "exited"
         devices = []
         for dev in self.info["devices"]:
             state = "up" if dev["role"] == "coordinator" else status.get(dev["name"], "up")
             devices.append({**dev, "status": state, "up": state == "up"})
-        critical_out = any(not d["up"] and d["holds"] == "critical" for d in devices)
+        # a critical device replaced by the plan's failover costs speed, not service
+        critical_out = any(not d["up"] and d["holds"] == "critical" and d["status"] != "replaced" for d in devices)
         overall = "unavailable" if critical_out else "degraded" if any(not d["up"] for d in devices) else "ok"
         keys = ("model", "plan_fingerprint", "model_fingerprint", "weights_format", "sync", "wire", "max_context")
         return {"status": overall, **{k: self.info[k] for k in keys}, "devices": devices,

@@ -6,8 +6,12 @@ and each device drops its KV cache), so nothing of one conversation leaks into t
 are not batched into shared rounds, although that would pay: a round's cost hardly grows with the
 token rows it carries (docs/BENCHMARKS.md, "Serving"); but a device holds one session's KV cache
 and a request message one start position, so batching needs several sessions per device first.
-A lost device that holds critical groups (`DeviceLost`) fails only the request it happened in
-(503); the engine drops that exchange and builds a new one for the next request, so a restarted
+A device that holds critical groups and dies is replaced by the plan's failover (`core.failover`):
+the survivors take its groups, rebuild its KV cache, and the request in flight completes; /metrics
+counts the failover (`halo_failovers`), /health shows the device "replaced", and it takes its groups
+back at the first request after it answers again. Where the plan has no failover for it (the
+survivors cannot hold its groups), a lost device (`DeviceLost`) fails only the request it happened
+in (503); the engine drops that exchange and builds a new one for the next request, so a restarted
 device is used again. A relaxed-only device that dies mid-stream
 is marked down by the exchange and compensated: the reply completes.
 
@@ -145,6 +149,8 @@ class Engine:
         self.waiting = 0
         self.lock = threading.Lock()
         self.exchange = self.coord = self.draft = None
+        self.replaced: str | None = None
+        """A critical device replaced by the plan's failover (its groups on the survivors)."""
         self.drafts, self.draft_tokens = drafts, draft_tokens
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
         self.lost: dict[str, str] = {}
@@ -227,6 +233,13 @@ class Engine:
             self.exchange.close()
         self.exchange = self.coord = None
 
+    def _count_failovers(self, seen: int) -> None:
+        """Put the coordinator's failovers since `seen` in /metrics, one warning line each."""
+        for e in self.coord.failovers[seen:]:
+            self.metrics.failover(e.device, e.at, e.switch_ms / 1e3)
+            self.warn(f"device {e.device} was replaced by the plan's failover ({e.switch_ms:.0f} ms switch, "
+                      f"{e.position} tokens of KV cache rebuilt)")
+
     def _sync_devices(self, ok: bool) -> None:
         """Device status after a round trip: `ok` means a session began, so no critical device is lost."""
         counters = exchange_counters(self.exchange)
@@ -234,8 +247,9 @@ class Engine:
         if ok:
             self.lost = {}
         self.down = counters.down
+        self.replaced = self.coord.failed if self.coord is not None else None
         for d in self.remote:
-            self.metrics.up.labels(d).set(0 if d in self.down or d in self.lost else 1)
+            self.metrics.up.labels(d).set(0 if d in self.down or d in self.lost or d == self.replaced else 1)
 
     def _serve(self, job: Job) -> None:
         work = job.work
@@ -262,12 +276,14 @@ class Engine:
             job.deliver(Piece(stream.push(token), step, round(st.total_ms, 3), missing))
 
         started = time.perf_counter()
+        seen = len(self.coord.failovers)
         try:
             gen = self.coord.generate(list(work.prompt), work.max_tokens, session=secrets.randbits(32),
                                       on_token=on_token, choose=sampler, draft=self.draft,
                                       draft_tokens=self.draft_tokens,
                                       stop=lambda: bool(ended_by_eos) or stream.stopped or job.cancelled.is_set())
         except (DeviceLost, TransportError) as e:
+            self._count_failovers(seen)
             self._lose(str(e))
             self.metrics.requests.labels("failed").inc()
             return job.fail(503, str(e), "device_lost")
@@ -276,6 +292,7 @@ class Engine:
             self._lose(f"internal error: {type(e).__name__}: {e}")
             self.metrics.requests.labels("failed").inc()
             return job.fail(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+        self._count_failovers(seen)
         self._sync_devices(ok=True)
         self.served += 1
         if job.cancelled.is_set():
@@ -298,6 +315,8 @@ class Engine:
     # ---- read from the HTTP side ----------------------------------------------------------------
 
     def device_status(self) -> dict[str, str]:
-        """Remote device -> "up", "down" (relaxed-only, compensated) or "lost" (critical, failing requests)."""
-        lost, down = dict(self.lost), set(self.down)
-        return {d: "lost" if d in lost else "down" if d in down else "up" for d in self.remote}
+        """Remote device -> "up", "down" (relaxed-only, compensated), "replaced" (critical, its groups on
+        the survivors by the plan's failover) or "lost" (critical, failing requests)."""
+        lost, down, replaced = dict(self.lost), set(self.down), self.replaced
+        return {d: "lost" if d in lost else "down" if d in down else "replaced" if d == replaced else "up"
+                for d in self.remote}

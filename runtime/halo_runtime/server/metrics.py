@@ -92,6 +92,12 @@ class Metrics:
         self.dropped = Counter("halo_dropped_datagrams", "Datagrams dropped on arrival, by reason", ["reason"],
                                registry=r)
         self.bytes = Counter("halo_network_bytes", "Bytes moved by the coordinator", ["direction"], registry=r)
+        self.failovers = Counter("halo_failovers", "Devices replaced by the plan's failover (their groups moved to "
+                                 "the survivors)", ["device"], registry=r)
+        self.failover_switch = Gauge("halo_failover_switch_seconds", "The last failover's switch: hand-over and KV "
+                                     "cache rebuild, after the device was declared dead", ["device"], registry=r)
+        self.failover_at = Gauge("halo_failover_time_seconds", "Unix time of the last failover", ["device"],
+                                 registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
         for d in devices:
@@ -119,6 +125,12 @@ class Metrics:
             expected = sum(t[0] for t in self._per_device.values())
             if expected:
                 self.share.set(sum(t[1] for t in self._per_device.values()) / expected)
+
+    def failover(self, device: str, at: float, switch_s: float) -> None:
+        """A device replaced by the plan's failover at unix time `at`; the switch took `switch_s`."""
+        self.failovers.labels(device).inc()
+        self.failover_switch.labels(device).set(switch_s)
+        self.failover_at.labels(device).set(at)
 
     def absorb(self, now: ExchangeCounters, fresh: bool = False) -> None:
         """Add what the exchange counted since the last call; `fresh`: a new exchange (or counts

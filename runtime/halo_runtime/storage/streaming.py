@@ -27,7 +27,7 @@ temporary directory, and a budget for two of the three layers: the third is read
     >>> cfg = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=6, num_layers=3,
     ...                   num_heads=2, num_kv_heads=1, head_dim=4)
     >>> groups = tuple(Group(f"L{i}.mlp.0", i, "mlp", 0, tuple(range(6)), "pi5-3", True, 1.0) for i in range(3))
-    >>> plan = dataclasses.replace(load_plan("artifacts/smollm2-135m-pi5"), model=cfg, groups=groups)
+    >>> plan = dataclasses.replace(load_plan("artifacts/smollm2-135m-pi5"), model=cfg, groups=groups, failover=())
     >>> rng = np.random.default_rng(0)
     >>> shapes = {"gate_proj": (6, 8), "up_proj": (6, 8), "down_proj": (8, 6)}
     >>> shard = {f"layers.{i}.mlp.{p}": rng.standard_normal(s).astype(np.float32) for i in range(3) for p, s in shapes.items()}
