@@ -132,6 +132,15 @@ def tiny_plan(tiny_vocab_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_shards(tiny_plan) -> dict:
+    """Every device's shard of the tiny plan, mapped (read only)."""
+    from halo_runtime.core.shards import load_shard
+
+    plan, directory = tiny_plan
+    return {d: load_shard(directory, plan, d) for d in plan.device_names}
+
+
+@pytest.fixture(scope="session")
 def plan_dir(tiny_plan) -> Path:
     """The tiny plan's directory (shared: never modify it; take `plan_copy`)."""
     return Path(tiny_plan[1])

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .device import DeviceCompute
-from .draft import verify
+from .draft import shared_prefix, verify
 from .exchange import DeviceLost, Exchange
 from .failover import WithAdopted, adopt
 from .plan import Plan
@@ -121,6 +121,8 @@ class Generation:
     """Draft guesses accepted."""
     failovers: list = field(default_factory=list)
     """`FailoverEvent`s of this generation (a device replaced by the plan's failover)."""
+    reused: int = 0
+    """Prompt tokens not fed: the devices held them from the session's earlier requests (`reuse`)."""
 
     @property
     def tokens_per_pass(self) -> float | None:
@@ -193,7 +195,10 @@ class Coordinator:
         self.part = self.local
         self.failed: str | None = None
         self.failovers: list[FailoverEvent] = []
-        self.step_shift = 0
+        self.step = 0
+        """The next pass's step number: it only grows within a session (a device's reply cache is by step)."""
+        self.fed: list[int] = []
+        """Tokens whose rows every device's KV cache holds this session, by position."""
         self.position = 0
         self.session = 0
 
@@ -214,7 +219,8 @@ class Coordinator:
 
     def reset(self, session: int) -> None:
         self.part.reset()
-        self.position = 0
+        self.position = self.step = 0
+        self.fed = []
         self.session = session
         self.exchange.begin(session)
         failed = getattr(self.exchange, "failed", None)  # begin may replace a device, or find it back
@@ -253,7 +259,6 @@ class Coordinator:
         except DeviceLost as why:
             raise DeviceLost(f"{lost}; {why}", lost.device) from None
         self._switch(lost.device, inputs)
-        self.step_shift += 1  # the pass runs again under a new step: no device answers it from its reply cache
         self.failovers.append(FailoverEvent(lost.device, time.time(), start, 1e3 * (time.perf_counter() - t0)))
 
     # ---- one pass -----------------------------------------------------------------------------
@@ -279,6 +284,7 @@ class Coordinator:
                 h = h + self._mlp(step, layer, start, stats, x_pred, m)
         self.local.lengths = [start + T] * self.cfg.num_layers
         self.position += T
+        self.fed[start:] = tokens.tolist()
         return logits if all_positions else logits[-1]
 
     def _attention(self, step: int, layer: int, start: int, stats: TokenStats, x: np.ndarray) -> np.ndarray:
@@ -354,23 +360,36 @@ class Coordinator:
 
     # ---- generation ----------------------------------------------------------------------------
 
+    def reusable(self, prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` the devices' KV caches hold from this session (at
+        most all but one: the last prompt token must be fed for its logits)."""
+        return min(shared_prefix(self.fed, prompt), len(prompt) - 1) if self.session else 0
+
     def generate(self, prompt: list[int], max_tokens: int, session: int = 1, keep_logits: bool = False,
                  eos: int | None = None, on_token=None, choose=None, stop=None, draft=None,
-                 draft_tokens: int = 0) -> Generation:
+                 draft_tokens: int = 0, reuse: bool = False) -> Generation:
         """choose(logits, tokens so far, prompt first) -> the next token [default: argmax, greedy;
         see core.sampling.Sampler]; stop() -> True ends generation before the next token (a client
         that went away, a stop string). draft: a core.draft.Draft; each decode pass then verifies up
-        to draft_tokens of its guesses (core.draft.verify): same tokens, fewer passes."""
+        to draft_tokens of its guesses (core.draft.verify): same tokens, fewer passes. reuse: where
+        the prompt starts with tokens the devices hold from this coordinator's session (a chat's
+        earlier turns), continue that session from there instead of starting `session` (the same
+        tokens: a row's bits do not depend on its pass)."""
         if len(prompt) + max_tokens > self.plan.max_context:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max tokens ({max_tokens}) exceeds the plan's "
                              f"max context {self.plan.max_context}")
         if not prompt:
             raise ValueError("the prompt is empty")
         before = len(self.failovers)
-        self.reset(session)
-        gen = Generation([], [], [], failovers=self.failovers[before:])
+        reused = self.reusable(prompt) if reuse else 0
+        if reused:  # the KV rows past the shared prefix are overwritten as the prompt's rest is fed
+            self.position = reused
+            del self.fed[reused:]
+        else:
+            self.reset(session)
+        gen = Generation([], [], [], failovers=self.failovers[before:], reused=reused)
         seen = list(prompt)
-        feed = list(prompt)
+        feed = list(prompt[reused:])
         while len(gen.tokens) < max_tokens:
             if stop is not None and stop():
                 break
@@ -382,11 +401,12 @@ class Coordinator:
             stats.draft_ms = 1e3 * (time.perf_counter() - t0)
             start = self.position
             while True:
+                self.step += 1  # a pass run again after a failover gets a new step: no reply cache answers it
                 try:
                     if guesses:
-                        logits = self.forward(feed + guesses, gen.passes + self.step_shift, stats, all_positions=True)
+                        logits = self.forward(feed + guesses, self.step - 1, stats, all_positions=True)
                     else:
-                        logits = self.forward(feed, gen.passes + self.step_shift, stats)[None]
+                        logits = self.forward(feed, self.step - 1, stats)[None]
                     break
                 except DeviceLost as lost:  # replaced by the plan's failover, then the pass runs again
                     self._fail_over(lost, start)
@@ -396,6 +416,7 @@ class Coordinator:
             if guesses:
                 # rejected rows are past the new position: the next pass overwrites them on every device
                 self.position = start + len(tokens)
+                del self.fed[self.position:]
             stats.total_ms = 1e3 * (time.perf_counter() - t0)
             gen.passes += 1
             gen.drafted += len(guesses)

@@ -135,6 +135,16 @@ def verify(logits: np.ndarray, guesses: list[int], seen: list[int], choose=None)
 
 # ---- lookup ----------------------------------------------------------------------------------------
 
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def lookup_draft(tokens: list[int], k: int, ngram: int = LOOKUP_NGRAM) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the last n tokens, for the
     longest n <= ngram that occurs; a continuation that runs into the end goes on from its own
@@ -184,12 +194,7 @@ class _CachedDraft:
     def propose(self, tokens: list[int], k: int) -> list[int]:
         if k <= 0 or not tokens:
             return []
-        keep = 0
-        for a, b in zip(self.fed, tokens):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(tokens) - 1)  # at least one token fed: its logits give the first guess
+        keep = min(shared_prefix(self.fed, tokens), len(tokens) - 1)  # at least one token fed: its logits guess first
         logits = self._logits(tokens[keep:], keep)
         self.fed = list(tokens)
         out = []

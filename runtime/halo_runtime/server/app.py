@@ -159,7 +159,7 @@ class Service:
         if isinstance(event, Failed):
             return _failure(event)
         return JSONResponse(reply.full("".join(text), event.reason, event.prompt_tokens, event.completion_tokens,
-                                       event.summary))
+                                       event.summary, event.cached_tokens))
 
     # ---- the rest ---------------------------------------------------------------------------------
 
@@ -228,7 +228,7 @@ async def _stream(reply: Reply, event, events: asyncio.Queue, job: Job, options)
             elif isinstance(event, Finished):
                 yield sse(reply.chunk(finish=event.reason, halo=event.summary))
                 if options.include_usage:
-                    yield sse(reply.usage_chunk(event.prompt_tokens, event.completion_tokens))
+                    yield sse(reply.usage_chunk(event.prompt_tokens, event.completion_tokens, event.cached_tokens))
                 yield sse("[DONE]")
                 return
             else:

@@ -2,7 +2,10 @@
 the order they came.
 
 Every request is a fresh session (`Coordinator.generate` says HELLO with a new random session id,
-and each device drops its KV cache), so nothing of one conversation leaks into the next. Requests
+and each device drops its KV cache), except where its prompt starts with tokens the devices hold
+from the request before (a chat's next turn: the earlier turns and the reply): that session goes
+on from there (`reuse`), skipping the prefill of the shared prefix. The reply is the same either
+way (a row's bits do not depend on its pass), so nothing of one conversation leaks into another. Requests
 are not batched into shared rounds, although that would pay: a round's cost hardly grows with the
 token rows it carries (docs/BENCHMARKS.md, "Serving"); but a device holds one session's KV cache
 and a request message one start position, so batching needs several sessions per device first.
@@ -95,6 +98,8 @@ class Finished:
     """Tokens generated (the end token included)."""
     summary: dict = field(default_factory=dict)
     """ttft_ms, tpot_ms_p50, compensated_share, tokens_per_s."""
+    cached_tokens: int = 0
+    """Prompt tokens the devices held from the conversation's earlier request (not computed again)."""
 
 
 @dataclass(frozen=True)
@@ -280,7 +285,7 @@ class Engine:
         try:
             gen = self.coord.generate(list(work.prompt), work.max_tokens, session=secrets.randbits(32),
                                       on_token=on_token, choose=sampler, draft=self.draft,
-                                      draft_tokens=self.draft_tokens,
+                                      draft_tokens=self.draft_tokens, reuse=True,
                                       stop=lambda: bool(ended_by_eos) or stream.stopped or job.cancelled.is_set())
         except (DeviceLost, TransportError) as e:
             self._count_failovers(seen)
@@ -310,7 +315,8 @@ class Engine:
                    "compensated_share": round(compensated[0] / expected, 6) if expected else 0.0,
                    "tokens_per_s": round(len(gen.tokens) / elapsed, 3) if elapsed else None}
         self.metrics.requests.labels("completed").inc()
-        job.deliver(Finished(reason, len(work.prompt), len(gen.tokens), summary))
+        self.metrics.cached_tokens.inc(gen.reused)
+        job.deliver(Finished(reason, len(work.prompt), len(gen.tokens), summary, gen.reused))
 
     # ---- read from the HTTP side ----------------------------------------------------------------
 

@@ -77,6 +77,8 @@ class Metrics:
                               buckets=TTFT_BUCKETS)
         self.tokens = Counter("halo_tokens_generated", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("halo_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.cached_tokens = Counter("halo_prompt_tokens_cached", "Prompt tokens the devices held from the "
+                                     "conversation's earlier request: not computed again", registry=r)
         self.requests = Counter("halo_requests", "Generation requests by outcome", ["outcome"], registry=r)
         self.queue = Gauge("halo_requests_waiting", "Requests queued or running", registry=r)
         self.relaxed = Counter("halo_device_relaxed_parts", "Relaxed partial sums expected from a device",

@@ -227,9 +227,12 @@ def parse_completion(data: dict) -> CompletionRequest:
 
 # ---- replies --------------------------------------------------------------------------------------
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens whose KV cache an earlier request of the
+    conversation left on the devices (not computed again)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def sse(obj) -> bytes:
@@ -265,12 +268,13 @@ class Reply:
             out["halo"] = halo
         return out
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         """The last chunk when stream_options.include_usage: no choices, the token counts."""
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+        return {**self._head(obj), "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
-    def full(self, text: str, finish: str, prompt_tokens: int, completion_tokens: int, halo: dict) -> dict:
+    def full(self, text: str, finish: str, prompt_tokens: int, completion_tokens: int, halo: dict,
+             cached_tokens: int = 0) -> dict:
         """The whole reply of a request without streaming."""
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -279,4 +283,5 @@ class Reply:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             head = self._head("text_completion")
-        return {**head, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens), "halo": halo}
+        return {**head, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
+                "halo": halo}
