@@ -23,24 +23,17 @@ predicted energy per token, and the plan their sum:
     >>> print(next(line for line in inspect_text(plan).splitlines() if "energy" in line))
     predicted energy per token: ... mJ (pi5-0 ..., pi5-1 ..., pi5-2 ..., pi5-3 ...; busy W x its compute time + ...)
 
-With the compiler's failover (planned here for the checked-in plan, which predates it), where each
-device's groups would go, what that costs, and the disk its survivors give them:
-    >>> from halo_runtime.core.shards import load_shard
-    >>> from halo_compile.failover import plan_failover
-    >>> from halo_compile.place import placement_inputs
+With the compiler's failover: where each device's groups would go, what that costs, and the disk
+its survivors give them:
     >>> plan = load_plan("artifacts/smollm2-135m-pi5")
-    >>> inputs = placement_inputs(plan.model, plan.groups, plan.devices, plan.coordinator,
-    ...                           load_shard("artifacts/smollm2-135m-pi5", plan, plan.coordinator),
-    ...                           plan.max_context, plan.seed, solver_time=10.0)
-    >>> plan = dataclasses.replace(plan, failover=plan_failover(inputs, {g.id: g.device for g in plan.groups}, 30))
     >>> lines = inspect_text(plan).splitlines()
     >>> for line in lines[-6:]:
     ...     print(line)
     (their KV cache is allocated then)
-      pi5-1 dies: ... ms/token (now 60.65), expected lost importance ...% per layer (now 0.0361%)
-        pi5-0*     adopts ... groups (30 attn, ... mlp): ... MB of weights in its shard on disk, 30.0 MB of KV cache
-        pi5-2      adopts ... groups (0 attn, ... mlp): ... MB of weights in its shard on disk, 0.0 MB of KV cache
-        pi5-3      adopts ... groups (0 attn, ... mlp): ... MB of weights in its shard on disk, 0.0 MB of KV cache
+      pi5-1 dies: 85.51 ms/token (now 60.65), expected lost importance 0.0361% per layer (now 0.0361%)
+        pi5-0*     adopts  138 groups (30 attn, 108 mlp): 95.8 MB of weights in its shard on disk, 30.0 MB of KV cache
+        pi5-2      adopts   42 groups (0 attn, 42 mlp): 29.5 MB of weights in its shard on disk, 0.0 MB of KV cache
+        pi5-3      adopts   45 groups (0 attn, 45 mlp): 33.0 MB of weights in its shard on disk, 0.0 MB of KV cache
       pi5-2, pi5-3: relaxed groups only, no failover needed: their death is compensated like a late reply
 """
 from __future__ import annotations
