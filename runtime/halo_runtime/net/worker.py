@@ -12,9 +12,9 @@ coordinator talking to a restarted device learns it must say HELLO and rebuild t
 cache (REBUILD_ATTN) before it can use it again. When a device holding critical groups dies, the
 coordinator sends each survivor the plan's failover for it (FAILOVER naming the dead device): the
 survivor adds the groups it adopts (`core.failover`), rebuilds their KV cache from REBUILD_ATTN,
-and answers as before with the sums; a new session starts from the plan's own placement again. Every datagram must open under its session's
-key (derived from the deployment key) and carry a fresh sequence number (`auth`); rejects are
-counted, never raised.
+and answers as before with the sums; a new session starts from the plan's own placement again.
+Every datagram must open under its session's key (derived from the deployment key) and carry a
+fresh sequence number (`auth`); rejects are counted, never raised.
 
 Example:
     $ halo-run worker --plan artifacts/smollm2-135m-pi5 --device pi5-1 --bind 0.0.0.0:7700
@@ -248,7 +248,7 @@ class Worker:
             adopted = adopt(self.plan, dead, self.device, self.shard, self.threads)
             if adopted is not None:
                 self.compute = WithAdopted(self.own, adopted)
-                self.log(f"took over {dead}'s groups: {sum(1 for _, to in failover.moves if to == self.device)}")
+                self.log(f"took over {sum(1 for _, to in failover.moves if to == self.device)} of {dead}'s groups")
             self.failed = dead
             self.replies.clear()
         return [Message(Kind.FAILOVER, msg.session, 0, 0, self.index, msg.payload, msg.flags)]
