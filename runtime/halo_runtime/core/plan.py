@@ -350,11 +350,16 @@ class Plan:
         plan predates failover)."""
         return next((f for f in self.failover if f.device == device), None)
 
+    def replaceable(self, device: str) -> bool:
+        """Whether the plan's failover can hand `device`'s groups to the survivors."""
+        f = self.failover_for(device)
+        return f is not None and f.absorbable
+
     def without(self, device: str) -> Plan:
         """The plan after `device` died: its groups on the survivors its failover names (critical
         stays critical), the failover's predictions, no further failover. ValueError if it has none."""
         f = self.failover_for(device)
-        if f is None or not f.absorbable:
+        if not self.replaceable(device):
             why = f.reason if f is not None else "the plan has no failover for it"
             raise ValueError(f"device {device} cannot be replaced: {why}")
         moved = dict(f.moves)

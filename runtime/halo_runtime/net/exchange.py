@@ -186,7 +186,7 @@ class UdpExchange:
                 lost = sorted(waiting & self.critical)
                 if not lost:
                     break  # only relaxed groups are missing: marked down below, the session goes on
-                if len(lost) == 1 and not self.failed and self._replaceable(lost[0]) \
+                if len(lost) == 1 and not self.failed and self.full.replaceable(lost[0]) \
                         and not waiting & adopters(self.full, lost[0]):
                     dead = {lost[0]}  # replaced below, before any token: nothing to rebuild
                     waiting.discard(lost[0])
@@ -208,13 +208,9 @@ class UdpExchange:
         elif dead:  # gone before this session's first token: nothing to rebuild
             self.fail_over(dead.pop(), 0)
 
-    def _replaceable(self, d: str) -> bool:
-        f = self.full.failover_for(d)
-        return f is not None and f.absorbable
-
     def fail_over(self, dead: str, start: int) -> dict[int, np.ndarray]:
         """See `core.exchange.FailingOver`: the survivors take over `dead`'s groups."""
-        if self.failed or not self._replaceable(dead):
+        if self.failed or not self.full.replaceable(dead):
             raise DeviceLost(f"device {dead} cannot be replaced: {why_not_replaced(self.full, dead, self.failed)}",
                              dead)
         inputs = {i: self.history.inputs(i)[:start] for i in range(self.plan.model.num_layers)

@@ -79,8 +79,7 @@ class TcpExchange:
 
     def fail_over(self, dead: str, start: int) -> dict[int, np.ndarray]:
         """See `core.exchange.FailingOver`: the survivors take over `dead`'s groups."""
-        f = self.full.failover_for(dead)
-        if self.failed or f is None or not f.absorbable:
+        if self.failed or not self.full.replaceable(dead):
             raise DeviceLost(f"device {dead} cannot be replaced: {why_not_replaced(self.full, dead, self.failed)}",
                              dead)
         inputs = {i: self.history.inputs(i)[:start] for i in range(self.plan.model.num_layers)

@@ -238,12 +238,12 @@ class Worker:
         (the same dead device again: nothing to do); the reply cache goes, replies now change."""
         dead = msg.payload.decode(errors="replace")
         if self.compute is self.own or self.failed != dead:
-            failover = self.plan.failover_for(dead)
-            if failover is None or not failover.absorbable or self.shard is None:
+            if not self.plan.replaceable(dead) or self.shard is None:
                 self.log(f"cannot take over the groups of {dead!r}: "
-                         + ("this worker streams its weights" if self.shard is None and failover else
-                            "the plan has no failover for it"))
+                         + ("the plan has no failover for it" if not self.plan.replaceable(dead) else
+                            "this worker streams its weights"))
                 return []
+            failover = self.plan.failover_for(dead)
             self._own_groups_only()
             adopted = adopt(self.plan, dead, self.device, self.shard, self.threads)
             if adopted is not None:
