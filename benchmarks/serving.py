@@ -54,20 +54,21 @@ def cli_tpot(plan: str, sync: str, tokens: int) -> dict:
 
 
 class Serve:
-    def __init__(self, plan: str, sync: str):
+    """`halo-run serve --local` on a free port (no loss unless `extra` sets --plr), and an openai client."""
+
+    def __init__(self, plan: str, sync: str, *extra: str):
         import openai
 
         self.proc = subprocess.Popen([sys.executable, "-m", "halo_runtime.cli", "serve", "--plan", plan, "--local",
-                                      "--port", "0", "--plr", "0", "--sync", sync], stdout=subprocess.PIPE,
+                                      "--port", "0", "--plr", "0", "--sync", sync, *extra], stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, env=_env())
         line = self.proc.stdout.readline()
         m = re.search(r"http://([0-9.]+):(\d+)/ serving (\S+)", line)
         if not m:
             self.close()
             raise RuntimeError(f"halo-run serve did not start: {line!r}")
-        self.model = m.group(3)
-        self.client = openai.OpenAI(base_url=f"http://{m.group(1)}:{m.group(2)}/v1", api_key="-", max_retries=0,
-                                    timeout=600)
+        self.base, self.model = f"http://{m.group(1)}:{m.group(2)}", m.group(3)
+        self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="-", max_retries=0, timeout=900)
 
     def stream(self, tokens: int) -> tuple[list[float], list[float]]:
         """(server-side ms per token, client-side arrival times) of one streamed reply."""

@@ -82,6 +82,10 @@ def inspect_text(plan: Plan) -> str:
         lines.append("  and for failover, in the same shards on disk (read only after a failover): "
                      + ", ".join(f"{n} {b / MB:.1f} MB" for n, b in kept.items()))
     lines += _streaming_lines(plan)
+    holders = [r for r in plan.device_reports if r.kv_cache_bytes]
+    lines.append(f"session slots (KV caches that fit beside the weights; `serve` batches up to "
+                 f"{plan.session_slots()}): " + ", ".join(f"{r.name} {plan.session_slots(r.name)} x "
+                                                            f"{r.kv_cache_bytes / MB:.1f} MB" for r in holders))
     lines.append("")
     p = plan.predictor
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731

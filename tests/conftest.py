@@ -131,6 +131,24 @@ def tiny_plan(tiny_vocab_dir, tmp_path_factory):
     return compile_plan(str(tiny_vocab_dir), profile, root / "plan", opts)
 
 
+def compile_tiny(model_dir, root, **memory):
+    """(plan, directory) of the tiny model on a 4-device cluster_yaml(4, lossy=1, **memory)."""
+    from halo_compile.pipeline import CompileOptions, compile_plan
+
+    profile = root / "cluster.yaml"
+    profile.write_text(cluster_yaml(4, lossy=1, **memory))
+    opts = CompileOptions(calib_tokens=1024, chunk_tokens=128, sample_tokens=512, mlp_groups=5,
+                          relaxed_share=0.3, max_context=256, solver_time=2.0, progress=False)
+    return compile_plan(str(model_dir), profile, root / "plan", opts)
+
+
+@pytest.fixture(scope="session")
+def roomy_plan(tiny_vocab_dir, tmp_path_factory):
+    """(plan, directory): the tiny model on 4 devices, the remote ones roomy enough to adopt a dead
+    device's groups (failover) and to hold every session slot."""
+    return compile_tiny(tiny_vocab_dir, tmp_path_factory.mktemp("roomy-plan"), remote_memory_mb=64)
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_plan) -> dict:
     """Every device's shard of the tiny plan, mapped (read only)."""

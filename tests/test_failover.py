@@ -20,7 +20,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import cluster_yaml
+from conftest import compile_tiny
 from halo_runtime.core.failover import WithAdopted, adopt
 from halo_runtime.core.plandir import TOKENIZER_FILE
 from halo_runtime.core.shards import load_shard
@@ -31,22 +31,6 @@ from live_server import children
 from test_runtime import PROMPT, reference
 
 TOKENS = 24
-
-
-def compile_tiny(model_dir, root, **memory):
-    from halo_compile.pipeline import CompileOptions, compile_plan
-
-    profile = root / "cluster.yaml"
-    profile.write_text(cluster_yaml(4, lossy=1, **memory))
-    opts = CompileOptions(calib_tokens=1024, chunk_tokens=128, sample_tokens=512, mlp_groups=5,
-                          relaxed_share=0.3, max_context=256, solver_time=2.0, progress=False)
-    return compile_plan(str(model_dir), profile, root / "plan", opts)
-
-
-@pytest.fixture(scope="module")
-def roomy_plan(tiny_vocab_dir, tmp_path_factory):
-    """(plan, directory): the tiny model on 4 devices, the remote ones roomy enough to adopt."""
-    return compile_tiny(tiny_vocab_dir, tmp_path_factory.mktemp("roomy-plan"), remote_memory_mb=64)
 
 
 def victim(plan, attention: bool = True) -> str:

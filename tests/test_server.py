@@ -321,7 +321,8 @@ def test_the_builtin_gguf_template_comes_from_its_metadata(tmp_path):
 # ---- the walls ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["halo_runtime.server.app", "halo_runtime.server.schemas",
-                                  "halo_runtime.server.engine", "halo_runtime.server.metrics"])
+                                  "halo_runtime.server.engine", "halo_runtime.server.jobs",
+                                  "halo_runtime.server.metrics"])
 def test_module_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted and not result.failed

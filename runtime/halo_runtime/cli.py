@@ -154,6 +154,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="largest request body accepted (default 1 MiB; larger: 413)")
     p.add_argument("--max-waiting", type=int, default=64, metavar="N",
                    help="requests queued or running before new ones get 429 (default 64)")
+    from .core.spans import BatchOptions
+    p.add_argument("--slots", type=int, metavar="N", **_field(BatchOptions, "slots"))
+    p.add_argument("--prefill-chunk", type=int, metavar="TOKENS", **_field(BatchOptions, "prefill_chunk"))
 
 
 def main(argv=None) -> None:
@@ -458,6 +461,11 @@ def run_serve(args) -> None:
         _fail(f"serve needs the server's packages ({e.name} is missing): pip install 'halo-runtime[serve]'")
     if not 0 <= args.port < 65536 or args.max_body < 1 or args.max_waiting < 1:
         _fail("--port must be in 0..65535, --max-body and --max-waiting at least 1")
+    from .core.spans import BatchOptions
+    try:
+        batch = BatchOptions(args.slots, args.prefill_chunk)
+    except ValueError as e:
+        _fail(str(e))
     plan, shard, tok, policy = _load_coordinator(args)
     drafts = _drafts(args, plan)
     template = ChatTemplate.for_plan(args.plan)
@@ -483,7 +491,7 @@ def run_serve(args) -> None:
 
         service = build_service(plan, args.plan, shard, tok, template, make_exchange, peers, args.sync, args.wire,
                                 args.max_body, args.max_waiting, procs=workers, drafts=drafts,
-                                draft_tokens=args.draft_tokens)
+                                draft_tokens=args.draft_tokens, batch=batch)
         run(service, sock)
     finally:
         sock.close()

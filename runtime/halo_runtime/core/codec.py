@@ -3,8 +3,9 @@ in-process exchange (which simulates the wire's rounding), the delivery policy (
 messages) and the network shell (`halo_runtime.net.wire`, which frames and encrypts them).
 
 Tensors travel as a 9-byte little-endian prefix (wire code u8, rows u32, cols u32) and then the
-values, little-endian, row-major. A request is a `REQUEST_PREFIX` (start position u32, reply
-copies u8) and then a tensor. A datagram adds `HEADER_SIZE` bytes of header in front of its
+values, little-endian, row-major. A request is a `REQUEST_PREFIX` (reply copies u8, spans u8),
+one `SPAN` per span (session slot u8, start position u32, rows u16: `core.spans`) and then a
+tensor of all the spans' rows. A datagram adds `HEADER_SIZE` bytes of header in front of its
 chunk (encrypted: as long as the plaintext) and `TAG_LEN` bytes of authentication tag behind it,
 and stays within `MAX_DATAGRAM`.
 
@@ -12,9 +13,9 @@ Example:
     >>> import numpy as np
     >>> from halo_runtime.core.codec import decode_request, encode_request, datagrams
     >>> x = np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
-    >>> start, copies, wire, y = decode_request(encode_request(x, 5, "fp16"), width=576)
-    >>> start, copies, wire, bool(np.abs(y - x).max() < 1e-2)
-    (5, 1, 'fp16', True)
+    >>> spans, copies, wire, y = decode_request(encode_request(x, 5, "fp16"), width=576)
+    >>> spans, copies, wire, bool(np.abs(y - x).max() < 1e-2)
+    ((Span(slot=0, start=5, rows=1),), 1, 'fp16', True)
     >>> datagrams(len(encode_request(x, 5, "fp16"))), datagrams(len(encode_request(x, 5, "fp32")))
     (1, 2)
 """
@@ -23,6 +24,8 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+
+from .spans import Span, spans_of
 
 HEADER_SIZE = 33
 """Bytes of a datagram's fixed header (layout in `halo_runtime.net.wire`)."""
@@ -106,23 +109,36 @@ def decode_tensor(data: bytes, wire: str | None = None, width: int | None = None
 
 # --- requests --------------------------------------------------------------------------------------
 
-REQUEST_PREFIX = struct.Struct("<IB")  # start position, reply copies
+REQUEST_PREFIX = struct.Struct("<BB")  # reply copies, spans
+SPAN = struct.Struct("<BIH")  # session slot, start position, rows
 WIRE_NAMES = {code: name for name, (code, _) in _WIRES.items()}
 
 
-def encode_request(x: np.ndarray, start: int, wire: str, copies: int = 1) -> bytes:
-    """A request's payload: where `x`'s rows start in the sequence, how many copies of the reply
-    to send (redundancy), and `x` in `wire`'s dtype."""
-    return REQUEST_PREFIX.pack(start, copies) + encode_tensor(x, wire)
+def encode_request(x: np.ndarray, at, wire: str, copies: int = 1) -> bytes:
+    """A request's payload: where `x`'s rows sit (`at`: a start position in slot 0, or `Span`s),
+    how many copies of the reply to send (redundancy), and `x` in `wire`'s dtype."""
+    x = np.asarray(x)
+    spans = spans_of(at, x.shape[0] if x.ndim == 2 else 1)
+    if len(spans) > 255:
+        raise ValueError(f"a request carries at most 255 spans, got {len(spans)}")
+    return (REQUEST_PREFIX.pack(copies, len(spans)) + b"".join(SPAN.pack(*s) for s in spans)
+            + encode_tensor(x, wire))
 
 
-def decode_request(payload: bytes, width: int) -> tuple[int, int, str, np.ndarray]:
-    """(start, copies, wire, x); raises WireError on a malformed payload."""
-    if len(payload) < REQUEST_PREFIX.size + TENSOR_HEADER.size:
+def decode_request(payload: bytes, width: int) -> tuple[tuple[Span, ...], int, str, np.ndarray]:
+    """(spans, copies, wire, x); raises WireError on a malformed payload."""
+    if len(payload) < REQUEST_PREFIX.size:
         raise WireError("request too short")
-    start, copies = REQUEST_PREFIX.unpack_from(payload)
-    body = payload[REQUEST_PREFIX.size:]
+    copies, n = REQUEST_PREFIX.unpack_from(payload)
+    at = REQUEST_PREFIX.size + n * SPAN.size
+    if n == 0 or len(payload) < at + TENSOR_HEADER.size:
+        raise WireError("request too short" if n else "request with no span")
+    spans = tuple(Span(*SPAN.unpack_from(payload, REQUEST_PREFIX.size + i * SPAN.size)) for i in range(n))
+    body = payload[at:]
     wire = WIRE_NAMES.get(body[0])
     if wire is None:
         raise WireError(f"unknown wire code {body[0]}")
-    return start, max(1, min(copies, 4)), wire, decode_tensor(body, wire, width)
+    x = decode_tensor(body, wire, width)
+    if sum(s.rows for s in spans) != x.shape[0]:
+        raise WireError(f"request spans hold {sum(s.rows for s in spans)} rows, its tensor {x.shape[0]}")
+    return spans, max(1, min(copies, 4)), wire, x

@@ -40,7 +40,8 @@ on a compiled plan):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,9 +49,13 @@ from .device import DeviceCompute
 from .draft import shared_prefix, verify
 from .exchange import DeviceLost, Exchange
 from .failover import WithAdopted, adopt
+from .generation import FailoverEvent, Generation, TokenStats, share
 from .plan import Plan
 from .predictor import layer_predictor, predict_groups
 from .segment import Runner, Segment, Tables, schedule
+from .spans import Span, attend
+
+__all__ = ["COMPENSATIONS", "Coordinator", "Feed", "FailoverEvent", "Generation", "TokenStats"]
 
 _ONE_ROW = np.ones(1, dtype=bool)
 """`awaited` rows of a one-token round (read only: exchanges never write into it)."""
@@ -62,77 +67,17 @@ fitted at compile time: each group's most important neurons, kept exactly, with 
 projection and a bias (`compensation.{layer}.{groups,gate,up,down,bias}`, halo_compile.compensate)."""
 
 
-@dataclass
-class TokenStats:
-    """Per generated token: where the time went and what was lost."""
+class Feed(NamedTuple):
+    """One session's rows in a pass (`Coordinator.run`)."""
 
-    total_ms: float = 0.0
-    compute_ms: float = 0.0
-    wait_ms: float = 0.0
-    missing: dict = field(default_factory=dict)
-    """device -> relaxed parts compensated on this token (rounds with any row missing)."""
-    relaxed_parts: int = 0
-    """Relaxed parts expected from remote devices on this token."""
-    missing_rows: int = 0
-    """(token, layer, device) relaxed parts compensated; equals sum(missing) in decode."""
-    awaited_rows: int = 0
-    """(token, layer, device) relaxed parts the predictor asked to await."""
-    draft_ms: float = 0.0
-    """Time the draft took to guess (part of total_ms)."""
-    pass_tokens: int = 1
-    """Tokens the pass that made this one yielded (drafts verified): its times are the pass's divided by
-    this, its counts (missing, relaxed parts, rows) are on the pass's first token and zero on the others."""
-
-
-@dataclass
-class FailoverEvent:
-    """A device replaced by the plan's failover: which, when, and what the switch cost."""
-
-    device: str
-    """The device declared dead."""
-    at: float
-    """Unix time the switch finished."""
-    position: int
-    """Tokens of the session before it (prompt included): the KV cache rows rebuilt."""
-    switch_ms: float
-    """From declaring it dead to the survivors ready (hand-over and KV rebuild), in ms; the time to
-    notice it (`dead_after_s`, or a broken TCP connection) comes before."""
-    token: int = 0
-    """Index of the generated token whose pass it interrupted (0: before the first, or at the start)."""
-
-    def to_json(self) -> dict:
-        return {"device": self.device, "at": round(self.at, 3), "position": self.position,
-                "switch_ms": round(self.switch_ms, 3), "token": self.token}
-
-
-@dataclass
-class Generation:
-    tokens: list[int]
-    """Generated token ids (prompt excluded)."""
-    token_stats: list[TokenStats]
-    """One per generated token; the first also covers the prompt."""
-    logits: list[np.ndarray]
-    """The logits each generated token was chosen from, when asked to keep them."""
-    passes: int = 0
-    """Forward passes run (the prompt's included)."""
-    drafted: int = 0
-    """Draft guesses verified."""
-    accepted: int = 0
-    """Draft guesses accepted."""
-    failovers: list = field(default_factory=list)
-    """`FailoverEvent`s of this generation (a device replaced by the plan's failover)."""
-    reused: int = 0
-    """Prompt tokens not fed: the devices held them from the session's earlier requests (`reuse`)."""
-
-    @property
-    def tokens_per_pass(self) -> float | None:
-        """Generated tokens per decode pass (the prompt's pass and its token left out); None before any."""
-        return (len(self.tokens) - 1) / (self.passes - 1) if self.passes > 1 else None
-
-    @property
-    def acceptance(self) -> float | None:
-        """Share of draft guesses accepted; None when nothing was drafted."""
-        return self.accepted / self.drafted if self.drafted else None
+    slot: int
+    """The session slot: whose KV cache on every device."""
+    start: int
+    """Position of the first token."""
+    tokens: tuple
+    """Token ids fed."""
+    logits: int = 1
+    """How many of its last rows' logits to return (0: none, a prompt chunk that is not the last)."""
 
 
 @dataclass
@@ -172,7 +117,8 @@ class Coordinator:
                  compensation: str | None = None, await_predicted: bool = True, threads: int = 1):
         """compensation: one of COMPENSATIONS; None = "lowrank" if the plan has it, else "mean".
         await_predicted: await relaxed parts on the tokens where the predictor flags them.
-        threads: ggml threads for the coordinator's own products."""
+        threads: ggml threads for the coordinator's own products. `generate` runs one session (slot
+        0); `run` passes of up to `plan.session_slots()` sessions at once (server.engine)."""
         self.plan, self.cfg, self.exchange, self.threads = plan, plan.model, exchange, threads
         self.shard = shard
         self.local = DeviceCompute(plan, plan.coordinator, shard, threads)
@@ -197,8 +143,9 @@ class Coordinator:
         self.failovers: list[FailoverEvent] = []
         self.step = 0
         """The next pass's step number: it only grows within a session (a device's reply cache is by step)."""
-        self.fed: list[int] = []
-        """Tokens whose rows every device's KV cache holds this session, by position."""
+        self.slots = plan.session_slots()
+        self.fed: list[list[int]] = [[] for _ in range(self.slots)]
+        """Per session slot, the tokens whose rows every device's KV cache holds, by position."""
         self.position = 0
         self.session = 0
 
@@ -220,7 +167,7 @@ class Coordinator:
     def reset(self, session: int) -> None:
         self.part.reset()
         self.position = self.step = 0
-        self.fed = []
+        self.fed = [[] for _ in range(self.slots)]
         self.session = session
         self.exchange.begin(session)
         failed = getattr(self.exchange, "failed", None)  # begin may replace a device, or find it back
@@ -261,49 +208,96 @@ class Coordinator:
         self._switch(lost.device, inputs)
         self.failovers.append(FailoverEvent(lost.device, time.time(), start, 1e3 * (time.perf_counter() - t0)))
 
+    def replace_lost(self, lost: DeviceLost) -> None:
+        """After `lost` in a pass of several sessions: the plan's failover, no KV cache rebuilt (the
+        history is by slot; feeding each session again from position 0 is simpler and exact), so
+        every slot's cache counts as empty: the caller feeds its sessions again. `lost` again if
+        the device cannot be replaced."""
+        self._fail_over(lost, 0)
+        self.fed = [[] for _ in range(self.slots)]
+
     # ---- one pass -----------------------------------------------------------------------------
 
     def forward(self, tokens, step: int, stats: TokenStats, all_positions: bool = False) -> np.ndarray:
-        """Feed tokens at the current position; returns last-position logits [vocab], or [T, vocab]."""
-        tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
-        start, T = self.position, tokens.shape[0]
+        """Feed tokens at the current position (slot 0); returns last-position logits [vocab], or [T, vocab]."""
+        tokens = tuple(np.asarray(tokens, dtype=np.int64).reshape(-1).tolist())
+        T = len(tokens)
+        (logits,) = self.run([Feed(0, self.position, tokens, T if all_positions else 1)], step, [stats])
+        self.position += T
+        return logits if all_positions else logits[-1]
+
+    def run(self, feeds: list[Feed], step: int, stats: list[TokenStats]) -> list[np.ndarray | None]:
+        """One pass of every feed's rows (several sessions share its rounds: one message per device
+        and round); per feed its last `logits` rows' logits [n, vocab] (None for 0). `stats[j]` gets
+        feed j's share: the pass's times, and the relaxed parts missing on its own rows."""
+        spans = tuple(Span(f.slot, f.start, len(f.tokens)) for f in feeds)
+        bounds = np.cumsum([0] + [s.rows for s in spans])
+        tokens = np.fromiter((t for f in feeds for t in f.tokens), dtype=np.int32, count=int(bounds[-1]))
         h = x_pred = None
+        out: list = [None] * len(feeds)
         for i, st in enumerate(self.steps):
             if isinstance(st, Segment):
                 t0 = time.perf_counter()
-                h, x_seg, logits = self.runner.run(i, st, tokens if st.embed else h, start, all_positions)
+                h, x_seg, out = self._segment(i, st, tokens if st.embed else h, feeds, spans, bounds)
                 x_pred = x_seg if x_seg is not None else x_pred
-                stats.compute_ms += 1e3 * (time.perf_counter() - t0)
+                for s in stats:
+                    s.compute_ms += 1e3 * (time.perf_counter() - t0)
                 continue
             layer, kind = st
             if kind == "attn":
                 x_pred = rms_norm(h, self.tables.norms[layer][0], self.cfg.rms_norm_eps)
-                h = h + self._attention(step, layer, start, stats, x_pred)
+                h = h + self._attention(step, layer, spans, stats, x_pred)
             else:
                 m = rms_norm(h, self.tables.norms[layer][1], self.cfg.rms_norm_eps)
-                h = h + self._mlp(step, layer, start, stats, x_pred, m)
-        self.local.lengths = [start + T] * self.cfg.num_layers
-        self.position += T
-        self.fed[start:] = tokens.tolist()
-        return logits if all_positions else logits[-1]
+                h = h + self._mlp(step, layer, spans, bounds, stats, x_pred, m)
+        for f in feeds:
+            self.local.lengths[f.slot, :] = f.start + len(f.tokens)
+            self.fed[f.slot][f.start:] = f.tokens
+        return out
 
-    def _attention(self, step: int, layer: int, start: int, stats: TokenStats, x: np.ndarray) -> np.ndarray:
+    def _segment(self, i: int, st: Segment, inp: np.ndarray, feeds: list[Feed], spans: tuple, bounds):
+        """A run of local rounds (`segment`) for the pass's rows: (h, the predictor's x, per-feed
+        logits). Rounds that attend run span by span (each session's own KV cache); the others once."""
+        if st.attends and len(spans) > 1:
+            parts = [self._segment(i, st, inp[a:b], [f], (s,), np.array([0, s.rows]))
+                     for f, s, a, b in zip(feeds, spans, bounds[:-1], bounds[1:])]
+            hs, xs = [p[0] for p in parts], [p[1] for p in parts]
+            return (None if hs[0] is None else np.concatenate(hs),
+                    None if xs[0] is None else np.concatenate(xs), [p[2][0] for p in parts])
+        s, f = spans[0], feeds[0]
+        if not st.head:
+            h, x, _ = self.runner.run(i, st, inp, s.start, slot=s.slot)
+            return h, x, [None] * len(feeds)
+        if st.attends:  # one session: its rounds write the cache, then its last rows' logits
+            _, _, logits = self.runner.run(i, st, inp, s.start, f.logits > 1, s.slot)
+            return None, None, [logits[-f.logits:] if f.logits else None]
+        # rows are independent past the last attention: only those whose logits are wanted go on
+        pick = np.concatenate([np.arange(b - f.logits, b) for f, b in zip(feeds, bounds[1:])]).astype(np.int64)
+        if not len(pick):
+            return None, None, [None] * len(feeds)
+        _, _, logits = self.runner.run(i, st, inp[pick], 0, all_positions=True)
+        at = np.cumsum([0] + [f.logits for f in feeds])
+        return None, None, [logits[a:b] if b > a else None for a, b in zip(at[:-1], at[1:])]
+
+    def _attention(self, step: int, layer: int, spans: tuple, stats: list[TokenStats], x: np.ndarray) -> np.ndarray:
         """Every device's attention heads on x, all awaited (they hold KV state)."""
-        self.exchange.post("attn", step, layer, x, start)
+        self.exchange.post("attn", step, layer, x, spans)
         t0 = time.perf_counter()
-        local = self.part.attention(layer, x, start) if self.part.has_attention(layer) else None
+        local = attend(self.part, layer, x, spans) if self.part.has_attention(layer) else None
         t1 = time.perf_counter()
         remote = self.exchange.collect("attn", step, layer, {})
-        t2 = time.perf_counter()
-        stats.compute_ms += 1e3 * (t1 - t0)
-        stats.wait_ms += 1e3 * (t2 - t1)
+        compute_ms, wait_ms = 1e3 * (t1 - t0), 1e3 * (time.perf_counter() - t1)
+        for s in stats:
+            s.compute_ms += compute_ms
+            s.wait_ms += wait_ms
         return sum_parts([local] + remote.parts, x)
 
-    def _mlp(self, step: int, layer: int, start: int, stats: TokenStats, x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    def _mlp(self, step: int, layer: int, spans: tuple, bounds, stats: list[TokenStats], x: np.ndarray,
+             m: np.ndarray) -> np.ndarray:
         """Every device's MLP part on m: critical and predicted ones (the predictor reads x) awaited,
-        relaxed ones that miss the deadline compensated."""
+        relaxed ones that miss the deadline compensated (each row on its own)."""
         awaited = self._awaited(layer, x)
-        self.exchange.post("mlp", step, layer, m, start)
+        self.exchange.post("mlp", step, layer, m, spans)
         t0 = time.perf_counter()
         crit, rlx = self.part.mlp(layer, m) if self.part.has_mlp(layer) else (None, None)
         t1 = time.perf_counter()
@@ -314,13 +308,19 @@ class Coordinator:
             missing = [(dev, result.missing[dev]) for dev in self.remote if dev in result.missing]
             comp = [self._compensate(layer, dev, m, rows) for dev, rows in missing]
             for dev, rows in missing:
-                stats.missing[dev] = stats.missing.get(dev, 0) + 1
-                stats.missing_rows += int(rows.sum())
+                for s, n in zip(stats, _per_feed(rows, bounds)):
+                    if n:
+                        s.missing[dev] = s.missing.get(dev, 0) + 1
+                        s.missing_rows += n
         if awaited:
-            stats.awaited_rows += sum(int(rows.sum()) for rows in awaited.values())
-        stats.relaxed_parts += len(self.relaxed[layer])
-        stats.compute_ms += 1e3 * (t1 - t0)
-        stats.wait_ms += 1e3 * (t2 - t1)
+            for rows in awaited.values():
+                for s, n in zip(stats, _per_feed(rows, bounds)):
+                    s.awaited_rows += n
+        parts, compute_ms, wait_ms = len(self.relaxed[layer]), 1e3 * (t1 - t0), 1e3 * (t2 - t1)
+        for s in stats:
+            s.relaxed_parts += parts
+            s.compute_ms += compute_ms
+            s.wait_ms += wait_ms
         return sum_parts([crit, rlx] + result.parts + comp, m)
 
     def _awaited(self, layer: int, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -363,7 +363,7 @@ class Coordinator:
     def reusable(self, prompt: list[int]) -> int:
         """How many leading tokens of `prompt` the devices' KV caches hold from this session (at
         most all but one: the last prompt token must be fed for its logits)."""
-        return min(shared_prefix(self.fed, prompt), len(prompt) - 1) if self.session else 0
+        return min(shared_prefix(self.fed[0], prompt), len(prompt) - 1) if self.session else 0
 
     def generate(self, prompt: list[int], max_tokens: int, session: int = 1, keep_logits: bool = False,
                  eos: int | None = None, on_token=None, choose=None, stop=None, draft=None,
@@ -384,7 +384,7 @@ class Coordinator:
         reused = self.reusable(prompt) if reuse else 0
         if reused:  # the KV rows past the shared prefix are overwritten as the prompt's rest is fed
             self.position = reused
-            del self.fed[reused:]
+            del self.fed[0][reused:]
         else:
             self.reset(session)
         gen = Generation([], [], [], failovers=self.failovers[before:], reused=reused)
@@ -416,12 +416,12 @@ class Coordinator:
             if guesses:
                 # rejected rows are past the new position: the next pass overwrites them on every device
                 self.position = start + len(tokens)
-                del self.fed[self.position:]
+                del self.fed[0][self.position:]
             stats.total_ms = 1e3 * (time.perf_counter() - t0)
             gen.passes += 1
             gen.drafted += len(guesses)
             gen.accepted += accepted
-            for j, (token, st) in enumerate(zip(tokens, _share(stats, len(tokens)))):
+            for j, (token, st) in enumerate(zip(tokens, share(stats, len(tokens)))):
                 if j and stop is not None and stop():
                     return gen
                 seen.append(token)
@@ -437,13 +437,11 @@ class Coordinator:
         return gen
 
 
-def _share(stats: TokenStats, n: int) -> list[TokenStats]:
-    """A pass's stats as n tokens': times divided evenly (time per generated token), counts on the first."""
-    if n == 1:
-        return [stats]
-    times = {"total_ms": stats.total_ms / n, "compute_ms": stats.compute_ms / n, "wait_ms": stats.wait_ms / n,
-             "draft_ms": stats.draft_ms / n, "pass_tokens": n}
-    return [replace(stats, **times)] + [TokenStats(**times) for _ in range(n - 1)]
+def _per_feed(rows: np.ndarray, bounds: np.ndarray) -> list[int]:
+    """How many of `rows` (bool per row of a pass) are true in each feed's rows (`bounds`: row offsets)."""
+    if len(bounds) == 2:
+        return [int(rows.sum())]
+    return np.add.reduceat(rows.astype(np.int64), bounds[:-1]).tolist()
 
 
 def _lowrank(shard: dict[str, np.ndarray], layer: int, groups: list[int]) -> tuple:

@@ -45,13 +45,18 @@ from typing import Protocol
 import numpy as np
 
 from .formats import weight_format
-from .ggmlops import Arena, GraphCache, new_input
+from .ggmlops import Arena, GraphCache, new_input, row_bucket
 from .layers import KVCache, Rows, attention, kv_keys, mlp, rope_factors
 from .plan import Plan, PlanError
 from .shards import LayerSlice, device_indices
 
 import ggml.ggml as G
 
+
+
+ATTENTION_NODES = 64
+"""Nodes an attention round's graph may hold (it has ~20; an MLP round's has 4 + 3 per part):
+a graph's context is sized to it, and a device keeps hundreds of graphs."""
 
 
 class DeviceBackend(Protocol):
@@ -65,10 +70,11 @@ class DeviceBackend(Protocol):
     def reset(self) -> None:
         """Forget every session's KV cache."""
 
-    def cache_length(self, layer: int) -> int: ...
+    def cache_length(self, layer: int, slot: int = 0) -> int: ...
 
-    def attention(self, layer: int, x: np.ndarray, start: int) -> np.ndarray:
-        """Partial attention output of its KV-head groups for rows at start.. (cached from there on)."""
+    def attention(self, layer: int, x: np.ndarray, start: int, slot: int = 0) -> np.ndarray:
+        """Partial attention output of its KV-head groups for rows at start.. of session `slot`
+        (cached from there on; `spans.attend` runs a pass of several sessions)."""
 
     def mlp(self, layer: int, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(critical partial, relaxed partial) of its MLP neurons; None where it has none."""
@@ -83,8 +89,9 @@ class DeviceCompute:
     def __init__(self, plan: Plan | None, device: str, shard: dict[str, np.ndarray], threads: int = 1,
                  layout: tuple | None = None):
         """layout: (config, weight format, layer slices, context) for a model without a plan
-        (`whole_model`); otherwise they come from the plan."""
+        (`whole_model`, one session); otherwise they come from the plan, with its session slots."""
         self.plan, self.name, self.threads = plan, device, threads
+        self.slots = 1 if layout is not None else plan.session_slots()
         if layout is None:
             layout = (plan.model, plan.weights, [device_indices(plan, device, layer)
                                                  for layer in range(plan.model.num_layers)], plan.max_context)
@@ -102,7 +109,7 @@ class DeviceCompute:
             if s.kv_heads:
                 attn = tuple(self._matrix(shard, f"{pre}.attn.{p}", cfg.hidden_size) for p in ("q_proj", "k_proj", "v_proj")) \
                     + (self._matrix(shard, f"{pre}.attn.o_proj", len(s.q_heads) * cfg.head_dim),)
-                cache = KVCache(self.arena, len(s.kv_heads), capacity, cfg.head_dim)
+                cache = KVCache(self.arena, len(s.kv_heads), capacity, cfg.head_dim, self.slots)
             if s.neurons:
                 mlp_w = (self._matrix(shard, f"{pre}.mlp.gate_proj", cfg.hidden_size),
                          self._matrix(shard, f"{pre}.mlp.up_proj", cfg.hidden_size),
@@ -110,7 +117,8 @@ class DeviceCompute:
             self.attn.append(attn)
             self.mlp_w.append(mlp_w)
             self.caches.append(cache)
-        self.lengths = [0] * cfg.num_layers
+        self.lengths = np.zeros((self.slots, cfg.num_layers), dtype=np.int64)
+        """Rows each session slot's KV cache holds, per layer."""
         self.graphs = GraphCache()
 
     @classmethod
@@ -136,45 +144,51 @@ class DeviceCompute:
         return self.mlp_w[layer] is not None
 
     def reset(self) -> None:
-        self.lengths = [0] * self.cfg.num_layers
+        self.lengths[:] = 0
 
-    def cache_length(self, layer: int) -> int:
-        return self.lengths[layer]
+    def cache_length(self, layer: int, slot: int = 0) -> int:
+        return int(self.lengths[slot, layer])
 
-    def attention(self, layer: int, x: np.ndarray, start: int) -> np.ndarray:
-        """Partial attention output of this device's KV-head groups for tokens at start.. ."""
+    def attention(self, layer: int, x: np.ndarray, start: int, slot: int = 0) -> np.ndarray:
+        """Partial attention output of this device's KV-head groups for tokens at start.. of `slot`."""
         T = x.shape[0]
         cache = self.caches[layer]
         if start + T > cache.capacity:
             raise ValueError(f"{self.name}: positions up to {start + T} exceed the plan's context {cache.capacity}")
-        keys = kv_keys(start, T, cache.capacity)
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"{self.name}: session slot {slot} out of range (it holds {self.slots})")
+        keys, base = kv_keys(start, T, cache.capacity), slot * cache.capacity
         q, k, v, o = self.attn[layer]
 
         def build(ctx):
-            rows = Rows.inputs(ctx, T, keys, self.factors)
+            rows = Rows.inputs(ctx, T, keys, self.factors, base)
             xin = new_input(ctx, G.GGML_TYPE_F32, T, self.cfg.hidden_size)
             return {"x": xin, **rows.named()}, {"y": attention(ctx, self.cfg, xin, q, k, v, o, cache, rows)}
 
-        graph = self.graphs.get((layer, "attn", T), T, keys, build)
+        graph = self.graphs.get((layer, "attn", T, slot), T, keys, build, ATTENTION_NODES)
         graph.inputs["x"][:] = x
-        Rows.fill(graph.inputs, start)
+        Rows.fill(graph.inputs, start, base)
         # a retransmitted request for tokens already cached overwrites them from `start`
-        self.lengths[layer] = start + T
+        self.lengths[slot, layer] = start + T
         return self.graphs.run(graph, T, self.threads)["y"]
 
     def _mlp_parts(self, layer: int, x: np.ndarray, parts: list[tuple[int, int]], kind: str) -> list[np.ndarray]:
         gate, up, down = self.mlp_w[layer]
         T, per_col = x.shape[0], self.fmt.bytes_per_col
+        # short passes run padded to a few row counts: rows are independent (a row's bits do not
+        # depend on its pass), and a graph per count of every batch's rows would fill the memory
+        P = row_bucket(T)
 
         def build(ctx):
-            xin = new_input(ctx, G.GGML_TYPE_F32, T, self.cfg.hidden_size)
+            xin = new_input(ctx, G.GGML_TYPE_F32, P, self.cfg.hidden_size)
             outs = mlp(ctx, xin, gate, up, down, parts, per_col)
             return {"x": xin}, {f"y{i:03d}": y for i, y in enumerate(outs)}
 
-        graph = self.graphs.get((layer, kind, T), T, 0, build)
-        graph.inputs["x"][:] = x
-        out = self.graphs.run(graph, T, self.threads)
-        return [out[k] for k in sorted(out)]
+        graph = self.graphs.get((layer, kind, P), P, 0, build, 16 + 4 * len(parts))
+        graph.inputs["x"][:T] = x
+        graph.inputs["x"][T:] = 0.0
+        out = self.graphs.run(graph, P, self.threads)
+        return [out[k][:T] for k in sorted(out)]
 
     def mlp(self, layer: int, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(critical partial, relaxed partial) of this device's MLP neurons; None where it has none.

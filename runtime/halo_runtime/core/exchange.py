@@ -32,6 +32,7 @@ from .codec import decode_tensor, encode_tensor
 from .device import DeviceBackend, DeviceCompute
 from .plan import Plan
 from .policy import BurstyLink, DeliveryPolicy
+from .spans import attend, spans_of
 
 
 class DeviceLost(RuntimeError):
@@ -159,7 +160,9 @@ class Exchange(Protocol):
 
     def begin(self, session: int) -> None: ...
 
-    def post(self, phase: str, step: int, layer: int, x: np.ndarray, start: int) -> None: ...
+    def post(self, phase: str, step: int, layer: int, x: np.ndarray, at) -> None:
+        """Send round (phase, step, layer)'s input x; `at` says where its rows sit: a start position
+        in session slot 0, or `spans.Span`s (the rows of several sessions)."""
 
     def collect(self, phase: str, step: int, layer: int, awaited: dict[str, np.ndarray]) -> RoundResult:
         """`awaited`: device -> bool [T], tokens whose relaxed part must be awaited; only devices
@@ -217,17 +220,17 @@ class InProcessExchange:
             return t
         return decode_tensor(encode_tensor(t, self.wire), self.wire)
 
-    def post(self, phase: str, step: int, layer: int, x: np.ndarray, start: int) -> None:
-        self.pending = (phase, layer, self._wire(x), start)
+    def post(self, phase: str, step: int, layer: int, x: np.ndarray, at) -> None:
+        self.pending = (phase, layer, self._wire(x), spans_of(at, x.shape[0]))
 
     def collect(self, phase: str, step: int, layer: int, awaited: dict[str, np.ndarray]) -> RoundResult:
-        _, _, x, start = self.pending
+        _, _, x, spans = self.pending
         result = RoundResult(parts=[])
         for name in self.order:
             dev = self.devices[name]
             if phase == "attn":
                 if dev.has_attention(layer):
-                    result.parts.append(self._wire(dev.attention(layer, x, start)))
+                    result.parts.append(self._wire(attend(dev, layer, x, spans)))
                 continue
             if not dev.has_mlp(layer):
                 continue

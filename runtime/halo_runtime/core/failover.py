@@ -78,13 +78,17 @@ class WithAdopted:
         self.own.reset()
         self.adopted.reset()
 
-    def cache_length(self, layer: int) -> int:
-        part = self.own if self.own.has_attention(layer) else self.adopted
-        return part.cache_length(layer)
+    @property
+    def slots(self) -> int:
+        return min(self.own.slots, self.adopted.slots)
 
-    def attention(self, layer: int, x: np.ndarray, start: int) -> np.ndarray:
-        own = self.own.attention(layer, x, start) if self.own.has_attention(layer) else None
-        adopted = self.adopted.attention(layer, x, start) if self.adopted.has_attention(layer) else None
+    def cache_length(self, layer: int, slot: int = 0) -> int:
+        part = self.own if self.own.has_attention(layer) else self.adopted
+        return part.cache_length(layer, slot)
+
+    def attention(self, layer: int, x: np.ndarray, start: int, slot: int = 0) -> np.ndarray:
+        own = self.own.attention(layer, x, start, slot) if self.own.has_attention(layer) else None
+        adopted = self.adopted.attention(layer, x, start, slot) if self.adopted.has_attention(layer) else None
         return _add(own, adopted)
 
     def mlp(self, layer: int, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -95,10 +99,10 @@ class WithAdopted:
     def mlp_groups(self, layer: int, x: np.ndarray) -> list[np.ndarray]:
         return self.own.mlp_groups(layer, x) + self.adopted.mlp_groups(layer, x)
 
-    def rebuild(self, layer: int, x: np.ndarray) -> None:
-        """Fill the adopted heads' KV cache of `layer` with the rows of positions 0.. (a failover)."""
+    def rebuild(self, layer: int, x: np.ndarray, slot: int = 0) -> None:
+        """Fill the adopted heads' KV cache of `layer` in `slot` with the rows of positions 0.. (a failover)."""
         if self.adopted.has_attention(layer) and x.shape[0]:
-            self.adopted.attention(layer, x, 0)
+            self.adopted.attention(layer, x, 0, slot)
 
     def close(self) -> None:
         self.adopted.close()

@@ -165,8 +165,9 @@ class Graph:
             G.ggml_gallocr_free(galloc)
         G.ggml_free(ctx)
 
-    def compute(self, threads: int = 1) -> None:
-        """Run the graph once on `threads` threads (ggml's threads, inside the kernels)."""
+    def compute(self, threads: int = 1, workspace: Workspace | None = None) -> None:
+        """Run the graph once on `threads` threads (ggml's threads, inside the kernels), its scratch
+        memory in `workspace` if given (shared by graphs computed in turn), else its own."""
         plan = self._plans.get(threads)
         if plan is None:
             cplan = G.ggml_graph_plan(self.graph, threads, None)
@@ -174,9 +175,13 @@ class Graph:
             # Its tiled (64+ rows) and split-key (one row, 512+ keys) variants sum in another order,
             # so a row's bits would depend on the pass it travels in, and on the thread count
             cplan.use_ref = True
-            work = np.empty(max(cplan.work_size, 1), dtype=np.uint8)
-            cplan.work_data = work.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+            work = None
+            if workspace is None:
+                work = np.empty(max(cplan.work_size, 1), dtype=np.uint8)
+                cplan.work_data = work.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
             plan = self._plans[threads] = (cplan, work, ctypes.byref(cplan))
+        if workspace is not None:
+            plan[0].work_data = workspace.pointer(plan[0].work_size)
         status = _compute(self.graph, plan[2])
         if status != G.GGML_STATUS_SUCCESS:
             raise RuntimeError(f"ggml graph compute failed (status {status})")
@@ -186,9 +191,36 @@ class Graph:
         self._plans.clear()
 
 
+class Workspace:
+    """One scratch buffer for the graphs a device computes one after another: a buffer per graph
+    would hold its work size in every cached graph (a device keeps hundreds: layers x row counts x
+    session slots)."""
+
+    def __init__(self):
+        self.buffer = np.empty(1, dtype=np.uint8)
+        self._pointer = self.buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+
+    def pointer(self, size: int):
+        """The buffer, grown to at least `size` bytes if need be."""
+        if self.buffer.nbytes < size:
+            self.buffer = np.empty(size, dtype=np.uint8)
+            self._pointer = self.buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        return self._pointer
+
+
 CACHED_ROWS = 17
 """Graphs of up to this many rows (decode, and draft verification) are kept; longer ones (prefill)
 are built for the pass and freed."""
+
+
+def row_bucket(rows: int) -> int:
+    """Rows a short pass is computed with where rows are independent (MLP): the next power of two,
+    at most CACHED_ROWS; a longer pass as it is.
+
+    >>> [row_bucket(t) for t in (1, 3, 5, 9, 17, 40)]
+    [1, 4, 8, 16, 17, 40]
+    """
+    return rows if rows > CACHED_ROWS else min(CACHED_ROWS, 1 << (rows - 1).bit_length())
 
 
 class GraphCache:
@@ -197,23 +229,24 @@ class GraphCache:
 
     def __init__(self):
         self._held: dict[tuple, tuple[int, Graph]] = {}
+        self.workspace = Workspace()
 
-    def get(self, key: tuple, rows: int, keys: int, build) -> Graph:
-        """The graph for `key` of `rows` rows reading `keys` cached keys, built by `build` if need be."""
+    def get(self, key: tuple, rows: int, keys: int, build, max_nodes: int = MAX_NODES) -> Graph:
+        """The graph for `key` of `rows` rows reading `keys` cached keys, built by `build` if need be
+        (in a context for `max_nodes` nodes: its bookkeeping is held as long as the graph)."""
         held = self._held.get(key)
         if held is not None and held[0] == keys:
             return held[1]
-        graph = Graph(build)
+        graph = Graph(build, max_nodes)
         if rows <= CACHED_ROWS:
             if held is not None:
                 held[1].close()
             self._held[key] = (keys, graph)
         return graph
 
-    @staticmethod
-    def run(graph: Graph, rows: int, threads: int) -> dict[str, np.ndarray]:
+    def run(self, graph: Graph, rows: int, threads: int) -> dict[str, np.ndarray]:
         """Compute `graph` and copy its outputs out (the next pass reuses its buffers)."""
-        graph.compute(threads)
+        graph.compute(threads, self.workspace)
         out = {k: v.copy() for k, v in graph.outputs.items()}
         if rows > CACHED_ROWS:
             graph.close()

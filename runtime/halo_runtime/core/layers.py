@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 from dataclasses import dataclass
 
 import ggml.ggml as G
@@ -67,26 +68,29 @@ class Rows:
     positions: object
     """int32 [T]: each row's position (RoPE)."""
     slots: object
-    """int64 [T]: the KV-cache row each new key and value is written to (its position)."""
+    """int64 [T]: the KV-cache row each new key and value is written to (`base` + its position)."""
     mask: object
     """fp16 [T, keys]: 0 where a row may see a cached key, -inf where not (causal, and the bucket's tail)."""
     keys: int
     """Cached keys the graph reads (`kv_keys`)."""
     factors: object = None
     """llama3 RoPE frequency factors (a float32 tensor), or None."""
+    base: int = 0
+    """The KV-cache row of position 0: a session slot's offset in a cache of several (`spans`)."""
 
     @classmethod
-    def inputs(cls, ctx, T: int, keys: int, factors=None) -> Rows:
+    def inputs(cls, ctx, T: int, keys: int, factors=None, base: int = 0) -> Rows:
         return cls(new_input(ctx, G.GGML_TYPE_I32, T), new_input(ctx, G.GGML_TYPE_I64, T),
-                   new_input(ctx, G.GGML_TYPE_F16, T, keys), keys, factors)
+                   new_input(ctx, G.GGML_TYPE_F16, T, keys), keys, factors, base)
 
     @staticmethod
-    def fill(views: dict, start: int) -> None:
-        """Write a pass's row inputs (views named positions, slots, mask) for rows at `start`."""
+    def fill(views: dict, start: int, base: int = 0) -> None:
+        """Write a pass's row inputs (views named positions, slots, mask) for rows at `start` of the
+        session whose position 0 is KV-cache row `base`."""
         T, keys = views["mask"].shape
         pos = np.arange(start, start + T)
         views["positions"][:] = pos
-        views["slots"][:] = pos
+        views["slots"][:] = pos + base
         views["mask"][:] = np.where(np.arange(keys)[None, :] <= pos[:, None], 0, F16_NEG_INF)
 
     def named(self) -> dict:
@@ -94,14 +98,23 @@ class Rows:
 
 
 class KVCache:
-    """Keys and values of some KV heads of one layer, for the plan's whole context: [heads, capacity,
-    head_dim] float32 each, zeros until written (untouched pages cost no memory). A row is written at
-    its position, so a rewind (a retransmission, rejected drafts) just writes over it."""
+    """Keys and values of some KV heads of one layer, for the plan's whole context in each of `slots`
+    sessions: [heads, slots * capacity, head_dim] float32 each, slot s from row s * capacity, zeros
+    until written (untouched pages cost no memory: a slot nobody uses costs nothing). A row is
+    written at its position, so a rewind (a retransmission, rejected drafts) just writes over it."""
 
-    def __init__(self, arena: Arena, kv_heads: int, capacity: int, head_dim: int):
-        self.capacity = capacity
-        self.keys = arena.array(np.zeros((kv_heads, capacity, head_dim), dtype=np.float32))
-        self.values = arena.array(np.zeros((kv_heads, capacity, head_dim), dtype=np.float32))
+    def __init__(self, arena: Arena, kv_heads: int, capacity: int, head_dim: int, slots: int = 1):
+        self.capacity, self.slots = capacity, slots
+        self.keys = arena.array(_lazy_zeros((kv_heads, slots * capacity, head_dim)))
+        self.values = arena.array(_lazy_zeros((kv_heads, slots * capacity, head_dim)))
+
+
+def _lazy_zeros(shape: tuple) -> np.ndarray:
+    """float32 zeros in anonymous memory of ordinary 4 KiB pages: a row costs memory once written.
+    (numpy asks for 2 MiB huge pages on arrays of 4 MiB and more, so one key written into a fresh
+    slot would make 2 MiB resident: 8 slots' caches then cost what 8 full contexts would.)"""
+    n = int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(4 * n, 1)), dtype=np.float32, count=n).reshape(shape)
 
 
 def rms_norm(ctx, x, weight, eps: float):
@@ -126,8 +139,8 @@ def attention(ctx, cfg: ModelConfig, x, q, k, v, o, cache: KVCache, rows: Rows):
     keys = G.ggml_set_rows(ctx, cache.keys, G.ggml_permute(ctx, ks, 0, 2, 1, 3), rows.slots)
     values = G.ggml_set_rows(ctx, cache.values, G.ggml_permute(ctx, vs, 0, 2, 1, 3), rows.slots)
     nb = cache.keys.contents.nb
-    keys = G.ggml_view_3d(ctx, keys, hd, rows.keys, nkv, nb[1], nb[2], 0)
-    values = G.ggml_view_3d(ctx, values, hd, rows.keys, nkv, nb[1], nb[2], 0)
+    keys = G.ggml_view_3d(ctx, keys, hd, rows.keys, nkv, nb[1], nb[2], rows.base * nb[1])
+    values = G.ggml_view_3d(ctx, values, hd, rows.keys, nkv, nb[1], nb[2], rows.base * nb[1])
     out = G.ggml_flash_attn_ext(ctx, G.ggml_permute(ctx, qs, 0, 2, 1, 3), keys, values, rows.mask,
                                 1.0 / math.sqrt(hd), 0.0, 0.0)  # [hd, heads, T]
     return G.ggml_mul_mat(ctx, o, G.ggml_reshape_2d(ctx, out, hd * nq, T))

@@ -30,6 +30,7 @@ from .formats import weight_format
 from .plandir import PLAN_FILE, PlanError
 from .planjson import dump, from_plain, to_plain
 from .policy import gilbert
+from .spans import MAX_SLOTS
 
 SCHEMA_VERSION = 1
 OPTIONAL = {"omit_default": True}
@@ -344,6 +345,21 @@ class Plan:
         """Predicted energy per token in mJ of the devices with `power_w`, summed (None: none has it)."""
         known = [r.energy_mj for r in self.device_reports if r.energy_mj is not None]
         return sum(known) if known else None
+
+    def session_slots(self, device: str | None = None) -> int:
+        """Sessions whose KV caches (at max_context) fit in `device`'s memory beside its weights and
+        its first session's cache, 1 to `spans.MAX_SLOTS`; without a device, the fewest of any
+        device: what every device allocates and the coordinator may use. A device that streams
+        weights from storage spends its spare memory on them: one session."""
+        if device is None:
+            return min(self.session_slots(d.name) for d in self.devices)
+        rep = next(r for r in self.device_reports if r.name == device)
+        if not rep.kv_cache_bytes:
+            return MAX_SLOTS
+        if rep.streamed_bytes:
+            return 1
+        spare = self.device(device).memory_bytes - rep.weight_bytes - rep.kv_cache_bytes
+        return max(1, min(MAX_SLOTS, 1 + spare // rep.kv_cache_bytes))
 
     def failover_for(self, device: str) -> Failover | None:
         """The compiler's fallback for `device`'s death (None: it holds no critical groups, or the

@@ -93,10 +93,11 @@ class Tables:
                      if "lm_head" in shard else self.embed)
 
 
-def build(ctx, seg: Segment, dev, tables: Tables, T: int, keys: int, all_positions: bool):
+def build(ctx, seg: Segment, dev, tables: Tables, T: int, keys: int, all_positions: bool, base: int = 0):
     """The graph of one segment for T rows: (inputs, outputs) as `ggmlops.Graph` wants them.
     Inputs: tokens (int32 [T]) or h ([T, hidden]), and the rows' positions when it attends;
-    outputs: h or logits ([T or 1, vocab]), and x of `predictor_layer`."""
+    outputs: h or logits ([T or 1, vocab]), and x of `predictor_layer`. base: the KV-cache row of
+    the session's position 0 (`layers.Rows`)."""
     cfg = dev.cfg
     eps, hidden = cfg.rms_norm_eps, cfg.hidden_size
     inputs, outputs = {}, {}
@@ -108,7 +109,7 @@ def build(ctx, seg: Segment, dev, tables: Tables, T: int, keys: int, all_positio
         h = inputs["h"] = new_input(ctx, G.GGML_TYPE_F32, T, hidden)
     rows = None
     if seg.attends:
-        rows = Rows.inputs(ctx, T, keys, dev.factors)
+        rows = Rows.inputs(ctx, T, keys, dev.factors, base)
         inputs.update(rows.named())
     per_col = dev.fmt.bytes_per_col
     for layer, kind in seg.rounds:
@@ -141,19 +142,20 @@ class Runner:
         self.dev, self.tables, self.capacity, self.threads = dev, tables, capacity, threads
         self.graphs = GraphCache()
 
-    def run(self, key, seg: Segment, inp: np.ndarray, start: int, all_positions: bool = False):
-        """Segment `seg` (cached under `key`) on T rows at `start`, fed token ids (an embedding
-        segment) or h: (h or None, the predictor's x or None, logits or None)."""
+    def run(self, key, seg: Segment, inp: np.ndarray, start: int, all_positions: bool = False, slot: int = 0):
+        """Segment `seg` (cached under `key`) on T rows at `start` of session `slot`, fed token ids
+        (an embedding segment) or h: (h or None, the predictor's x or None, logits or None)."""
         T = inp.shape[0]
         if start + T > self.capacity and seg.attends:
             # ggml would abort the process writing the KV cache past its end (DeviceCompute checks alike)
             raise ValueError(f"{self.dev.name}: positions up to {start + T} exceed the context {self.capacity}")
         keys = kv_keys(start, T, self.capacity) if seg.attends else 0
-        graph = self.graphs.get((key, T, all_positions), T, keys,
-                                lambda ctx: build(ctx, seg, self.dev, self.tables, T, keys, all_positions))
+        base = slot * self.capacity if seg.attends else 0
+        graph = self.graphs.get((key, T, all_positions, base), T, keys,
+                                lambda ctx: build(ctx, seg, self.dev, self.tables, T, keys, all_positions, base))
         graph.inputs["tokens" if seg.embed else "h"][:] = inp
         if seg.attends:
-            Rows.fill(graph.inputs, start)
+            Rows.fill(graph.inputs, start, base)
         out = self.graphs.run(graph, T, self.threads)
         return out.get("h"), out.get("x"), out.get("logits")
 

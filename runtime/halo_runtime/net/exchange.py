@@ -253,10 +253,10 @@ class UdpExchange:
 
     # ---- rounds ---------------------------------------------------------------------------------
 
-    def post(self, phase: str, step: int, layer: int, x: np.ndarray, start: int) -> None:
+    def post(self, phase: str, step: int, layer: int, x: np.ndarray, at) -> None:
         targets = self.targets[phase][layer]
         if phase == "attn" and targets:
-            self.history.append(layer, x, start)
+            self.history.append(layer, x, at)
         if self.down:
             targets = [d for d in targets if d not in self.down]
         if not targets:  # a round that stays on the coordinator: nothing to send, nothing to await
@@ -271,7 +271,7 @@ class UdpExchange:
             m = msgs.get(c)
             if m is None:
                 m = msgs[c] = Message(kind, self.session, step, layer, self.me,
-                                      encode_request(x, start, self.policy.wire, c))
+                                      encode_request(x, at, self.policy.wire, c))
             payload[d] = m
         self.round = _Round(phase, step, layer, payload, targets, rows=x.shape[0])
         if step > 2:
@@ -330,8 +330,8 @@ class UdpExchange:
         the attention inputs of this session (all but the round in flight, which is re-requested)."""
         r = self.round
         layers = [i for i in range(self.plan.model.num_layers) if d in self.layout["attn"][i]]
-        inputs = {i: self.history.inputs(i, drop_last=bool(r and r.phase == "attn" and r.layer == i))
-                  for i in layers}
+        inputs = {slot: {i: self.history.inputs(i, bool(r and r.phase == "attn" and r.layer == i), slot)
+                         for i in layers} for slot in self.history.slots()}
         try:
             rebuild(d, self.peers[d], self.auth, self.guard, self.me, self.index[d], self.session,
                     r.step if r else 0, inputs, self.policy.wire, self.policy.dead_after_s)
@@ -345,7 +345,7 @@ class UdpExchange:
         self.down.discard(d)
         self.asked_since[d] = None
         self.counters["rejoins"] += 1
-        tokens = self.history.rows[layers[0]] if layers else 0
+        tokens = sum(self.history.rows[slot][layers[0]] for slot in inputs) if layers else 0
         self.warn(f"device {d} rejoined the session" + (f" (KV cache rebuilt: {tokens} tokens in "
                                                         f"{len(layers)} layers)" if layers else "")
                   + ("" if was_down else "; its pending parts are requested again"))

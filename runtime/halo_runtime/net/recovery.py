@@ -2,11 +2,11 @@
 the rebuild of a restarted device's KV cache, and the hand-over of a dead device's groups to the
 survivors the plan's failover names (`hand_over`: FAILOVER, then their KV cache from the same record).
 
-A device that restarts mid-session has an empty KV cache. The coordinator keeps, per layer, the
-attention inputs it broadcast this session (`History`); `rebuild` sends them to the device over
+A device that restarts mid-session has an empty KV cache. The coordinator keeps, per session slot
+and layer, the attention inputs it broadcast this session (`History`); `rebuild` sends them to the device over
 TCP (reliable: a 1,000-token history is ~1 MB per layer, hopeless as UDP datagrams at 10% loss)
 after a HELLO that tells the device to drop whatever state it holds, and waits for one REBUILT
-per layer. The worker appends them to its KV cache in order (worker.Worker, REBUILD_ATTN).
+per slot and layer. The worker appends them to its KV cache in order (worker.Worker, REBUILD_ATTN).
 
 Example:
     >>> import numpy as np
@@ -14,11 +14,12 @@ Example:
     >>> h = History(layers=2, width=4, wire="fp16")
     >>> h.append(0, np.ones((3, 4), np.float32)); h.append(0, np.zeros((1, 4), np.float32))
     >>> h.inputs(0).shape, h.inputs(0, drop_last=True).shape, h.rows
-    ((4, 4), (3, 4), [4, 0])
+    ((4, 4), (3, 4), {0: [4, 0]})
 """
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from ..core.codec import FP16_MAX, encode_request
 from ..core.exchange import DeviceLost
 from ..core.plan import Plan
 from ..core.shards import adopted_plan
+from ..core.spans import Span, spans_of
 from .auth import Authenticator, ReplayGuard
 from .transport import TcpChannel
 from .wire import Kind, Message
@@ -35,59 +37,82 @@ REBUILD = b"rebuild"
 
 
 class History:
-    """Per layer, the attention inputs sent this session (one row per position), for rejoin.
+    """Per session slot and layer, the attention inputs sent this session (one row per position),
+    for rejoin.
 
-    Kept as one growing bytearray per layer, in the wire's precision (fp16 values as fp16): a
-    tensor per round instead fragmented the heap badly enough that RSS grew by gigabytes over
+    Kept as one growing bytearray per slot and layer, in the wire's precision (fp16 values as fp16):
+    a tensor per round instead fragmented the heap badly enough that RSS grew by gigabytes over
     1,000 tokens.
     """
 
     def __init__(self, layers: int, width: int, wire: str):
-        self.width = width
+        self.layers, self.width = layers, width
         self.dtype = np.dtype(np.float16 if wire == "fp16" else np.float32)
-        self.rows = [0] * layers
-        self.last = [0] * layers
-        self.data = [bytearray() for _ in range(layers)]
+        self.rows: dict[int, list[int]] = {}
+        """Slot -> rows held per layer."""
+        self.data: dict[int, list[bytearray]] = {}
+        self.last: dict[int, list[int]] = {}
+        self.latest: list[tuple[int, ...]] = [()] * layers
+        """Per layer, the slots its latest round carried."""
 
-    def append(self, layer: int, x: np.ndarray, start: int | None = None) -> None:
-        """Record x's rows at positions start.. (default: after the last); rows at or past `start`
-        were rejected draft tokens (core.draft) and are dropped, as the devices drop them."""
-        if start is not None and start < self.rows[layer]:
-            del self.data[layer][start * self.width * self.dtype.itemsize:]
-            self.rows[layer] = start
+    def slots(self) -> list[int]:
+        """The session slots with rows recorded."""
+        return sorted(s for s, rows in self.rows.items() if any(rows))
+
+    def append(self, layer: int, x: np.ndarray, at=None) -> None:
+        """Record x's rows at `at` (a position in slot 0, or `Span`s; default: after slot 0's last);
+        rows at or past a span's start were rejected draft tokens (core.draft) and are dropped, as
+        the devices drop them."""
+        if at is None:
+            at = self.rows.get(0, [0] * self.layers)[layer]
         if self.dtype == np.float16:
             x = np.clip(x, -FP16_MAX, FP16_MAX)
-        self.data[layer] += np.ascontiguousarray(x, dtype=self.dtype).tobytes()
-        self.rows[layer] += x.shape[0]
-        self.last[layer] = x.shape[0]
+        offset, spans = 0, spans_of(at, x.shape[0])
+        for s in spans:
+            if s.slot not in self.rows:
+                self.rows[s.slot], self.last[s.slot] = [0] * self.layers, [0] * self.layers
+                self.data[s.slot] = [bytearray() for _ in range(self.layers)]
+            rows, data = self.rows[s.slot], self.data[s.slot]
+            if s.start < rows[layer]:
+                del data[layer][s.start * self.width * self.dtype.itemsize:]
+                rows[layer] = s.start
+            data[layer] += np.ascontiguousarray(x[offset:offset + s.rows], dtype=self.dtype).tobytes()
+            rows[layer] += s.rows
+            self.last[s.slot][layer] = s.rows
+            offset += s.rows
+        self.latest[layer] = tuple(s.slot for s in spans)
 
-    def inputs(self, layer: int, drop_last: bool = False) -> np.ndarray:
-        """[rows, width] float32: every input of `layer`, or all but the latest round's."""
-        n = self.rows[layer] - (self.last[layer] if drop_last else 0)
-        raw = bytes(self.data[layer][:n * self.width * self.dtype.itemsize])
+    def inputs(self, layer: int, drop_last: bool = False, slot: int = 0) -> np.ndarray:
+        """[rows, width] float32: every input of `layer` in `slot`, or all but the latest round's."""
+        if slot not in self.rows:
+            return np.zeros((0, self.width), dtype=np.float32)
+        n = self.rows[slot][layer] - (self.last[slot][layer] if drop_last and slot in self.latest[layer] else 0)
+        raw = bytes(self.data[slot][layer][:n * self.width * self.dtype.itemsize])
         return np.frombuffer(raw, dtype=self.dtype).reshape(n, self.width).astype(np.float32)
 
 
 def rebuild(name: str, addr: tuple, auth: Authenticator, guard: ReplayGuard, me: int, dest: int, session: int,
-            step: int, inputs: dict[int, np.ndarray], wire: str, timeout_s: float) -> None:
-    """Re-introduce device `name` to `session` and replay `inputs` (layer -> [rows, hidden]) into its
-    KV cache, over TCP. DeviceLost if it does not finish in `timeout_s`; TransportError if the
-    connection fails."""
+            step: int, inputs: dict[int, dict[int, np.ndarray]], wire: str, timeout_s: float) -> None:
+    """Re-introduce device `name` to `session` and replay `inputs` (session slot -> layer -> [rows,
+    hidden]) into its KV caches, over TCP. DeviceLost if it does not finish in `timeout_s`;
+    TransportError if the connection fails."""
     with TcpChannel.connect(addr, timeout_s=timeout_s, auth=auth, guard=guard, me=me) as ch:
         ch.send(Message(Kind.HELLO, session, 0, 0, me, REBUILD), dest=dest)
-        want = {(Kind.HELLO, 0)}
-        for layer, xs in inputs.items():
-            if xs.shape[0]:
-                ch.send(Message(Kind.REBUILD_ATTN, session, step, layer, me, encode_request(xs, 0, wire)), dest=dest)
-                want.add((Kind.REBUILT, layer))
+        want = Counter({(Kind.HELLO, 0): 1})
+        for slot, layers in inputs.items():
+            for layer, xs in layers.items():
+                if xs.shape[0]:
+                    body = encode_request(xs, (Span(slot, 0, xs.shape[0]),), wire)
+                    ch.send(Message(Kind.REBUILD_ATTN, session, step, layer, me, body), dest=dest)
+                    want[(Kind.REBUILT, layer)] += 1
         deadline = time.monotonic() + timeout_s
-        while want:
+        while +want:
             msg = ch.recv(max(0.0, deadline - time.monotonic()))
             if msg is None:
                 raise DeviceLost(f"device {name} restarted but did not finish rebuilding its KV cache "
                                  f"in {timeout_s:g} s", name)
             if msg.session == session:
-                want.discard((msg.kind, msg.layer if msg.kind == Kind.REBUILT else 0))
+                want[(msg.kind, msg.layer if msg.kind == Kind.REBUILT else 0)] -= 1
         ch.send(Message(Kind.BYE, session, 0, 0, me), dest=dest)
 
 

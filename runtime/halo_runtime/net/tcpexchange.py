@@ -112,14 +112,14 @@ class TcpExchange:
             if msg.session == self.session and match(msg):
                 return msg
 
-    def post(self, phase: str, step: int, layer: int, x: np.ndarray, start: int) -> None:
+    def post(self, phase: str, step: int, layer: int, x: np.ndarray, at) -> None:
         if phase == "attn":
             targets = self.layout["attn"][layer]
             if targets:
-                self.history.append(layer, x, start)
+                self.history.append(layer, x, at)
         else:
             targets = [d for d in self.remote if d in self.layout["crit"][layer] or d in self.layout["relaxed"][layer]]
-        body = encode_request(x, start, self.policy.wire)
+        body = encode_request(x, at, self.policy.wire)
         for d in targets:
             try:
                 self.channels[d].send(Message(PHASE_REQUEST[phase], self.session, step, layer, self.me, body),

@@ -4,7 +4,8 @@ It listens on one port for both UDP (relaxed synchronisation) and TCP (the stric
 Replies are cached per (step, layer, phase) so that a retransmitted request gets the same answer
 again instead of appending the tokens to the KV cache twice.
 
-Requests are `core.codec.encode_request` payloads; replies use the request's wire dtype.
+Requests are `core.codec.encode_request` payloads; replies use the request's wire dtype. A request
+may carry the rows of several sessions (`core.spans`): each has its own KV cache (slot) here.
 
 Sessions: only the coordinator's HELLO starts one (and resets the KV cache). A request for any
 other session is dropped and counted (`unknown_session`), and answered with a RESET so that a
@@ -34,6 +35,7 @@ from ..core.codec import WireError, decode_request, encode_tensor
 from ..core.device import DeviceBackend, DeviceCompute
 from ..core.failover import WithAdopted, adopt
 from ..core.plan import Plan
+from ..core.spans import Span, attend
 from .auth import Authenticator, ReplayGuard
 from .shim import LossShim
 from .transport import TcpListener, TransportError, UdpEndpoint
@@ -176,19 +178,21 @@ class Worker:
                 return [Message(Kind.RESET, msg.session, msg.step, msg.layer, self.index)]
             self.counters["requests"] += 1
             key = (msg.kind, msg.step, msg.layer)
-            cached = self.replies.get(key)
+            # a rebuild (over TCP, never repeated) may come once per session slot of a layer
+            cached = self.replies.get(key) if msg.kind != Kind.REBUILD_ATTN else None
             if cached is not None:
                 self.counters["resent"] += 1
                 return [Message(m.kind, m.session, m.step, m.layer, m.sender, m.payload,
                                 make_flags(attempt_of(msg.flags))) for m in cached]
             try:
-                start, copies, wire, x = decode_request(msg.payload, self.plan.model.hidden_size)
-                replies = self._compute(msg, start, wire, x)
+                spans, copies, wire, x = decode_request(msg.payload, self.plan.model.hidden_size)
+                replies = self._compute(msg, spans, wire, x)
             except (WireError, StateError) as e:
                 self.counters["malformed" if isinstance(e, WireError) else "out_of_order"] += 1
                 return []
             self.counters["computed"] += 1
-            self.replies[key] = replies
+            if msg.kind != Kind.REBUILD_ATTN:
+                self.replies[key] = replies
             while len(self.replies) > REPLY_CACHE:
                 self.replies.popitem(last=False)
             if msg.step > 2:
@@ -199,30 +203,37 @@ class Worker:
                                  make_flags(attempt_of(msg.flags), redundant=True)) for m in replies]
             return out + redundant * (copies - 1)
 
-    def _compute(self, msg: Message, start: int, wire: str, x: np.ndarray) -> list[Message]:
+    def _compute(self, msg: Message, spans: tuple[Span, ...], wire: str, x: np.ndarray) -> list[Message]:
         layer, mk = msg.layer, lambda kind, t: Message(kind, msg.session, msg.step, layer, self.index,  # noqa: E731
                                                        encode_tensor(t, wire))
         if layer >= self.plan.model.num_layers:
             raise WireError(f"layer {layer} out of range")
+        if any(s.slot >= self.compute.slots for s in spans):
+            raise StateError(f"session slot {max(s.slot for s in spans)} out of range: this device holds "
+                             f"{self.compute.slots}")
         if msg.kind == Kind.REBUILD_ATTN:
-            # earlier tokens' attention inputs, in order: append them to the KV cache; the ack is empty
+            # earlier tokens' attention inputs of one slot, in order: append them to its KV cache; the ack is empty
+            if len(spans) != 1:
+                raise WireError("a rebuild carries one session slot")
+            s = spans[0]
             if self.compute is not self.own:  # after a FAILOVER: the adopted heads' cache, from position 0
-                self.compute.rebuild(layer, x)
+                self.compute.rebuild(layer, x, s.slot)
                 self.counters["rebuilt_tokens"] += x.shape[0]
             elif self.compute.has_attention(layer):
-                if self.compute.cache_length(layer) != start:
-                    raise StateError(f"layer {layer}: rebuild at position {start}, cache holds "
-                                     f"{self.compute.cache_length(layer)}")
-                self.compute.attention(layer, x, start)
+                if self.compute.cache_length(layer, s.slot) != s.start:
+                    raise StateError(f"layer {layer}: rebuild at position {s.start}, cache holds "
+                                     f"{self.compute.cache_length(layer, s.slot)}")
+                self.compute.attention(layer, x, s.start, s.slot)
                 self.counters["rebuilt_tokens"] += x.shape[0]
             return [Message(Kind.REBUILT, msg.session, msg.step, layer, self.index)]
         if msg.kind == Kind.REQUEST_ATTN:
             if not self.compute.has_attention(layer):
                 return []
-            if self.compute.cache_length(layer) < start:
-                raise StateError(f"layer {layer}: request at position {start}, cache holds "
-                                 f"{self.compute.cache_length(layer)}")
-            return [mk(Kind.REPLY_ATTN, self.compute.attention(layer, x, start))]
+            for s in spans:
+                if self.compute.cache_length(layer, s.slot) < s.start:
+                    raise StateError(f"layer {layer}: request at position {s.start} of slot {s.slot}, cache "
+                                     f"holds {self.compute.cache_length(layer, s.slot)}")
+            return [mk(Kind.REPLY_ATTN, attend(self.compute, layer, x, spans))]
         if not self.compute.has_mlp(layer):
             return []
         critical, relaxed = self.compute.mlp(layer, x)

@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Failed, Finished, Job, Piece, Work
+from .jobs import Failed, Finished, Job, Piece, Work
 from .schemas import ApiError, Reply, parse_chat, parse_completion, sse
 
 POLL_S = 0.25
@@ -308,10 +308,11 @@ def run(service: Service, sock: socket.socket) -> None:
 
 def build_service(plan, plan_dir: str, shard: dict, tokenizer, template, make_exchange, peers: dict,
                   sync: str, wire: str, max_body: int, max_waiting: int, procs: dict | None = None,
-                  drafts=None, draft_tokens: int = 0) -> Service:
+                  drafts=None, draft_tokens: int = 0, batch=None) -> Service:
     """The metrics, the engine (started) and the routes' view of the plan; drafts: what makes a
-    coordinator's draft (core.draft.prepare_draft), None for none."""
+    coordinator's draft (core.draft.prepare_draft), None for none; batch: `core.spans.BatchOptions`."""
     from ..core.plandir import PLAN_FILE, read_manifest
+    from ..core.spans import BatchOptions
     from .engine import Engine
     from .metrics import Metrics
 
@@ -341,6 +342,6 @@ def build_service(plan, plan_dir: str, shard: dict, tokenizer, template, make_ex
     if template.config.eos_token in tokenizer.added:
         eos.add(tokenizer.added[template.config.eos_token])
     engine = Engine(plan, shard, tokenizer, make_exchange, Metrics(remote, relaxed_layers), eos, max_waiting,
-                    drafts=drafts, draft_tokens=draft_tokens)
+                    drafts=drafts, draft_tokens=draft_tokens, batch=batch or BatchOptions())
     engine.start()
     return Service(engine, tokenizer, template, info, max_body, procs)

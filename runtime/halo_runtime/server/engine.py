@@ -1,36 +1,34 @@
-"""The generation engine: one thread owns the coordinator and its exchange and serves requests in
-the order they came.
+"""The generation engine: one thread owns the coordinator and its exchange, and advances every
+active request by one pass per round trip (continuous batching).
 
-Every request is a fresh session (`Coordinator.generate` says HELLO with a new random session id,
-and each device drops its KV cache), except where its prompt starts with tokens the devices hold
-from the request before (a chat's next turn: the earlier turns and the reply): that session goes
-on from there (`reuse`), skipping the prefill of the shared prefix. The reply is the same either
-way (a row's bits do not depend on its pass), so nothing of one conversation leaks into another. Requests
-are not batched into shared rounds, although that would pay: a round's cost hardly grows with the
-token rows it carries (docs/BENCHMARKS.md, "Serving"); but a device holds one session's KV cache
-and a request message one start position, so batching needs several sessions per device first.
+A device holds the KV caches of `Plan.session_slots()` sessions (slots). Each pass carries, for
+every active request, its next rows: a chunk of its prompt (at most `BatchOptions.prefill_chunk`
+tokens, so a long prompt does not stall the others' decoding for its whole prefill; `--prefill-chunk`), or its last
+token and its draft's guesses; a round costs about the same with one row or eight, so the
+requests share the round trips. A new request joins at the next pass when a slot is free (else it
+waits in the queue, and is refused only when `max_waiting` are queued or running); a finished or
+cancelled one leaves at once. Sampling, stop strings, seeds and drafts are per request, and so is
+the loss: a relaxed part missing on a request's rows is compensated on those rows only. A row's
+bits never depend on what else is in its pass (each session attends in its own graph, MLP rows
+are independent), so at temperature 0 a reply equals the one it gets alone.
+
+A request whose prompt starts with tokens a free slot still holds (a chat's earlier turns and
+the reply) takes that slot and skips their prefill; otherwise the least recently used free slot.
 A device that holds critical groups and dies is replaced by the plan's failover (`core.failover`):
-the survivors take its groups, rebuild its KV cache, and the request in flight completes; /metrics
-counts the failover (`halo_failovers`), /health shows the device "replaced", and it takes its groups
-back at the first request after it answers again. Where the plan has no failover for it (the
-survivors cannot hold its groups), a lost device (`DeviceLost`) fails only the request it happened
-in (503); the engine drops that exchange and builds a new one for the next request, so a restarted
-device is used again. A relaxed-only device that dies mid-stream
-is marked down by the exchange and compensated: the reply completes.
+the survivors take its groups and every active request feeds its tokens again (its KV rows are
+rebuilt exactly), /metrics counts it (`halo_failovers`), /health shows the device "replaced", and
+it takes its groups back at the first pass after it answers again with no request active. Where
+the plan has no failover for it, a lost device (`DeviceLost`) fails the requests in flight (503);
+the engine drops that exchange and builds a new one for the next request, so a restarted device is
+used again. A relaxed-only device that dies is marked down by the exchange and compensated.
 
-Results go back through a `deliver` callback (the HTTP side hands one that wakes its event loop):
-`Piece` per token, then `Finished` or `Failed`.
+Results go back through each `jobs.Job`'s `deliver` callback: `Piece` per token, then `Finished`
+or `Failed`.
 
 Example:
-    >>> from halo_runtime.server.engine import lost_device, Job, Work, Failed
+    >>> from halo_runtime.server.engine import lost_device
     >>> lost_device("device dev2 (127.0.0.1:7702) stopped answering: no reply ...", ["dev1", "dev2"])
     'dev2'
-    >>> got = []
-    >>> job = Job(Work(prompt=(1, 2), max_tokens=4), got.append)
-    >>> job.cancel(); job.cancelled.is_set()
-    True
-    >>> job.fail(503, "device dev2 stopped answering", "device_lost"); got
-    [Failed(status=503, message='device dev2 stopped answering', code='device_lost')]
 """
 from __future__ import annotations
 
@@ -41,92 +39,18 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Callable
 
-from ..core.coordinator import Coordinator
-from ..core.sampling import Sampler, SamplingParams
+from ..core.coordinator import Coordinator, Feed
+from ..core.draft import shared_prefix, verify
+from ..core.generation import TokenStats, share
+from ..core.sampling import Sampler
+from ..core.spans import MAX_SLOTS, BatchOptions
 from ..core.textstream import TextStream
 from ..net.recovery import DeviceLost
 from ..net.transport import TransportError
+from .jobs import Failed, Finished, Job, Piece
 from .metrics import Metrics, exchange_counters
-
-
-@dataclass(frozen=True)
-class Work:
-    """One generation to run."""
-
-    prompt: tuple[int, ...]
-    """Prompt token ids (chat template applied)."""
-    max_tokens: int
-    """Most tokens to generate."""
-    sampling: SamplingParams = SamplingParams()
-    """How tokens are chosen (greedy by default)."""
-    stop: tuple[str, ...] = ()
-    """Strings that end the reply."""
-    ignore_eos: bool = False
-    """Do not stop at the end-of-sequence token."""
-
-    def __post_init__(self):
-        if not self.prompt or self.max_tokens < 1:
-            raise ValueError("a generation needs a prompt and max_tokens >= 1")
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Text that became final after a token (may be empty), with that token's statistics."""
-
-    text: str
-    """New text (stop strings and incomplete characters held back)."""
-    step: int
-    """Index of the token in the reply."""
-    token_ms: float | None
-    """Time the token took (the first one includes the prompt); None for text held back until the end."""
-    compensated: int
-    """Relaxed parts compensated on this token, all devices."""
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The reply ended normally."""
-
-    reason: str
-    """OpenAI's finish_reason: "stop" (end token or stop string) or "length"."""
-    prompt_tokens: int
-    """Tokens in the prompt."""
-    completion_tokens: int
-    """Tokens generated (the end token included)."""
-    summary: dict = field(default_factory=dict)
-    """ttft_ms, tpot_ms_p50, compensated_share, tokens_per_s."""
-    cached_tokens: int = 0
-    """Prompt tokens the devices held from the conversation's earlier request (not computed again)."""
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The reply could not be produced."""
-
-    status: int
-    """HTTP status (503: a device holding critical groups is lost; 500: a bug)."""
-    message: str
-    """One line naming what failed."""
-    code: str
-    """OpenAI error code."""
-
-
-class Job:
-    """A queued generation and the way back to its client."""
-
-    def __init__(self, work: Work, deliver: Callable[[object], None]):
-        self.work, self.deliver = work, deliver
-        self.cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        """The client went away: stop before the next token (or never start)."""
-        self.cancelled.set()
-
-    def fail(self, status: int, message: str, code: str) -> None:
-        self.deliver(Failed(status, message, code))
 
 
 def lost_device(message: str, devices) -> str | None:
@@ -139,17 +63,43 @@ def _warn(msg: str) -> None:
     print(f"halo-run: warning: {msg}", file=sys.stderr, flush=True)
 
 
+class _Active:
+    """A request holding a session slot: what it fed, what it still has to feed, what it made."""
+
+    def __init__(self, job: Job, slot: int, reused: int, tokenizer):
+        work = job.work
+        self.job, self.slot, self.reused = job, slot, reused
+        self.seen = list(work.prompt)
+        """Prompt and tokens generated so far."""
+        self.feed = list(work.prompt[reused:])
+        """Tokens not yet in the devices' KV caches (the prompt's rest, then the last token)."""
+        self.sampler = Sampler(work.sampling, prompt_tokens=len(work.prompt))
+        self.stream = TextStream(lambda ids: tokenizer.decode(ids, skip_special=True), work.stop)
+        self.generated = self.compensated = 0
+        self.times: list[float] = []
+        self.eos = False
+        self.started = time.perf_counter()
+        self.first = TokenStats()
+        """The prompt's passes, summed: the first token's statistics."""
+
+    def done(self) -> bool:
+        return self.eos or self.stream.stopped or self.generated >= self.job.work.max_tokens
+
+
 class Engine:
-    """Runs Jobs one at a time on the coordinator thread."""
+    """Runs Jobs on the coordinator thread, up to `slots` at once in shared passes."""
 
     def __init__(self, plan, shard, tokenizer, make_exchange: Callable[[], object], metrics: Metrics,
-                 eos_ids: set[int], max_waiting: int = 64, warn=_warn, drafts=None, draft_tokens: int = 0):
+                 eos_ids: set[int], max_waiting: int = 64, warn=_warn, drafts=None, draft_tokens: int = 0,
+                 batch: BatchOptions = BatchOptions()):
         """make_exchange() -> a fresh Exchange (may raise DeviceLost); eos_ids: tokens that end a reply;
         drafts(coordinator) -> its draft (core.draft.prepare_draft), None: no drafts; draft_tokens: guesses
         verified per pass."""
         self.plan, self.shard, self.tok = plan, shard, tokenizer
         self.make_exchange, self.metrics, self.warn = make_exchange, metrics, warn
         self.eos_ids, self.max_waiting = set(eos_ids), max_waiting
+        self.slots = min(batch.slots or MAX_SLOTS, plan.session_slots())
+        self.chunk = batch.prefill_chunk
         self.jobs: queue.Queue = queue.Queue()
         self.waiting = 0
         self.lock = threading.Lock()
@@ -162,67 +112,119 @@ class Engine:
         """Device -> why, for devices holding critical groups that stopped answering."""
         self.down: tuple[str, ...] = ()
         """Relaxed-only devices the exchange has marked down."""
-        self.served = 0
+        self.served = self.passes = 0
         self.closing = False
-        self.current: Job | None = None
+        self.active: list[_Active] = []
+        self.used = [0.0] * self.slots
+        """When each slot last held a request (least recently used goes first)."""
         self.thread = threading.Thread(target=self._run, name="halo-engine", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
     def submit(self, job: Job) -> bool:
-        """Queue `job`; False when max_waiting requests are queued already."""
+        """Queue `job`; False when max_waiting requests are queued or running already."""
         with self.lock:
             if self.waiting >= self.max_waiting:
                 return False
             self.waiting += 1
-            self.metrics.queue.set(self.waiting)
+            self._gauges()
         self.jobs.put(job)
         return True
 
     def close(self) -> None:
         """Cancel what runs and what waits, and stop the thread."""
         self.closing = True
-        if self.current is not None:
-            self.current.cancel()
+        for a in list(self.active):
+            a.job.cancel()
         self.jobs.put(None)
         self.thread.join(timeout=30)
         if self.exchange is not None:
             self.exchange.close()
+
+    def _gauges(self) -> None:
+        self.metrics.queue.set(self.waiting)
+        self.metrics.queued.set(self.waiting - len(self.active))
+        self.metrics.slots_active.set(len(self.active))
+
+    def _leave(self, a: _Active) -> None:
+        """`a` gives its slot back (finished, cancelled or failed)."""
+        self.active.remove(a)
+        self.used[a.slot] = time.monotonic()
+        with self.lock:
+            self.waiting -= 1
+            self._gauges()
 
     # ---- the engine thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
         self._connect(handshake=True)
         while True:
-            job = self.jobs.get()
-            if job is None:
+            if not self._admit():
+                for a in list(self.active):
+                    self._end(a, Failed(503, "the server is shutting down", "shutting_down"), "cancelled")
                 return
-            self.current = job
+            if self.active:
+                self._pass()
+
+    def _admit(self) -> bool:
+        """Take queued jobs into free slots (waiting for one when nothing runs); False: shut down."""
+        while len(self.active) < self.slots:
             try:
-                if job.cancelled.is_set() or self.closing:
-                    self.metrics.requests.labels("cancelled").inc()
-                    job.fail(503, "the server is shutting down", "shutting_down")  # unread if the client left
-                else:
-                    self._serve(job)
-            finally:
-                self.current = None
-                with self.lock:
-                    self.waiting -= 1
-                    self.metrics.queue.set(self.waiting)
+                job = self.jobs.get(block=not self.active)
+            except queue.Empty:
+                return True
+            if job is None or self.closing:
+                if job is not None:
+                    job.fail(503, "the server is shutting down", "shutting_down")
+                return False
+            if job.cancelled.is_set():
+                self.metrics.requests.labels("cancelled").inc()
+                self._drop(job)
+            elif not self._connect():
+                self.metrics.requests.labels("failed").inc()
+                job.fail(503, next(iter(self.lost.values())), "device_lost")
+                self._drop(job)
+            else:
+                self._start(job)
+        return True
+
+    def _drop(self, job: Job) -> None:
+        with self.lock:
+            self.waiting -= 1
+            self._gauges()
+
+    def _start(self, job: Job) -> None:
+        """Give `job` the free slot holding the longest prefix of its prompt (else the least recently used)."""
+        prompt = list(job.work.prompt)
+        free = [s for s in range(self.slots) if all(a.slot != s for a in self.active)]
+        held = {s: min(shared_prefix(self.coord.fed[s], prompt), len(prompt) - 1) for s in free}
+        slot = max(free, key=lambda s: (held[s], -self.used[s]))
+        del self.coord.fed[slot][held[slot]:]  # past the shared prefix, the rows are overwritten
+        self.active.append(_Active(job, slot, held[slot], self.tok))
+        self.metrics.prompt_tokens.inc(len(prompt))
+        with self.lock:
+            self._gauges()
+
+    def _reset(self) -> None:
+        """A new session on every device (their KV caches dropped)."""
+        seen = len(self.coord.failovers)
+        self.coord.reset(secrets.randbits(32))
+        self._count_failovers(seen)
+        self._sync_devices(ok=True)
 
     def _connect(self, handshake: bool = False) -> bool:
-        """Build the exchange and coordinator if there are none; at start-up also greet every device
-        so that /health knows who answers before the first request."""
+        """Build the exchange and coordinator if there are none and start a session; at start-up
+        this greets every device, so that /health knows who answers before the first request."""
         try:
             if self.exchange is None:
                 self.exchange = self.make_exchange()
                 self.coord = Coordinator(self.plan, self.shard, self.exchange)
                 self.draft = self.drafts(self.coord) if self.drafts is not None else None
                 self.metrics.absorb(exchange_counters(self.exchange), fresh=True)
-            if handshake:
-                self.exchange.begin(secrets.randbits(32))
-                self._sync_devices(ok=True)
+                self._reset()
+            elif not self.active and self.coord.failed is not None:
+                self._reset()  # nothing runs: a replaced device may answer again and take its groups back
             return True
         except (DeviceLost, TransportError) as e:
             self._lose(str(e))
@@ -242,11 +244,11 @@ class Engine:
         """Put the coordinator's failovers since `seen` in /metrics, one warning line each."""
         for e in self.coord.failovers[seen:]:
             self.metrics.failover(e.device, e.at, e.switch_ms / 1e3)
-            self.warn(f"device {e.device} was replaced by the plan's failover ({e.switch_ms:.0f} ms switch, "
-                      f"{e.position} tokens of KV cache rebuilt)")
+            self.warn(f"device {e.device} was replaced by the plan's failover ({e.switch_ms:.0f} ms switch; "
+                      f"the requests in flight feed their tokens again)")
 
     def _sync_devices(self, ok: bool) -> None:
-        """Device status after a round trip: `ok` means a session began, so no critical device is lost."""
+        """Device status after a round trip: `ok` means a pass went through, so no critical device is lost."""
         counters = exchange_counters(self.exchange)
         self.metrics.absorb(counters)
         if ok:
@@ -256,67 +258,121 @@ class Engine:
         for d in self.remote:
             self.metrics.up.labels(d).set(0 if d in self.down or d in self.lost or d == self.replaced else 1)
 
-    def _serve(self, job: Job) -> None:
-        work = job.work
-        if not self._connect():
-            self.metrics.requests.labels("failed").inc()
-            return job.fail(503, next(iter(self.lost.values())), "device_lost")
-        self.metrics.prompt_tokens.inc(len(work.prompt))
-        stream = TextStream(lambda ids: self.tok.decode(ids, skip_special=True), work.stop)
-        sampler = Sampler(work.sampling, prompt_tokens=len(work.prompt))
-        ended_by_eos = []
-        times, compensated = [], [0]
+    # ---- one pass of every active request -------------------------------------------------------------
 
-        def on_token(step, token, st):
-            if step == 0:
-                self._sync_devices(ok=True)  # the session began: every critical device answered
-            missing = sum(st.missing.values())
-            times.append(st.total_ms)
-            compensated[0] += missing
-            self.metrics.token(step, st.total_ms / 1e3, dict(st.missing))
-            if step % 8 == 0:
-                self._sync_devices(ok=True)
-            if token in self.eos_ids and not work.ignore_eos:
-                ended_by_eos.append(token)
-            job.deliver(Piece(stream.push(token), step, round(st.total_ms, 3), missing))
-
-        started = time.perf_counter()
+    def _pass(self) -> None:
+        for a in [a for a in self.active if a.job.cancelled.is_set()]:
+            self._end(a, None, "cancelled")
+        if not self.active:
+            return
+        feeds, guesses = [], []
+        for a in self.active:
+            start = len(self.coord.fed[a.slot])
+            if len(a.feed) > self.chunk:
+                feeds.append(Feed(a.slot, start, tuple(a.feed[:self.chunk]), 0))
+                guesses.append([])
+                continue
+            left = a.job.work.max_tokens - a.generated - 1
+            k = min(self.draft_tokens, left) if self.draft is not None and a.generated else 0
+            g = [int(t) for t in self.draft.propose(a.seen, k)][:k] if k > 0 else []
+            feeds.append(Feed(a.slot, start, tuple(a.feed + g), len(g) + 1))
+            guesses.append(g)
+        stats = [TokenStats() for _ in feeds]
+        t0 = time.perf_counter()
+        self.coord.step += 1
         seen = len(self.coord.failovers)
         try:
-            gen = self.coord.generate(list(work.prompt), work.max_tokens, session=secrets.randbits(32),
-                                      on_token=on_token, choose=sampler, draft=self.draft,
-                                      draft_tokens=self.draft_tokens, reuse=True,
-                                      stop=lambda: bool(ended_by_eos) or stream.stopped or job.cancelled.is_set())
-        except (DeviceLost, TransportError) as e:
-            self._count_failovers(seen)
-            self._lose(str(e))
-            self.metrics.requests.labels("failed").inc()
-            return job.fail(503, str(e), "device_lost")
+            outs = self.coord.run(feeds, self.coord.step - 1, stats)
+        except DeviceLost as lost:
+            return self._replace(lost, seen)
+        except TransportError as e:
+            return self._fail_all(str(e), seen)
         except Exception as e:  # a bug must not take the server down with it
             traceback.print_exc()
-            self._lose(f"internal error: {type(e).__name__}: {e}")
-            self.metrics.requests.labels("failed").inc()
-            return job.fail(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+            return self._fail_all(f"internal error: {type(e).__name__}: {e}", seen, 500, "internal_error")
+        ms = 1e3 * (time.perf_counter() - t0)
+        self.passes += 1
+        self.metrics.batch_rows.observe(sum(len(f.tokens) for f in feeds))
+        self.metrics.batch_sessions.observe(len(feeds))
+        if self.passes % 8 == 1:
+            self._sync_devices(ok=True)
+        for a, f, g, out, st in zip(list(self.active), feeds, guesses, outs, stats):
+            st.total_ms = ms
+            a.feed = a.feed[len(f.tokens) - len(g):]
+            if out is None:  # a prompt chunk: its time and losses go to the first token
+                _add(a.first, st)
+                continue
+            if not a.generated:
+                _add(a.first, st)
+                st = a.first
+                st.total_ms = 1e3 * (time.perf_counter() - a.started)
+            tokens, accepted = verify(out, g, a.seen, a.sampler)
+            del self.coord.fed[a.slot][f.start + len(f.tokens) - len(g) + accepted:]
+            self._emit(a, tokens, st)
+
+    def _emit(self, a: _Active, tokens: list[int], stats: TokenStats) -> None:
+        """Deliver a pass's tokens of request `a`; it leaves when done."""
+        work = a.job.work
+        for token, st in zip(tokens, share(stats, len(tokens))):
+            step = a.generated
+            missing = sum(st.missing.values())
+            a.seen.append(token)
+            a.generated += 1
+            a.times.append(st.total_ms)
+            a.compensated += missing
+            self.metrics.token(step, st.total_ms / 1e3, dict(st.missing))
+            if token in self.eos_ids and not work.ignore_eos:
+                a.eos = True
+            a.job.deliver(Piece(a.stream.push(token), step, round(st.total_ms, 3), missing))
+            if a.done() or a.job.cancelled.is_set():
+                break
+        a.feed = [a.seen[-1]]
+        if a.job.cancelled.is_set():
+            self._end(a, None, "cancelled")
+        elif a.done():
+            self._finish(a)
+
+    def _finish(self, a: _Active) -> None:
+        tail = a.stream.flush()
+        if tail:
+            a.job.deliver(Piece(tail, a.generated - 1, None, 0))
+        reason = "stop" if a.stream.stopped or a.eos else "length"
+        elapsed = time.perf_counter() - a.started
+        expected = sum(self.metrics.relaxed_layers.values()) * a.generated
+        decode = sorted(a.times[1:])
+        summary = {"ttft_ms": round(a.times[0], 3) if a.times else None,
+                   "tpot_ms_p50": round(decode[len(decode) // 2], 3) if decode else None,
+                   "compensated_share": round(a.compensated / expected, 6) if expected else 0.0,
+                   "tokens_per_s": round(a.generated / elapsed, 3) if elapsed else None}
+        self.metrics.cached_tokens.inc(a.reused)
+        self.served += 1
+        self._end(a, Finished(reason, len(a.job.work.prompt), a.generated, summary, a.reused), "completed")
+
+    def _end(self, a: _Active, event, outcome: str) -> None:
+        self.metrics.requests.labels(outcome).inc()
+        if event is not None:
+            a.job.deliver(event)
+        self._leave(a)
+
+    def _replace(self, lost: DeviceLost, seen: int) -> None:
+        """A device died mid-pass: the plan's failover, then every request feeds its tokens again."""
+        cached = {a.slot: list(self.coord.fed[a.slot]) for a in self.active}
+        try:
+            self.coord.replace_lost(lost)
+        except DeviceLost as e:
+            return self._fail_all(str(e), seen)
         self._count_failovers(seen)
         self._sync_devices(ok=True)
-        self.served += 1
-        if job.cancelled.is_set():
-            self.metrics.requests.labels("cancelled").inc()
-            return job.fail(503, "the server is shutting down", "shutting_down") if self.closing else None
-        tail = stream.flush()
-        if tail:
-            job.deliver(Piece(tail, len(gen.tokens) - 1, None, 0))
-        reason = "stop" if stream.stopped or ended_by_eos else "length"
-        elapsed = time.perf_counter() - started
-        expected = sum(self.metrics.relaxed_layers.values()) * len(gen.tokens)
-        decode = sorted(times[1:])
-        summary = {"ttft_ms": round(times[0], 3) if times else None,
-                   "tpot_ms_p50": round(decode[len(decode) // 2], 3) if decode else None,
-                   "compensated_share": round(compensated[0] / expected, 6) if expected else 0.0,
-                   "tokens_per_s": round(len(gen.tokens) / elapsed, 3) if elapsed else None}
-        self.metrics.requests.labels("completed").inc()
-        self.metrics.cached_tokens.inc(gen.reused)
-        job.deliver(Finished(reason, len(work.prompt), len(gen.tokens), summary, gen.reused))
+        for a in self.active:
+            a.feed = cached[a.slot] + a.feed
+
+    def _fail_all(self, message: str, seen: int, status: int = 503, code: str = "device_lost") -> None:
+        """End every active request with `message` and drop the exchange (the next request builds one)."""
+        if self.coord is not None:
+            self._count_failovers(seen)
+        self._lose(message)
+        for a in list(self.active):
+            self._end(a, Failed(status, message, code), "failed")
 
     # ---- read from the HTTP side ----------------------------------------------------------------
 
@@ -326,3 +382,15 @@ class Engine:
         lost, down, replaced = dict(self.lost), set(self.down), self.replaced
         return {d: "lost" if d in lost else "down" if d in down else "replaced" if d == replaced else "up"
                 for d in self.remote}
+
+
+def _add(total: TokenStats, part: TokenStats) -> None:
+    """Add a pass's statistics to the first token's (a prompt fed in several passes)."""
+    total.compute_ms += part.compute_ms
+    total.wait_ms += part.wait_ms
+    total.draft_ms += part.draft_ms
+    total.relaxed_parts += part.relaxed_parts
+    total.missing_rows += part.missing_rows
+    total.awaited_rows += part.awaited_rows
+    for d, n in part.missing.items():
+        total.missing[d] = total.missing.get(d, 0) + n

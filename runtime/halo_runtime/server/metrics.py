@@ -81,6 +81,12 @@ class Metrics:
                                      "conversation's earlier request: not computed again", registry=r)
         self.requests = Counter("halo_requests", "Generation requests by outcome", ["outcome"], registry=r)
         self.queue = Gauge("halo_requests_waiting", "Requests queued or running", registry=r)
+        self.queued = Gauge("halo_requests_queued", "Requests waiting for a session slot", registry=r)
+        self.slots_active = Gauge("halo_slots_active", "Session slots holding a request", registry=r)
+        self.batch_rows = Histogram("halo_batch_rows", "Token rows per pass, all requests together", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.batch_sessions = Histogram("halo_batch_sessions", "Requests sharing a pass", registry=r,
+                                        buckets=(1, 2, 3, 4, 5, 6, 7, 8))
         self.relaxed = Counter("halo_device_relaxed_parts", "Relaxed partial sums expected from a device",
                                ["device"], registry=r)
         self.compensated = Counter("halo_device_compensated_parts",

@@ -92,7 +92,8 @@ class StreamingCompute(DeviceCompute):
         self.factors = None if factors is None else self.arena.array(factors)
         self.caches = [KVCache(self.arena, len(s.kv_heads), plan.max_context, self.cfg.head_dim) if s.kv_heads
                        else None for s in self.slices]
-        self.lengths = [0] * L
+        self.slots = 1  # its spare memory holds weights, not other sessions' KV caches
+        self.lengths = np.zeros((1, L), dtype=np.int64)
         self.predictors = predictors
         self.residency: Residency = residency(plan, device, config.budget)
         self.ids = {(layer, kind): [g.id for g in plan.groups_on(device, layer, kind)]
@@ -202,14 +203,16 @@ class StreamingCompute(DeviceCompute):
         finally:
             arena.close()
 
-    def attention(self, layer: int, x: np.ndarray, start: int) -> np.ndarray:
+    def attention(self, layer: int, x: np.ndarray, start: int, slot: int = 0) -> np.ndarray:
+        if slot:
+            raise ValueError(f"{self.name} streams its weights and holds one session, not slot {slot}")
         self._schedule(layer, x)
         ws = self._weights(layer, "attn", self.ids[layer, "attn"])
         cfg, cache, T = self.cfg, self.caches[layer], x.shape[0]
         hidden, q_cols = cfg.hidden_size, ws[0].shape[0]
         (out,) = self._once(lambda ctx, xin, t, r, am: [attention(ctx, cfg, xin, *t, cache, r)], *ws,
                             cols=[hidden, hidden, hidden, q_cols], x=x, rows=(start, kv_keys(start, T, cache.capacity)))
-        self.lengths[layer] = start + T
+        self.lengths[0, layer] = start + T
         self.cache.release(self.ids[layer, "attn"])
         return out
 

@@ -1,0 +1,87 @@
+"""Where a pass's rows sit: several sessions' tokens in one round.
+
+A device holds the KV caches of up to `Plan.session_slots()` sessions (slots). A pass carries, for
+each slot taking part, a `Span`: which slot, the position its first row goes to, how many rows;
+the rows of all spans travel as one tensor, spans in order. MLP rows are independent of each
+other, so a device multiplies them all at once; attention reads and writes each slot's own KV
+cache, so it runs span by span (`attend`), each through the same graph a lone session would use:
+a row's bits never depend on what else is in the pass.
+
+A plain int `start` still means what it always did: every row in slot 0 from `start` on.
+`BatchOptions` says how `serve` fills passes (`server.engine`).
+
+Example:
+    >>> from halo_runtime.core.spans import Span, spans_of
+    >>> spans_of(5, rows=2)
+    (Span(slot=0, start=5, rows=2),)
+    >>> spans_of((Span(1, 0, 3), Span(0, 9, 1)), rows=4)
+    (Span(slot=1, start=0, rows=3), Span(slot=0, start=9, rows=1))
+    >>> BatchOptions().prefill_chunk, BatchOptions(slots=4).slots
+    (64, 4)
+    >>> spans_of((Span(1, 0, 3),), rows=4)
+    Traceback (most recent call last):
+    ...
+    ValueError: spans hold 3 rows, the tensor 4
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+MAX_SLOTS = 8
+"""Most sessions a device holds at once (a request's slot travels as one byte; 8 covers what a
+board cluster serves at once: a round's cost hardly grows up to 8 rows, docs/BENCHMARKS.md)."""
+
+
+class Span(NamedTuple):
+    """Consecutive rows of one session in a pass."""
+
+    slot: int
+    """The session slot (KV cache) they belong to."""
+    start: int
+    """Position of the first row in that session."""
+    rows: int
+    """How many rows."""
+
+
+def spans_of(at, rows: int) -> tuple[Span, ...]:
+    """`at` as spans: an int is one span in slot 0 from that position; spans are checked to cover
+    exactly `rows` rows."""
+    if isinstance(at, (int, np.integer)):
+        return (Span(0, int(at), rows),)
+    spans = tuple(at)
+    if sum(s.rows for s in spans) != rows:
+        raise ValueError(f"spans hold {sum(s.rows for s in spans)} rows, the tensor {rows}")
+    return spans
+
+
+def attend(dev, layer: int, x: np.ndarray, spans: tuple[Span, ...]) -> np.ndarray:
+    """`dev.attention` of every span's rows in its own slot, in span order ([T, hidden])."""
+    if len(spans) == 1:
+        s = spans[0]
+        return dev.attention(layer, x, s.start, s.slot)
+    out, at = [], 0
+    for s in spans:
+        out.append(dev.attention(layer, x[at:at + s.rows], s.start, s.slot))
+        at += s.rows
+    return np.concatenate(out)
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How `serve` shares passes among requests."""
+
+    slots: int = 0
+    """Sessions served at once (each a KV cache on every device); 0: as many as the plan's memory
+    budget allows (`inspect` shows them), up to 8."""
+    prefill_chunk: int = 64
+    """Prompt tokens a request feeds per pass: a long prompt joins the running batch in chunks,
+    so decoding requests are not stalled for its whole prefill."""
+
+    def __post_init__(self):
+        if not 0 <= self.slots <= MAX_SLOTS:
+            raise ValueError(f"--slots must be in 0..{MAX_SLOTS}, got {self.slots}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
