@@ -9,8 +9,11 @@ equals its single-client reply (it must: a row's bits do not depend on its pass)
 the rows and requests per pass, and every process's resident memory after each phase (the
 sessions' KV caches are what should grow). Then the same N at once with `--plr` loss on the lossy
 boards (relaxed sync): every reply completes, and each request's compensated share is reported.
+The strict runs repeat with `--delays` of one-way link delay (the serve shim's), where a round
+trip rather than compute sets a pass's time, as on boards over Wi-Fi.
 
-    python -m benchmarks.batching --plan DIR [--clients 8] [--tokens 64] [--plr 0.05] [--out FILE.json]
+    python -m benchmarks.batching --plan DIR [--clients 8] [--tokens 64] [--plr 0.05] [--delays 0,2]
+        [--out FILE.json]
 
 Example:
     >>> from benchmarks.batching import histogram_mean
@@ -109,10 +112,10 @@ def summary(replies: list[dict], seconds: float, tokens: int) -> dict:
             "tpot_ms": percentiles([r["tpot_ms"] for r in replies if r["tpot_ms"] is not None])}
 
 
-def run(plan: str, clients: int, tokens: int, plr: float) -> dict:
-    questions = list(QUESTIONS[:clients])
-    out = {"machine": machine(), "plan": plan, "clients": clients, "tokens": tokens}
-    server = Server(plan, "strict")
+def condition(plan: str, questions, tokens: int, sync: str, *extra: str) -> dict:
+    """One client asking every question in turn, then one client per question all at once, on a
+    fresh `serve --local`: throughput, latency, per-pass batch from /metrics, memory, replies."""
+    server = Server(plan, sync, *extra)
     try:
         server.ask("Hello.", 4)  # warm-up: graphs built, pages mapped
         lone, t_lone = one_by_one(server, questions, tokens)
@@ -122,26 +125,25 @@ def run(plan: str, clients: int, tokens: int, plr: float) -> dict:
     finally:
         server.close()
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    out["strict_0"] = {
-        "one_client": summary(lone, t_lone, tokens), "clients_at_once": summary(together, t_together, tokens),
-        "speedup": round(t_lone / t_together, 2),
-        "replies_equal": [a["text"] == b["text"] for a, b in zip(lone, together)],
-        "rows_per_pass": histogram_mean(delta, "halo_batch_rows"),
-        "requests_per_pass": histogram_mean(delta, "halo_batch_sessions"),
-        "passes": int(delta.get("halo_batch_rows_count", 0)),
-        "rss_mb": {"after_one_client": rss_one, f"after_{clients}_at_once": rss_many}}
-    server = Server(plan, "relaxed", "--plr", str(plr))
-    try:
-        server.ask("Hello.", 4)
-        lone, t_lone = one_by_one(server, questions, tokens)
-        together, t_together = at_once(server, questions, tokens)
-    finally:
-        server.close()
-    out[f"relaxed_{plr:g}"] = {
-        "one_client": summary(lone, t_lone, tokens), "clients_at_once": summary(together, t_together, tokens),
-        "speedup": round(t_lone / t_together, 2),
-        "complete": [len(r["text"]) > 0 and r["tpot_ms"] is not None for r in together],
-        "compensated_share": [r["compensated_share"] for r in together]}
+    return {"server_args": [sync, *extra],
+            "one_client": summary(lone, t_lone, tokens), "clients_at_once": summary(together, t_together, tokens),
+            "speedup": round(t_lone / t_together, 2),
+            "replies_equal": [a["text"] == b["text"] for a, b in zip(lone, together)],
+            "complete": [len(r["text"]) > 0 and r["tpot_ms"] is not None for r in together],
+            "compensated_share": [r["compensated_share"] for r in together],
+            "rows_per_pass": histogram_mean(delta, "halo_batch_rows"),
+            "requests_per_pass": histogram_mean(delta, "halo_batch_sessions"),
+            "passes": int(delta.get("halo_batch_rows_count", 0)),
+            "rss_mb": {"after_one_client": rss_one, f"after_{len(questions)}_at_once": rss_many}}
+
+
+def run(plan: str, clients: int, tokens: int, plr: float, delays: list[float], delayed_tokens: int) -> dict:
+    questions = list(QUESTIONS[:clients])
+    out = {"machine": machine(), "plan": plan, "clients": clients, "tokens": tokens}
+    for d in delays:
+        n = tokens if d == 0 else delayed_tokens
+        out[f"strict_delay{d:g}"] = {"tokens": n, **condition(plan, questions, n, "strict", "--delay-ms", str(d))}
+    out[f"relaxed_loss{plr:g}"] = {"tokens": tokens, **condition(plan, questions, tokens, "relaxed", "--plr", str(plr))}
     return out
 
 
@@ -157,9 +159,10 @@ def plot(result: dict, path: Path) -> None:
         one, many = result[k]["one_client"]["tokens_per_s"], result[k]["clients_at_once"]["tokens_per_s"]
         ax.bar([i - 0.2, i + 0.2], [one, many], width=0.38, color=["#999", "#2a7"])
         ax.text(i + 0.2, many, f"{result[k]['speedup']:.1f}x", ha="center", va="bottom")
-    ax.set_xticks(range(len(keys)), [k.replace("_", ", loss ") for k in keys])
+    ax.set_xticks(range(len(keys)), [k.replace("_", "\n").replace("delay", "delay ").replace("loss", "loss ")
+                                     for k in keys])
     ax.set_ylabel("tokens/s, all clients")
-    ax.set_title(f"one client vs {result['clients']} at once ({result['tokens']} tokens each)")
+    ax.set_title(f"one client vs {result['clients']} at once")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -169,12 +172,14 @@ def main() -> None:
     p.add_argument("--plan", required=True)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--plr", type=float, default=0.05)
+    p.add_argument("--plr", type=float, default=0.05, help="loss on the lossy boards, relaxed run")
+    p.add_argument("--delays", default="0,2", help="one-way delays (ms, serve --local's shim) of the strict runs")
+    p.add_argument("--delayed-tokens", type=int, default=32, help="tokens per reply in the runs with delay")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if not 1 <= a.clients <= len(QUESTIONS):
         p.error(f"--clients must be in 1..{len(QUESTIONS)}")
-    result = run(a.plan, a.clients, a.tokens, a.plr)
+    result = run(a.plan, a.clients, a.tokens, a.plr, [float(d) for d in a.delays.split(",")], a.delayed_tokens)
     print(json.dumps(result, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")

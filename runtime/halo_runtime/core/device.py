@@ -49,6 +49,7 @@ from .ggmlops import Arena, GraphCache, new_input, row_bucket
 from .layers import KVCache, Rows, attention, kv_keys, mlp, rope_factors
 from .plan import Plan, PlanError
 from .shards import LayerSlice, device_indices
+from .spans import Span
 
 import ggml.ggml as G
 
@@ -170,6 +171,35 @@ class DeviceCompute:
         Rows.fill(graph.inputs, start, base)
         # a retransmitted request for tokens already cached overwrites them from `start`
         self.lengths[slot, layer] = start + T
+        return self.graphs.run(graph, T, self.threads)["y"]
+
+    def attention_spans(self, layer: int, x: np.ndarray, spans: tuple[Span, ...]) -> np.ndarray:
+        """`attention` of several sessions' rows in one graph: the projections over every row at
+        once, each span attending to its own slot's keys (`layers.attention`); the same bits as a
+        pass per span. The graph is kept until the spans' shape (rows, slot, cached keys) changes."""
+        if len(spans) == 1:
+            return self.attention(layer, x, spans[0].start, spans[0].slot)
+        T, cache = x.shape[0], self.caches[layer]
+        for s in spans:
+            if s.start + s.rows > cache.capacity:
+                raise ValueError(f"{self.name}: positions up to {s.start + s.rows} exceed the plan's context "
+                                 f"{cache.capacity}")
+            if not 0 <= s.slot < self.slots:
+                raise ValueError(f"{self.name}: session slot {s.slot} out of range (it holds {self.slots})")
+        windows = tuple((s.rows, s.slot * cache.capacity, kv_keys(s.start, s.rows, cache.capacity)) for s in spans)
+        q, k, v, o = self.attn[layer]
+
+        def build(ctx):
+            rows = Rows.of_windows(ctx, windows, self.factors)
+            xin = new_input(ctx, G.GGML_TYPE_F32, T, self.cfg.hidden_size)
+            return {"x": xin, **rows.named()}, {"y": attention(ctx, self.cfg, xin, q, k, v, o, cache, rows)}
+
+        graph = self.graphs.get((layer, "attn", T, "spans"), T, windows, build,
+                                ATTENTION_NODES + 8 * len(spans))
+        graph.inputs["x"][:] = x
+        Rows.fill_windows(graph.inputs, [(s.start, base) for s, (_, base, _) in zip(spans, windows)])
+        for s in spans:
+            self.lengths[s.slot, layer] = s.start + s.rows
         return self.graphs.run(graph, T, self.threads)["y"]
 
     def _mlp_parts(self, layer: int, x: np.ndarray, parts: list[tuple[int, int]], kind: str) -> list[np.ndarray]:

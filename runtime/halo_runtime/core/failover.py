@@ -47,6 +47,7 @@ import numpy as np
 from .device import DeviceBackend, DeviceCompute
 from .plan import Plan
 from .shards import adopted_plan, adopted_shard
+from .spans import attend
 
 
 def adopt(plan: Plan, dead: str, holder: str, shard: dict[str, np.ndarray], threads: int = 1) -> DeviceCompute | None:
@@ -89,6 +90,11 @@ class WithAdopted:
     def attention(self, layer: int, x: np.ndarray, start: int, slot: int = 0) -> np.ndarray:
         own = self.own.attention(layer, x, start, slot) if self.own.has_attention(layer) else None
         adopted = self.adopted.attention(layer, x, start, slot) if self.adopted.has_attention(layer) else None
+        return _add(own, adopted)
+
+    def attention_spans(self, layer: int, x: np.ndarray, spans: tuple) -> np.ndarray:
+        own = attend(self.own, layer, x, spans) if self.own.has_attention(layer) else None
+        adopted = attend(self.adopted, layer, x, spans) if self.adopted.has_attention(layer) else None
         return _add(own, adopted)
 
     def mlp(self, layer: int, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:

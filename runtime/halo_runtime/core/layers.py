@@ -63,38 +63,60 @@ def rope_factors(cfg: ModelConfig) -> np.ndarray | None:
 
 @dataclass
 class Rows:
-    """The graph inputs every piece of a pass shares: T rows at positions start .. start+T-1."""
+    """The graph inputs every piece of a pass shares: T rows, each at its position in its session,
+    in windows (one per session in the pass, `spans`) that each attend to their slot's keys."""
 
     positions: object
     """int32 [T]: each row's position (RoPE)."""
     slots: object
-    """int64 [T]: the KV-cache row each new key and value is written to (`base` + its position)."""
-    mask: object
-    """fp16 [T, keys]: 0 where a row may see a cached key, -inf where not (causal, and the bucket's tail)."""
-    keys: int
-    """Cached keys the graph reads (`kv_keys`)."""
+    """int64 [T]: the KV-cache row each new key and value is written to (its window's base + position)."""
+    masks: tuple
+    """Per window, fp16 [rows, keys]: 0 where a row may see a cached key, -inf where not (causal,
+    and the bucket's tail)."""
+    windows: tuple
+    """Per window, in row order: (rows, base, keys): its rows, the KV-cache row of its session's
+    position 0 (the slot's offset in a cache of several) and the cached keys it reads (`kv_keys`)."""
     factors: object = None
     """llama3 RoPE frequency factors (a float32 tensor), or None."""
-    base: int = 0
-    """The KV-cache row of position 0: a session slot's offset in a cache of several (`spans`)."""
 
     @classmethod
     def inputs(cls, ctx, T: int, keys: int, factors=None, base: int = 0) -> Rows:
-        return cls(new_input(ctx, G.GGML_TYPE_I32, T), new_input(ctx, G.GGML_TYPE_I64, T),
-                   new_input(ctx, G.GGML_TYPE_F16, T, keys), keys, factors, base)
+        """One window: T rows of one session."""
+        return cls.of_windows(ctx, ((T, base, keys),), factors)
+
+    @classmethod
+    def of_windows(cls, ctx, windows: tuple, factors=None) -> Rows:
+        T = sum(w[0] for w in windows)
+        masks = tuple(new_input(ctx, G.GGML_TYPE_F16, rows, keys) for rows, _, keys in windows)
+        return cls(new_input(ctx, G.GGML_TYPE_I32, T), new_input(ctx, G.GGML_TYPE_I64, T), masks, windows, factors)
 
     @staticmethod
     def fill(views: dict, start: int, base: int = 0) -> None:
-        """Write a pass's row inputs (views named positions, slots, mask) for rows at `start` of the
-        session whose position 0 is KV-cache row `base`."""
-        T, keys = views["mask"].shape
-        pos = np.arange(start, start + T)
-        views["positions"][:] = pos
-        views["slots"][:] = pos + base
-        views["mask"][:] = np.where(np.arange(keys)[None, :] <= pos[:, None], 0, F16_NEG_INF)
+        """Write a one-window pass's row inputs for rows at `start` of the session whose position 0
+        is KV-cache row `base`."""
+        Rows.fill_windows(views, ((start, base),))
+
+    @staticmethod
+    def fill_windows(views: dict, starts) -> None:
+        """Write the row inputs (views named positions, slots, mask, mask1, ...): per window, the
+        (start position, base) of its rows."""
+        pos, kv_rows, at = views["positions"], views["slots"], 0
+        for i, (start, base) in enumerate(starts):
+            mask = views[_mask_name(i)]
+            rows, keys = mask.shape
+            p = np.arange(start, start + rows)
+            pos[at:at + rows] = p
+            kv_rows[at:at + rows] = p + base
+            mask[:] = np.where(np.arange(keys)[None, :] <= p[:, None], 0, F16_NEG_INF)
+            at += rows
 
     def named(self) -> dict:
-        return {"positions": self.positions, "slots": self.slots, "mask": self.mask}
+        return {"positions": self.positions, "slots": self.slots,
+                **{_mask_name(i): m for i, m in enumerate(self.masks)}}
+
+
+def _mask_name(i: int) -> str:
+    return "mask" if i == 0 else f"mask{i}"
 
 
 class KVCache:
@@ -124,7 +146,9 @@ def rms_norm(ctx, x, weight, eps: float):
 
 def attention(ctx, cfg: ModelConfig, x, q, k, v, o, cache: KVCache, rows: Rows):
     """o[:, heads] @ attention(heads) for the KV-head groups whose rows q, k, v hold (and o's
-    columns): [T, hidden]. Writes the T rows' keys and values into `cache`."""
+    columns): [T, hidden]. Writes the T rows' keys and values into `cache`. The projections take
+    every row at once; each window (a session) attends to its own slot's keys, so a row's result
+    is the one a pass of its session alone gives."""
     hd, T = cfg.head_dim, x.contents.ne[1]
     nq, nkv = q.contents.ne[1] // hd, k.contents.ne[1] // hd
 
@@ -138,12 +162,18 @@ def attention(ctx, cfg: ModelConfig, x, q, k, v, o, cache: KVCache, rows: Rows):
     vs = G.ggml_reshape_3d(ctx, G.ggml_mul_mat(ctx, v, x), hd, nkv, T)
     keys = G.ggml_set_rows(ctx, cache.keys, G.ggml_permute(ctx, ks, 0, 2, 1, 3), rows.slots)
     values = G.ggml_set_rows(ctx, cache.values, G.ggml_permute(ctx, vs, 0, 2, 1, 3), rows.slots)
-    nb = cache.keys.contents.nb
-    keys = G.ggml_view_3d(ctx, keys, hd, rows.keys, nkv, nb[1], nb[2], rows.base * nb[1])
-    values = G.ggml_view_3d(ctx, values, hd, rows.keys, nkv, nb[1], nb[2], rows.base * nb[1])
-    out = G.ggml_flash_attn_ext(ctx, G.ggml_permute(ctx, qs, 0, 2, 1, 3), keys, values, rows.mask,
-                                1.0 / math.sqrt(hd), 0.0, 0.0)  # [hd, heads, T]
-    return G.ggml_mul_mat(ctx, o, G.ggml_reshape_2d(ctx, out, hd * nq, T))
+    nb, qnb = cache.keys.contents.nb, qs.contents.nb
+    out, at = None, 0
+    for (n, base, n_keys), mask in zip(rows.windows, rows.masks):
+        wk = G.ggml_view_3d(ctx, keys, hd, n_keys, nkv, nb[1], nb[2], base * nb[1])
+        wv = G.ggml_view_3d(ctx, values, hd, n_keys, nkv, nb[1], nb[2], base * nb[1])
+        wq = qs if n == T else G.ggml_view_3d(ctx, qs, hd, nq, n, qnb[1], qnb[2], at * qnb[2])
+        part = G.ggml_flash_attn_ext(ctx, G.ggml_permute(ctx, wq, 0, 2, 1, 3), wk, wv, mask,
+                                     1.0 / math.sqrt(hd), 0.0, 0.0)  # [hd, heads, n]
+        part = G.ggml_reshape_2d(ctx, part, hd * nq, n)
+        out = part if out is None else G.ggml_concat(ctx, out, part, 1)
+        at += n
+    return G.ggml_mul_mat(ctx, o, out)
 
 
 def mlp(ctx, x, gate, up, down, parts: list[tuple[int, int]], down_bytes_per_col: float, act_mask=None):

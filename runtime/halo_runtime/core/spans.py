@@ -2,10 +2,10 @@
 
 A device holds the KV caches of up to `Plan.session_slots()` sessions (slots). A pass carries, for
 each slot taking part, a `Span`: which slot, the position its first row goes to, how many rows;
-the rows of all spans travel as one tensor, spans in order. MLP rows are independent of each
-other, so a device multiplies them all at once; attention reads and writes each slot's own KV
-cache, so it runs span by span (`attend`), each through the same graph a lone session would use:
-a row's bits never depend on what else is in the pass.
+the rows of all spans travel as one tensor, spans in order. A device multiplies every row at
+once (MLP, and attention's projections: each output element is one dot product whatever rows
+share the product), and each span attends to its own slot's KV cache (`attend`): a row's bits
+never depend on what else is in the pass.
 
 A plain int `start` still means what it always did: every row in slot 0 from `start` on.
 `BatchOptions` says how `serve` fills passes (`server.engine`).
@@ -58,10 +58,14 @@ def spans_of(at, rows: int) -> tuple[Span, ...]:
 
 
 def attend(dev, layer: int, x: np.ndarray, spans: tuple[Span, ...]) -> np.ndarray:
-    """`dev.attention` of every span's rows in its own slot, in span order ([T, hidden])."""
+    """`dev.attention` of every span's rows in its own slot, in span order ([T, hidden]): in one
+    graph where the device offers it (`attention_spans`), else span by span."""
     if len(spans) == 1:
         s = spans[0]
         return dev.attention(layer, x, s.start, s.slot)
+    batched = getattr(dev, "attention_spans", None)
+    if batched is not None:
+        return batched(layer, x, spans)
     out, at = [], 0
     for s in spans:
         out.append(dev.attention(layer, x[at:at + s.rows], s.start, s.slot))

@@ -266,10 +266,12 @@ class Engine:
         if not self.active:
             return
         feeds, guesses = [], []
+        # a prompt is fed in chunks only while others share the passes: alone, one pass is fastest
+        chunk = self.chunk if len(self.active) > 1 else len(max((a.feed for a in self.active), key=len))
         for a in self.active:
             start = len(self.coord.fed[a.slot])
-            if len(a.feed) > self.chunk:
-                feeds.append(Feed(a.slot, start, tuple(a.feed[:self.chunk]), 0))
+            if len(a.feed) > chunk:
+                feeds.append(Feed(a.slot, start, tuple(a.feed[:chunk]), 0))
                 guesses.append([])
                 continue
             left = a.job.work.max_tokens - a.generated - 1
