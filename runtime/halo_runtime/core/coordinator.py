@@ -19,6 +19,11 @@ the missing rows. The network exchanges send one message per round, so for T > 1
 part if any token is flagged and miss all rows or none; the in-process exchange draws loss per
 token row, which is what decode sees, so `halo-compile eval` can score a whole window at once.
 
+A pass may carry several sessions (`run` with a `Feed` per session: `server.engine` batches
+requests so): each device holds a KV cache per session slot, the request names each session's
+rows (`spans`), MLP rows are multiplied together and each session attends to its own cache, so a
+row's result is the one its session alone would get; statistics are per feed.
+
 With a draft (core.draft), a decode pass feeds the last token and k guesses (T = k + 1 rows),
 keeps what greedy decoding (or the speculative-sampling rule) confirms plus one token, and moves
 `position` back past the rejected rows: every device overwrites its KV cache from the start

@@ -158,7 +158,7 @@ class Engine:
     # ---- the engine thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._connect(handshake=True)
+        self._connect()  # at start-up: greets every device, so that /health knows who answers
         while True:
             if not self._admit():
                 for a in list(self.active):
@@ -213,9 +213,9 @@ class Engine:
         self._count_failovers(seen)
         self._sync_devices(ok=True)
 
-    def _connect(self, handshake: bool = False) -> bool:
-        """Build the exchange and coordinator if there are none and start a session; at start-up
-        this greets every device, so that /health knows who answers before the first request."""
+    def _connect(self) -> bool:
+        """Build the exchange and coordinator if there are none and start a session (its HELLO
+        greets every device); False, the device named in `lost`, if one does not answer."""
         try:
             if self.exchange is None:
                 self.exchange = self.make_exchange()
