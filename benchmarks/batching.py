@@ -179,7 +179,7 @@ def main() -> None:
     a = p.parse_args()
     if not 1 <= a.clients <= len(QUESTIONS):
         p.error(f"--clients must be in 1..{len(QUESTIONS)}")
-    result = run(a.plan, a.clients, a.tokens, a.plr, [float(d) for d in a.delays.split(",")], a.delayed_tokens)
+    result = run(a.plan, a.clients, a.tokens, a.plr, [float(d) for d in a.delays.split(",") if d], a.delayed_tokens)
     print(json.dumps(result, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")

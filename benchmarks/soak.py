@@ -120,7 +120,8 @@ def soak(plan_dir: str, minutes: float, tokens: int, plr: float, sample_s: float
     from halo_runtime.core.tokenizer import Tokenizer
     from halo_runtime.localcluster import stop_workers
     from halo_runtime.net.auth import Authenticator
-    from halo_runtime.net.exchange import PeerShims, UdpExchange
+    from halo_runtime.net.exchange import UdpExchange
+    from halo_runtime.net.shim import PeerShims
     from halo_runtime.net.shim import LossShim
 
     torch.set_num_threads(1)

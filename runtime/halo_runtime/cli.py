@@ -401,8 +401,8 @@ def run_generate(args) -> None:
 
 def run_local(args) -> None:
     from .localcluster import local_auth, local_loss, start_local_workers, stop_workers
-    from .net.exchange import PeerShims, UdpExchange
-    from .net.shim import LossShim
+    from .net.exchange import UdpExchange
+    from .net.shim import LossShim, PeerShims
     from .net.tcpexchange import TcpExchange
 
     plan, shard, tok, policy = _load_coordinator(args)
@@ -451,8 +451,8 @@ def run_local(args) -> None:
 def run_serve(args) -> None:
     from .core.chat import ChatTemplate
     from .localcluster import local_auth, local_loss, start_local_workers, stop_workers
-    from .net.exchange import PeerShims, UdpExchange
-    from .net.shim import LossShim
+    from .net.exchange import UdpExchange
+    from .net.shim import LossShim, PeerShims
     from .net.tcpexchange import TcpExchange
 
     try:

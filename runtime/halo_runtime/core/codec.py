@@ -107,6 +107,62 @@ def decode_tensor(data: bytes, wire: str | None = None, width: int | None = None
     return arr.reshape(rows, cols)
 
 
+def row_chunks(payload: bytes, room: int) -> list[int] | None:
+    """Chunk sizes that cut a tensor payload of several rows at row boundaries (the first chunk also
+    holds the tensor header), as many whole rows per chunk as `room` bytes take: a receiver can use
+    the rows of the chunks that arrived (`rows_of_chunks`). None: not such a tensor, or a row does
+    not fit in one chunk (then chunks are cut evenly).
+
+    >>> import numpy as np
+    >>> blob = encode_tensor(np.zeros((5, 100), np.float32), "fp16")   # rows of 200 bytes
+    >>> row_chunks(blob, room=450)
+    [409, 400, 200]
+    """
+    if len(payload) < TENSOR_HEADER.size:
+        return None
+    code, rows, cols = TENSOR_HEADER.unpack_from(payload)
+    if code not in _WIRE_BY_CODE or rows < 2:
+        return None
+    row = cols * np.dtype(_WIRE_BY_CODE[code][1]).itemsize
+    per = (room - TENSOR_HEADER.size) // row if row else 0
+    if per < 1 or len(payload) != TENSOR_HEADER.size + rows * row:
+        return None
+    sizes = [TENSOR_HEADER.size + min(per, rows) * row]
+    left = rows - min(per, rows)
+    while left > 0:
+        sizes.append(min(per, left) * row)
+        left -= min(per, left)
+    return sizes
+
+
+def rows_of_chunks(chunks: dict[int, bytes], count: int, rows: int, width: int, wire: str
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """From some chunks (index -> bytes) of a `count`-chunk tensor message of `rows` x `width` cut by
+    `row_chunks`: (float32 [rows, width] with zeros where a row is missing, bool [rows]: rows present).
+    None when the chunks do not fit that cut (another sender's layout)."""
+    code, dt = _WIRES[wire]
+    row = width * np.dtype(dt).itemsize
+    out, present = np.zeros((rows, width), dtype=np.float32), np.zeros(rows, dtype=bool)
+    per = None  # rows per chunk: any chunk but the last tells
+    for i, data in chunks.items():
+        body = len(data) - (TENSOR_HEADER.size if i == 0 else 0)
+        if body <= 0 or body % row:
+            return None
+        if i < count - 1:
+            if per not in (None, body // row):
+                return None
+            per = body // row
+    for i, data in chunks.items():
+        skip = TENSOR_HEADER.size if i == 0 else 0
+        n = (len(data) - skip) // row
+        first = rows - n if i == count - 1 else (i * per if per else None)
+        if first is None or first < 0 or first + n > rows:
+            return None
+        out[first:first + n] = decode_tensor(TENSOR_HEADER.pack(code, n, width) + bytes(data[skip:]), wire, width)
+        present[first:first + n] = True
+    return out, present
+
+
 # --- requests --------------------------------------------------------------------------------------
 
 REQUEST_PREFIX = struct.Struct("<BB")  # reply copies, spans

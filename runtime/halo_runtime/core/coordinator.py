@@ -15,9 +15,11 @@ while the devices compute theirs, and adds what comes back in a fixed device ord
 
 Loss and waiting are per token: a round carries T tokens (T = 1 in decode, the whole prompt in
 prefill), `awaited` and `RoundResult.missing` hold a bool per token, and compensation fills only
-the missing rows. The network exchanges send one message per round, so for T > 1 they await a
-part if any token is flagged and miss all rows or none; the in-process exchange draws loss per
-token row, which is what decode sees, so `halo-compile eval` can score a whole window at once.
+the missing rows. The network exchanges send one message per round: over UDP a relaxed reply's
+rows whose datagrams arrived are used and the others compensated, and a part awaited for its
+flagged rows is done once those are in (TCP delivers whole messages); the in-process exchange
+draws loss per token row, which is what decode sees, so `halo-compile eval` can score a whole
+window at once.
 
 A pass may carry several sessions (`run` with a `Feed` per session: `server.engine` batches
 requests so): each device holds a KV cache per session slot, the request names each session's
@@ -184,9 +186,9 @@ class Coordinator:
 
     # ---- failover -----------------------------------------------------------------------------
 
-    def _switch(self, dead: str | None, inputs: dict[int, np.ndarray]) -> None:
+    def _switch(self, dead: str | None, inputs: dict[int, dict[int, np.ndarray]]) -> None:
         """Compute what the plan's failover for `dead` gives this device (None: the plan's own
-        groups again), its adopted heads' KV cache filled from `inputs` (layer -> rows from 0)."""
+        groups again), its adopted heads' KV caches filled from `inputs` (slot -> layer -> rows from 0)."""
         if self.part is not self.local:
             self.part.close()
         self.part, self.failed = self.local, dead
@@ -195,13 +197,14 @@ class Coordinator:
             adopted = adopt(self.plan, dead, self.plan.coordinator, self.shard, self.threads)
             if adopted is not None:
                 self.part = WithAdopted(self.local, adopted)
-                for layer, x in inputs.items():
-                    self.part.rebuild(layer, x)
+                for slot, layers in inputs.items():
+                    for layer, x in layers.items():
+                        self.part.rebuild(layer, x, slot)
         self.relaxed = self._relaxed_parts(plan)
 
-    def _fail_over(self, lost: DeviceLost, start: int) -> None:
-        """Replace the device `lost` names by the plan's failover, its KV state rebuilt up to `start`;
-        `lost` again, with why, when that cannot be done."""
+    def _fail_over(self, lost: DeviceLost, start) -> None:
+        """Replace the device `lost` names by the plan's failover, its KV state rebuilt up to `start`
+        (slot 0's position, or slot -> position); `lost` again, with why, when that cannot be done."""
         fail_over = getattr(self.exchange, "fail_over", None)
         if lost.device is None or fail_over is None:
             raise lost
@@ -211,15 +214,18 @@ class Coordinator:
         except DeviceLost as why:
             raise DeviceLost(f"{lost}; {why}", lost.device) from None
         self._switch(lost.device, inputs)
-        self.failovers.append(FailoverEvent(lost.device, time.time(), start, 1e3 * (time.perf_counter() - t0)))
+        rows = sum(start.values()) if isinstance(start, dict) else start
+        self.failovers.append(FailoverEvent(lost.device, time.time(), rows, 1e3 * (time.perf_counter() - t0)))
 
-    def replace_lost(self, lost: DeviceLost) -> None:
-        """After `lost` in a pass of several sessions: the plan's failover, no KV cache rebuilt (the
-        history is by slot; feeding each session again from position 0 is simpler and exact), so
-        every slot's cache counts as empty: the caller feeds its sessions again. `lost` again if
-        the device cannot be replaced."""
-        self._fail_over(lost, 0)
-        self.fed = [[] for _ in range(self.slots)]
+    def replace_lost(self, lost: DeviceLost, slots: list[int]) -> None:
+        """After `lost` in a pass of several sessions: the plan's failover, the adopted heads' KV
+        caches of `slots` (the sessions running) rebuilt from what they were sent, so the
+        interrupted pass can run again; the other slots' caches are dropped (never reused). `lost`
+        again if the device cannot be replaced."""
+        self._fail_over(lost, {s: len(self.fed[s]) for s in slots})
+        for s in range(self.slots):
+            if s not in slots:
+                self.fed[s] = []
 
     # ---- one pass -----------------------------------------------------------------------------
 

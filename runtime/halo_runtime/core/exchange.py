@@ -180,11 +180,12 @@ class FailingOver(Exchange, Protocol):
     failed: str | None
     """The device replaced this session and the next ones (None: every device is in)."""
 
-    def fail_over(self, dead: str, start: int) -> dict[int, np.ndarray]:
-        """Send the survivors that adopt `dead`'s groups a FAILOVER and rebuild their KV cache from
-        the attention inputs of positions < `start`; from now on ask them instead of `dead`.
-        Returns those inputs per layer that `dead` held attention in (for the coordinator's own
-        adopted heads). DeviceLost if a survivor does not finish."""
+    def fail_over(self, dead: str, start) -> dict[int, dict[int, np.ndarray]]:
+        """Send the survivors that adopt `dead`'s groups a FAILOVER and rebuild their KV caches from
+        the attention inputs of positions < `start` (an int: session slot 0; or slot -> start);
+        from now on ask them instead of `dead`. Returns those inputs, slot -> layer that `dead` held
+        attention in -> rows (for the coordinator's own adopted heads). DeviceLost if a survivor
+        does not finish."""
 
 
 class InProcessExchange:

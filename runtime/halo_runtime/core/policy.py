@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codec import REQUEST_PREFIX, datagrams, encode_tensor
+from .codec import REQUEST_PREFIX, SPAN, datagrams, encode_tensor
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class DeliveryPolicy:
     def message_datagrams(self, hidden_size: int) -> tuple[int, int]:
         """Datagrams of a one-token (decode) request and of one partial-sum reply on this wire."""
         tensor = encode_tensor(np.zeros((1, hidden_size), np.float32), self.wire)
-        return datagrams(REQUEST_PREFIX.size + len(tensor)), datagrams(len(tensor))
+        return datagrams(REQUEST_PREFIX.size + SPAN.size + len(tensor)), datagrams(len(tensor))
 
     def miss_probability(self, loss: float, hidden_size: int | None = None, burst: float = 0.0) -> float:
         """Chance that a relaxed part misses its deadline on a link that drops each datagram with `loss`.

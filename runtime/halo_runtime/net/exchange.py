@@ -5,7 +5,8 @@ UDP delivery policy, per layer round:
   a missing one is re-requested after the device's RTO (smoothed RTT + 4 x variance, floored at
   a few ms, not TCP's 200 ms), backing off, until `dead_after_s` says the device is gone;
 - a relaxed part is used if it arrives before its deadline, sent + (1 + relaxed_retries) x RTO,
-  with one fast re-request at sent + RTO; after the deadline it is compensated;
+  with one fast re-request at sent + RTO; after the deadline it is compensated (of a reply of
+  several rows, the rows whose datagrams came are used: `_partial_rows`);
 - `redundancy` > 1 sends every request to a lossy device that many times, and asks it to reply
   that many times (copies are dropped on arrival), turning a miss rate q into about q^copies.
 RTT is sampled per device and round kind, only from first attempts (Karn's rule); it includes
@@ -16,11 +17,11 @@ relaxed groups is marked down with one warning line: its parts are compensated w
 and it is probed with HELLO every `probe_every_s` until it answers again. A device holding
 critical parts (attention, critical MLP) silent for `dead_after_s` raises DeviceLost naming it;
 the coordinator then calls `fail_over`: the survivors the plan's failover names take its groups
-(FAILOVER over UDP, resent until echoed; their adopted heads' KV cache over TCP from `history`),
+(FAILOVER over UDP, resent until echoed; their adopted heads' KV caches over TCP from `history`),
 or, without a failover for it, the run ends. A new session asks the replaced device briefly
-(`RETURN_GRACE_S`) and gives it its groups back if it answers. A restarted device answers requests of the running session with RESET; the
-coordinator then says HELLO and rebuilds its KV cache over TCP from the attention inputs it
-sent before (`history`), and carries on (rejoin).
+(`RETURN_GRACE_S`) and gives it its groups back if it answers. A restarted device answers
+requests of the running session with RESET; the coordinator says HELLO, rebuilds its KV caches
+over TCP from the attention inputs it sent (`history`, per session slot), and carries on (rejoin).
 
 Example (the checked-in plan, its workers nowhere: `begin` says which device does not answer):
     >>> from halo_runtime.core.plan import load_plan
@@ -43,13 +44,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.codec import WireError, decode_tensor, encode_request
+from ..core.codec import WireError, decode_tensor, encode_request, rows_of_chunks
 from ..core.exchange import Drops, ExchangeStats, RoundResult
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .recovery import DeviceLost, History, adopted_inputs, adopters, hand_over, rebuild, why_not_replaced
-from .shim import LossShim
+from .recovery import (DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, rebuild,
+                       why_not_replaced)
+from .shim import PeerShims
 from .transport import RttEstimator, TcpChannel, TransportError, UdpEndpoint
 from .wire import Kind, Message, attempt_of, make_flags
 from .worker import WorkerStats
@@ -60,24 +62,6 @@ PHASE_REQUEST = {"attn": Kind.REQUEST_ATTN, "mlp": Kind.REQUEST_MLP}
 # plain ints for the per-round loop: reading an enum member costs a descriptor call each time
 _ATTN, _CRIT, _RLX = int(Kind.REPLY_ATTN), int(Kind.REPLY_MLP_CRITICAL), int(Kind.REPLY_MLP_RELAXED)
 _REPLIES, _HELLO, _RESET = (_ATTN, _CRIT, _RLX), int(Kind.HELLO), int(Kind.RESET)
-
-
-class PeerShims:
-    """Per-destination LossShim, for `halo-run local`: only the lossy links lose packets."""
-
-    def __init__(self, shims: dict[tuple, LossShim]):
-        self.shims = shims
-
-    def send_datagram(self, send, data: bytes, addr) -> None:
-        shim = self.shims.get(tuple(addr[:2]))
-        if shim is None:
-            send(data, addr)
-        else:
-            shim.send_datagram(send, data, addr)
-
-    def close(self) -> None:
-        for s in self.shims.values():
-            s.close()
 
 
 def _layout(plan: Plan) -> dict:
@@ -101,7 +85,7 @@ class _Round:
     """Device -> its request message (devices with the same number of reply copies share one)."""
     targets: list
     rows: int = 1
-    """Tokens in the round; a missing relaxed part misses all of them (one message per round)."""
+    """Token rows in the round (a relaxed reply's rows whose datagrams arrive are used on their own)."""
     sent: dict = field(default_factory=dict)
     attempts: dict = field(default_factory=dict)
     next_try: dict = field(default_factory=dict)
@@ -208,13 +192,13 @@ class UdpExchange:
         elif dead:  # gone before this session's first token: nothing to rebuild
             self.fail_over(dead.pop(), 0)
 
-    def fail_over(self, dead: str, start: int) -> dict[int, np.ndarray]:
+    def fail_over(self, dead: str, start) -> dict[int, dict[int, np.ndarray]]:
         """See `core.exchange.FailingOver`: the survivors take over `dead`'s groups."""
         if self.failed or not self.full.replaceable(dead):
             raise DeviceLost(f"device {dead} cannot be replaced: {why_not_replaced(self.full, dead, self.failed)}",
                              dead)
-        inputs = {i: self.history.inputs(i)[:start] for i in range(self.plan.model.num_layers)
-                  if dead in self.layout["attn"][i]}
+        inputs = kv_inputs(self.history, [i for i in range(self.plan.model.num_layers) if dead in self.layout["attn"][i]],
+                           start if isinstance(start, dict) else {0: start})
         self._use(self.full.without(dead))
         self.failed, self.round = dead, None
         self.down.discard(dead)
@@ -353,7 +337,8 @@ class UdpExchange:
             self._send(d, r.attempts.get(d, 0) + 1)
 
     def collect(self, phase: str, step: int, layer: int, awaited: dict[str, np.ndarray]) -> RoundResult:
-        # one message per round carries every token: a device flagged on any token is awaited
+        # one message per round carries every token: a device flagged on any token is awaited (for
+        # several rows: until its flagged rows are in)
         r = self.round
         if not self.targets[phase][layer]:  # nobody holds a part of this round: nothing to wait for
             return RoundResult(parts=[])
@@ -369,15 +354,21 @@ class UdpExchange:
                     want.add((d, _RLX))
                 else:
                     relaxed.add(d)
+        flagged = {d for d, kind in want if kind == _RLX}
         deadline = {d: r.sent.get(d, 0.0) + (1 + self.policy.relaxed_retries) * self.rtt[(d, phase)].rto_s
-                    for d in relaxed}
+                    for d in relaxed | flagged}
         got: dict[tuple, np.ndarray] = {}
         first_reply: set[str] = set()
         crit_done = time.monotonic()
         wake = 0.0  # when a timer (retransmission, deadline, silence, probe) is next due
         while True:
             now = time.monotonic()
-            pending_crit = [k for k in want if k not in got and k[0] not in self.down]
+            # an awaited relaxed part of several rows is done once the rows flagged arrived, past
+            # its deadline (the others are compensated, row by row)
+            pending_crit = [k for k in want if k not in got and k[0] not in self.down
+                            and not (k[1] == _RLX and r.rows > 1 and now >= deadline[k[0]]
+                                     and (rows := self._partial_rows(r, k[0])) is not None
+                                     and rows[1][awaited[k[0]]].all())]
             if pending_crit:
                 crit_done = now
             pending_rlx = [d for d in relaxed if (d, _RLX) not in got and now < deadline[d]
@@ -386,6 +377,8 @@ class UdpExchange:
                 break
             if now >= wake:  # replies arriving before any timer is due need no timer work
                 wake = self._timers(r, phase, step, layer, pending_crit, pending_rlx, deadline, now)
+                if r.rows > 1:  # a flagged part's deadline: its rows may all be here by then
+                    wake = min([wake] + [deadline[d] for d in flagged if now < deadline[d]])
             item = self.endpoint.recv(max(0.0, min(wake - now, 0.05)))
             if item is None:
                 continue
@@ -424,13 +417,26 @@ class UdpExchange:
                 if (d, kind) in got:
                     result.parts.append(got[(d, kind)])
             if (d in relaxed or (d, _RLX) in want) and (d, _RLX) not in got:
-                result.missing[d] = np.ones(r.rows, dtype=bool)
+                rows = self._partial_rows(r, d) if r.rows > 1 else None
+                if rows is not None:  # the rows of the datagrams that came: the others are compensated
+                    result.parts.append(rows[0])
+                result.missing[d] = np.ones(r.rows, dtype=bool) if rows is None else ~rows[1]
                 self.counters["compensated"] += 1
                 if d in relaxed and d not in self.down:
                     # how long past the later of its deadline and the last critical part we waited
                     over = 1e3 * (now - max(deadline[d], crit_done))
                     self.counters["max_relaxed_overshoot_ms"] = max(self.counters["max_relaxed_overshoot_ms"], over)
         return result
+
+    def _partial_rows(self, r: _Round, d: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The rows of `d`'s relaxed reply to round `r` whose datagrams arrived, if some did but not
+        all ([rows, width] with zeros elsewhere, and which rows); relaxed replies are cut at row
+        boundaries (`codec.row_chunks`)."""
+        got = self.endpoint.reassembler.chunks_of(self.session, r.step, r.layer, _RLX, self.index[d])
+        if got is None:
+            return None
+        rows = rows_of_chunks(got[1], got[0], r.rows, self.width, self.policy.wire)
+        return rows if rows is not None and rows[1].any() else None
 
     def _timers(self, r: _Round, phase: str, step: int, layer: int, pending_crit, pending_rlx, deadline,
                 now: float) -> float:

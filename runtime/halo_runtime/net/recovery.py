@@ -98,13 +98,7 @@ def rebuild(name: str, addr: tuple, auth: Authenticator, guard: ReplayGuard, me:
     TransportError if the connection fails."""
     with TcpChannel.connect(addr, timeout_s=timeout_s, auth=auth, guard=guard, me=me) as ch:
         ch.send(Message(Kind.HELLO, session, 0, 0, me, REBUILD), dest=dest)
-        want = Counter({(Kind.HELLO, 0): 1})
-        for slot, layers in inputs.items():
-            for layer, xs in layers.items():
-                if xs.shape[0]:
-                    body = encode_request(xs, (Span(slot, 0, xs.shape[0]),), wire)
-                    ch.send(Message(Kind.REBUILD_ATTN, session, step, layer, me, body), dest=dest)
-                    want[(Kind.REBUILT, layer)] += 1
+        want = _replay(ch, me, dest, session, step, inputs, wire, Counter({(Kind.HELLO, 0): 1}))
         deadline = time.monotonic() + timeout_s
         while +want:
             msg = ch.recv(max(0.0, deadline - time.monotonic()))
@@ -116,25 +110,40 @@ def rebuild(name: str, addr: tuple, auth: Authenticator, guard: ReplayGuard, me:
         ch.send(Message(Kind.BYE, session, 0, 0, me), dest=dest)
 
 
-def hand_over(ch: TcpChannel, name: str, me: int, dest: int, session: int, dead: str, inputs: dict[int, np.ndarray],
-              wire: str, timeout_s: float) -> None:
+def hand_over(ch: TcpChannel, name: str, me: int, dest: int, session: int, dead: str,
+              inputs: dict[int, dict[int, np.ndarray]], wire: str, timeout_s: float) -> None:
     """Tell survivor `name` on `ch` to take over its share of `dead`'s groups (FAILOVER), and replay
-    `inputs` (layer -> [rows from position 0, hidden]) into the adopted heads' KV cache. Anything
-    else arriving on `ch` meanwhile (replies of a round the death interrupted) is dropped.
-    DeviceLost if it does not finish in `timeout_s`; TransportError if the connection fails."""
+    `inputs` (session slot -> layer -> [rows from position 0, hidden]) into the adopted heads' KV
+    caches. Anything else arriving on `ch` meanwhile (replies of a round the death interrupted) is
+    dropped. DeviceLost if it does not finish in `timeout_s`; TransportError if the connection fails."""
     ch.send(Message(Kind.FAILOVER, session, 0, 0, me, dead.encode()), dest=dest)
-    want = {(Kind.FAILOVER, 0)}
-    for layer, xs in inputs.items():
-        if xs.shape[0]:
-            ch.send(Message(Kind.REBUILD_ATTN, session, 0, layer, me, encode_request(xs, 0, wire)), dest=dest)
-            want.add((Kind.REBUILT, layer))
+    want = _replay(ch, me, dest, session, 0, inputs, wire, Counter({(Kind.FAILOVER, 0): 1}))
     deadline = time.monotonic() + timeout_s
-    while want:
+    while +want:
         msg = ch.recv(max(0.0, deadline - time.monotonic()))
         if msg is None:
             raise DeviceLost(f"device {name} did not take over {dead}'s groups in {timeout_s:g} s", name)
         if msg.session == session:
-            want.discard((msg.kind, msg.layer if msg.kind == Kind.REBUILT else 0))
+            want[(msg.kind, msg.layer if msg.kind == Kind.REBUILT else 0)] -= 1
+
+
+def _replay(ch: TcpChannel, me: int, dest: int, session: int, step: int, inputs: dict[int, dict[int, np.ndarray]],
+            wire: str, want: Counter) -> Counter:
+    """Send `inputs` (slot -> layer -> rows from position 0) as REBUILD_ATTN messages; `want` counts
+    the acknowledgements (REBUILT, layer) to wait for."""
+    for slot, layers in inputs.items():
+        for layer, xs in layers.items():
+            if xs.shape[0]:
+                body = encode_request(xs, (Span(slot, 0, xs.shape[0]),), wire)
+                ch.send(Message(Kind.REBUILD_ATTN, session, step, layer, me, body), dest=dest)
+                want[(Kind.REBUILT, layer)] += 1
+    return want
+
+
+def kv_inputs(history: History, layers, starts: dict[int, int]) -> dict[int, dict[int, np.ndarray]]:
+    """Per session slot of `starts` (slot -> its position), the attention inputs of `layers` at the
+    positions before it: what rebuilds the slot's KV cache up to there."""
+    return {slot: {i: history.inputs(i, slot=slot)[:n] for i in layers} for slot, n in starts.items()}
 
 
 def why_not_replaced(plan: Plan, dead: str, failed: str | None) -> str:
@@ -152,8 +161,10 @@ def adopters(plan: Plan, dead: str) -> set[str]:
     return {to for _, to in plan.failover_for(dead).moves if to != plan.coordinator}
 
 
-def adopted_inputs(plan: Plan, dead: str, survivor: str, inputs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Of `inputs` (layer -> attention inputs of the session so far), those of the layers in which
-    `survivor` adopts attention heads of `dead`: what rebuilding their KV cache needs."""
+def adopted_inputs(plan: Plan, dead: str, survivor: str, inputs: dict[int, dict[int, np.ndarray]]
+                   ) -> dict[int, dict[int, np.ndarray]]:
+    """Of `inputs` (slot -> layer -> attention inputs so far), those of the layers in which `survivor`
+    adopts attention heads of `dead`: what rebuilding their KV caches needs (slots with none left out)."""
     layers = {g.layer for g in adopted_plan(plan, dead, survivor).groups if g.kind == "attn"}
-    return {i: x for i, x in inputs.items() if i in layers and x.shape[0]}
+    out = {slot: {i: x for i, x in per.items() if i in layers and x.shape[0]} for slot, per in inputs.items()}
+    return {slot: per for slot, per in out.items() if per}

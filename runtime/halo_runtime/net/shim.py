@@ -153,3 +153,19 @@ class LossShim:
         self.close()
 
 
+class PeerShims:
+    """Per-destination LossShim, for `halo-run local`: only the lossy links lose packets."""
+
+    def __init__(self, shims: dict[tuple, LossShim]):
+        self.shims = shims
+
+    def send_datagram(self, send, data: bytes, addr) -> None:
+        shim = self.shims.get(tuple(addr[:2]))
+        if shim is None:
+            send(data, addr)
+        else:
+            shim.send_datagram(send, data, addr)
+
+    def close(self) -> None:
+        for s in self.shims.values():
+            s.close()

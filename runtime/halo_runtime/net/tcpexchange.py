@@ -24,7 +24,7 @@ from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
 from .exchange import PHASE_REQUEST, RETURN_GRACE_S, _layout
-from .recovery import DeviceLost, History, adopted_inputs, adopters, hand_over, why_not_replaced
+from .recovery import DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, why_not_replaced
 from .shim import LossShim
 from .transport import TcpChannel, TransportError
 from .wire import Kind, Message
@@ -77,13 +77,13 @@ class TcpExchange:
         if self.failed:
             self._hand_over(self.failed, {})
 
-    def fail_over(self, dead: str, start: int) -> dict[int, np.ndarray]:
+    def fail_over(self, dead: str, start) -> dict[int, dict[int, np.ndarray]]:
         """See `core.exchange.FailingOver`: the survivors take over `dead`'s groups."""
         if self.failed or not self.full.replaceable(dead):
             raise DeviceLost(f"device {dead} cannot be replaced: {why_not_replaced(self.full, dead, self.failed)}",
                              dead)
-        inputs = {i: self.history.inputs(i)[:start] for i in range(self.plan.model.num_layers)
-                  if dead in self.layout["attn"][i]}
+        inputs = kv_inputs(self.history, [i for i in range(self.plan.model.num_layers) if dead in self.layout["attn"][i]],
+                           start if isinstance(start, dict) else {0: start})
         ch = self.channels.pop(dead, None)
         if ch is not None:
             ch.close()
@@ -92,7 +92,7 @@ class TcpExchange:
         self._hand_over(dead, inputs)
         return inputs
 
-    def _hand_over(self, dead: str, inputs: dict[int, np.ndarray]) -> None:
+    def _hand_over(self, dead: str, inputs: dict[int, dict[int, np.ndarray]]) -> None:
         """`recovery.hand_over` to each survivor adopting some of `dead`'s groups, on its connection."""
         for s in sorted(adopters(self.full, dead), key=self.remote.index):
             try:

@@ -22,6 +22,10 @@ lost 94% of the time). Every datagram carries a fixed 33-byte header, packed big
                 number); see `auth`), then its TAG_LEN (16) bytes of Poly1305 tag, which also
                 covers the header (associated data)
 
+A relaxed part (REPLY_MLP_RELAXED) of several rows is cut at row boundaries (`codec.row_chunks`),
+so that the coordinator can use the rows of the datagrams that arrived (`Reassembler.chunks_of`)
+and compensate only the others; every other message is cut into equal chunks.
+
 The header travels in clear (it routes, deduplicates and counts); the chunk does not. A datagram
 is checked in order of cost: length and fields, then the tag (and decryption), then its destination
 (a request recorded on its way to one device and replayed to another is refused), then the
@@ -52,7 +56,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..core.codec import HEADER_SIZE, MAX_DATAGRAM, TAG_LEN, chunk_room, datagrams
+from ..core.codec import HEADER_SIZE, MAX_DATAGRAM, TAG_LEN, chunk_room, datagrams, row_chunks
 from .auth import Authenticator, ReplayGuard
 
 MAGIC = b"HL"
@@ -193,13 +197,17 @@ def encode(msg: Message, max_datagram: int = MAX_DATAGRAM, flags: int | None = N
     _check_range("flags", fl, 8)
     _check_range("dest", dest, 16)
     payload = msg.payload
-    count = datagrams(len(payload), max_datagram)
+    # a relaxed part is cut at row boundaries: the rows of the datagrams that arrive are used
+    sizes = row_chunks(payload, room) if msg.kind == Kind.REPLY_MLP_RELAXED else None
+    count = len(sizes) if sizes else datagrams(len(payload), max_datagram)
     if count > 0xFFFF:
         raise ValueError(f"payload of {len(payload)} bytes needs {count} chunks; at most 65535")
     out = []
     view = memoryview(payload)  # chunks are sealed from the payload in place, not copied first
+    at = 0
     for i in range(count):
-        chunk = view[i * room:(i + 1) * room]
+        chunk = view[at:at + (sizes[i] if sizes else room)]
+        at += len(chunk)
         seq = auth.next_seq()
         header = HEADER.pack(MAGIC, VERSION, msg.kind, msg.session, msg.step, msg.layer, msg.sender,
                              i, count, len(chunk), fl, seq, dest)
@@ -376,6 +384,11 @@ class Reassembler:
         while len(self._partials) > self._max_partials or self._buffered > self._max_buffered:
             self._drop(next(iter(self._partials)))
         return None
+
+    def chunks_of(self, session: int, step: int, layer: int, kind: int, sender: int) -> tuple[int, dict] | None:
+        """(chunk count, index -> chunk) of a message still incomplete, or None."""
+        part = self._partials.get((session, step, layer, kind, sender))
+        return None if part is None else (part.count, dict(part.chunks))
 
     def _drop(self, key: tuple) -> None:
         part = self._partials.pop(key)

@@ -15,9 +15,10 @@ are independent), so at temperature 0 a reply equals the one it gets alone.
 A request whose prompt starts with tokens a free slot still holds (a chat's earlier turns and
 the reply) takes that slot and skips their prefill; otherwise the least recently used free slot.
 A device that holds critical groups and dies is replaced by the plan's failover (`core.failover`):
-the survivors take its groups and every active request feeds its tokens again (its KV rows are
-rebuilt exactly), /metrics counts it (`halo_failovers`), /health shows the device "replaced", and
-it takes its groups back at the first pass after it answers again with no request active. Where
+the survivors take its groups, the running sessions' KV rows of its heads are rebuilt from what
+it was sent, and the interrupted pass runs again; /metrics counts it (`halo_failovers`), /health
+shows the device "replaced", and it takes its groups back at the first pass after it answers
+again with no request active. Where
 the plan has no failover for it, a lost device (`DeviceLost`) fails the requests in flight (503);
 the engine drops that exchange and builds a new one for the next request, so a restarted device is
 used again. A relaxed-only device that dies is marked down by the exchange and compensated.
@@ -244,8 +245,8 @@ class Engine:
         """Put the coordinator's failovers since `seen` in /metrics, one warning line each."""
         for e in self.coord.failovers[seen:]:
             self.metrics.failover(e.device, e.at, e.switch_ms / 1e3)
-            self.warn(f"device {e.device} was replaced by the plan's failover ({e.switch_ms:.0f} ms switch; "
-                      f"the requests in flight feed their tokens again)")
+            self.warn(f"device {e.device} was replaced by the plan's failover ({e.switch_ms:.0f} ms switch, "
+                      f"{e.position} tokens of KV cache rebuilt)")
 
     def _sync_devices(self, ok: bool) -> None:
         """Device status after a round trip: `ok` means a pass went through, so no critical device is lost."""
@@ -357,16 +358,14 @@ class Engine:
         self._leave(a)
 
     def _replace(self, lost: DeviceLost, seen: int) -> None:
-        """A device died mid-pass: the plan's failover, then every request feeds its tokens again."""
-        cached = {a.slot: list(self.coord.fed[a.slot]) for a in self.active}
+        """A device died mid-pass: the plan's failover (the running sessions' KV rows rebuilt on the
+        survivors), then the pass runs again."""
         try:
-            self.coord.replace_lost(lost)
+            self.coord.replace_lost(lost, [a.slot for a in self.active])
         except DeviceLost as e:
             return self._fail_all(str(e), seen)
         self._count_failovers(seen)
         self._sync_devices(ok=True)
-        for a in self.active:
-            a.feed = cached[a.slot] + a.feed
 
     def _fail_all(self, message: str, seen: int, status: int = 503, code: str = "device_lost") -> None:
         """End every active request with `message` and drop the exchange (the next request builds one)."""
