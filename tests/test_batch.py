@@ -15,7 +15,7 @@ from halo_runtime.core.device import DeviceCompute
 from halo_runtime.core.exchange import InProcessExchange
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.shards import load_shard
-from halo_runtime.core.spans import MAX_SLOTS, BatchOptions, Span, attend
+from halo_runtime.core.spans import MAX_SLOTS, BatchOptions, Span
 from halo_runtime.net.exchange import UdpExchange
 from halo_runtime.net.recovery import History
 from halo_runtime.net.tcpexchange import TcpExchange
@@ -155,7 +155,7 @@ def test_a_slots_cache_is_its_own(roomy):
     layer = next(g.layer for g in plan.groups if g.device == dev and g.kind == "attn")
     x = np.random.default_rng(0).standard_normal((6, plan.model.hidden_size)).astype(np.float32)
     mixed, ref = DeviceCompute(plan, dev, tiny_shards[dev]), DeviceCompute(plan, dev, tiny_shards[dev])
-    both = attend(mixed, layer, np.concatenate([x[:4], x[2:6]]), (Span(0, 0, 4), Span(1, 0, 4)))
+    both = mixed.attention_spans(layer, np.concatenate([x[:4], x[2:6]]), (Span(0, 0, 4), Span(1, 0, 4)))
     assert np.array_equal(both[:4], ref.attention(layer, x[:4], 0))
     assert np.array_equal(both[4:], DeviceCompute(plan, dev, tiny_shards[dev]).attention(layer, x[2:6], 0))
     assert mixed.cache_length(layer, 0) == mixed.cache_length(layer, 1) == 4

@@ -400,10 +400,7 @@ def run_generate(args) -> None:
 
 
 def run_local(args) -> None:
-    from .localcluster import local_auth, local_loss, start_local_workers, stop_workers
-    from .net.exchange import UdpExchange
-    from .net.shim import LossShim, PeerShims
-    from .net.tcpexchange import TcpExchange
+    from .localcluster import local_auth, local_loss, local_shims, make_exchange, start_local_workers, stop_workers
 
     plan, shard, tok, policy = _load_coordinator(args)
     drafts = _drafts(args, plan)
@@ -415,13 +412,8 @@ def run_local(args) -> None:
         modes = ["relaxed", "strict"] if args.compare else [args.sync]
         results = []
         for n, mode in enumerate(modes):
-            shims = {d: LossShim(loss[d], args.delay_ms, args.jitter_ms, seed=args.seed * 1000 + 500 + n * 50 + i)
-                     for i, d in enumerate(peers) if loss[d] > 0 or args.delay_ms > 0}
-            if mode == "strict":
-                exchange = TcpExchange(plan, peers, policy, shims, auth=auth)
-            else:
-                exchange = UdpExchange(plan, peers, policy, bind_host="127.0.0.1",
-                                       shim=PeerShims({peers[d]: s for d, s in shims.items()}), auth=auth)
+            shims = local_shims(args, loss, peers, seed=args.seed * 1000 + 500 + n * 50)
+            exchange = make_exchange(mode, plan, peers, policy, shims, auth)
             try:
                 result = generate_once(args, plan, shard, tok, exchange, mode, label=f"[{mode}] ", drafts=drafts)
             finally:
@@ -447,13 +439,9 @@ def run_local(args) -> None:
         stop_workers(workers)
 
 
-
 def run_serve(args) -> None:
     from .core.chat import ChatTemplate
-    from .localcluster import local_auth, local_loss, start_local_workers, stop_workers
-    from .net.exchange import UdpExchange
-    from .net.shim import LossShim, PeerShims
-    from .net.tcpexchange import TcpExchange
+    from .localcluster import local_auth, local_loss, local_shims, make_exchange, start_local_workers, stop_workers
 
     try:
         from .server.app import build_service, listen, run
@@ -476,20 +464,14 @@ def run_serve(args) -> None:
             loss = local_loss(args, plan)
             auth = local_auth(args)
             peers = start_local_workers(args, plan, loss, auth, workers)
-            shims = {d: LossShim(loss[d], args.delay_ms, args.jitter_ms, seed=args.seed * 1000 + 500 + i)
-                     for i, d in enumerate(peers) if loss[d] > 0 or args.delay_ms > 0}
+            shims = local_shims(args, loss, peers, seed=args.seed * 1000 + 500)
         else:
             auth = _auth(args, args.plan)
             peers = _peers(plan, args.peer)
-
-        def make_exchange():
-            if args.sync == "strict":
-                return TcpExchange(plan, peers, policy, shims, auth=auth)
-            shim = PeerShims({peers[d]: s for d, s in shims.items()}) if shims else None
-            return UdpExchange(plan, peers, policy, bind_host="127.0.0.1" if args.local else "0.0.0.0", shim=shim,
-                               auth=auth)
-
-        service = build_service(plan, args.plan, shard, tok, template, make_exchange, peers, args.sync, args.wire,
+        bind = "127.0.0.1" if args.local else "0.0.0.0"
+        service = build_service(plan, args.plan, shard, tok, template,
+                                lambda: make_exchange(args.sync, plan, peers, policy, shims, auth, bind),
+                                peers, args.sync, args.wire,
                                 args.max_body, args.max_waiting, procs=workers, drafts=drafts,
                                 draft_tokens=args.draft_tokens, batch=batch)
         run(service, sock)

@@ -73,3 +73,25 @@ def stop_workers(workers: dict) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def local_shims(args, loss: dict[str, float], peers: dict, seed: int) -> dict:
+    """Device -> the in-process shim emulating its link (--plr loss, --delay-ms/--jitter-ms), for
+    the devices whose link loses or delays anything; seeded from `seed`."""
+    from .net.shim import LossShim
+
+    return {d: LossShim(loss[d], args.delay_ms, args.jitter_ms, seed=seed + i)
+            for i, d in enumerate(peers) if loss[d] > 0 or args.delay_ms > 0}
+
+
+def make_exchange(sync: str, plan, peers: dict, policy, shims: dict, auth, bind_host: str = "127.0.0.1"):
+    """The coordinator's exchange for `sync`: TCP (strict) or UDP (relaxed), through `shims`."""
+    from .net.exchange import UdpExchange
+    from .net.shim import PeerShims
+    from .net.tcpexchange import TcpExchange
+
+    if sync == "strict":
+        return TcpExchange(plan, peers, policy, shims, auth=auth)
+    shim = PeerShims({peers[d]: s for d, s in shims.items()}) if shims else None
+    return UdpExchange(plan, peers, policy, bind_host=bind_host, shim=shim, auth=auth)
+

@@ -60,7 +60,7 @@ from .generation import FailoverEvent, Generation, TokenStats, share
 from .plan import Plan
 from .predictor import layer_predictor, predict_groups
 from .segment import Runner, Segment, Tables, schedule
-from .spans import Span, attend
+from .spans import Span
 
 __all__ = ["COMPENSATIONS", "Coordinator", "Feed", "FailoverEvent", "Generation", "TokenStats"]
 
@@ -294,7 +294,7 @@ class Coordinator:
         """Every device's attention heads on x, all awaited (they hold KV state)."""
         self.exchange.post("attn", step, layer, x, spans)
         t0 = time.perf_counter()
-        local = attend(self.part, layer, x, spans) if self.part.has_attention(layer) else None
+        local = self.part.attention_spans(layer, x, spans) if self.part.has_attention(layer) else None
         t1 = time.perf_counter()
         remote = self.exchange.collect("attn", step, layer, {})
         compute_ms, wait_ms = 1e3 * (t1 - t0), 1e3 * (time.perf_counter() - t1)

@@ -75,7 +75,10 @@ class DeviceBackend(Protocol):
 
     def attention(self, layer: int, x: np.ndarray, start: int, slot: int = 0) -> np.ndarray:
         """Partial attention output of its KV-head groups for rows at start.. of session `slot`
-        (cached from there on; `spans.attend` runs a pass of several sessions)."""
+        (cached from there on)."""
+
+    def attention_spans(self, layer: int, x: np.ndarray, spans: tuple) -> np.ndarray:
+        """`attention` of several sessions' rows (`spans.Span`s, in row order), one pass."""
 
     def mlp(self, layer: int, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(critical partial, relaxed partial) of its MLP neurons; None where it has none."""

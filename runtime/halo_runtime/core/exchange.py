@@ -32,7 +32,7 @@ from .codec import decode_tensor, encode_tensor
 from .device import DeviceBackend, DeviceCompute
 from .plan import Plan
 from .policy import BurstyLink, DeliveryPolicy
-from .spans import attend, spans_of
+from .spans import spans_of
 
 
 class DeviceLost(RuntimeError):
@@ -231,7 +231,7 @@ class InProcessExchange:
             dev = self.devices[name]
             if phase == "attn":
                 if dev.has_attention(layer):
-                    result.parts.append(self._wire(attend(dev, layer, x, spans)))
+                    result.parts.append(self._wire(dev.attention_spans(layer, x, spans)))
                 continue
             if not dev.has_mlp(layer):
                 continue

@@ -47,7 +47,6 @@ import numpy as np
 from .device import DeviceBackend, DeviceCompute
 from .plan import Plan
 from .shards import adopted_plan, adopted_shard
-from .spans import attend
 
 
 def adopt(plan: Plan, dead: str, holder: str, shard: dict[str, np.ndarray], threads: int = 1) -> DeviceCompute | None:
@@ -93,8 +92,8 @@ class WithAdopted:
         return _add(own, adopted)
 
     def attention_spans(self, layer: int, x: np.ndarray, spans: tuple) -> np.ndarray:
-        own = attend(self.own, layer, x, spans) if self.own.has_attention(layer) else None
-        adopted = attend(self.adopted, layer, x, spans) if self.adopted.has_attention(layer) else None
+        own = self.own.attention_spans(layer, x, spans) if self.own.has_attention(layer) else None
+        adopted = self.adopted.attention_spans(layer, x, spans) if self.adopted.has_attention(layer) else None
         return _add(own, adopted)
 
     def mlp(self, layer: int, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -34,6 +34,13 @@ class TokenStats:
     """Tokens the pass that made this one yielded (drafts verified): its times are the pass's divided by
     this, its counts (missing, relaxed parts, rows) are on the pass's first token and zero on the others."""
 
+    def add(self, other: TokenStats) -> None:
+        """Add another pass's times and counts (a prompt fed in several passes: its first token's)."""
+        for name in ("compute_ms", "wait_ms", "draft_ms", "relaxed_parts", "missing_rows", "awaited_rows"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for d, n in other.missing.items():
+            self.missing[d] = self.missing.get(d, 0) + n
+
 
 @dataclass
 class FailoverEvent:

@@ -4,8 +4,8 @@ A device holds the KV caches of up to `Plan.session_slots()` sessions (slots). A
 each slot taking part, a `Span`: which slot, the position its first row goes to, how many rows;
 the rows of all spans travel as one tensor, spans in order. A device multiplies every row at
 once (MLP, and attention's projections: each output element is one dot product whatever rows
-share the product), and each span attends to its own slot's KV cache (`attend`): a row's bits
-never depend on what else is in the pass.
+share the product), and each span attends to its own slot's KV cache
+(`DeviceBackend.attention_spans`): a row's bits never depend on what else is in the pass.
 
 A plain int `start` still means what it always did: every row in slot 0 from `start` on.
 `BatchOptions` says how `serve` fills passes (`server.engine`).
@@ -55,22 +55,6 @@ def spans_of(at, rows: int) -> tuple[Span, ...]:
     if sum(s.rows for s in spans) != rows:
         raise ValueError(f"spans hold {sum(s.rows for s in spans)} rows, the tensor {rows}")
     return spans
-
-
-def attend(dev, layer: int, x: np.ndarray, spans: tuple[Span, ...]) -> np.ndarray:
-    """`dev.attention` of every span's rows in its own slot, in span order ([T, hidden]): in one
-    graph where the device offers it (`attention_spans`), else span by span."""
-    if len(spans) == 1:
-        s = spans[0]
-        return dev.attention(layer, x, s.start, s.slot)
-    batched = getattr(dev, "attention_spans", None)
-    if batched is not None:
-        return batched(layer, x, spans)
-    out, at = [], 0
-    for s in spans:
-        out.append(dev.attention(layer, x[at:at + s.rows], s.start, s.slot))
-        at += s.rows
-    return np.concatenate(out)
 
 
 @dataclass(frozen=True)

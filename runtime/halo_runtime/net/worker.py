@@ -35,7 +35,7 @@ from ..core.codec import WireError, decode_request, encode_tensor
 from ..core.device import DeviceBackend, DeviceCompute
 from ..core.failover import WithAdopted, adopt
 from ..core.plan import Plan
-from ..core.spans import Span, attend
+from ..core.spans import Span
 from .auth import Authenticator, ReplayGuard
 from .shim import LossShim
 from .transport import TcpListener, TransportError, UdpEndpoint
@@ -233,7 +233,7 @@ class Worker:
                 if self.compute.cache_length(layer, s.slot) < s.start:
                     raise StateError(f"layer {layer}: request at position {s.start} of slot {s.slot}, cache "
                                      f"holds {self.compute.cache_length(layer, s.slot)}")
-            return [mk(Kind.REPLY_ATTN, attend(self.compute, layer, x, spans))]
+            return [mk(Kind.REPLY_ATTN, self.compute.attention_spans(layer, x, spans))]
         if not self.compute.has_mlp(layer):
             return []
         critical, relaxed = self.compute.mlp(layer, x)

@@ -303,10 +303,10 @@ class Engine:
             st.total_ms = ms
             a.feed = a.feed[len(f.tokens) - len(g):]
             if out is None:  # a prompt chunk: its time and losses go to the first token
-                _add(a.first, st)
+                a.first.add(st)
                 continue
             if not a.generated:
-                _add(a.first, st)
+                a.first.add(st)
                 st = a.first
                 st.total_ms = 1e3 * (time.perf_counter() - a.started)
             tokens, accepted = verify(out, g, a.seen, a.sampler)
@@ -383,15 +383,3 @@ class Engine:
         lost, down, replaced = dict(self.lost), set(self.down), self.replaced
         return {d: "lost" if d in lost else "down" if d in down else "replaced" if d == replaced else "up"
                 for d in self.remote}
-
-
-def _add(total: TokenStats, part: TokenStats) -> None:
-    """Add a pass's statistics to the first token's (a prompt fed in several passes)."""
-    total.compute_ms += part.compute_ms
-    total.wait_ms += part.wait_ms
-    total.draft_ms += part.draft_ms
-    total.relaxed_parts += part.relaxed_parts
-    total.missing_rows += part.missing_rows
-    total.awaited_rows += part.awaited_rows
-    for d, n in part.missing.items():
-        total.missing[d] = total.missing.get(d, 0) + n
