@@ -166,7 +166,7 @@ def test_a_slots_cache_is_its_own(roomy):
 
 def test_a_request_carries_its_spans_and_a_bad_one_is_refused():
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
-    spans = (Span(2, 7, 1), Span(0, 0, 2))
+    spans = (Span(2, 7, 1), Span(0, 3, 2, source=5))
     got, copies, wire, y = decode_request(encode_request(x, spans, "fp32", 2), width=4)
     assert got == spans and copies == 2 and wire == "fp32" and np.array_equal(x, y)
     assert decode_request(encode_request(x, 5, "fp32"), 4)[0] == (Span(0, 5, 3),)
@@ -237,7 +237,8 @@ def _samples(server) -> dict:
 @pytest.mark.parametrize("slots", ["0", "3"])
 def test_eight_clients_at_once_get_their_lone_replies(roomy_plan, tmp_path, slots):
     """Greedy and seeded sampling: each client's reply is the one it gets alone; with 3 slots the
-    others wait their turn (never refused) and no pass holds more than 3 requests."""
+    others wait their turn (never refused) and no pass holds more than 3 requests. Every request
+    at once starts from cached rows of the system prompt: its slot's own, or copied from another's."""
     pytest.importorskip("openai")
     pytest.importorskip("starlette")
     from live_server import Server, plan_with_template
@@ -248,11 +249,13 @@ def test_eight_clients_at_once_get_their_lone_replies(roomy_plan, tmp_path, slot
             question, sampling = item
             reply = server.client.chat.completions.create(
                 model=server.model, messages=[{"role": "user", "content": question}], **ASK, **sampling)
-            return reply.choices[0].message.content
+            return reply.choices[0].message.content, reply.usage.prompt_tokens_details.cached_tokens
 
         items = [(q, {"temperature": 0} if i % 2 else {"temperature": 0.9, "seed": i}) for i, q in enumerate(QUESTIONS)]
-        lone = [ask(item) for item in items]
-        assert _at_once(ask, items) == lone
+        lone = [ask(item)[0] for item in items]
+        together = _at_once(ask, items)
+        assert [text for text, _ in together] == lone
+        assert all(cached > 0 for _, cached in together), together
         samples = _samples(server)
         passes = samples[("halo_batch_sessions_count", ())]
         shared = passes - samples[("halo_batch_sessions_bucket", (("le", "1.0"),))]

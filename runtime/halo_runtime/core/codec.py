@@ -4,10 +4,10 @@ messages) and the network shell (`halo_runtime.net.wire`, which frames and encry
 
 Tensors travel as a 9-byte little-endian prefix (wire code u8, rows u32, cols u32) and then the
 values, little-endian, row-major. A request is a `REQUEST_PREFIX` (reply copies u8, spans u8),
-one `SPAN` per span (session slot u8, start position u32, rows u16: `core.spans`) and then a
-tensor of all the spans' rows. A datagram adds `HEADER_SIZE` bytes of header in front of its
-chunk (encrypted: as long as the plaintext) and `TAG_LEN` bytes of authentication tag behind it,
-and stays within `MAX_DATAGRAM`.
+one `SPAN` per span (session slot u8, start position u32, rows u16, prefix source slot u8 or 255
+for none: `core.spans`) and then a tensor of all the spans' rows. A datagram adds `HEADER_SIZE`
+bytes of header in front of its chunk (encrypted: as long as the plaintext) and `TAG_LEN` bytes
+of authentication tag behind it, and stays within `MAX_DATAGRAM`.
 
 Example:
     >>> import numpy as np
@@ -15,7 +15,7 @@ Example:
     >>> x = np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
     >>> spans, copies, wire, y = decode_request(encode_request(x, 5, "fp16"), width=576)
     >>> spans, copies, wire, bool(np.abs(y - x).max() < 1e-2)
-    ((Span(slot=0, start=5, rows=1),), 1, 'fp16', True)
+    ((Span(slot=0, start=5, rows=1, source=None),), 1, 'fp16', True)
     >>> datagrams(len(encode_request(x, 5, "fp16"))), datagrams(len(encode_request(x, 5, "fp32")))
     (1, 2)
 """
@@ -166,7 +166,9 @@ def rows_of_chunks(chunks: dict[int, bytes], count: int, rows: int, width: int, 
 # --- requests --------------------------------------------------------------------------------------
 
 REQUEST_PREFIX = struct.Struct("<BB")  # reply copies, spans
-SPAN = struct.Struct("<BIH")  # session slot, start position, rows
+SPAN = struct.Struct("<BIHB")  # session slot, start position, rows, prefix source slot
+NO_SOURCE = 255
+"""A span's source byte when it copies no prefix."""
 WIRE_NAMES = {code: name for name, (code, _) in _WIRES.items()}
 
 
@@ -177,8 +179,13 @@ def encode_request(x: np.ndarray, at, wire: str, copies: int = 1) -> bytes:
     spans = spans_of(at, x.shape[0] if x.ndim == 2 else 1)
     if len(spans) > 255:
         raise ValueError(f"a request carries at most 255 spans, got {len(spans)}")
-    return (REQUEST_PREFIX.pack(copies, len(spans)) + b"".join(SPAN.pack(*s) for s in spans)
+    return (REQUEST_PREFIX.pack(copies, len(spans)) + b"".join(
+        SPAN.pack(s.slot, s.start, s.rows, NO_SOURCE if s.source is None else s.source) for s in spans)
             + encode_tensor(x, wire))
+
+
+def _span(slot: int, start: int, rows: int, source: int) -> Span:
+    return Span(slot, start, rows, None if source == NO_SOURCE else source)
 
 
 def decode_request(payload: bytes, width: int) -> tuple[tuple[Span, ...], int, str, np.ndarray]:
@@ -189,7 +196,7 @@ def decode_request(payload: bytes, width: int) -> tuple[tuple[Span, ...], int, s
     at = REQUEST_PREFIX.size + n * SPAN.size
     if n == 0 or len(payload) < at + TENSOR_HEADER.size:
         raise WireError("request too short" if n else "request with no span")
-    spans = tuple(Span(*SPAN.unpack_from(payload, REQUEST_PREFIX.size + i * SPAN.size)) for i in range(n))
+    spans = tuple(_span(*SPAN.unpack_from(payload, REQUEST_PREFIX.size + i * SPAN.size)) for i in range(n))
     body = payload[at:]
     wire = WIRE_NAMES.get(body[0])
     if wire is None:

@@ -85,6 +85,9 @@ class Feed(NamedTuple):
     """Token ids fed."""
     logits: int = 1
     """How many of its last rows' logits to return (0: none, a prompt chunk that is not the last)."""
+    source: int | None = None
+    """A slot whose tokens before `start` this session shares: every device copies their KV rows
+    instead of computing them (`spans.Span.source`); None: its own slot holds them."""
 
 
 @dataclass
@@ -241,7 +244,15 @@ class Coordinator:
         """One pass of every feed's rows (several sessions share its rounds: one message per device
         and round); per feed its last `logits` rows' logits [n, vocab] (None for 0). `stats[j]` gets
         feed j's share: the pass's times, and the relaxed parts missing on its own rows."""
-        spans = tuple(Span(f.slot, f.start, len(f.tokens)) for f in feeds)
+        spans = tuple(Span(f.slot, f.start, len(f.tokens), f.source) for f in feeds)
+        for f in feeds:
+            if f.source is not None:
+                if len(self.fed[f.source]) < f.start:
+                    raise ValueError(f"slot {f.slot} takes {f.start} rows of slot {f.source}, which holds "
+                                     f"{len(self.fed[f.source])}")
+                self.fed[f.slot] = self.fed[f.source][:f.start]
+        if any(f.source is not None for f in feeds):
+            self.local.take_prefixes(spans)  # its own rounds' caches (segments); each round's part copies its layer
         bounds = np.cumsum([0] + [s.rows for s in spans])
         tokens = np.fromiter((t for f in feeds for t in f.tokens), dtype=np.int32, count=int(bounds[-1]))
         h = x_pred = None

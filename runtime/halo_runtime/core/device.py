@@ -180,6 +180,7 @@ class DeviceCompute:
         """`attention` of several sessions' rows in one graph: the projections over every row at
         once, each span attending to its own slot's keys (`layers.attention`); the same bits as a
         pass per span. The graph is kept until the spans' shape (rows, slot, cached keys) changes."""
+        self.take_prefixes(spans, (layer,))
         if len(spans) == 1:
             return self.attention(layer, x, spans[0].start, spans[0].slot)
         T, cache = x.shape[0], self.caches[layer]
@@ -189,7 +190,11 @@ class DeviceCompute:
                                  f"{cache.capacity}")
             if not 0 <= s.slot < self.slots:
                 raise ValueError(f"{self.name}: session slot {s.slot} out of range (it holds {self.slots})")
-        windows = tuple((s.rows, s.slot * cache.capacity, kv_keys(s.start, s.rows, cache.capacity)) for s in spans)
+        # every window reads the longest one's keys (masked keys are skipped: the same bits), so the
+        # graph is rebuilt when that bucket grows or sessions come and go, not each time one of
+        # eight sessions crosses a bucket
+        keys = max(kv_keys(s.start, s.rows, cache.capacity) for s in spans)
+        windows = tuple((s.rows, s.slot * cache.capacity, keys) for s in spans)
         q, k, v, o = self.attn[layer]
 
         def build(ctx):
@@ -204,6 +209,22 @@ class DeviceCompute:
         for s in spans:
             self.lengths[s.slot, layer] = s.start + s.rows
         return self.graphs.run(graph, T, self.threads)["y"]
+
+    def take_prefixes(self, spans: tuple[Span, ...], layers=None) -> None:
+        """For each span with a `source`, its slot takes that slot's KV rows before the span's start,
+        in `layers` (default: every layer it holds heads of). The source must hold them."""
+        for s in spans:
+            if s.source is None:
+                continue
+            for layer in range(len(self.caches)) if layers is None else layers:
+                cache = self.caches[layer]
+                if cache is None:
+                    continue
+                if self.lengths[s.source, layer] < s.start:
+                    raise ValueError(f"{self.name}: layer {layer}: slot {s.slot} takes {s.start} rows of slot "
+                                     f"{s.source}, which holds {self.lengths[s.source, layer]}")
+                cache.copy_prefix(s.source, s.slot, s.start)
+                self.lengths[s.slot, layer] = s.start
 
     def _mlp_parts(self, layer: int, x: np.ndarray, parts: list[tuple[int, int]], kind: str) -> list[np.ndarray]:
         gate, up, down = self.mlp_w[layer]

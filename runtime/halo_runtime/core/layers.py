@@ -127,8 +127,17 @@ class KVCache:
 
     def __init__(self, arena: Arena, kv_heads: int, capacity: int, head_dim: int, slots: int = 1):
         self.capacity, self.slots = capacity, slots
-        self.keys = arena.array(_lazy_zeros((kv_heads, slots * capacity, head_dim)))
-        self.values = arena.array(_lazy_zeros((kv_heads, slots * capacity, head_dim)))
+        shape = (kv_heads, slots * capacity, head_dim)
+        self.arrays = (_lazy_zeros(shape), _lazy_zeros(shape))
+        """The keys' and values' numpy arrays (the tensors' bytes)."""
+        self.keys, self.values = (arena.array(a) for a in self.arrays)
+
+    def copy_prefix(self, source: int, slot: int, rows: int) -> None:
+        """Slot `slot`'s keys and values at positions 0..rows-1 := slot `source`'s (a shared prompt
+        prefix: the rows computing them would give, bit for bit)."""
+        a, b = source * self.capacity, slot * self.capacity
+        for arr in self.arrays:
+            arr[:, b:b + rows] = arr[:, a:a + rows]
 
 
 def _lazy_zeros(shape: tuple) -> np.ndarray:

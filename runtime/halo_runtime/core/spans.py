@@ -1,10 +1,13 @@
 """Where a pass's rows sit: several sessions' tokens in one round.
 
 A device holds the KV caches of up to `Plan.session_slots()` sessions (slots). A pass carries, for
-each slot taking part, a `Span`: which slot, the position its first row goes to, how many rows;
-the rows of all spans travel as one tensor, spans in order. A device multiplies every row at
-once (MLP, and attention's projections: each output element is one dot product whatever rows
-share the product), and each span attends to its own slot's KV cache
+each slot taking part, a `Span`: which slot, the position its first row goes to, how many rows,
+and on a session's first rows, maybe the slot whose KV rows before that position it takes (a
+prompt that starts like another session's, such as every chat's system prompt, copies those rows
+instead of computing them: the same bits); the rows of all spans travel as one tensor, spans in
+order. A device multiplies every row at once (MLP, and attention's projections: each output
+element is one dot product whatever rows share the product), and each span attends to its own
+slot's KV cache
 (`DeviceBackend.attention_spans`): a row's bits never depend on what else is in the pass.
 
 A plain int `start` still means what it always did: every row in slot 0 from `start` on.
@@ -13,9 +16,9 @@ A plain int `start` still means what it always did: every row in slot 0 from `st
 Example:
     >>> from halo_runtime.core.spans import Span, spans_of
     >>> spans_of(5, rows=2)
-    (Span(slot=0, start=5, rows=2),)
-    >>> spans_of((Span(1, 0, 3), Span(0, 9, 1)), rows=4)
-    (Span(slot=1, start=0, rows=3), Span(slot=0, start=9, rows=1))
+    (Span(slot=0, start=5, rows=2, source=None),)
+    >>> spans_of((Span(1, 0, 3), Span(0, 9, 1, source=2)), rows=4)[1]
+    Span(slot=0, start=9, rows=1, source=2)
     >>> BatchOptions().prefill_chunk, BatchOptions(slots=4).slots
     (64, 4)
     >>> spans_of((Span(1, 0, 3),), rows=4)
@@ -44,6 +47,9 @@ class Span(NamedTuple):
     """Position of the first row in that session."""
     rows: int
     """How many rows."""
+    source: int | None = None
+    """A slot whose KV rows at positions 0..start-1 this slot takes first (copied before the rows
+    attend); None: its own rows are already there."""
 
 
 def spans_of(at, rows: int) -> tuple[Span, ...]:

@@ -62,7 +62,7 @@ class History:
     def append(self, layer: int, x: np.ndarray, at=None) -> None:
         """Record x's rows at `at` (a position in slot 0, or `Span`s; default: after slot 0's last);
         rows at or past a span's start were rejected draft tokens (core.draft) and are dropped, as
-        the devices drop them."""
+        the devices drop them; a span with a `source` first takes that slot's rows before its start."""
         if at is None:
             at = self.rows.get(0, [0] * self.layers)[layer]
         if self.dtype == np.float16:
@@ -73,6 +73,9 @@ class History:
                 self.rows[s.slot], self.last[s.slot] = [0] * self.layers, [0] * self.layers
                 self.data[s.slot] = [bytearray() for _ in range(self.layers)]
             rows, data = self.rows[s.slot], self.data[s.slot]
+            if s.source is not None:  # the slot took another's prefix: so do its recorded inputs
+                data[layer] = bytearray(self.data[s.source][layer][:s.start * self.width * self.dtype.itemsize])
+                rows[layer] = s.start
             if s.start < rows[layer]:
                 del data[layer][s.start * self.width * self.dtype.itemsize:]
                 rows[layer] = s.start

@@ -6,7 +6,8 @@ lost 94% of the time). Every datagram carries a fixed 33-byte header, packed big
 
     offset size field
     0      2    magic b"HL"
-    2      1    version (3: the chunk encrypted; 2 was the clear chunk with an HMAC tag)
+    2      1    version (4: a request's spans name a prefix source slot; 3 had none; 2 was the
+                clear chunk with an HMAC tag)
     3      1    kind (see `Kind`)
     4      4    session (u32)
     8      4    step (u32; prefill is step 0)
@@ -60,7 +61,7 @@ from ..core.codec import HEADER_SIZE, MAX_DATAGRAM, TAG_LEN, chunk_room, datagra
 from .auth import Authenticator, ReplayGuard
 
 MAGIC = b"HL"
-VERSION = 3
+VERSION = 4
 HEADER = struct.Struct("!2sBBIIHHHHHBQH")
 assert HEADER.size == HEADER_SIZE
 ANY = 0xFFFF

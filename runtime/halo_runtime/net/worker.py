@@ -208,9 +208,9 @@ class Worker:
                                                        encode_tensor(t, wire))
         if layer >= self.plan.model.num_layers:
             raise WireError(f"layer {layer} out of range")
-        if any(s.slot >= self.compute.slots for s in spans):
-            raise StateError(f"session slot {max(s.slot for s in spans)} out of range: this device holds "
-                             f"{self.compute.slots}")
+        highest = max(max(s.slot, s.source or 0) for s in spans)
+        if highest >= self.compute.slots:
+            raise StateError(f"session slot {highest} out of range: this device holds {self.compute.slots}")
         if msg.kind == Kind.REBUILD_ATTN:
             # earlier tokens' attention inputs of one slot, in order: append them to its KV cache; the ack is empty
             if len(spans) != 1:
@@ -230,9 +230,10 @@ class Worker:
             if not self.compute.has_attention(layer):
                 return []
             for s in spans:
-                if self.compute.cache_length(layer, s.slot) < s.start:
-                    raise StateError(f"layer {layer}: request at position {s.start} of slot {s.slot}, cache "
-                                     f"holds {self.compute.cache_length(layer, s.slot)}")
+                held = s.slot if s.source is None else s.source  # a slot taking another's prefix reads its rows
+                if self.compute.cache_length(layer, held) < s.start:
+                    raise StateError(f"layer {layer}: request at position {s.start} of slot {s.slot}, slot "
+                                     f"{held}'s cache holds {self.compute.cache_length(layer, held)}")
             return [mk(Kind.REPLY_ATTN, self.compute.attention_spans(layer, x, spans))]
         if not self.compute.has_mlp(layer):
             return []

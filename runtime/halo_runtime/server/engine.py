@@ -2,18 +2,22 @@
 active request by one pass per round trip (continuous batching).
 
 A device holds the KV caches of `Plan.session_slots()` sessions (slots). Each pass carries, for
-every active request, its next rows: a chunk of its prompt (at most `BatchOptions.prefill_chunk`
-tokens, so a long prompt does not stall the others' decoding for its whole prefill; `--prefill-chunk`), or its last
-token and its draft's guesses; a round costs about the same with one row or eight, so the
-requests share the round trips. A new request joins at the next pass when a slot is free (else it
-waits in the queue, and is refused only when `max_waiting` are queued or running); a finished or
-cancelled one leaves at once. Sampling, stop strings, seeds and drafts are per request, and so is
+every active request, its next rows: a chunk of its prompt (at most `BatchOptions.prefill_chunk`,
+`--prefill-chunk`, tokens, so a long prompt does not stall the others' decoding for its whole
+prefill), or its last token and its draft's guesses (as many as are worth their rows' compute,
+`passcost`); the requests share the round trips, which cost the same with one row or eight. A
+new request joins at the next pass when a slot is free (else it waits in the queue, and is
+refused only when `max_waiting` are queued or running); a finished or cancelled one leaves at
+once. Sampling, stop strings, seeds and drafts are per request, and so is
 the loss: a relaxed part missing on a request's rows is compensated on those rows only. A row's
 bits never depend on what else is in its pass (each session attends in its own graph, MLP rows
 are independent), so at temperature 0 a reply equals the one it gets alone.
 
 A request whose prompt starts with tokens a free slot still holds (a chat's earlier turns and
 the reply) takes that slot and skips their prefill; otherwise the least recently used free slot.
+Where a busy slot holds a longer start of it (the system prompt every chat begins with, while
+eight chats arrive at once), its first pass has every device copy those KV rows into its slot
+instead of computing them (`Feed.source`; the source slot is not given away until then).
 A device that holds critical groups and dies is replaced by the plan's failover (`core.failover`):
 the survivors take its groups, the running sessions' KV rows of its heads are rebuilt from what
 it was sent, and the interrupted pass runs again; /metrics counts it (`halo_failovers`), /health
@@ -52,6 +56,7 @@ from ..net.recovery import DeviceLost
 from ..net.transport import TransportError
 from .jobs import Failed, Finished, Job, Piece
 from .metrics import Metrics, exchange_counters
+from .passcost import PassCost, acceptance, worth_guessing
 
 
 def lost_device(message: str, devices) -> str | None:
@@ -67,9 +72,10 @@ def _warn(msg: str) -> None:
 class _Active:
     """A request holding a session slot: what it fed, what it still has to feed, what it made."""
 
-    def __init__(self, job: Job, slot: int, reused: int, tokenizer):
+    def __init__(self, job: Job, slot: int, reused: int, tokenizer, source: int | None = None):
         work = job.work
-        self.job, self.slot, self.reused = job, slot, reused
+        self.job, self.slot, self.reused, self.source = job, slot, reused, source
+        """source: the slot whose first `reused` rows its first pass copies (None: its own slot's)."""
         self.seen = list(work.prompt)
         """Prompt and tokens generated so far."""
         self.feed = list(work.prompt[reused:])
@@ -77,6 +83,8 @@ class _Active:
         self.sampler = Sampler(work.sampling, prompt_tokens=len(work.prompt))
         self.stream = TextStream(lambda ids: tokenizer.decode(ids, skip_special=True), work.stop)
         self.generated = self.compensated = 0
+        self.proposed = self.accepted = 0
+        """Draft guesses verified for this request, and how many of them were accepted."""
         self.times: list[float] = []
         self.eos = False
         self.started = time.perf_counter()
@@ -116,6 +124,8 @@ class Engine:
         self.served = self.passes = 0
         self.closing = False
         self.active: list[_Active] = []
+        self.cost = PassCost()
+        """A pass's time against its rows: whether a guess is worth its row (`passcost`)."""
         self.used = [0.0] * self.slots
         """When each slot last held a request (least recently used goes first)."""
         self.thread = threading.Thread(target=self._run, name="halo-engine", daemon=True)
@@ -168,9 +178,15 @@ class Engine:
             if self.active:
                 self._pass()
 
+    def _free(self) -> list[int]:
+        """Slots a new request may take: not running, and no running request's copy source before
+        its first pass (its rows must stay as they are until copied)."""
+        taken = {a.slot for a in self.active} | {a.source for a in self.active}
+        return [s for s in range(self.slots) if s not in taken]
+
     def _admit(self) -> bool:
         """Take queued jobs into free slots (waiting for one when nothing runs); False: shut down."""
-        while len(self.active) < self.slots:
+        while self._free():
             try:
                 job = self.jobs.get(block=not self.active)
             except queue.Empty:
@@ -196,13 +212,19 @@ class Engine:
             self._gauges()
 
     def _start(self, job: Job) -> None:
-        """Give `job` the free slot holding the longest prefix of its prompt (else the least recently used)."""
+        """Give `job` the free slot holding the longest prefix of its prompt (else the least recently
+        used); where a running request's slot holds a longer one (the same system prompt, say), its
+        first pass copies those rows rather than computing them again."""
         prompt = list(job.work.prompt)
-        free = [s for s in range(self.slots) if all(a.slot != s for a in self.active)]
-        held = {s: min(shared_prefix(self.coord.fed[s], prompt), len(prompt) - 1) for s in free}
-        slot = max(free, key=lambda s: (held[s], -self.used[s]))
-        del self.coord.fed[slot][held[slot]:]  # past the shared prefix, the rows are overwritten
-        self.active.append(_Active(job, slot, held[slot], self.tok))
+        held = [min(shared_prefix(fed, prompt), len(prompt) - 1) for fed in self.coord.fed]
+        slot = max(self._free(), key=lambda s: (held[s], -self.used[s]))
+        source = max(range(self.slots), key=lambda s: held[s])
+        if held[source] > held[slot]:
+            self.coord.fed[slot] = []  # its rows are replaced (`Feed.source`)
+            self.active.append(_Active(job, slot, held[source], self.tok, source))
+        else:
+            del self.coord.fed[slot][held[slot]:]  # past the shared prefix, the rows are overwritten
+            self.active.append(_Active(job, slot, held[slot], self.tok))
         self.metrics.prompt_tokens.inc(len(prompt))
         with self.lock:
             self._gauges()
@@ -269,16 +291,21 @@ class Engine:
         feeds, guesses = [], []
         # a prompt is fed in chunks only while others share the passes: alone, one pass is fastest
         chunk = self.chunk if len(self.active) > 1 else len(max((a.feed for a in self.active), key=len))
+        rows = sum(min(len(a.feed), chunk) for a in self.active)
+        tokens = sum(len(a.feed) <= chunk for a in self.active)
+        fit = self.cost.fit()
         for a in self.active:
-            start = len(self.coord.fed[a.slot])
+            start = len(self.coord.fed[a.slot]) if a.source is None else a.reused
             if len(a.feed) > chunk:
-                feeds.append(Feed(a.slot, start, tuple(a.feed[:chunk]), 0))
+                feeds.append(Feed(a.slot, start, tuple(a.feed[:chunk]), 0, a.source))
                 guesses.append([])
                 continue
             left = a.job.work.max_tokens - a.generated - 1
             k = min(self.draft_tokens, left) if self.draft is not None and a.generated else 0
+            if k > 0 and fit is not None and a.sampler.params.greedy:
+                k = worth_guessing(acceptance(a.accepted, a.proposed), k, fit[1], fit[0] + fit[1] * rows, tokens)
             g = [int(t) for t in self.draft.propose(a.seen, k)][:k] if k > 0 else []
-            feeds.append(Feed(a.slot, start, tuple(a.feed + g), len(g) + 1))
+            feeds.append(Feed(a.slot, start, tuple(a.feed + g), len(g) + 1, a.source))
             guesses.append(g)
         stats = [TokenStats() for _ in feeds]
         t0 = time.perf_counter()
@@ -295,12 +322,14 @@ class Engine:
             return self._fail_all(f"internal error: {type(e).__name__}: {e}", seen, 500, "internal_error")
         ms = 1e3 * (time.perf_counter() - t0)
         self.passes += 1
+        self.cost.observe(sum(len(f.tokens) for f in feeds), ms)
         self.metrics.batch_rows.observe(sum(len(f.tokens) for f in feeds))
         self.metrics.batch_sessions.observe(len(feeds))
         if self.passes % 8 == 1:
             self._sync_devices(ok=True)
         for a, f, g, out, st in zip(list(self.active), feeds, guesses, outs, stats):
             st.total_ms = ms
+            a.source = None  # copied
             a.feed = a.feed[len(f.tokens) - len(g):]
             if out is None:  # a prompt chunk: its time and losses go to the first token
                 a.first.add(st)
@@ -310,6 +339,7 @@ class Engine:
                 st = a.first
                 st.total_ms = 1e3 * (time.perf_counter() - a.started)
             tokens, accepted = verify(out, g, a.seen, a.sampler)
+            a.proposed, a.accepted = a.proposed + len(g), a.accepted + accepted
             del self.coord.fed[a.slot][f.start + len(f.tokens) - len(g) + accepted:]
             self._emit(a, tokens, st)
 
@@ -361,7 +391,9 @@ class Engine:
         """A device died mid-pass: the plan's failover (the running sessions' KV rows rebuilt on the
         survivors), then the pass runs again."""
         try:
-            self.coord.replace_lost(lost, [a.slot for a in self.active])
+            # a slot a request copies from on its first pass is rebuilt too: the pass runs again
+            self.coord.replace_lost(lost, [a.slot for a in self.active] + [a.source for a in self.active
+                                                                             if a.source is not None])
         except DeviceLost as e:
             return self._fail_all(str(e), seen)
         self._count_failovers(seen)
