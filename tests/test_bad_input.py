@@ -136,6 +136,33 @@ def test_worker_port_in_use(plan_copy):
                          f"cannot bind 127.0.0.1:{port}: address already in use")
 
 
+def test_a_worker_on_any_port_tries_another_when_tcp_holds_the_one_udp_got(tiny_plan, tiny_shards, monkeypatch):
+    """UDP and TCP share a worker's port; asked for any, the one UDP gets may be some TCP
+    connection's local port (seen as a flaky "address already in use" in the test suite)."""
+    import halo_runtime.net.worker as worker_module
+
+    plan, _ = tiny_plan
+    device = next(d for d in plan.device_names if d != plan.coordinator)
+    real, asked = worker_module.UdpEndpoint, []
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        def udp_first_on_the_taken_port(host, p, **kw):
+            asked.append(p)
+            return real(host, port if len(asked) == 1 else p, **kw)
+
+        monkeypatch.setattr(worker_module, "UdpEndpoint", udp_first_on_the_taken_port)
+        worker = worker_module.Worker(plan, device, tiny_shards[device], "127.0.0.1", 0)
+        try:
+            assert asked == [0, 0] and worker.udp.address[1] == worker.tcp.address[1] != port
+        finally:
+            worker.close()
+        with pytest.raises(worker_module.TransportError, match="address already in use"):
+            worker_module.Worker(plan, device, tiny_shards[device], "127.0.0.1", port)  # a port asked for: no other
+
+
 def test_run_with_no_threads(tmp_path):
     for args in (("worker", "--device", "dev1"), ("generate", "--prompt", "hi")):
         assert_run_error(halo_run(*args, "--plan", tmp_path, "--threads", "0"), "threads must be", "got 0")

@@ -50,11 +50,15 @@ class Workers:
         self.plan = load_plan(plan_dir)
         self.procs: dict[str, subprocess.Popen] = {}
         self.peers: dict[str, tuple[str, int]] = {}
-        for d in self.plan.device_names:
-            if d != self.plan.coordinator:
-                self.start(d, 0)
-        for d in list(self.procs):
-            self.wait_ready(d)
+        try:
+            for d in self.plan.device_names:
+                if d != self.plan.coordinator:
+                    self.start(d, 0)
+            for d in list(self.procs):
+                self.wait_ready(d)
+        except BaseException:
+            self.close()  # the ones that did start must not outlive the failed fixture
+            raise
 
     def start(self, device: str, port: int) -> None:
         cmd = [sys.executable, "-m", "halo_runtime.cli", "worker", "--plan", str(self.plan_dir), "--device", device,

@@ -43,6 +43,7 @@ from .wire import Kind, Message, attempt_of, make_flags
 
 REPLY_CACHE = 256  # replies kept for retransmitted requests: a few steps of every layer
 RESET_EVERY_S = 0.05  # at most one RESET per this interval: a flood of stale requests gets few answers
+BIND_TRIES = 8  # ports tried when asked for any (UDP's free port may be taken for TCP)
 DROP_REASONS = ("malformed", "bad_length", "forged", "misdirected", "replayed", "duplicates", "stale")
 
 
@@ -118,13 +119,21 @@ class Worker:
         # one replay window per sender for UDP and every TCP connection: a recorded connection
         # replayed on a new one is refused too
         self.guard = ReplayGuard()
-        self.udp = UdpEndpoint(host, port, shim=shim, auth=self.auth, guard=self.guard, me=self.index)
-        try:
-            self.tcp = TcpListener(host, self.udp.address[1], shim=shim, auth=self.auth, guard=self.guard,
-                                   me=self.index)
-        except BaseException:
-            self.udp.close()
-            raise
+        # UDP and TCP share the port number. Asked for any port (0), the one UDP got may be some
+        # TCP connection's local port already: then another is tried
+        for attempt in range(1 if port else BIND_TRIES):
+            self.udp = UdpEndpoint(host, port, shim=shim, auth=self.auth, guard=self.guard, me=self.index)
+            try:
+                self.tcp = TcpListener(host, self.udp.address[1], shim=shim, auth=self.auth, guard=self.guard,
+                                       me=self.index)
+                break
+            except TransportError:
+                self.udp.close()
+                if port or attempt == BIND_TRIES - 1:
+                    raise
+            except BaseException:
+                self.udp.close()
+                raise
         self.channels: list = []
         self.closed_drops = dict.fromkeys(DROP_REASONS, 0)
         self.session: int | None = None
