@@ -245,13 +245,13 @@ class Coordinator:
         and round); per feed its last `logits` rows' logits [n, vocab] (None for 0). `stats[j]` gets
         feed j's share: the pass's times, and the relaxed parts missing on its own rows."""
         spans = tuple(Span(f.slot, f.start, len(f.tokens), f.source) for f in feeds)
-        for f in feeds:
-            if f.source is not None:
-                if len(self.fed[f.source]) < f.start:
-                    raise ValueError(f"slot {f.slot} takes {f.start} rows of slot {f.source}, which holds "
-                                     f"{len(self.fed[f.source])}")
-                self.fed[f.slot] = self.fed[f.source][:f.start]
-        if any(f.source is not None for f in feeds):
+        copying = [f for f in feeds if f.source is not None]
+        for f in copying:
+            if len(self.fed[f.source]) < f.start:
+                raise ValueError(f"slot {f.slot} takes {f.start} rows of slot {f.source}, which holds "
+                                 f"{len(self.fed[f.source])}")
+            self.fed[f.slot] = self.fed[f.source][:f.start]
+        if copying:
             self.local.take_prefixes(spans)  # its own rounds' caches (segments); each round's part copies its layer
         bounds = np.cumsum([0] + [s.rows for s in spans])
         tokens = np.fromiter((t for f in feeds for t in f.tokens), dtype=np.int32, count=int(bounds[-1]))

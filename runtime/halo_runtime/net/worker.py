@@ -127,13 +127,10 @@ class Worker:
                 self.tcp = TcpListener(host, self.udp.address[1], shim=shim, auth=self.auth, guard=self.guard,
                                        me=self.index)
                 break
-            except TransportError:
+            except BaseException as e:
                 self.udp.close()
-                if port or attempt == BIND_TRIES - 1:
+                if port or attempt == BIND_TRIES - 1 or not isinstance(e, TransportError):
                     raise
-            except BaseException:
-                self.udp.close()
-                raise
         self.channels: list = []
         self.closed_drops = dict.fromkeys(DROP_REASONS, 0)
         self.session: int | None = None

@@ -322,8 +322,9 @@ class Engine:
             return self._fail_all(f"internal error: {type(e).__name__}: {e}", seen, 500, "internal_error")
         ms = 1e3 * (time.perf_counter() - t0)
         self.passes += 1
-        self.cost.observe(sum(len(f.tokens) for f in feeds), ms)
-        self.metrics.batch_rows.observe(sum(len(f.tokens) for f in feeds))
+        sent = sum(len(f.tokens) for f in feeds)
+        self.cost.observe(sent, ms)
+        self.metrics.batch_rows.observe(sent)
         self.metrics.batch_sessions.observe(len(feeds))
         if self.passes % 8 == 1:
             self._sync_devices(ok=True)
