@@ -8,8 +8,10 @@ other group pinned where the placement put it, in the placement's own cost units
 - phase 1: the least per-token time; phase 2: the least lost importance within `time_slack` of it
   (as `place` does, loss-aware);
 - memory: a survivor takes adopted groups (weights and KV cache) into RAM only, never onto
-  storage: its memory less its fixed buffers and its own groups must hold them. Their weights wait
-  in the survivor's shard (`shards.failover_tensor`), mapped from disk and read only once used;
+  storage: its memory less its fixed buffers and its own groups must hold them, KV caches counted
+  for every session slot the plan gives each device (`session_slots`: `serve` fills them all).
+  Their weights wait in the survivor's shard (`shards.failover_tensor`), mapped from disk and read
+  only once used;
 - a device whose groups the survivors cannot hold gets a record with no moves and the reason;
 - solved round by round (rounds share only memory), as one model only when memory couples them.
 
@@ -38,7 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from halo_runtime.core.plan import Failover
+from halo_runtime.core.plan import Failover, slots_that_fit
 from ortools.sat.python import cp_model
 
 from .place import PlacementInputs
@@ -64,12 +66,30 @@ def plan_failover(inputs: PlacementInputs, assignment: dict[str, str], num_layer
     return tuple(out)
 
 
+def session_slots(inputs: PlacementInputs, assignment: dict[str, str]) -> int:
+    """The session slots every device allocates under `assignment`: `Plan.session_slots`'s rule
+    (`slots_that_fit`) on the placement's bytes; a device whose groups overflow its memory streams."""
+    weights = {d.name: inputs.fixed_bytes.get(d.name, 0) for d in inputs.devices}
+    kv = dict.fromkeys(weights, 0)
+    for c in inputs.costs:
+        weights[assignment[c.id]] += c.weight_bytes
+        kv[assignment[c.id]] += c.kv_bytes
+    return min(slots_that_fit(d.memory_bytes, weights[d.name], kv[d.name],
+                              streams=weights[d.name] + kv[d.name] > d.memory_bytes) for d in inputs.devices)
+
+
+def held_bytes(c, slots: int) -> int:
+    """RAM a group takes on a device serving `slots` sessions: its weights and a KV cache per slot."""
+    return c.weight_bytes + slots * c.kv_bytes
+
+
 def free_ram(inputs: PlacementInputs, assignment: dict[str, str], dead: str) -> dict[str, int]:
     """Per survivor, the RAM left for adopted groups: memory less fixed buffers less its own groups
-    (weights and KV cache; a device that streams from storage has none left)."""
+    (weights and every session slot's KV cache; a device that streams from storage has none left)."""
+    slots = session_slots(inputs, assignment)
     used = {d.name: inputs.fixed_bytes.get(d.name, 0) for d in inputs.devices}
     for c in inputs.costs:
-        used[assignment[c.id]] += c.bytes
+        used[assignment[c.id]] += held_bytes(c, slots)
     return {d.name: max(0, d.memory_bytes - used[d.name]) for d in inputs.devices if d.name != dead}
 
 
@@ -77,19 +97,24 @@ def _fail_over(inputs, p: Problem, a: list[int], dead: int, held: list[int], num
     name = p.device_names[dead]
     free = free_ram(inputs, p.names(a), name)
     room = [free[n] if i != dead else 0 for i, n in enumerate(p.device_names)]
-    need, listing = sum(p.size[g] for g in held), ", ".join(f"{n} {mb(b)}" for n, b in free.items())
-    if need > sum(room):
-        return Failover(name, (), reason=f"{name}'s groups need {mb(need)}; the survivors have "
-                                         f"{mb(sum(room))} free ({listing})")
-    biggest = max(held, key=lambda g: (p.size[g], -g))
-    if p.size[biggest] > max(room):
-        return Failover(name, (), reason=f"{name}'s group {p.group_ids[biggest]} needs {mb(p.size[biggest])}; "
-                                         f"no survivor has that much free ({listing})")
-    # adopted groups are always in RAM: they cost their compute alone, never a share of storage loads
-    comp = list(p.comp)
+    # adopted groups are always in RAM, with a KV cache per session slot: they cost their compute
+    # alone, never a share of storage loads
+    slots = session_slots(inputs, p.names(a))
+    comp, size = list(p.comp), list(p.size)
     for g in held:
         comp[g] = tuple(round(compute_ms(inputs.costs[g], dev) * TIME_UNITS_PER_MS) for dev in inputs.devices)
-    q = replace(p, comp=tuple(comp))
+        size[g] = held_bytes(inputs.costs[g], slots)
+    q = replace(p, comp=tuple(comp), size=tuple(size))
+    with_caches = slots > 1 and any(inputs.costs[g].kv_bytes for g in held)
+    caches = f" (with {slots} sessions' KV caches)" if with_caches else ""
+    need, listing = sum(q.size[g] for g in held), ", ".join(f"{n} {mb(b)}" for n, b in free.items())
+    if need > sum(room):
+        return Failover(name, (), reason=f"{name}'s groups need {mb(need)}{caches}; the survivors have "
+                                         f"{mb(sum(room))} free ({listing})")
+    biggest = max(held, key=lambda g: (q.size[g], -g))
+    if q.size[biggest] > max(room):
+        return Failover(name, (), reason=f"{name}'s group {q.group_ids[biggest]} needs {mb(q.size[biggest])}"
+                                         f"{caches}; no survivor has that much free ({listing})")
     moved, status = _solve(q, a, dead, held, room, options)
     if moved is None:
         return Failover(name, (), reason=f"{name}'s groups ({mb(need)}) fit on no combination of the survivors "

@@ -31,7 +31,7 @@ its survivors give them:
     ...     print(line)
     (their KV cache is allocated then)
       pi5-1 dies: 85.51 ms/token (now 60.65), expected lost importance 0.0361% per layer (now 0.0361%)
-        pi5-0*     adopts  138 groups (30 attn, 108 mlp): 95.8 MB of weights in its shard on disk, 30.0 MB of KV cache
+        pi5-0*     adopts  138 groups (30 attn, 108 mlp): 95.8 MB of weights in its shard on disk, 8 x 30.0 MB of KV cache
         pi5-2      adopts   42 groups (0 attn, 42 mlp): 29.5 MB of weights in its shard on disk, 0.0 MB of KV cache
         pi5-3      adopts   45 groups (0 attn, 45 mlp): 33.0 MB of weights in its shard on disk, 0.0 MB of KV cache
       pi5-2, pi5-3: relaxed groups only, no failover needed: their death is compensated like a late reply
@@ -142,12 +142,15 @@ def _failover_lines(plan: Plan) -> list[str]:
         lines.append(f"  {f.device} dies: {f.predicted_token_ms:.2f} ms/token (now {plan.predicted_token_ms:.2f}), "
                      f"expected lost importance {100 * f.expected_lost_importance:.4f}% per layer "
                      f"(now {100 * plan.expected_lost_importance:.4f}%)")
+        slots = plan.session_slots()
         for survivor, costs in _adopted(plan, f).items():
             attn = sum(c.kind == "attn" for c in costs)
             role = "*" if survivor == plan.coordinator else ""
+            kv = sum(c.kv_bytes for c in costs) / MB
             lines.append(f"    {survivor + role:<10} adopts {len(costs):>4} group{'s' if len(costs) != 1 else ' '} ({attn} attn, "
                          f"{len(costs) - attn} mlp): {sum(c.weight_bytes for c in costs) / MB:.1f} MB of weights "
-                         f"in its shard on disk, {sum(c.kv_bytes for c in costs) / MB:.1f} MB of KV cache")
+                         f"in its shard on disk, " + (f"{slots} x {kv:.1f} MB of KV cache" if kv and slots > 1
+                                                      else f"{kv:.1f} MB of KV cache"))
     covered = {f.device for f in plan.failover}
     relaxed = [d for d in plan.device_names if d != plan.coordinator and d not in covered
                and any(g.device == d for g in plan.groups)]

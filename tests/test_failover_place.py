@@ -17,7 +17,7 @@ from halo_runtime.core.plan import Device, Failover, Plan, load_plan
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.shards import FAILOVER_PREFIX, adopted_plan, adopted_shard, failover_tensor, load_shard
 
-from halo_compile.failover import free_ram, plan_failover
+from halo_compile.failover import free_ram, held_bytes, plan_failover, session_slots
 from halo_compile.place import GroupCost, PlacementInputs, PlaceOptions, expected_lost_importance, predicted_token_ms
 from halo_compile.placecost import group_cost
 
@@ -70,12 +70,12 @@ def check_moves(inputs: PlacementInputs, assignment, f: Failover) -> dict[str, s
     held = [c.id for c in inputs.costs if assignment[c.id] == f.device]
     assert f.absorbable and not f.reason
     assert [gid for gid, _ in f.moves] == held
-    free = free_ram(inputs, assignment, f.device)
+    free, slots = free_ram(inputs, assignment, f.device), session_slots(inputs, assignment)
     taken = Counter()
     by_id = {c.id: c for c in inputs.costs}
     for gid, survivor in f.moves:
         assert survivor in free and survivor != f.device
-        taken[survivor] += by_id[gid].bytes
+        taken[survivor] += held_bytes(by_id[gid], slots)
     assert all(taken[s] <= free[s] for s in taken), (taken, free)
     return {**assignment, **dict(f.moves)}
 
@@ -172,11 +172,12 @@ def test_relaxed_only_and_idle_devices_and_the_coordinator_get_no_record(make_co
     assert [f.device for f in failover] == ["pi-1"]
 
 
+# pi-1's 2.7 MB leave room for one session (2.5 MB of weights, 0.125 MB of KV cache each)
 @pytest.mark.parametrize("memory_mb, words", [
-    ([2.8, 3.6, 0.3, 0.3], "need 2.6 MB; the survivors have 0.9 MB free"),         # short in total
-    ([100, 3.6, 100, 100], None),                                                     # plenty: absorbed
-    ([2.9, 3.6, 1.4, 1.4], "fit on no combination of the survivors"),                # total fits, packing does not
-    ([3.1, 3.6, 0.6, 0.6, 0.6, 0.6], "L0.attn.0 needs 0.6 MB; no survivor has that much free"),  # fits nowhere
+    ([2.8, 2.7, 0.3, 0.3], "need 2.6 MB; the survivors have 0.9 MB free"),         # short in total
+    ([100, 2.7, 100, 100], None),                                                     # plenty: absorbed
+    ([2.9, 2.7, 1.4, 1.4], "fit on no combination of the survivors"),                # total fits, packing does not
+    ([3.1, 2.7, 0.6, 0.6, 0.6, 0.6], "L0.attn.0 needs 0.6 MB; no survivor has that much free"),  # fits nowhere
 ])
 def test_a_loss_that_cannot_be_absorbed_names_the_device_and_what_is_short(make_costs, make_inputs, memory_mb, words):
     costs = make_costs(layers=1, attn=1, mlp=5, relaxed=0)
@@ -190,6 +191,25 @@ def test_a_loss_that_cannot_be_absorbed_names_the_device_and_what_is_short(make_
         return
     assert not f.absorbable and f.moves == () and f.predicted_token_ms == 0.0
     assert f.reason.startswith("pi-1's group") and words in f.reason, f.reason
+
+
+@pytest.mark.parametrize("dead_memory_mb, slots", [(2.7, 1), (3.0, 4)])
+def test_adopted_heads_bring_a_kv_cache_per_session_slot(make_costs, make_inputs, dead_memory_mb, slots):
+    """Every device allocates the plan's session slots and `serve` fills them: a survivor adopting
+    an attention group holds that many of its KV caches, not one."""
+    costs = make_costs(layers=1, attn=1, mlp=5, relaxed=0)
+    # pi-1 (2.5 MB of weights, 0.125 MB of KV cache per session) leaves room for `slots` sessions;
+    # pi-0 is full; pi-2 holds nothing and has 2.8 MB: one session's 2.625 MB, not four's 3.0 MB
+    inputs = make_inputs(costs, 3, memory_mb=[2.5, dead_memory_mb, 2.8])
+    assignment = {c.id: "pi-0" if c.id == "L0.mlp.4" else "pi-1" for c in costs}
+    assert session_slots(inputs, assignment) == slots
+    assert free_ram(inputs, assignment, "pi-1") == {"pi-0": 0, "pi-2": int(2.8 * MB)}
+    (f,) = plan_failover(inputs, assignment, num_layers=1)
+    if slots == 1:
+        assert {s for _, s in f.moves} == {"pi-2"}
+        check_moves(inputs, assignment, f)
+    else:
+        assert not f.absorbable and "need 3.0 MB (with 4 sessions' KV caches)" in f.reason, f.reason
 
 
 def test_a_streaming_survivor_counts_ram_only(make_costs, make_inputs):

@@ -242,6 +242,18 @@ class Failover:
         return bool(self.moves)
 
 
+def slots_that_fit(memory_bytes: int, weight_bytes: int, kv_cache_bytes: int, streams: bool = False) -> int:
+    """Sessions whose KV caches (`kv_cache_bytes` each, at max_context) fit in `memory_bytes` beside
+    `weight_bytes` and the first session's cache, 1 to `spans.MAX_SLOTS` (no cache: MAX_SLOTS; a
+    device streaming weights from storage: 1). The one rule for the runtime and the compiler."""
+    if not kv_cache_bytes:
+        return MAX_SLOTS
+    if streams:
+        return 1
+    spare = memory_bytes - weight_bytes - kv_cache_bytes
+    return max(1, min(MAX_SLOTS, 1 + spare // kv_cache_bytes))
+
+
 @dataclass(frozen=True)
 class Plan:
     """A compiled, deployable placement of one model on one cluster."""
@@ -354,12 +366,8 @@ class Plan:
         if device is None:
             return min(self.session_slots(d.name) for d in self.devices)
         rep = next(r for r in self.device_reports if r.name == device)
-        if not rep.kv_cache_bytes:
-            return MAX_SLOTS
-        if rep.streamed_bytes:
-            return 1
-        spare = self.device(device).memory_bytes - rep.weight_bytes - rep.kv_cache_bytes
-        return max(1, min(MAX_SLOTS, 1 + spare // rep.kv_cache_bytes))
+        return slots_that_fit(self.device(device).memory_bytes, rep.weight_bytes, rep.kv_cache_bytes,
+                              streams=bool(rep.streamed_bytes))
 
     def failover_for(self, device: str) -> Failover | None:
         """The compiler's fallback for `device`'s death (None: it holds no critical groups, or the
