@@ -10,7 +10,8 @@ repetition the modes run back to back with the same prompt and token count:
 - draft:   the same with `--draft lookup` (several tokens verified per pass);
 - redundant: relaxed with `--redundancy 2` (every message to and from a lossy device sent twice;
   opt-in: `--modes relaxed,redundant,strict`);
-- strict:  `halo-run generate --sync strict --draft none` (TCP, cubic, every part awaited);
+- strict:  `halo-run generate --sync strict --draft none` (TCP, cubic, minimum RTO lowered, every
+  part awaited);
 - gloo:    `gloo_tp.py` (torch.distributed gloo all-reduce over TCP, same partition).
 
 Workers are restarted for every run (each run is a fresh process tree). Recorded per run: every

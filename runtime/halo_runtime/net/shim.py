@@ -1,8 +1,9 @@
 """In-process lossy/delaying link emulation for `halo-run local` (no root needed).
 
 `LossShim` is an *emulation for the demo*: it drops or delays datagrams and delays TCP frames as
-Linux's 200 ms minimum RTO would. The published measurements use the namespace lab (veth,
-nftables loss, NFQUEUE delay), not this shim.
+the connection's minimum retransmission timeout would (the floor `transport.lower_rto` granted,
+or Linux's 200 ms where the kernel keeps its own). The published measurements use the namespace
+lab (veth, nftables loss, NFQUEUE delay), not this shim.
 
 Example:
     >>> from halo_runtime.net.shim import LossShim
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 Addr = tuple  # (host, port)
+LINUX_RTO_MIN_MS = 200.0
+"""A Linux socket's minimum retransmission timeout unless lowered (as `transport` does)."""
 
 
 @dataclass(slots=True)
@@ -47,13 +50,13 @@ class LossShim:
     UDP: each datagram is dropped with probability `loss`; survivors wait `delay_ms` plus Gaussian
     jitter (std `jitter_ms`, clipped at 0), so jitter may reorder them as a network would.
     TCP: a frame of n segments is "lost" with probability 1-(1-loss)^n and then arrives one RTO
-    later (200 ms, Linux's minimum); the retransmitted segment is lost again with probability
-    `loss`, and each such loss doubles the wait (exponential backoff).
+    later (`tcp_rto_ms`, default the channel's `rto_min_ms`); the retransmitted segment is lost
+    again with probability `loss`, and each such loss doubles the wait (exponential backoff).
     Frames of one connection stay in order. One timer thread with a heap does all delayed sends.
     """
 
     def __init__(self, loss: float, delay_ms: float = 0.0, jitter_ms: float = 0.0, seed: int = 0,
-                 tcp_rto_ms: float = 200.0, segment_bytes: int = 1448):
+                 tcp_rto_ms: float | None = None, segment_bytes: int = 1448):
         if not 0.0 <= loss <= 1.0 or delay_ms < 0 or jitter_ms < 0:
             raise ValueError(f"bad shim settings loss={loss} delay_ms={delay_ms} jitter_ms={jitter_ms}")
         self.loss, self.delay_ms, self.jitter_ms = loss, delay_ms, jitter_ms
@@ -92,7 +95,8 @@ class LossShim:
         sid = id(stream)
         with self._cv:
             p = 1 - (1 - self.loss) ** max(1, -(-len(frame) // self.segment_bytes))
-            wait, rto, tries = 0.0, self.tcp_rto_ms / 1000, 0
+            rto_ms = self.tcp_rto_ms or getattr(stream, "rto_min_ms", None) or LINUX_RTO_MIN_MS
+            wait, rto, tries = 0.0, rto_ms / 1000, 0
             # the first send risks every segment; a retransmission resends only the lost one
             while tries < 15 and self._rng.random() < (p if tries == 0 else self.loss):  # TCP gives up ~15
                 wait, rto, tries = wait + rto, rto * 2, tries + 1

@@ -5,8 +5,9 @@ Messages and their encoding live in `wire`. The UDP endpoint chunks every messag
 reassembles on receipt; garbage, forgeries and replays are dropped and counted, never raised.
 Both take an `auth.Authenticator` (the deployment key; default the public test key) and an
 `auth.ReplayGuard` (share one per process). The TCP channel carries the
-same messages as length-prefixed frames, with Nagle off and congestion control pinned to cubic
-(this host defaults to bbr, which ignores loss and would flatter the baseline).
+same messages as length-prefixed frames, with Nagle off, congestion control pinned to cubic
+(this host defaults to bbr, which ignores loss and would flatter the baseline) and the minimum
+retransmission timeout lowered to the delivery policy's floor where the kernel allows (`lower_rto`).
 
 Both accept a `shim.LossShim` (the demo's in-process loss emulation) for outgoing traffic.
 
@@ -31,8 +32,9 @@ import time
 from dataclasses import dataclass
 
 from ..core.codec import HEADER_SIZE, MAX_CHUNK, MAX_DATAGRAM, TAG_LEN
+from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .shim import LossShim
+from .shim import LINUX_RTO_MIN_MS, LossShim
 from .wire import ANY, Message, Reassembler, encode
 
 Addr = tuple  # (host, port)
@@ -283,12 +285,41 @@ TCP_MAX_DATAGRAM = HEADER_SIZE + MAX_CHUNK + TAG_LEN
 """Biggest frame: the header's u16 chunk length caps a chunk at 64 KiB, so big messages take several."""
 
 
-def _tune_tcp(sock: socket.socket) -> None:
+TCP_RTO_MIN_US = getattr(socket, "TCP_RTO_MIN_US", 45)
+"""Linux's per-socket minimum retransmission timeout, in microseconds (kernel 6.15 and later)."""
+
+
+def _tune_tcp(sock: socket.socket) -> float | None:
+    """Nagle off, cubic, the minimum RTO lowered; returns the granted minimum RTO (see `lower_rto`)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:  # inside a namespace the sysctl refuses cubic as default, per socket it works
         sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_CONGESTION", 13), b"cubic")
     except OSError:
         pass
+    return lower_rto(sock, DeliveryPolicy.rto_floor_ms)
+
+
+def lower_rto(sock: socket.socket, floor_ms: float) -> float | None:
+    """Lower the socket's minimum retransmission timeout to `floor_ms`, or the nearest the kernel
+    takes (whole jiffies, at least two: 8 ms at HZ=250); the granted ms, None on a kernel without it.
+
+    Why: a strict message is one segment with nothing sent behind it, so a lost one is not found by
+    fast retransmit; the tail-loss probe waits two RTTs plus this minimum when one segment is in
+    flight, and the RTO at least this minimum, 200 ms by default. At 5% loss that cost every lost
+    request or reply 200+ ms, and made strict sync 5x slower than distributed-llama's multi-segment
+    TCP in the lab (docs/BENCHMARKS.md). Older kernels: `sysctl net.ipv4.tcp_rto_min_us` (6.11+)
+    or the route's `rto_min` do the same for the whole machine.
+    """
+    us = max(1, round(floor_ms * 1000))
+    while us <= LINUX_RTO_MIN_MS * 1000:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MIN_US, us)
+            return sock.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MIN_US) / 1000
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # ENOPROTOOPT: a kernel before 6.15
+                return None
+            us *= 2  # below two jiffies
+    return None
 
 
 @dataclass(slots=True)
@@ -316,7 +347,8 @@ class TcpChannel:
         self.counters = ChannelCounters()
         self._sock = sock
         self._sock.setblocking(True)
-        _tune_tcp(sock)
+        self.rto_min_ms = _tune_tcp(sock)
+        """The socket's minimum retransmission timeout in ms (None: the kernel's own, 200 ms)."""
         self._buf = bytearray()
         # TCP never duplicates, and a strict run may legitimately repeat a key: no dedup memory.
         self.reassembler = Reassembler(remember=0, max_datagram=TCP_MAX_DATAGRAM, auth=self.auth, guard=guard,
