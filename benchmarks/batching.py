@@ -13,7 +13,7 @@ The strict runs repeat with `--delays` of one-way link delay (the serve shim's),
 trip rather than compute sets a pass's time, as on boards over Wi-Fi.
 
     python -m benchmarks.batching --plan DIR [--clients 8] [--tokens 64] [--plr 0.05] [--delays 0,2]
-        [--threads 1] [--out FILE.json]
+        [--threads 1] [--serve-arg=--multi-datagram-copies=1] [--out FILE.json]   # --delays '': no strict runs
 
 Example:
     >>> from benchmarks.batching import histogram_mean
@@ -138,10 +138,10 @@ def condition(plan: str, questions, tokens: int, sync: str, *extra: str) -> dict
 
 
 def run(plan: str, clients: int, tokens: int, plr: float, delays: list[float], delayed_tokens: int,
-        threads: int = 1) -> dict:
+        threads: int = 1, serve_args: tuple[str, ...] = ()) -> dict:
     questions = list(QUESTIONS[:clients])
     out = {"machine": machine(), "plan": plan, "clients": clients, "tokens": tokens, "threads": threads}
-    more = ("--threads", str(threads))
+    more = ("--threads", str(threads), *serve_args)
     for d in delays:
         n = tokens if d == 0 else delayed_tokens
         out[f"strict_delay{d:g}"] = {"tokens": n, **condition(plan, questions, n, "strict", "--delay-ms", str(d), *more)}
@@ -180,12 +180,14 @@ def main() -> None:
     p.add_argument("--delayed-tokens", type=int, default=32, help="tokens per reply in the runs with delay")
     p.add_argument("--threads", type=int, default=1,
                    help="the coordinator's ggml threads (serve --threads; each worker keeps one)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for every serve, e.g. --serve-arg=--multi-datagram-copies=1")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if not 1 <= a.clients <= len(QUESTIONS):
         p.error(f"--clients must be in 1..{len(QUESTIONS)}")
     result = run(a.plan, a.clients, a.tokens, a.plr, [float(d) for d in a.delays.split(",") if d], a.delayed_tokens,
-                 a.threads)
+                 a.threads, tuple(a.serve_arg))
     print(json.dumps(result, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")

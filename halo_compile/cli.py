@@ -190,13 +190,15 @@ def verify(directory, model):
               help="Delivery policy simulated: fast re-requests of a late relaxed part before its deadline.")
 @field_option("--redundancy", of=POLICY, type=int,
               help="Delivery policy simulated: copies of every message to and from a lossy device (1 = none).")
+@field_option("--multi-datagram-copies", of=POLICY, type=int,
+              help="Delivery policy simulated: at least this many copies of a message of several datagrams.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--predictive", multiple=True, metavar="DEVICE",
               help="Run DEVICE in predictive loading mode (skip MLP groups predicted inactive); repeatable.")
 @friendly
 def evaluate(directory, plrs, burst, tokens, text_file, seed, methods, context, greedy_prompts, greedy_tokens,
-             relaxed_retries, redundancy, as_json, quiet, predictive):
+             relaxed_retries, redundancy, multi_datagram_copies, as_json, quiet, predictive):
     """Perplexity, top-1 agreement and greedy agreement of the plan in DIRECTORY under simulated loss,
     per method, against the plan with nothing lost."""
     import json
@@ -212,7 +214,8 @@ def evaluate(directory, plrs, burst, tokens, text_file, seed, methods, context, 
         opts = EvalOptions(plrs=tuple(plrs) or None, burst=burst, tokens=tokens, context=context, text_file=text_file, seed=seed,
                            greedy_prompts=greedy_prompts, greedy_tokens=greedy_tokens,
                            methods=tuple(methods) or None, progress=not quiet, predictive=tuple(predictive),
-                           policy=DeliveryPolicy(relaxed_retries=relaxed_retries, redundancy=redundancy))
+                           policy=DeliveryPolicy(relaxed_retries=relaxed_retries, redundancy=redundancy,
+                                                 multi_datagram_copies=multi_datagram_copies))
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     report = run_eval(directory, opts)

@@ -1,10 +1,11 @@
 """The placement cost model: what a group costs on a device, as plain functions of floats.
 
 - The coordinator computes its own groups locally: no network, miss probability 0, round trip 0.
-- Any other device d: rtt(d) = 2*latency_ms + 2*message_bytes*8 / (bandwidth_mbps*1e3) ms (one
-  request, one reply), and a lost critical message costs an expected wait of q1(d)*rto_ms, where
-  q1 is the chance that one attempt (request or reply) is lost (`DeliveryPolicy.miss_probability`
-  with no retries: the runtime's one model of delivery).
+- Any other device d: rtt(d) = 2*latency_ms + 2*copies*message_bytes*8 / (bandwidth_mbps*1e3) ms
+  (one request, one reply, each sent `DeliveryPolicy.copies` times), and a lost critical message
+  costs an expected wait of q1(d)*rto_ms, where q1 is the chance that one attempt (request or
+  reply) is lost (`DeliveryPolicy.miss_probability` with no retries: the runtime's one model of
+  delivery).
 - compute(g, d) = g.flops / (d.compute_gflops*1e6) ms.
 - A device with `storage_mbps` may hold more weights than its memory; the groups that do not fit
   are read from storage as needed, costing load(g, d) = g.select_rate * g.weight_bytes /
@@ -27,7 +28,8 @@ A plan group's cost (`group_cost`) takes its weight bytes from `halo_runtime.cor
 the definition the runtime streams by, and charges two flops (multiply, add) per weight.
 
 Example:
-    >>> from halo_runtime.core.config import ModelConfig
+    >>> from halo_runtime.core.codec import datagrams
+from halo_runtime.core.config import ModelConfig
     >>> from halo_runtime.core.plan import Device, Group
     >>> from halo_compile.placecost import GroupCost, energy_mj, group_cost, load_ms, rounds_per_token, stream_share
     >>> cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=32, num_layers=1,
@@ -52,6 +54,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from halo_runtime.core.codec import datagrams
 from halo_runtime.core.config import ModelConfig
 from halo_runtime.core.plan import Device, Group, SolverReport, network_rounds
 from halo_runtime.core.policy import DeliveryPolicy
@@ -271,7 +274,9 @@ def compute_ms(g: GroupCost, d: Device) -> float:
 def rtt_ms(d: Device, coordinator: str, options: PlaceOptions) -> float:
     if d.name == coordinator:
         return 0.0
-    return 2 * d.latency_ms + 2 * options.message_bytes * 8 / (d.bandwidth_mbps * 1e3)
+    # every copy the runtime sends to and from a lossy device takes the link's time too
+    copies = DeliveryPolicy().copies(d.loss, datagrams(options.message_bytes))
+    return 2 * d.latency_ms + 2 * copies * options.message_bytes * 8 / (d.bandwidth_mbps * 1e3)
 
 
 def wait_ms(d: Device, coordinator: str, options: PlaceOptions) -> float:

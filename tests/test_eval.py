@@ -63,7 +63,25 @@ def test_miss_probability_follows_the_delivery_policy():
     assert DeliveryPolicy().miss_probability(0.0) == 0.0
     # SmolLM2's one-token message is one datagram in fp16, two in fp32
     assert DeliveryPolicy(wire="fp16").message_datagrams(576) == (1, 1)
-    assert DeliveryPolicy(wire="fp32").miss_probability(p, 576) == pytest.approx((1 - (1 - p) ** 4) ** 2)
+    # ... and a message of several datagrams goes twice: an attempt fails when both copies of the
+    # request or both of the reply lose a datagram
+    copy_lost = 1 - (1 - p) ** 2
+    assert DeliveryPolicy(wire="fp32").miss_probability(p, 576) == pytest.approx((1 - (1 - copy_lost ** 2) ** 2) ** 2)
+    assert DeliveryPolicy(wire="fp32", multi_datagram_copies=1).miss_probability(p, 576) == \
+        pytest.approx((1 - (1 - p) ** 4) ** 2)
+
+
+@pytest.mark.parametrize("loss, datagrams, redundancy, expected", [
+    (0.0, 25, 1, 1),    # a clean link: one copy, whatever the size
+    (0.05, 1, 1, 1),    # a one-datagram decode row: as --redundancy says
+    (0.05, 1, 3, 3),
+    (0.05, 2, 1, 2),    # several datagrams: at least multi_datagram_copies
+    (0.05, 25, 3, 3),
+])
+def test_copies_per_message(loss, datagrams, redundancy, expected):
+    assert DeliveryPolicy(redundancy=redundancy).copies(loss, datagrams) == expected
+    with pytest.raises(ValueError):
+        DeliveryPolicy(multi_datagram_copies=0)
     with pytest.raises(ValueError):
         DeliveryPolicy().miss_probability(1.0)
 

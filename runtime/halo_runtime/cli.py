@@ -53,6 +53,8 @@ def _coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="relaxed: UDP, deadlines and compensation (default); strict: TCP, await everything")
     p.add_argument("--wire", choices=["fp16", "fp32"], **_field(DeliveryPolicy, "wire"))
     p.add_argument("--redundancy", type=int, **_field(DeliveryPolicy, "redundancy", "; at most 4"))
+    p.add_argument("--multi-datagram-copies", type=int,
+                   **_field(DeliveryPolicy, "multi_datagram_copies", " (default %(default)s; 1: as --redundancy)"))
     p.add_argument("--relaxed-retries", type=int,
                    **_field(DeliveryPolicy, "relaxed_retries", " (default %(default)s)"))
     p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT",
@@ -352,7 +354,7 @@ def _load_coordinator(args):
     check_files(args.plan, [PLAN_FILE, TOKENIZER_FILE, plan.shard_file(plan.coordinator)])
     shard = load_shard(args.plan, plan, plan.coordinator)
     policy = DeliveryPolicy(wire=args.wire, relaxed_retries=args.relaxed_retries, redundancy=args.redundancy,
-                            dead_after_s=args.dead_after)
+                            multi_datagram_copies=args.multi_datagram_copies, dead_after_s=args.dead_after)
     return plan, shard, Tokenizer.from_file(tok_path), policy
 
 

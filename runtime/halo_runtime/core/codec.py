@@ -60,6 +60,11 @@ _WIRE_BY_CODE = {code: (name, dt) for name, (code, dt) in _WIRES.items()}
 FP16_MAX = 65504.0
 
 
+def tensor_bytes(rows: int, cols: int, wire: str = "fp16") -> int:
+    """Length of `encode_tensor` of a [rows, cols] array on `wire`."""
+    return TENSOR_HEADER.size + rows * cols * np.dtype(_WIRES[wire][1]).itemsize
+
+
 def encode_tensor(t: np.ndarray, wire: str = "fp16") -> bytes:
     """A [T, hidden] float array (1-D counts as one row) as bytes; fp32 round-trips bit for bit.
 

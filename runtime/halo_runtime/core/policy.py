@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codec import REQUEST_PREFIX, SPAN, datagrams, encode_tensor
+from .codec import REQUEST_PREFIX, SPAN, datagrams, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,13 @@ class DeliveryPolicy:
     relaxed_retries: int = 1
     """Fast re-requests of a late relaxed part before its deadline."""
     redundancy: int = 1
-    """Copies of every message to and from a lossy device (1 = none)."""
+    """Copies of every message to and from a lossy device (1 = none; one of several datagrams gets at
+    least `multi_datagram_copies`)."""
+    multi_datagram_copies: int = 2
+    """At least this many copies of a message of several datagrams to and from a lossy device (a
+    prefill, a batch of sessions' rows, a wide model's row): one lost datagram of k costs the whole
+    message a resend after a timeout, and at loss p that happens with 1 - (1 - p)^k (72% for a
+    25-datagram prefill at 5%); both copies of a datagram are lost with p^2."""
     rto_floor_ms: float = 2.0
     """Lowest retransmission timeout."""
     dead_after_s: float = 4.0
@@ -53,15 +59,23 @@ class DeliveryPolicy:
     def __post_init__(self):
         if self.wire not in ("fp16", "fp32", "bf16"):
             raise ValueError(f"wire must be fp16, fp32 or bf16, got {self.wire!r}")
-        if self.relaxed_retries < 0 or not 1 <= self.redundancy <= 4:
-            raise ValueError("relaxed_retries must be >= 0 and redundancy in 1..4")
+        if self.relaxed_retries < 0 or not 1 <= self.redundancy <= 4 or not 1 <= self.multi_datagram_copies <= 4:
+            raise ValueError("relaxed_retries must be >= 0, redundancy and multi_datagram_copies in 1..4")
         if min(self.rto_floor_ms, self.dead_after_s, self.down_after_s, self.probe_every_s) <= 0:
             raise ValueError("rto_floor_ms, dead_after_s, down_after_s and probe_every_s must be positive")
 
-    def message_datagrams(self, hidden_size: int) -> tuple[int, int]:
-        """Datagrams of a one-token (decode) request and of one partial-sum reply on this wire."""
-        tensor = encode_tensor(np.zeros((1, hidden_size), np.float32), self.wire)
-        return datagrams(REQUEST_PREFIX.size + SPAN.size + len(tensor)), datagrams(len(tensor))
+    def message_datagrams(self, hidden_size: int, rows: int = 1) -> tuple[int, int]:
+        """Datagrams of a request of `rows` token rows (one span) and of one partial-sum reply to it."""
+        tensor = tensor_bytes(rows, hidden_size, self.wire)
+        return datagrams(REQUEST_PREFIX.size + SPAN.size + tensor), datagrams(tensor)
+
+    def copies(self, loss: float, datagrams: int) -> int:
+        """Copies of a message of `datagrams` datagrams to or from a device whose link loses `loss`:
+        none extra on a clean link, `redundancy` for one datagram, at least `multi_datagram_copies`
+        for several. The exchange sends by it, and `miss_probability` prices it."""
+        if loss <= 0:
+            return 1
+        return self.redundancy if datagrams <= 1 else max(self.redundancy, self.multi_datagram_copies)
 
     def miss_probability(self, loss: float, hidden_size: int | None = None, burst: float = 0.0) -> float:
         """Chance that a relaxed part misses its deadline on a link that drops each datagram with `loss`.
@@ -80,17 +94,16 @@ class DeliveryPolicy:
         layout = self.attempt_layout(loss, hidden_size)
         if burst and loss > 0:
             return _burst_miss(gilbert(loss, burst), loss, layout)
-        (copies, request), (_, reply) = layout[:2]
+        (request_copies, request), (reply_copies, reply) = layout[:2]
         copy_lost = lambda n: 1.0 - (1.0 - loss) ** n  # noqa: E731
-        attempt = 1.0 - (1.0 - copy_lost(request) ** copies) * (1.0 - copy_lost(reply) ** copies)
+        attempt = 1.0 - (1.0 - copy_lost(request) ** request_copies) * (1.0 - copy_lost(reply) ** reply_copies)
         return attempt ** (1 + self.relaxed_retries)
 
     def attempt_layout(self, loss: float, hidden_size: int | None = None) -> tuple[tuple[int, int], ...]:
         """The datagram slots of one relaxed part on its link, in order: per attempt, the request's
         copies then the reply's, as (copies, datagrams per copy) per message (see miss_probability)."""
-        copies = self.redundancy if loss > 0 else 1
         request, reply = self.message_datagrams(hidden_size) if hidden_size else (1, 1)
-        return ((copies, request), (copies, reply)) * (1 + self.relaxed_retries)
+        return ((self.copies(loss, request), request), (self.copies(loss, reply), reply)) * (1 + self.relaxed_retries)
 
 
 def gilbert(loss: float, burst: float) -> tuple[float, float]:

@@ -7,8 +7,9 @@ UDP delivery policy, per layer round:
 - a relaxed part is used if it arrives before its deadline, sent + (1 + relaxed_retries) x RTO,
   with one fast re-request at sent + RTO; after the deadline it is compensated (of a reply of
   several rows, the rows whose datagrams came are used: `_partial_rows`);
-- `redundancy` > 1 sends every request to a lossy device that many times, and asks it to reply
-  that many times (copies are dropped on arrival), turning a miss rate q into about q^copies.
+- to and from a lossy device a message goes `DeliveryPolicy.copies` times (copies are dropped on
+  arrival): `redundancy` for one datagram, at least `multi_datagram_copies` (2) for several (a
+  prefill, a batch of sessions), turning a miss rate q into about q^copies.
 RTT is sampled per device and round kind, only from first attempts (Karn's rule); it includes
 the device's compute time, which is what a deadline must allow for.
 
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.codec import WireError, decode_tensor, encode_request, rows_of_chunks
+from ..core.codec import WireError, datagrams, decode_tensor, encode_request, rows_of_chunks, tensor_bytes
 from ..core.exchange import Drops, ExchangeStats, RoundResult
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
@@ -84,6 +85,8 @@ class _Round:
     payload: dict
     """Device -> its request message (devices with the same number of reply copies share one)."""
     targets: list
+    copies: dict = field(default_factory=dict)
+    """Device -> copies of its request sent per attempt (`DeliveryPolicy.copies`)."""
     rows: int = 1
     """Token rows in the round (a relaxed reply's rows whose datagrams arrive are used on their own)."""
     sent: dict = field(default_factory=dict)
@@ -106,7 +109,7 @@ class UdpExchange:
         self.names = {i: d for d, i in self.index.items()}
         self.me = self.index[plan.coordinator]
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
-        self.lossy = {d for d in self.remote if plan.device(d).loss > 0}
+        self.loss = {d: plan.device(d).loss for d in self.remote}
         self.full, self.failed = plan, None
         self._use(plan)
         self.auth = auth or Authenticator()
@@ -248,16 +251,18 @@ class UdpExchange:
             return
         kind = PHASE_REQUEST[phase]
         # one message per number of reply copies (usually one for all): encoded and checked once
+        reply_datagrams = datagrams(tensor_bytes(x.shape[0], self.width, self.policy.wire))
         msgs: dict[int, Message] = {}
-        payload = {}
+        payload, copies = {}, {}
         for d in targets:
-            c = self.policy.redundancy if d in self.lossy else 1
+            c = self.policy.copies(self.loss[d], reply_datagrams)
             m = msgs.get(c)
             if m is None:
                 m = msgs[c] = Message(kind, self.session, step, layer, self.me,
                                       encode_request(x, at, self.policy.wire, c))
             payload[d] = m
-        self.round = _Round(phase, step, layer, payload, targets, rows=x.shape[0])
+            copies[d] = self.policy.copies(self.loss[d], datagrams(len(m.payload)))
+        self.round = _Round(phase, step, layer, payload, targets, copies, rows=x.shape[0])
         if step > 2:
             self.endpoint.reassembler.set_watermark(step - 2)
         for d in targets:
@@ -266,8 +271,7 @@ class UdpExchange:
     def _send(self, d: str, attempt: int) -> None:
         r = self.round
         msg, dest, addr = r.payload[d], self.index[d], self.peers[d]
-        copies = self.policy.redundancy if d in self.lossy else 1
-        for c in range(copies):
+        for c in range(r.copies[d]):
             self.endpoint.send(msg, addr, make_flags(min(attempt, 15), redundant=c > 0), dest=dest)
         now = time.monotonic()
         if self.asked_since[d] is None:
