@@ -20,6 +20,7 @@ from halo_runtime.net.exchange import UdpExchange
 from halo_runtime.net.recovery import History
 from halo_runtime.net.tcpexchange import TcpExchange
 from halo_runtime.net.worker import Worker
+import threadworkers
 
 PROMPTS = [[1, 17, 300, 400, 12, 99, 7, 8, 9, 10, 11], [5, 6], [250, 251, 252, 253, 254, 3], [42]]
 JOIN = [0, 0, 3, 5]
@@ -98,15 +99,8 @@ def test_sessions_sharing_passes_get_the_lone_logits_bit_for_bit_in_process(room
 def thread_workers(roomy):
     """Every remote device as a `Worker` on loopback, in threads of this process."""
     plan, shards = roomy
-    workers = {d: Worker(plan, d, shards[d], "127.0.0.1", 0) for d in plan.device_names if d != plan.coordinator}
-    threads = [threading.Thread(target=w.serve_forever, daemon=True) for w in workers.values()]
-    for t in threads:
-        t.start()
-    yield {d: ("127.0.0.1", w.address[1]) for d, w in workers.items()}, workers
-    for w in workers.values():
-        w.close()
-    for t in threads:
-        t.join(timeout=2)
+    with threadworkers.thread_workers(plan, shards) as workers:
+        yield threadworkers.peers(workers), workers
 
 
 def restart(worker: Worker) -> None:

@@ -12,7 +12,7 @@ from halo_runtime.core.coordinator import Coordinator, Feed, TokenStats
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.net.exchange import UdpExchange
 from halo_runtime.net.wire import HEADER, Kind, attempt_of
-from halo_runtime.net.worker import Worker
+from threadworkers import peers, thread_workers
 
 REQUESTS = {Kind.REQUEST_ATTN, Kind.REQUEST_MLP}
 REPLIES = {Kind.REPLY_ATTN, Kind.REPLY_MLP_CRITICAL, Kind.REPLY_MLP_RELAXED}
@@ -41,24 +41,16 @@ def test_several_datagrams_go_twice_to_and_from_a_lossy_device(tiny_plan, tiny_s
     policy = DeliveryPolicy(wire="fp32", dead_after_s=30)
     rows = next(n for n in range(2, 200) if datagrams(tensor_bytes(n, plan.model.hidden_size, "fp32")) > 1)
     out, back = CountingShim(), {d: CountingShim() for d in plan.device_names if d != plan.coordinator}
-    workers = {d: Worker(plan, d, tiny_shards[d], "127.0.0.1", 0, shim=back[d]) for d in back}
-    threads = [threading.Thread(target=w.serve_forever, daemon=True) for w in workers.values()]
-    for t in threads:
-        t.start()
-    ex = UdpExchange(plan, {d: ("127.0.0.1", w.address[1]) for d, w in workers.items()}, policy,
-                     bind_host="127.0.0.1", shim=out)
-    try:
-        coord = Coordinator(plan, tiny_shards[plan.coordinator], ex)
-        coord.reset(3)
-        coord.run([Feed(0, 0, tuple(range(10, 10 + rows)))], 0, [TokenStats()])  # a prefill: several datagrams
-        coord.run([Feed(0, rows, (42,))], 1, [TokenStats()])                       # a decode row: one
-        port = {ex.endpoint.address[1]: plan.coordinator} | {w.address[1]: d for d, w in workers.items()}
-    finally:
-        ex.close()
-        for w in workers.values():
-            w.close()
-        for t in threads:
-            t.join(timeout=2)
+    with thread_workers(plan, tiny_shards, back) as workers:
+        ex = UdpExchange(plan, peers(workers), policy, bind_host="127.0.0.1", shim=out)
+        try:
+            coord = Coordinator(plan, tiny_shards[plan.coordinator], ex)
+            coord.reset(3)
+            coord.run([Feed(0, 0, tuple(range(10, 10 + rows)))], 0, [TokenStats()])  # a prefill: several datagrams
+            coord.run([Feed(0, rows, (42,))], 1, [TokenStats()])                       # a decode row: one
+            port = {ex.endpoint.address[1]: plan.coordinator} | {w.address[1]: d for d, w in workers.items()}
+        finally:
+            ex.close()
     # (device, step, chunk count) -> copies of each of its datagrams, per layer and chunk
     requests = [((port[k[0]], k[2], k[5]), n) for k, n in out.sent.items() if k[1] in REQUESTS]
     replies = [((d, k[2], k[5]), n) for d, shim in back.items() for k, n in shim.sent.items() if k[1] in REPLIES]

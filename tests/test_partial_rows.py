@@ -4,8 +4,6 @@ each on its own, instead of the whole reply.
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from halo_runtime.core.codec import encode_tensor, row_chunks, rows_of_chunks
@@ -14,7 +12,7 @@ from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.shards import load_shard
 from halo_runtime.net.exchange import UdpExchange
 from halo_runtime.net.wire import HEADER, Kind, Message, Reassembler, encode
-from halo_runtime.net.worker import Worker
+from threadworkers import peers, thread_workers
 
 
 @pytest.mark.parametrize("wire", ["fp32", "fp16", "bf16"])
@@ -80,25 +78,16 @@ def test_a_batched_pass_compensates_only_the_rows_whose_datagram_was_lost(roomy_
     lossy = next(d for d in plan.device_names if d != plan.coordinator
                  and any(g.kind == "mlp" and not g.critical for g in plan.groups if g.device == d))
     shim = DropChunk(index=1)
-    workers = {d: Worker(plan, d, shards[d], "127.0.0.1", 0, shim=shim if d == lossy else None)
-               for d in plan.device_names if d != plan.coordinator}
-    threads = [threading.Thread(target=w.serve_forever, daemon=True) for w in workers.values()]
-    for t in threads:
-        t.start()
-    ex = UdpExchange(plan, {d: ("127.0.0.1", w.address[1]) for d, w in workers.items()},
-                     DeliveryPolicy(wire="fp32", dead_after_s=30), bind_host="127.0.0.1")
-    try:
-        coord = NeverAwait(plan, shards[plan.coordinator], ex)
-        coord.reset(7)
-        feeds = [Feed(s, 0, tuple(range(10 + 4 * s, 14 + 4 * s))) for s in range(3)]  # 12 rows, 5 a datagram
-        stats = [TokenStats() for _ in feeds]
-        coord.run(feeds, 0, stats)
-    finally:
-        ex.close()
-        for w in workers.values():
-            w.close()
-        for t in threads:
-            t.join(timeout=2)
+    with thread_workers(plan, shards, {lossy: shim}) as workers:
+        ex = UdpExchange(plan, peers(workers), DeliveryPolicy(wire="fp32", dead_after_s=30), bind_host="127.0.0.1")
+        try:
+            coord = NeverAwait(plan, shards[plan.coordinator], ex)
+            coord.reset(7)
+            feeds = [Feed(s, 0, tuple(range(10 + 4 * s, 14 + 4 * s))) for s in range(3)]  # 12 rows, 5 a datagram
+            stats = [TokenStats() for _ in feeds]
+            coord.run(feeds, 0, stats)
+        finally:
+            ex.close()
     assert shim.dropped
     relaxed_layers = sum(any(not g.critical for g in plan.groups_on(lossy, i, "mlp"))
                          for i in range(plan.model.num_layers))
