@@ -28,8 +28,7 @@ A plan group's cost (`group_cost`) takes its weight bytes from `halo_runtime.cor
 the definition the runtime streams by, and charges two flops (multiply, add) per weight.
 
 Example:
-    >>> from halo_runtime.core.codec import datagrams
-from halo_runtime.core.config import ModelConfig
+    >>> from halo_runtime.core.config import ModelConfig
     >>> from halo_runtime.core.plan import Device, Group
     >>> from halo_compile.placecost import GroupCost, energy_mj, group_cost, load_ms, rounds_per_token, stream_share
     >>> cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=32, num_layers=1,
