@@ -470,6 +470,27 @@ def test_lower_rto_grants_at_least_what_was_asked(floor_ms):
         assert floor_ms <= got <= max(2 * floor_ms, 20)
 
 
+@pytest.mark.parametrize("kernel_has_it", [True, False])
+def test_strict_says_when_the_kernel_keeps_its_200_ms(tiny_plan, tiny_shards, monkeypatch, kernel_has_it):
+    """One warning line, naming the machine-wide sysctl, when a strict socket's RTO floor cannot be lowered."""
+    import halo_runtime.net.transport as transport
+    from halo_runtime.net.tcpexchange import TcpExchange
+    from threadworkers import peers, thread_workers
+
+    if not kernel_has_it:
+        monkeypatch.setattr(transport, "lower_rto", lambda sock, floor_ms: None)
+    else:
+        with socket.socket() as s:
+            if lower_rto(s, 2.0) is None:
+                pytest.skip("this kernel has no TCP_RTO_MIN_US (Linux < 6.15)")
+    plan, _ = tiny_plan
+    said = []
+    with thread_workers(plan, tiny_shards) as workers:
+        TcpExchange(plan, peers(workers), warn=said.append).close()
+    assert len(said) == (0 if kernel_has_it else 1)
+    assert kernel_has_it or ("200 ms" in said[0] and "net.ipv4.tcp_rto_min_us" in said[0])
+
+
 def test_shim_tcp_waits_the_channels_rto():
     """The demo's emulated TCP loss costs what the real socket's RTO would, not always 200 ms."""
     waits = {}

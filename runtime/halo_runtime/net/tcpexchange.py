@@ -23,9 +23,9 @@ from ..core.exchange import Drops, ExchangeStats, RoundResult
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .exchange import PHASE_REQUEST, RETURN_GRACE_S, _layout
+from .exchange import PHASE_REQUEST, RETURN_GRACE_S, _layout, _warn
 from .recovery import DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, why_not_replaced
-from .shim import LossShim
+from .shim import LINUX_RTO_MIN_MS, LossShim
 from .transport import TcpChannel, TransportError
 from .wire import Kind, Message
 from .worker import WorkerStats
@@ -37,7 +37,7 @@ class TcpExchange:
     """Strict synchronisation over TCP: every part awaited, like distributed-llama."""
 
     def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
-                 shims: dict[str, LossShim] | None = None, auth: Authenticator | None = None):
+                 shims: dict[str, LossShim] | None = None, auth: Authenticator | None = None, warn=_warn):
         self.plan = self.full = plan
         self.policy, self.peers, self.shims = policy, peers, shims or {}
         self.auth, self.guard = auth or Authenticator(), ReplayGuard()
@@ -55,6 +55,10 @@ class TcpExchange:
             except TransportError as e:
                 self.close()
                 raise DeviceLost(f"device {d}: {e}", d) from None
+        if any(ch.rto_min_ms is None for ch in self.channels.values()):
+            warn(f"this kernel keeps TCP's {LINUX_RTO_MIN_MS:g} ms minimum retransmission timeout (lowering it per "
+                 "socket needs Linux 6.15): in strict sync a lost segment costs that much; `sysctl -w "
+                 "net.ipv4.tcp_rto_min_us=8000` (Linux 6.11+) lowers it for the whole machine")
         self.session, self.pending = 0, None
 
     def _connect(self, d: str, timeout_s: float = 5.0) -> TcpChannel:
