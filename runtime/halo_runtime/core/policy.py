@@ -64,9 +64,9 @@ class DeliveryPolicy:
         if min(self.rto_floor_ms, self.dead_after_s, self.down_after_s, self.probe_every_s) <= 0:
             raise ValueError("rto_floor_ms, dead_after_s, down_after_s and probe_every_s must be positive")
 
-    def message_datagrams(self, hidden_size: int, rows: int = 1) -> tuple[int, int]:
-        """Datagrams of a request of `rows` token rows (one span) and of one partial-sum reply to it."""
-        tensor = tensor_bytes(rows, hidden_size, self.wire)
+    def message_datagrams(self, hidden_size: int) -> tuple[int, int]:
+        """Datagrams of a one-token (decode) request and of one partial-sum reply on this wire."""
+        tensor = tensor_bytes(1, hidden_size, self.wire)
         return datagrams(REQUEST_PREFIX.size + SPAN.size + tensor), datagrams(tensor)
 
     def copies(self, loss: float, datagrams: int) -> int:

@@ -39,7 +39,6 @@ Example (the checked-in plan, its workers nowhere: `begin` says which device doe
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -52,29 +51,16 @@ from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
 from .recovery import (DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, rebuild,
                        why_not_replaced)
+from .rounds import PHASE_REQUEST, RETURN_GRACE_S, _layout, _warn
+from .rtt import RttEstimator
 from .shim import PeerShims
-from .transport import RttEstimator, TcpChannel, TransportError, UdpEndpoint
+from .transport import TcpChannel, TransportError, UdpEndpoint
 from .wire import Kind, Message, attempt_of, make_flags
 from .worker import WorkerStats
 
-RETURN_GRACE_S = 0.2
-"""How long a new session waits for a device replaced by its failover: if it answers, it is back."""
-PHASE_REQUEST = {"attn": Kind.REQUEST_ATTN, "mlp": Kind.REQUEST_MLP}
 # plain ints for the per-round loop: reading an enum member costs a descriptor call each time
 _ATTN, _CRIT, _RLX = int(Kind.REPLY_ATTN), int(Kind.REPLY_MLP_CRITICAL), int(Kind.REPLY_MLP_RELAXED)
 _REPLIES, _HELLO, _RESET = (_ATTN, _CRIT, _RLX), int(Kind.HELLO), int(Kind.RESET)
-
-
-def _layout(plan: Plan) -> dict:
-    """Per layer: which remote devices answer which round with which parts."""
-    remote = [d for d in plan.device_names if d != plan.coordinator]
-    out = {"attn": [], "crit": [], "relaxed": []}
-    for layer in range(plan.model.num_layers):
-        on = {d: plan.groups_on(d, layer) for d in remote}
-        out["attn"].append([d for d in remote if any(g.kind == "attn" for g in on[d])])
-        out["crit"].append([d for d in remote if any(g.kind == "mlp" and g.critical for g in on[d])])
-        out["relaxed"].append([d for d in remote if any(g.kind == "mlp" and not g.critical for g in on[d])])
-    return out
 
 
 @dataclass(slots=True)
@@ -92,10 +78,6 @@ class _Round:
     sent: dict = field(default_factory=dict)
     attempts: dict = field(default_factory=dict)
     next_try: dict = field(default_factory=dict)
-
-
-def _warn(msg: str) -> None:
-    print(f"halo-run: warning: {msg}", file=sys.stderr, flush=True)
 
 
 class UdpExchange:

@@ -23,7 +23,7 @@ from ..core.exchange import Drops, ExchangeStats, RoundResult
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .exchange import PHASE_REQUEST, RETURN_GRACE_S, _layout, _warn
+from .rounds import PHASE_REQUEST, RETURN_GRACE_S, _layout, _warn
 from .recovery import DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, why_not_replaced
 from .shim import LINUX_RTO_MIN_MS, LossShim
 from .transport import TcpChannel, TransportError

@@ -1,5 +1,5 @@
-"""Sockets for HALO: a UDP endpoint (the relaxed-synchronisation path), a TCP channel (the strict
-baseline, like distributed-llama), and an RFC 6298 retransmission timer.
+"""Sockets for HALO: a UDP endpoint (the relaxed-synchronisation path) and a TCP channel (the strict
+baseline, like distributed-llama); the retransmission timer is `rtt.RttEstimator`.
 
 Messages and their encoding live in `wire`. The UDP endpoint chunks every message to the MTU and
 reassembles on receipt; garbage, forgeries and replays are dropped and counted, never raised.
@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import errno
-import math
 import selectors
 import socket
 import struct
@@ -56,40 +55,6 @@ def _describe(host: str, port: int, err: OSError) -> str:
 
 def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-# --- retransmission timer -----------------------------------------------------------------------
-
-class RttEstimator:
-    """Smoothed RTT and retransmission timeout, RFC 6298 (alpha 1/8, beta 1/4, K = 4).
-
-    Karn's rule is the caller's job: call `sample` only for exchanges whose request went out exactly
-    once, since a reply to a retransmitted request cannot be matched to one transmission. Backing
-    off after a timer expiry is the caller's job too (the UDP exchange caps it).
-    """
-
-    def __init__(self, floor_s: float = 0.002, ceiling_s: float = 0.2, initial_s: float = 0.02,
-                 alpha: float = 0.125, beta: float = 0.25):
-        self.floor_s, self.ceiling_s, self.initial_s = floor_s, ceiling_s, initial_s
-        self.alpha, self.beta = alpha, beta
-        self.srtt_s: float | None = None
-        self.rttvar_s = 0.0
-
-    def sample(self, rtt_s: float) -> None:
-        """Fold in one measured round trip (seconds); negative or non-finite values are ignored."""
-        if not math.isfinite(rtt_s) or rtt_s < 0:
-            return
-        if self.srtt_s is None:
-            self.srtt_s, self.rttvar_s = rtt_s, rtt_s / 2
-        else:  # rttvar first: it uses the old srtt (RFC 6298 2.3)
-            self.rttvar_s = (1 - self.beta) * self.rttvar_s + self.beta * abs(self.srtt_s - rtt_s)
-            self.srtt_s = (1 - self.alpha) * self.srtt_s + self.alpha * rtt_s
-
-    @property
-    def rto_s(self) -> float:
-        """Current retransmission timeout, in [floor_s, ceiling_s]."""
-        base = self.initial_s if self.srtt_s is None else self.srtt_s + 4 * self.rttvar_s
-        return min(self.ceiling_s, max(self.floor_s, base))
 
 
 # --- UDP ----------------------------------------------------------------------------------------
