@@ -6,10 +6,13 @@ on every link to and from them, every link gets the swept one-way delay (with ji
 is not 0), and each device's port gets its profile bandwidth (tbf). For every delay, loss rate and
 repetition the modes run back to back with the same prompt and token count:
 
-- relaxed: `halo-run generate --sync relaxed --draft none` (UDP, deadlines, compensation);
+- relaxed: `halo-run generate --sync relaxed --draft none` (UDP, deadlines, compensation, the
+  copies the plan chose for each link);
 - draft:   the same with `--draft lookup` (several tokens verified per pass);
 - redundant: relaxed with `--redundancy 2` (every message to and from a lossy device sent twice;
   opt-in: `--modes relaxed,redundant,strict`);
+- single:  relaxed with `--redundancy 1` (one copy of each one-datagram message, whatever the plan
+  chose; opt-in);
 - strict:  `halo-run generate --sync strict --draft none` (TCP, cubic, minimum RTO lowered, every
   part awaited);
 - gloo:    `gloo_tp.py` (torch.distributed gloo all-reduce over TCP, same partition).
@@ -72,10 +75,11 @@ FULL = dict(plrs=[0.0, 0.01, 0.02, 0.05, 0.10], delays=[0.0, 2.0], reps=3, token
 QUICK = dict(plrs=[0.0, 0.05], delays=[0.0, 2.0], reps=1, tokens=24, gloo_reps=1, gloo_tokens=6)
 MODES = {"relaxed": ["--sync", "relaxed", "--draft", "none"], "draft": ["--sync", "relaxed", "--draft", "lookup"],
          "redundant": ["--sync", "relaxed", "--draft", "none", "--redundancy", "2"],
+         "single": ["--sync", "relaxed", "--draft", "none", "--redundancy", "1"],
          "strict": ["--sync", "strict", "--draft", "none"], "gloo": None, "peer": None}
 """Sweep mode -> its `halo-run generate` arguments (None: the gloo baseline, or the peer's commands)."""
 DEFAULT_MODES = ("relaxed", "draft", "strict", "gloo")
-"""The modes a sweep runs unless `--modes` says otherwise (redundant is opt-in)."""
+"""The modes a sweep runs unless `--modes` says otherwise (redundant and single are opt-in)."""
 WORKER_PORT = 7700
 GLOO_PORT = 29500
 PEER_PORT = 9998
@@ -464,7 +468,7 @@ def _sweep(args, plan_dir, out, png, plrs, delays, reps, tokens, gloo_reps, gloo
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc["duration_s"] = round(time.time() - started, 1)
     # same greedy tokens as strict, prompt by prompt (at 0% loss every mode must agree)
-    for other in ("relaxed", "draft", "redundant", "gloo"):
+    for other in ("relaxed", "draft", "redundant", "single", "gloo"):
         if other not in modes or "strict" not in modes:
             continue
         key = f"same_tokens_{other}_vs_strict"

@@ -101,7 +101,7 @@ def rounds(plan_dir: str, sync: str, rows: list[int], reps: int) -> dict:
     from halo_runtime.net.tcpexchange import TcpExchange
 
     torch.set_num_threads(1)
-    args = argparse.Namespace(plan=plan_dir, wire="fp16", relaxed_retries=1, redundancy=1, dead_after=4.0,
+    args = argparse.Namespace(plan=plan_dir, wire="fp16", relaxed_retries=1, redundancy=None, dead_after=4.0,
                               key_file=None, delay_ms=0.0, jitter_ms=0.0, seed=0)
     plan, shard, _, policy = _load_coordinator(args)
     workers: dict = {}

@@ -189,7 +189,7 @@ def verify(directory, model):
 @field_option("--relaxed-retries", of=POLICY, type=int,
               help="Delivery policy simulated: fast re-requests of a late relaxed part before its deadline.")
 @field_option("--redundancy", of=POLICY, type=int,
-              help="Delivery policy simulated: copies of every message to and from a lossy device (1 = none).")
+              help="Delivery policy simulated: copies of every message to and from a lossy device (1 = none) [default: as many as the plan chose per link].")
 @field_option("--multi-datagram-copies", of=POLICY, type=int,
               help="Delivery policy simulated: at least this many copies of a message of several datagrams.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")

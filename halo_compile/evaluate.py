@@ -33,7 +33,10 @@ the checked-in plan.json alone gives the miss rates it simulates, at 5% loss on 
     >>> from halo_runtime.core.plan import load_plan
     >>> from halo_runtime.core.policy import DeliveryPolicy
     >>> rates = miss_rates(load_plan("artifacts/smollm2-135m-pi5"), plr=0.05, policy=DeliveryPolicy())
-    >>> {d: round(q, 4) for d, q in rates.items()}
+    >>> {d: round(q, 6) for d, q in rates.items()}     # the plan sends 2 copies to and from each
+    {'pi5-1': 0.0, 'pi5-2': 2.5e-05, 'pi5-3': 2.5e-05}
+    >>> rates = miss_rates(load_plan("artifacts/smollm2-135m-pi5"), plr=0.05, policy=DeliveryPolicy(redundancy=1))
+    >>> {d: round(q, 4) for d, q in rates.items()}     # one copy: both attempts must be lost
     {'pi5-1': 0.0, 'pi5-2': 0.0095, 'pi5-3': 0.0095}
     >>> EvalOptions(methods=("lowrank", "retry"))
     Traceback (most recent call last):
@@ -188,7 +191,7 @@ def link_losses(plan: Plan, plr: float | None, burst: float | None = None) -> di
 
 def miss_rates(plan: Plan, plr: float | None, policy: DeliveryPolicy, burst: float | None = None) -> dict[str, float]:
     """Per remote device, the chance a relaxed part misses its deadline (plr, burst override lossy links)."""
-    return {name: policy.miss_probability(loss, plan.model.hidden_size, b)
+    return {name: policy.miss_probability(loss, plan.model.hidden_size, b, plan.link_copies(name))
             for name, (loss, b) in link_losses(plan, plr, burst).items()}
 
 
@@ -381,7 +384,9 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
     return {"plan": str(plan_dir), "full_ppl": round(full, 4), "tokens": sum(len(w) for w in windows),
             "predicted_tokens": count, "windows": len(windows), "context": opts.context, "seed": opts.seed,
             "wire": opts.wire, "policy": {"relaxed_retries": opts.policy.relaxed_retries,
-                                          "redundancy": opts.policy.redundancy, "wire": opts.policy.wire},
+                                          "redundancy": opts.policy.redundancy, "wire": opts.policy.wire,
+                                          "link_copies": {d: plan.link_copies(d) for d in plan.device_names
+                                                          if d != plan.coordinator}},
             "default_method": default, "predictor": recall, "results": results,
             "greedy": {"prompts": len(prompts), "prompt_tokens": PROMPT_TOKENS, "tokens": opts.greedy_tokens},
             **({"predictive": {d: {"computed_share": round(c.pairs[0] / max(c.pairs[1], 1), 4)}

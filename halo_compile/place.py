@@ -65,6 +65,7 @@ from .placecost import (
     expected_lost_importance,
     group_cost,
     importance_at_risk,
+    link_copies,
     load_ms,
     mb,
     predicted_token_ms,
@@ -269,7 +270,8 @@ def device_reports(inputs: PlacementInputs, placement: Placement, num_layers: in
             num_groups=len(mine),
             # attention and MLP shares each sum to 1 per layer
             importance_share=sum(c.importance for c in mine) / (2 * num_layers),
-            predicted_time_ms=placement.device_time_ms[dev.name]))
+            predicted_time_ms=placement.device_time_ms[dev.name],
+            copies=1 if dev.name == inputs.coordinator else link_copies(dev, inputs.options)))
     return with_energy(tuple(reports), inputs.devices, placement.predicted_token_ms)
 
 

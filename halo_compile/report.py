@@ -74,6 +74,12 @@ def inspect_text(plan: Plan) -> str:
         lines.append("loss in bursts (a relaxed part's miss chance, bursty vs if independent): " + ", ".join(
             f"{d.name} mean {d.burst:g} datagrams ({100 * policy.miss_probability(d.loss, burst=d.burst):.2f}% vs "
             f"{100 * policy.miss_probability(d.loss):.2f}%)" for d in bursty))
+    copied = [(d, plan.link_copies(d.name)) for d in plan.devices if plan.link_copies(d.name) > 1]
+    if copied:
+        policy = DeliveryPolicy()
+        lines.append("copies of each decode message to and from a lossy board (halo-run --redundancy overrides): "
+                     + ", ".join(f"{d.name} {c} (relaxed misses {100 * policy.miss_probability(d.loss):.2f}% "
+                                 f"-> {100 * policy.miss_probability(d.loss, planned=c):.4f}%)" for d, c in copied))
     fp = f", fingerprint {plan.weights_fingerprint[:12]}" if plan.weights_fingerprint else ""
     lines.append(f"weights: {plan.weights}{fp}; stored bytes per device: "
                  + ", ".join(f"{r.name} {r.weight_bytes / MB:.1f} MB" for r in plan.device_reports))
@@ -97,7 +103,8 @@ def inspect_text(plan: Plan) -> str:
     lines.append(f"rounds per token: {len(rounds)} of {2 * plan.model.num_layers} ({attn} attention, "
                  f"{len(rounds) - attn} MLP; a round whose groups all stay on the coordinator asks no one)")
     lines.append(f"expected lost importance per layer: {100 * plan.expected_lost_importance:.4f}% of the layer "
-                 f"output at {plan.predicted_token_ms:.2f} ms/token (this placement)")
+                 f"output at {plan.predicted_token_ms:.2f} ms/token (this placement"
+                 + (", priced at one copy per message: the copies cut it)" if copied else ")"))
     lines.append(f"  vs a loss-blind placement: {100 * plan.loss_blind_lost_importance:.4f}% at its planned speed, "
                  f"or {plan.loss_blind_token_ms:.2f} ms/token if it waits for retransmissions")
     lines.append(f"predictor: rank {p.rank}, recall {mean(p.recall):.3f}, precision {mean(p.precision):.3f} "

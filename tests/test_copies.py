@@ -1,12 +1,14 @@
-"""A message of several datagrams to or from a lossy device goes twice (`DeliveryPolicy.copies`):
-a prefill's requests and replies, while a one-datagram decode row goes once, and nothing to or from
-a clean device is copied. Counted on the wire of a real UDP exchange with loopback workers.
+"""A message of several datagrams to or from a lossy device goes at least twice
+(`DeliveryPolicy.copies`): a prefill's requests and replies; a one-datagram decode row goes as
+often as the plan chose for the link (`DeviceReport.copies`), or `--redundancy` says; nothing to
+or from a clean device is copied. Counted on the wire of a real UDP exchange with loopback workers.
 """
 from __future__ import annotations
 
 import threading
 from collections import Counter
 
+import pytest
 from halo_runtime.core.codec import datagrams, tensor_bytes
 from halo_runtime.core.coordinator import Coordinator, Feed, TokenStats
 from halo_runtime.core.policy import DeliveryPolicy
@@ -35,10 +37,13 @@ class CountingShim:
         pass
 
 
-def test_several_datagrams_go_twice_to_and_from_a_lossy_device(tiny_plan, tiny_shards):
+@pytest.mark.parametrize("redundancy", [None, 1, 3])
+def test_copies_to_and_from_a_lossy_device(tiny_plan, tiny_shards, redundancy):
     plan, _ = tiny_plan
     lossy = next(d.name for d in plan.devices if d.loss > 0)
-    policy = DeliveryPolicy(wire="fp32", dead_after_s=30)
+    assert plan.link_copies(lossy) == 2  # 5% loss: the compiler chose two copies for the link
+    one = redundancy or plan.link_copies(lossy)
+    policy = DeliveryPolicy(wire="fp32", dead_after_s=30, redundancy=redundancy)
     rows = next(n for n in range(2, 200) if datagrams(tensor_bytes(n, plan.model.hidden_size, "fp32")) > 1)
     out, back = CountingShim(), {d: CountingShim() for d in plan.device_names if d != plan.coordinator}
     with thread_workers(plan, tiny_shards, back) as workers:
@@ -56,7 +61,7 @@ def test_several_datagrams_go_twice_to_and_from_a_lossy_device(tiny_plan, tiny_s
     replies = [((d, k[2], k[5]), n) for d, shim in back.items() for k, n in shim.sent.items() if k[1] in REPLIES]
     assert requests and replies
     for (d, step, count), n in requests + replies:
-        assert n == (2 if d == lossy and count > 1 else 1), (d, step, count, n)
-    # both kinds happened on the lossy link, each way: a copied prefill and a single decode row
+        assert n == (max(one, 2 if count > 1 else 1) if d == lossy else 1), (d, step, count, n)
+    # both kinds happened on the lossy link, each way: a prefill and a decode row
     for sent in (requests, replies):
         assert {(step, count > 1) for (d, step, count), _ in sent if d == lossy} == {(0, True), (1, False)}

@@ -235,7 +235,11 @@ def test_miss_rates_override_only_lossy_links(tiny_plan):
     lossy = {d.name for d in plan.devices if d.loss > 0}
     assert set(rates) == set(plan.device_names) - {plan.coordinator}
     assert all((q > 0) == (d in lossy) for d, q in rates.items())
-    assert max(rates.values()) == pytest.approx(DeliveryPolicy().miss_probability(0.1))
+    (name,) = lossy  # the plan's copies for the link, whatever loss is simulated on it (so does the runtime)
+    assert rates[name] == pytest.approx(DeliveryPolicy().miss_probability(0.1, planned=plan.link_copies(name)))
+    assert plan.link_copies(name) == 2 and rates[name] < DeliveryPolicy().miss_probability(0.1) / 10
+    once = miss_rates(plan, 0.1, DeliveryPolicy(redundancy=1))  # --redundancy 1 overrides the plan
+    assert once[name] == pytest.approx(DeliveryPolicy().miss_probability(0.1))
 
 
 def test_cli_prints_one_json_object(tiny_plan):

@@ -203,7 +203,7 @@ class InProcessExchange:
         self.miss = miss or {}
         self.gen = np.random.default_rng(seed)
         self.bursty = {d: BurstyLink(loss, burst, policy, plan.model.hidden_size,
-                                     np.random.default_rng((seed, self.order.index(d))))
+                                     np.random.default_rng((seed, self.order.index(d))), plan.link_copies(d))
                        for d, (loss, burst) in (bursty or {}).items()}
         self._pattern: dict[str, tuple[int, np.ndarray]] = {}  # bursty device -> (last layer, misses of the pass)
         self.pending: tuple | None = None

@@ -29,7 +29,7 @@ from .config import ModelConfig
 from .formats import weight_format
 from .plandir import PLAN_FILE, PlanError
 from .planjson import dump, from_plain, to_plain
-from .policy import gilbert
+from .policy import MAX_COPIES, gilbert
 from .spans import MAX_SLOTS
 
 SCHEMA_VERSION = 1
@@ -197,6 +197,13 @@ class DeviceReport:
     energy_mj: float | None = field(default=None, metadata=OPTIONAL)
     """Predicted energy per token in mJ: busy watts over its compute time plus idle watts over the
     rest of the predicted token time (`halo_compile.placecost.energy_mj`); None without `power_w`."""
+    copies: int = field(default=1, metadata=OPTIONAL)
+    """Copies of each one-datagram message to and from it that the compiler chose for its link
+    (`halo_compile.placecost.link_copies`); the runtime sends that many unless `--redundancy` says."""
+
+    def __post_init__(self):
+        if not 1 <= self.copies <= MAX_COPIES:
+            raise ValueError(f"device report {self.name}: copies must be in 1..{MAX_COPIES}, got {self.copies}")
 
 
 @dataclass(frozen=True)
@@ -357,6 +364,10 @@ class Plan:
         """Predicted energy per token in mJ of the devices with `power_w`, summed (None: none has it)."""
         known = [r.energy_mj for r in self.device_reports if r.energy_mj is not None]
         return sum(known) if known else None
+
+    def link_copies(self, device: str) -> int:
+        """Copies of a one-datagram message to and from `device` that the plan chose (1 on clean links)."""
+        return next((r.copies for r in self.device_reports if r.name == device), 1)
 
     def session_slots(self, device: str | None = None) -> int:
         """Sessions whose KV caches (at max_context) fit in `device`'s memory beside its weights and

@@ -17,6 +17,8 @@ Example:
     0.009506
     >>> round(DeliveryPolicy(redundancy=2).miss_probability(0.05), 6)
     2.5e-05
+    >>> round(p.miss_probability(0.05, planned=2), 6)  # the plan chose 2 copies for this link
+    2.5e-05
     >>> round(p.miss_probability(0.05, burst=3), 4)   # bursts of 3: the re-request is often lost too
     0.0342
 """
@@ -29,6 +31,10 @@ import numpy as np
 from .codec import REQUEST_PREFIX, SPAN, datagrams, tensor_bytes
 
 
+MAX_COPIES = 4
+"""Most copies of one message that `--redundancy` or a plan may ask for."""
+
+
 @dataclass(frozen=True)
 class DeliveryPolicy:
     """How the coordinator waits for partial sums."""
@@ -37,9 +43,10 @@ class DeliveryPolicy:
     """Activation dtype on the wire: fp16 (default) or fp32 (bit-exact)."""
     relaxed_retries: int = 1
     """Fast re-requests of a late relaxed part before its deadline."""
-    redundancy: int = 1
+    redundancy: int | None = None
     """Copies of every message to and from a lossy device (1 = none; one of several datagrams gets at
-    least `multi_datagram_copies`)."""
+    least `multi_datagram_copies`); None: as many as the plan chose for the device's link
+    (`DeviceReport.copies`)."""
     multi_datagram_copies: int = 2
     """At least this many copies of a message of several datagrams to and from a lossy device (a
     prefill, a batch of sessions' rows, a wide model's row): one lost datagram of k costs the whole
@@ -59,8 +66,9 @@ class DeliveryPolicy:
     def __post_init__(self):
         if self.wire not in ("fp16", "fp32", "bf16"):
             raise ValueError(f"wire must be fp16, fp32 or bf16, got {self.wire!r}")
-        if self.relaxed_retries < 0 or not 1 <= self.redundancy <= 4 or not 1 <= self.multi_datagram_copies <= 4:
-            raise ValueError("relaxed_retries must be >= 0, redundancy and multi_datagram_copies in 1..4")
+        if (self.relaxed_retries < 0 or not 1 <= (self.redundancy or 1) <= MAX_COPIES
+                or not 1 <= self.multi_datagram_copies <= MAX_COPIES):
+            raise ValueError(f"relaxed_retries must be >= 0, redundancy and multi_datagram_copies in 1..{MAX_COPIES}")
         if min(self.rto_floor_ms, self.dead_after_s, self.down_after_s, self.probe_every_s) <= 0:
             raise ValueError("rto_floor_ms, dead_after_s, down_after_s and probe_every_s must be positive")
 
@@ -69,15 +77,18 @@ class DeliveryPolicy:
         tensor = tensor_bytes(1, hidden_size, self.wire)
         return datagrams(REQUEST_PREFIX.size + SPAN.size + tensor), datagrams(tensor)
 
-    def copies(self, loss: float, datagrams: int) -> int:
-        """Copies of a message of `datagrams` datagrams to or from a device whose link loses `loss`:
-        none extra on a clean link, `redundancy` for one datagram, at least `multi_datagram_copies`
-        for several. The exchange sends by it, and `miss_probability` prices it."""
+    def copies(self, loss: float, datagrams: int, planned: int = 1) -> int:
+        """Copies of a message of `datagrams` datagrams to or from a device whose link loses `loss`
+        and for which the plan chose `planned` copies: none extra on a clean link, `redundancy` (if
+        set, else `planned`) for one datagram, at least `multi_datagram_copies` for several. The
+        exchange sends by it, and `miss_probability` prices it."""
         if loss <= 0:
             return 1
-        return self.redundancy if datagrams <= 1 else max(self.redundancy, self.multi_datagram_copies)
+        one = self.redundancy or planned
+        return one if datagrams <= 1 else max(one, self.multi_datagram_copies)
 
-    def miss_probability(self, loss: float, hidden_size: int | None = None, burst: float = 0.0) -> float:
+    def miss_probability(self, loss: float, hidden_size: int | None = None, burst: float = 0.0,
+                         planned: int = 1) -> float:
         """Chance that a relaxed part misses its deadline on a link that drops each datagram with `loss`.
 
         The one model of this policy's delivery, shared by simulation (`halo-compile eval`) and
@@ -88,10 +99,11 @@ class DeliveryPolicy:
         where the device also owes a critical part that round: the critical part's own
         retransmissions can bring the relaxed reply along after the deadline. `burst` > 0: losses
         come in bursts of that mean length (module docstring), the attempts' datagrams back to back.
+        `planned`: the copies the plan chose for the link (see `copies`).
         """
         if not 0.0 <= loss < 1.0:
             raise ValueError(f"loss {loss} is outside [0, 1)")
-        layout = self.attempt_layout(loss, hidden_size)
+        layout = self.attempt_layout(loss, hidden_size, planned)
         if burst and loss > 0:
             return _burst_miss(gilbert(loss, burst), loss, layout)
         (request_copies, request), (reply_copies, reply) = layout[:2]
@@ -99,11 +111,13 @@ class DeliveryPolicy:
         attempt = 1.0 - (1.0 - copy_lost(request) ** request_copies) * (1.0 - copy_lost(reply) ** reply_copies)
         return attempt ** (1 + self.relaxed_retries)
 
-    def attempt_layout(self, loss: float, hidden_size: int | None = None) -> tuple[tuple[int, int], ...]:
+    def attempt_layout(self, loss: float, hidden_size: int | None = None,
+                       planned: int = 1) -> tuple[tuple[int, int], ...]:
         """The datagram slots of one relaxed part on its link, in order: per attempt, the request's
         copies then the reply's, as (copies, datagrams per copy) per message (see miss_probability)."""
         request, reply = self.message_datagrams(hidden_size) if hidden_size else (1, 1)
-        return ((self.copies(loss, request), request), (self.copies(loss, reply), reply)) * (1 + self.relaxed_retries)
+        return (((self.copies(loss, request, planned), request), (self.copies(loss, reply, planned), reply))
+                * (1 + self.relaxed_retries))
 
 
 def gilbert(loss: float, burst: float) -> tuple[float, float]:
@@ -162,9 +176,9 @@ class BurstyLink:
     one block of `attempt_layout` slots per (token, round), continuing across calls."""
 
     def __init__(self, loss: float, burst: float, policy: DeliveryPolicy, hidden_size: int | None,
-                 gen: np.random.Generator):
+                 gen: np.random.Generator, planned: int = 1):
         self.g2b, self.b2g = gilbert(loss, burst)
-        self.layout = policy.attempt_layout(loss, hidden_size)
+        self.layout = policy.attempt_layout(loss, hidden_size, planned)
         self.gen = gen
         self.bad = bool(gen.random() < loss)  # stationary start
 

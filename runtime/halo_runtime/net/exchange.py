@@ -8,8 +8,9 @@ UDP delivery policy, per layer round:
   with one fast re-request at sent + RTO; after the deadline it is compensated (of a reply of
   several rows, the rows whose datagrams came are used: `_partial_rows`);
 - to and from a lossy device a message goes `DeliveryPolicy.copies` times (copies are dropped on
-  arrival): `redundancy` for one datagram, at least `multi_datagram_copies` (2) for several (a
-  prefill, a batch of sessions), turning a miss rate q into about q^copies.
+  arrival): the plan's choice for the link (or `redundancy`) for one datagram, at least
+  `multi_datagram_copies` (2) for several (a prefill, a batch of sessions), turning a miss rate q
+  into about q^copies.
 RTT is sampled per device and round kind, only from first attempts (Karn's rule); it includes
 the device's compute time, which is what a deadline must allow for.
 
@@ -92,6 +93,7 @@ class UdpExchange:
         self.me = self.index[plan.coordinator]
         self.remote = [d for d in plan.device_names if d != plan.coordinator]
         self.loss = {d: plan.device(d).loss for d in self.remote}
+        self.planned = {d: plan.link_copies(d) for d in self.remote}
         self.full, self.failed = plan, None
         self._use(plan)
         self.auth = auth or Authenticator()
@@ -237,13 +239,13 @@ class UdpExchange:
         msgs: dict[int, Message] = {}
         payload, copies = {}, {}
         for d in targets:
-            c = self.policy.copies(self.loss[d], reply_datagrams)
+            c = self.policy.copies(self.loss[d], reply_datagrams, self.planned[d])
             m = msgs.get(c)
             if m is None:
                 m = msgs[c] = Message(kind, self.session, step, layer, self.me,
                                       encode_request(x, at, self.policy.wire, c))
             payload[d] = m
-            copies[d] = self.policy.copies(self.loss[d], datagrams(len(m.payload)))
+            copies[d] = self.policy.copies(self.loss[d], datagrams(len(m.payload)), self.planned[d])
         self.round = _Round(phase, step, layer, payload, targets, copies, rows=x.shape[0])
         if step > 2:
             self.endpoint.reassembler.set_watermark(step - 2)
