@@ -24,6 +24,8 @@ WIFI = Device("w", "10.0.0.2:7700", 10**9, 2.0, latency_ms=0.5, bandwidth_mbps=2
     ({"loss": 0.01, "bandwidth_mbps": 1000}, 2),
     ({"loss": 0.3, "bandwidth_mbps": 1000}, MAX_COPIES),
     ({"bandwidth_mbps": 1}, 1),                      # a copy takes 9 ms of a 1 Mbit/s link
+    ({"burst": 4.0}, 1),                             # bursts of 4 take both copies: q1 6.3% -> 5.4%
+    ({"burst": 1.2}, 2),                             # short bursts: 9.2% -> 1.6%
 ])
 def test_link_copies_weighs_link_time_against_retransmission_waits(link, copies):
     assert link_copies(replace(WIFI, **link), PlaceOptions()) == copies
