@@ -63,3 +63,10 @@ def test_a_plan_with_copies_out_of_range_is_refused_naming_the_device(tiny_plan,
         Plan.from_json(json.dumps(data), "plan.json")
     with pytest.raises(ValueError, match="copies"):
         DeviceReport("x", 0, 0, 0, 0.0, 0.0, copies=copies)
+
+
+@pytest.mark.parametrize("redundancy", [0, -1, MAX_COPIES + 1])
+def test_a_redundancy_out_of_range_is_refused(redundancy):
+    with pytest.raises(ValueError, match=f"redundancy and multi_datagram_copies in 1..{MAX_COPIES}"):
+        DeliveryPolicy(redundancy=redundancy)
+    assert DeliveryPolicy(redundancy=None).copies(0.05, 1, 3) == 3  # None: the plan's choice

@@ -66,8 +66,8 @@ class DeliveryPolicy:
     def __post_init__(self):
         if self.wire not in ("fp16", "fp32", "bf16"):
             raise ValueError(f"wire must be fp16, fp32 or bf16, got {self.wire!r}")
-        if (self.relaxed_retries < 0 or not 1 <= (self.redundancy or 1) <= MAX_COPIES
-                or not 1 <= self.multi_datagram_copies <= MAX_COPIES):
+        if (self.relaxed_retries < 0 or not 1 <= self.multi_datagram_copies <= MAX_COPIES
+                or (self.redundancy is not None and not 1 <= self.redundancy <= MAX_COPIES)):
             raise ValueError(f"relaxed_retries must be >= 0, redundancy and multi_datagram_copies in 1..{MAX_COPIES}")
         if min(self.rto_floor_ms, self.dead_after_s, self.down_after_s, self.probe_every_s) <= 0:
             raise ValueError("rto_floor_ms, dead_after_s, down_after_s and probe_every_s must be positive")
