@@ -45,7 +45,7 @@ class DeliveryPolicy:
     """Fast re-requests of a late relaxed part before its deadline."""
     redundancy: int | None = None
     """Copies of every message to and from a lossy device (1 = none; one of several datagrams gets at
-    least `multi_datagram_copies`); None: as many as the plan chose for the device's link
+    least `multi_datagram_copies`); unset (None): as many as the plan chose for the device's link
     (`DeviceReport.copies`)."""
     multi_datagram_copies: int = 2
     """At least this many copies of a message of several datagrams to and from a lossy device (a
