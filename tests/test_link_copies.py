@@ -70,3 +70,14 @@ def test_a_redundancy_out_of_range_is_refused(redundancy):
     with pytest.raises(ValueError, match=f"redundancy and multi_datagram_copies in 1..{MAX_COPIES}"):
         DeliveryPolicy(redundancy=redundancy)
     assert DeliveryPolicy(redundancy=None).copies(0.05, 1, 3) == 3  # None: the plan's choice
+
+
+def test_eval_simulates_the_plan_copies_on_a_bursty_link_too(tiny_plan, tiny_shards):
+    from halo_runtime.core.exchange import InProcessExchange
+
+    plan, _ = tiny_plan
+    lossy = next(d.name for d in plan.devices if d.loss > 0)
+    for policy, copies in ((DeliveryPolicy(), plan.link_copies(lossy)), (DeliveryPolicy(redundancy=1), 1)):
+        ex = InProcessExchange(plan, tiny_shards, bursty={lossy: (0.05, 1.2)}, policy=policy)
+        # per attempt: the request's copies, then the reply's, each (copies, datagrams per copy)
+        assert [c for c, _ in ex.bursty[lossy].layout] == [copies] * len(ex.bursty[lossy].layout)
