@@ -68,15 +68,14 @@ def inspect_text(plan: Plan) -> str:
         lines.append(f"{dev.name + role:<10} {mem:>18} {attn:>5} {crit:>8} {rlx:>7} "
                      f"{100 * rep.importance_share:>9.1f}% {100 * dev.loss:>5.1f}% {rep.predicted_time_ms:>8.2f}")
     lines.append("(* coordinator: also holds embeddings, norms, LM head, predictors, compensation)")
+    policy = DeliveryPolicy()
     bursty = [d for d in plan.devices if d.burst and d.loss]
     if bursty:
-        policy = DeliveryPolicy()
         lines.append("loss in bursts (a relaxed part's miss chance, bursty vs if independent): " + ", ".join(
             f"{d.name} mean {d.burst:g} datagrams ({100 * policy.miss_probability(d.loss, burst=d.burst):.2f}% vs "
             f"{100 * policy.miss_probability(d.loss):.2f}%)" for d in bursty))
-    copied = [(d, plan.link_copies(d.name)) for d in plan.devices if plan.link_copies(d.name) > 1]
+    copied = [(d, r.copies) for d, r in zip(plan.devices, plan.device_reports) if r.copies > 1]
     if copied:
-        policy = DeliveryPolicy()
         lines.append("copies of each decode message to and from a lossy board (halo-run --redundancy overrides): "
                      + ", ".join(f"{d.name} {c} (relaxed misses {100 * policy.miss_probability(d.loss):.2f}% "
                                  f"-> {100 * policy.miss_probability(d.loss, planned=c):.4f}%)" for d, c in copied))

@@ -9,6 +9,7 @@ import json
 from dataclasses import replace
 
 import pytest
+from halo_runtime.core.exchange import InProcessExchange
 from halo_runtime.core.plan import Device, DeviceReport, Plan, PlanError
 from halo_runtime.core.policy import MAX_COPIES, DeliveryPolicy
 
@@ -73,8 +74,6 @@ def test_a_redundancy_out_of_range_is_refused(redundancy):
 
 
 def test_eval_simulates_the_plan_copies_on_a_bursty_link_too(tiny_plan, tiny_shards):
-    from halo_runtime.core.exchange import InProcessExchange
-
     plan, _ = tiny_plan
     lossy = next(d.name for d in plan.devices if d.loss > 0)
     for policy, copies in ((DeliveryPolicy(), plan.link_copies(lossy)), (DeliveryPolicy(redundancy=1), 1)):
