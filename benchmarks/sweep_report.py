@@ -19,13 +19,13 @@ from benchmarks.benchcommon import percentiles
 
 TARGET_DELAY_MS = 2.0
 """One-way delay at which the loss targets are read (the issue's lab: 2 ms +- 0.5)."""
-MODE_ORDER = ("relaxed", "draft", "redundant", "single", "strict", "gloo", "peer")
-LABELS = {"relaxed": "HALO relaxed (UDP)", "draft": "HALO relaxed + lookup draft",
+MODE_ORDER = ("relaxed", "push", "draft", "redundant", "single", "strict", "gloo", "peer")
+LABELS = {"relaxed": "HALO relaxed (UDP)", "push": "HALO relaxed, push rounds", "draft": "HALO relaxed + lookup draft",
           "redundant": "HALO relaxed, lossy links x2", "single": "HALO relaxed, one copy",
           "strict": "HALO strict (TCP)",
           "gloo": "gloo all-reduce (TCP)", "peer": "peer (--peer-root)"}
 STYLE = {"relaxed": ("tab:green", "o"), "draft": ("tab:olive", "D"), "redundant": ("tab:cyan", "v"),
-         "single": ("tab:gray", "x"),
+         "single": ("tab:gray", "x"), "push": ("tab:orange", "*"),
          "strict": ("tab:red", "s"), "gloo": ("tab:blue", "^"), "peer": ("tab:purple", "P")}
 
 
@@ -136,7 +136,7 @@ def table(doc: dict) -> str:
     for r in sorted(doc["runs"], key=lambda r: (r.get("delay_ms") or 0.0, r["plr"], MODE_ORDER.index(r["mode"]))):
         t = r["tpot_ms"]
         ol = f"{100 * r['observed_loss']:.2f}%" if r["observed_loss"] is not None else "-"
-        comp = f"{100 * r['compensated_share']:.2f}%" if r["mode"] in ("relaxed", "draft", "redundant", "single") else "-"
+        comp = f"{100 * r['compensated_share']:.2f}%" if r["mode"] in ("relaxed", "push", "draft", "redundant", "single") else "-"
         rows.append(f"| {r.get('delay_ms') or 0.0:g} ms | {r['mode']} | {100 * r['plr']:.0f}% | {t['p50']:.1f} | "
                     f"{t['p90']:.1f} | {t['p99']:.1f} | {r.get('tokens_per_pass', 1.0):.2f} | {ol} | {comp} | "
                     f"{r['decode_tokens'] // r['repetitions'] + 1} x {r['repetitions']} | "

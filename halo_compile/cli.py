@@ -29,6 +29,7 @@ from functools import wraps
 import click
 from halo_runtime.core.formats import FORMATS, REPLACED
 from halo_runtime.core.options import field_default, field_docs
+from halo_runtime.core.plan import ROUNDS
 
 from . import __version__
 
@@ -186,6 +187,10 @@ def verify(directory, model):
 @field_option("--context", of=EVAL, type=int)
 @field_option("--greedy-prompts", of=EVAL, type=int)
 @field_option("--greedy-tokens", of=EVAL, type=int)
+@field_option("--rounds", of=EVAL, type=click.Choice(ROUNDS),
+              help="How network rounds travel: star (through the coordinator, what halo-run does) or push "
+                   "(each device sums the parts on its own view of the residual; a model of the push rounds "
+                   "the runtime does not run yet).")
 @field_option("--relaxed-retries", of=POLICY, type=int,
               help="Delivery policy simulated: fast re-requests of a late relaxed part before its deadline.")
 @field_option("--redundancy", of=POLICY, type=int,
@@ -197,7 +202,7 @@ def verify(directory, model):
 @click.option("--predictive", multiple=True, metavar="DEVICE",
               help="Run DEVICE in predictive loading mode (skip MLP groups predicted inactive); repeatable.")
 @friendly
-def evaluate(directory, plrs, burst, tokens, text_file, seed, methods, context, greedy_prompts, greedy_tokens,
+def evaluate(directory, plrs, burst, tokens, text_file, seed, methods, context, greedy_prompts, greedy_tokens, rounds,
              relaxed_retries, redundancy, multi_datagram_copies, as_json, quiet, predictive):
     """Perplexity, top-1 agreement and greedy agreement of the plan in DIRECTORY under simulated loss,
     per method, against the plan with nothing lost."""
@@ -212,7 +217,7 @@ def evaluate(directory, plrs, burst, tokens, text_file, seed, methods, context, 
     torch.set_num_threads(1)  # the machines this runs on are small and shared
     try:
         opts = EvalOptions(plrs=tuple(plrs) or None, burst=burst, tokens=tokens, context=context, text_file=text_file, seed=seed,
-                           greedy_prompts=greedy_prompts, greedy_tokens=greedy_tokens,
+                           greedy_prompts=greedy_prompts, greedy_tokens=greedy_tokens, rounds=rounds,
                            methods=tuple(methods) or None, progress=not quiet, predictive=tuple(predictive),
                            policy=DeliveryPolicy(relaxed_retries=relaxed_retries, redundancy=redundancy,
                                                  multi_datagram_copies=multi_datagram_copies))

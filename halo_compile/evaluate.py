@@ -56,6 +56,7 @@ from halo_runtime.core.plan import Plan, PlanError, load_plan
 from halo_runtime.core.plandir import TOKENIZER_FILE
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.predictor import layer_predictor, predict_groups
+from halo_runtime.core.push import ROUNDS, InProcessPush, PushCoordinator
 from halo_runtime.core.shards import load_shard
 from tqdm import tqdm
 
@@ -126,6 +127,9 @@ class EvalOptions:
     """CP-SAT deterministic time for the loss-blind re-placement."""
     progress: bool = True
     """Progress bar on stderr."""
+    rounds: str = "star"
+    """How network rounds travel (core.push.ROUNDS): "star" (through the coordinator) or "push"
+    (every device adds the parts on its own view of the residual, drawing its own misses)."""
     predictive: tuple[str, ...] = ()
     """Devices that skip the MLP groups the predictor marks inactive per token (`halo-run worker
     --load-mode predictive`); the perplexity then includes what that costs."""
@@ -140,6 +144,8 @@ class EvalOptions:
         for p in self.plrs or ():
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"loss rate {p} is outside [0, 1)")
+        if self.rounds not in ROUNDS:
+            raise ValueError(f"rounds {self.rounds!r}: one of {', '.join(ROUNDS)}")
         unknown = sorted(set(self.methods or ()) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
@@ -212,13 +218,17 @@ def _windows(windows: list[list[int]]) -> list[torch.Tensor]:
 def full_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], bar=None) -> tuple[list[float], np.ndarray]:
     """Negative log-likelihood per window of the plan with nothing lost (the single-device model),
     and its most likely next token at every scored position."""
-    nll, _, top1 = plan_nll(plan, shards, windows, METHODS["zero"], {}, 0, bar=bar)
+    nll, _, top1, _ = plan_nll(plan, shards, windows, METHODS["zero"], {}, 0, bar=bar)
     return nll, top1
 
 
 def _coordinator(plan: Plan, shards: dict, method: Method, miss: dict[str, float], seed: int, wire: str,
-                 computes: dict | None, bursty: dict | None,
-                 policy: DeliveryPolicy) -> tuple[Coordinator, InProcessExchange]:
+                 computes: dict | None, bursty: dict | None, policy: DeliveryPolicy,
+                 rounds: str = "star") -> tuple[Coordinator, InProcessExchange | InProcessPush]:
+    if rounds == "push":  # a bursty link's misses drawn independently, at their (bursty) rate
+        push = InProcessPush(plan, shards, miss=miss, seed=seed, wire=wire, computes=computes)
+        return PushCoordinator(plan, shards[plan.coordinator], push, compensation=method.compensation,
+                               await_predicted=method.await_predicted), push
     exchange = InProcessExchange(plan, shards, miss=miss, seed=seed, wire=wire, computes=computes, bursty=bursty,
                                  policy=policy)
     return Coordinator(plan, shards[plan.coordinator], exchange, compensation=method.compensation,
@@ -228,11 +238,13 @@ def _coordinator(plan: Plan, shards: dict, method: Method, miss: dict[str, float
 @torch.no_grad()
 def plan_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], method: Method, miss: dict[str, float],
              seed: int, wire: str = "fp32", bar=None, computes: dict | None = None, bursty: dict | None = None,
-             policy: DeliveryPolicy = DeliveryPolicy()) -> tuple[list[float], dict[str, DeviceStats], np.ndarray]:
+             policy: DeliveryPolicy = DeliveryPolicy(),
+             rounds: str = "star") -> tuple[list[float], dict[str, DeviceStats], np.ndarray, dict | None]:
     """NLL per window of the plan run by the runtime coordinator under simulated loss, what was
-    missed, and the most likely next token at every scored position (teacher-forced, windows in a row).
+    missed, the most likely next token at every scored position (teacher-forced, windows in a row)
+    and, for push rounds, how far the devices' views drifted (`core.push.ViewStats`).
     computes: prebuilt devices by name (e.g. predictive StreamingComputes); bursty: `bursty_links`."""
-    coord, exchange = _coordinator(plan, shards, method, miss, seed, wire, computes, bursty, policy)
+    coord, exchange = _coordinator(plan, shards, method, miss, seed, wire, computes, bursty, policy, rounds)
     out, top1 = [], []
     for i, w in enumerate(windows):
         coord.reset(i + 1)
@@ -240,15 +252,17 @@ def plan_nll(plan: Plan, shards: dict, windows: list[torch.Tensor], method: Meth
         out.append(_nll(logits, w))
         top1.append(np.asarray(logits)[:-1].argmax(1))
         bar and bar.update(1)
-    return out, exchange.stats().devices, np.concatenate(top1)
+    views = exchange.drift.to_json() if rounds == "push" else None
+    return out, exchange.stats().devices, np.concatenate(top1), views
 
 
 def greedy_replies(plan: Plan, shards: dict, prompts: list[list[int]], tokens: int, method: Method,
                    miss: dict[str, float], seed: int, wire: str = "fp32", bar=None, computes: dict | None = None,
-                   bursty: dict | None = None, policy: DeliveryPolicy = DeliveryPolicy()) -> list[list[int]]:
+                   bursty: dict | None = None, policy: DeliveryPolicy = DeliveryPolicy(),
+                   rounds: str = "star") -> list[list[int]]:
     """The greedy reply of `tokens` tokens to each prompt, free-running under simulated loss (each
     token's loss drawn as decode meets it), as `halo-run generate` would give it."""
-    coord, _ = _coordinator(plan, shards, method, miss, seed, wire, computes, bursty, policy)
+    coord, _ = _coordinator(plan, shards, method, miss, seed, wire, computes, bursty, policy, rounds)
     out = []
     for i, prompt in enumerate(prompts):
         out.append(coord.generate(prompt, tokens, session=i + 1).tokens)
@@ -362,12 +376,12 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
                     p, s = blind
                     method = replace(method, compensation=METHODS[default].compensation)
                 devices = None if method.loss_blind else computes
-                nll, per_device, top1 = plan_nll(p, s, windows, method, miss, opts.seed, opts.wire, bar, devices,
-                                                 bursty, opts.policy)
+                nll, per_device, top1, views = plan_nll(p, s, windows, method, miss, opts.seed, opts.wire, bar,
+                                                        devices, bursty, opts.policy, opts.rounds)
                 replies = greedy_replies(p, s, prompts, opts.greedy_tokens, method, miss, opts.seed, opts.wire,
-                                         bar, devices, bursty, opts.policy)
-                done[key] = (nll, per_device, top1, replies)
-            nll, per_device, top1, replies = done[key]
+                                         bar, devices, bursty, opts.policy, opts.rounds)
+                done[key] = (nll, per_device, top1, replies, views)
+            nll, per_device, top1, replies, views = done[key]
             if key[2] != name and not method.await_predicted:  # a zero-loss copy: this method awaits nothing
                 per_device = {d: replace(c, awaited=0) for d, c in per_device.items()}
             ppl = _ppl(sum(nll), count)
@@ -379,11 +393,12 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
                 "greedy_matched": round(float(np.mean([matched_prefix(r, f) for r, f in zip(replies, full_replies)])), 3)
                 if prompts else None,
                 "miss": {d: round(q, 6) for d, q in miss.items() if q},
-                "relaxed": {d: _rates(c) for d, c in per_device.items() if c.rows}})
+                "relaxed": {d: _rates(c) for d, c in per_device.items() if c.rows},
+                **({"views": views} if views is not None else {})})
     bar.close()
     return {"plan": str(plan_dir), "full_ppl": round(full, 4), "tokens": sum(len(w) for w in windows),
             "predicted_tokens": count, "windows": len(windows), "context": opts.context, "seed": opts.seed,
-            "wire": opts.wire, "policy": {"relaxed_retries": opts.policy.relaxed_retries,
+            "wire": opts.wire, "rounds": opts.rounds, "policy": {"relaxed_retries": opts.policy.relaxed_retries,
                                           "redundancy": opts.policy.redundancy, "wire": opts.policy.wire,
                                           "link_copies": {d: plan.link_copies(d) for d in plan.device_names
                                                           if d != plan.coordinator}},

@@ -46,11 +46,15 @@ def _field(cls: type, name: str, suffix: str = "") -> dict:
 def _coordinator_args(p: argparse.ArgumentParser) -> None:
     """Flags of every command that runs the coordinator (generate, local, serve)."""
     from .core.draft import DraftOptions
+    from .core.plan import ROUNDS
     from .core.policy import DeliveryPolicy
 
     p.add_argument("--plan", required=True, help="compiled plan directory")
     p.add_argument("--sync", choices=["relaxed", "strict"], default="relaxed",
                    help="relaxed: UDP, deadlines and compensation (default); strict: TCP, await everything")
+    p.add_argument("--rounds", choices=ROUNDS, default=ROUNDS[0],
+                   help="star: every network round a round trip through the coordinator (default); push: each "
+                        "device sends its part to every other, one hop a round (relaxed only, one session)")
     p.add_argument("--wire", choices=["fp16", "fp32"], **_field(DeliveryPolicy, "wire"))
     p.add_argument("--redundancy", type=int, **_field(DeliveryPolicy, "redundancy", "; at most 4"))
     p.add_argument("--multi-datagram-copies", type=int,
@@ -170,6 +174,10 @@ def main(argv=None) -> None:
 
     try:
         ComputeOptions(args.threads)  # validates --threads before anything starts
+        if getattr(args, "rounds", "star") == "push" and (args.command == "serve" or args.sync == "strict"
+                                                          or getattr(args, "compare", False)):
+            raise ValueError("--rounds push runs relaxed rounds of one session: strict push rounds (and "
+                             "--compare) and serve's batching are not built for it yet")
         if (why := rows_differ_by_pass()) is not None:
             print(f"halo-run: warning: {why}", file=sys.stderr, flush=True)
         {"worker": run_worker, "generate": run_generate, "local": run_local, "serve": run_serve,
@@ -192,6 +200,7 @@ def _run_probe(args) -> None:
 def run_worker(args) -> None:
     from .core.plan import PLAN_FILE, load_plan
     from .core.plandir import check_files
+    from .core.push import view_tensors
     from .core.shards import load_shard
     from .net.shim import LossShim
     from .net.worker import Worker
@@ -208,7 +217,8 @@ def run_worker(args) -> None:
     compute = _streaming(args, plan)
     shard = {} if compute is not None else load_shard(args.plan, plan, args.device)
     auth = _auth(args, args.plan)
-    worker = Worker(plan, args.device, shard, host, port, shim, compute=compute, auth=auth, threads=args.threads)
+    worker = Worker(plan, args.device, shard, host, port, shim, compute=compute, auth=auth, threads=args.threads,
+                    view_source=lambda: view_tensors(load_shard(args.plan, plan, plan.coordinator)))
     from .core.compute import kernels
     if args.announce:
         print(json.dumps({"device": args.device, "host": worker.address[0], "port": worker.address[1],
@@ -274,8 +284,9 @@ def _drafts(args, plan):
 def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", drafts=None) -> dict:
     from .core.compute import kernels
     from .core.coordinator import Coordinator
+    from .core.push import PushCoordinator
 
-    coord = Coordinator(plan, shard, exchange, threads=args.threads)
+    coord = (PushCoordinator if args.rounds == "push" else Coordinator)(plan, shard, exchange, threads=args.threads)
     draft = drafts(coord) if drafts is not None else None
     prompt = _prompt_ids(tok, args.prompt, args.chat, args.plan)
 
@@ -381,13 +392,16 @@ def _report(result: dict, args) -> None:
 
 def run_generate(args) -> None:
     from .net.exchange import UdpExchange
+    from .net.push import UdpPush
     from .net.tcpexchange import TcpExchange
 
     plan, shard, tok, policy = _load_coordinator(args)
     drafts = _drafts(args, plan)
     peers = _peers(plan, args.peer)
     auth = _auth(args, args.plan)
-    if args.sync == "strict":
+    if args.rounds == "push":
+        exchange = UdpPush(plan, peers, policy, auth=auth)
+    elif args.sync == "strict":
         exchange = TcpExchange(plan, peers, policy, auth=auth)
     else:
         exchange = UdpExchange(plan, peers, policy, auth=auth)
@@ -415,7 +429,7 @@ def run_local(args) -> None:
         results = []
         for n, mode in enumerate(modes):
             shims = local_shims(args, loss, peers, seed=args.seed * 1000 + 500 + n * 50)
-            exchange = make_exchange(mode, plan, peers, policy, shims, auth)
+            exchange = make_exchange(mode, plan, peers, policy, shims, auth, rounds=args.rounds)
             try:
                 result = generate_once(args, plan, shard, tok, exchange, mode, label=f"[{mode}] ", drafts=drafts)
             finally:

@@ -84,14 +84,19 @@ def local_shims(args, loss: dict[str, float], peers: dict, seed: int) -> dict:
             for i, d in enumerate(peers) if loss[d] > 0 or args.delay_ms > 0}
 
 
-def make_exchange(sync: str, plan, peers: dict, policy, shims: dict, auth, bind_host: str = "127.0.0.1"):
-    """The coordinator's exchange for `sync`: TCP (strict) or UDP (relaxed), through `shims`."""
+def make_exchange(sync: str, plan, peers: dict, policy, shims: dict, auth, bind_host: str = "127.0.0.1",
+                  rounds: str = "star"):
+    """The coordinator's exchange for `sync`: TCP (strict) or UDP (relaxed), through `shims`; for
+    push rounds (relaxed only), a `net.push.UdpPush`."""
     from .net.exchange import UdpExchange
+    from .net.push import UdpPush
     from .net.shim import PeerShims
     from .net.tcpexchange import TcpExchange
 
     if sync == "strict":
         return TcpExchange(plan, peers, policy, shims, auth=auth)
     shim = PeerShims({peers[d]: s for d, s in shims.items()}) if shims else None
+    if rounds == "push":
+        return UdpPush(plan, peers, policy, bind_host=bind_host, shim=shim, auth=auth)
     return UdpExchange(plan, peers, policy, bind_host=bind_host, shim=shim, auth=auth)
 

@@ -112,6 +112,13 @@ def decode_tensor(data: bytes, wire: str | None = None, width: int | None = None
     return arr.reshape(rows, cols)
 
 
+def as_wire(t: np.ndarray | None, wire: str) -> np.ndarray | None:
+    """What the tensor becomes on the wire (fp16 rounding included), as the receiver decodes it."""
+    if t is None or wire == "fp32":
+        return t
+    return decode_tensor(encode_tensor(t, wire), wire, t.shape[-1])
+
+
 def row_chunks(payload: bytes, room: int) -> list[int] | None:
     """Chunk sizes that cut a tensor payload of several rows at row boundaries (the first chunk also
     holds the tensor header), as many whole rows per chunk as `room` bytes take: a receiver can use

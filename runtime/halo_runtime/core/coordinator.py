@@ -47,7 +47,6 @@ on a compiled plan):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -58,14 +57,12 @@ from .exchange import DeviceLost, Exchange
 from .failover import WithAdopted, adopt
 from .generation import FailoverEvent, Generation, TokenStats, share
 from .plan import Plan
-from .predictor import layer_predictor, predict_groups
+from .predictor import layer_predictor
+from .relaxed import RelaxedPart, awaited_rows, estimate, relaxed_parts
 from .segment import Runner, Segment, Tables, schedule
 from .spans import Span
 
 __all__ = ["COMPENSATIONS", "Coordinator", "Feed", "FailoverEvent", "Generation", "TokenStats"]
-
-_ONE_ROW = np.ones(1, dtype=bool)
-"""`awaited` rows of a one-token round (read only: exchanges never write into it)."""
 
 COMPENSATIONS = ("zero", "mean", "lowrank")
 """What stands in for a missing relaxed part: nothing; the calibration mean of the device's relaxed
@@ -90,27 +87,9 @@ class Feed(NamedTuple):
     instead of computing them (`spans.Span.source`); None: its own slot holds them."""
 
 
-@dataclass
-class _RelaxedPart:
-    """A remote device's relaxed groups in one layer, and what stands in for them when missing."""
-
-    groups: list[int]
-    """Their indices among the layer's MLP groups (predictor and compensation columns)."""
-    mean: np.ndarray
-    """[hidden] sum of their calibration-mean contributions."""
-    lowrank: tuple | None
-    """(gate, up, down, bias) of their low-rank estimates, concatenated; None if the plan has none."""
-    group_set: frozenset = frozenset()
-    """The same indices as a set, for decode's one-row test."""
-
-
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm of every row (float32), for the inputs the coordinator posts in network rounds."""
     return (x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))).astype(np.float32, copy=False) * weight
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
 
 
 def sum_parts(parts: list, like: np.ndarray) -> np.ndarray:
@@ -159,20 +138,9 @@ class Coordinator:
         self.position = 0
         self.session = 0
 
-    def _relaxed_parts(self, plan: Plan) -> list[dict[str, _RelaxedPart]]:
+    def _relaxed_parts(self, plan: Plan) -> list[dict[str, RelaxedPart]]:
         """Per layer: which remote devices hold relaxed groups under `plan`, and what stands in for them."""
-        has_lowrank = self.compensation == "lowrank"
-        out = []
-        for i in range(self.cfg.num_layers):
-            means = np.asarray(self.shard[f"compensation.{i}.mean"], dtype=np.float32)
-            per_dev = {}
-            for dev in self.remote:
-                idx = [g.index for g in plan.groups_on(dev, i, "mlp") if not g.critical]
-                if idx:
-                    lowrank = _lowrank(self.shard, i, idx) if has_lowrank else None
-                    per_dev[dev] = _RelaxedPart(idx, means[idx].sum(0), lowrank, frozenset(idx))
-            out.append(per_dev)
-        return out
+        return relaxed_parts(plan, self.shard, self.remote, self.compensation == "lowrank")
 
     def reset(self, session: int) -> None:
         self.part.reset()
@@ -262,6 +230,7 @@ class Coordinator:
                 t0 = time.perf_counter()
                 h, x_seg, out = self._segment(i, st, tokens if st.embed else h, feeds, spans, bounds)
                 x_pred = x_seg if x_seg is not None else x_pred
+                self._segment_done(i, h, x_seg)
                 for s in stats:
                     s.compute_ms += 1e3 * (time.perf_counter() - t0)
                 continue
@@ -300,6 +269,11 @@ class Coordinator:
         _, _, logits = self.runner.run(i, st, inp[pick], 0, all_positions=True)
         at = np.cumsum([0] + [f.logits for f in feeds])
         return None, None, [logits[a:b] if b > a else None for a, b in zip(at[:-1], at[1:])]
+
+    def _segment_done(self, i: int, h: np.ndarray | None, x: np.ndarray | None) -> None:
+        """After the segment at schedule step i (h: the residual it leaves, x: the predictor's input
+        it gave, if any): in
+        the star, nothing more (push rounds hand h to the other devices: `core.push`)."""
 
     def _attention(self, step: int, layer: int, spans: tuple, stats: list[TokenStats], x: np.ndarray) -> np.ndarray:
         """Every device's attention heads on x, all awaited (they hold KV state)."""
@@ -345,40 +319,17 @@ class Coordinator:
             s.wait_ms += wait_ms
         return sum_parts([crit, rlx] + result.parts + comp, m)
 
-    def _awaited(self, layer: int, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Remote device -> bool [T]: tokens where the predictor says one of its relaxed groups matters."""
-        if not self.relaxed[layer] or not self.await_predicted:
-            return {}
-        flagged = predict_groups(x, self.predictors[layer])
-        if x.shape[0] == 1:  # decode: one row, one look at which groups are flagged
-            hot = set(np.flatnonzero(flagged[0]).tolist())
-            return {dev: _ONE_ROW for dev, part in self.relaxed[layer].items() if hot & part.group_set}
-        out = {}
-        for dev, part in self.relaxed[layer].items():
-            rows = flagged[:, part.groups].any(1)
-            if rows.any():
-                out[dev] = rows
-        return out
+    def _awaited(self, layer: int, x: np.ndarray, relaxed: dict[str, RelaxedPart] | None = None) -> dict[str, np.ndarray]:
+        """Device -> bool [T]: tokens where the predictor says one of its relaxed groups matters
+        (devices: `relaxed`'s keys, default the remote devices holding relaxed groups in `layer`)."""
+        relaxed = self.relaxed[layer] if relaxed is None else relaxed
+        return awaited_rows(relaxed, self.predictors[layer], x) if self.await_predicted else {}
 
-    def _compensate(self, layer: int, dev: str, m: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
-        """The estimate that stands in for `dev`'s relaxed part on the missing `rows` (zeros elsewhere)."""
-        part = self.relaxed[layer][dev]
-        if self.compensation == "zero":
-            return None
-        every = bool(rows.all())
-        if self.compensation == "mean":
-            if every:
-                return np.broadcast_to(part.mean, m.shape)
-            return rows[:, None].astype(np.float32) * part.mean
-        gate, up, down, bias = part.lowrank
-        # only the missing rows are estimated: in decode that is one token, rarely
-        mm = m if every else m[rows]
-        est = (silu(mm @ gate.T) * (mm @ up.T)) @ down.T + bias
-        if every:
-            return est
-        out = np.zeros_like(m)
-        out[rows] = est
-        return out
+    def _compensate(self, layer: int, dev: str, m: np.ndarray, rows: np.ndarray,
+                    part: RelaxedPart | None = None) -> np.ndarray | None:
+        """The estimate that stands in for `dev`'s relaxed part (`part`, default the plan's) on the
+        missing `rows` (zeros elsewhere)."""
+        return estimate(self.compensation, self.relaxed[layer][dev] if part is None else part, m, rows)
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -464,14 +415,3 @@ def _per_feed(rows: np.ndarray, bounds: np.ndarray) -> list[int]:
     if len(bounds) == 2:
         return [int(rows.sum())]
     return np.add.reduceat(rows.astype(np.int64), bounds[:-1]).tolist()
-
-
-def _lowrank(shard: dict[str, np.ndarray], layer: int, groups: list[int]) -> tuple:
-    """The low-rank estimators of `groups`, concatenated: their sum is one SwiGLU plus a bias."""
-    pre = f"compensation.{layer}"
-    rows = {int(g): r for r, g in enumerate(np.asarray(shard[f"{pre}.groups"]).tolist())}
-    pick = np.array([rows[g] for g in groups], dtype=np.int64)
-    gate, up, down = (np.asarray(shard[f"{pre}.{k}"], dtype=np.float32)[pick] for k in ("gate", "up", "down"))
-    hidden = gate.shape[-1]
-    return (gate.reshape(-1, hidden), up.reshape(-1, hidden), np.ascontiguousarray(down.reshape(-1, hidden).T),
-            np.asarray(shard[f"{pre}.bias"], dtype=np.float32)[pick].sum(0))

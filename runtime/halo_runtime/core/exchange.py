@@ -28,7 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .codec import decode_tensor, encode_tensor
+from .codec import as_wire
 from .device import DeviceBackend, DeviceCompute
 from .plan import Plan
 from .policy import BurstyLink, DeliveryPolicy
@@ -216,10 +216,7 @@ class InProcessExchange:
             dev.reset()
 
     def _wire(self, t: np.ndarray | None) -> np.ndarray | None:
-        """What the tensor becomes on the wire (fp16 rounding included), as the network path sees it."""
-        if t is None or self.wire == "fp32":
-            return t
-        return decode_tensor(encode_tensor(t, self.wire), self.wire)
+        return as_wire(t, self.wire)
 
     def post(self, phase: str, step: int, layer: int, x: np.ndarray, at) -> None:
         self.pending = (phase, layer, self._wire(x), spans_of(at, x.shape[0]))

@@ -34,6 +34,9 @@ from .spans import MAX_SLOTS
 
 SCHEMA_VERSION = 1
 OPTIONAL = {"omit_default": True}
+ROUNDS = ("star", "push")
+"""How a network round travels: a round trip through the coordinator, or one hop from every device
+to every other, each adding the parts on its own view of the residual (`core.push`)."""
 """Field metadata: written to plan.json only when it differs from its default, so plans that do
 not use a feature (e.g. streaming) keep the bytes they had before the field existed."""
 

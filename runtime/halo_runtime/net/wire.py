@@ -88,6 +88,17 @@ class Kind(enum.IntEnum):
     """Rejoin: attention inputs of earlier tokens, to rebuild a restarted device's KV cache."""
     REBUILT = 7
     """Acknowledges a REBUILD_ATTN (empty payload)."""
+    PUSH_H = 8
+    """Push rounds (`net.push`), coordinator -> device: the residual after the coordinator's own
+    rounds (layer field: the schedule step it precedes), as a request payload."""
+    PART_ATTN = 9
+    """Push rounds, device -> every other device: its attention part of a layer."""
+    PART_CRIT = 10
+    """Push rounds: its critical MLP part."""
+    PART_RLX = 11
+    """Push rounds: its relaxed MLP part."""
+    PULL = 12
+    """Push rounds: send me again your parts of this (step, layer); payload: the kinds wanted."""
     HELLO = 16
     """Coordinator -> device: start (or confirm) a session; the device echoes it."""
     BYE = 17

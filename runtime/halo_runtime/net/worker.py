@@ -35,8 +35,10 @@ from ..core.codec import WireError, decode_request, encode_tensor
 from ..core.device import DeviceBackend, DeviceCompute
 from ..core.failover import WithAdopted, adopt
 from ..core.plan import Plan
+from ..core.plandir import PlanError
 from ..core.spans import Span
 from .auth import Authenticator, ReplayGuard
+from .push import HELLO_PUSH, PushWorker
 from .shim import LossShim
 from .transport import TcpListener, TransportError, UdpEndpoint
 from .wire import Kind, Message, attempt_of, make_flags
@@ -109,9 +111,10 @@ class Worker:
 
     def __init__(self, plan: Plan, device: str, shard: dict[str, np.ndarray], host: str, port: int,
                  shim: LossShim | None = None, log=None, compute: DeviceBackend | None = None,
-                 auth: Authenticator | None = None, threads: int = 1):
+                 auth: Authenticator | None = None, threads: int = 1, view_source=None):
         """compute: a prebuilt DeviceCompute (e.g. a StreamingCompute under a memory budget);
-        then `shard` is not read. threads: ggml threads for this device's rounds."""
+        then `shard` is not read. threads: ggml threads for this device's rounds. view_source() ->
+        the tensors a view of push rounds needs (`core.push.view_tensors`); None: no push rounds."""
         self.plan, self.device, self.shard, self.threads = plan, device, shard, threads
         self.index = plan.device_names.index(device)
         self.own = self.compute = compute or DeviceCompute(plan, device, shard, threads)
@@ -142,6 +145,9 @@ class Worker:
         self.counters = {"requests": 0, "computed": 0, "resent": 0, "malformed": 0, "out_of_order": 0,
                          "unknown_session": 0, "rebuilt_tokens": 0}
         self._last_reset = 0.0
+        self.view_source, self._view_tensors = view_source, None
+        self.push: PushWorker | None = None
+        """This session's push rounds (a HELLO starting with HELLO_PUSH), else None: the star."""
         self.log = log or (lambda msg: print(f"[{device}] {msg}", file=sys.stderr, flush=True))
 
     @property
@@ -281,12 +287,38 @@ class Worker:
 
     def serve_udp(self) -> None:
         while not self.stop.is_set():
-            got = self.udp.recv(0.2)
-            if got is None:
+            if self.push is not None:  # its mesh receives, and hands anything else to _answer
+                self.push.serve(0.2)
                 continue
-            msg, addr = got
-            for reply in self.handle(msg):
-                self.udp.send(reply, addr, reply.flags, dest=msg.sender)
+            got = self.udp.recv(0.2)
+            if got is not None:
+                self._answer(*got)
+
+    def _answer(self, msg: Message, addr) -> None:
+        replies = self.handle(msg)
+        if msg.kind == Kind.HELLO:  # after handle: a new session's HELLO resets the compute first
+            self._rounds(msg, addr)
+        for reply in replies:
+            self.udp.send(reply, addr, reply.flags, dest=msg.sender)
+
+    def _rounds(self, hello: Message, addr) -> None:
+        """Star or push rounds for the session a HELLO starts (a repeated HELLO changes nothing)."""
+        if not hello.payload.startswith(HELLO_PUSH):
+            if hello.payload != b"rebuild":
+                self.push = None
+            return
+        if self.push is not None and self.push.mesh.session == hello.session:
+            return
+        try:
+            if self._view_tensors is None:
+                if self.view_source is None:
+                    raise PlanError("this worker was started without the plan's view tensors")
+                self._view_tensors = self.view_source()
+            self.push = PushWorker(self.plan, self.device, self.compute, self._view_tensors, self.udp, hello, addr,
+                                   self._answer, self.log)
+        except (PlanError, WireError, ValueError, KeyError, TypeError) as e:
+            self.log(f"cannot run push rounds: {e}")
+            self.push = None
 
     def _serve_channel(self, channel) -> None:
         with self.lock:

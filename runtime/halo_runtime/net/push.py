@@ -1,0 +1,405 @@
+"""Push rounds over UDP (`--rounds push`): each device sends its part of a round to every other
+device, and each adds the parts on its own view of the residual (`core.push`): one hop per round.
+
+Per pass the coordinator computes its first segment (the embedding, and any rounds it holds
+alone) and sends the residual to every device (PUSH_H, as a request payload with the pass's
+spans; again after any later segment of its own). Then every device, the coordinator included,
+walks the plan's schedule: in each network round it computes its own part from its own view,
+sends it to all the others (PART_ATTN, PART_CRIT, PART_RLX; `DeliveryPolicy.copies` copies on a
+lossy link, the plan's choice for the lossier end) and collects theirs with `Mesh.collect`:
+- attention and critical MLP parts, and relaxed parts its own predictor flags, are awaited: a
+  missing one is pulled again (PULL naming the kinds) from its sender after the sender's
+  lateness timeout (RFC 6298 over how long after this device was ready the sender's parts came),
+  backing off, until `dead_after_s` ends the run (DeviceLost);
+- a relaxed part not flagged is used if it comes before ready + (1 + relaxed_retries) x that
+  timeout (one PULL at the first), else estimated (`core.push.View`).
+A device answers PULLs from the parts it sent (kept per (kind, step, layer)); the coordinator
+sends its latest PUSH_H again with every PULL, so that a device that lost it joins the pass.
+Workers learn the others' addresses, the coordinator's rule and its delivery policy from its HELLO
+("push" and JSON): every device waits and estimates alike.
+
+What push rounds do not do yet: fail over (a silent device ends the run), rejoin a restarted
+device, batch sessions (`serve`), strict mode over TCP, and use the rows of a part of several
+datagrams that came partly (a relaxed part arrives whole or is estimated whole).
+
+Example (on loopback, as tests/test_push_net.py runs it):
+    $ halo-run local --plan artifacts/smollm2-135m-pi5 --rounds push --prompt "Hello"
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from collections import OrderedDict
+
+import numpy as np
+
+from ..core.codec import WireError, as_wire, datagrams, decode_request, decode_tensor, encode_request, encode_tensor
+from ..core.exchange import DeviceLost, ExchangeStats
+from ..core.plan import Plan
+from ..core.policy import DeliveryPolicy
+from ..core.push import View
+from ..core.segment import Segment, schedule
+from .auth import Authenticator, ReplayGuard
+from .rtt import RttEstimator
+from .transport import UdpEndpoint
+from .wire import Kind, Message, attempt_of, make_flags
+
+_H, _ATTN, _CRIT, _RLX, _PULL = (int(k) for k in (Kind.PUSH_H, Kind.PART_ATTN, Kind.PART_CRIT, Kind.PART_RLX,
+                                                   Kind.PULL))
+_PARTS = (_H, _ATTN, _CRIT, _RLX)
+SENT_KEPT = 512
+"""Messages a device keeps for PULLs: a few passes of every round."""
+HELLO_PUSH = b"push"
+"""How a HELLO payload that starts push rounds begins (then JSON: addresses, the rule)."""
+
+
+def holders(plan: Plan) -> dict[str, list[list[str]]]:
+    """Per layer, the devices (the coordinator first, then plan order) holding attention heads,
+    critical MLP groups (the coordinator: any), relaxed MLP groups (remote devices)."""
+    order = [plan.coordinator] + [d for d in plan.device_names if d != plan.coordinator]
+    out = {"attn": [], "crit": [], "relaxed": []}
+    for layer in range(plan.model.num_layers):
+        on = {d: plan.groups_on(d, layer) for d in order}
+        out["attn"].append([d for d in order if any(g.kind == "attn" for g in on[d])])
+        # the coordinator's MLP groups are one part (one product, `DeviceCompute.mlp`), awaited
+        out["crit"].append([d for d in order if any(g.kind == "mlp" and (g.critical or d == plan.coordinator)
+                                                    for g in on[d])])
+        out["relaxed"].append([d for d in order[1:] if any(g.kind == "mlp" and not g.critical for g in on[d])])
+    return out
+
+
+class Mesh:
+    """One device's end of push rounds: sends its parts to every other device, keeps them for
+    PULLs, and collects the others' (`collect`). Messages that are not push parts go to `other`."""
+
+    def __init__(self, plan: Plan, me: str, endpoint: UdpEndpoint, peers: dict[str, tuple], policy: DeliveryPolicy,
+                 session: int, other=None):
+        self.plan, self.me, self.endpoint, self.peers, self.policy = plan, me, endpoint, dict(peers), policy
+        self.session, self.other = session, other
+        self.index = {d: i for i, d in enumerate(plan.device_names)}
+        self.names = {i: d for d, i in self.index.items()}
+        self.others = [d for d in plan.device_names if d != me]
+        self.width = plan.model.hidden_size
+        loss = {d: plan.device(d).loss for d in plan.device_names}
+        self.loss = {d: max(loss[me], loss[d]) for d in self.others}
+        self.planned = {d: max(plan.link_copies(me), plan.link_copies(d)) for d in self.others}
+        self.sent: OrderedDict[tuple, list] = OrderedDict()  # (kind, step, layer) -> [message, attempt]
+        self.inbox: dict[tuple, Message] = {}  # (kind, step, layer, sender) -> message
+        self.late = {d: RttEstimator(floor_s=policy.rto_floor_ms / 1000) for d in self.others}
+        self.also_resend: tuple | None = None  # (kind, step, layer) sent again with every PULL (the coordinator's PUSH_H)
+        self.counters = {"pulls": 0, "resent": 0, "late": 0, "malformed": 0, "unknown_session": 0,
+                         "compensated": 0, "relaxed_parts": 0, "awaited_relaxed": 0}
+
+    def push(self, kind: int, step: int, layer: int, payload: bytes, to: list[str] | None = None) -> None:
+        """Send a part (or the residual) to `to` (default: every other device), keeping it for PULLs."""
+        msg = Message(kind, self.session, step, layer, self.index[self.me], payload)
+        self.sent[(kind, step, layer)] = [msg, 0]
+        while len(self.sent) > SENT_KEPT:
+            self.sent.popitem(last=False)
+        n = datagrams(len(payload))
+        for d in self.others if to is None else to:
+            self._send(msg, d, 0, self.policy.copies(self.loss[d], n, self.planned[d]))
+
+    def _send(self, msg: Message, d: str, attempt: int, copies: int = 1) -> None:
+        for c in range(copies):
+            self.endpoint.send(msg, self.peers[d], make_flags(min(attempt, 15), redundant=c > 0), dest=self.index[d])
+
+    def _answer_pull(self, msg: Message, d: str) -> None:
+        kinds = list(msg.payload)
+        if self.also_resend is not None:
+            kinds_keys = [self.also_resend] + [(k, msg.step, msg.layer) for k in kinds]
+        else:
+            kinds_keys = [(k, msg.step, msg.layer) for k in kinds]
+        for key in kinds_keys:
+            kept = self.sent.get(key)
+            if kept is not None:  # not sent yet: it goes out when computed
+                kept[1] += 1
+                self.counters["resent"] += 1
+                self._send(kept[0], d, kept[1])
+
+    def pump(self, timeout_s: float) -> None:
+        """Receive one message (or none within `timeout_s`): a part is kept, a PULL answered,
+        anything else handed to `other`."""
+        got = self.endpoint.recv(timeout_s)
+        if got is None:
+            return
+        msg, addr = got
+        d = self.names.get(msg.sender)
+        if msg.kind in _PARTS or msg.kind == _PULL:
+            if d is None or d == self.me or msg.session != self.session:
+                self.counters["unknown_session" if d is not None and d != self.me else "late"] += 1
+                return
+            if msg.kind == _PULL:
+                self._answer_pull(msg, d)
+            else:
+                self.inbox.setdefault((msg.kind, msg.step, msg.layer, d), msg)
+        elif self.other is not None:
+            self.other(msg, addr)
+
+    def forget_before(self, step: int) -> None:
+        """Drop kept arrivals of passes before `step` (they can no longer be used)."""
+        for key in [k for k in self.inbox if k[1] < step]:
+            del self.inbox[key]
+
+    def collect(self, step: int, layer: int, must: list[tuple[str, int]],
+                optional: list[tuple[str, int]] = ()) -> dict[tuple[str, int], Message]:
+        """(sender, kind) -> message of round (step, layer): every `must` one (pulled again until it
+        comes; DeviceLost after dead_after_s), and the `optional` ones that come by their deadline."""
+        t0 = time.monotonic()
+        got: dict[tuple[str, int], Message] = {}
+        attempts: dict[str, int] = {}
+        next_pull = {d: t0 + self.late[d].rto_s for d, _ in list(must) + list(optional)}
+        deadline = {d: t0 + (1 + self.policy.relaxed_retries) * self.late[d].rto_s for d, _ in optional}
+        first = set()
+        while True:
+            now = time.monotonic()
+            for d, kind in list(must) + list(optional):
+                if (d, kind) not in got:
+                    msg = self.inbox.pop((kind, step, layer, d), None)
+                    if msg is not None:
+                        got[(d, kind)] = msg
+                        if d not in first:  # Karn: only from parts that needed no PULL
+                            first.add(d)
+                            if not attempts.get(d) and attempt_of(msg.flags) == 0:
+                                self.late[d].sample(max(0.0, now - t0))
+            pending_must = [k for k in must if k not in got]
+            pending_opt = [k for k in optional if k not in got and now < deadline[k[0]]]
+            if not pending_must and not pending_opt:
+                return got
+            wake = now + 0.05
+            pull: dict[str, list[int]] = {}
+            for d, kind in pending_must + pending_opt:
+                is_must = (d, kind) in must
+                if now >= next_pull[d] and (is_must or attempts.get(d, 0) < self.policy.relaxed_retries):
+                    pull.setdefault(d, []).append(kind)
+                if is_must and now - t0 > self.policy.dead_after_s:
+                    raise DeviceLost(f"device {d} ({self.peers[d][0]}:{self.peers[d][1]}) stopped answering: "
+                                     f"no part of layer {layer} of step {step} in {self.policy.dead_after_s:g} s", d)
+                wake = min(wake, next_pull[d] if now < next_pull[d] else wake, deadline.get(d, wake))
+            for d, kinds in pull.items():
+                attempts[d] = attempts.get(d, 0) + 1
+                self.counters["pulls"] += 1
+                self.endpoint.send(Message(_PULL, self.session, step, layer, self.index[self.me], bytes(kinds)),
+                                   self.peers[d], make_flags(min(attempts[d], 15)), dest=self.index[d])
+                if self.also_resend is not None:
+                    kept = self.sent.get(self.also_resend)
+                    if kept is not None:
+                        kept[1] += 1
+                        self._send(kept[0], d, kept[1])
+                # capped backoff, as the star's re-requests
+                next_pull[d] = now + self.late[d].rto_s * 2 ** min(attempts[d], 2)
+                wake = min(wake, next_pull[d])
+            self.pump(max(0.0, wake - time.monotonic()))
+
+
+FIRST = 1
+"""The schedule step every pass starts at on a device: the coordinator's first segment (the
+embedding, at least) is step 0."""
+
+
+def with_x(steps: list, index: int) -> bool:
+    """Whether the residual sent before schedule step `index` carries the predictor's input too
+    (columns hidden..2 x hidden): the coordinator's segment before it ended on an attention round."""
+    return steps[index - 1].predictor_layer is not None
+
+
+def mlp_want(h: dict, layer: int, me: str, awaited: dict) -> tuple[list, list, list]:
+    """Of MLP round `layer`: (awaited (sender, kind) parts, optional relaxed ones, the relaxed senders)."""
+    relaxed = [d for d in h["relaxed"][layer] if d != me]
+    must = [(d, _CRIT) for d in h["crit"][layer] if d != me] + [(d, _RLX) for d in relaxed if d in awaited]
+    return must, [(d, _RLX) for d in relaxed if d not in awaited], relaxed
+
+
+def decode_parts(got: dict, wire: str, width: int, order: list[str], own: str, own_parts: tuple,
+                 relaxed: list[str], rows: int) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
+    """The MLP parts by device (own included) and the relaxed senders whose part is missing (all rows)."""
+    parts = {own: own_parts}
+    for d in order:
+        if d == own:
+            continue
+        crit, rlx = got.get((d, _CRIT)), got.get((d, _RLX))
+        if crit is not None or rlx is not None:
+            parts[d] = tuple(None if m is None else decode_tensor(m.payload, None, width) for m in (crit, rlx))
+    missing = {d: np.ones(rows, dtype=bool) for d in relaxed if (d, _RLX) not in got}
+    return parts, missing
+
+
+class UdpPush:
+    """The coordinator's `core.push.PushMesh` over UDP."""
+
+    def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
+                 bind_host: str = "0.0.0.0", shim=None, auth: Authenticator | None = None):
+        self.plan, self.policy, self.peers = plan, policy, peers
+        self.me = plan.coordinator
+        self.remote = [d for d in plan.device_names if d != self.me]
+        self.order = [self.me] + self.remote
+        self.width = plan.model.hidden_size
+        self.holders = holders(plan)
+        self.auth = auth or Authenticator()
+        self.endpoint = UdpEndpoint(bind_host, 0, shim=shim, auth=self.auth, guard=ReplayGuard(),
+                                    me=plan.device_names.index(self.me))
+        self.mesh = Mesh(plan, self.me, self.endpoint, peers, policy, 0)
+        self.rule = {"compensation": "lowrank", "await_predicted": True}
+
+    def configure(self, compensation: str, await_predicted: bool) -> None:
+        self.rule = {"compensation": compensation, "await_predicted": await_predicted}
+
+    def begin(self, session: int, timeout_s: float | None = None) -> None:
+        """Start `session` on every device in push mode (HELLO with the addresses and the rule)."""
+        timeout_s = self.policy.dead_after_s if timeout_s is None else timeout_s
+        self.mesh = Mesh(self.plan, self.me, self.endpoint, self.peers, self.policy, session)
+        body = HELLO_PUSH + json.dumps({"peers": {d: list(a) for d, a in self.peers.items()},
+                                        "policy": asdict(self.policy), **self.rule}).encode()
+        waiting, attempt, deadline = set(self.remote), 0, time.monotonic() + timeout_s
+        index = self.plan.device_names.index
+        while waiting:
+            for d in sorted(waiting):
+                self.endpoint.send(Message(Kind.HELLO, session, 0, 0, index(self.me), body), self.peers[d],
+                                   make_flags(min(attempt, 15)), dest=index(d))
+            attempt += 1
+            until = min(deadline, time.monotonic() + 0.05 * attempt)
+            while waiting and time.monotonic() < until:
+                got = self.endpoint.recv(until - time.monotonic())
+                if got and got[0].kind == Kind.HELLO and got[0].session == session:
+                    waiting.discard(self.plan.device_names[got[0].sender])
+            if waiting and time.monotonic() >= deadline:
+                d = sorted(waiting)[0]
+                raise DeviceLost(f"device {d} at {self.peers[d][0]}:{self.peers[d][1]} does not answer "
+                                 f"(is `halo-run worker --device {d}` running there, with this plan's key?)", d)
+
+    def handoff(self, step: int, index: int, spans: tuple, h: np.ndarray, x: np.ndarray | None) -> None:
+        self.mesh.forget_before(step)
+        hx = h if x is None else np.concatenate([h, x], axis=1)  # `with_x`: the schedule says which
+        # in fp32 whatever the wire: every view must start from the coordinator's residual itself
+        self.mesh.push(_H, step, index, encode_request(hx, spans, "fp32"), to=self.remote)
+        self.mesh.also_resend = (_H, step, index)
+
+    # The coordinator's own parts go out in fp32: in the star it adds them unrounded, and every view
+    # must add what it adds (a device's parts travel in the wire's dtype, and it adds them rounded).
+
+    def attention(self, step: int, layer: int, own: np.ndarray | None, x: np.ndarray) -> list[np.ndarray]:
+        if own is not None:
+            self.mesh.push(_ATTN, step, layer, encode_tensor(own, "fp32"))
+        senders = [d for d in self.holders["attn"][layer] if d != self.me]
+        got = self.mesh.collect(step, layer, [(d, _ATTN) for d in senders])
+        return [decode_tensor(got[(d, _ATTN)].payload, None, self.width) for d in senders]
+
+    def mlp(self, step: int, layer: int, own: tuple, awaited: dict[str, np.ndarray],
+            m: np.ndarray) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
+        for kind, t in zip((_CRIT, _RLX), own):
+            if t is not None:
+                self.mesh.push(kind, step, layer, encode_tensor(t, "fp32"))
+        must, optional, relaxed = mlp_want(self.holders, layer, self.me, awaited)
+        got = self.mesh.collect(step, layer, must, optional)
+        parts, missing = decode_parts(got, self.policy.wire, self.width, self.order, self.me, own, relaxed,
+                                      m.shape[0])
+        del parts[self.me]
+        c = self.mesh.counters
+        c["relaxed_parts"] += len(relaxed)
+        c["awaited_relaxed"] += sum(d in awaited for d in relaxed)
+        c["compensated"] += len(missing)
+        return parts, missing
+
+    def stats(self) -> ExchangeStats:
+        e, c = self.endpoint.counters, self.mesh.counters
+        return ExchangeStats(retransmissions=c["pulls"], late=c["late"], malformed=c["malformed"],
+                             compensated=c["compensated"], relaxed_parts=c["relaxed_parts"],
+                             awaited_relaxed=c["awaited_relaxed"], unknown_session=c["unknown_session"],
+                             bytes_sent=e.bytes_sent, bytes_received=e.bytes_received,
+                             datagrams_sent=e.datagrams_sent, datagrams_received=e.datagrams_received,
+                             dropped=None, devices_down=None, rejoins=None, max_relaxed_overshoot_ms=None,
+                             duplicates=None, down=None, rto_ms=None)
+
+    def close(self) -> None:
+        self.endpoint.close()
+
+
+class PushWorker:
+    """A worker's side of push rounds: its view, walked through the schedule pass by pass."""
+
+    def __init__(self, plan: Plan, me: str, compute, tensors: dict, endpoint: UdpEndpoint, hello: Message,
+                 coordinator_addr: tuple, other, log):
+        cfg = json.loads(hello.payload[len(HELLO_PUSH):])
+        peers = {d: tuple(a) for d, a in cfg["peers"].items()}
+        peers[plan.coordinator] = coordinator_addr
+        missing = [d for d in plan.device_names if d not in peers]
+        if missing:
+            raise WireError(f"push HELLO names no address for {', '.join(missing)}")
+        self.plan, self.me, self.compute, self.log = plan, me, compute, log
+        try:
+            policy = DeliveryPolicy(**cfg["policy"])
+        except (TypeError, ValueError) as e:
+            raise WireError(f"push HELLO: bad delivery policy ({e})") from None
+        self.wire, self.width = policy.wire, plan.model.hidden_size
+        self.view = View(plan, me, tensors, cfg["compensation"], bool(cfg["await_predicted"]))
+        self.mesh = Mesh(plan, me, endpoint, peers, policy, hello.session, other)
+        self.holders = holders(plan)
+        self.steps = schedule(plan)
+        self.order = self.view.order
+        self.done_step = -1
+
+    def serve(self, timeout_s: float) -> None:
+        """Run the next pass if its residual came, else wait for messages up to `timeout_s`."""
+        starts = [k for k in self.mesh.inbox if k[0] == _H and k[1] > self.done_step and k[2] == FIRST]
+        if not starts:
+            self.mesh.pump(timeout_s)
+            return
+        key = min(starts, key=lambda k: k[1])
+        msg = self.mesh.inbox.pop(key)
+        self.mesh.forget_before(key[1])
+        try:
+            self._pass(msg)
+        except DeviceLost as e:
+            self.log(f"pass of step {key[1]} abandoned: {e}")
+        except WireError as e:
+            self.mesh.counters["malformed"] += 1
+            self.log(f"pass of step {key[1]} abandoned: {e}")
+        self.done_step = key[1]
+
+    def _start(self, msg: Message) -> tuple:
+        x = with_x(self.steps, msg.layer)
+        spans, _, _, hx = decode_request(msg.payload, 2 * self.width if x else self.width)
+        self.view.start(hx[:, :self.width], hx[:, self.width:] if x else None)
+        return spans, hx.shape[0]
+
+    def _pass(self, msg: Message) -> None:
+        step, mesh, wire = msg.step, self.mesh, self.wire
+        spans, rows = self._start(msg)
+        i = msg.layer
+        while i < len(self.steps):
+            st = self.steps[i]
+            if isinstance(st, Segment):
+                if st.head:
+                    return
+                got = mesh.collect(step, i + 1, [(self.plan.coordinator, _H)])
+                spans, rows = self._start(got[(self.plan.coordinator, _H)])
+                i += 1
+                continue
+            layer, kind = st
+            if kind == "attn":  # a device computes on its input as the star's request would carry it
+                x = as_wire(self.view.attn_input(layer), wire)
+                own = self.compute.attention_spans(layer, x, spans) if self.compute.has_attention(layer) else None
+                if own is not None:
+                    sent = encode_tensor(own, wire)
+                    mesh.push(_ATTN, step, layer, sent)
+                    own = decode_tensor(sent, None, self.width)  # what every other view adds
+                senders = [d for d in self.holders["attn"][layer] if d != self.me]
+                got = mesh.collect(step, layer, [(d, _ATTN) for d in senders])
+                parts = {d: decode_tensor(got[(d, _ATTN)].payload, None, self.width) for d in senders}
+                parts[self.me] = own
+                self.view.add_attention([parts.get(d) for d in self.order])
+            else:
+                m = as_wire(self.view.mlp_input(layer), wire)
+                own = self.compute.mlp(layer, m) if self.compute.has_mlp(layer) else (None, None)
+                sent = [None if t is None else encode_tensor(t, wire) for t in own]
+                for k, payload in zip((_CRIT, _RLX), sent):
+                    if payload is not None:
+                        mesh.push(k, step, layer, payload)
+                own = tuple(None if p is None else decode_tensor(p, None, self.width) for p in sent)
+                must, optional, relaxed = mlp_want(self.holders, layer, self.me, self.view.awaited(layer))
+                got = mesh.collect(step, layer, must, optional)
+                parts, missing = decode_parts(got, wire, self.width, self.order, self.me, own, relaxed, rows)
+                self.mesh.counters["compensated"] += len(missing)
+                self.view.add_mlp(layer, parts, missing)
+            i += 1

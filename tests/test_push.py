@@ -1,0 +1,95 @@
+"""Push rounds modelled in process (core.push): every device's view of the residual, each receiver
+drawing its own misses. Nothing lost: the star's logits to the last bit, whatever the prompt or
+draft; under loss: the views drift by what they decided differently, and eval scores it."""
+import numpy as np
+import pytest
+from halo_compile.evaluate import EvalOptions, evaluate
+from halo_runtime.core.coordinator import Coordinator, TokenStats
+from halo_runtime.core.draft import LookupDraft
+from halo_runtime.core.exchange import InProcessExchange
+from halo_runtime.core.push import InProcessPush, PushCoordinator, ViewStats, push_miss
+
+
+def _push(plan, shards, miss=None, seed=0, wire="fp32", **kw):
+    push = InProcessPush(plan, shards, miss=miss, seed=seed, wire=wire)
+    return PushCoordinator(plan, shards[plan.coordinator], push, **kw), push
+
+
+def _lossy(plan):
+    return [d.name for d in plan.devices if d.loss > 0]
+
+
+@pytest.mark.parametrize("wire", ["fp32", "fp16"])
+@pytest.mark.parametrize("tokens", [[5], [3, 14, 15, 92, 65, 35, 89, 79]])
+def test_nothing_lost_push_gives_the_stars_logits_bit_for_bit(tiny_plan, tiny_shards, tokens, wire):
+    plan, _ = tiny_plan
+    star = Coordinator(plan, tiny_shards[plan.coordinator], InProcessExchange(plan, tiny_shards, wire=wire))
+    push, ex = _push(plan, tiny_shards, wire=wire)
+    for c in (star, push):
+        c.reset(1)
+    a = star.forward(tokens, 0, TokenStats(), all_positions=True)
+    b = push.forward(tokens, 0, TokenStats(), all_positions=True)
+    assert np.array_equal(a, b)
+    assert ex.drift.inputs > 0 and ex.drift.differing == 0 and ex.drift.disagreements == 0
+
+
+def test_nothing_lost_push_generates_the_stars_greedy_tokens_with_a_draft(tiny_plan, tiny_shards):
+    plan, _ = tiny_plan
+    prompt = [7, 8, 9, 7, 8, 9, 7, 8]
+    star = Coordinator(plan, tiny_shards[plan.coordinator], InProcessExchange(plan, tiny_shards))
+    push, _ = _push(plan, tiny_shards)
+    ref = star.generate(prompt, 12).tokens
+    assert push.generate(prompt, 12, draft=LookupDraft(), draft_tokens=3).tokens == ref
+
+
+def test_under_loss_views_drift_only_where_they_decided_differently(tiny_plan, tiny_shards):
+    plan, _ = tiny_plan
+    lossy = _lossy(plan)
+    assert lossy
+    push, ex = _push(plan, tiny_shards, miss=dict.fromkeys(lossy, 0.3), seed=1, await_predicted=False)
+    push.reset(1)
+    push.forward(list(range(3, 60)), 0, TokenStats(), all_positions=True)
+    v = ex.drift
+    assert v.disagreements > 0 and v.compensated > 0
+    assert 0 < v.differing < v.inputs  # a view drifts within a token, and not in every round
+    assert 0 < v.max_relative < 0.5
+    assert sum(c.compensated for c in ex.stats().devices.values()) > 0
+    # the same seed draws the same misses: the same drift, the same logits
+    again, ex2 = _push(plan, tiny_shards, miss=dict.fromkeys(lossy, 0.3), seed=1, await_predicted=False)
+    again.reset(1)
+    again.forward(list(range(3, 60)), 0, TokenStats(), all_positions=True)
+    assert ex2.drift == v
+
+
+@pytest.mark.parametrize(("sender", "receiver", "expected"), [(0.0, 0.0, 0.0), (0.1, 0.0, 0.1), (0.0, 0.2, 0.2),
+                                                              (0.1, 0.2, 0.28)])
+def test_push_miss_crosses_both_links(sender, receiver, expected):
+    assert push_miss(sender, receiver) == pytest.approx(expected)
+
+
+def test_view_stats_count_rows():
+    s = ViewStats()
+    a = np.ones((3, 4), np.float32)
+    s.add(a, a)
+    b = a.copy()
+    b[1] *= 1.5
+    s.add(b, a)
+    assert (s.inputs, s.differing) == (6, 1)
+    assert s.max_relative == pytest.approx(0.5)
+    assert s.to_json()["mean_relative"] == pytest.approx(0.5 / 6)
+
+
+def test_eval_scores_push_rounds_and_reports_the_views(plan_dir, tiny_plan):
+    report = evaluate(plan_dir, EvalOptions(plrs=(0.0, 0.2), tokens=300, context=100, methods=("predictor+lowrank",),
+                                            recall_windows=0, greedy_prompts=1, greedy_tokens=4, progress=False,
+                                            rounds="push"))
+    assert report["rounds"] == "push"
+    clean, lossy = report["results"]
+    assert clean["delta"] == 0.0 and clean["top1_agreement"] == 1.0  # nothing lost: the star's plan
+    assert clean["views"]["differing"] == 0
+    assert lossy["views"]["inputs"] > 0 and lossy["views"]["compensated"] > 0
+
+
+def test_eval_refuses_an_unknown_rounds():
+    with pytest.raises(ValueError, match="rounds 'ring'"):
+        EvalOptions(rounds="ring")

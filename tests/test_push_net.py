@@ -1,0 +1,125 @@
+"""Push rounds over real UDP sockets on loopback (net.push): workers in threads of this process,
+each adding the parts on its own view. Nothing lost (fp32 wire): the in-process star's logits to
+the last bit; under loss the pass completes, pulling lost critical parts again."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from halo_runtime.core.coordinator import Coordinator
+from halo_runtime.core.draft import LookupDraft
+from halo_runtime.core.exchange import InProcessExchange
+from halo_runtime.core.policy import DeliveryPolicy
+from halo_runtime.core.push import PushCoordinator, view_tensors
+from halo_runtime.net.push import UdpPush, holders
+from halo_runtime.net.shim import LossShim, PeerShims
+from halo_runtime.net.worker import Worker
+from test_runtime import halo_run
+
+PROMPT = [5, 9, 14, 3, 7, 5, 9, 14]
+SLOW = {"dead_after_s": 10.0, "rto_floor_ms": 300.0}
+"""Deadlines no busy test machine misses: nothing lost, every view must use every part."""
+FP32 = DeliveryPolicy(wire="fp32", **SLOW)
+
+
+@pytest.fixture
+def workers(tiny_plan, tiny_shards):
+    """Start every remote device as a Worker thread; returns start(loss) -> peers."""
+    plan, _ = tiny_plan
+    started, shims = [], []
+
+    def start(loss: float = 0.0) -> dict:
+        peers = {}
+        for i, d in enumerate(plan.device_names):
+            if d == plan.coordinator:
+                continue
+            shim = LossShim(loss, seed=10 + i) if loss and plan.device(d).loss > 0 else None
+            shims.append(shim)
+            w = Worker(plan, d, tiny_shards[d], "127.0.0.1", 0, shim=shim,
+                       view_source=lambda: view_tensors(tiny_shards[plan.coordinator]))
+            threading.Thread(target=w.serve_forever, daemon=True).start()
+            started.append(w)
+            peers[d] = w.address
+        return peers
+
+    yield start
+    for w in started:
+        w.close()
+    for s in shims:
+        if s is not None:
+            s.close()
+
+
+def _star(plan, shards, prompt, n, wire="fp32", **kw):
+    coord = Coordinator(plan, shards[plan.coordinator], InProcessExchange(plan, shards, wire=wire))
+    return coord.generate(prompt, n, keep_logits=True, **kw)
+
+
+@pytest.mark.parametrize("wire", ["fp32", "fp16"])
+def test_push_over_udp_gives_the_stars_logits_bit_for_bit(tiny_plan, tiny_shards, workers, wire):
+    """fp16 too: a device computes on its input rounded as the star's request would carry it, adds
+    its own part rounded as it sends it, and the coordinator's residual and parts travel in fp32."""
+    plan, _ = tiny_plan
+    mesh = UdpPush(plan, workers(), DeliveryPolicy(wire=wire, **SLOW), bind_host="127.0.0.1")
+    try:
+        push = PushCoordinator(plan, tiny_shards[plan.coordinator], mesh)
+        got = push.generate(PROMPT, 8, session=7, keep_logits=True)
+        again = push.generate(PROMPT, 8, session=8, draft=LookupDraft(), draft_tokens=3)  # passes of several rows
+    finally:
+        mesh.close()
+    ref = _star(plan, tiny_shards, PROMPT, 8, wire)
+    assert got.tokens == ref.tokens == again.tokens
+    assert all(np.array_equal(a, b) for a, b in zip(got.logits, ref.logits))
+    assert mesh.stats().compensated == 0
+
+
+def test_push_over_udp_under_loss_completes_pulling_lost_parts(tiny_plan, tiny_shards, workers):
+    plan, _ = tiny_plan
+    peers = workers(loss=0.3)
+    lossy = [d for d in plan.device_names if plan.device(d).loss > 0]
+    shim = PeerShims({peers[d]: LossShim(0.3, seed=20 + i) for i, d in enumerate(lossy)})
+    mesh = UdpPush(plan, peers, FP32, bind_host="127.0.0.1", shim=shim)
+    try:
+        gen = PushCoordinator(plan, tiny_shards[plan.coordinator], mesh).generate(PROMPT, 10, session=9)
+    finally:
+        mesh.close()
+        shim.close()
+    assert len(gen.tokens) == 10
+    stats = mesh.stats()
+    assert stats.retransmissions > 0  # 30% loss: a critical part or a residual was pulled again
+    assert stats.relaxed_parts > 0
+
+
+def test_holders_put_the_coordinators_mlp_in_one_awaited_part(tiny_plan):
+    plan, _ = tiny_plan
+    h = holders(plan)
+    for layer in range(plan.model.num_layers):
+        assert plan.coordinator not in h["relaxed"][layer]
+        assert (plan.coordinator in h["crit"][layer]) == bool(plan.groups_on(plan.coordinator, layer, "mlp"))
+
+
+def test_local_push_rounds_give_the_reference_tokens(tiny_plan, tiny_vocab_dir):
+    from test_runtime import PROMPT as TEXT
+    from test_runtime import reference
+
+    from halo_runtime.core.plandir import TOKENIZER_FILE
+    from halo_runtime.core.tokenizer import Tokenizer
+
+    plan, directory = tiny_plan
+    out = halo_run("local", "--plan", str(directory), "--rounds", "push", "--prompt", TEXT, "--max-tokens", "8",
+                   "--ignore-eos", "--wire", "fp32", "--plr", "0", "--json", "--quiet")
+    tokens, _ = reference(tiny_vocab_dir, Tokenizer.from_file(directory / TOKENIZER_FILE).encode(TEXT), 8)
+    assert out["tokens"] == tokens
+    assert out["compensated_share"] == 0.0
+
+
+@pytest.mark.parametrize("extra", [["--sync", "strict"], ["--compare"]])
+def test_push_rounds_refuse_what_they_do_not_run_yet(plan_dir, extra):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "halo_runtime.cli", "local", "--plan", str(plan_dir), "--rounds",
+                           "push", "--prompt", "hi", *extra], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("halo-run: error: --rounds push")
