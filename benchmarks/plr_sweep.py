@@ -14,7 +14,8 @@ repetition the modes run back to back with the same prompt and token count:
 - single:  relaxed with `--redundancy 1` (one copy of each one-datagram message, whatever the plan
   chose; opt-in);
 - push:    relaxed with `--rounds push` (each device sends its part to every other: one hop a
-  round; opt-in);
+  round; opt-in); strict-push: strict with `--rounds push` (TCP between every pair, every part
+  awaited; opt-in);
 - strict:  `halo-run generate --sync strict --draft none` (TCP, cubic, minimum RTO lowered, every
   part awaited);
 - gloo:    `gloo_tp.py` (torch.distributed gloo all-reduce over TCP, same partition).
@@ -79,6 +80,7 @@ MODES = {"relaxed": ["--sync", "relaxed", "--draft", "none"], "draft": ["--sync"
          "redundant": ["--sync", "relaxed", "--draft", "none", "--redundancy", "2"],
          "single": ["--sync", "relaxed", "--draft", "none", "--redundancy", "1"],
          "push": ["--sync", "relaxed", "--draft", "none", "--rounds", "push"],
+         "strict-push": ["--sync", "strict", "--draft", "none", "--rounds", "push"],
          "strict": ["--sync", "strict", "--draft", "none"], "gloo": None, "peer": None}
 """Sweep mode -> its `halo-run generate` arguments (None: the gloo baseline, or the peer's commands)."""
 DEFAULT_MODES = ("relaxed", "draft", "strict", "gloo")
@@ -471,7 +473,7 @@ def _sweep(args, plan_dir, out, png, plrs, delays, reps, tokens, gloo_reps, gloo
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc["duration_s"] = round(time.time() - started, 1)
     # same greedy tokens as strict, prompt by prompt (at 0% loss every mode must agree)
-    for other in ("relaxed", "push", "draft", "redundant", "single", "gloo"):
+    for other in ("relaxed", "push", "strict-push", "draft", "redundant", "single", "gloo"):
         if other not in modes or "strict" not in modes:
             continue
         key = f"same_tokens_{other}_vs_strict"

@@ -19,13 +19,13 @@ from benchmarks.benchcommon import percentiles
 
 TARGET_DELAY_MS = 2.0
 """One-way delay at which the loss targets are read (the issue's lab: 2 ms +- 0.5)."""
-MODE_ORDER = ("relaxed", "push", "draft", "redundant", "single", "strict", "gloo", "peer")
-LABELS = {"relaxed": "HALO relaxed (UDP)", "push": "HALO relaxed, push rounds", "draft": "HALO relaxed + lookup draft",
+MODE_ORDER = ("relaxed", "push", "draft", "redundant", "single", "strict", "strict-push", "gloo", "peer")
+LABELS = {"relaxed": "HALO relaxed (UDP)", "push": "HALO relaxed, push rounds", "strict-push": "HALO strict, push rounds", "draft": "HALO relaxed + lookup draft",
           "redundant": "HALO relaxed, lossy links x2", "single": "HALO relaxed, one copy",
           "strict": "HALO strict (TCP)",
           "gloo": "gloo all-reduce (TCP)", "peer": "peer (--peer-root)"}
 STYLE = {"relaxed": ("tab:green", "o"), "draft": ("tab:olive", "D"), "redundant": ("tab:cyan", "v"),
-         "single": ("tab:gray", "x"), "push": ("tab:orange", "*"),
+         "single": ("tab:gray", "x"), "push": ("tab:orange", "*"), "strict-push": ("tab:brown", "p"),
          "strict": ("tab:red", "s"), "gloo": ("tab:blue", "^"), "peer": ("tab:purple", "P")}
 
 

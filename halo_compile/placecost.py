@@ -320,6 +320,62 @@ def link_copies(d: Device, options: PlaceOptions) -> int:
     return min(range(1, MAX_COPIES + 1), key=lambda c: (cost(c), c))
 
 
+def network_ms(rounds: list[list[str]], devices: list[Device], coordinator: str, copies: dict[str, int],
+               options: PlaceOptions) -> dict[str, float]:
+    """Per token, the network time of `rounds` (each: the devices holding a group of it, the
+    coordinator included where it holds one) as star rounds and as push rounds (`core.push`), on
+    switched links: a datagram from a to b crosses a's access link and b's, `latency_ms` each (the
+    coordinator's own too, as `benchmarks.plr_sweep --delay-from-plan` builds the lab). So push
+    saves a hop only where the coordinator's link is as slow as the boards': behind a wired
+    coordinator a board-to-board datagram crosses two slow links, as a star's round trip does. A
+    message is one `message_bytes` part; `copies`: the plan's per link
+    (a pair of boards: the larger). Star round: the slowest participant's round trip (2 latencies,
+    its copies of request and reply on its link, the expected wait for a lost one), plus the
+    coordinator's CPU for every datagram it seals and opens (`datagram_ms`). Push round: the
+    slowest pair's one-way trip (and expected wait), plus the busiest sender's uplink (its part to
+    every other device), plus the busiest device's CPU for what it sends and receives; each pass
+    adds one hop of the coordinator's residual. Compute is left out: it is the same either way.
+
+    A shared medium (Wi-Fi airtime: every device's datagrams one after another) is not modelled:
+    on one there, push sends N - 1 times the bytes of a star's replies."""
+    by_name = {d.name: d for d in devices}
+    names = [d.name for d in devices]
+    one = DeliveryPolicy(relaxed_retries=0)
+
+    def lat(a: str, b: str) -> float:
+        return by_name[a].latency_ms + by_name[b].latency_ms
+
+    def msg_ms(d: str) -> float:
+        return options.message_bytes * 8 / (by_name[d].bandwidth_mbps * 1e3)
+
+    def loss(a: str, b: str) -> float:
+        return 1.0 - (1.0 - by_name[a].loss) * (1.0 - by_name[b].loss)
+
+    def pair_copies(a: str, b: str) -> int:
+        return max(copies.get(a, 1), copies.get(b, 1))
+
+    def miss(a: str, b: str) -> float:  # one message, one way, all its copies lost
+        return loss(a, b) ** pair_copies(a, b)
+
+    star = push = 0.0
+    for held in rounds:
+        remote = [d for d in held if d != coordinator]
+        if not remote:
+            continue
+        star += max(2 * lat(coordinator, d) + 2 * copies.get(d, 1) * msg_ms(d)
+                    + one.miss_probability(by_name[d].loss, planned=copies.get(d, 1)) * options.rto_ms
+                    for d in remote) + options.datagram_ms * sum(2 * copies.get(d, 1) for d in remote)
+        datagrams = {v: sum(pair_copies(s, v) for s in held if s != v) for v in names}  # received
+        for s in held:
+            datagrams[s] += sum(pair_copies(s, v) for v in names if v != s)  # sent
+        push += (max(lat(s, v) + miss(s, v) * options.rto_ms for s in held for v in names if v != s)
+                 + max(sum(pair_copies(s, v) * msg_ms(s) for v in names if v != s) for s in held)
+                 + options.datagram_ms * max(datagrams.values()))
+    if push:  # the coordinator's residual, once a pass
+        push += max(lat(coordinator, v) + msg_ms(v) for v in names if v != coordinator)
+    return {"star": star, "push": push}
+
+
 def energy_mj(power_w: tuple[float, float], compute_ms: float, token_ms: float) -> float:
     """Energy per token in mJ (W x ms) of a device drawing power_w = (idle, busy) watts: busy for
     its compute time, idle for the rest of the token time (never less than 0 of it)."""

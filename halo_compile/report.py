@@ -41,7 +41,7 @@ from __future__ import annotations
 from halo_runtime.core.plan import Failover, Plan
 from halo_runtime.core.policy import DeliveryPolicy
 
-from .placecost import GroupCost, group_cost
+from .placecost import GroupCost, PlaceOptions, group_cost, network_ms
 
 MB = 1024 * 1024
 
@@ -101,6 +101,7 @@ def inspect_text(plan: Plan) -> str:
     attn = sum(kind == "attn" for _, kind in rounds)
     lines.append(f"rounds per token: {len(rounds)} of {2 * plan.model.num_layers} ({attn} attention, "
                  f"{len(rounds) - attn} MLP; a round whose groups all stay on the coordinator asks no one)")
+    lines.append(_rounds_line(plan, rounds))
     lines.append(f"expected lost importance per layer: {100 * plan.expected_lost_importance:.4f}% of the layer "
                  f"output at {plan.predicted_token_ms:.2f} ms/token (this placement"
                  + (", priced at one copy per message: the copies cut it)" if copied else ")"))
@@ -131,6 +132,17 @@ def failover_disk_bytes(plan: Plan) -> dict[str, int]:
         for survivor, costs in _adopted(plan, f).items():
             out[survivor] = out.get(survivor, 0) + sum(c.weight_bytes for c in costs)
     return {n: out[n] for n in plan.device_names if n in out}
+
+
+def _rounds_line(plan: Plan, rounds: list[tuple[int, str]]) -> str:
+    """What the cost model says the network costs a token in star rounds and in push rounds."""
+    held = [sorted({g.device for g in plan.layer_groups(layer, kind)}) for layer, kind in rounds]
+    net = network_ms(held, list(plan.devices), plan.coordinator, {d: plan.link_copies(d) for d in plan.device_names},
+                     PlaceOptions(message_bytes=2 * plan.model.hidden_size))
+    cheaper = "push" if net["push"] < net["star"] else "star"
+    return (f"network per token (cost model, compute aside): star rounds {net['star']:.2f} ms ({len(rounds)} round "
+            f"trips), push rounds {net['push']:.2f} ms ({len(rounds)} one-way hops and a handoff): {cheaper} is "
+            f"cheaper on these links" + (" (halo-run --rounds push)" if cheaper == "push" else ""))
 
 
 def _failover_lines(plan: Plan) -> list[str]:

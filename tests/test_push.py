@@ -93,3 +93,47 @@ def test_eval_scores_push_rounds_and_reports_the_views(plan_dir, tiny_plan):
 def test_eval_refuses_an_unknown_rounds():
     with pytest.raises(ValueError, match="rounds 'ring'"):
         EvalOptions(rounds="ring")
+
+
+def _devices(latency_ms: float, loss: float = 0.0, coordinator_ms: float | None = None):
+    from halo_runtime.core.plan import Device
+
+    return [Device(f"d{i}", f"10.0.0.{i}:7700", 10**9, 1.0,
+                   latency_ms=latency_ms if i or coordinator_ms is None else coordinator_ms,
+                   loss=loss if i == 3 else 0.0) for i in range(4)]
+
+
+@pytest.mark.parametrize(("latency_ms", "coordinator_ms", "cheaper"),
+                         [(0.0, None, "star"), (0.5, None, "push"), (1.0, None, "push"),
+                          (1.0, 0.0, "star"), (2.0, 0.0, "star")])
+def test_the_cost_model_prices_a_round_trip_against_one_hop(latency_ms, coordinator_ms, cheaper):
+    """Push sends more datagrams (CPU on every device) to save one hop: worth it on slow links, and
+    only where the coordinator's own link is slow too (behind a wired one, board to board is two
+    slow links, as a round trip is)."""
+    from halo_compile.placecost import PlaceOptions, network_ms
+
+    rounds = [["d0", "d1", "d2", "d3"]] * 60
+    devices = _devices(latency_ms, coordinator_ms=coordinator_ms)
+    net = network_ms(rounds, devices, "d0", {}, PlaceOptions())
+    assert min(net, key=net.get) == cheaper, net
+    one_way = 2 * latency_ms  # two access links
+    assert net["push"] >= 60 * one_way
+    assert net["star"] >= 60 * (2 * one_way if coordinator_ms is None else one_way)
+
+
+def test_the_cost_model_counts_only_rounds_that_leave_the_coordinator():
+    from halo_compile.placecost import PlaceOptions, network_ms
+
+    net = network_ms([["d0"]] * 10, _devices(2.0), "d0", {}, PlaceOptions())
+    assert net == {"star": 0.0, "push": 0.0}
+    lossy = network_ms([["d0", "d3"]], _devices(2.0, loss=0.05), "d0", {"d3": 2}, PlaceOptions())
+    clean = network_ms([["d0", "d3"]], _devices(2.0), "d0", {}, PlaceOptions())
+    assert lossy["star"] > clean["star"] and lossy["push"] > clean["push"]  # copies and expected waits
+
+
+def test_inspect_says_which_rounds_are_cheaper(tiny_plan):
+    from halo_compile.report import inspect_text
+
+    plan, _ = tiny_plan
+    line = next(x for x in inspect_text(plan).splitlines() if x.startswith("network per token"))
+    assert "star rounds" in line and "push rounds" in line and "cheaper on these links" in line

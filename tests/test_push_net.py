@@ -13,6 +13,7 @@ from halo_runtime.core.exchange import InProcessExchange
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.push import PushCoordinator, view_tensors
 from halo_runtime.net.push import UdpPush, holders
+from halo_runtime.net.pushtcp import TcpPush
 from halo_runtime.net.shim import LossShim, PeerShims
 from halo_runtime.net.worker import Worker
 from test_runtime import halo_run
@@ -66,12 +67,33 @@ def test_push_over_udp_gives_the_stars_logits_bit_for_bit(tiny_plan, tiny_shards
         push = PushCoordinator(plan, tiny_shards[plan.coordinator], mesh)
         got = push.generate(PROMPT, 8, session=7, keep_logits=True)
         again = push.generate(PROMPT, 8, session=8, draft=LookupDraft(), draft_tokens=3)  # passes of several rows
+        devices = mesh.device_stats()
     finally:
         mesh.close()
     ref = _star(plan, tiny_shards, PROMPT, 8, wire)
     assert got.tokens == ref.tokens == again.tokens
     assert all(np.array_equal(a, b) for a, b in zip(got.logits, ref.logits))
     assert mesh.stats().compensated == 0
+    assert set(devices) == set(plan.device_names) - {plan.coordinator}
+    assert all(s.view_compensated == 0 for s in devices.values())  # every view used every part
+
+
+@pytest.mark.parametrize("wire", ["fp32", "fp16"])
+def test_strict_push_over_tcp_gives_the_stars_logits_bit_for_bit(tiny_plan, tiny_shards, workers, wire):
+    """Every device connects to every other; every part awaited: the star's bits, twice in a row
+    (a second session connects afresh)."""
+    plan, _ = tiny_plan
+    mesh = TcpPush(plan, workers(), DeliveryPolicy(wire=wire, **SLOW))
+    try:
+        push = PushCoordinator(plan, tiny_shards[plan.coordinator], mesh)
+        got = push.generate(PROMPT, 8, session=3, keep_logits=True)
+        again = push.generate(PROMPT, 8, session=4, draft=LookupDraft(), draft_tokens=3)
+    finally:
+        mesh.close()
+    ref = _star(plan, tiny_shards, PROMPT, 8, wire)
+    assert got.tokens == ref.tokens == again.tokens
+    assert all(np.array_equal(a, b) for a, b in zip(got.logits, ref.logits))
+    assert mesh.stats().relaxed_parts > 0 and mesh.stats().compensated == 0
 
 
 def test_push_over_udp_under_loss_completes_pulling_lost_parts(tiny_plan, tiny_shards, workers):
@@ -99,7 +121,7 @@ def test_holders_put_the_coordinators_mlp_in_one_awaited_part(tiny_plan):
         assert (plan.coordinator in h["crit"][layer]) == bool(plan.groups_on(plan.coordinator, layer, "mlp"))
 
 
-def test_local_push_rounds_give_the_reference_tokens(tiny_plan, tiny_vocab_dir):
+def test_local_push_rounds_relaxed_and_strict_give_the_reference_tokens(tiny_plan, tiny_vocab_dir):
     from test_runtime import PROMPT as TEXT
     from test_runtime import reference
 
@@ -107,19 +129,20 @@ def test_local_push_rounds_give_the_reference_tokens(tiny_plan, tiny_vocab_dir):
     from halo_runtime.core.tokenizer import Tokenizer
 
     plan, directory = tiny_plan
-    out = halo_run("local", "--plan", str(directory), "--rounds", "push", "--prompt", TEXT, "--max-tokens", "8",
-                   "--ignore-eos", "--wire", "fp32", "--plr", "0", "--json", "--quiet")
+    out = halo_run("local", "--plan", str(directory), "--rounds", "push", "--compare", "--prompt", TEXT,
+                   "--max-tokens", "8", "--ignore-eos", "--wire", "fp32", "--plr", "0", "--json", "--quiet")
     tokens, _ = reference(tiny_vocab_dir, Tokenizer.from_file(directory / TOKENIZER_FILE).encode(TEXT), 8)
-    assert out["tokens"] == tokens
-    assert out["compensated_share"] == 0.0
+    assert [r["sync"] for r in out["runs"]] == ["relaxed", "strict"]
+    for r in out["runs"]:
+        assert r["tokens"] == tokens
+        assert r["compensated_share"] == 0.0
 
 
-@pytest.mark.parametrize("extra", [["--sync", "strict"], ["--compare"]])
-def test_push_rounds_refuse_what_they_do_not_run_yet(plan_dir, extra):
+def test_serve_refuses_push_rounds(plan_dir):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "halo_runtime.cli", "local", "--plan", str(plan_dir), "--rounds",
-                           "push", "--prompt", "hi", *extra], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "halo_runtime.cli", "serve", "--plan", str(plan_dir), "--rounds",
+                           "push"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("halo-run: error: --rounds push")

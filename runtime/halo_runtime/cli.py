@@ -54,7 +54,7 @@ def _coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="relaxed: UDP, deadlines and compensation (default); strict: TCP, await everything")
     p.add_argument("--rounds", choices=ROUNDS, default=ROUNDS[0],
                    help="star: every network round a round trip through the coordinator (default); push: each "
-                        "device sends its part to every other, one hop a round (relaxed only, one session)")
+                        "device sends its part to every other, one hop a round (one session; not serve)")
     p.add_argument("--wire", choices=["fp16", "fp32"], **_field(DeliveryPolicy, "wire"))
     p.add_argument("--redundancy", type=int, **_field(DeliveryPolicy, "redundancy", "; at most 4"))
     p.add_argument("--multi-datagram-copies", type=int,
@@ -174,10 +174,8 @@ def main(argv=None) -> None:
 
     try:
         ComputeOptions(args.threads)  # validates --threads before anything starts
-        if getattr(args, "rounds", "star") == "push" and (args.command == "serve" or args.sync == "strict"
-                                                          or getattr(args, "compare", False)):
-            raise ValueError("--rounds push runs relaxed rounds of one session: strict push rounds (and "
-                             "--compare) and serve's batching are not built for it yet")
+        if getattr(args, "rounds", "star") == "push" and args.command == "serve":
+            raise ValueError("--rounds push runs one session: serve's batching is not built for it yet")
         if (why := rows_differ_by_pass()) is not None:
             print(f"halo-run: warning: {why}", file=sys.stderr, flush=True)
         {"worker": run_worker, "generate": run_generate, "local": run_local, "serve": run_serve,
@@ -393,6 +391,7 @@ def _report(result: dict, args) -> None:
 def run_generate(args) -> None:
     from .net.exchange import UdpExchange
     from .net.push import UdpPush
+    from .net.pushtcp import TcpPush
     from .net.tcpexchange import TcpExchange
 
     plan, shard, tok, policy = _load_coordinator(args)
@@ -400,7 +399,7 @@ def run_generate(args) -> None:
     peers = _peers(plan, args.peer)
     auth = _auth(args, args.plan)
     if args.rounds == "push":
-        exchange = UdpPush(plan, peers, policy, auth=auth)
+        exchange = (TcpPush if args.sync == "strict" else UdpPush)(plan, peers, policy, auth=auth)
     elif args.sync == "strict":
         exchange = TcpExchange(plan, peers, policy, auth=auth)
     else:

@@ -87,14 +87,15 @@ def local_shims(args, loss: dict[str, float], peers: dict, seed: int) -> dict:
 def make_exchange(sync: str, plan, peers: dict, policy, shims: dict, auth, bind_host: str = "127.0.0.1",
                   rounds: str = "star"):
     """The coordinator's exchange for `sync`: TCP (strict) or UDP (relaxed), through `shims`; for
-    push rounds (relaxed only), a `net.push.UdpPush`."""
+    push rounds, a `net.pushtcp.TcpPush` or `net.push.UdpPush`."""
     from .net.exchange import UdpExchange
     from .net.push import UdpPush
+    from .net.pushtcp import TcpPush
     from .net.shim import PeerShims
     from .net.tcpexchange import TcpExchange
 
     if sync == "strict":
-        return TcpExchange(plan, peers, policy, shims, auth=auth)
+        return (TcpPush if rounds == "push" else TcpExchange)(plan, peers, policy, shims, auth=auth)
     shim = PeerShims({peers[d]: s for d, s in shims.items()}) if shims else None
     if rounds == "push":
         return UdpPush(plan, peers, policy, bind_host=bind_host, shim=shim, auth=auth)

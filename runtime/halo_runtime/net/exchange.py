@@ -39,7 +39,6 @@ Example (the checked-in plan, its workers nowhere: `begin` says which device doe
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -57,7 +56,7 @@ from .rtt import RttEstimator
 from .shim import PeerShims
 from .transport import TcpChannel, TransportError, UdpEndpoint
 from .wire import Kind, Message, attempt_of, make_flags
-from .worker import WorkerStats
+from .worker import WorkerStats, query_stats
 
 # plain ints for the per-round loop: reading an enum member costs a descriptor call each time
 _ATTN, _CRIT, _RLX = int(Kind.REPLY_ATTN), int(Kind.REPLY_MLP_CRITICAL), int(Kind.REPLY_MLP_RELAXED)
@@ -463,26 +462,9 @@ class UdpExchange:
 
     def device_stats(self, timeout_s: float = 1.0) -> dict[str, WorkerStats]:
         """Each reachable remote device's own counters (requests, drops by reason), by name."""
-        out: dict[str, WorkerStats] = {}
-        ask = [d for d in self.remote if d not in self.down and d != self.failed]
-        deadline = time.monotonic() + timeout_s
-        for _ in range(3):
-            for d in ask:
-                if d not in out:
-                    # attempt 15 is never deduplicated: a second query in one session is answered too
-                    self.endpoint.send(Message(Kind.STATS, self.session, 0, 0, self.me), self.peers[d],
-                                       make_flags(15), dest=self.index[d])
-            until = min(deadline, time.monotonic() + timeout_s / 3)
-            while len(out) < len(ask) and time.monotonic() < until:
-                got = self.endpoint.recv(until - time.monotonic())
-                if got and got[0].kind == Kind.STATS and self.names.get(got[0].sender) in ask:
-                    try:
-                        out[self.names[got[0].sender]] = WorkerStats.from_json(json.loads(got[0].payload))
-                    except ValueError:
-                        self.counters["malformed"] += 1
-            if len(out) == len(ask):
-                break
-        return out
+        ask = {d: (self.peers[d], self.index[d]) for d in self.remote if d not in self.down and d != self.failed}
+        return query_stats(self.endpoint, self.session, self.me, ask, timeout_s,
+                           lambda: self.counters.__setitem__("malformed", self.counters["malformed"] + 1))
 
     def close(self) -> None:
         self.endpoint.close()

@@ -11,8 +11,9 @@ lossy link, the plan's choice for the lossier end) and collects theirs with `Mes
   missing one is pulled again (PULL naming the kinds) from its sender after the sender's
   lateness timeout (RFC 6298 over how long after this device was ready the sender's parts came),
   backing off, until `dead_after_s` ends the run (DeviceLost);
-- a relaxed part not flagged is used if it comes before ready + (1 + relaxed_retries) x that
-  timeout (one PULL at the first), else estimated (`core.push.View`).
+- a relaxed part not flagged is used if it comes before ready + (1 + 2 x relaxed_retries) x that
+  timeout (one PULL at the first, whose answer takes a round trip), else estimated
+  (`core.push.View`).
 A device answers PULLs from the parts it sent (kept per (kind, step, layer)); the coordinator
 sends its latest PUSH_H again with every PULL, so that a device that lost it joins the pass.
 Workers learn the others' addresses, the coordinator's rule and its delivery policy from its HELLO
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from collections import OrderedDict
 
 import numpy as np
@@ -142,6 +143,11 @@ class Mesh:
         for key in [k for k in self.inbox if k[1] < step]:
             del self.inbox[key]
 
+    def take_start(self, done_step: int) -> Message | None:
+        """The coordinator's residual that starts the earliest pass after `done_step`, if it came
+        (the arrivals of earlier passes are dropped)."""
+        return take_start(self.inbox, done_step, self.forget_before)
+
     def collect(self, step: int, layer: int, must: list[tuple[str, int]],
                 optional: list[tuple[str, int]] = ()) -> dict[tuple[str, int], Message]:
         """(sender, kind) -> message of round (step, layer): every `must` one (pulled again until it
@@ -150,7 +156,8 @@ class Mesh:
         got: dict[tuple[str, int], Message] = {}
         attempts: dict[str, int] = {}
         next_pull = {d: t0 + self.late[d].rto_s for d, _ in list(must) + list(optional)}
-        deadline = {d: t0 + (1 + self.policy.relaxed_retries) * self.late[d].rto_s for d, _ in optional}
+        # a PULL and the part's second coming take a round trip: two timeouts each, not one
+        deadline = {d: t0 + (1 + 2 * self.policy.relaxed_retries) * self.late[d].rto_s for d, _ in optional}
         first = set()
         while True:
             now = time.monotonic()
@@ -196,6 +203,17 @@ class Mesh:
 FIRST = 1
 """The schedule step every pass starts at on a device: the coordinator's first segment (the
 embedding, at least) is step 0."""
+
+
+def take_start(inbox: dict, done_step: int, forget_before) -> Message | None:
+    """Of a mesh's `inbox`: the residual (PUSH_H at FIRST) of the earliest pass after `done_step`."""
+    starts = [k for k in inbox if k[0] == _H and k[1] > done_step and k[2] == FIRST]
+    if not starts:
+        return None
+    key = min(starts, key=lambda k: k[1])
+    msg = inbox.pop(key)
+    forget_before(key[1])
+    return msg
 
 
 def with_x(steps: list, index: int) -> bool:
@@ -249,8 +267,7 @@ class UdpPush:
         """Start `session` on every device in push mode (HELLO with the addresses and the rule)."""
         timeout_s = self.policy.dead_after_s if timeout_s is None else timeout_s
         self.mesh = Mesh(self.plan, self.me, self.endpoint, self.peers, self.policy, session)
-        body = HELLO_PUSH + json.dumps({"peers": {d: list(a) for d, a in self.peers.items()},
-                                        "policy": asdict(self.policy), **self.rule}).encode()
+        body = PushHello(self.peers, self.policy, **self.rule).payload()
         waiting, attempt, deadline = set(self.remote), 0, time.monotonic() + timeout_s
         index = self.plan.device_names.index
         while waiting:
@@ -311,29 +328,67 @@ class UdpPush:
                              dropped=None, devices_down=None, rejoins=None, max_relaxed_overshoot_ms=None,
                              duplicates=None, down=None, rto_ms=None)
 
+    def device_stats(self, timeout_s: float = 1.0) -> dict:
+        """Each remote device's own counters (its view's estimates and PULLs among them), by name."""
+        from .worker import query_stats  # the worker module imports this one
+
+        index = self.plan.device_names.index
+        return query_stats(self.endpoint, self.mesh.session, index(self.me),
+                           {d: (self.peers[d], index(d)) for d in self.remote}, timeout_s)
+
     def close(self) -> None:
         self.endpoint.close()
 
 
-class PushWorker:
-    """A worker's side of push rounds: its view, walked through the schedule pass by pass."""
+@dataclass(frozen=True)
+class PushHello:
+    """What the coordinator's HELLO tells every device about this session's push rounds."""
 
-    def __init__(self, plan: Plan, me: str, compute, tensors: dict, endpoint: UdpEndpoint, hello: Message,
-                 coordinator_addr: tuple, other, log):
-        cfg = json.loads(hello.payload[len(HELLO_PUSH):])
-        peers = {d: tuple(a) for d, a in cfg["peers"].items()}
-        peers[plan.coordinator] = coordinator_addr
-        missing = [d for d in plan.device_names if d not in peers]
+    peers: dict
+    """Device -> (host, port) of every other device (the coordinator: where its HELLO came from)."""
+    policy: DeliveryPolicy
+    """The coordinator's delivery policy: every device waits and estimates alike."""
+    compensation: str
+    """The coordinator's compensation (core.coordinator.COMPENSATIONS)."""
+    await_predicted: bool
+    """Whether relaxed parts the predictor flags are awaited."""
+    strict: bool = False
+    """Strict push rounds: over TCP, every part awaited (`net.pushtcp`)."""
+
+    def payload(self) -> bytes:
+        return HELLO_PUSH + json.dumps({"peers": {d: list(a) for d, a in self.peers.items()},
+                                        "policy": asdict(self.policy), "compensation": self.compensation,
+                                        "await_predicted": self.await_predicted, "strict": self.strict}).encode()
+
+    @classmethod
+    def parse(cls, plan: Plan, payload: bytes, coordinator_addr: tuple | None) -> PushHello:
+        """From a HELLO's payload (`coordinator_addr`: where it came from; None over TCP); WireError
+        naming what is wrong."""
+        try:
+            cfg = json.loads(payload[len(HELLO_PUSH):])
+            peers = {d: tuple(a) for d, a in cfg["peers"].items()}
+            if coordinator_addr is not None:  # strict rounds answer it on its own connection
+                peers[plan.coordinator] = tuple(coordinator_addr)
+            hello = cls(peers, DeliveryPolicy(**cfg["policy"]), str(cfg["compensation"]), bool(cfg["await_predicted"]),
+                        bool(cfg.get("strict", False)))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise WireError(f"push HELLO: {e}") from None
+        missing = [d for d in plan.device_names if d not in peers and d != plan.coordinator]
         if missing:
             raise WireError(f"push HELLO names no address for {', '.join(missing)}")
+        return hello
+
+
+class PushWorker:
+    """A worker's side of push rounds: its view, walked through the schedule pass by pass, over a
+    `Mesh` (UDP) or a `pushtcp.TcpMesh` (strict)."""
+
+    def __init__(self, plan: Plan, me: str, compute, tensors: dict, mesh, hello: PushHello, log):
         self.plan, self.me, self.compute, self.log = plan, me, compute, log
-        try:
-            policy = DeliveryPolicy(**cfg["policy"])
-        except (TypeError, ValueError) as e:
-            raise WireError(f"push HELLO: bad delivery policy ({e})") from None
-        self.wire, self.width = policy.wire, plan.model.hidden_size
-        self.view = View(plan, me, tensors, cfg["compensation"], bool(cfg["await_predicted"]))
-        self.mesh = Mesh(plan, me, endpoint, peers, policy, hello.session, other)
+        self.wire, self.width = hello.policy.wire, plan.model.hidden_size
+        self.view = View(plan, me, tensors, hello.compensation, hello.await_predicted)
+        self.mesh = mesh
+        self.strict = hello.strict
         self.holders = holders(plan)
         self.steps = schedule(plan)
         self.order = self.view.order
@@ -341,21 +396,18 @@ class PushWorker:
 
     def serve(self, timeout_s: float) -> None:
         """Run the next pass if its residual came, else wait for messages up to `timeout_s`."""
-        starts = [k for k in self.mesh.inbox if k[0] == _H and k[1] > self.done_step and k[2] == FIRST]
-        if not starts:
+        msg = self.mesh.take_start(self.done_step)
+        if msg is None:
             self.mesh.pump(timeout_s)
             return
-        key = min(starts, key=lambda k: k[1])
-        msg = self.mesh.inbox.pop(key)
-        self.mesh.forget_before(key[1])
         try:
             self._pass(msg)
         except DeviceLost as e:
-            self.log(f"pass of step {key[1]} abandoned: {e}")
+            self.log(f"pass of step {msg.step} abandoned: {e}")
         except WireError as e:
             self.mesh.counters["malformed"] += 1
-            self.log(f"pass of step {key[1]} abandoned: {e}")
-        self.done_step = key[1]
+            self.log(f"pass of step {msg.step} abandoned: {e}")
+        self.done_step = msg.step
 
     def _start(self, msg: Message) -> tuple:
         x = with_x(self.steps, msg.layer)

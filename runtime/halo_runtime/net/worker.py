@@ -33,12 +33,14 @@ import numpy as np
 
 from ..core.codec import WireError, decode_request, encode_tensor
 from ..core.device import DeviceBackend, DeviceCompute
+from ..core.exchange import DeviceLost
 from ..core.failover import WithAdopted, adopt
 from ..core.plan import Plan
 from ..core.plandir import PlanError
 from ..core.spans import Span
 from .auth import Authenticator, ReplayGuard
-from .push import HELLO_PUSH, PushWorker
+from .push import HELLO_PUSH, Mesh, PushHello, PushWorker
+from .pushtcp import PUSH_KINDS, start_worker_mesh
 from .shim import LossShim
 from .transport import TcpListener, TransportError, UdpEndpoint
 from .wire import Kind, Message, attempt_of, make_flags
@@ -85,6 +87,10 @@ class WorkerStats:
     """Their step is below the watermark."""
     datagrams_received: int = 0
     """UDP datagrams read from the socket, garbage included."""
+    view_compensated: int = 0
+    """Push rounds, this session: relaxed parts this device's view estimated (missed its deadline here)."""
+    pulls: int = 0
+    """Push rounds, this session: PULLs it sent for parts that had not come."""
 
     def __post_init__(self):
         if not isinstance(self.device, str):
@@ -159,8 +165,10 @@ class Worker:
         rcs = [self.udp.reassembler.counters] + [c.reassembler.counters for c in list(self.channels)]
         dropped = {f"dropped_{name}": self.closed_drops[name] + sum(getattr(rc, name) for rc in rcs)
                    for name in DROP_REASONS}
+        push = self.push.mesh.counters if self.push is not None else {}
         return WorkerStats(self.device, **self.counters, **dropped,
-                           datagrams_received=self.udp.counters.datagrams_received)
+                           datagrams_received=self.udp.counters.datagrams_received,
+                           view_compensated=push.get("compensated", 0), pulls=push.get("pulls", 0))
 
     def handle(self, msg: Message) -> list[Message]:
         """Replies to one request (the caller sends them); thread-safe."""
@@ -287,7 +295,7 @@ class Worker:
 
     def serve_udp(self) -> None:
         while not self.stop.is_set():
-            if self.push is not None:  # its mesh receives, and hands anything else to _answer
+            if self.push is not None and not self.push.strict:  # its mesh receives, hands the rest to _answer
                 self.push.serve(0.2)
                 continue
             got = self.udp.recv(0.2)
@@ -301,24 +309,49 @@ class Worker:
         for reply in replies:
             self.udp.send(reply, addr, reply.flags, dest=msg.sender)
 
-    def _rounds(self, hello: Message, addr) -> None:
-        """Star or push rounds for the session a HELLO starts (a repeated HELLO changes nothing)."""
+    def _rounds(self, hello: Message, addr, channel=None) -> None:
+        """Star or push rounds for the session a HELLO starts (a repeated HELLO changes nothing);
+        `addr`: where a UDP one came from; `channel`: the coordinator's TCP connection it came on
+        (strict push rounds)."""
         if not hello.payload.startswith(HELLO_PUSH):
             if hello.payload != b"rebuild":
-                self.push = None
+                self._end_push()
             return
         if self.push is not None and self.push.mesh.session == hello.session:
             return
+        self._end_push()
         try:
-            if self._view_tensors is None:
-                if self.view_source is None:
-                    raise PlanError("this worker was started without the plan's view tensors")
-                self._view_tensors = self.view_source()
-            self.push = PushWorker(self.plan, self.device, self.compute, self._view_tensors, self.udp, hello, addr,
-                                   self._answer, self.log)
-        except (PlanError, WireError, ValueError, KeyError, TypeError) as e:
+            config = PushHello.parse(self.plan, hello.payload, addr)
+            view = self.view()
+            if config.strict != (channel is not None):
+                raise WireError("strict push rounds start over TCP, relaxed ones over UDP")
+            if config.strict:
+                mesh = start_worker_mesh(self.plan, self.device, hello, config, channel, self.auth, self.stop)
+            else:
+                mesh = Mesh(self.plan, self.device, self.udp, config.peers, config.policy, hello.session, self._answer)
+            self.push = PushWorker(self.plan, self.device, self.compute, view, mesh, config, self.log)
+        except (PlanError, WireError, DeviceLost) as e:
             self.log(f"cannot run push rounds: {e}")
-            self.push = None
+            return
+        if config.strict:  # its passes run on a thread of their own, reading what the connections deliver
+            threading.Thread(target=self._strict_passes, args=(self.push,), daemon=True).start()
+
+    def _strict_passes(self, push: PushWorker) -> None:
+        while self.push is push and not self.stop.is_set():
+            push.serve(0.2)
+
+    def _end_push(self) -> None:
+        if self.push is not None and self.push.strict:
+            self.push.mesh.close_own()
+        self.push = None
+
+    def view(self) -> dict:
+        """The tensors a view of push rounds needs (read once); PlanError if this worker has none."""
+        if self._view_tensors is None:
+            if self.view_source is None:
+                raise PlanError("this worker was started without the plan's view tensors")
+            self._view_tensors = self.view_source()
+        return self._view_tensors
 
     def _serve_channel(self, channel) -> None:
         with self.lock:
@@ -330,7 +363,16 @@ class Worker:
                     continue
                 if msg.kind == Kind.BYE:
                     break
-                for reply in self.handle(msg):
+                push = self.push
+                if msg.kind in PUSH_KINDS:  # a part of strict push rounds, from whoever connected
+                    if push is not None and push.strict:
+                        push.mesh.deliver(msg)
+                    continue
+                replies = self.handle(msg)
+                if msg.kind == Kind.HELLO:
+                    with self.lock:  # one session's set-up at a time, whichever connection brings it
+                        self._rounds(msg, None, channel)
+                for reply in replies:
                     channel.send(reply, dest=msg.sender)
         except TransportError:
             pass
@@ -360,6 +402,32 @@ class Worker:
         self.stop.set()
         self.udp.close()
         self.tcp.close()
+
+
+def query_stats(endpoint: UdpEndpoint, session: int, me: int, ask: dict[str, tuple], timeout_s: float = 1.0,
+                malformed=None) -> dict[str, WorkerStats]:
+    """Each device's own counters (STATS), by name; `ask`: name -> (address, device index).
+    Devices that do not answer within `timeout_s` are left out; malformed() counts a bad answer."""
+    out: dict[str, WorkerStats] = {}
+    names = {index: d for d, (_, index) in ask.items()}
+    deadline = time.monotonic() + timeout_s
+    for _ in range(3):
+        for d, (addr, index) in ask.items():
+            if d not in out:
+                # attempt 15 is never deduplicated: a second query in one session is answered too
+                endpoint.send(Message(Kind.STATS, session, 0, 0, me), addr, make_flags(15), dest=index)
+        until = min(deadline, time.monotonic() + timeout_s / 3)
+        while len(out) < len(ask) and time.monotonic() < until:
+            got = endpoint.recv(until - time.monotonic())
+            if got and got[0].kind == Kind.STATS and names.get(got[0].sender) in ask:
+                try:
+                    out[names[got[0].sender]] = WorkerStats.from_json(json.loads(got[0].payload))
+                except ValueError:
+                    if malformed is not None:
+                        malformed()
+        if len(out) == len(ask):
+            break
+    return out
 
 
 class StateError(RuntimeError):
