@@ -70,7 +70,7 @@ from functools import lru_cache
 from halo_runtime.core.codec import datagrams
 from halo_runtime.core.config import ModelConfig
 from halo_runtime.core.plan import Device, Group, SolverReport, network_rounds
-from halo_runtime.core.policy import MAX_COPIES, DeliveryPolicy
+from halo_runtime.core.policy import MAX_COPIES, DeliveryPolicy, pair_link
 from halo_runtime.core.residency import BYTES_PER_WEIGHT, weight_bytes
 
 
@@ -328,13 +328,14 @@ def network_ms(rounds: list[list[str]], devices: list[Device], coordinator: str,
     coordinator's own too, as `benchmarks.plr_sweep --delay-from-plan` builds the lab). So push
     saves a hop only where the coordinator's link is as slow as the boards': behind a wired
     coordinator a board-to-board datagram crosses two slow links, as a star's round trip does. A
-    message is one `message_bytes` part; `copies`: the plan's per link
-    (a pair of boards: the larger). Star round: the slowest participant's round trip (2 latencies,
-    its copies of request and reply on its link, the expected wait for a lost one), plus the
-    coordinator's CPU for every datagram it seals and opens (`datagram_ms`). Push round: the
-    slowest pair's one-way trip (and expected wait), plus the busiest sender's uplink (its part to
-    every other device), plus the busiest device's CPU for what it sends and receives; each pass
-    adds one hop of the coordinator's residual. Compute is left out: it is the same either way.
+    message is one `message_bytes` part; `copies`: the plan's per link (between two boards:
+    `core.policy.pair_link`, as the runtime sends). Star round: the slowest participant's round
+    trip (2 latencies, its copies of request and reply on its link, the expected wait for a lost
+    one), plus the coordinator's CPU for every datagram it seals and opens (`datagram_ms`). Push
+    round: the slowest pair's one-way trip (and expected wait), plus the busiest sender's uplink
+    (its part to every other device), plus the busiest device's CPU for what it sends and
+    receives; each pass adds one hop of the coordinator's residual. Compute is left out: it is the
+    same either way.
 
     A shared medium (Wi-Fi airtime: every device's datagrams one after another) is not modelled:
     on one there, push sends N - 1 times the bytes of a star's replies."""
@@ -348,14 +349,15 @@ def network_ms(rounds: list[list[str]], devices: list[Device], coordinator: str,
     def msg_ms(d: str) -> float:
         return options.message_bytes * 8 / (by_name[d].bandwidth_mbps * 1e3)
 
-    def loss(a: str, b: str) -> float:
-        return 1.0 - (1.0 - by_name[a].loss) * (1.0 - by_name[b].loss)
+    def pair(a: str, b: str) -> tuple[float, int]:
+        return pair_link(by_name[a].loss, by_name[b].loss, copies.get(a, 1), copies.get(b, 1))
 
     def pair_copies(a: str, b: str) -> int:
-        return max(copies.get(a, 1), copies.get(b, 1))
+        return pair(a, b)[1]
 
     def miss(a: str, b: str) -> float:  # one message, one way, all its copies lost
-        return loss(a, b) ** pair_copies(a, b)
+        loss, c = pair(a, b)
+        return loss ** c
 
     star = push = 0.0
     for held in rounds:

@@ -120,6 +120,24 @@ class DeliveryPolicy:
                 * (1 + self.relaxed_retries))
 
 
+def pair_link(loss_a: float, loss_b: float, copies_a: int = 1, copies_b: int = 1) -> tuple[float, int]:
+    """(loss, copies) of a one-datagram message between boards whose links lose loss_a and loss_b
+    and got copies_a and copies_b from the plan: it crosses both links, and gets the copies that
+    bring its loss down to what the plan chose for the lossier link alone.
+
+        >>> pair_link(0.05, 0.0, 2, 1)           # a board and the coordinator: the plan's choice
+        (0.05, 2)
+        >>> [round(x, 4) for x in pair_link(0.05, 0.05, 2, 2)]   # two lossy boards: 9.75%, 3 copies
+        [0.0975, 3]
+    """
+    loss = loss_a + loss_b - loss_a * loss_b  # exact when one link is clean
+    copies = max(copies_a, copies_b)
+    target = max(loss_a, loss_b) ** copies
+    while copies < MAX_COPIES and loss ** copies > target * (1 + 1e-9):
+        copies += 1
+    return loss, copies
+
+
 def gilbert(loss: float, burst: float) -> tuple[float, float]:
     """(P good -> bad, P bad -> good) per datagram of the Gilbert channel with loss rate `loss` and mean
     burst length `burst` datagrams. Independent loss is the special case burst = 1 / (1 - loss)."""

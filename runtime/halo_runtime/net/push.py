@@ -6,14 +6,16 @@ alone) and sends the residual to every device (PUSH_H, as a request payload with
 spans; again after any later segment of its own). Then every device, the coordinator included,
 walks the plan's schedule: in each network round it computes its own part from its own view,
 sends it to all the others (PART_ATTN, PART_CRIT, PART_RLX; `DeliveryPolicy.copies` copies on a
-lossy link, the plan's choice for the lossier end) and collects theirs with `Mesh.collect`:
+lossy link: for two lossy boards, enough to bring the pair's loss to the plan's choice for one,
+`pair_link`) and collects theirs with `Mesh.collect`:
 - attention and critical MLP parts, and relaxed parts its own predictor flags, are awaited: a
   missing one is pulled again (PULL naming the kinds) from its sender after the sender's
   lateness timeout (RFC 6298 over how long after this device was ready the sender's parts came),
   backing off, until `dead_after_s` ends the run (DeviceLost);
 - a relaxed part not flagged is used if it comes before ready + (1 + 2 x relaxed_retries) x that
-  timeout (one PULL at the first, whose answer takes a round trip), else estimated
-  (`core.push.View`).
+  timeout (one PULL at the first, whose answer takes a round trip), or within `rto_floor_ms` of
+  another part of its sender's (sent right before it: a late sender is late, not lossy), else
+  estimated (`core.push.View`).
 A device answers PULLs from the parts it sent (kept per (kind, step, layer)); the coordinator
 sends its latest PUSH_H again with every PULL, so that a device that lost it joins the pass.
 Workers learn the others' addresses, the coordinator's rule and its delivery policy from its HELLO
@@ -38,7 +40,7 @@ import numpy as np
 from ..core.codec import WireError, as_wire, datagrams, decode_request, decode_tensor, encode_request, encode_tensor
 from ..core.exchange import DeviceLost, ExchangeStats
 from ..core.plan import Plan
-from ..core.policy import DeliveryPolicy
+from ..core.policy import DeliveryPolicy, pair_link
 from ..core.push import View
 from ..core.segment import Segment, schedule
 from .auth import Authenticator, ReplayGuard
@@ -82,9 +84,10 @@ class Mesh:
         self.names = {i: d for d, i in self.index.items()}
         self.others = [d for d in plan.device_names if d != me]
         self.width = plan.model.hidden_size
-        loss = {d: plan.device(d).loss for d in plan.device_names}
-        self.loss = {d: max(loss[me], loss[d]) for d in self.others}
-        self.planned = {d: max(plan.link_copies(me), plan.link_copies(d)) for d in self.others}
+        self.loss, self.planned = {}, {}
+        for d in self.others:
+            self.loss[d], self.planned[d] = pair_link(plan.device(me).loss, plan.device(d).loss,
+                                                      plan.link_copies(me), plan.link_copies(d))
         self.sent: OrderedDict[tuple, list] = OrderedDict()  # (kind, step, layer) -> [message, attempt]
         self.inbox: dict[tuple, Message] = {}  # (kind, step, layer, sender) -> message
         self.late = {d: RttEstimator(floor_s=policy.rto_floor_ms / 1000) for d in self.others}
@@ -166,6 +169,8 @@ class Mesh:
                     msg = self.inbox.pop((kind, step, layer, d), None)
                     if msg is not None:
                         got[(d, kind)] = msg
+                        if d in deadline:  # its relaxed part left right behind this one: let it come
+                            deadline[d] = max(deadline[d], now + self.policy.rto_floor_ms / 1000)
                         if d not in first:  # Karn: only from parts that needed no PULL
                             first.add(d)
                             if not attempts.get(d) and attempt_of(msg.flags) == 0:
