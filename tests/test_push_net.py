@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from halo_runtime.core.coordinator import Coordinator
 from halo_runtime.core.draft import LookupDraft
+from halo_runtime.core.exchange import DeviceLost
 from halo_runtime.core.exchange import InProcessExchange
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.push import PushCoordinator, view_tensors
@@ -146,3 +147,26 @@ def test_serve_refuses_push_rounds(plan_dir):
                            "push"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("halo-run: error: --rounds push")
+
+
+def test_a_worker_without_the_view_tensors_is_named_at_the_start(tiny_plan, tiny_shards):
+    """It logs why and does not answer the push HELLO, so the coordinator names it before any token."""
+    plan, _ = tiny_plan
+    logged, started, peers = [], [], {}
+    for d in plan.device_names:
+        if d == plan.coordinator:
+            continue
+        source = None if d == plan.device_names[-1] else (lambda: view_tensors(tiny_shards[plan.coordinator]))
+        w = Worker(plan, d, tiny_shards[d], "127.0.0.1", 0, view_source=source, log=logged.append)
+        threading.Thread(target=w.serve_forever, daemon=True).start()
+        started.append(w)
+        peers[d] = w.address
+    mesh = UdpPush(plan, peers, FP32, bind_host="127.0.0.1")
+    try:
+        with pytest.raises(DeviceLost, match=f"{plan.device_names[-1]} .*does not start push rounds"):
+            mesh.begin(5, timeout_s=1.0)
+    finally:
+        mesh.close()
+        for w in started:
+            w.close()
+    assert any("cannot run push rounds" in line for line in logged)

@@ -299,25 +299,29 @@ class Coordinator:
         t1 = time.perf_counter()
         result = self.exchange.collect("mlp", step, layer, awaited)
         t2 = time.perf_counter()
-        comp = []
-        if result.missing:
-            missing = [(dev, result.missing[dev]) for dev in self.remote if dev in result.missing]
-            comp = [self._compensate(layer, dev, m, rows) for dev, rows in missing]
-            for dev, rows in missing:
-                for s, n in zip(stats, _per_feed(rows, bounds)):
-                    if n:
-                        s.missing[dev] = s.missing.get(dev, 0) + 1
-                        s.missing_rows += n
-        if awaited:
-            for rows in awaited.values():
-                for s, n in zip(stats, _per_feed(rows, bounds)):
-                    s.awaited_rows += n
-        parts, compute_ms, wait_ms = len(self.relaxed[layer]), 1e3 * (t1 - t0), 1e3 * (t2 - t1)
+        comp = [self._compensate(layer, dev, m, result.missing[dev]) for dev in self.remote if dev in result.missing]
+        self._count(layer, stats, bounds, result.missing, awaited)
+        compute_ms, wait_ms = 1e3 * (t1 - t0), 1e3 * (t2 - t1)
         for s in stats:
-            s.relaxed_parts += parts
             s.compute_ms += compute_ms
             s.wait_ms += wait_ms
         return sum_parts([crit, rlx] + result.parts + comp, m)
+
+    def _count(self, layer: int, stats: list[TokenStats], bounds, missing: dict[str, np.ndarray],
+               awaited: dict[str, np.ndarray]) -> None:
+        """Each feed's share of an MLP round's relaxed parts: those missing (compensated) and
+        awaited on its rows, and how many the round had."""
+        for dev in self.remote:
+            if dev in missing:
+                for s, n in zip(stats, _per_feed(missing[dev], bounds)):
+                    if n:
+                        s.missing[dev] = s.missing.get(dev, 0) + 1
+                        s.missing_rows += n
+        for rows in awaited.values():
+            for s, n in zip(stats, _per_feed(rows, bounds)):
+                s.awaited_rows += n
+        for s in stats:
+            s.relaxed_parts += len(self.relaxed[layer])
 
     def _awaited(self, layer: int, x: np.ndarray, relaxed: dict[str, RelaxedPart] | None = None) -> dict[str, np.ndarray]:
         """Device -> bool [T]: tokens where the predictor says one of its relaxed groups matters

@@ -45,7 +45,7 @@ from typing import Protocol
 import numpy as np
 
 from .codec import as_wire
-from .coordinator import Coordinator, _per_feed, rms_norm, sum_parts
+from .coordinator import Coordinator, rms_norm, sum_parts
 from .device import DeviceBackend, DeviceCompute
 from .exchange import DeviceStats, ExchangeStats
 from .plan import ROUNDS, Plan
@@ -55,6 +55,7 @@ from .spans import Span
 
 __all__ = ["ROUNDS", "InProcessPush", "PushCoordinator", "PushMesh", "View", "ViewStats",
            "push_miss", "push_sum", "view_tensors"]
+
 
 def view_tensors(shard: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What a view needs of the coordinator's shard: every layer's norms, the predictor and the
@@ -337,16 +338,7 @@ class PushCoordinator(Coordinator):
         t1 = time.perf_counter()
         parts, missing = self.exchange.mlp(step, layer, own, awaited, m)
         _times(stats, t0, t1)
-        for dev, rows in missing.items():
-            for s, n in zip(stats, _per_feed(rows, bounds)):
-                if n:
-                    s.missing[dev] = s.missing.get(dev, 0) + 1
-                    s.missing_rows += n
-        for rows in awaited.values():
-            for s, n in zip(stats, _per_feed(rows, bounds)):
-                s.awaited_rows += n
-        for s in stats:
-            s.relaxed_parts += len(self.relaxed[layer])
+        self._count(layer, stats, bounds, missing, awaited)
         return push_sum(self.order, {self.plan.coordinator: own, **parts}, missing,
                         lambda dev, rows: self._compensate(layer, dev, m, rows), m)
 

@@ -110,12 +110,8 @@ class Mesh:
             self.endpoint.send(msg, self.peers[d], make_flags(min(attempt, 15), redundant=c > 0), dest=self.index[d])
 
     def _answer_pull(self, msg: Message, d: str) -> None:
-        kinds = list(msg.payload)
-        if self.also_resend is not None:
-            kinds_keys = [self.also_resend] + [(k, msg.step, msg.layer) for k in kinds]
-        else:
-            kinds_keys = [(k, msg.step, msg.layer) for k in kinds]
-        for key in kinds_keys:
+        keys = [(k, msg.step, msg.layer) for k in msg.payload]  # the payload: the kinds wanted
+        for key in ([self.also_resend] if self.also_resend is not None else []) + keys:
             kept = self.sent.get(key)
             if kept is not None:  # not sent yet: it goes out when computed
                 kept[1] += 1
@@ -287,8 +283,9 @@ class UdpPush:
                     waiting.discard(self.plan.device_names[got[0].sender])
             if waiting and time.monotonic() >= deadline:
                 d = sorted(waiting)[0]
-                raise DeviceLost(f"device {d} at {self.peers[d][0]}:{self.peers[d][1]} does not answer "
-                                 f"(is `halo-run worker --device {d}` running there, with this plan's key?)", d)
+                raise DeviceLost(f"device {d} at {self.peers[d][0]}:{self.peers[d][1]} does not start push rounds "
+                                 f"(is `halo-run worker --device {d}` running there, with this plan's key and the "
+                                 "coordinator's shard in its plan directory?)", d)
 
     def handoff(self, step: int, index: int, spans: tuple, h: np.ndarray, x: np.ndarray | None) -> None:
         self.mesh.forget_before(step)

@@ -192,7 +192,7 @@ class TcpPush(UdpPush):
 
 
 def start_worker_mesh(plan: Plan, me: str, hello: Message, config: PushHello, coordinator: TcpChannel,
-                      auth: Authenticator, stop: threading.Event) -> TcpMesh:
+                      auth: Authenticator) -> TcpMesh:
     """A worker's TcpMesh for the strict push session `hello` starts: the coordinator's connection
     to send on, and a new one to every other worker (read by theirs)."""
     index = plan.device_names.index

@@ -304,21 +304,22 @@ class Worker:
 
     def _answer(self, msg: Message, addr) -> None:
         replies = self.handle(msg)
-        if msg.kind == Kind.HELLO:  # after handle: a new session's HELLO resets the compute first
-            self._rounds(msg, addr)
+        # after handle: a new session's HELLO resets the compute first; no echo if push rounds cannot start
+        if msg.kind == Kind.HELLO and not self._rounds(msg, addr):
+            return
         for reply in replies:
             self.udp.send(reply, addr, reply.flags, dest=msg.sender)
 
-    def _rounds(self, hello: Message, addr, channel=None) -> None:
+    def _rounds(self, hello: Message, addr, channel=None) -> bool:
         """Star or push rounds for the session a HELLO starts (a repeated HELLO changes nothing);
         `addr`: where a UDP one came from; `channel`: the coordinator's TCP connection it came on
-        (strict push rounds)."""
+        (strict push rounds). False if push rounds were asked for and cannot start (logged)."""
         if not hello.payload.startswith(HELLO_PUSH):
             if hello.payload != b"rebuild":
                 self._end_push()
-            return
+            return True
         if self.push is not None and self.push.mesh.session == hello.session:
-            return
+            return True
         self._end_push()
         try:
             config = PushHello.parse(self.plan, hello.payload, addr)
@@ -326,15 +327,16 @@ class Worker:
             if config.strict != (channel is not None):
                 raise WireError("strict push rounds start over TCP, relaxed ones over UDP")
             if config.strict:
-                mesh = start_worker_mesh(self.plan, self.device, hello, config, channel, self.auth, self.stop)
+                mesh = start_worker_mesh(self.plan, self.device, hello, config, channel, self.auth)
             else:
                 mesh = Mesh(self.plan, self.device, self.udp, config.peers, config.policy, hello.session, self._answer)
             self.push = PushWorker(self.plan, self.device, self.compute, view, mesh, config, self.log)
         except (PlanError, WireError, DeviceLost) as e:
             self.log(f"cannot run push rounds: {e}")
-            return
+            return False
         if config.strict:  # its passes run on a thread of their own, reading what the connections deliver
             threading.Thread(target=self._strict_passes, args=(self.push,), daemon=True).start()
+        return True
 
     def _strict_passes(self, push: PushWorker) -> None:
         while self.push is push and not self.stop.is_set():
@@ -371,7 +373,8 @@ class Worker:
                 replies = self.handle(msg)
                 if msg.kind == Kind.HELLO:
                     with self.lock:  # one session's set-up at a time, whichever connection brings it
-                        self._rounds(msg, None, channel)
+                        if not self._rounds(msg, None, channel):
+                            continue
                 for reply in replies:
                     channel.send(reply, dest=msg.sender)
         except TransportError:
