@@ -1,5 +1,6 @@
 """Step 7, emit: plan.json, one safetensors shard per device, the tokenizer (tokenizer.json, and
-tokenizer_config.json with the chat template and special tokens), and manifest.json.
+tokenizer_config.json with the chat template and special tokens), view.safetensors (what every
+device's view of push rounds needs of the coordinator's shard) and manifest.json.
 
 Everything is written into a temporary sibling directory first and swapped in at the end, so
 a failed or interrupted compile never leaves a half-written plan where a good one was.
@@ -38,12 +39,14 @@ from pathlib import Path
 import torch
 from halo_runtime.core.chat import TokenizerConfig
 from halo_runtime.core.plan import Plan
+from halo_runtime.core.push import is_view_tensor
 from halo_runtime.core.plandir import (
     KEY_FILE,
     MANIFEST_FILE,
     PLAN_FILE,
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
+    VIEW_FILE,
     ensure_key,
     manifest_text,
     read_key,
@@ -151,7 +154,9 @@ def _emit(out_dir: str | Path, plan: Plan, write_shards: Callable[[Path], Plan],
     tmp.mkdir()
     try:
         plan = write_shards(tmp)
-        files = [PLAN_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] + [plan.shard_file(d) for d in plan.device_names]
+        _write_view(tmp, plan)
+        files = ([PLAN_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, VIEW_FILE]
+                 + [plan.shard_file(d) for d in plan.device_names])
         (tmp / PLAN_FILE).write_text(plan.to_json())
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         if tok_config is None:
@@ -164,6 +169,17 @@ def _emit(out_dir: str | Path, plan: Plan, write_shards: Callable[[Path], Plan],
         raise
     ensure_key(out)  # after the swap: an existing key was carried over by _swap_in
     return plan, out
+
+
+def _write_view(directory: Path, plan: Plan) -> None:
+    """VIEW_FILE: the coordinator's shard's tensors every device's view of push rounds needs
+    (`core.push.is_view_tensor`), so that a board holds them without the coordinator's shard."""
+    from safetensors import safe_open
+
+    writer = ShardWriter(directory / VIEW_FILE)
+    with safe_open(str(directory / plan.shard_file(plan.coordinator)), "pt") as f:
+        writer.put_all({k: f.get_tensor(k) for k in sorted(f.keys()) if is_view_tensor(k)})
+    writer.finish()
 
 
 def _swap_in(new: Path, target: Path) -> None:

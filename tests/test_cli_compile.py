@@ -114,7 +114,7 @@ def test_verify_passes(plan_dir, tmp_path):
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 2
     assert all(line.startswith("ok") for line in lines)
-    assert "manifest: 7 files match their SHA-256" in lines[0]   # plan, tokenizer and its config, 4 shards
+    assert "manifest: 8 files match their SHA-256" in lines[0]   # plan, tokenizer and its config, view, 4 shards
     assert "reassemble to the plan's model" in lines[1]
 
 

@@ -137,3 +137,22 @@ def test_inspect_says_which_rounds_are_cheaper(tiny_plan):
     plan, _ = tiny_plan
     line = next(x for x in inspect_text(plan).splitlines() if x.startswith("network per token"))
     assert "star rounds" in line and "push rounds" in line and "cheaper on these links" in line
+
+
+def test_the_compiler_writes_what_every_view_needs_in_one_file(plan_copy, tiny_plan, tiny_shards):
+    """view.safetensors: the coordinator's norms, predictor and compensation, listed in the manifest;
+    a board reads it without the coordinator's shard, and is told what is missing if it has neither."""
+    from halo_runtime.core.plandir import VIEW_FILE, PlanError, read_manifest
+    from halo_runtime.core.push import load_view, view_tensors
+
+    plan, _ = tiny_plan
+    assert VIEW_FILE in read_manifest(plan_copy)
+    expected = view_tensors(tiny_shards[plan.coordinator])
+    assert {k for k in tiny_shards[plan.coordinator] if k.startswith("predictor.")} <= set(expected)
+    (plan_copy / plan.shard_file(plan.coordinator)).unlink()
+    got = load_view(plan_copy, plan)
+    assert set(got) == set(expected)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    (plan_copy / VIEW_FILE).unlink()
+    with pytest.raises(PlanError, match="view.safetensors: missing"):
+        load_view(plan_copy, plan)

@@ -198,7 +198,7 @@ def _run_probe(args) -> None:
 def run_worker(args) -> None:
     from .core.plan import PLAN_FILE, load_plan
     from .core.plandir import check_files
-    from .core.push import view_tensors
+    from .core.push import load_view
     from .core.shards import load_shard
     from .net.shim import LossShim
     from .net.worker import Worker
@@ -216,7 +216,7 @@ def run_worker(args) -> None:
     shard = {} if compute is not None else load_shard(args.plan, plan, args.device)
     auth = _auth(args, args.plan)
     worker = Worker(plan, args.device, shard, host, port, shim, compute=compute, auth=auth, threads=args.threads,
-                    view_source=lambda: view_tensors(load_shard(args.plan, plan, plan.coordinator)))
+                    view_source=lambda: load_view(args.plan, plan))
     from .core.compute import kernels
     if args.announce:
         print(json.dumps({"device": args.device, "host": worker.address[0], "port": worker.address[1],

@@ -20,7 +20,8 @@ leaves behind is in the KV rows a device wrote from its own view, which later to
 reads. `ViewStats` measures the drift; docs/ACCURACY.md reports what it costs.
 
 A view needs, beside its own groups, every layer's two norms, the predictor and the compensation
-of the other devices' relaxed groups (`view_tensors` of the coordinator's shard).
+of the other devices' relaxed groups (`view_tensors` of the coordinator's shard; the compiler
+writes them to `plandir.VIEW_FILE` for the boards, `load_view`).
 
 `InProcessPush` models it without sockets, every view in this process and each receiver drawing
 its own misses (what `halo-compile eval --rounds push` scores); `net.push` runs it over UDP. The
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -49,18 +51,41 @@ from .coordinator import Coordinator, rms_norm, sum_parts
 from .device import DeviceBackend, DeviceCompute
 from .exchange import DeviceStats, ExchangeStats
 from .plan import ROUNDS, Plan
+from .plandir import VIEW_FILE, PlanError, check_files
 from .predictor import layer_predictor
 from .relaxed import awaited_rows, estimate, relaxed_parts
+from .shards import load_shard, read_safetensors
 from .spans import Span
 
-__all__ = ["ROUNDS", "InProcessPush", "PushCoordinator", "PushMesh", "View", "ViewStats",
-           "push_miss", "push_sum", "view_tensors"]
+__all__ = ["ROUNDS", "InProcessPush", "PushCoordinator", "PushMesh", "View", "ViewStats", "is_view_tensor",
+           "load_view", "push_miss", "push_sum", "view_tensors"]
+
+
+def is_view_tensor(name: str) -> bool:
+    """A tensor of the coordinator's shard that a view needs: a layer's norm, the predictor, the compensation."""
+    return name.startswith(("predictor.", "compensation.")) or name.endswith("layernorm")
 
 
 def view_tensors(shard: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What a view needs of the coordinator's shard: every layer's norms, the predictor and the
-    compensation."""
-    return {k: v for k, v in shard.items() if k.startswith(("predictor.", "compensation.")) or k.endswith("layernorm")}
+    """What a view needs of the coordinator's shard (`is_view_tensor`)."""
+    return {k: v for k, v in shard.items() if is_view_tensor(k)}
+
+
+def load_view(directory, plan: Plan) -> dict[str, np.ndarray]:
+    """A device's view tensors from the plan directory: `plandir.VIEW_FILE` (checked against the
+    manifest), else the coordinator's shard if it is there (a plan compiled before the view file);
+    PlanError naming what is missing."""
+    path = Path(directory) / VIEW_FILE
+    if path.exists():
+        check_files(directory, [VIEW_FILE])
+        try:
+            return read_safetensors(path)
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise PlanError(f"{path}: unreadable ({e})") from None
+    if not (Path(directory) / plan.shard_file(plan.coordinator)).exists():
+        raise PlanError(f"{path}: missing (push rounds need it on every device: copy it from the plan directory, "
+                        "or recompile with this halo-compile)")
+    return view_tensors(load_shard(directory, plan, plan.coordinator))
 
 
 def push_miss(sender: float, receiver: float) -> float:
