@@ -164,7 +164,7 @@ def test_a_worker_without_the_view_tensors_is_named_at_the_start(tiny_plan, tiny
     mesh = UdpPush(plan, peers, FP32, bind_host="127.0.0.1")
     try:
         with pytest.raises(DeviceLost, match=f"{plan.device_names[-1]} .*does not start push rounds"):
-            mesh.begin(5, timeout_s=1.0)
+            mesh.begin(5, timeout_s=3.0)
     finally:
         mesh.close()
         for w in started:
