@@ -389,21 +389,12 @@ def _report(result: dict, args) -> None:
 
 
 def run_generate(args) -> None:
-    from .net.exchange import UdpExchange
-    from .net.push import UdpPush
-    from .net.pushtcp import TcpPush
-    from .net.tcpexchange import TcpExchange
+    from .localcluster import make_exchange
 
     plan, shard, tok, policy = _load_coordinator(args)
     drafts = _drafts(args, plan)
     peers = _peers(plan, args.peer)
-    auth = _auth(args, args.plan)
-    if args.rounds == "push":
-        exchange = (TcpPush if args.sync == "strict" else UdpPush)(plan, peers, policy, auth=auth)
-    elif args.sync == "strict":
-        exchange = TcpExchange(plan, peers, policy, auth=auth)
-    else:
-        exchange = UdpExchange(plan, peers, policy, auth=auth)
+    exchange = make_exchange(args.sync, plan, peers, policy, {}, _auth(args, args.plan), "0.0.0.0", args.rounds)
     try:
         result = generate_once(args, plan, shard, tok, exchange, args.sync, drafts=drafts)
     finally:

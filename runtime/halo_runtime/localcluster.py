@@ -86,7 +86,7 @@ def local_shims(args, loss: dict[str, float], peers: dict, seed: int) -> dict:
 
 def make_exchange(sync: str, plan, peers: dict, policy, shims: dict, auth, bind_host: str = "127.0.0.1",
                   rounds: str = "star"):
-    """The coordinator's exchange for `sync`: TCP (strict) or UDP (relaxed), through `shims`; for
+    """The coordinator's exchange (generate, local, serve) for `sync`: TCP (strict) or UDP (relaxed), through `shims`; for
     push rounds, a `net.pushtcp.TcpPush` or `net.push.UdpPush`."""
     from .net.exchange import UdpExchange
     from .net.push import UdpPush

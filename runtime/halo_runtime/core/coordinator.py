@@ -299,7 +299,8 @@ class Coordinator:
         t1 = time.perf_counter()
         result = self.exchange.collect("mlp", step, layer, awaited)
         t2 = time.perf_counter()
-        comp = [self._compensate(layer, dev, m, result.missing[dev]) for dev in self.remote if dev in result.missing]
+        comp = [self._compensate(layer, dev, m, result.missing[dev]) for dev in self.remote
+                if dev in result.missing] if result.missing else []
         self._count(layer, stats, bounds, result.missing, awaited)
         compute_ms, wait_ms = 1e3 * (t1 - t0), 1e3 * (t2 - t1)
         for s in stats:
@@ -311,7 +312,7 @@ class Coordinator:
                awaited: dict[str, np.ndarray]) -> None:
         """Each feed's share of an MLP round's relaxed parts: those missing (compensated) and
         awaited on its rows, and how many the round had."""
-        for dev in self.remote:
+        for dev in self.remote if missing else ():  # decode: mostly nothing missing
             if dev in missing:
                 for s, n in zip(stats, _per_feed(missing[dev], bounds)):
                     if n:

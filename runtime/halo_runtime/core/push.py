@@ -164,6 +164,9 @@ class PushMesh(Protocol):
     and collect the others'. `x` and `m` (the coordinator's inputs) only serve the in-process
     model's drift measurement."""
 
+    def configure(self, compensation: str, await_predicted: bool) -> None:
+        """The coordinator's rule, which every view applies."""
+
     def begin(self, session: int) -> None: ...
 
     def handoff(self, step: int, index: int, spans: tuple, h: np.ndarray, x: np.ndarray | None) -> None:
@@ -221,16 +224,15 @@ class InProcessPush:
     InProcessExchange, and a `PushMesh`."""
 
     def __init__(self, plan: Plan, shards: dict[str, dict[str, np.ndarray]], miss: dict[str, float] | None = None,
-                 seed: int = 0, wire: str = "fp32", computes: dict[str, DeviceBackend] | None = None,
-                 compensation: str = "lowrank", await_predicted: bool = True):
-        """miss: device -> the miss probability of its link (absent: clean; the coordinator's too);
-        compensation, await_predicted: the coordinator's (PushCoordinator sets them)."""
+                 seed: int = 0, wire: str = "fp32", computes: dict[str, DeviceBackend] | None = None):
+        """miss: device -> the miss probability of its link (absent: clean; the coordinator's too).
+        The views are made when PushCoordinator gives the rule (`configure`)."""
         self.plan, self.wire = plan, wire
         self.order = [d for d in plan.device_names if d != plan.coordinator]
         computes = computes or {}
         self.devices = {d: computes.get(d) or DeviceCompute(plan, d, shards[d]) for d in self.order}
         self.tensors = view_tensors(shards[plan.coordinator])
-        self.views = {d: View(plan, d, self.tensors, compensation, await_predicted) for d in self.order}
+        self.views: dict[str, View] = {}
         self.miss = miss or {}
         self.gen = np.random.default_rng(seed)
         self.per_device = {d: DeviceStats() for d in self.order}
@@ -332,9 +334,7 @@ class PushCoordinator(Coordinator):
                  await_predicted: bool = True, threads: int = 1):
         super().__init__(plan, shard, mesh, compensation, await_predicted, threads)
         self.order = [plan.coordinator] + self.remote
-        configure = getattr(mesh, "configure", None)
-        if configure is not None:
-            configure(self.compensation, self.await_predicted)
+        mesh.configure(self.compensation, self.await_predicted)
         self._pass: tuple = (0, ())
 
     def run(self, feeds, step: int, stats):

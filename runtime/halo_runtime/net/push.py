@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
 from collections import OrderedDict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from ..core.policy import DeliveryPolicy, pair_link
 from ..core.push import View
 from ..core.segment import Segment, schedule
 from .auth import Authenticator, ReplayGuard
+from .rounds import holders
 from .rtt import RttEstimator
 from .transport import UdpEndpoint
 from .wire import Kind, Message, attempt_of, make_flags
@@ -55,21 +56,6 @@ SENT_KEPT = 512
 """Messages a device keeps for PULLs: a few passes of every round."""
 HELLO_PUSH = b"push"
 """How a HELLO payload that starts push rounds begins (then JSON: addresses, the rule)."""
-
-
-def holders(plan: Plan) -> dict[str, list[list[str]]]:
-    """Per layer, the devices (the coordinator first, then plan order) holding attention heads,
-    critical MLP groups (the coordinator: any), relaxed MLP groups (remote devices)."""
-    order = [plan.coordinator] + [d for d in plan.device_names if d != plan.coordinator]
-    out = {"attn": [], "crit": [], "relaxed": []}
-    for layer in range(plan.model.num_layers):
-        on = {d: plan.groups_on(d, layer) for d in order}
-        out["attn"].append([d for d in order if any(g.kind == "attn" for g in on[d])])
-        # the coordinator's MLP groups are one part (one product, `DeviceCompute.mlp`), awaited
-        out["crit"].append([d for d in order if any(g.kind == "mlp" and (g.critical or d == plan.coordinator)
-                                                    for g in on[d])])
-        out["relaxed"].append([d for d in order[1:] if any(g.kind == "mlp" and not g.critical for g in on[d])])
-    return out
 
 
 class Mesh:
@@ -112,11 +98,15 @@ class Mesh:
     def _answer_pull(self, msg: Message, d: str) -> None:
         keys = [(k, msg.step, msg.layer) for k in msg.payload]  # the payload: the kinds wanted
         for key in ([self.also_resend] if self.also_resend is not None else []) + keys:
-            kept = self.sent.get(key)
-            if kept is not None:  # not sent yet: it goes out when computed
-                kept[1] += 1
-                self.counters["resent"] += 1
-                self._send(kept[0], d, kept[1])
+            self._resend(key, d)
+
+    def _resend(self, key: tuple, d: str) -> None:
+        """Send a kept message to d again, one attempt later (not sent yet: it goes out when computed)."""
+        kept = self.sent.get(key)
+        if kept is not None:
+            kept[1] += 1
+            self.counters["resent"] += 1
+            self._send(kept[0], d, kept[1])
 
     def pump(self, timeout_s: float) -> None:
         """Receive one message (or none within `timeout_s`): a part is kept, a PULL answered,
@@ -184,17 +174,14 @@ class Mesh:
                 if is_must and now - t0 > self.policy.dead_after_s:
                     raise DeviceLost(f"device {d} ({self.peers[d][0]}:{self.peers[d][1]}) stopped answering: "
                                      f"no part of layer {layer} of step {step} in {self.policy.dead_after_s:g} s", d)
-                wake = min(wake, next_pull[d] if now < next_pull[d] else wake, deadline.get(d, wake))
+                wake = min(wake, deadline.get(d, wake), next_pull[d] if now < next_pull[d] else wake)
             for d, kinds in pull.items():
                 attempts[d] = attempts.get(d, 0) + 1
                 self.counters["pulls"] += 1
                 self.endpoint.send(Message(_PULL, self.session, step, layer, self.index[self.me], bytes(kinds)),
                                    self.peers[d], make_flags(min(attempts[d], 15)), dest=self.index[d])
                 if self.also_resend is not None:
-                    kept = self.sent.get(self.also_resend)
-                    if kept is not None:
-                        kept[1] += 1
-                        self._send(kept[0], d, kept[1])
+                    self._resend(self.also_resend, d)
                 # capped backoff, as the star's re-requests
                 next_pull[d] = now + self.late[d].rto_s * 2 ** min(attempts[d], 2)
                 wake = min(wake, next_pull[d])
@@ -230,7 +217,7 @@ def mlp_want(h: dict, layer: int, me: str, awaited: dict) -> tuple[list, list, l
     return must, [(d, _RLX) for d in relaxed if d not in awaited], relaxed
 
 
-def decode_parts(got: dict, wire: str, width: int, order: list[str], own: str, own_parts: tuple,
+def decode_parts(got: dict, width: int, order: list[str], own: str, own_parts: tuple,
                  relaxed: list[str], rows: int) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
     """The MLP parts by device (own included) and the relaxed senders whose part is missing (all rows)."""
     parts = {own: own_parts}
@@ -249,6 +236,13 @@ class UdpPush:
 
     def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
                  bind_host: str = "0.0.0.0", shim=None, auth: Authenticator | None = None):
+        self._common(plan, peers, policy, auth)
+        self.endpoint = UdpEndpoint(bind_host, 0, shim=shim, auth=self.auth, guard=ReplayGuard(),
+                                    me=plan.device_names.index(self.me))
+        self.mesh = Mesh(plan, self.me, self.endpoint, peers, policy, 0)
+
+    def _common(self, plan: Plan, peers: dict, policy: DeliveryPolicy, auth: Authenticator | None) -> None:
+        """What the coordinator's side of push rounds knows whatever carries them (UDP, TCP)."""
         self.plan, self.policy, self.peers = plan, policy, peers
         self.me = plan.coordinator
         self.remote = [d for d in plan.device_names if d != self.me]
@@ -256,9 +250,6 @@ class UdpPush:
         self.width = plan.model.hidden_size
         self.holders = holders(plan)
         self.auth = auth or Authenticator()
-        self.endpoint = UdpEndpoint(bind_host, 0, shim=shim, auth=self.auth, guard=ReplayGuard(),
-                                    me=plan.device_names.index(self.me))
-        self.mesh = Mesh(plan, self.me, self.endpoint, peers, policy, 0)
         self.rule = {"compensation": "lowrank", "await_predicted": True}
 
     def configure(self, compensation: str, await_predicted: bool) -> None:
@@ -311,8 +302,7 @@ class UdpPush:
                 self.mesh.push(kind, step, layer, encode_tensor(t, "fp32"))
         must, optional, relaxed = mlp_want(self.holders, layer, self.me, awaited)
         got = self.mesh.collect(step, layer, must, optional)
-        parts, missing = decode_parts(got, self.policy.wire, self.width, self.order, self.me, own, relaxed,
-                                      m.shape[0])
+        parts, missing = decode_parts(got, self.width, self.order, self.me, own, relaxed, m.shape[0])
         del parts[self.me]
         c = self.mesh.counters
         c["relaxed_parts"] += len(relaxed)
@@ -453,7 +443,7 @@ class PushWorker:
                 own = tuple(None if p is None else decode_tensor(p, None, self.width) for p in sent)
                 must, optional, relaxed = mlp_want(self.holders, layer, self.me, self.view.awaited(layer))
                 got = mesh.collect(step, layer, must, optional)
-                parts, missing = decode_parts(got, wire, self.width, self.order, self.me, own, relaxed, rows)
+                parts, missing = decode_parts(got, self.width, self.order, self.me, own, relaxed, rows)
                 self.mesh.counters["compensated"] += len(missing)
                 self.view.add_mlp(layer, parts, missing)
             i += 1

@@ -22,7 +22,7 @@ from ..core.exchange import DeviceLost, ExchangeStats
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .push import PushHello, UdpPush, holders, take_start
+from .push import PushHello, UdpPush, take_start
 from .transport import TcpChannel, TransportError
 from .wire import Kind, Message
 
@@ -126,14 +126,8 @@ class TcpPush(UdpPush):
 
     def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
                  shims: dict | None = None, auth: Authenticator | None = None):
-        self.plan, self.policy, self.peers, self.shims = plan, policy, peers, shims or {}
-        self.me = plan.coordinator
-        self.remote = [d for d in plan.device_names if d != self.me]
-        self.order = [self.me] + self.remote
-        self.width = plan.model.hidden_size
-        self.holders = holders(plan)
-        self.auth, self.guard = auth or Authenticator(), ReplayGuard()
-        self.rule = {"compensation": "lowrank", "await_predicted": True}
+        self._common(plan, peers, policy, auth)
+        self.shims, self.guard = shims or {}, ReplayGuard()
         self.channels: dict[str, TcpChannel] = {}
         self.stop = threading.Event()
         self.mesh = TcpMesh(plan, self.me, 0, policy, self.channels)

@@ -21,16 +21,26 @@ RETURN_GRACE_S = 0.2
 PHASE_REQUEST = {"attn": Kind.REQUEST_ATTN, "mlp": Kind.REQUEST_MLP}
 
 
-def _layout(plan: Plan) -> dict:
-    """Per layer: which remote devices answer which round with which parts."""
-    remote = [d for d in plan.device_names if d != plan.coordinator]
+def holders(plan: Plan) -> dict[str, list[list[str]]]:
+    """Per layer, the devices (the coordinator first, then plan order) holding attention heads,
+    critical MLP groups (the coordinator: any), relaxed MLP groups (remote devices)."""
+    order = [plan.coordinator] + [d for d in plan.device_names if d != plan.coordinator]
     out = {"attn": [], "crit": [], "relaxed": []}
     for layer in range(plan.model.num_layers):
-        on = {d: plan.groups_on(d, layer) for d in remote}
-        out["attn"].append([d for d in remote if any(g.kind == "attn" for g in on[d])])
-        out["crit"].append([d for d in remote if any(g.kind == "mlp" and g.critical for g in on[d])])
-        out["relaxed"].append([d for d in remote if any(g.kind == "mlp" and not g.critical for g in on[d])])
+        on = {d: plan.groups_on(d, layer) for d in order}
+        out["attn"].append([d for d in order if any(g.kind == "attn" for g in on[d])])
+        # the coordinator's MLP groups are one part (one product, `DeviceCompute.mlp`), awaited
+        out["crit"].append([d for d in order if any(g.kind == "mlp" and (g.critical or d == plan.coordinator)
+                                                    for g in on[d])])
+        out["relaxed"].append([d for d in order[1:] if any(g.kind == "mlp" and not g.critical for g in on[d])])
     return out
+
+
+def _layout(plan: Plan) -> dict:
+    """Per layer: which remote devices answer which star round with which parts (`holders`
+    without the coordinator, which never answers itself)."""
+    return {kind: [[d for d in devices if d != plan.coordinator] for devices in per_layer]
+            for kind, per_layer in holders(plan).items()}
 
 
 def _warn(msg: str) -> None:
