@@ -258,8 +258,10 @@ def test_forged_garbage_and_replayed_datagrams_change_nothing(plan_dir, key, ref
              for f in fields(WorkerStats) if f.name != "device"}
     print(f"hostile datagrams sent: {sent}; dropped by the workers: {total}; by the coordinator: {stats.dropped}")
     assert min(sent.values()) > 10, sent
-    for reason in ("dropped_forged", "dropped_replayed", "dropped_misdirected", "dropped_bad_length"):
+    for reason in ("dropped_forged", "dropped_misdirected", "dropped_bad_length"):
         assert total[reason] > 0, (reason, total)
+    # a replay of a datagram still held is a byte-identical copy: dropped unopened, as one
+    assert total["dropped_replayed"] + total["dropped_duplicates"] >= sent["replayed"] // 2, total
     assert total["unknown_session"] >= sent["session"] // 2, total
     assert total["dropped_malformed"] + total["dropped_bad_length"] >= sent["garbage"] // 2
     assert stats.dropped.forged > 0 and stats.dropped.bad_length + stats.dropped.malformed > 0

@@ -51,39 +51,50 @@ def test_round_trip_shuffled_and_duplicated(size):
     datagrams = encode(msg)
     assert all(len(d) <= MAX_DATAGRAM for d in datagrams)
     assert len(datagrams) == max(1, -(-size // (MAX_DATAGRAM - HEADER_SIZE - TAG_LEN)))
-    # exact repeats are replays; a redundant copy (new sequence numbers) is a duplicate
-    copies = encode(msg, flags=make_flags(redundant=True))[::2]
-    feed = datagrams + datagrams[::2] + copies
+    # a copy (the same bytes) of a chunk held or delivered is dropped unopened; so is one sealed again
+    resealed = encode(msg)[::2]
+    feed = datagrams + datagrams[::2] + resealed
     random.Random(size).shuffle(feed)
     r = Reassembler()
     out = [m for m in (r.feed(d) for d in feed) if m is not None]
     assert len(out) == 1 and out[0].payload == msg.payload
-    assert r.counters.completed == 1
-    assert r.counters.replayed == len(datagrams[::2])
-    assert r.counters.duplicates <= len(copies) and r.pending <= 1
+    assert r.counters.completed == 1 and r.counters.replayed == 0
+    assert r.counters.duplicates == len(datagrams[::2]) + len(resealed)
     assert r.pending == 0
+
+
+def test_a_copy_is_opened_only_when_its_original_was_lost():
+    msg, key = _msg(3000), Authenticator(bytes(range(32)))
+    datagrams = encode(msg, auth=key)
+    r = Reassembler(auth=key)
+    assert r.feed(datagrams[0]) is None and r.feed(datagrams[0]) is None  # held: the copy is not opened
+    assert (r.counters.duplicates, r.counters.forged) == (1, 0)
+    # a copy whose original was lost is opened and counts; one altered in transit is refused
+    assert r.feed(datagrams[1][:-1] + bytes([datagrams[1][-1] ^ 1])) is None and r.counters.forged == 1
+    assert r.feed(datagrams[2]) is None and r.feed(datagrams[1]) == msg
+    assert r.feed(datagrams[2]) is None and r.counters.duplicates == 2 and r.counters.replayed == 0
 
 
 def test_small_max_datagram_and_flags():
     msg = _msg(1000)
-    datagrams = encode(msg, max_datagram=100, flags=make_flags(redundant=True))
+    datagrams = encode(msg, max_datagram=100, flags=make_flags(attempt=3))
     assert all(len(d) <= 100 for d in datagrams) and len(datagrams) == 20
     got = [m for m in map(Reassembler().feed, datagrams) if m]
-    assert got[0].payload == msg.payload and got[0].flags == make_flags(redundant=True)
+    assert got[0].payload == msg.payload and got[0].flags == make_flags(attempt=3)
     with pytest.raises(ValueError):
         encode(msg, max_datagram=HEADER_SIZE)
     with pytest.raises(ValueError):
         Message(Kind.HELLO, session=2 ** 32, step=0, layer=0, sender=0)
 
 
-def test_retransmission_is_delivered_again_but_redundant_copy_is_not():
+def test_retransmission_is_delivered_again_but_a_copy_is_not():
     msg = _msg(3000)
     r = Reassembler()
     assert [m for m in map(r.feed, encode(msg)) if m] == [msg]
-    assert not [m for m in map(r.feed, encode(msg, flags=make_flags(redundant=True))) if m]
+    assert not [m for m in map(r.feed, encode(msg)) if m]
     again = [m for m in map(r.feed, encode(msg, flags=make_flags(attempt=1))) if m]
     assert len(again) == 1 and attempt_of(again[0].flags) == 1 and again[0].payload == msg.payload
-    assert not [m for m in map(r.feed, encode(msg, flags=make_flags(attempt=1, redundant=True))) if m]
+    assert not [m for m in map(r.feed, encode(msg, flags=make_flags(attempt=1))) if m]
     # Past 15 attempts the counter saturates and every copy is delivered, so retries never starve.
     for _ in range(2):
         assert len([m for m in map(r.feed, encode(msg, flags=make_flags(attempt=99))) if m]) == 1
@@ -123,14 +134,16 @@ def test_malformed_datagrams_are_rejected():
 def test_wrong_key_and_replay_are_counted():
     key = Authenticator(b"a" * 32)
     msg = _msg(10)
-    r = Reassembler(auth=key)
+    r = Reassembler(auth=key, remember=1)
     assert r.feed(encode(msg)[0]) is None and r.counters.forged == 1     # test key, not ours
     d = encode(msg, auth=key)[0]
     assert r.feed(d) == msg
-    assert r.feed(d) is None and r.counters.replayed == 1                 # the same bytes again
+    assert r.feed(d) is None and r.counters.duplicates == 1              # the same bytes again: a copy
+    assert r.feed(encode(_msg(10, step=4), auth=key)[0]) is not None      # ... and once forgotten,
+    assert r.feed(d) is None and r.counters.replayed == 1                 # a replay
     # a retransmission is a new datagram (new sequence number), so it is delivered
     assert r.feed(encode(msg, flags=make_flags(attempt=1), auth=key)[0]) is not None
-    assert r.counters.completed == 2
+    assert r.counters.completed == 3
 
 
 def test_chunk_count_mismatch_is_malformed():
@@ -439,3 +452,14 @@ def test_shim_tcp_through_channel():
 
 def test_no_threads_left():
     assert not [t for t in threading.enumerate() if t.name == "halo-loss-shim"]
+
+
+def test_fan_out_sends_every_first_copy_before_any_second_and_copies_are_the_same_bytes():
+    with UdpEndpoint() as tx, UdpEndpoint() as rx:
+        addr = rx._sock.getsockname()
+        msg = _msg(100, kind=Kind.PUSH_H)
+        assert tx.fan_out(msg, [(addr, 1, 3), (addr, 2, 1), (addr, 3, 2)]) == 1
+        raw = [rx._sock.recvfrom(65536)[0] for _ in range(6)]
+        assert [HEADER.unpack_from(d)[-1] for d in raw] == [1, 2, 3, 1, 3, 1]
+        assert raw[0] == raw[3] == raw[5] and raw[2] == raw[4] and raw[0] != raw[1]
+        assert tx.counters.datagrams_sent == 6 and tx.counters.messages_sent == 6

@@ -254,8 +254,7 @@ class UdpExchange:
     def _send(self, d: str, attempt: int) -> None:
         r = self.round
         msg, dest, addr = r.payload[d], self.index[d], self.peers[d]
-        for c in range(r.copies[d]):
-            self.endpoint.send(msg, addr, make_flags(min(attempt, 15), redundant=c > 0), dest=dest)
+        self.endpoint.send(msg, addr, make_flags(attempt), dest=dest, copies=r.copies[d])
         now = time.monotonic()
         if self.asked_since[d] is None:
             self.asked_since[d] = now

@@ -88,12 +88,8 @@ class Mesh:
         while len(self.sent) > SENT_KEPT:
             self.sent.popitem(last=False)
         n = datagrams(len(payload))
-        for d in self.others if to is None else to:
-            self._send(msg, d, 0, self.policy.copies(self.loss[d], n, self.planned[d]))
-
-    def _send(self, msg: Message, d: str, attempt: int, copies: int = 1) -> None:
-        for c in range(copies):
-            self.endpoint.send(msg, self.peers[d], make_flags(min(attempt, 15), redundant=c > 0), dest=self.index[d])
+        self.endpoint.fan_out(msg, [(self.peers[d], self.index[d], self.policy.copies(self.loss[d], n, self.planned[d]))
+                                    for d in (self.others if to is None else to)], make_flags(0))
 
     def _answer_pull(self, msg: Message, d: str) -> None:
         keys = [(k, msg.step, msg.layer) for k in msg.payload]  # the payload: the kinds wanted
@@ -106,7 +102,7 @@ class Mesh:
         if kept is not None:
             kept[1] += 1
             self.counters["resent"] += 1
-            self._send(kept[0], d, kept[1])
+            self.endpoint.send(kept[0], self.peers[d], make_flags(kept[1]), dest=self.index[d])
 
     def pump(self, timeout_s: float) -> None:
         """Receive one message (or none within `timeout_s`): a part is kept, a PULL answered,

@@ -160,38 +160,48 @@ class UdpEndpoint:
             self.counters.datagrams_sent += 1
             self.counters.bytes_sent += len(data)
 
-    def send(self, msg: Message, addr: Addr, flags: int | None = None, dest: int = ANY) -> int:
-        """Send `msg` to `addr` (through the shim if any); returns the number of datagrams.
+    def send(self, msg: Message, addr: Addr, flags: int | None = None, dest: int = ANY, copies: int = 1) -> int:
+        """Send `msg` to `addr` (through the shim if any), `copies` times; returns the number of
+        datagrams of one copy.
 
         `flags` (see `wire.make_flags`) overrides `msg.flags`; a retransmission must carry a higher
         attempt number than the original or the receiver drops it as a duplicate. `dest` is the
         receiving device's index (receivers that know theirs drop datagrams addressed elsewhere).
+        Copies repeat the same sealed bytes: sealed once, and dropped unopened by a receiver that
+        holds the original (`Reassembler`).
         """
-        target = self._resolve(addr)
-        datagrams = encode(msg, self.max_datagram, flags, self.auth, dest)
-        if self.shim is not None:
-            for d in datagrams:
-                self.shim.send_datagram(self._sendto, d, target)
-            with self._lock:
-                self.counters.messages_sent += 1
-            return len(datagrams)
-        # no shim: send inline and count once per message (one lock, not one per datagram)
+        return self.fan_out(msg, [(addr, dest, copies)], flags)
+
+    def fan_out(self, msg: Message, targets: list[tuple[Addr, int, int]], flags: int | None = None) -> int:
+        """Send `msg` to every (addr, dest, copies) of `targets`: each target's first copy before
+        anyone's second, so that on a clean link no copy delays the one that counts. Returns the
+        number of datagrams of one copy."""
+        sends = [(self._resolve(addr), encode(msg, self.max_datagram, flags, self.auth, dest), copies)
+                 for addr, dest, copies in targets]
         sent = nbytes = errors = 0
-        for d in datagrams:
-            try:
-                self._sock.sendto(d, target)
-            except OSError:
-                errors += 1
-                continue
-            sent += 1
-            nbytes += len(d)
+        for c in range(max((k for *_, k in sends), default=0)):
+            for target, datagrams, copies in sends:
+                if c >= copies:
+                    continue
+                for d in datagrams:
+                    if self.shim is not None:
+                        self.shim.send_datagram(self._sendto, d, target)
+                        continue
+                    try:
+                        self._sock.sendto(d, target)
+                    except OSError:
+                        errors += 1
+                        continue
+                    sent += 1
+                    nbytes += len(d)
+        # count once per call (one lock, not one per datagram); the shim's sends count themselves
         with self._lock:
             c = self.counters
             c.datagrams_sent += sent
             c.bytes_sent += nbytes
             c.send_errors += errors
-            c.messages_sent += 1
-        return len(datagrams)
+            c.messages_sent += sum(k for *_, k in sends)
+        return len(sends[0][1]) if sends else 0
 
     def recv(self, timeout_s: float | None = None) -> tuple[Message, Addr] | None:
         """The next complete message and its sender's address, or None after `timeout_s`.

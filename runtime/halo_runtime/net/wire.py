@@ -16,7 +16,7 @@ lost 94% of the time). Every datagram carries a fixed 33-byte header, packed big
     16     2    chunk index (u16)
     18     2    chunk count (u16, >= 1)
     20     2    chunk length (u16, bytes of payload in this datagram)
-    22     1    flags (bit 0 retransmission, bit 1 redundant copy, bits 4-7 attempt number)
+    22     1    flags (bit 0 retransmission, bits 4-7 attempt number; a copy repeats its original's bytes)
     23     8    sequence number (u64, per sending process, see `auth`)
     31     2    destination (u16 device index; 0xFFFF = any)
     33     n    chunk, encrypted (ChaCha20-Poly1305 under the session's key, nonce (sender, sequence
@@ -28,7 +28,9 @@ so that the coordinator can use the rows of the datagrams that arrived (`Reassem
 and compensate only the others; every other message is cut into equal chunks.
 
 The header travels in clear (it routes, deduplicates and counts); the chunk does not. A datagram
-is checked in order of cost: length and fields, then the tag (and decryption), then its destination
+is checked in order of cost: first whether its header names a chunk already held or delivered
+(copies are byte-identical, and dropped unopened), then length and fields, then the tag (and
+decryption), then its destination
 (a request recorded on its way to one device and replayed to another is refused), then the
 sender's replay window (`auth.ReplayGuard`); each kind of rejection has its own counter.
 
@@ -70,7 +72,6 @@ _DEFAULT_AUTH = Authenticator()  # the public test key: callers that pass no `au
 MAX_UDP_PAYLOAD = 65507
 
 FLAG_RETRANSMIT = 0x01
-FLAG_REDUNDANT = 0x02
 ATTEMPT_SHIFT = 4
 MAX_ATTEMPT = 15
 """Attempts 0..14 are deduplicated per attempt; attempt 15 means '15 or later' and is never deduplicated."""
@@ -121,10 +122,10 @@ def is_control(kind: int) -> bool:
     return kind >= FIRST_CONTROL_KIND
 
 
-def make_flags(attempt: int = 0, redundant: bool = False) -> int:
+def make_flags(attempt: int = 0) -> int:
     """Flags for the `attempt`-th transmission (0 = first); attempts above 15 saturate."""
     attempt = min(max(attempt, 0), MAX_ATTEMPT)
-    return (attempt << ATTEMPT_SHIFT) | (FLAG_RETRANSMIT if attempt else 0) | (FLAG_REDUNDANT if redundant else 0)
+    return (attempt << ATTEMPT_SHIFT) | (FLAG_RETRANSMIT if attempt else 0)
 
 
 def attempt_of(flags: int) -> int:
@@ -281,7 +282,7 @@ class ReassemblyCounters:
     """Authentic datagrams dropped because their sender's sequence number was seen before or is
     older than the replay window."""
     duplicates: int = 0
-    """Datagrams dropped as repeats of a chunk or of a completed message."""
+    """Datagrams dropped as repeats of a chunk or of a completed message (copies, and replays of them)."""
     stale: int = 0
     """Datagrams dropped because their step is below the watermark."""
     evicted: int = 0
@@ -345,6 +346,9 @@ class Reassembler:
         """The message this datagram completes, else None (incomplete, duplicate, stale or malformed)."""
         c = self.counters
         c.datagrams += 1
+        if self._known(datagram):
+            c.duplicates += 1
+            return None
         h, chunk = check_datagram(datagram, self._max_datagram, self.auth)
         if h is None:
             setattr(c, chunk, getattr(c, chunk) + 1)  # chunk holds the reason
@@ -396,6 +400,25 @@ class Reassembler:
         while len(self._partials) > self._max_partials or self._buffered > self._max_buffered:
             self._drop(next(iter(self._partials)))
         return None
+
+    def _known(self, datagram: bytes) -> bool:
+        """Whether the header in clear names a chunk already delivered or held: such a datagram
+        is dropped before it is decrypted. Copies on lossy links are byte-identical repeats (and
+        under loss a third or more of what a device receives), so this is most of their cost
+        saved. Safe unauthenticated: at worst a forgery of something already held is dropped,
+        which opening it would have done too. A replay of such a datagram is one of these copies
+        byte for byte, and is counted with them."""
+        try:
+            _, _, kind, session, step, layer, sender, index, count, _, flags, _, dest = HEADER.unpack_from(datagram)
+        except (TypeError, struct.error):
+            return False
+        if self.me is not None and dest != self.me:  # opened and counted as misdirected
+            return False
+        attempt = attempt_of(flags)
+        if self._remember > 0 and attempt < MAX_ATTEMPT and (session, step, layer, kind, sender, attempt) in self._done:
+            return True
+        part = self._partials.get((session, step, layer, kind, sender)) if count > 1 else None
+        return part is not None and index in part.chunks
 
     def chunks_of(self, session: int, step: int, layer: int, kind: int, sender: int) -> tuple[int, dict] | None:
         """(chunk count, index -> chunk) of a message still incomplete, or None."""

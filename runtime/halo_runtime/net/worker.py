@@ -218,10 +218,7 @@ class Worker:
             if msg.step > 2:
                 self.udp.reassembler.set_watermark(msg.step - 2)
             flags = make_flags(attempt_of(msg.flags))
-            out = [Message(m.kind, m.session, m.step, m.layer, m.sender, m.payload, flags) for m in replies]
-            redundant = [Message(m.kind, m.session, m.step, m.layer, m.sender, m.payload,
-                                 make_flags(attempt_of(msg.flags), redundant=True)) for m in replies]
-            return out + redundant * (copies - 1)
+            return [Message(m.kind, m.session, m.step, m.layer, m.sender, m.payload, flags) for m in replies] * copies
 
     def _compute(self, msg: Message, spans: tuple[Span, ...], wire: str, x: np.ndarray) -> list[Message]:
         layer, mk = msg.layer, lambda kind, t: Message(kind, msg.session, msg.step, layer, self.index,  # noqa: E731
@@ -307,8 +304,8 @@ class Worker:
         # after handle: a new session's HELLO resets the compute first; no echo if push rounds cannot start
         if msg.kind == Kind.HELLO and not self._rounds(msg, addr):
             return
-        for reply in replies:
-            self.udp.send(reply, addr, reply.flags, dest=msg.sender)
+        for reply in dict.fromkeys(replies):  # a reply listed k times goes out as k byte-identical copies
+            self.udp.send(reply, addr, reply.flags, dest=msg.sender, copies=replies.count(reply))
 
     def _rounds(self, hello: Message, addr, channel=None) -> bool:
         """Star or push rounds for the session a HELLO starts (a repeated HELLO changes nothing);
