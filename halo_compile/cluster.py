@@ -20,6 +20,8 @@ Schema (every field documented in profiles/README.md):
                                    # ignored on the coordinator, which never streams)
         compute_gflops_by_format: {fp32: 2.0, q8_0: 5.1}   # optional: GFLOP/s per --weights format
         power_w: [2.7, 7.1]        # optional: watts idle and busy (energy per token in the plan)
+        medium: wifi0              # optional: a shared radio medium (one Wi-Fi channel) its link is on;
+                                   # devices naming the same one take turns on the air (the cost model)
 
 A device's compute for placement is `compute_gflops_by_format[F]` for a plan compiled with
 `--weights F` where the profile gives it, else `compute_gflops`: `load_profile(path, weights=F)`
@@ -45,8 +47,8 @@ from halo_runtime.core.formats import weight_format
 from halo_runtime.core.plan import Device
 
 DEVICE_KEYS = {"name", "address", "memory_mb", "compute_gflops", "latency_ms", "jitter_ms",
-               "bandwidth_mbps", "loss", "burst", "storage_mbps", "compute_gflops_by_format", "power_w"}
-NOT_NUMBERS = {"name", "address", "compute_gflops_by_format", "power_w"}
+               "bandwidth_mbps", "loss", "burst", "storage_mbps", "compute_gflops_by_format", "power_w", "medium"}
+NOT_NUMBERS = {"name", "address", "compute_gflops_by_format", "power_w", "medium"}
 """Device keys whose value is not one number (checked by their own rules)."""
 LINK_KEYS = DEVICE_KEYS - {"name", "address", "memory_mb"}
 TOP_KEYS = {"name", "coordinator", "defaults", "devices", "description"}
@@ -156,6 +158,10 @@ def _device(raw, defaults: dict, where: str, weights: str = "fp32") -> Device:
         if "compute_gflops_by_format" in fields else None
     numbers["compute_gflops"] = compute_for_format(numbers["compute_gflops"], by_format, weights)
     extra = {"power_w": _power(fields["power_w"], f"{where}.power_w")} if "power_w" in fields else {}
+    if "medium" in fields:
+        if not isinstance(fields["medium"], str):
+            raise ProfileError(f"{where}.medium: expected the name of a shared medium, got {fields['medium']!r}")
+        extra["medium"] = fields["medium"]
     try:
         return Device(name=name, address=fields["address"], memory_bytes=int(numbers.pop("memory_mb") * MB),
                       **{k: float(v) for k, v in numbers.items()}, **extra)

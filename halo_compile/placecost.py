@@ -14,6 +14,10 @@
   copies cost the link and both ends' CPU against the retransmission waits they save (q1_c with
   the link's bursts, which copies sent back to back share). On a clean link 1; at 5% loss on 200
   Mbit/s 2 (q1 falls from 9.8% to 0.5% for 0.14 ms a round); in bursts of 4, 1 (6.3% -> 5.4%).
+- Star against push rounds (`network_ms`, `round_network_ms`; reported by `inspect`, not placed
+  by): a round trip through the coordinator against one hop from every holder to every device,
+  with the busiest link or shared medium (`busiest_link_ms`: devices naming one `medium` take
+  turns on the air) and the datagrams each device seals and opens.
 - compute(g, d) = g.flops / (d.compute_gflops*1e6) ms.
 - A device with `storage_mbps` may hold more weights than its memory; the groups that do not fit
   are read from storage as needed, costing load(g, d) = g.select_rate * g.weight_bytes /
@@ -323,59 +327,102 @@ def link_copies(d: Device, options: PlaceOptions) -> int:
 def network_ms(rounds: list[list[str]], devices: list[Device], coordinator: str, copies: dict[str, int],
                options: PlaceOptions) -> dict[str, float]:
     """Per token, the network time of `rounds` (each: the devices holding a group of it, the
-    coordinator included where it holds one) as star rounds and as push rounds (`core.push`), on
-    switched links: a datagram from a to b crosses a's access link and b's, `latency_ms` each (the
-    coordinator's own too, as `benchmarks.plr_sweep --delay-from-plan` builds the lab). So push
-    saves a hop only where the coordinator's link is as slow as the boards': behind a wired
-    coordinator a board-to-board datagram crosses two slow links, as a star's round trip does. A
-    message is one `message_bytes` part; `copies`: the plan's per link (between two boards:
-    `core.policy.pair_link`, as the runtime sends). Star round: the slowest participant's round
-    trip (2 latencies, its copies of request and reply on its link, the expected wait for a lost
-    one), plus the coordinator's CPU for every datagram it seals and opens (`datagram_ms`). Push
-    round: the slowest pair's one-way trip (and expected wait), plus the busiest sender's uplink
-    (its part to every other device), plus the busiest device's CPU for what it sends and
-    receives; each pass adds one hop of the coordinator's residual. Compute is left out: it is the
-    same either way.
+    coordinator included where it holds one) as star rounds and as push rounds (`core.push`):
+    the sums of `round_network_ms`, plus, for push, one hop of the coordinator's residual a pass.
 
-    A shared medium (Wi-Fi airtime: every device's datagrams one after another) is not modelled:
-    on one there, push sends N - 1 times the bytes of a star's replies."""
+        >>> from halo_runtime.core.plan import Device
+        >>> boards = [Device(f"b{i}", f"10.0.0.{i}:7700", 10**9, 1.0, latency_ms=1.0) for i in range(4)]
+        >>> net = network_ms([["b0", "b1", "b2", "b3"]] * 60, boards, "b0", {}, PlaceOptions())
+        >>> net["push"] < net["star"]                       # one hop a round saves more than its datagrams cost
+        True
+        >>> from dataclasses import replace
+        >>> air = [replace(d, medium="wifi") for d in boards]   # one channel: every datagram takes its turn
+        >>> shared = network_ms([["b0", "b1", "b2", "b3"]] * 60, air, "b0", {}, PlaceOptions())
+        >>> shared["push"] > net["push"] and shared["push"] - net["push"] > shared["star"] - net["star"]
+        True
+    """
+    star = push = 0.0
+    for held in rounds:
+        s, p = round_network_ms(held, devices, coordinator, copies, options)
+        star, push = star + s, push + p
+    if push:  # the coordinator's residual, once a pass
+        push += max(_lat(devices, coordinator, v) + _msg_ms(devices, v, options)
+                    for v in (d.name for d in devices) if v != coordinator)
+    return {"star": star, "push": push}
+
+
+def _lat(devices: list[Device], a: str, b: str) -> float:
+    """One datagram from a to b crosses a's access link and b's (the coordinator's too, as
+    `benchmarks.plr_sweep --delay-from-plan` builds the lab)."""
+    return sum(d.latency_ms for d in devices if d.name in (a, b))
+
+
+def _msg_ms(devices: list[Device], d: str, options: PlaceOptions) -> float:
+    """One part's time on d's link."""
+    return options.message_bytes * 8 / (next(x for x in devices if x.name == d).bandwidth_mbps * 1e3)
+
+
+def busiest_link_ms(sends: list[tuple[str, str, int]], devices: list[Device], options: PlaceOptions) -> float:
+    """The longest any one link or shared medium is busy carrying `sends` ((sender, receiver,
+    copies) of one part each): on switched links, a device's uplink carries what it sends and its
+    downlink what it receives; devices naming the same `medium` (one Wi-Fi channel) take turns on
+    the air, where a datagram from one station to another goes up to the access point and down
+    again: twice, when both are on that channel.
+
+        >>> from halo_runtime.core.plan import Device
+        >>> d = [Device(n, f"10.0.0.{i}:7700", 10**9, 1.0, bandwidth_mbps=8, medium=m)
+        ...      for i, (n, m) in enumerate([("a", ""), ("b", "air"), ("c", "air")])]
+        >>> o = PlaceOptions(message_bytes=1000)            # 1 ms a part at 8 Mbit/s
+        >>> busiest_link_ms([("a", "b", 1), ("a", "c", 2)], d, o)   # the channel: 1 + 2 transmissions
+        3.0
+        >>> busiest_link_ms([("b", "c", 1)], d, o)          # up and down the same channel
+        2.0
+    """
+    medium = {d.name: d.medium for d in devices}
+    busy: dict[tuple[str, str], float] = {}
+    for s, v, c in sends:
+        for end, direction in ((s, "up"), (v, "down")):
+            key = ("air", medium[end]) if medium[end] else (direction, end)
+            busy[key] = busy.get(key, 0.0) + c * _msg_ms(devices, end, options)
+    return max(busy.values(), default=0.0)
+
+
+def round_network_ms(held: list[str], devices: list[Device], coordinator: str, copies: dict[str, int],
+                     options: PlaceOptions) -> tuple[float, float]:
+    """(star, push): the network time of one round whose groups `held` lists the devices of.
+    `copies`: the plan's per link (between two boards: `core.policy.pair_link`, as the runtime
+    sends). Star round: the slowest participant's round trip (2 latencies, the expected wait for a
+    lost request or reply), the busiest link or medium carrying every request and reply
+    (`busiest_link_ms`), and the coordinator's CPU for every datagram it seals and opens
+    (`datagram_ms`). Push round: the slowest pair's one-way trip (and expected wait), the busiest
+    link or medium carrying every device's part to every other, and the busiest device's CPU for
+    what it sends and receives. So push saves a hop only where the coordinator's link is as slow as
+    the boards': behind a wired coordinator a board-to-board datagram crosses two slow links, as a
+    star's round trip does; and on a shared medium it pays N - 1 times the airtime of a star's
+    replies. Compute is left out: it is the same either way."""
     by_name = {d.name: d for d in devices}
-    names = [d.name for d in devices]
+    names = list(by_name)
     one = DeliveryPolicy(relaxed_retries=0)
-
-    def lat(a: str, b: str) -> float:
-        return by_name[a].latency_ms + by_name[b].latency_ms
-
-    def msg_ms(d: str) -> float:
-        return options.message_bytes * 8 / (by_name[d].bandwidth_mbps * 1e3)
+    remote = [d for d in held if d != coordinator]
+    if not remote:
+        return 0.0, 0.0
 
     def pair(a: str, b: str) -> tuple[float, int]:
         return pair_link(by_name[a].loss, by_name[b].loss, copies.get(a, 1), copies.get(b, 1))
 
-    def pair_copies(a: str, b: str) -> int:
-        return pair(a, b)[1]
-
-    def miss(a: str, b: str) -> float:  # one message, one way, all its copies lost
-        loss, c = pair(a, b)
-        return loss ** c
-
-    star = push = 0.0
-    for held in rounds:
-        remote = [d for d in held if d != coordinator]
-        if not remote:
-            continue
-        star += max(2 * lat(coordinator, d) + 2 * copies.get(d, 1) * msg_ms(d)
-                    + one.miss_probability(by_name[d].loss, planned=copies.get(d, 1)) * options.rto_ms
-                    for d in remote) + options.datagram_ms * sum(2 * copies.get(d, 1) for d in remote)
-        datagrams = {v: sum(pair_copies(s, v) for s in held if s != v) for v in names}  # received
-        for s in held:
-            datagrams[s] += sum(pair_copies(s, v) for v in names if v != s)  # sent
-        push += (max(lat(s, v) + miss(s, v) * options.rto_ms for s in held for v in names if v != s)
-                 + max(sum(pair_copies(s, v) * msg_ms(s) for v in names if v != s) for s in held)
-                 + options.datagram_ms * max(datagrams.values()))
-    if push:  # the coordinator's residual, once a pass
-        push += max(lat(coordinator, v) + msg_ms(v) for v in names if v != coordinator)
-    return {"star": star, "push": push}
+    star = (max(2 * _lat(devices, coordinator, d)
+                + one.miss_probability(by_name[d].loss, planned=copies.get(d, 1)) * options.rto_ms for d in remote)
+            + busiest_link_ms([(a, b, copies.get(d, 1)) for d in remote for a, b in ((coordinator, d), (d, coordinator))],
+                              devices, options)
+            + options.datagram_ms * sum(2 * copies.get(d, 1) for d in remote))
+    sends = [(s, v, pair(s, v)[1]) for s in held for v in names if v != s]
+    handled = dict.fromkeys(names, 0)  # datagrams each device seals or opens
+    for s, v, c in sends:
+        handled[s] += c
+        handled[v] += c
+    push = (max(_lat(devices, s, v) + pair(s, v)[0] ** c * options.rto_ms for s, v, c in sends)
+            + busiest_link_ms(sends, devices, options) + options.datagram_ms * max(handled.values()))
+    return star, push
 
 
 def energy_mj(power_w: tuple[float, float], compute_ms: float, token_ms: float) -> float:

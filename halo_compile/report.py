@@ -41,7 +41,7 @@ from __future__ import annotations
 from halo_runtime.core.plan import Failover, Plan
 from halo_runtime.core.policy import DeliveryPolicy
 
-from .placecost import GroupCost, PlaceOptions, group_cost, network_ms
+from .placecost import GroupCost, PlaceOptions, group_cost, network_ms, round_network_ms
 
 MB = 1024 * 1024
 
@@ -135,14 +135,19 @@ def failover_disk_bytes(plan: Plan) -> dict[str, int]:
 
 
 def _rounds_line(plan: Plan, rounds: list[tuple[int, str]]) -> str:
-    """What the cost model says the network costs a token in star rounds and in push rounds."""
+    """What the cost model says the network costs a token in star rounds and in push rounds, and in
+    how many rounds the other kind would be the cheaper (the runtime runs every round one way)."""
     held = [sorted({g.device for g in plan.layer_groups(layer, kind)}) for layer, kind in rounds]
-    net = network_ms(held, list(plan.devices), plan.coordinator, {d: plan.link_copies(d) for d in plan.device_names},
-                     PlaceOptions(message_bytes=2 * plan.model.hidden_size))
+    copies, options = {d: plan.link_copies(d) for d in plan.device_names}, PlaceOptions(message_bytes=2 * plan.model.hidden_size)
+    net = network_ms(held, list(plan.devices), plan.coordinator, copies, options)
     cheaper = "push" if net["push"] < net["star"] else "star"
+    by_round = [round_network_ms(h, list(plan.devices), plan.coordinator, copies, options) for h in held]
+    other = sum((p < s) != (cheaper == "push") for s, p in by_round)
     return (f"network per token (cost model, compute aside): star rounds {net['star']:.2f} ms ({len(rounds)} round "
             f"trips), push rounds {net['push']:.2f} ms ({len(rounds)} one-way hops and a handoff): {cheaper} is "
-            f"cheaper on these links" + (" (halo-run --rounds push)" if cheaper == "push" else ""))
+            f"cheaper on these links" + (" (halo-run --rounds push)" if cheaper == "push" else "")
+            + (f"; {'star' if cheaper == 'push' else 'push'} would be cheaper in {other} of {len(rounds)} rounds"
+               if other else ""))
 
 
 def _failover_lines(plan: Plan) -> list[str]:

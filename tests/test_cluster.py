@@ -312,6 +312,17 @@ def test_load_profile_resolves_too(tmp_path):
         load_profile(f, "fp8")
 
 
+def test_a_shared_medium_is_read_into_the_device_and_stays_out_of_plans_without_one(tmp_path):
+    f = tmp_path / "air.yaml"
+    f.write_text("coordinator: a\ndefaults: {medium: wifi0}\ndevices:\n"
+                 "  - {name: a, address: 'h:1', memory_mb: 64, compute_gflops: 1, medium: ''}\n"
+                 "  - {name: b, address: 'h:2', memory_mb: 64, compute_gflops: 1}\n")
+    a, b = load_profile(f).devices
+    assert (a.medium, b.medium) == ("", "wifi0")
+    from halo_runtime.core.planjson import to_plain
+    assert "medium" not in to_plain(a) and to_plain(b)["medium"] == "wifi0"
+
+
 def test_power_is_read_into_the_device():
     a, b = parse_profile(MEASURED, "m.yaml").devices
     assert a.power_w == (2.7, 7.1) and b.power_w is None
@@ -324,6 +335,8 @@ def test_power_is_read_into_the_device():
     ("power_w", "7.1", "devices[0] (a).power_w: expected [IDLE, BUSY] in watts, got 7.1"),
     ("power_w", "[2, .inf]", "devices[0] (a).power_w: expected a number, got inf"),
     ("power_w", "[idle, 2]", "devices[0] (a).power_w: expected a number, got 'idle'"),
+    ("medium", "[wifi]", "devices[0] (a).medium: expected the name of a shared medium, got ['wifi']"),
+    ("medium", "'wi fi'", "devices[0] (a): device a: medium 'wi fi' is not a name (letters, digits, - and _)"),
     ("compute_gflops_by_format", "{q8_0: 0}", "devices[0] (a).compute_gflops_by_format.q8_0: must be positive, got 0"),
     ("compute_gflops_by_format", "{q8_0: fast}",
      "devices[0] (a).compute_gflops_by_format.q8_0: expected a number, got 'fast'"),

@@ -121,6 +121,28 @@ def test_the_cost_model_prices_a_round_trip_against_one_hop(latency_ms, coordina
     assert net["star"] >= 60 * (2 * one_way if coordinator_ms is None else one_way)
 
 
+@pytest.mark.parametrize(("medium", "cheaper"), [("", "push"), ("wifi0", "star")])
+def test_on_a_shared_medium_push_pays_its_airtime(medium, cheaper):
+    """One Wi-Fi channel carries every datagram in turn, board to board twice (up to the access
+    point and down): push sends each part to N - 1 devices, so on a slow channel its airtime
+    outweighs the hop it saves; on switched links of the same speed it does not."""
+    from dataclasses import replace
+
+    from halo_compile.placecost import PlaceOptions, busiest_link_ms, network_ms, round_network_ms
+
+    devices = [replace(d, bandwidth_mbps=20.0, medium=medium) for d in _devices(1.0)]
+    options, held = PlaceOptions(message_bytes=2304), ["d0", "d1", "d2", "d3"]
+    net = network_ms([held] * 60, devices, "d0", {}, options)
+    assert min(net, key=net.get) == cheaper, net
+    assert sum(round_network_ms(held, devices, "d0", {}, options)) * 60 < sum(net.values())  # + the handoff
+    part, pushes = 2304 * 8 / 20e3, [(s, v, 1) for s in held for v in held if s != v]
+    star = [(a, b, 1) for d in held[1:] for a, b in (("d0", d), (d, "d0"))]
+    # on the channel: 12 pushes up and down (24 turns) against 3 requests and 3 replies (12); switched:
+    # the busiest uplink carries 3 parts either way (the coordinator's requests; a board's pushes)
+    assert busiest_link_ms(pushes, devices, options) == pytest.approx((24 if medium else 3) * part)
+    assert busiest_link_ms(star, devices, options) == pytest.approx((12 if medium else 3) * part)
+
+
 def test_the_cost_model_counts_only_rounds_that_leave_the_coordinator():
     from halo_compile.placecost import PlaceOptions, network_ms
 

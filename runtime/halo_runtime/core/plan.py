@@ -75,6 +75,9 @@ class Device:
     `memory_bytes`: those groups stay on storage and are loaded as needed (halo_runtime.storage.groupcache)."""
     power_w: tuple[float, float] | None = field(default=None, metadata=OPTIONAL)
     """Watts it draws idle and busy, as measured on the board (None: not measured; no energy figures)."""
+    medium: str = field(default="", metadata=OPTIONAL)
+    """The shared radio medium its link is on (e.g. one Wi-Fi channel): devices naming the same one
+    take turns on the air. "" = a switched link of its own."""
 
     def __post_init__(self):
         if not self.name:
@@ -103,6 +106,8 @@ class Device:
                     gilbert(self.loss, self.burst)  # the one statement of which bursts a loss rate admits
                 except ValueError as e:
                     raise ValueError(f"device {self.name}: {e}") from None
+        if self.medium and not self.medium.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"device {self.name}: medium {self.medium!r} is not a name (letters, digits, - and _)")
         if self.power_w is not None:
             if len(self.power_w) != 2 or not all(math.isfinite(w) for w in self.power_w) \
                     or not 0.0 <= self.power_w[0] <= self.power_w[1]:
