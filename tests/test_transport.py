@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from halo_runtime.core.codec import HEADER_SIZE, MAX_DATAGRAM, TAG_LEN, WireError, decode_tensor, encode_tensor
+from halo_runtime.core.codec import (HEADER_SIZE, MAX_DATAGRAM, TAG_LEN, WireError, as_wire, decode_tensor,
+                                     encode_tensor)
 from halo_runtime.net.auth import Authenticator
 from halo_runtime.net.shim import LossShim
 from halo_runtime.net.rtt import RttEstimator
@@ -221,6 +222,21 @@ def test_tensor_fp16_and_bf16_tolerance():
     assert decode_tensor(encode_tensor(big, "fp16")).tolist() == [[65504.0, -65504.0, 3.0]]
     assert decode_tensor(encode_tensor(np.ones(576, np.float32))).shape == (1, 576)
     assert decode_tensor(encode_tensor(np.ones((0, 576), np.float32), "fp32")).shape == (0, 576)
+
+
+@pytest.mark.parametrize("wire", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(1, 576), (5, 64), (576,), (0, 8)])
+def test_as_wire_is_what_the_receiver_decodes_bit_for_bit(wire, shape):
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(shape) * rng.choice([1e-8, 1.0, 1e6], shape)).astype(np.float32)
+    if x.size:
+        x.flat[0] = np.nan
+    got, want = as_wire(x, wire), decode_tensor(encode_tensor(x, wire), wire)
+    if wire == "fp32":
+        assert got is x
+        return
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 def test_tensor_decode_errors():

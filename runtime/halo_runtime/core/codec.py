@@ -113,10 +113,19 @@ def decode_tensor(data: bytes, wire: str | None = None, width: int | None = None
 
 
 def as_wire(t: np.ndarray | None, wire: str) -> np.ndarray | None:
-    """What the tensor becomes on the wire (fp16 rounding included), as the receiver decodes it."""
+    """What the tensor becomes on the wire (fp16 rounding included), as the receiver decodes it:
+    `decode_tensor(encode_tensor(t, wire))`, without the bytes (a device does this every round)."""
     if t is None or wire == "fp32":
         return t
-    return decode_tensor(encode_tensor(t, wire), wire, t.shape[-1])
+    x = np.asarray(t, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None]
+    if wire == "fp16":
+        return np.clip(x, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
+    if wire != "bf16":
+        raise ValueError(f"unknown wire dtype {wire!r}; expected one of {sorted(_WIRES)}")
+    bits = np.ascontiguousarray(x).view(np.uint32)
+    return (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def row_chunks(payload: bytes, room: int) -> list[int] | None:

@@ -140,31 +140,38 @@ class Mesh:
         t0 = time.monotonic()
         got: dict[tuple[str, int], Message] = {}
         attempts: dict[str, int] = {}
-        next_pull = {d: t0 + self.late[d].rto_s for d, _ in list(must) + list(optional)}
+        # (inbox key, sender, kind, awaited) of each part, built once: this loop runs once a message
+        wanted = [((kind, step, layer, d), d, kind, True) for d, kind in must] + \
+                 [((kind, step, layer, d), d, kind, False) for d, kind in optional]
+        next_pull = {d: t0 + self.late[d].rto_s for _, d, _, _ in wanted}
         # a PULL and the part's second coming take a round trip: two timeouts each, not one
         deadline = {d: t0 + (1 + 2 * self.policy.relaxed_retries) * self.late[d].rto_s for d, _ in optional}
         first = set()
+        inbox = self.inbox
         while True:
             now = time.monotonic()
-            for d, kind in list(must) + list(optional):
-                if (d, kind) not in got:
-                    msg = self.inbox.pop((kind, step, layer, d), None)
-                    if msg is not None:
-                        got[(d, kind)] = msg
-                        if d in deadline:  # its relaxed part left right behind this one: let it come
-                            deadline[d] = max(deadline[d], now + self.policy.rto_floor_ms / 1000)
-                        if d not in first:  # Karn: only from parts that needed no PULL
-                            first.add(d)
-                            if not attempts.get(d) and attempt_of(msg.flags) == 0:
-                                self.late[d].sample(max(0.0, now - t0))
-            pending_must = [k for k in must if k not in got]
-            pending_opt = [k for k in optional if k not in got and now < deadline[k[0]]]
-            if not pending_must and not pending_opt:
+            pending = []
+            for want in wanted:
+                key, d, kind, is_must = want
+                if (d, kind) in got:
+                    continue
+                msg = inbox.pop(key, None)
+                if msg is None:
+                    if is_must or now < deadline[d]:
+                        pending.append(want)
+                    continue
+                got[(d, kind)] = msg
+                if d in deadline:  # its relaxed part left right behind this one: let it come
+                    deadline[d] = max(deadline[d], now + self.policy.rto_floor_ms / 1000)
+                if d not in first:  # Karn: only from parts that needed no PULL
+                    first.add(d)
+                    if not attempts.get(d) and attempt_of(msg.flags) == 0:
+                        self.late[d].sample(max(0.0, now - t0))
+            if not pending:
                 return got
             wake = now + 0.05
             pull: dict[str, list[int]] = {}
-            for d, kind in pending_must + pending_opt:
-                is_must = (d, kind) in must
+            for _, d, kind, is_must in pending:
                 if now >= next_pull[d] and (is_must or attempts.get(d, 0) < self.policy.relaxed_retries):
                     pull.setdefault(d, []).append(kind)
                 if is_must and now - t0 > self.policy.dead_after_s:
@@ -175,7 +182,7 @@ class Mesh:
                 attempts[d] = attempts.get(d, 0) + 1
                 self.counters["pulls"] += 1
                 self.endpoint.send(Message(_PULL, self.session, step, layer, self.index[self.me], bytes(kinds)),
-                                   self.peers[d], make_flags(min(attempts[d], 15)), dest=self.index[d])
+                                   self.peers[d], make_flags(attempts[d]), dest=self.index[d])
                 if self.also_resend is not None:
                     self._resend(self.also_resend, d)
                 # capped backoff, as the star's re-requests

@@ -176,10 +176,12 @@ class UdpEndpoint:
         """Send `msg` to every (addr, dest, copies) of `targets`: each target's first copy before
         anyone's second, so that on a clean link no copy delays the one that counts. Returns the
         number of datagrams of one copy."""
-        sends = [(self._resolve(addr), encode(msg, self.max_datagram, flags, self.auth, dest), copies)
-                 for addr, dest, copies in targets]
+        sends, most = [], 0
+        for addr, dest, copies in targets:  # a loop, not generators: this runs several times a round
+            sends.append((self._resolve(addr), encode(msg, self.max_datagram, flags, self.auth, dest), copies))
+            most = max(most, copies)
         sent = nbytes = errors = 0
-        for c in range(max((k for *_, k in sends), default=0)):
+        for c in range(most):
             for target, datagrams, copies in sends:
                 if c >= copies:
                     continue
@@ -200,7 +202,7 @@ class UdpEndpoint:
             c.datagrams_sent += sent
             c.bytes_sent += nbytes
             c.send_errors += errors
-            c.messages_sent += sum(k for *_, k in sends)
+            c.messages_sent += sum(copies for _, _, copies in targets)
         return len(sends[0][1]) if sends else 0
 
     def recv(self, timeout_s: float | None = None) -> tuple[Message, Addr] | None:
