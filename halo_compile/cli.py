@@ -141,7 +141,7 @@ def plan(model, cluster, out, seed, calib, calib_tokens, mlp_groups, relaxed_sha
         raise click.BadParameter(str(e)) from None
     started = time.perf_counter()
     compiled, path = compile_plan(model, cluster, out, opts)
-    click.echo(inspect_text(compiled))
+    click.echo(inspect_text(compiled, _view_bytes(path)))
     click.echo(f"\nwrote {path}/ in {time.perf_counter() - started:.1f} s "
                f"(plan.json, manifest.json, tokenizer.json, tokenizer_config.json, {len(compiled.devices)} shards)")
 
@@ -155,7 +155,14 @@ def inspect(directory):
 
     from .report import inspect_text
 
-    click.echo(inspect_text(load_plan(directory)))
+    click.echo(inspect_text(load_plan(directory), _view_bytes(directory)))
+
+
+def _view_bytes(directory) -> int | None:
+    """The size of a plan directory's push view as its manifest records it (None: no view file)."""
+    from halo_runtime.core.plandir import VIEW_FILE, read_manifest
+
+    return read_manifest(directory).get(VIEW_FILE, {}).get("bytes")
 
 
 @main.command()

@@ -39,14 +39,18 @@ its survivors give them:
 from __future__ import annotations
 
 from halo_runtime.core.plan import Failover, Plan
+from halo_runtime.core.plandir import VIEW_FILE
 from halo_runtime.core.policy import DeliveryPolicy
+from halo_runtime.core.push import view_over_memory
 
 from .placecost import GroupCost, PlaceOptions, group_cost, network_ms, round_network_ms
 
 MB = 1024 * 1024
 
 
-def inspect_text(plan: Plan) -> str:
+def inspect_text(plan: Plan, view_bytes: int | None = None) -> str:
+    """What `halo-compile plan` and `inspect` print; `view_bytes`: the size of the plan's push view
+    (`plandir.VIEW_FILE`), where it is known."""
     lines = [f"plan: {plan.model_name} on {plan.profile_name} ({len(plan.devices)} devices, "
              f"coordinator {plan.coordinator}), schema {plan.schema_version}, compiler {plan.compiler_version}, "
              f"seed {plan.seed}",
@@ -102,6 +106,12 @@ def inspect_text(plan: Plan) -> str:
     lines.append(f"rounds per token: {len(rounds)} of {2 * plan.model.num_layers} ({attn} attention, "
                  f"{len(rounds) - attn} MLP; a round whose groups all stay on the coordinator asks no one)")
     lines.append(_rounds_line(plan, rounds))
+    if view_bytes is not None and len(plan.devices) > 1:
+        over = view_over_memory(plan, view_bytes)
+        lines.append(f"push rounds also map the view (norms, predictor, compensation: {VIEW_FILE}) on every remote "
+                     f"device: {view_bytes / MB:.1f} MB, " + ("beyond the memory the plan gave " + ", ".join(
+                         f"{d} ({held:.1f}/{mb:.1f} MB)" for d, (held, mb) in over.items()) if over else
+                         "within every device's memory"))
     lines.append(f"expected lost importance per layer: {100 * plan.expected_lost_importance:.4f}% of the layer "
                  f"output at {plan.predicted_token_ms:.2f} ms/token (this placement"
                  + (", priced at one copy per message: the copies cut it)" if copied else ")"))
@@ -146,8 +156,8 @@ def _rounds_line(plan: Plan, rounds: list[tuple[int, str]]) -> str:
     return (f"network per token (cost model, compute aside): star rounds {net['star']:.2f} ms ({len(rounds)} round "
             f"trips), push rounds {net['push']:.2f} ms ({len(rounds)} one-way hops and a handoff): {cheaper} is "
             f"cheaper on these links" + (" (halo-run --rounds push)" if cheaper == "push" else "")
-            + (f"; {'star' if cheaper == 'push' else 'push'} would be cheaper in {other} of {len(rounds)} rounds"
-               if other else ""))
+            + (f"; alone, {'star' if cheaper == 'push' else 'push'} would be cheaper in {other} of {len(rounds)} rounds "
+               "(a star round among push rounds also pays a hop to hand the residual back)" if other else ""))
 
 
 def _failover_lines(plan: Plan) -> list[str]:

@@ -94,10 +94,12 @@ def test_inspect_prints_the_report_of_the_file(plan_dir):
     from halo_runtime.core.plan import load_plan
 
     from halo_compile.report import inspect_text
+    from halo_runtime.core.plandir import VIEW_FILE, read_manifest
 
     r = cli("inspect", plan_dir)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == inspect_text(load_plan(plan_dir)) + "\n"
+    view = read_manifest(plan_dir)[VIEW_FILE]["bytes"]
+    assert r.stdout == inspect_text(load_plan(plan_dir), view) + "\n" and "push rounds also map the view" in r.stdout
 
 
 def test_inspect_empty_dir(tmp_path):

@@ -161,6 +161,22 @@ def test_inspect_says_which_rounds_are_cheaper(tiny_plan):
     assert "star rounds" in line and "push rounds" in line and "cheaper on these links" in line
 
 
+def test_inspect_says_where_a_push_view_does_not_fit(tiny_plan):
+    from halo_compile.report import inspect_text
+    from halo_runtime.core.push import view_over_memory
+
+    plan, _ = tiny_plan
+    assert "push rounds also map" not in inspect_text(plan)  # view size unknown: nothing said
+    assert view_over_memory(plan, 0) == {}
+    huge = max(d.memory_bytes for d in plan.devices)
+    over = view_over_memory(plan, huge)
+    assert set(over) == {d.name for d in plan.devices if d.name != plan.coordinator}
+    assert all(held > mb for held, mb in over.values())
+    line = next(x for x in inspect_text(plan, huge).splitlines() if x.startswith("push rounds also map"))
+    assert "beyond the memory the plan gave" in line and all(d in line for d in over)
+    assert "within every device's memory" in inspect_text(plan, 0)
+
+
 def test_the_compiler_writes_what_every_view_needs_in_one_file(plan_copy, tiny_plan, tiny_shards):
     """view.safetensors: the coordinator's norms, predictor and compensation, listed in the manifest;
     a board reads it without the coordinator's shard, and is told what is missing if it has neither."""

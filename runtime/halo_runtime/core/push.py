@@ -58,7 +58,7 @@ from .shards import load_shard, read_safetensors
 from .spans import Span
 
 __all__ = ["ROUNDS", "InProcessPush", "PushCoordinator", "PushMesh", "View", "ViewStats", "is_view_tensor",
-           "load_view", "push_miss", "push_sum", "view_tensors"]
+           "load_view", "push_miss", "push_sum", "view_over_memory", "view_tensors"]
 
 
 def is_view_tensor(name: str) -> bool:
@@ -86,6 +86,18 @@ def load_view(directory, plan: Plan) -> dict[str, np.ndarray]:
         raise PlanError(f"{path}: missing (push rounds need it on every device: copy it from the plan directory, "
                         "or recompile with this halo-compile)")
     return view_tensors(load_shard(directory, plan, plan.coordinator))
+
+
+def view_over_memory(plan: Plan, view_bytes: int) -> dict[str, tuple[float, float]]:
+    """Remote device -> (MB it would hold, MB the plan gave it) for each device whose weights and
+    KV cache, with a push view of `view_bytes` beside them, exceed its memory: placement does not
+    count the view (push rounds are the runtime's choice, `--rounds`)."""
+    out = {}
+    for dev, rep in zip(plan.devices, plan.device_reports):
+        held = rep.weight_bytes + rep.kv_cache_bytes + view_bytes
+        if dev.name != plan.coordinator and held > dev.memory_bytes:
+            out[dev.name] = (held / 2**20, dev.memory_bytes / 2**20)
+    return out
 
 
 def push_miss(sender: float, receiver: float) -> float:

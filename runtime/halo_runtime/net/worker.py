@@ -37,6 +37,7 @@ from ..core.exchange import DeviceLost
 from ..core.failover import WithAdopted, adopt
 from ..core.plan import Plan
 from ..core.plandir import PlanError
+from ..core.push import view_over_memory
 from ..core.spans import Span
 from .auth import Authenticator, ReplayGuard
 from .push import HELLO_PUSH, Mesh, PushHello, PushWorker
@@ -350,6 +351,10 @@ class Worker:
             if self.view_source is None:
                 raise PlanError("this worker was started without the plan's view tensors")
             self._view_tensors = self.view_source()
+            over = view_over_memory(self.plan, sum(t.nbytes for t in self._view_tensors.values())).get(self.device)
+            if over:  # a warning, not a refusal: the view is mapped from disk, and the kernel may page it out
+                self.log(f"push rounds: with its view this device holds {over[0]:.1f} MB, beyond the {over[1]:.1f} MB "
+                         "the plan gave it (placement does not count the view)")
         return self._view_tensors
 
     def _serve_channel(self, channel) -> None:
