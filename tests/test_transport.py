@@ -473,9 +473,10 @@ def test_no_threads_left():
 def test_fan_out_sends_every_first_copy_before_any_second_and_copies_are_the_same_bytes():
     with UdpEndpoint() as tx, UdpEndpoint() as rx:
         addr = rx._sock.getsockname()
-        msg = _msg(100, kind=Kind.PUSH_H)
-        assert tx.fan_out(msg, [(addr, 1, 3), (addr, 2, 1), (addr, 3, 2)]) == 1
-        raw = [rx._sock.recvfrom(65536)[0] for _ in range(6)]
-        assert [HEADER.unpack_from(d)[-1] for d in raw] == [1, 2, 3, 1, 3, 1]
-        assert raw[0] == raw[3] == raw[5] and raw[2] == raw[4] and raw[0] != raw[1]
-        assert tx.counters.datagrams_sent == 6 and tx.counters.messages_sent == 6
+        msg, other = _msg(100, kind=Kind.PUSH_H), _msg(2000, kind=Kind.PART_ATTN)
+        assert tx.fan_out([(msg, addr, 1, 3, None), (other, addr, 2, 1, make_flags(1)), (msg, addr, 3, 2, None)]) == [1, 2, 1]
+        raw = [rx._sock.recvfrom(65536)[0] for _ in range(7)]
+        assert [HEADER.unpack_from(d)[-1] for d in raw] == [1, 2, 2, 3, 1, 3, 1]
+        assert raw[0] == raw[4] == raw[6] and raw[3] == raw[5] and raw[0] != raw[3]
+        assert HEADER.unpack_from(raw[1])[10] == make_flags(1) and HEADER.unpack_from(raw[0])[10] == 0
+        assert tx.counters.datagrams_sent == 7 and tx.counters.messages_sent == 6

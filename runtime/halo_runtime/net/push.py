@@ -88,8 +88,8 @@ class Mesh:
         while len(self.sent) > SENT_KEPT:
             self.sent.popitem(last=False)
         n = datagrams(len(payload))
-        self.endpoint.fan_out(msg, [(self.peers[d], self.index[d], self.policy.copies(self.loss[d], n, self.planned[d]))
-                                    for d in (self.others if to is None else to)], make_flags(0))
+        self.endpoint.fan_out([(msg, self.peers[d], self.index[d], self.policy.copies(self.loss[d], n, self.planned[d]),
+                                None) for d in (self.others if to is None else to)])
 
     def _answer_pull(self, msg: Message, d: str) -> None:
         keys = [(k, msg.step, msg.layer) for k in msg.payload]  # the payload: the kinds wanted

@@ -170,19 +170,19 @@ class UdpEndpoint:
         Copies repeat the same sealed bytes: sealed once, and dropped unopened by a receiver that
         holds the original (`Reassembler`).
         """
-        return self.fan_out(msg, [(addr, dest, copies)], flags)
+        return self.fan_out([(msg, addr, dest, copies, flags)])[0]
 
-    def fan_out(self, msg: Message, targets: list[tuple[Addr, int, int]], flags: int | None = None) -> int:
-        """Send `msg` to every (addr, dest, copies) of `targets`: each target's first copy before
-        anyone's second, so that on a clean link no copy delays the one that counts. Returns the
-        number of datagrams of one copy."""
-        sends, most = [], 0
-        for addr, dest, copies in targets:  # a loop, not generators: this runs several times a round
-            sends.append((self._resolve(addr), encode(msg, self.max_datagram, flags, self.auth, dest), copies))
+    def fan_out(self, sends: list[tuple[Message, Addr, int, int, int | None]]) -> list[int]:
+        """Send each (msg, addr, dest, copies, flags or None for msg's own) of `sends` (see `send`),
+        every one's first copy before anyone's second, so that on a clean link no copy delays a
+        message that counts. Returns the number of datagrams of one copy of each."""
+        sealed, most = [], 0
+        for msg, addr, dest, copies, flags in sends:  # a loop, not generators: this runs several times a round
+            sealed.append((self._resolve(addr), encode(msg, self.max_datagram, flags, self.auth, dest), copies))
             most = max(most, copies)
         sent = nbytes = errors = 0
         for c in range(most):
-            for target, datagrams, copies in sends:
+            for target, datagrams, copies in sealed:
                 if c >= copies:
                     continue
                 for d in datagrams:
@@ -202,8 +202,8 @@ class UdpEndpoint:
             c.datagrams_sent += sent
             c.bytes_sent += nbytes
             c.send_errors += errors
-            c.messages_sent += sum(copies for _, _, copies in targets)
-        return len(sends[0][1]) if sends else 0
+            c.messages_sent += sum(copies for _, _, copies in sealed)
+        return [len(datagrams) for _, datagrams, _ in sealed]
 
     def recv(self, timeout_s: float | None = None) -> tuple[Message, Addr] | None:
         """The next complete message and its sender's address, or None after `timeout_s`.

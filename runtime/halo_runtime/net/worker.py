@@ -305,8 +305,8 @@ class Worker:
         # after handle: a new session's HELLO resets the compute first; no echo if push rounds cannot start
         if msg.kind == Kind.HELLO and not self._rounds(msg, addr):
             return
-        for reply in dict.fromkeys(replies):  # a reply listed k times goes out as k byte-identical copies
-            self.udp.send(reply, addr, reply.flags, dest=msg.sender, copies=replies.count(reply))
+        # a reply listed k times goes out as k byte-identical copies, every reply's first one first
+        self.udp.fan_out([(reply, addr, msg.sender, replies.count(reply), None) for reply in dict.fromkeys(replies)])
 
     def _rounds(self, hello: Message, addr, channel=None) -> bool:
         """Star or push rounds for the session a HELLO starts (a repeated HELLO changes nothing);
