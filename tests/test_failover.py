@@ -74,7 +74,9 @@ def run_and_kill(plan_dir, device: str | None, *args: str, at: int = 10, timeout
     return rc, (json.loads(out) if rc == 0 else {}), "".join(err)
 
 
-@pytest.mark.parametrize("sync,extra", [("strict", []), ("relaxed", ["--dead-after", "1"])])
+@pytest.mark.parametrize("sync,extra", [("strict", []), ("relaxed", ["--dead-after", "1"]),
+                                        ("relaxed", ["--dead-after", "1", "--rounds", "push"])],
+                         ids=["strict", "relaxed", "relaxed-push"])
 def test_a_killed_critical_worker_is_replaced_and_the_tokens_do_not_change(roomy_plan, expected, sync, extra):
     plan, directory = roomy_plan
     dead = victim(plan)
@@ -186,13 +188,14 @@ def test_serve_completes_a_streamed_reply_across_a_failover(roomy_plan, tmp_path
 # ---- the real model on the checked-in plan's profile (slow) --------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sync", ["strict", "relaxed"])
-def test_the_pi5_plan_loses_pi5_1_at_token_10_and_gives_the_same_48_tokens(pi5_plan, sync):
+@pytest.mark.parametrize("sync,rounds", [("strict", "star"), ("relaxed", "star"), ("relaxed", "push")])
+def test_the_pi5_plan_loses_pi5_1_at_token_10_and_gives_the_same_48_tokens(pi5_plan, sync, rounds):
     """The issue's check: pi5-1 holds attention and critical MLP groups; killed at token 10, its
-    groups go to pi5-0, pi5-2 and pi5-3 and the 48 tokens are those of a run without the kill."""
+    groups go to pi5-0, pi5-2 and pi5-3 and the 48 tokens are those of a run without the kill
+    (push rounds: the session goes on in star rounds)."""
     plan, directory = pi5_plan
     assert plan.failover_for("pi5-1").absorbable
-    extra = ["--sync", sync, "--draft", "none"] + (["--dead-after", "2"] if sync == "relaxed" else [])
+    extra = ["--sync", sync, "--draft", "none", "--rounds", rounds] + (["--dead-after", "2"] if sync == "relaxed" else [])
     rc, undisturbed, err = run_and_kill(directory, None, *extra, tokens=48)
     assert rc == 0, err[-2000:]
     rc, out, err = run_and_kill(directory, "pi5-1", *extra, tokens=48)
@@ -200,7 +203,7 @@ def test_the_pi5_plan_loses_pi5_1_at_token_10_and_gives_the_same_48_tokens(pi5_p
     assert out["tokens"] == undisturbed["tokens"]
     (f,) = out["failovers"]
     assert f["device"] == "pi5-1" and f["token"] >= 10 and f["switch_ms"] > 0, f
-    print(f"\npi5 plan, {sync}: pi5-1 killed at token {f['token']}: switch {f['switch_ms']:.0f} ms, "
+    print(f"\npi5 plan, {sync} {rounds}: pi5-1 killed at token {f['token']}: switch {f['switch_ms']:.0f} ms, "
           f"interrupted token {out['per_token'][f['token']]['total_ms']:.0f} ms")
 
 

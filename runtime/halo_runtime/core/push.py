@@ -49,7 +49,7 @@ import numpy as np
 from .codec import as_wire
 from .coordinator import Coordinator, rms_norm, sum_parts
 from .device import DeviceBackend, DeviceCompute
-from .exchange import DeviceStats, ExchangeStats
+from .exchange import DeviceLost, DeviceStats, ExchangeStats
 from .plan import ROUNDS, Plan
 from .plandir import VIEW_FILE, PlanError, check_files
 from .predictor import layer_predictor
@@ -184,6 +184,9 @@ class PushMesh(Protocol):
     def handoff(self, step: int, index: int, spans: tuple, h: np.ndarray, x: np.ndarray | None) -> None:
         """After the coordinator's segment ending before schedule step `index`: every view takes h."""
 
+    def remember(self, layer: int, x: np.ndarray, spans: tuple) -> None:
+        """The input of an attention round (what a failover would rebuild KV caches from)."""
+
     def attention(self, step: int, layer: int, own: np.ndarray | None, x: np.ndarray) -> list[np.ndarray]:
         """Push the coordinator's heads' part; the other devices' parts of `layer`, in device order."""
 
@@ -263,6 +266,9 @@ class InProcessPush:
     def _wire(self, t: np.ndarray | None) -> np.ndarray | None:
         return as_wire(t, self.wire)
 
+    def remember(self, layer: int, x: np.ndarray, spans: tuple) -> None:
+        pass  # no device of this process is ever lost
+
     def handoff(self, step: int, index: int, spans: tuple, h: np.ndarray, x: np.ndarray | None) -> None:
         self.spans = spans
         for v in self.views.values():
@@ -340,7 +346,9 @@ class InProcessPush:
 
 class PushCoordinator(Coordinator):
     """The coordinator of push rounds over a `PushMesh`: its own view is the star's residual (it
-    alone computes the logits); segments, generation and drafts are the star's."""
+    alone computes the logits); segments, generation and drafts are the star's. A device lost in
+    push rounds is replaced by the plan's failover, and the session goes on in star rounds (where
+    failover is built) if its mesh can (`to_star`); else the loss ends the run."""
 
     def __init__(self, plan: Plan, shard: dict[str, np.ndarray], mesh: PushMesh, compensation: str | None = None,
                  await_predicted: bool = True, threads: int = 1):
@@ -348,17 +356,34 @@ class PushCoordinator(Coordinator):
         self.order = [plan.coordinator] + self.remote
         mesh.configure(self.compensation, self.await_predicted)
         self._pass: tuple = (0, ())
+        self.pushing = True
+        """False once a lost device moved the session to star rounds."""
 
     def run(self, feeds, step: int, stats):
         self._pass = (step, tuple(Span(f.slot, f.start, len(f.tokens), f.source) for f in feeds))
         return super().run(feeds, step, stats)
 
+    def _fail_over(self, lost: DeviceLost, start) -> None:
+        to_star = getattr(self.exchange, "to_star", None)
+        if not (self.pushing and to_star is not None and lost.device is not None):
+            return super()._fail_over(lost, start)
+        # the device named is the first whose part did not come; one that waited for a dead
+        # device's part is silent too, so the star's handshake says which one is gone
+        t0 = time.perf_counter()
+        lost = DeviceLost(str(lost), to_star(lost.device))
+        self.pushing = False
+        super()._fail_over(lost, start)
+        self.failovers[-1].switch_ms = 1e3 * (time.perf_counter() - t0)  # the star's handshake included
+
     def _segment_done(self, i: int, h, x) -> None:
-        if h is not None:  # the coordinator sends the residual it computed to every view
+        if h is not None and self.pushing:  # the coordinator sends the residual it computed to every view
             self.exchange.handoff(self._pass[0], i + 1, self._pass[1], h, x)
 
     def _attention(self, step: int, layer: int, spans: tuple, stats, x: np.ndarray) -> np.ndarray:
         """Push the coordinator's heads, add everyone's (all awaited)."""
+        if not self.pushing:
+            return super()._attention(step, layer, spans, stats, x)
+        self.exchange.remember(layer, x, spans)
         t0 = time.perf_counter()
         own = self.part.attention_spans(layer, x, spans) if self.part.has_attention(layer) else None
         t1 = time.perf_counter()
@@ -369,6 +394,8 @@ class PushCoordinator(Coordinator):
     def _mlp(self, step: int, layer: int, spans: tuple, bounds, stats, x: np.ndarray, m: np.ndarray) -> np.ndarray:
         """Push the coordinator's MLP parts; add everyone's as the star would, estimating the relaxed
         parts that missed this view's deadline."""
+        if not self.pushing:
+            return super()._mlp(step, layer, spans, bounds, stats, x, m)
         awaited = self._awaited(layer, x)
         t0 = time.perf_counter()
         own = self.part.mlp(layer, m) if self.part.has_mlp(layer) else (None, None)

@@ -19,11 +19,14 @@ lossy link: for two lossy boards, enough to bring the pair's loss to the plan's 
 A device answers PULLs from the parts it sent (kept per (kind, step, layer)); the coordinator
 sends its latest PUSH_H again with every PULL, so that a device that lost it joins the pass.
 Workers learn the others' addresses, the coordinator's rule and its delivery policy from its HELLO
-("push" and JSON): every device waits and estimates alike.
+("push" and JSON): every device waits and estimates alike. Here: the mesh and the coordinator's
+side (`UdpPush`); a worker's passes are `pushworker.PushWorker`.
 
-What push rounds do not do yet: fail over (a silent device ends the run), rejoin a restarted
-device, batch sessions (`serve`), strict mode over TCP, and use the rows of a part of several
-datagrams that came partly (a relaxed part arrives whole or is estimated whole).
+A device lost in push rounds (`dead_after_s`) moves the session to star rounds, which fail over:
+the devices left keep their KV caches, the dead one's heads are rebuilt on their adopters from
+the attention inputs the coordinator recorded (`UdpPush.to_star`). What push rounds do not do
+yet: rejoin a restarted device, batch sessions (`serve`), fail over in strict mode, and use the
+rows of a part of several datagrams that came partly (a relaxed part arrives whole or is estimated whole).
 
 Example (on loopback, as tests/test_push_net.py runs it):
     $ halo-run local --plan artifacts/smollm2-135m-pi5 --rounds push --prompt "Hello"
@@ -33,18 +36,17 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from ..core.codec import WireError, as_wire, datagrams, decode_request, decode_tensor, encode_request, encode_tensor
+from ..core.codec import WireError, datagrams, decode_tensor, encode_request, encode_tensor
 from ..core.exchange import DeviceLost, ExchangeStats
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy, pair_link
-from ..core.push import View
-from ..core.segment import Segment, schedule
 from .auth import Authenticator, ReplayGuard
-from .rounds import holders
+from .recovery import History
+from .rounds import hello_until_echoed, holders
 from .rtt import RttEstimator
 from .transport import UdpEndpoint
 from .wire import Kind, Message, attempt_of, make_flags
@@ -56,6 +58,10 @@ SENT_KEPT = 512
 """Messages a device keeps for PULLs: a few passes of every round."""
 HELLO_PUSH = b"push"
 """How a HELLO payload that starts push rounds begins (then JSON: addresses, the rule)."""
+RESUME_S = 0.5
+"""How long the devices left after a loss get to answer the star's HELLO (`UdpPush.to_star`): the
+dead one's silence is what names it, so this is what a loss costs beyond `dead_after_s`; a live
+device answers within a round trip (the HELLO is resent five times meanwhile)."""
 
 
 class Mesh:
@@ -78,6 +84,8 @@ class Mesh:
         self.inbox: dict[tuple, Message] = {}  # (kind, step, layer, sender) -> message
         self.late = {d: RttEstimator(floor_s=policy.rto_floor_ms / 1000) for d in self.others}
         self.also_resend: tuple | None = None  # (kind, step, layer) sent again with every PULL (the coordinator's PUSH_H)
+        self.ended = False
+        """Set when the session leaves push rounds (the coordinator went on in star rounds)."""
         self.counters = {"pulls": 0, "resent": 0, "late": 0, "malformed": 0, "unknown_session": 0,
                          "compensated": 0, "relaxed_parts": 0, "awaited_relaxed": 0}
 
@@ -149,6 +157,8 @@ class Mesh:
         first = set()
         inbox = self.inbox
         while True:
+            if self.ended:  # a pass waiting on a lost device's part gives way to the star's rounds
+                raise DeviceLost("the session left push rounds", None)
             now = time.monotonic()
             pending = []
             for want in wanted:
@@ -207,12 +217,6 @@ def take_start(inbox: dict, done_step: int, forget_before) -> Message | None:
     return msg
 
 
-def with_x(steps: list, index: int) -> bool:
-    """Whether the residual sent before schedule step `index` carries the predictor's input too
-    (columns hidden..2 x hidden): the coordinator's segment before it ended on an attention round."""
-    return steps[index - 1].predictor_layer is not None
-
-
 def mlp_want(h: dict, layer: int, me: str, awaited: dict) -> tuple[list, list, list]:
     """Of MLP round `layer`: (awaited (sender, kind) parts, optional relaxed ones, the relaxed senders)."""
     relaxed = [d for d in h["relaxed"][layer] if d != me]
@@ -240,9 +244,13 @@ class UdpPush:
     def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
                  bind_host: str = "0.0.0.0", shim=None, auth: Authenticator | None = None):
         self._common(plan, peers, policy, auth)
+        self._bind, self._shim = bind_host, shim
         self.endpoint = UdpEndpoint(bind_host, 0, shim=shim, auth=self.auth, guard=ReplayGuard(),
                                     me=plan.device_names.index(self.me))
         self.mesh = Mesh(plan, self.me, self.endpoint, peers, policy, 0)
+        self.history = History(plan.model.num_layers, self.width, policy.wire)
+        self.star = None
+        """The star exchange the session went on with after a device was lost (`to_star`), or None."""
 
     def _common(self, plan: Plan, peers: dict, policy: DeliveryPolicy, auth: Authenticator | None) -> None:
         """What the coordinator's side of push rounds knows whatever carries them (UDP, TCP)."""
@@ -259,27 +267,58 @@ class UdpPush:
         self.rule = {"compensation": compensation, "await_predicted": await_predicted}
 
     def begin(self, session: int, timeout_s: float | None = None) -> None:
-        """Start `session` on every device in push mode (HELLO with the addresses and the rule)."""
+        """Start `session` on every device in push mode (HELLO with the addresses and the rule);
+        in star mode after a device was lost (`to_star`)."""
+        if self.star is not None:
+            return self.star.begin(session, timeout_s)
         timeout_s = self.policy.dead_after_s if timeout_s is None else timeout_s
         self.mesh = Mesh(self.plan, self.me, self.endpoint, self.peers, self.policy, session)
+        self.history = History(self.plan.model.num_layers, self.width, self.policy.wire)
         body = PushHello(self.peers, self.policy, **self.rule).payload()
-        waiting, attempt, deadline = set(self.remote), 0, time.monotonic() + timeout_s
-        index = self.plan.device_names.index
-        while waiting:
-            for d in sorted(waiting):
-                self.endpoint.send(Message(Kind.HELLO, session, 0, 0, index(self.me), body), self.peers[d],
-                                   make_flags(min(attempt, 15)), dest=index(d))
-            attempt += 1
-            until = min(deadline, time.monotonic() + 0.05 * attempt)
-            while waiting and time.monotonic() < until:
-                got = self.endpoint.recv(until - time.monotonic())
-                if got and got[0].kind == Kind.HELLO and got[0].session == session:
-                    waiting.discard(self.plan.device_names[got[0].sender])
-            if waiting and time.monotonic() >= deadline:
-                d = sorted(waiting)[0]
-                raise DeviceLost(f"device {d} at {self.peers[d][0]}:{self.peers[d][1]} does not start push rounds "
-                                 f"(is `halo-run worker --device {d}` running there, with this plan's key and the "
-                                 "coordinator's shard in its plan directory?)", d)
+        silent = hello_until_echoed(self.endpoint, self.plan, session, body, {d: self.peers[d] for d in self.remote},
+                                    timeout_s)
+        if silent:
+            d = sorted(silent)[0]
+            raise DeviceLost(f"device {d} at {self.peers[d][0]}:{self.peers[d][1]} does not start push rounds "
+                             f"(is `halo-run worker --device {d}` running there, with this plan's key and the "
+                             "coordinator's shard in its plan directory?)", d)
+
+    def remember(self, layer: int, x: np.ndarray, spans: tuple) -> None:
+        """An attention round's input as the star would have sent it: what a failover rebuilds the
+        KV caches of a dead device's heads from (`to_star`)."""
+        if len(self.holders["attn"][layer]) > (self.me in self.holders["attn"][layer]):
+            self.history.append(layer, x, spans)
+
+    def to_star(self, suspect: str) -> str:
+        """After `suspect` went silent: the session goes on in star rounds, which fail over (a
+        `UdpExchange` on the same devices, `resume`d with the attention inputs recorded so far;
+        `post`, `collect`, `fail_over` and the counters are its from now on). Returns the device to
+        replace: the one that does not answer the star's HELLO (a worker that waits for a dead
+        device's part is silent in push rounds, but answers), else `suspect`."""
+        from .exchange import UdpExchange  # it imports the worker, which imports this module
+
+        star = UdpExchange(self.plan, self.peers, self.policy, self._bind, self._shim, self.auth)
+        self._pushed = self.stats()  # the counters go on from the push rounds' (`stats`)
+        silent = star.resume(self.mesh.session, self.history, min(self.policy.dead_after_s, RESUME_S))
+        self.star = star
+        self.endpoint.close()
+        dead = sorted(silent)[0] if len(silent) == 1 else suspect
+        star.warn(f"push rounds lost {dead}: the session goes on in star rounds")
+        return dead
+
+    # a session that lost a device in push rounds goes on as the star's: these are the star exchange's
+    @property
+    def failed(self) -> str | None:
+        return None if self.star is None else self.star.failed
+
+    def post(self, *args) -> None:
+        self.star.post(*args)
+
+    def collect(self, *args):
+        return self.star.collect(*args)
+
+    def fail_over(self, dead: str, start):
+        return self.star.fail_over(dead, start)
 
     def handoff(self, step: int, index: int, spans: tuple, h: np.ndarray, x: np.ndarray | None) -> None:
         self.mesh.forget_before(step)
@@ -314,6 +353,10 @@ class UdpPush:
         return parts, missing
 
     def stats(self) -> ExchangeStats:
+        if self.star is not None:  # the push rounds' counters plus the star's after them
+            star = self.star.stats()
+            return ExchangeStats(**{f.name: _plus(getattr(self._pushed, f.name), getattr(star, f.name))
+                                    for f in fields(ExchangeStats)})
         e, c = self.endpoint.counters, self.mesh.counters
         return ExchangeStats(retransmissions=c["pulls"], late=c["late"], malformed=c["malformed"],
                              compensated=c["compensated"], relaxed_parts=c["relaxed_parts"],
@@ -327,12 +370,22 @@ class UdpPush:
         """Each remote device's own counters (its view's estimates and PULLs among them), by name."""
         from .worker import query_stats  # the worker module imports this one
 
+        if self.star is not None:
+            return self.star.device_stats(timeout_s)
         index = self.plan.device_names.index
         return query_stats(self.endpoint, self.mesh.session, index(self.me),
                            {d: (self.peers[d], index(d)) for d in self.remote}, timeout_s)
 
     def close(self) -> None:
         self.endpoint.close()
+        if self.star is not None:
+            self.star.close()
+
+
+def _plus(pushed, star):
+    """A counter of push rounds then star rounds: the sum where both kept it, else the star's."""
+    numbers = (int, float)
+    return pushed + star if isinstance(pushed, numbers) and isinstance(star, numbers) else star
 
 
 @dataclass(frozen=True)
@@ -372,81 +425,3 @@ class PushHello:
         if missing:
             raise WireError(f"push HELLO names no address for {', '.join(missing)}")
         return hello
-
-
-class PushWorker:
-    """A worker's side of push rounds: its view, walked through the schedule pass by pass, over a
-    `Mesh` (UDP) or a `pushtcp.TcpMesh` (strict)."""
-
-    def __init__(self, plan: Plan, me: str, compute, tensors: dict, mesh, hello: PushHello, log):
-        self.plan, self.me, self.compute, self.log = plan, me, compute, log
-        self.wire, self.width = hello.policy.wire, plan.model.hidden_size
-        self.view = View(plan, me, tensors, hello.compensation, hello.await_predicted)
-        self.mesh = mesh
-        self.strict = hello.strict
-        self.holders = holders(plan)
-        self.steps = schedule(plan)
-        self.order = self.view.order
-        self.done_step = -1
-
-    def serve(self, timeout_s: float) -> None:
-        """Run the next pass if its residual came, else wait for messages up to `timeout_s`."""
-        msg = self.mesh.take_start(self.done_step)
-        if msg is None:
-            self.mesh.pump(timeout_s)
-            return
-        try:
-            self._pass(msg)
-        except DeviceLost as e:
-            self.log(f"pass of step {msg.step} abandoned: {e}")
-        except WireError as e:
-            self.mesh.counters["malformed"] += 1
-            self.log(f"pass of step {msg.step} abandoned: {e}")
-        self.done_step = msg.step
-
-    def _start(self, msg: Message) -> tuple:
-        x = with_x(self.steps, msg.layer)
-        spans, _, _, hx = decode_request(msg.payload, 2 * self.width if x else self.width)
-        self.view.start(hx[:, :self.width], hx[:, self.width:] if x else None)
-        return spans, hx.shape[0]
-
-    def _pass(self, msg: Message) -> None:
-        step, mesh, wire = msg.step, self.mesh, self.wire
-        spans, rows = self._start(msg)
-        i = msg.layer
-        while i < len(self.steps):
-            st = self.steps[i]
-            if isinstance(st, Segment):
-                if st.head:
-                    return
-                got = mesh.collect(step, i + 1, [(self.plan.coordinator, _H)])
-                spans, rows = self._start(got[(self.plan.coordinator, _H)])
-                i += 1
-                continue
-            layer, kind = st
-            if kind == "attn":  # a device computes on its input as the star's request would carry it
-                x = as_wire(self.view.attn_input(layer), wire)
-                own = self.compute.attention_spans(layer, x, spans) if self.compute.has_attention(layer) else None
-                if own is not None:
-                    sent = encode_tensor(own, wire)
-                    mesh.push(_ATTN, step, layer, sent)
-                    own = decode_tensor(sent, None, self.width)  # what every other view adds
-                senders = [d for d in self.holders["attn"][layer] if d != self.me]
-                got = mesh.collect(step, layer, [(d, _ATTN) for d in senders])
-                parts = {d: decode_tensor(got[(d, _ATTN)].payload, None, self.width) for d in senders}
-                parts[self.me] = own
-                self.view.add_attention([parts.get(d) for d in self.order])
-            else:
-                m = as_wire(self.view.mlp_input(layer), wire)
-                own = self.compute.mlp(layer, m) if self.compute.has_mlp(layer) else (None, None)
-                sent = [None if t is None else encode_tensor(t, wire) for t in own]
-                for k, payload in zip((_CRIT, _RLX), sent):
-                    if payload is not None:
-                        mesh.push(k, step, layer, payload)
-                own = tuple(None if p is None else decode_tensor(p, None, self.width) for p in sent)
-                must, optional, relaxed = mlp_want(self.holders, layer, self.me, self.view.awaited(layer))
-                got = mesh.collect(step, layer, must, optional)
-                parts, missing = decode_parts(got, self.width, self.order, self.me, own, relaxed, rows)
-                self.mesh.counters["compensated"] += len(missing)
-                self.view.add_mlp(layer, parts, missing)
-            i += 1

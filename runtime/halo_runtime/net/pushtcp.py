@@ -18,6 +18,8 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
+
 from ..core.exchange import DeviceLost, ExchangeStats
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
@@ -124,6 +126,9 @@ def read_into(mesh: TcpMesh, device: str, channel: TcpChannel, stop: threading.E
 class TcpPush(UdpPush):
     """The coordinator's `core.push.PushMesh` for strict push rounds, over TCP."""
 
+    to_star = None
+    """Strict push rounds do not fail over yet: a lost device ends the run."""
+
     def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
                  shims: dict | None = None, auth: Authenticator | None = None):
         self._common(plan, peers, policy, auth)
@@ -163,6 +168,9 @@ class TcpPush(UdpPush):
                 if msg.kind == Kind.HELLO and msg.session == session:
                     break
             threading.Thread(target=read_into, args=(self.mesh, d, ch, self.stop), daemon=True).start()
+
+    def remember(self, layer: int, x: np.ndarray, spans: tuple) -> None:
+        pass  # nothing to rebuild from, without a failover
 
     def stats(self) -> ExchangeStats:
         c = self.mesh.counters

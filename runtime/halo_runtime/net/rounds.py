@@ -1,6 +1,7 @@
-"""What the two network exchanges share: the request kind of each round, which remote devices
-answer which round with which parts, how long a replaced device may take to return, and how a
-warning is printed. `exchange.UdpExchange` (relaxed) and `tcpexchange.TcpExchange` (strict) import it.
+"""What the network exchanges share: the request kind of each round, which remote devices answer
+which round with which parts, how long a replaced device may take to return, the UDP session
+handshake, and how a warning is printed. `exchange.UdpExchange` (relaxed), `tcpexchange.TcpExchange`
+(strict) and `push.UdpPush` import it.
 
 Example:
     >>> from halo_runtime.core.plan import load_plan
@@ -12,9 +13,10 @@ Example:
 from __future__ import annotations
 
 import sys
+import time
 
 from ..core.plan import Plan
-from .wire import Kind
+from .wire import Kind, Message, make_flags
 
 RETURN_GRACE_S = 0.2
 """How long a new session waits for a device replaced by its failover: if it answers, it is back."""
@@ -34,6 +36,25 @@ def holders(plan: Plan) -> dict[str, list[list[str]]]:
                                                     for g in on[d])])
         out["relaxed"].append([d for d in order[1:] if any(g.kind == "mlp" and not g.critical for g in on[d])])
     return out
+
+
+def hello_until_echoed(endpoint, plan: Plan, session: int, body: bytes, peers: dict, timeout_s: float) -> set[str]:
+    """The coordinator's HELLO of `session` (payload `body`) to every device of `peers` (name ->
+    address) over UDP, sent again with a growing pause until each echoes it or `timeout_s` passes;
+    the names that did not answer."""
+    names, me = plan.device_names, plan.device_names.index(plan.coordinator)
+    waiting, attempt, deadline = set(peers), 0, time.monotonic() + timeout_s
+    while waiting and time.monotonic() < deadline:
+        for d in sorted(waiting):
+            endpoint.send(Message(Kind.HELLO, session, 0, 0, me, body), peers[d], make_flags(min(attempt, 15)),
+                          dest=names.index(d))
+        attempt += 1
+        until = min(deadline, time.monotonic() + 0.05 * attempt)
+        while waiting and time.monotonic() < until:
+            got = endpoint.recv(until - time.monotonic())
+            if got and got[0].kind == Kind.HELLO and got[0].session == session and got[0].sender < len(names):
+                waiting.discard(names[got[0].sender])
+    return waiting
 
 
 def _layout(plan: Plan) -> dict:

@@ -40,7 +40,8 @@ from ..core.plandir import PlanError
 from ..core.push import view_over_memory
 from ..core.spans import Span
 from .auth import Authenticator, ReplayGuard
-from .push import HELLO_PUSH, Mesh, PushHello, PushWorker
+from .push import HELLO_PUSH, Mesh, PushHello
+from .pushworker import PushWorker
 from .pushtcp import PUSH_KINDS, start_worker_mesh
 from .shim import LossShim
 from .transport import TcpListener, TransportError, UdpEndpoint
@@ -343,6 +344,8 @@ class Worker:
     def _end_push(self) -> None:
         if self.push is not None and self.push.strict:
             self.push.mesh.close_own()
+        elif self.push is not None:
+            self.push.mesh.ended = True
         self.push = None
 
     def view(self) -> dict:

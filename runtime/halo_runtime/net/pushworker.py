@@ -1,0 +1,102 @@
+"""A worker's side of push rounds (`net.push`): its view of the residual, walked through the
+plan's schedule pass by pass, over a `push.Mesh` (UDP) or a `pushtcp.TcpMesh` (strict). In each
+network round it computes its part from its view's input, pushes it to every other device, collects
+theirs and adds them as the coordinator's rule says (`core.push.View`).
+
+Example (what `halo-run worker` starts when a push HELLO comes; tests/test_push_net.py runs it):
+    $ halo-run local --plan artifacts/smollm2-135m-pi5 --rounds push --prompt "Hello"
+"""
+from __future__ import annotations
+
+from ..core.codec import WireError, as_wire, decode_request, decode_tensor, encode_tensor
+from ..core.exchange import DeviceLost
+from ..core.plan import Plan
+from ..core.push import View
+from ..core.segment import Segment, schedule
+from .push import _ATTN, _CRIT, _H, _RLX, PushHello, decode_parts, mlp_want
+from .rounds import holders
+from .wire import Message
+
+
+def with_x(steps: list, index: int) -> bool:
+    """Whether the residual sent before schedule step `index` carries the predictor's input too
+    (columns hidden..2 x hidden): the coordinator's segment before it ended on an attention round."""
+    return steps[index - 1].predictor_layer is not None
+
+
+class PushWorker:
+    """A worker's side of push rounds: its view, walked through the schedule pass by pass, over a
+    `Mesh` (UDP) or a `pushtcp.TcpMesh` (strict)."""
+
+    def __init__(self, plan: Plan, me: str, compute, tensors: dict, mesh, hello: PushHello, log):
+        self.plan, self.me, self.compute, self.log = plan, me, compute, log
+        self.wire, self.width = hello.policy.wire, plan.model.hidden_size
+        self.view = View(plan, me, tensors, hello.compensation, hello.await_predicted)
+        self.mesh = mesh
+        self.strict = hello.strict
+        self.holders = holders(plan)
+        self.steps = schedule(plan)
+        self.order = self.view.order
+        self.done_step = -1
+
+    def serve(self, timeout_s: float) -> None:
+        """Run the next pass if its residual came, else wait for messages up to `timeout_s`."""
+        msg = self.mesh.take_start(self.done_step)
+        if msg is None:
+            self.mesh.pump(timeout_s)
+            return
+        try:
+            self._pass(msg)
+        except DeviceLost as e:
+            self.log(f"pass of step {msg.step} abandoned: {e}")
+        except WireError as e:
+            self.mesh.counters["malformed"] += 1
+            self.log(f"pass of step {msg.step} abandoned: {e}")
+        self.done_step = msg.step
+
+    def _start(self, msg: Message) -> tuple:
+        x = with_x(self.steps, msg.layer)
+        spans, _, _, hx = decode_request(msg.payload, 2 * self.width if x else self.width)
+        self.view.start(hx[:, :self.width], hx[:, self.width:] if x else None)
+        return spans, hx.shape[0]
+
+    def _pass(self, msg: Message) -> None:
+        step, mesh, wire = msg.step, self.mesh, self.wire
+        spans, rows = self._start(msg)
+        i = msg.layer
+        while i < len(self.steps):
+            st = self.steps[i]
+            if isinstance(st, Segment):
+                if st.head:
+                    return
+                got = mesh.collect(step, i + 1, [(self.plan.coordinator, _H)])
+                spans, rows = self._start(got[(self.plan.coordinator, _H)])
+                i += 1
+                continue
+            layer, kind = st
+            if kind == "attn":  # a device computes on its input as the star's request would carry it
+                x = as_wire(self.view.attn_input(layer), wire)
+                own = self.compute.attention_spans(layer, x, spans) if self.compute.has_attention(layer) else None
+                if own is not None:
+                    sent = encode_tensor(own, wire)
+                    mesh.push(_ATTN, step, layer, sent)
+                    own = decode_tensor(sent, None, self.width)  # what every other view adds
+                senders = [d for d in self.holders["attn"][layer] if d != self.me]
+                got = mesh.collect(step, layer, [(d, _ATTN) for d in senders])
+                parts = {d: decode_tensor(got[(d, _ATTN)].payload, None, self.width) for d in senders}
+                parts[self.me] = own
+                self.view.add_attention([parts.get(d) for d in self.order])
+            else:
+                m = as_wire(self.view.mlp_input(layer), wire)
+                own = self.compute.mlp(layer, m) if self.compute.has_mlp(layer) else (None, None)
+                sent = [None if t is None else encode_tensor(t, wire) for t in own]
+                for k, payload in zip((_CRIT, _RLX), sent):
+                    if payload is not None:
+                        mesh.push(k, step, layer, payload)
+                own = tuple(None if p is None else decode_tensor(p, None, self.width) for p in sent)
+                must, optional, relaxed = mlp_want(self.holders, layer, self.me, self.view.awaited(layer))
+                got = mesh.collect(step, layer, must, optional)
+                parts, missing = decode_parts(got, self.width, self.order, self.me, own, relaxed, rows)
+                self.mesh.counters["compensated"] += len(missing)
+                self.view.add_mlp(layer, parts, missing)
+            i += 1
