@@ -75,8 +75,9 @@ def run_and_kill(plan_dir, device: str | None, *args: str, at: int = 10, timeout
 
 
 @pytest.mark.parametrize("sync,extra", [("strict", []), ("relaxed", ["--dead-after", "1"]),
+                                        ("strict", ["--rounds", "push"]),
                                         ("relaxed", ["--dead-after", "1", "--rounds", "push"])],
-                         ids=["strict", "relaxed", "relaxed-push"])
+                         ids=["strict", "relaxed", "strict-push", "relaxed-push"])
 def test_a_killed_critical_worker_is_replaced_and_the_tokens_do_not_change(roomy_plan, expected, sync, extra):
     plan, directory = roomy_plan
     dead = victim(plan)
@@ -188,7 +189,7 @@ def test_serve_completes_a_streamed_reply_across_a_failover(roomy_plan, tmp_path
 # ---- the real model on the checked-in plan's profile (slow) --------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sync,rounds", [("strict", "star"), ("relaxed", "star"), ("relaxed", "push")])
+@pytest.mark.parametrize("sync,rounds", [("strict", "star"), ("relaxed", "star"), ("strict", "push"), ("relaxed", "push")])
 def test_the_pi5_plan_loses_pi5_1_at_token_10_and_gives_the_same_48_tokens(pi5_plan, sync, rounds):
     """The issue's check: pi5-1 holds attention and critical MLP groups; killed at token 10, its
     groups go to pi5-0, pi5-2 and pi5-3 and the 48 tokens are those of a run without the kill

@@ -25,8 +25,8 @@ side (`UdpPush`); a worker's passes are `pushworker.PushWorker`.
 A device lost in push rounds (`dead_after_s`) moves the session to star rounds, which fail over:
 the devices left keep their KV caches, the dead one's heads are rebuilt on their adopters from
 the attention inputs the coordinator recorded (`UdpPush.to_star`). What push rounds do not do
-yet: rejoin a restarted device, batch sessions (`serve`), fail over in strict mode, and use the
-rows of a part of several datagrams that came partly (a relaxed part arrives whole or is estimated whole).
+yet: rejoin a restarted device, batch sessions (`serve`), and use the rows of a part of several
+datagrams that came partly (a relaxed part arrives whole or is estimated whole).
 
 Example (on loopback, as tests/test_push_net.py runs it):
     $ halo-run local --plan artifacts/smollm2-135m-pi5 --rounds push --prompt "Hello"
@@ -353,10 +353,8 @@ class UdpPush:
         return parts, missing
 
     def stats(self) -> ExchangeStats:
-        if self.star is not None:  # the push rounds' counters plus the star's after them
-            star = self.star.stats()
-            return ExchangeStats(**{f.name: _plus(getattr(self._pushed, f.name), getattr(star, f.name))
-                                    for f in fields(ExchangeStats)})
+        if self.star is not None:
+            return self._with_star()
         e, c = self.endpoint.counters, self.mesh.counters
         return ExchangeStats(retransmissions=c["pulls"], late=c["late"], malformed=c["malformed"],
                              compensated=c["compensated"], relaxed_parts=c["relaxed_parts"],
@@ -365,6 +363,12 @@ class UdpPush:
                              datagrams_sent=e.datagrams_sent, datagrams_received=e.datagrams_received,
                              dropped=None, devices_down=None, rejoins=None, max_relaxed_overshoot_ms=None,
                              duplicates=None, down=None, rto_ms=None)
+
+    def _with_star(self) -> ExchangeStats:
+        """The push rounds' counters plus the star's after them (`to_star`)."""
+        star = self.star.stats()
+        return ExchangeStats(**{f.name: _plus(getattr(self._pushed, f.name), getattr(star, f.name))
+                                for f in fields(ExchangeStats)})
 
     def device_stats(self, timeout_s: float = 1.0) -> dict:
         """Each remote device's own counters (its view's estimates and PULLs among them), by name."""

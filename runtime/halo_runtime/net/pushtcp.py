@@ -18,13 +18,14 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 
 from ..core.exchange import DeviceLost, ExchangeStats
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .push import PushHello, UdpPush, take_start
+from .push import RESUME_S, PushHello, UdpPush, take_start
+from .recovery import History
+from .rounds import _warn
 from .transport import TcpChannel, TransportError
 from .wire import Kind, Message
 
@@ -45,6 +46,8 @@ class TcpMesh:
         self.counters = {"pulls": 0, "late": 0, "malformed": 0, "unknown_session": 0, "compensated": 0,
                          "relaxed_parts": 0, "awaited_relaxed": 0}
         self.also_resend = None  # TCP resends for us
+        self.ended = False
+        """Set when the session leaves push rounds (`close_own`)."""
 
     def deliver(self, msg: Message) -> None:
         """A message read from a connection (any thread)."""
@@ -78,6 +81,8 @@ class TcpMesh:
                 missing = [(d, k) for d, k in wanted if (k, step, layer, d) not in self.inbox]
                 if not missing:
                     return {(d, k): self.inbox.pop((k, step, layer, d)) for d, k in wanted}
+                if self.ended:  # a pass waiting on a lost device's part gives way to the star's rounds
+                    raise DeviceLost("the session left push rounds", None)
                 for d, _ in missing:
                     if d in self.broken:
                         raise DeviceLost(f"device {d}: {self.broken[d]}", d)
@@ -105,7 +110,11 @@ class TcpMesh:
             del self.inbox[key]
 
     def close_own(self) -> None:
-        """Close the connections this device opened (not the coordinator's, which it serves)."""
+        """Close the connections this device opened (not the coordinator's, which it serves): the
+        session left push rounds."""
+        with self.cond:
+            self.ended = True
+            self.cond.notify_all()
         for d, ch in self.channels.items():
             if d != self.plan.coordinator:
                 ch.close()
@@ -126,8 +135,6 @@ def read_into(mesh: TcpMesh, device: str, channel: TcpChannel, stop: threading.E
 class TcpPush(UdpPush):
     """The coordinator's `core.push.PushMesh` for strict push rounds, over TCP."""
 
-    to_star = None
-    """Strict push rounds do not fail over yet: a lost device ends the run."""
 
     def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
                  shims: dict | None = None, auth: Authenticator | None = None):
@@ -136,6 +143,8 @@ class TcpPush(UdpPush):
         self.channels: dict[str, TcpChannel] = {}
         self.stop = threading.Event()
         self.mesh = TcpMesh(plan, self.me, 0, policy, self.channels)
+        self.history = History(plan.model.num_layers, self.width, policy.wire)
+        self.star = None
 
     def _connect(self, d: str) -> TcpChannel:
         try:
@@ -146,7 +155,10 @@ class TcpPush(UdpPush):
 
     def begin(self, session: int, timeout_s: float | None = None) -> None:
         """Connect to every device afresh and start `session` in strict push mode; every device has
-        connected to every other when its HELLO comes back."""
+        connected to every other when its HELLO comes back; in star mode after a device was lost."""
+        if self.star is not None:
+            return self.star.begin(session)
+        self.history = History(self.plan.model.num_layers, self.width, self.policy.wire)
         self._close_channels()
         self.stop = threading.Event()
         self.channels = {d: self._connect(d) for d in self.remote}
@@ -169,10 +181,23 @@ class TcpPush(UdpPush):
                     break
             threading.Thread(target=read_into, args=(self.mesh, d, ch, self.stop), daemon=True).start()
 
-    def remember(self, layer: int, x: np.ndarray, spans: tuple) -> None:
-        pass  # nothing to rebuild from, without a failover
+    def to_star(self, suspect: str) -> str:
+        """`UdpPush.to_star` over TCP: the session goes on in strict star rounds (a `TcpExchange` on
+        new connections; the device that takes none, or does not echo its HELLO, is the dead one)."""
+        from .tcpexchange import TcpExchange  # it imports the worker, which imports this module
+
+        star = TcpExchange(self.plan, self.peers, self.policy, self.shims, self.auth, lost_ok=True)
+        self._pushed = self.stats()
+        silent = star.resume(self.mesh.session, self.history, min(self.policy.dead_after_s, RESUME_S))
+        self.star = star
+        self._close_channels()
+        dead = sorted(silent)[0] if len(silent) == 1 else suspect
+        _warn(f"push rounds lost {dead}: the session goes on in star rounds")
+        return dead
 
     def stats(self) -> ExchangeStats:
+        if self.star is not None:
+            return self._with_star()
         c = self.mesh.counters
         sent = sum(ch.counters.bytes_sent for ch in self.channels.values())
         return ExchangeStats(retransmissions=None, late=None, malformed=c["malformed"], compensated=0,
@@ -182,7 +207,7 @@ class TcpPush(UdpPush):
                              rejoins=None, max_relaxed_overshoot_ms=None, duplicates=None, down=None, rto_ms=None)
 
     def device_stats(self, timeout_s: float = 1.0) -> dict:
-        return {}
+        return {} if self.star is None else self.star.device_stats(timeout_s)
 
     def _close_channels(self) -> None:
         self.stop.set()
@@ -191,6 +216,8 @@ class TcpPush(UdpPush):
 
     def close(self) -> None:
         self._close_channels()
+        if self.star is not None:
+            self.star.close()
 
 
 def start_worker_mesh(plan: Plan, me: str, hello: Message, config: PushHello, coordinator: TcpChannel,

@@ -28,8 +28,10 @@ class PushWorker:
     """A worker's side of push rounds: its view, walked through the schedule pass by pass, over a
     `Mesh` (UDP) or a `pushtcp.TcpMesh` (strict)."""
 
-    def __init__(self, plan: Plan, me: str, compute, tensors: dict, mesh, hello: PushHello, log):
-        self.plan, self.me, self.compute, self.log = plan, me, compute, log
+    def __init__(self, plan: Plan, me: str, compute, tensors: dict, mesh, hello: PushHello, log, lock):
+        """lock: held while computing (the worker's: a strict pass runs on a thread of its own, and
+        a star request after a lost device must not compute beside a pass being given up)."""
+        self.plan, self.me, self.compute, self.log, self.lock = plan, me, compute, log, lock
         self.wire, self.width = hello.policy.wire, plan.model.hidden_size
         self.view = View(plan, me, tensors, hello.compensation, hello.await_predicted)
         self.mesh = mesh
@@ -76,7 +78,8 @@ class PushWorker:
             layer, kind = st
             if kind == "attn":  # a device computes on its input as the star's request would carry it
                 x = as_wire(self.view.attn_input(layer), wire)
-                own = self.compute.attention_spans(layer, x, spans) if self.compute.has_attention(layer) else None
+                with self.lock:
+                    own = self.compute.attention_spans(layer, x, spans) if self.compute.has_attention(layer) else None
                 if own is not None:
                     sent = encode_tensor(own, wire)
                     mesh.push(_ATTN, step, layer, sent)
@@ -88,7 +91,8 @@ class PushWorker:
                 self.view.add_attention([parts.get(d) for d in self.order])
             else:
                 m = as_wire(self.view.mlp_input(layer), wire)
-                own = self.compute.mlp(layer, m) if self.compute.has_mlp(layer) else (None, None)
+                with self.lock:
+                    own = self.compute.mlp(layer, m) if self.compute.has_mlp(layer) else (None, None)
                 sent = [None if t is None else encode_tensor(t, wire) for t in own]
                 for k, payload in zip((_CRIT, _RLX), sent):
                     if payload is not None:

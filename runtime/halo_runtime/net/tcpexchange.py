@@ -14,6 +14,7 @@ Example (the checked-in plan, its workers nowhere: connecting names the device t
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import fields
 
 import numpy as np
@@ -37,7 +38,9 @@ class TcpExchange:
     """Strict synchronisation over TCP: every part awaited, like distributed-llama."""
 
     def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
-                 shims: dict[str, LossShim] | None = None, auth: Authenticator | None = None, warn=_warn):
+                 shims: dict[str, LossShim] | None = None, auth: Authenticator | None = None, warn=_warn,
+                 lost_ok: bool = False):
+        """lost_ok: a device that takes no connection is left out (`unreachable`) instead of ending it."""
         self.plan = self.full = plan
         self.policy, self.peers, self.shims = policy, peers, shims or {}
         self.auth, self.guard = auth or Authenticator(), ReplayGuard()
@@ -48,11 +51,14 @@ class TcpExchange:
         self.layout = _layout(plan)
         self.failed = None
         self.history = History(plan.model.num_layers, self.width, policy.wire)
-        self.channels = {}
+        self.channels, self.unreachable = {}, set()
         for d in self.remote:
             try:
                 self.channels[d] = self._connect(d)
             except TransportError as e:
+                if lost_ok:
+                    self.unreachable.add(d)
+                    continue
                 self.close()
                 raise DeviceLost(f"device {d}: {e}", d) from None
         if any(ch.rto_min_ms is None for ch in self.channels.values()):
@@ -80,6 +86,27 @@ class TcpExchange:
             self._await(d, lambda m: m.kind == Kind.HELLO, "the session handshake")
         if self.failed:
             self._hand_over(self.failed, {})
+
+    def resume(self, session: int, history: History, timeout_s: float) -> set[str]:
+        """Go on with `session`, run in strict push rounds so far (`pushtcp.TcpPush.to_star`), in star
+        rounds: a HELLO of the same session on each new connection (a device keeps its KV cache and
+        leaves push rounds), `history` what a failover rebuilds from. Returns the devices that took
+        no connection or did not echo within `timeout_s`."""
+        self.session, self.history = session, history
+        silent = set(self.unreachable)
+        for d, ch in self.channels.items():
+            ch.send(Message(Kind.HELLO, session, 0, 0, self.me), dest=self.index[d])
+        deadline = time.monotonic() + timeout_s
+        for d, ch in self.channels.items():
+            try:
+                while (msg := ch.recv(max(0.0, deadline - time.monotonic()))) is not None:
+                    if msg.kind == Kind.HELLO and msg.session == session:
+                        break
+                else:
+                    silent.add(d)
+            except TransportError:
+                silent.add(d)
+        return silent
 
     def fail_over(self, dead: str, start) -> dict[int, dict[int, np.ndarray]]:
         """See `core.exchange.FailingOver`: the survivors take over `dead`'s groups."""

@@ -329,7 +329,7 @@ class Worker:
                 mesh = start_worker_mesh(self.plan, self.device, hello, config, channel, self.auth)
             else:
                 mesh = Mesh(self.plan, self.device, self.udp, config.peers, config.policy, hello.session, self._answer)
-            self.push = PushWorker(self.plan, self.device, self.compute, view, mesh, config, self.log)
+            self.push = PushWorker(self.plan, self.device, self.compute, view, mesh, config, self.log, self.lock)
         except (PlanError, WireError, DeviceLost) as e:
             self.log(f"cannot run push rounds: {e}")
             return False
