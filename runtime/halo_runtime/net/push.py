@@ -286,7 +286,7 @@ class UdpPush:
     def remember(self, layer: int, x: np.ndarray, spans: tuple) -> None:
         """An attention round's input as the star would have sent it: what a failover rebuilds the
         KV caches of a dead device's heads from (`to_star`)."""
-        if len(self.holders["attn"][layer]) > (self.me in self.holders["attn"][layer]):
+        if any(d != self.me for d in self.holders["attn"][layer]):
             self.history.append(layer, x, spans)
 
     def to_star(self, suspect: str) -> str:

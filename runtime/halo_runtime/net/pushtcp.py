@@ -18,7 +18,6 @@ from __future__ import annotations
 import threading
 import time
 
-
 from ..core.exchange import DeviceLost, ExchangeStats
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
