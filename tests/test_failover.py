@@ -25,6 +25,7 @@ from halo_runtime.core.failover import WithAdopted, adopt
 from halo_runtime.core.plandir import TOKENIZER_FILE
 from halo_runtime.core.shards import load_shard
 from halo_runtime.core.tokenizer import Tokenizer
+from halo_runtime.net.recovery import RESUME
 from halo_runtime.net.wire import Kind, Message
 from halo_runtime.net.worker import Worker
 from live_server import children
@@ -222,3 +223,22 @@ def test_the_pi5_plan_served_keeps_streaming_when_pi5_1_dies(pi5_plan, tmp_path)
         assert stream_and_kill(server, ask, "pi5-1", at=10) == before
         _, health = server.get("/health")
         assert {d["name"]: d["status"] for d in health["devices"]}["pi5-1"] == "replaced", health
+
+
+def test_a_resume_hello_is_echoed_only_by_a_worker_that_holds_the_session(tiny_plan, tiny_shards):
+    """After push rounds lose a device the coordinator asks the others back (`recovery.RESUME`): a
+    worker that holds the session echoes it and keeps its KV state; one restarted since stays
+    silent, so that it is replaced like a dead one instead of answering from empty caches."""
+    plan, _ = tiny_plan
+    d = next(x for x in plan.device_names if x != plan.coordinator)
+    me = plan.device_names.index(plan.coordinator)
+    w = Worker(plan, d, tiny_shards[d], "127.0.0.1", 0)
+    try:
+        assert [m.kind for m in w.handle(Message(Kind.HELLO, 7, 0, 0, me))] == [Kind.HELLO]
+        w.compute.lengths[0, 0] = 5  # KV rows of the session so far
+        assert [m.kind for m in w.handle(Message(Kind.HELLO, 7, 0, 0, me, RESUME))] == [Kind.HELLO]
+        assert w.session == 7 and w.compute.cache_length(0) == 5
+        assert w.handle(Message(Kind.HELLO, 8, 0, 0, me, RESUME)) == []
+        assert w.session == 7 and w.compute.cache_length(0) == 5
+    finally:
+        w.close()

@@ -49,7 +49,7 @@ from ..core.exchange import Drops, ExchangeStats, RoundResult
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .recovery import (DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, rebuild,
+from .recovery import (RESUME, DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, rebuild,
                        why_not_replaced)
 from .rounds import PHASE_REQUEST, RETURN_GRACE_S, _layout, _warn, hello_until_echoed
 from .rtt import RttEstimator
@@ -180,12 +180,12 @@ class UdpExchange:
 
     def resume(self, session: int, history: History, timeout_s: float) -> set[str]:
         """Go on with `session`, run in push rounds so far (`push.UdpPush.to_star`), in star rounds:
-        each device is asked back with a HELLO of the same session (it keeps its KV cache and leaves
-        push rounds), and `history` (the attention inputs the coordinator's view computed) is what a
+        each device is asked back with a HELLO of the same session (`recovery.RESUME`: it keeps its KV
+        cache and leaves push rounds; one restarted since stays silent), and `history` (the attention inputs the coordinator's view computed) is what a
         failover rebuilds from. Returns the devices that did not answer within `timeout_s`."""
         self.session, self.history = session, history
         self.endpoint.reassembler.set_watermark(0)
-        return hello_until_echoed(self.endpoint, self.plan, session, b"", {d: self.peers[d] for d in self.remote},
+        return hello_until_echoed(self.endpoint, self.plan, session, RESUME, {d: self.peers[d] for d in self.remote},
                                   timeout_s)
 
     def fail_over(self, dead: str, start) -> dict[int, dict[int, np.ndarray]]:

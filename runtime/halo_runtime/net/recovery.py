@@ -34,6 +34,10 @@ from .wire import Kind, Message
 
 REBUILD = b"rebuild"
 """HELLO payload that makes a device drop its KV state even within the same session."""
+RESUME = b"resume"
+"""HELLO payload of a session going on in star rounds after push rounds (`push.UdpPush.to_star`):
+a device that holds the session echoes it and keeps its KV state; one that does not (restarted)
+stays silent, and is replaced like a dead one (its KV state is gone)."""
 
 
 class History:

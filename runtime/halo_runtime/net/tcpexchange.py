@@ -25,7 +25,7 @@ from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
 from .rounds import PHASE_REQUEST, RETURN_GRACE_S, _layout, _warn
-from .recovery import DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, why_not_replaced
+from .recovery import RESUME, DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, why_not_replaced
 from .shim import LINUX_RTO_MIN_MS, LossShim
 from .transport import TcpChannel, TransportError
 from .wire import Kind, Message
@@ -89,13 +89,13 @@ class TcpExchange:
 
     def resume(self, session: int, history: History, timeout_s: float) -> set[str]:
         """Go on with `session`, run in strict push rounds so far (`pushtcp.TcpPush.to_star`), in star
-        rounds: a HELLO of the same session on each new connection (a device keeps its KV cache and
-        leaves push rounds), `history` what a failover rebuilds from. Returns the devices that took
+        rounds: a HELLO of the same session on each new connection (`recovery.RESUME`: a device keeps
+        its KV cache and leaves push rounds), `history` what a failover rebuilds from. Returns the devices that took
         no connection or did not echo within `timeout_s`."""
         self.session, self.history = session, history
         silent = set(self.unreachable)
         for d, ch in self.channels.items():
-            ch.send(Message(Kind.HELLO, session, 0, 0, self.me), dest=self.index[d])
+            ch.send(Message(Kind.HELLO, session, 0, 0, self.me, RESUME), dest=self.index[d])
         deadline = time.monotonic() + timeout_s
         for d, ch in self.channels.items():
             try:

@@ -42,6 +42,7 @@ from ..core.spans import Span
 from .auth import Authenticator, ReplayGuard
 from .push import HELLO_PUSH, Mesh, PushHello
 from .pushworker import PushWorker
+from .recovery import REBUILD, RESUME
 from .pushtcp import PUSH_KINDS, start_worker_mesh
 from .shim import LossShim
 from .transport import TcpListener, TransportError, UdpEndpoint
@@ -176,8 +177,10 @@ class Worker:
         """Replies to one request (the caller sends them); thread-safe."""
         with self.lock:
             if msg.kind == Kind.HELLO:
+                if msg.payload == RESUME and msg.session != self.session:
+                    return []  # restarted since: the coordinator must replace it, not use its empty caches
                 # a new session, or a coordinator rebuilding this device's KV cache (payload "rebuild")
-                if msg.session != self.session or msg.payload == b"rebuild":
+                if msg.session != self.session or msg.payload == REBUILD:
                     self.session = msg.session
                     self._own_groups_only()
                     self.compute.reset()
@@ -314,7 +317,7 @@ class Worker:
         `addr`: where a UDP one came from; `channel`: the coordinator's TCP connection it came on
         (strict push rounds). False if push rounds were asked for and cannot start (logged)."""
         if not hello.payload.startswith(HELLO_PUSH):
-            if hello.payload != b"rebuild":
+            if hello.payload != REBUILD:
                 self._end_push()
             return True
         if self.push is not None and self.push.mesh.session == hello.session:
