@@ -180,9 +180,10 @@ class UdpExchange:
 
     def resume(self, session: int, history: History, timeout_s: float) -> set[str]:
         """Go on with `session`, run in push rounds so far (`push.UdpPush.to_star`), in star rounds:
-        each device is asked back with a HELLO of the same session (`recovery.RESUME`: it keeps its KV
-        cache and leaves push rounds; one restarted since stays silent), and `history` (the attention inputs the coordinator's view computed) is what a
-        failover rebuilds from. Returns the devices that did not answer within `timeout_s`."""
+        each device is asked back with a HELLO of the same session (`recovery.RESUME`: it keeps its
+        KV cache and leaves push rounds; one restarted since stays silent), and `history` (the
+        attention inputs the coordinator's view computed) is what a failover rebuilds from.
+        Returns the devices that did not answer within `timeout_s`."""
         self.session, self.history = session, history
         self.endpoint.reassembler.set_watermark(0)
         return hello_until_echoed(self.endpoint, self.plan, session, RESUME, {d: self.peers[d] for d in self.remote},

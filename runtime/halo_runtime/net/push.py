@@ -46,7 +46,7 @@ from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy, pair_link
 from .auth import Authenticator, ReplayGuard
 from .recovery import History
-from .rounds import hello_until_echoed, holders
+from .rounds import _warn, hello_until_echoed, holders
 from .rtt import RttEstimator
 from .transport import UdpEndpoint
 from .wire import Kind, Message, attempt_of, make_flags
@@ -130,6 +130,10 @@ class Mesh:
                 self.inbox.setdefault((msg.kind, msg.step, msg.layer, d), msg)
         elif self.other is not None:
             self.other(msg, addr)
+
+    def end(self) -> None:
+        """The session left push rounds: a pass waiting in `collect` gives way."""
+        self.ended = True
 
     def forget_before(self, step: int) -> None:
         """Drop kept arrivals of passes before `step` (they can no longer be used)."""
@@ -248,9 +252,6 @@ class UdpPush:
         self.endpoint = UdpEndpoint(bind_host, 0, shim=shim, auth=self.auth, guard=ReplayGuard(),
                                     me=plan.device_names.index(self.me))
         self.mesh = Mesh(plan, self.me, self.endpoint, peers, policy, 0)
-        self.history = History(plan.model.num_layers, self.width, policy.wire)
-        self.star = None
-        """The star exchange the session went on with after a device was lost (`to_star`), or None."""
 
     def _common(self, plan: Plan, peers: dict, policy: DeliveryPolicy, auth: Authenticator | None) -> None:
         """What the coordinator's side of push rounds knows whatever carries them (UDP, TCP)."""
@@ -262,6 +263,9 @@ class UdpPush:
         self.holders = holders(plan)
         self.auth = auth or Authenticator()
         self.rule = {"compensation": "lowrank", "await_predicted": True}
+        self.history = History(plan.model.num_layers, self.width, policy.wire)
+        self.star = None
+        """The star exchange the session went on with after a device was lost (`to_star`), or None."""
 
     def configure(self, compensation: str, await_predicted: bool) -> None:
         self.rule = {"compensation": compensation, "await_predicted": await_predicted}
@@ -290,21 +294,28 @@ class UdpPush:
             self.history.append(layer, x, spans)
 
     def to_star(self, suspect: str) -> str:
-        """After `suspect` went silent: the session goes on in star rounds, which fail over (a
-        `UdpExchange` on the same devices, `resume`d with the attention inputs recorded so far;
+        """After `suspect` went silent: the session goes on in star rounds, which fail over (the
+        star's exchange on the same devices, `resume`d with the attention inputs recorded so far;
         `post`, `collect`, `fail_over` and the counters are its from now on). Returns the device to
         replace: the one that does not answer the star's HELLO (a worker that waits for a dead
         device's part is silent in push rounds, but answers), else `suspect`."""
-        from .exchange import UdpExchange  # it imports the worker, which imports this module
-
-        star = UdpExchange(self.plan, self.peers, self.policy, self._bind, self._shim, self.auth)
+        star = self._star_exchange()
         self._pushed = self.stats()  # the counters go on from the push rounds' (`stats`)
         silent = star.resume(self.mesh.session, self.history, min(self.policy.dead_after_s, RESUME_S))
         self.star = star
-        self.endpoint.close()
+        self._leave()
         dead = sorted(silent)[0] if len(silent) == 1 else suspect
-        star.warn(f"push rounds lost {dead}: the session goes on in star rounds")
+        _warn(f"push rounds lost {dead}: the session goes on in star rounds")
         return dead
+
+    def _star_exchange(self):
+        from .exchange import UdpExchange  # it imports the worker, which imports this module
+
+        return UdpExchange(self.plan, self.peers, self.policy, self._bind, self._shim, self.auth)
+
+    def _leave(self) -> None:
+        """Stop carrying push rounds (the star's exchange has its own socket)."""
+        self.endpoint.close()
 
     # a session that lost a device in push rounds goes on as the star's: these are the star exchange's
     @property

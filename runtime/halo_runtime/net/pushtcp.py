@@ -22,9 +22,8 @@ from ..core.exchange import DeviceLost, ExchangeStats
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .push import RESUME_S, PushHello, UdpPush, take_start
+from .push import PushHello, UdpPush, take_start
 from .recovery import History
-from .rounds import _warn
 from .transport import TcpChannel, TransportError
 from .wire import Kind, Message
 
@@ -46,7 +45,7 @@ class TcpMesh:
                          "relaxed_parts": 0, "awaited_relaxed": 0}
         self.also_resend = None  # TCP resends for us
         self.ended = False
-        """Set when the session leaves push rounds (`close_own`)."""
+        """Set when the session leaves push rounds (`end`)."""
 
     def deliver(self, msg: Message) -> None:
         """A message read from a connection (any thread)."""
@@ -108,9 +107,9 @@ class TcpMesh:
         for key in [k for k in self.inbox if k[1] < step]:
             del self.inbox[key]
 
-    def close_own(self) -> None:
-        """Close the connections this device opened (not the coordinator's, which it serves): the
-        session left push rounds."""
+    def end(self) -> None:
+        """The session left push rounds: a pass waiting in `collect` gives way, and the connections
+        this device opened close (not the coordinator's, which it serves)."""
         with self.cond:
             self.ended = True
             self.cond.notify_all()
@@ -134,7 +133,6 @@ def read_into(mesh: TcpMesh, device: str, channel: TcpChannel, stop: threading.E
 class TcpPush(UdpPush):
     """The coordinator's `core.push.PushMesh` for strict push rounds, over TCP."""
 
-
     def __init__(self, plan: Plan, peers: dict[str, tuple[str, int]], policy: DeliveryPolicy = DeliveryPolicy(),
                  shims: dict | None = None, auth: Authenticator | None = None):
         self._common(plan, peers, policy, auth)
@@ -142,8 +140,6 @@ class TcpPush(UdpPush):
         self.channels: dict[str, TcpChannel] = {}
         self.stop = threading.Event()
         self.mesh = TcpMesh(plan, self.me, 0, policy, self.channels)
-        self.history = History(plan.model.num_layers, self.width, policy.wire)
-        self.star = None
 
     def _connect(self, d: str) -> TcpChannel:
         try:
@@ -180,19 +176,14 @@ class TcpPush(UdpPush):
                     break
             threading.Thread(target=read_into, args=(self.mesh, d, ch, self.stop), daemon=True).start()
 
-    def to_star(self, suspect: str) -> str:
-        """`UdpPush.to_star` over TCP: the session goes on in strict star rounds (a `TcpExchange` on
-        new connections; the device that takes none, or does not echo its HELLO, is the dead one)."""
+    def _star_exchange(self):
+        """Strict star rounds on new connections (a device that takes none is the dead one)."""
         from .tcpexchange import TcpExchange  # it imports the worker, which imports this module
 
-        star = TcpExchange(self.plan, self.peers, self.policy, self.shims, self.auth, lost_ok=True)
-        self._pushed = self.stats()
-        silent = star.resume(self.mesh.session, self.history, min(self.policy.dead_after_s, RESUME_S))
-        self.star = star
+        return TcpExchange(self.plan, self.peers, self.policy, self.shims, self.auth, lost_ok=True)
+
+    def _leave(self) -> None:
         self._close_channels()
-        dead = sorted(silent)[0] if len(silent) == 1 else suspect
-        _warn(f"push rounds lost {dead}: the session goes on in star rounds")
-        return dead
 
     def stats(self) -> ExchangeStats:
         if self.star is not None:

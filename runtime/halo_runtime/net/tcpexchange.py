@@ -90,8 +90,8 @@ class TcpExchange:
     def resume(self, session: int, history: History, timeout_s: float) -> set[str]:
         """Go on with `session`, run in strict push rounds so far (`pushtcp.TcpPush.to_star`), in star
         rounds: a HELLO of the same session on each new connection (`recovery.RESUME`: a device keeps
-        its KV cache and leaves push rounds), `history` what a failover rebuilds from. Returns the devices that took
-        no connection or did not echo within `timeout_s`."""
+        its KV cache and leaves push rounds), `history` what a failover rebuilds from. Returns the
+        devices that took no connection or did not echo within `timeout_s`."""
         self.session, self.history = session, history
         silent = set(self.unreachable)
         for d, ch in self.channels.items():

@@ -345,10 +345,8 @@ class Worker:
             push.serve(0.2)
 
     def _end_push(self) -> None:
-        if self.push is not None and self.push.strict:
-            self.push.mesh.close_own()
-        elif self.push is not None:
-            self.push.mesh.ended = True
+        if self.push is not None:
+            self.push.mesh.end()
         self.push = None
 
     def view(self) -> dict:
