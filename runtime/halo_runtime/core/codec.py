@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class WireError(ValueError):
     """A payload that cannot be decoded (tensor codec); the receive loop catches and counts it."""
 
 
+@lru_cache(maxsize=64)  # a handful of datagram budgets, asked several times a round
 def chunk_room(max_datagram: int = MAX_DATAGRAM) -> int:
     """Payload bytes one datagram of at most `max_datagram` bytes carries."""
     return min(max_datagram, HEADER_SIZE + MAX_CHUNK + TAG_LEN) - HEADER_SIZE - TAG_LEN

@@ -259,25 +259,27 @@ class UdpExchange:
         self.round = _Round(phase, step, layer, payload, targets, copies, rows=x.shape[0])
         if step > 2:
             self.endpoint.reassembler.set_watermark(step - 2)
-        for d in targets:
-            self._send(d, 0)
+        self._send(targets, 0)
 
-    def _send(self, d: str, attempt: int) -> None:
+    def _send(self, targets: list[str], attempt: int) -> None:
+        """Send the round's message to `targets` (in one `fan_out`: every first copy before any
+        second), as its `attempt`-th transmission."""
         r = self.round
-        msg, dest, addr = r.payload[d], self.index[d], self.peers[d]
-        self.endpoint.send(msg, addr, make_flags(attempt), dest=dest, copies=r.copies[d])
+        flags = make_flags(attempt)
+        self.endpoint.fan_out([(r.payload[d], self.peers[d], self.index[d], r.copies[d], flags) for d in targets])
         now = time.monotonic()
-        if self.asked_since[d] is None:
-            self.asked_since[d] = now
-        if attempt == 0:
-            r.sent[d] = now
-        else:
-            self.counters["retransmissions"] += 1
-        r.attempts[d] = attempt
-        rtt = self.rtt[(d, r.phase)]
         # capped backoff: on these links silence means loss, not congestion, and a multi-datagram
         # prefill message loses some chunk often; unbounded doubling stalled the first token for seconds
-        r.next_try[d] = now + rtt.rto_s * 2 ** min(attempt, 2)
+        backoff = 2 ** min(attempt, 2)
+        for d in targets:
+            if self.asked_since[d] is None:
+                self.asked_since[d] = now
+            if attempt == 0:
+                r.sent[d] = now
+            else:
+                self.counters["retransmissions"] += 1
+            r.attempts[d] = attempt
+            r.next_try[d] = now + self.rtt[(d, r.phase)].rto_s * backoff
 
     def _silent_for(self, d: str, now: float) -> float:
         since = self.asked_since[d]
@@ -331,7 +333,7 @@ class UdpExchange:
                                                         f"{len(layers)} layers)" if layers else "")
                   + ("" if was_down else "; its pending parts are requested again"))
         if r is not None and d in r.payload and d not in self.down:
-            self._send(d, r.attempts.get(d, 0) + 1)
+            self._send([d], r.attempts.get(d, 0) + 1)
 
     def collect(self, phase: str, step: int, layer: int, awaited: dict[str, np.ndarray]) -> RoundResult:
         # one message per round carries every token: a device flagged on any token is awaited (for
@@ -444,7 +446,7 @@ class UdpExchange:
         for d in crit_devices | set(pending_rlx):
             if d in crit_devices or r.attempts[d] < self.policy.relaxed_retries:
                 if now >= r.next_try[d]:
-                    self._send(d, r.attempts[d] + 1)
+                    self._send([d], r.attempts[d] + 1)
                 timers.append(r.next_try[d])
         timers += [deadline[d] for d in pending_rlx]
         for d in sorted(crit_devices | set(pending_rlx)):

@@ -58,6 +58,7 @@ import enum
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..core.codec import HEADER_SIZE, MAX_DATAGRAM, TAG_LEN, chunk_room, datagrams, row_chunks
 from .auth import Authenticator, ReplayGuard
@@ -171,9 +172,8 @@ class Message:
             object.__setattr__(self, "payload", bytes(self.payload))
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
-    """The fixed header of one datagram."""
+class Header(NamedTuple):
+    """The fixed header of one datagram (a tuple: one is built for every datagram received)."""
 
     kind: int
     """Message kind."""
@@ -249,16 +249,24 @@ def check_datagram(data: bytes, max_datagram: int = MAX_UDP_PAYLOAD, auth: Authe
     if n < HEADER_SIZE + TAG_LEN or n > max_datagram:
         return None, BAD_LENGTH
     try:
-        magic, version, kind, session, step, layer, sender, index, count, clen, flags, seq, dest = \
-            HEADER.unpack_from(data)
+        fields = HEADER.unpack_from(data)
     except (TypeError, struct.error):
         return None, MALFORMED
+    return _open(data, fields, max_datagram, auth or _DEFAULT_AUTH)
+
+
+def _open(data: bytes, fields: tuple, max_datagram: int, auth: Authenticator) -> tuple[Header | None, bytes | str]:
+    """`check_datagram` of a datagram whose header fields (`HEADER.unpack_from(data)`) are read."""
+    n = len(data)
+    if n < HEADER_SIZE + TAG_LEN or n > max_datagram:
+        return None, BAD_LENGTH
+    magic, version, kind, session, step, layer, sender, index, count, clen, flags, seq, dest = fields
     if magic != MAGIC or version != VERSION or count == 0 or index >= count:
         return None, MALFORMED
     if n != HEADER_SIZE + clen + TAG_LEN:
         return None, BAD_LENGTH
     view = memoryview(data)
-    chunk = (auth or _DEFAULT_AUTH).unseal(session, sender, seq, view[:HEADER_SIZE], view[HEADER_SIZE:])
+    chunk = auth.unseal(session, sender, seq, view[:HEADER_SIZE], view[HEADER_SIZE:])
     if chunk is None:
         return None, FORGED
     return Header(kind, session, step, layer, sender, index, count, flags, seq, dest), chunk
@@ -346,10 +354,15 @@ class Reassembler:
         """The message this datagram completes, else None (incomplete, duplicate, stale or malformed)."""
         c = self.counters
         c.datagrams += 1
-        if self._known(datagram):
+        try:  # the header is read once: to drop a known copy unopened, then to open the rest
+            fields = HEADER.unpack_from(datagram)
+        except (TypeError, struct.error):
+            fields = None
+        if fields is not None and self._known(fields):
             c.duplicates += 1
             return None
-        h, chunk = check_datagram(datagram, self._max_datagram, self.auth)
+        h, chunk = check_datagram(datagram, self._max_datagram, self.auth) if fields is None else \
+            _open(datagram, fields, self._max_datagram, self.auth)
         if h is None:
             setattr(c, chunk, getattr(c, chunk) + 1)  # chunk holds the reason
             return None
@@ -401,17 +414,14 @@ class Reassembler:
             self._drop(next(iter(self._partials)))
         return None
 
-    def _known(self, datagram: bytes) -> bool:
+    def _known(self, fields: tuple) -> bool:
         """Whether the header in clear names a chunk already delivered or held: such a datagram
         is dropped before it is decrypted. Copies on lossy links are byte-identical repeats (and
         under loss a third or more of what a device receives), so this is most of their cost
         saved. Safe unauthenticated: at worst a forgery of something already held is dropped,
         which opening it would have done too. A replay of such a datagram is one of these copies
         byte for byte, and is counted with them."""
-        try:
-            _, _, kind, session, step, layer, sender, index, count, _, flags, _, dest = HEADER.unpack_from(datagram)
-        except (TypeError, struct.error):
-            return False
+        _, _, kind, session, step, layer, sender, index, count, _, flags, _, dest = fields
         if self.me is not None and dest != self.me:  # opened and counted as misdirected
             return False
         attempt = attempt_of(flags)
