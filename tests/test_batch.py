@@ -228,17 +228,18 @@ def _samples(server) -> dict:
             for family in text_string_to_metric_families(page) for s in family.samples}
 
 
-@pytest.mark.parametrize("slots", ["0", "3"])
-def test_eight_clients_at_once_get_their_lone_replies(roomy_plan, tmp_path, slots):
+@pytest.mark.parametrize(("slots", "rounds"), [("0", "star"), ("3", "star"), ("0", "push")])
+def test_eight_clients_at_once_get_their_lone_replies(roomy_plan, tmp_path, slots, rounds):
     """Greedy and seeded sampling: each client's reply is the one it gets alone; with 3 slots the
     others wait their turn (never refused) and no pass holds more than 3 requests. Every request
-    at once starts from cached rows of the system prompt: its slot's own, or copied from another's."""
+    at once starts from cached rows of the system prompt: its slot's own, or copied from another's.
+    Push rounds too: every device adds the parts of every session's rows on its own view."""
     pytest.importorskip("openai")
     pytest.importorskip("starlette")
     from live_server import Server, plan_with_template
 
     chat = plan_with_template(roomy_plan[1], tmp_path / "chat")
-    with Server(chat, "--sync", "strict", "--slots", slots, "--prefill-chunk", "8") as server:
+    with Server(chat, "--sync", "strict", "--slots", slots, "--prefill-chunk", "8", "--rounds", rounds) as server:
         def ask(item):
             question, sampling = item
             reply = server.client.chat.completions.create(
@@ -284,7 +285,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(roomy_plan, tmp_path):
         assert samples[("halo_requests_total", (("outcome", "cancelled"),))] == 1
 
 
-def test_requests_sharing_passes_complete_across_a_failover(roomy_plan, tmp_path):
+@pytest.mark.parametrize("rounds", ["star", "push"])
+def test_requests_sharing_passes_complete_across_a_failover(roomy_plan, tmp_path, rounds):
     """A critical device dies while three streamed replies share passes: the plan's failover takes
     its groups, every request feeds its tokens again, and each reply is the one it got before."""
     pytest.importorskip("openai")
@@ -294,7 +296,7 @@ def test_requests_sharing_passes_complete_across_a_failover(roomy_plan, tmp_path
 
     dead = victim(roomy_plan[0])
     chat = plan_with_template(roomy_plan[1], tmp_path / "chat")
-    with Server(chat, "--sync", "strict", "--delay-ms", "1") as server:
+    with Server(chat, "--sync", "strict", "--delay-ms", "1", "--rounds", rounds) as server:
         def ask(question, kill_at=None):
             msgs = [{"role": "user", "content": question}]
             text = []

@@ -42,6 +42,16 @@ def test_nothing_lost_push_generates_the_stars_greedy_tokens_with_a_draft(tiny_p
     assert push.generate(prompt, 12, draft=LookupDraft(), draft_tokens=3).tokens == ref
 
 
+def test_sessions_sharing_push_passes_get_the_lone_logits_in_process(roomy_plan):
+    from halo_runtime.core.shards import load_shard
+    from test_batch import PROMPTS, TOKENS, alone, assert_same, batched_greedy
+
+    plan, directory = roomy_plan
+    shards = {d: load_shard(directory, plan, d) for d in plan.device_names}
+    assert_same(batched_greedy(_push(plan, shards)[0], PROMPTS, TOKENS),
+                [alone(lambda: _push(plan, shards)[0], p) for p in PROMPTS])
+
+
 def test_under_loss_views_drift_only_where_they_decided_differently(tiny_plan, tiny_shards):
     plan, _ = tiny_plan
     lossy = _lossy(plan)

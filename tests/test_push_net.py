@@ -139,14 +139,37 @@ def test_local_push_rounds_relaxed_and_strict_give_the_reference_tokens(tiny_pla
         assert r["compensated_share"] == 0.0
 
 
-def test_serve_refuses_push_rounds(plan_dir):
-    import subprocess
-    import sys
+@pytest.mark.parametrize("sync", ["relaxed", "strict"])
+def test_sessions_sharing_push_passes_get_the_lone_logits(roomy_plan, sync):
+    """Several sessions in one push pass (what `serve --rounds push` runs): each view attends with
+    each session's own KV cache, and every session's logits are the ones it gets alone, bit for bit."""
+    from halo_runtime.core.shards import load_shard
+    from test_batch import PROMPTS, TOKENS, alone, assert_same, batched_greedy
 
-    proc = subprocess.run([sys.executable, "-m", "halo_runtime.cli", "serve", "--plan", str(plan_dir), "--rounds",
-                           "push"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith("halo-run: error: --rounds push")
+    plan, directory = roomy_plan
+    shards = {d: load_shard(directory, plan, d) for d in plan.device_names}
+    started, peers, meshes = [], {}, []
+    for d in plan.device_names:
+        if d != plan.coordinator:
+            w = Worker(plan, d, shards[d], "127.0.0.1", 0, view_source=lambda: view_tensors(shards[plan.coordinator]))
+            threading.Thread(target=w.serve_forever, daemon=True).start()
+            started.append(w)
+            peers[d] = w.address
+
+    def make():
+        meshes.append(TcpPush(plan, peers, FP32) if sync == "strict" else
+                      UdpPush(plan, peers, FP32, bind_host="127.0.0.1"))
+        return PushCoordinator(plan, shards[plan.coordinator], meshes[-1])
+
+    try:
+        lone = [alone(make, p) for p in PROMPTS]
+        assert_same(batched_greedy(make(), PROMPTS, TOKENS), lone)
+        assert all(m.stats().compensated == 0 for m in meshes)
+    finally:
+        for m in meshes:
+            m.close()
+        for w in started:
+            w.close()
 
 
 def test_a_worker_without_the_view_tensors_is_named_at_the_start(tiny_plan, tiny_shards):

@@ -54,7 +54,7 @@ def _coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="relaxed: UDP, deadlines and compensation (default); strict: TCP, await everything")
     p.add_argument("--rounds", choices=ROUNDS, default=ROUNDS[0],
                    help="star: every network round a round trip through the coordinator (default); push: each "
-                        "device sends its part to every other, one hop a round (one session; not serve)")
+                        "device sends its part to every other, one hop a round")
     p.add_argument("--wire", choices=["fp16", "fp32"], **_field(DeliveryPolicy, "wire"))
     p.add_argument("--redundancy", type=int, **_field(DeliveryPolicy, "redundancy", "; at most 4"))
     p.add_argument("--multi-datagram-copies", type=int,
@@ -174,8 +174,6 @@ def main(argv=None) -> None:
 
     try:
         ComputeOptions(args.threads)  # validates --threads before anything starts
-        if getattr(args, "rounds", "star") == "push" and args.command == "serve":
-            raise ValueError("--rounds push runs one session: serve's batching is not built for it yet")
         if (why := rows_differ_by_pass()) is not None:
             print(f"halo-run: warning: {why}", file=sys.stderr, flush=True)
         {"worker": run_worker, "generate": run_generate, "local": run_local, "serve": run_serve,
@@ -476,10 +474,10 @@ def run_serve(args) -> None:
             peers = _peers(plan, args.peer)
         bind = "127.0.0.1" if args.local else "0.0.0.0"
         service = build_service(plan, args.plan, shard, tok, template,
-                                lambda: make_exchange(args.sync, plan, peers, policy, shims, auth, bind),
+                                lambda: make_exchange(args.sync, plan, peers, policy, shims, auth, bind, args.rounds),
                                 peers, args.sync, args.wire,
                                 args.max_body, args.max_waiting, procs=workers, drafts=drafts,
-                                draft_tokens=args.draft_tokens, batch=batch)
+                                draft_tokens=args.draft_tokens, batch=batch, rounds=args.rounds)
         run(service, sock)
     finally:
         sock.close()

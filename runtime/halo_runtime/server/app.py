@@ -185,7 +185,7 @@ class Service:
         # a critical device replaced by the plan's failover costs speed, not service
         critical_out = any(not d["up"] and d["holds"] == "critical" and d["status"] != "replaced" for d in devices)
         overall = "unavailable" if critical_out else "degraded" if any(not d["up"] for d in devices) else "ok"
-        keys = ("model", "plan_fingerprint", "model_fingerprint", "weights_format", "sync", "wire", "max_context")
+        keys = ("model", "plan_fingerprint", "model_fingerprint", "weights_format", "sync", "rounds", "wire", "max_context")
         return {"status": overall, **{k: self.info[k] for k in keys}, "devices": devices,
                 "requests_waiting": self.engine.waiting, "requests_served": self.engine.served}
 
@@ -308,9 +308,10 @@ def run(service: Service, sock: socket.socket) -> None:
 
 def build_service(plan, plan_dir: str, shard: dict, tokenizer, template, make_exchange, peers: dict,
                   sync: str, wire: str, max_body: int, max_waiting: int, procs: dict | None = None,
-                  drafts=None, draft_tokens: int = 0, batch=None) -> Service:
+                  drafts=None, draft_tokens: int = 0, batch=None, rounds: str = "star") -> Service:
     """The metrics, the engine (started) and the routes' view of the plan; drafts: what makes a
-    coordinator's draft (core.draft.prepare_draft), None for none; batch: `core.spans.BatchOptions`."""
+    coordinator's draft (core.draft.prepare_draft), None for none; batch: `core.spans.BatchOptions`;
+    rounds: star or push (`core.push`; make_exchange must make the matching exchange)."""
     from ..core.plandir import PLAN_FILE, read_manifest
     from ..core.spans import BatchOptions
     from .engine import Engine
@@ -335,13 +336,13 @@ def build_service(plan, plan_dir: str, shard: dict, tokenizer, template, make_ex
     info = {"model": plan.model_name, "plan_fingerprint": read_manifest(plan_dir)[PLAN_FILE]["sha256"],
             "model_fingerprint": plan.model_fingerprint,
             "weights_format": plan.weights,
-            "sync": sync, "wire": wire, "max_context": plan.max_context, "devices": devices,
+            "sync": sync, "rounds": rounds, "wire": wire, "max_context": plan.max_context, "devices": devices,
             "vocab_size": min(plan.model.vocab_size, tokenizer.vocab_size),
             "created": int(os.stat(os.path.join(plan_dir, PLAN_FILE)).st_mtime)}
     eos = {plan.model.eos_token_id} - {None}
     if template.config.eos_token in tokenizer.added:
         eos.add(tokenizer.added[template.config.eos_token])
     engine = Engine(plan, shard, tokenizer, make_exchange, Metrics(remote, relaxed_layers), eos, max_waiting,
-                    drafts=drafts, draft_tokens=draft_tokens, batch=batch or BatchOptions())
+                    drafts=drafts, draft_tokens=draft_tokens, batch=batch or BatchOptions(), rounds=rounds)
     engine.start()
     return Service(engine, tokenizer, template, info, max_body, procs)

@@ -47,6 +47,7 @@ import traceback
 from typing import Callable
 
 from ..core.coordinator import Coordinator, Feed
+from ..core.push import PushCoordinator
 from ..core.draft import shared_prefix, verify
 from ..core.generation import TokenStats, share
 from ..core.sampling import Sampler
@@ -100,12 +101,14 @@ class Engine:
 
     def __init__(self, plan, shard, tokenizer, make_exchange: Callable[[], object], metrics: Metrics,
                  eos_ids: set[int], max_waiting: int = 64, warn=_warn, drafts=None, draft_tokens: int = 0,
-                 batch: BatchOptions = BatchOptions()):
-        """make_exchange() -> a fresh Exchange (may raise DeviceLost); eos_ids: tokens that end a reply;
-        drafts(coordinator) -> its draft (core.draft.prepare_draft), None: no drafts; draft_tokens: guesses
-        verified per pass."""
+                 batch: BatchOptions = BatchOptions(), rounds: str = "star"):
+        """make_exchange() -> a fresh Exchange (may raise DeviceLost; for push rounds a push mesh,
+        `core.push.PushMesh`); eos_ids: tokens that end a reply; drafts(coordinator) -> its draft
+        (core.draft.prepare_draft), None: no drafts; draft_tokens: guesses verified per pass; rounds:
+        star or push (`core.plan.ROUNDS`)."""
         self.plan, self.shard, self.tok = plan, shard, tokenizer
         self.make_exchange, self.metrics, self.warn = make_exchange, metrics, warn
+        self.coordinator = PushCoordinator if rounds == "push" else Coordinator
         self.eos_ids, self.max_waiting = set(eos_ids), max_waiting
         self.slots = min(batch.slots or MAX_SLOTS, plan.session_slots())
         self.chunk = batch.prefill_chunk
@@ -242,7 +245,7 @@ class Engine:
         try:
             if self.exchange is None:
                 self.exchange = self.make_exchange()
-                self.coord = Coordinator(self.plan, self.shard, self.exchange)
+                self.coord = self.coordinator(self.plan, self.shard, self.exchange)
                 self.draft = self.drafts(self.coord) if self.drafts is not None else None
                 self.metrics.absorb(exchange_counters(self.exchange), fresh=True)
                 self._reset()
