@@ -10,7 +10,9 @@ from halo_runtime.core.codec import encode_tensor, row_chunks, rows_of_chunks
 from halo_runtime.core.coordinator import Coordinator, Feed, TokenStats
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.shards import load_shard
+from halo_runtime.core.push import PushCoordinator, view_tensors
 from halo_runtime.net.exchange import UdpExchange
+from halo_runtime.net.push import UdpPush
 from halo_runtime.net.wire import HEADER, Kind, Message, Reassembler, encode
 from threadworkers import peers, thread_workers
 
@@ -47,15 +49,16 @@ def test_chunks_that_do_not_fit_the_cut_are_not_used():
 
 
 class DropChunk:
-    """A worker's shim that loses datagram `index` of every relaxed reply of several datagrams."""
+    """A worker's shim that loses datagram `index` of every relaxed reply (or push part: `kind`) of
+    several datagrams."""
 
-    def __init__(self, index: int):
-        self.index, self.dropped = index, 0
+    def __init__(self, index: int, kind: int = Kind.REPLY_MLP_RELAXED):
+        self.index, self.kind, self.dropped = index, kind, 0
 
     def send_datagram(self, send, data, addr):
         fields = HEADER.unpack_from(data)
         kind, index, count = fields[2], fields[7], fields[8]
-        if kind == Kind.REPLY_MLP_RELAXED and count > 1 and index == self.index:
+        if kind == self.kind and count > 1 and index == self.index:
             self.dropped += 1
             return
         send(data, addr)
@@ -64,24 +67,24 @@ class DropChunk:
         pass
 
 
-class NeverAwait(Coordinator):
-    """Awaits no relaxed part: each is used if it came by its deadline, else compensated."""
-
-    def _awaited(self, layer, x):
-        return {}
-
-
-def test_a_batched_pass_compensates_only_the_rows_whose_datagram_was_lost(roomy_plan):
+@pytest.mark.parametrize("rounds", ["star", "push"])
+def test_a_batched_pass_compensates_only_the_rows_whose_datagram_was_lost(roomy_plan, rounds):
+    """Push rounds too: the lossy device's relaxed part reaches every view without that datagram,
+    and every view (the coordinator's counted here) uses the rows that came."""
     plan, directory = roomy_plan
     shards = {d: load_shard(directory, plan, d) for d in plan.device_names}
     # the device that loses datagrams: one holding relaxed groups
     lossy = next(d for d in plan.device_names if d != plan.coordinator
                  and any(g.kind == "mlp" and not g.critical for g in plan.groups if g.device == d))
-    shim = DropChunk(index=1)
-    with thread_workers(plan, shards, {lossy: shim}) as workers:
-        ex = UdpExchange(plan, peers(workers), DeliveryPolicy(wire="fp32", dead_after_s=30), bind_host="127.0.0.1")
+    shim = DropChunk(index=1, kind=Kind.PART_RLX if rounds == "push" else Kind.REPLY_MLP_RELAXED)
+    policy = DeliveryPolicy(wire="fp32", dead_after_s=30)
+    with thread_workers(plan, shards, {lossy: shim}, view_source=lambda: view_tensors(shards[plan.coordinator])) \
+            as workers:
+        ex = (UdpPush if rounds == "push" else UdpExchange)(plan, peers(workers), policy, bind_host="127.0.0.1")
         try:
-            coord = NeverAwait(plan, shards[plan.coordinator], ex)
+            # no relaxed part awaited: each is used if it came by its deadline, else compensated
+            coord = (PushCoordinator if rounds == "push" else Coordinator)(plan, shards[plan.coordinator], ex,
+                                                                           await_predicted=False)
             coord.reset(7)
             feeds = [Feed(s, 0, tuple(range(10 + 4 * s, 14 + 4 * s))) for s in range(3)]  # 12 rows, 5 a datagram
             stats = [TokenStats() for _ in feeds]

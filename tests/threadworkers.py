@@ -12,11 +12,12 @@ from halo_runtime.net.worker import Worker
 
 
 @contextmanager
-def thread_workers(plan, shards: dict, shims: dict | None = None):
+def thread_workers(plan, shards: dict, shims: dict | None = None, view_source=None):
     """{device: Worker} of every remote device of `plan`, serving until the block ends; `shims`:
-    device -> the shim its outgoing datagrams go through."""
+    device -> the shim its outgoing datagrams go through; view_source: what a worker's view of push
+    rounds is made of (`Worker`'s)."""
     shims = shims or {}
-    workers = {d: Worker(plan, d, shards[d], "127.0.0.1", 0, shim=shims.get(d))
+    workers = {d: Worker(plan, d, shards[d], "127.0.0.1", 0, shim=shims.get(d), view_source=view_source)
                for d in plan.device_names if d != plan.coordinator}
     threads = [threading.Thread(target=w.serve_forever, daemon=True) for w in workers.values()]
     for t in threads:

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from ..core.codec import WireError, datagrams, decode_tensor, encode_request, encode_tensor
+from ..core.codec import WireError, datagrams, decode_tensor, encode_request, encode_tensor, rows_of_chunks
 from ..core.exchange import DeviceLost, ExchangeStats
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy, pair_link
@@ -130,6 +130,17 @@ class Mesh:
                 self.inbox.setdefault((msg.kind, msg.step, msg.layer, d), msg)
         elif self.other is not None:
             self.other(msg, addr)
+
+    def partial_rows(self, step: int, layer: int, d: str, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The rows of d's relaxed part of round (step, layer) whose datagrams came, if some did but
+        not all (`codec.rows_of_chunks`: the part is cut at row boundaries; the coordinator sends
+        its parts in fp32, a device on the policy's wire)."""
+        got = self.endpoint.reassembler.chunks_of(self.session, step, layer, _RLX, self.index[d])
+        if got is None:
+            return None
+        wire = "fp32" if d == self.plan.coordinator else self.policy.wire
+        came = rows_of_chunks(got[1], got[0], rows, self.width, wire)
+        return came if came is not None and came[1].any() else None
 
     def end(self) -> None:
         """The session left push rounds: a pass waiting in `collect` gives way."""
@@ -229,8 +240,10 @@ def mlp_want(h: dict, layer: int, me: str, awaited: dict) -> tuple[list, list, l
 
 
 def decode_parts(got: dict, width: int, order: list[str], own: str, own_parts: tuple,
-                 relaxed: list[str], rows: int) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
-    """The MLP parts by device (own included) and the relaxed senders whose part is missing (all rows)."""
+                 relaxed: list[str], rows: int, partial=None) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
+    """The MLP parts by device (own included) and, per relaxed sender whose part did not come, the
+    rows missing: all of them, or those whose datagrams were lost where `partial(d)` gives the rows
+    that came ((rows with zeros elsewhere, bool per row): `Mesh.partial_rows`; a part of several rows)."""
     parts = {own: own_parts}
     for d in order:
         if d == own:
@@ -238,7 +251,16 @@ def decode_parts(got: dict, width: int, order: list[str], own: str, own_parts: t
         crit, rlx = got.get((d, _CRIT)), got.get((d, _RLX))
         if crit is not None or rlx is not None:
             parts[d] = tuple(None if m is None else decode_tensor(m.payload, None, width) for m in (crit, rlx))
-    missing = {d: np.ones(rows, dtype=bool) for d in relaxed if (d, _RLX) not in got}
+    missing = {}
+    for d in relaxed:
+        if (d, _RLX) in got:
+            continue
+        came = partial(d) if partial is not None and rows > 1 else None
+        if came is None:
+            missing[d] = np.ones(rows, dtype=bool)
+        else:
+            parts[d] = (parts.get(d, (None, None))[0], came[0])
+            missing[d] = ~came[1]
     return parts, missing
 
 
@@ -355,7 +377,8 @@ class UdpPush:
                 self.mesh.push(kind, step, layer, encode_tensor(t, "fp32"))
         must, optional, relaxed = mlp_want(self.holders, layer, self.me, awaited)
         got = self.mesh.collect(step, layer, must, optional)
-        parts, missing = decode_parts(got, self.width, self.order, self.me, own, relaxed, m.shape[0])
+        parts, missing = decode_parts(got, self.width, self.order, self.me, own, relaxed, m.shape[0],
+                                      lambda d: self.mesh.partial_rows(step, layer, d, m.shape[0]))
         del parts[self.me]
         c = self.mesh.counters
         c["relaxed_parts"] += len(relaxed)

@@ -100,7 +100,8 @@ class PushWorker:
                 own = tuple(None if p is None else decode_tensor(p, None, self.width) for p in sent)
                 must, optional, relaxed = mlp_want(self.holders, layer, self.me, self.view.awaited(layer))
                 got = mesh.collect(step, layer, must, optional)
-                parts, missing = decode_parts(got, self.width, self.order, self.me, own, relaxed, rows)
+                parts, missing = decode_parts(got, self.width, self.order, self.me, own, relaxed, rows,
+                                              lambda d: mesh.partial_rows(step, layer, d, rows))
                 self.mesh.counters["compensated"] += len(missing)
                 self.view.add_mlp(layer, parts, missing)
             i += 1

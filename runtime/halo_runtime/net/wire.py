@@ -23,9 +23,10 @@ lost 94% of the time). Every datagram carries a fixed 33-byte header, packed big
                 number); see `auth`), then its TAG_LEN (16) bytes of Poly1305 tag, which also
                 covers the header (associated data)
 
-A relaxed part (REPLY_MLP_RELAXED) of several rows is cut at row boundaries (`codec.row_chunks`),
-so that the coordinator can use the rows of the datagrams that arrived (`Reassembler.chunks_of`)
-and compensate only the others; every other message is cut into equal chunks.
+A relaxed part (REPLY_MLP_RELAXED, or PART_RLX in push rounds) of several rows is cut at row
+boundaries (`codec.row_chunks`), so that its receiver can use the rows of the datagrams that
+arrived (`Reassembler.chunks_of`) and compensate only the others; every other message is cut into
+equal chunks.
 
 The header travels in clear (it routes, deduplicates and counts); the chunk does not. A datagram
 is checked in order of cost: first whether its header names a chunk already held or delivered
@@ -116,6 +117,8 @@ class Kind(enum.IntEnum):
 FIRST_CONTROL_KIND = 16
 _KIND_OF = {int(k): k for k in Kind}
 """Kind member of each known value (a dict lookup is far cheaper than calling Kind)."""
+_ROW_CUT = (Kind.REPLY_MLP_RELAXED, Kind.PART_RLX)
+"""Relaxed parts, star and push: cut at row boundaries (the rows of the datagrams that came are used)."""
 
 
 def is_control(kind: int) -> bool:
@@ -211,7 +214,7 @@ def encode(msg: Message, max_datagram: int = MAX_DATAGRAM, flags: int | None = N
     _check_range("dest", dest, 16)
     payload = msg.payload
     # a relaxed part is cut at row boundaries: the rows of the datagrams that arrive are used
-    sizes = row_chunks(payload, room) if msg.kind == Kind.REPLY_MLP_RELAXED else None
+    sizes = row_chunks(payload, room) if msg.kind in _ROW_CUT else None
     count = len(sizes) if sizes else datagrams(len(payload), max_datagram)
     if count > 0xFFFF:
         raise ValueError(f"payload of {len(payload)} bytes needs {count} chunks; at most 65535")
