@@ -27,6 +27,9 @@ the plan has no failover for it, a lost device (`DeviceLost`) fails the requests
 the engine drops that exchange and builds a new one for the next request, so a restarted device is
 used again. A relaxed-only device that dies is marked down by the exchange and compensated.
 
+With `serve --rounds push` the coordinator is a `core.push.PushCoordinator`: the sessions share
+push passes as they share star ones (each view attends with each session's own KV cache).
+
 Results go back through each `jobs.Job`'s `deliver` callback: `Piece` per token, then `Finished`
 or `Failed`.
 
@@ -47,9 +50,9 @@ import traceback
 from typing import Callable
 
 from ..core.coordinator import Coordinator, Feed
-from ..core.push import PushCoordinator
 from ..core.draft import shared_prefix, verify
 from ..core.generation import TokenStats, share
+from ..core.push import PushCoordinator
 from ..core.sampling import Sampler
 from ..core.spans import MAX_SLOTS, BatchOptions
 from ..core.textstream import TextStream
