@@ -1,6 +1,6 @@
 """Push rounds modelled in process (core.push): every device's view of the residual, each receiver
 drawing its own misses. Nothing lost: the star's logits to the last bit, whatever the prompt or
-draft; under loss: the views drift by what they decided differently, and eval scores it."""
+draft (an fp16 wire: the star's tokens where the coordinator's own parts are rounded); under loss: the views drift by what they decided differently, and eval scores it."""
 import numpy as np
 import pytest
 from halo_compile.evaluate import EvalOptions, evaluate
@@ -15,6 +15,17 @@ def _push(plan, shards, miss=None, seed=0, wire="fp32", **kw):
     return PushCoordinator(plan, shards[plan.coordinator], push, **kw), push
 
 
+def _star_and_push(plan, shards, tokens, wire):
+    """Every position's logits of `tokens` from the star and from push rounds (in process, nothing
+    lost), and the push model (its drift)."""
+    star = Coordinator(plan, shards[plan.coordinator], InProcessExchange(plan, shards, wire=wire))
+    push, ex = _push(plan, shards, wire=wire)
+    for c in (star, push):
+        c.reset(1)
+    return (star.forward(tokens, 0, TokenStats(), all_positions=True),
+            push.forward(tokens, 0, TokenStats(), all_positions=True), ex)
+
+
 def _lossy(plan):
     return [d.name for d in plan.devices if d.loss > 0]
 
@@ -22,13 +33,7 @@ def _lossy(plan):
 @pytest.mark.parametrize("wire", ["fp32", "fp16"])
 @pytest.mark.parametrize("tokens", [[5], [3, 14, 15, 92, 65, 35, 89, 79]])
 def test_nothing_lost_push_gives_the_stars_logits_bit_for_bit(tiny_plan, tiny_shards, tokens, wire):
-    plan, _ = tiny_plan
-    star = Coordinator(plan, tiny_shards[plan.coordinator], InProcessExchange(plan, tiny_shards, wire=wire))
-    push, ex = _push(plan, tiny_shards, wire=wire)
-    for c in (star, push):
-        c.reset(1)
-    a = star.forward(tokens, 0, TokenStats(), all_positions=True)
-    b = push.forward(tokens, 0, TokenStats(), all_positions=True)
+    a, b, ex = _star_and_push(tiny_plan[0], tiny_shards, tokens, wire)
     assert np.array_equal(a, b)
     assert ex.drift.inputs > 0 and ex.drift.differing == 0 and ex.drift.disagreements == 0
 
@@ -40,6 +45,29 @@ def test_nothing_lost_push_generates_the_stars_greedy_tokens_with_a_draft(tiny_p
     push, _ = _push(plan, tiny_shards)
     ref = star.generate(prompt, 12).tokens
     assert push.generate(prompt, 12, draft=LookupDraft(), draft_tokens=3).tokens == ref
+
+
+def test_the_coordinators_own_parts_are_rounded_to_the_wire(tiny_vocab_dir, tmp_path):
+    """Where the coordinator holds groups of network rounds, push sends its parts as every device
+    sends its own (fp16: one datagram a row instead of two of fp32) and adds them rounded too, so
+    every view still holds its bits; the star adds them unrounded: at fp16 the same greedy tokens,
+    not the same bits, and at fp32 the same bits."""
+    from conftest import compile_tiny
+    from halo_runtime.core.shards import load_shard
+
+    plan, directory = compile_tiny(tiny_vocab_dir, tmp_path, coordinator_gflops=1.0, remote_memory_mb=0.25)
+    assert any(g.device == plan.coordinator for layer, kind in plan.network_rounds()
+               for g in plan.layer_groups(layer, kind))
+    shards = {d: load_shard(directory, plan, d) for d in plan.device_names}
+    for wire in ("fp32", "fp16"):
+        a, b, ex = _star_and_push(plan, shards, [3, 14, 15, 92, 65, 35, 89, 79], wire)
+        assert ex.drift.inputs > 0 and ex.drift.differing == 0
+        if wire == "fp32":
+            assert np.array_equal(a, b)
+        else:
+            assert not np.array_equal(a, b)
+            assert np.array_equal(a.argmax(-1), b.argmax(-1))
+            assert np.abs(a - b).max() < 1e-2 * np.abs(a).max()
 
 
 def test_sessions_sharing_push_passes_get_the_lone_logits_in_process(roomy_plan):

@@ -61,7 +61,8 @@ def _star(plan, shards, prompt, n, wire="fp32", **kw):
 @pytest.mark.parametrize("wire", ["fp32", "fp16"])
 def test_push_over_udp_gives_the_stars_logits_bit_for_bit(tiny_plan, tiny_shards, workers, wire):
     """fp16 too: a device computes on its input rounded as the star's request would carry it, adds
-    its own part rounded as it sends it, and the coordinator's residual and parts travel in fp32."""
+    its own part rounded as it sends it, and the coordinator's residual travels in fp32 (this plan's
+    coordinator holds no group of a network round, so its rounded parts do not show)."""
     plan, _ = tiny_plan
     mesh = UdpPush(plan, workers(), DeliveryPolicy(wire=wire, **SLOW), bind_host="127.0.0.1")
     try:

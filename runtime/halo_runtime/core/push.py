@@ -10,8 +10,9 @@ The rule every view applies is the coordinator's (`push_sum`): critical parts aw
 part awaited on the tokens where *its own* predictor (on its own attention input) flags the
 sender's groups, else used if it came by the deadline and estimated by the same low-rank
 compensation if not, summed in one order (the coordinator's part, then the devices' in plan
-order, then the estimates). With nothing lost every view holds the star's residual to the last
-bit. Under loss two views may decide differently about one late part, and their streams differ.
+order, then the estimates; the coordinator's own parts rounded to the wire as every device's). With
+nothing lost every view holds the coordinator's residual to the last bit, and on an fp32 wire the
+star's (which adds its own parts unrounded). Under loss two views may decide differently about one late part, and their streams differ.
 That difference is bounded by construction: the parts are common (every view adds the same
 critical parts and the same arrived relaxed parts), so two views differ by exactly the
 estimate-minus-part of the relaxed parts they decided differently in this token, and it never
@@ -175,6 +176,9 @@ class PushMesh(Protocol):
     """The coordinator's side of push rounds: hand the residual to the views, push its own parts
     and collect the others'. `x` and `m` (the coordinator's inputs) only serve the in-process
     model's drift measurement."""
+
+    wire: str
+    """The parts' dtype on the wire (`codec.as_wire`): the coordinator's own parts too."""
 
     def configure(self, compensation: str, await_predicted: bool) -> None:
         """The coordinator's rule, which every view applies."""
@@ -385,7 +389,10 @@ class PushCoordinator(Coordinator):
             return super()._attention(step, layer, spans, stats, x)
         self.exchange.remember(layer, x, spans)
         t0 = time.perf_counter()
-        own = self.part.attention_spans(layer, x, spans) if self.part.has_attention(layer) else None
+        # rounded to the wire as every device's part is, so that it travels in one datagram a row
+        # of fp16 instead of two of fp32, and every view (this one too) adds the same bits
+        own = as_wire(self.part.attention_spans(layer, x, spans), self.exchange.wire) \
+            if self.part.has_attention(layer) else None
         t1 = time.perf_counter()
         others = self.exchange.attention(step, layer, own, x)
         _times(stats, t0, t1)
@@ -398,7 +405,8 @@ class PushCoordinator(Coordinator):
             return super()._mlp(step, layer, spans, bounds, stats, x, m)
         awaited = self._awaited(layer, x)
         t0 = time.perf_counter()
-        own = self.part.mlp(layer, m) if self.part.has_mlp(layer) else (None, None)
+        own = tuple(as_wire(t, self.exchange.wire) for t in self.part.mlp(layer, m)) if self.part.has_mlp(layer) \
+            else (None, None)
         t1 = time.perf_counter()
         parts, missing = self.exchange.mlp(step, layer, own, awaited, m)
         _times(stats, t0, t1)

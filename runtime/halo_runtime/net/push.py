@@ -133,13 +133,11 @@ class Mesh:
 
     def partial_rows(self, step: int, layer: int, d: str, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The rows of d's relaxed part of round (step, layer) whose datagrams came, if some did but
-        not all (`codec.rows_of_chunks`: the part is cut at row boundaries; the coordinator sends
-        its parts in fp32, a device on the policy's wire)."""
+        not all (`codec.rows_of_chunks`: the part is cut at row boundaries, on the policy's wire)."""
         got = self.endpoint.reassembler.chunks_of(self.session, step, layer, _RLX, self.index[d])
         if got is None:
             return None
-        wire = "fp32" if d == self.plan.coordinator else self.policy.wire
-        came = rows_of_chunks(got[1], got[0], rows, self.width, wire)
+        came = rows_of_chunks(got[1], got[0], rows, self.width, self.policy.wire)
         return came if came is not None and came[1].any() else None
 
     def end(self) -> None:
@@ -277,7 +275,7 @@ class UdpPush:
 
     def _common(self, plan: Plan, peers: dict, policy: DeliveryPolicy, auth: Authenticator | None) -> None:
         """What the coordinator's side of push rounds knows whatever carries them (UDP, TCP)."""
-        self.plan, self.policy, self.peers = plan, policy, peers
+        self.plan, self.policy, self.peers, self.wire = plan, policy, peers, policy.wire
         self.me = plan.coordinator
         self.remote = [d for d in plan.device_names if d != self.me]
         self.order = [self.me] + self.remote
@@ -360,12 +358,12 @@ class UdpPush:
         self.mesh.push(_H, step, index, encode_request(hx, spans, "fp32"), to=self.remote)
         self.mesh.also_resend = (_H, step, index)
 
-    # The coordinator's own parts go out in fp32: in the star it adds them unrounded, and every view
-    # must add what it adds (a device's parts travel in the wire's dtype, and it adds them rounded).
+    # The coordinator's own parts come rounded to the wire (`PushCoordinator`), as every device's:
+    # encoding them on the wire loses nothing, and every view adds what the coordinator adds.
 
     def attention(self, step: int, layer: int, own: np.ndarray | None, x: np.ndarray) -> list[np.ndarray]:
         if own is not None:
-            self.mesh.push(_ATTN, step, layer, encode_tensor(own, "fp32"))
+            self.mesh.push(_ATTN, step, layer, encode_tensor(own, self.wire))
         senders = [d for d in self.holders["attn"][layer] if d != self.me]
         got = self.mesh.collect(step, layer, [(d, _ATTN) for d in senders])
         return [decode_tensor(got[(d, _ATTN)].payload, None, self.width) for d in senders]
@@ -374,7 +372,7 @@ class UdpPush:
             m: np.ndarray) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
         for kind, t in zip((_CRIT, _RLX), own):
             if t is not None:
-                self.mesh.push(kind, step, layer, encode_tensor(t, "fp32"))
+                self.mesh.push(kind, step, layer, encode_tensor(t, self.wire))
         must, optional, relaxed = mlp_want(self.holders, layer, self.me, awaited)
         got = self.mesh.collect(step, layer, must, optional)
         parts, missing = decode_parts(got, self.width, self.order, self.me, own, relaxed, m.shape[0],
