@@ -10,15 +10,15 @@ The rule every view applies is the coordinator's (`push_sum`): critical parts aw
 part awaited on the tokens where *its own* predictor (on its own attention input) flags the
 sender's groups, else used if it came by the deadline and estimated by the same low-rank
 compensation if not, summed in one order (the coordinator's part, then the devices' in plan
-order, then the estimates; the coordinator's own parts rounded to the wire as every device's). With
-nothing lost every view holds the coordinator's residual to the last bit, and on an fp32 wire the
-star's (which adds its own parts unrounded). Under loss two views may decide differently about one late part, and their streams differ.
-That difference is bounded by construction: the parts are common (every view adds the same
-critical parts and the same arrived relaxed parts), so two views differ by exactly the
-estimate-minus-part of the relaxed parts they decided differently in this token, and it never
-compounds within the token; the next pass starts again from the coordinator's residual. What it
-leaves behind is in the KV rows a device wrote from its own view, which later tokens' attention
-reads. `ViewStats` measures the drift; docs/ACCURACY.md reports what it costs.
+order, then the estimates; the coordinator's own parts rounded to the wire as every device's).
+With nothing lost every view holds the coordinator's residual to the last bit, and on an fp32 wire
+the star's (which adds its own parts unrounded). Under loss two views may decide differently about
+one late part, and their streams differ. That difference is bounded by construction: the parts
+are common (every view adds the same critical parts and the same arrived relaxed parts), so two
+views differ by exactly the estimate-minus-part of the relaxed parts they decided differently in
+this token, and it never compounds within the token; the next pass starts again from the
+coordinator's residual. What it leaves behind is in the KV rows a device wrote from its own view,
+which later tokens' attention reads. `ViewStats` measures the drift; docs/ACCURACY.md reports what it costs.
 
 A view needs, beside its own groups, every layer's two norms, the predictor and the compensation
 of the other devices' relaxed groups (`view_tensors` of the coordinator's shard; the compiler
