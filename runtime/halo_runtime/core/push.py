@@ -18,7 +18,8 @@ are common (every view adds the same critical parts and the same arrived relaxed
 views differ by exactly the estimate-minus-part of the relaxed parts they decided differently in
 this token, and it never compounds within the token; the next pass starts again from the
 coordinator's residual. What it leaves behind is in the KV rows a device wrote from its own view,
-which later tokens' attention reads. `ViewStats` measures the drift; docs/ACCURACY.md reports what it costs.
+which later tokens' attention reads. `ViewStats` measures the drift; docs/ACCURACY.md reports what
+it costs.
 
 A view needs, beside its own groups, every layer's two norms, the predictor and the compensation
 of the other devices' relaxed groups (`view_tensors` of the coordinator's shard; the compiler
@@ -391,8 +392,8 @@ class PushCoordinator(Coordinator):
         t0 = time.perf_counter()
         # rounded to the wire as every device's part is, so that it travels in one datagram a row
         # of fp16 instead of two of fp32, and every view (this one too) adds the same bits
-        own = as_wire(self.part.attention_spans(layer, x, spans), self.exchange.wire) \
-            if self.part.has_attention(layer) else None
+        own = self.part.attention_spans(layer, x, spans) if self.part.has_attention(layer) else None
+        own = as_wire(own, self.exchange.wire)
         t1 = time.perf_counter()
         others = self.exchange.attention(step, layer, own, x)
         _times(stats, t0, t1)
@@ -405,8 +406,8 @@ class PushCoordinator(Coordinator):
             return super()._mlp(step, layer, spans, bounds, stats, x, m)
         awaited = self._awaited(layer, x)
         t0 = time.perf_counter()
-        own = tuple(as_wire(t, self.exchange.wire) for t in self.part.mlp(layer, m)) if self.part.has_mlp(layer) \
-            else (None, None)
+        own = self.part.mlp(layer, m) if self.part.has_mlp(layer) else (None, None)
+        own = tuple(as_wire(t, self.exchange.wire) for t in own)  # rounded as the attention part
         t1 = time.perf_counter()
         parts, missing = self.exchange.mlp(step, layer, own, awaited, m)
         _times(stats, t0, t1)

@@ -24,9 +24,9 @@ side (`UdpPush`); a worker's passes are `pushworker.PushWorker`.
 
 A device lost in push rounds (`dead_after_s`) moves the session to star rounds, which fail over:
 the devices left keep their KV caches, the dead one's heads are rebuilt on their adopters from
-the attention inputs the coordinator recorded (`UdpPush.to_star`). What push rounds do not do
-yet: rejoin a restarted device, batch sessions (`serve`), and use the rows of a part of several
-datagrams that came partly (a relaxed part arrives whole or is estimated whole).
+the attention inputs the coordinator recorded (`UdpPush.to_star`). A relaxed part of several
+rows is cut at row boundaries, and a view uses the rows whose datagrams came (`Mesh.partial_rows`).
+What push rounds do not do yet: rejoin a restarted device.
 
 Example (on loopback, as tests/test_push_net.py runs it):
     $ halo-run local --plan artifacts/smollm2-135m-pi5 --rounds push --prompt "Hello"
