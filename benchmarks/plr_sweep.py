@@ -6,8 +6,8 @@ on every link to and from them, every link gets the swept one-way delay (with ji
 is not 0), and each device's port gets its profile bandwidth (tbf). For every delay, loss rate and
 repetition the modes run back to back with the same prompt and token count:
 
-- relaxed: `halo-run generate --sync relaxed --draft none` (UDP, deadlines, compensation, the
-  copies the plan chose for each link);
+- relaxed: `halo-run generate --sync relaxed --draft none --rounds star` (UDP, deadlines,
+  compensation, the copies the plan chose for each link; every star mode names `--rounds star`);
 - draft:   the same with `--draft lookup` (several tokens verified per pass);
 - redundant: relaxed with `--redundancy 2` (every message to and from a lossy device sent twice;
   opt-in: `--modes relaxed,redundant,strict`);
@@ -16,7 +16,7 @@ repetition the modes run back to back with the same prompt and token count:
 - push:    relaxed with `--rounds push` (each device sends its part to every other: one hop a
   round; opt-in); strict-push: strict with `--rounds push` (TCP between every pair, every part
   awaited; opt-in);
-- strict:  `halo-run generate --sync strict --draft none` (TCP, cubic, minimum RTO lowered, every
+- strict:  `halo-run generate --sync strict --draft none --rounds star` (TCP, cubic, minimum RTO lowered, every
   part awaited);
 - gloo:    `gloo_tp.py` (torch.distributed gloo all-reduce over TCP, same partition).
 
@@ -76,12 +76,14 @@ PROMPTS = [
 # gloo stalls 10-20 s per token at 5-10% loss on this machine; it gets fewer tokens (see docs/BENCHMARKS.md)
 FULL = dict(plrs=[0.0, 0.01, 0.02, 0.05, 0.10], delays=[0.0, 2.0], reps=3, tokens=64, gloo_reps=1, gloo_tokens=16)
 QUICK = dict(plrs=[0.0, 0.05], delays=[0.0, 2.0], reps=1, tokens=24, gloo_reps=1, gloo_tokens=6)
-MODES = {"relaxed": ["--sync", "relaxed", "--draft", "none"], "draft": ["--sync", "relaxed", "--draft", "lookup"],
-         "redundant": ["--sync", "relaxed", "--draft", "none", "--redundancy", "2"],
-         "single": ["--sync", "relaxed", "--draft", "none", "--redundancy", "1"],
+_STAR = ["--rounds", "star"]  # whatever rounds the plan chose (`Plan.rounds`): a mode names its own
+MODES = {"relaxed": ["--sync", "relaxed", "--draft", "none", *_STAR],
+         "draft": ["--sync", "relaxed", "--draft", "lookup", *_STAR],
+         "redundant": ["--sync", "relaxed", "--draft", "none", "--redundancy", "2", *_STAR],
+         "single": ["--sync", "relaxed", "--draft", "none", "--redundancy", "1", *_STAR],
          "push": ["--sync", "relaxed", "--draft", "none", "--rounds", "push"],
          "strict-push": ["--sync", "strict", "--draft", "none", "--rounds", "push"],
-         "strict": ["--sync", "strict", "--draft", "none"], "gloo": None, "peer": None}
+         "strict": ["--sync", "strict", "--draft", "none", *_STAR], "gloo": None, "peer": None}
 """Sweep mode -> its `halo-run generate` arguments (None: the gloo baseline, or the peer's commands)."""
 DEFAULT_MODES = ("relaxed", "draft", "strict", "gloo")
 """The modes a sweep runs unless `--modes` says otherwise (redundant and single are opt-in)."""

@@ -123,10 +123,11 @@ def main():
 @field_option("--solver-time", of=COMPILE, type=float)
 @field_option("--weights", of=COMPILE, type=click.Choice([*FORMATS, *REPLACED]))
 @field_option("--failover/--no-failover", of=COMPILE, field="failover")
+@field_option("--rounds", "plan_rounds", of=COMPILE, field="rounds", type=click.Choice(["auto", *ROUNDS]))
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @friendly
 def plan(model, cluster, out, seed, calib, calib_tokens, mlp_groups, relaxed_share, max_context, solver_time,
-         weights, failover, quiet):
+         weights, failover, plan_rounds, quiet):
     """Compile MODEL (HF directory, .gguf file or built-in `smollm2-135m`) for a cluster."""
     import time
 
@@ -136,7 +137,7 @@ def plan(model, cluster, out, seed, calib, calib_tokens, mlp_groups, relaxed_sha
     try:
         opts = CompileOptions(seed=seed, calib_file=calib, calib_tokens=calib_tokens, mlp_groups=mlp_groups,
                               relaxed_share=relaxed_share, max_context=max_context, solver_time=solver_time,
-                              weights=weights, failover=failover, progress=not quiet)
+                              weights=weights, failover=failover, rounds=plan_rounds, progress=not quiet)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     started = time.perf_counter()
@@ -194,10 +195,7 @@ def verify(directory, model):
 @field_option("--context", of=EVAL, type=int)
 @field_option("--greedy-prompts", of=EVAL, type=int)
 @field_option("--greedy-tokens", of=EVAL, type=int)
-@field_option("--rounds", of=EVAL, type=click.Choice(ROUNDS),
-              help="How network rounds travel: star (through the coordinator, what halo-run does) or push "
-                   "(each device sums the parts on its own view of the residual; a model of the push rounds "
-                   "the runtime does not run yet).")
+@field_option("--rounds", of=EVAL, type=click.Choice(["plan", *ROUNDS]))
 @field_option("--relaxed-retries", of=POLICY, type=int,
               help="Delivery policy simulated: fast re-requests of a late relaxed part before its deadline.")
 @field_option("--redundancy", of=POLICY, type=int,

@@ -127,9 +127,10 @@ class EvalOptions:
     """CP-SAT deterministic time for the loss-blind re-placement."""
     progress: bool = True
     """Progress bar on stderr."""
-    rounds: str = "star"
-    """How network rounds travel (core.push.ROUNDS): "star" (through the coordinator) or "push"
-    (every device adds the parts on its own view of the residual, drawing its own misses)."""
+    rounds: str = "plan"
+    """How network rounds travel: "plan" (as the plan says, what halo-run does by default), "star"
+    (through the coordinator) or "push" (every device adds the parts on its own view of the
+    residual, drawing its own misses)."""
     predictive: tuple[str, ...] = ()
     """Devices that skip the MLP groups the predictor marks inactive per token (`halo-run worker
     --load-mode predictive`); the perplexity then includes what that costs."""
@@ -144,8 +145,8 @@ class EvalOptions:
         for p in self.plrs or ():
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"loss rate {p} is outside [0, 1)")
-        if self.rounds not in ROUNDS:
-            raise ValueError(f"rounds {self.rounds!r}: one of {', '.join(ROUNDS)}")
+        if self.rounds not in ("plan", *ROUNDS):
+            raise ValueError(f"rounds {self.rounds!r}: one of plan, {', '.join(ROUNDS)}")
         unknown = sorted(set(self.methods or ()) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
@@ -360,6 +361,7 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
     full = _ppl(sum(full_windows), count)
     full_replies = greedy_replies(plan, shards, prompts, opts.greedy_tokens, METHODS["zero"], {}, 0, bar=bar)
     computes = _predictive(plan, plan_dir, opts.predictive)
+    rounds = plan.rounds if opts.rounds == "plan" else opts.rounds
     blind = None
     results, done = [], {}
     for plr, burst in losses:
@@ -377,9 +379,9 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
                     method = replace(method, compensation=METHODS[default].compensation)
                 devices = None if method.loss_blind else computes
                 nll, per_device, top1, views = plan_nll(p, s, windows, method, miss, opts.seed, opts.wire, bar,
-                                                        devices, bursty, opts.policy, opts.rounds)
+                                                        devices, bursty, opts.policy, rounds)
                 replies = greedy_replies(p, s, prompts, opts.greedy_tokens, method, miss, opts.seed, opts.wire,
-                                         bar, devices, bursty, opts.policy, opts.rounds)
+                                         bar, devices, bursty, opts.policy, rounds)
                 done[key] = (nll, per_device, top1, replies, views)
             nll, per_device, top1, replies, views = done[key]
             if key[2] != name and not method.await_predicted:  # a zero-loss copy: this method awaits nothing
@@ -398,7 +400,7 @@ def evaluate(plan_dir: str | Path, opts: EvalOptions = EvalOptions()) -> dict:
     bar.close()
     return {"plan": str(plan_dir), "full_ppl": round(full, 4), "tokens": sum(len(w) for w in windows),
             "predicted_tokens": count, "windows": len(windows), "context": opts.context, "seed": opts.seed,
-            "wire": opts.wire, "rounds": opts.rounds, "policy": {"relaxed_retries": opts.policy.relaxed_retries,
+            "wire": opts.wire, "rounds": rounds, "policy": {"relaxed_retries": opts.policy.relaxed_retries,
                                           "redundancy": opts.policy.redundancy, "wire": opts.policy.wire,
                                           "link_copies": {d: plan.link_copies(d) for d in plan.device_names
                                                           if d != plan.coordinator}},

@@ -29,8 +29,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from halo_runtime.core.plan import SCHEMA_VERSION, Failover, Plan, PredictorReport
+from halo_runtime.core.plan import ROUNDS, SCHEMA_VERSION, Failover, Plan, PredictorReport
 from halo_runtime.core.plandir import shard_file
+from halo_runtime.core.push import is_view_tensor
 from halo_runtime.core.formats import FORMATS, weight_format
 
 from . import __version__
@@ -45,11 +46,13 @@ from .place import (
     Placement,
     PlacementInputs,
     check_capacity,
+    choose_rounds,
     device_reports,
     importance_at_risk,
     mark_streaming,
     placement_inputs,
 )
+from .placecost import plan_network_ms
 from .predict import LayerPredictor, predict_layer
 from .profiling import profile_layers
 from .score import plan_groups, score_layer
@@ -90,13 +93,16 @@ class CompileOptions:
     """Format the shards store weights in: fp32, bf16, q8_0 or q4_0 (halo_runtime.core.formats)."""
     failover: bool = True
     """Plan where each remote device's groups go if it dies, and keep their weights in the survivors' shards."""
+    rounds: str = "auto"
+    """Rounds the runtime runs by default: star, push, or auto (the cheaper on the profile's links by the cost model)."""
 
     def __post_init__(self):
         checks = {"calib_tokens": self.calib_tokens >= 16, "chunk_tokens": self.chunk_tokens >= 16,
                   "sample_tokens": self.sample_tokens >= 16, "mlp_groups": self.mlp_groups >= 1,
                   "relaxed_share": 0 <= self.relaxed_share < 1, "max_context": self.max_context >= 1,
                   "predictor_rank": self.predictor_rank >= 1, "compensation_rank": self.compensation_rank >= 0,
-                  "predictor_threshold": 0 < self.predictor_threshold < 1, "solver_time": self.solver_time > 0}
+                  "predictor_threshold": 0 < self.predictor_threshold < 1, "solver_time": self.solver_time > 0,
+                  "rounds": self.rounds in ("auto", *ROUNDS)}
         weight_format(self.weights)  # ValueError naming the choices, or what replaced an old format
         for name, ok in checks.items():
             if not ok:
@@ -179,7 +185,15 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
                    f"loss-blind in {blind.solve_wall_s:.1f} s")
         failover = plan_failover(inputs, placement.assignment, num_layers) if opts.failover else ()
         _log_failover(opts, failover)
-        plan = _plan(model, cluster, opts, unplaced, predictors, inputs, placement, blind, failover)
+        # what every device's push view maps (core.push.is_view_tensor): predictor, compensation and
+        # two norms a layer, fp32 in every weights format
+        view_bytes = (sum(t.numel() * 4 for k, t in coordinator_tensors.items() if is_view_tensor(k))
+                      + 2 * num_layers * cfg.hidden_size * 4)
+        plan = choose_rounds(_plan(model, cluster, opts, unplaced, predictors, inputs, placement, blind, failover),
+                             opts.rounds, view_bytes)
+        net, _ = plan_network_ms(plan)
+        _log(opts, f"      rounds: {plan.rounds} ({'--rounds' if opts.rounds != 'auto' else 'auto'}; cost model: star "
+                   f"{net['star']:.1f} ms, push {net['push']:.1f} ms of network a token)")
 
     with timer.step("emit"):
         _log(opts, f"[7/7] emit {out}")

@@ -52,6 +52,7 @@ from dataclasses import dataclass, replace
 from halo_runtime.core.config import ModelConfig
 from halo_runtime.core.plan import Device, DeviceReport, Plan, SolverReport
 from halo_runtime.core.policy import DeliveryPolicy
+from halo_runtime.core.push import view_over_memory
 from halo_runtime.core.formats import weight_format
 from halo_runtime.core.residency import BYTES_PER_WEIGHT, residency, weight_bytes
 
@@ -68,16 +69,17 @@ from .placecost import (
     link_copies,
     load_ms,
     mb,
+    plan_network_ms,
     predicted_token_ms,
     rounds_per_token,
     stream_share,
 )
 from .placesolve import LOSS_SCALE, TIME_UNITS_PER_MS, Problem, capacity, optimise
 
-__all__ = ["GroupCost", "InfeasibleError", "PlaceOptions", "Placement", "PlacementInputs", "device_reports",
-           "dominates", "energy_mj", "expected_lost_importance", "group_cost", "importance_at_risk", "load_ms",
-           "mark_streaming", "place", "place_loss_blind", "placement_inputs", "predicted_token_ms", "rounds_per_token",
-           "stream_share", "with_energy"]
+__all__ = ["GroupCost", "InfeasibleError", "PlaceOptions", "Placement", "PlacementInputs", "choose_rounds",
+           "device_reports", "dominates", "energy_mj", "expected_lost_importance", "group_cost", "importance_at_risk",
+           "load_ms", "mark_streaming", "place", "place_loss_blind", "placement_inputs", "predicted_token_ms",
+           "rounds_per_token", "stream_share", "with_energy"]
 
 
 def place(groups, devices, coordinator: str, fixed_bytes: dict[str, int], miss: dict[str, float],
@@ -325,6 +327,17 @@ def mark_streaming(plan: Plan, inputs: PlacementInputs) -> Plan:
     return replace(plan, groups=tuple(replace(g, streamed=g.id in load) for g in plan.groups),
                    device_reports=with_energy(tuple(reports[d.name] for d in plan.devices), plan.devices, token_ms),
                    predicted_token_ms=token_ms)
+
+
+def choose_rounds(plan: Plan, rounds: str = "auto", view_bytes: int = 0) -> Plan:
+    """`plan` with the rounds the runtime runs by default recorded (`Plan.rounds`): `rounds` itself,
+    or for "auto" the kind with less network time a token (`plan_network_ms`; star on a tie, where
+    no round leaves the coordinator, and where a push view of `view_bytes` would not fit beside a
+    device's weights: `core.push.view_over_memory`). Placement priced star rounds; push is chosen after it."""
+    if rounds == "auto":
+        net, _ = plan_network_ms(plan)
+        rounds = "push" if net["push"] < net["star"] and not view_over_memory(plan, view_bytes) else "star"
+    return replace(plan, rounds=rounds)
 
 
 def check_capacity(cfg: ModelConfig, devices, coordinator: str, tensors: dict, max_context: int,

@@ -14,8 +14,9 @@
   copies cost the link and both ends' CPU against the retransmission waits they save (q1_c with
   the link's bursts, which copies sent back to back share). On a clean link 1; at 5% loss on 200
   Mbit/s 2 (q1 falls from 9.8% to 0.5% for 0.14 ms a round); in bursts of 4, 1 (6.3% -> 5.4%).
-- Star against push rounds (`network_ms`, `round_network_ms`; reported by `inspect`, not placed
-  by): a round trip through the coordinator against one hop from every holder to every device,
+- Star against push rounds (`network_ms`, `round_network_ms`, `plan_network_ms`; placement
+  prices star rounds, then the plan records the cheaper kind, `place.choose_rounds`, and `inspect`
+  reports both): a round trip through the coordinator against one hop from every holder to every device,
   with the busiest link or shared medium (`busiest_link_ms`: devices naming one `medium` take
   turns on the air) and the datagrams each device seals and opens.
 - compute(g, d) = g.flops / (d.compute_gflops*1e6) ms.
@@ -73,7 +74,7 @@ from functools import lru_cache
 
 from halo_runtime.core.codec import datagrams
 from halo_runtime.core.config import ModelConfig
-from halo_runtime.core.plan import Device, Group, SolverReport, network_rounds
+from halo_runtime.core.plan import Device, Group, Plan, SolverReport, network_rounds
 from halo_runtime.core.policy import MAX_COPIES, DeliveryPolicy, pair_link
 from halo_runtime.core.residency import BYTES_PER_WEIGHT, weight_bytes
 
@@ -326,14 +327,20 @@ def link_copies(d: Device, options: PlaceOptions) -> int:
 
 def network_ms(rounds: list[list[str]], devices: list[Device], coordinator: str, copies: dict[str, int],
                options: PlaceOptions) -> dict[str, float]:
-    """Per token, the network time of `rounds` (each: the devices holding a group of it, the
-    coordinator included where it holds one) as star rounds and as push rounds (`core.push`):
-    the sums of `round_network_ms`, plus, for push, one hop of the coordinator's residual a pass.
+    """Per token, the network time of a pass's `rounds` (in order, each: the devices holding a
+    group of it, the coordinator included where it holds one) as star rounds and as push rounds
+    (`core.push`): the sums of `round_network_ms`, plus, for push, one hop of the coordinator's
+    residual before every run of rounds that leave it: at the pass's start (after the embedding)
+    and after every round it computes alone (a layer whose attention stays on the coordinator
+    costs push rounds that hop, as the star's request).
 
         >>> from halo_runtime.core.plan import Device
         >>> boards = [Device(f"b{i}", f"10.0.0.{i}:7700", 10**9, 1.0, latency_ms=1.0) for i in range(4)]
         >>> net = network_ms([["b0", "b1", "b2", "b3"]] * 60, boards, "b0", {}, PlaceOptions())
         >>> net["push"] < net["star"]                       # one hop a round saves more than its datagrams cost
+        True
+        >>> local = network_ms([["b0"], ["b0", "b1", "b2", "b3"]] * 30, boards, "b0", {}, PlaceOptions())
+        >>> local["push"] > local["star"]                   # attention on the coordinator: a hop each way either way
         True
         >>> from dataclasses import replace
         >>> air = [replace(d, medium="wifi") for d in boards]   # one channel: every datagram takes its turn
@@ -341,14 +348,43 @@ def network_ms(rounds: list[list[str]], devices: list[Device], coordinator: str,
         >>> shared["push"] > net["push"] and shared["push"] - net["push"] > shared["star"] - net["star"]
         True
     """
+    handoff = max((_lat(devices, coordinator, d.name) + _msg_ms(devices, d.name, options)
+                   for d in devices if d.name != coordinator), default=0.0)
     star = push = 0.0
     for held in rounds:
         s, p = round_network_ms(held, devices, coordinator, copies, options)
         star, push = star + s, push + p
-    if push:  # the coordinator's residual, once a pass
-        push += max(_lat(devices, coordinator, v) + _msg_ms(devices, v, options)
-                    for v in (d.name for d in devices) if v != coordinator)
-    return {"star": star, "push": push}
+    return {"star": star, "push": push + handoffs(rounds, coordinator) * handoff}
+
+
+def handoffs(rounds: list[list[str]], coordinator: str) -> int:
+    """How many times a push pass hands the coordinator's residual to every device: before each run
+    of `rounds` that leave the coordinator (the first after its embedding, the others after a round
+    it computed alone)."""
+    count, alone = 0, True  # a pass starts with the coordinator's embedding
+    for held in rounds:
+        remote = any(d != coordinator for d in held)
+        count += remote and alone
+        alone = not remote
+    return count
+
+
+def pass_rounds(plan: Plan) -> list[list[str]]:
+    """Every round of a pass of `plan` in order (attention, MLP, per layer): the devices holding a group of it."""
+    return [sorted({g.device for g in plan.layer_groups(layer, kind)})
+            for layer in range(plan.model.num_layers) for kind in ("attn", "mlp")]
+
+
+def plan_network_ms(plan: Plan) -> tuple[dict[str, float], list[tuple[float, float]]]:
+    """The network time of a token of `plan` in star rounds and in push rounds (`network_ms`,
+    parts on the fp16 wire, the plan's copies per link), and each network round's own (star,
+    push) (`round_network_ms`; `Plan.network_rounds`' order)."""
+    held, devices = pass_rounds(plan), list(plan.devices)
+    copies = {d: plan.link_copies(d) for d in plan.device_names}
+    options = PlaceOptions(message_bytes=2 * plan.model.hidden_size)
+    return (network_ms(held, devices, plan.coordinator, copies, options),
+            [round_network_ms(h, devices, plan.coordinator, copies, options)
+             for h in held if any(d != plan.coordinator for d in h)])
 
 
 def _lat(devices: list[Device], a: str, b: str) -> float:

@@ -43,7 +43,7 @@ from halo_runtime.core.plandir import VIEW_FILE
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.push import view_over_memory
 
-from .placecost import GroupCost, PlaceOptions, group_cost, network_ms, round_network_ms
+from .placecost import GroupCost, group_cost, handoffs, pass_rounds, plan_network_ms
 
 MB = 1024 * 1024
 
@@ -145,19 +145,20 @@ def failover_disk_bytes(plan: Plan) -> dict[str, int]:
 
 
 def _rounds_line(plan: Plan, rounds: list[tuple[int, str]]) -> str:
-    """What the cost model says the network costs a token in star rounds and in push rounds, and in
-    how many rounds the other kind would be the cheaper (the runtime runs every round one way)."""
-    held = [sorted({g.device for g in plan.layer_groups(layer, kind)}) for layer, kind in rounds]
-    copies, options = {d: plan.link_copies(d) for d in plan.device_names}, PlaceOptions(message_bytes=2 * plan.model.hidden_size)
-    net = network_ms(held, list(plan.devices), plan.coordinator, copies, options)
+    """What the cost model says the network costs a token in star rounds and in push rounds, which
+    the plan runs (`Plan.rounds`, what `halo-run --rounds plan` runs), and in how many rounds the
+    other kind alone would be the cheaper (the runtime runs every round one way)."""
+    net, by_round = plan_network_ms(plan)
     cheaper = "push" if net["push"] < net["star"] else "star"
-    by_round = [round_network_ms(h, list(plan.devices), plan.coordinator, copies, options) for h in held]
-    other = sum((p < s) != (cheaper == "push") for s, p in by_round)
+    other = sum((p < s) != (plan.rounds == "push") for s, p in by_round)
+    why = ("cheaper on these links" if plan.rounds == cheaper or not net["push"]
+           else f"although {cheaper} is cheaper on these links (halo-compile plan --rounds, or the push view's memory)")
     return (f"network per token (cost model, compute aside): star rounds {net['star']:.2f} ms ({len(rounds)} round "
-            f"trips), push rounds {net['push']:.2f} ms ({len(rounds)} one-way hops and a handoff): {cheaper} is "
-            f"cheaper on these links" + (" (halo-run --rounds push)" if cheaper == "push" else "")
-            + (f"; alone, {'star' if cheaper == 'push' else 'push'} would be cheaper in {other} of {len(rounds)} rounds "
-               "(a star round among push rounds also pays a hop to hand the residual back)" if other else ""))
+            f"trips), push rounds {net['push']:.2f} ms ({len(rounds)} one-way hops and "
+            f"{handoffs(pass_rounds(plan), plan.coordinator)} handoffs of the residual); the plan runs "
+            f"{plan.rounds} rounds, {why}"
+            + (f"; alone, {'star' if plan.rounds == 'push' else 'push'} would be cheaper in {other} of {len(rounds)} "
+               "rounds (a star round among push rounds also pays a hop to hand the residual back)" if other else ""))
 
 
 def _failover_lines(plan: Plan) -> list[str]:

@@ -92,7 +92,8 @@ def pi5_plan(tmp_path_factory):
 
 
 def cluster_yaml(n: int, *, lossy: int = 0, memory_mb: float = 4096, remote_memory_mb: float | None = None,
-                 loss: float = 0.05, coordinator_gflops: float = 0.01, base_port: int = 7800) -> str:
+                 loss: float = 0.05, coordinator_gflops: float = 0.01, base_port: int = 7800,
+                 latency_ms: float = 0.01) -> str:
     """A profile of n loopback devices. The coordinator is made slow so that the solver spreads
     the groups over the others (on a real cluster the latency model may keep a small model local)."""
     lines = ["name: test", "coordinator: dev0", "devices:"]
@@ -101,7 +102,7 @@ def cluster_yaml(n: int, *, lossy: int = 0, memory_mb: float = 4096, remote_memo
         dev_loss = loss if i >= n - lossy and i > 0 else 0.0
         mem = memory_mb if i == 0 or remote_memory_mb is None else remote_memory_mb
         lines.append(f"  - {{name: dev{i}, address: '127.0.0.1:{base_port + i}', memory_mb: {mem}, "
-                     f"compute_gflops: {gflops}, latency_ms: 0.01, loss: {dev_loss}}}")
+                     f"compute_gflops: {gflops}, latency_ms: {latency_ms}, loss: {dev_loss}}}")
     return "\n".join(lines) + "\n"
 
 

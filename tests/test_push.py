@@ -131,6 +131,7 @@ def test_eval_scores_push_rounds_and_reports_the_views(plan_dir, tiny_plan):
 def test_eval_refuses_an_unknown_rounds():
     with pytest.raises(ValueError, match="rounds 'ring'"):
         EvalOptions(rounds="ring")
+    assert EvalOptions().rounds == "plan"  # what halo-run runs by default
 
 
 def _devices(latency_ms: float, loss: float = 0.0, coordinator_ms: float | None = None):
@@ -191,12 +192,60 @@ def test_the_cost_model_counts_only_rounds_that_leave_the_coordinator():
     assert lossy["star"] > clean["star"] and lossy["push"] > clean["push"]  # copies and expected waits
 
 
+def test_push_pays_a_handoff_after_every_round_the_coordinator_computes_alone():
+    """A push pass hands the coordinator's residual to every device before each run of rounds that
+    leave it (core.push's PUSH_H): once a pass where every round does, once a layer where attention
+    stays on the coordinator, so there push saves no hop over the star's round trip."""
+    from halo_compile.placecost import PlaceOptions, network_ms, round_network_ms
+
+    devices, held, options = _devices(1.0), ["d0", "d1", "d2", "d3"], PlaceOptions()
+    star, push = round_network_ms(held, devices, "d0", {}, options)
+    spread = network_ms([held] * 60, devices, "d0", {}, options)
+    hop = spread["push"] - 60 * push
+    assert hop == pytest.approx(2.0 + options.message_bytes * 8 / (devices[1].bandwidth_mbps * 1e3))
+    local = network_ms([["d0"], held] * 30, devices, "d0", {}, options)
+    assert local == pytest.approx({"star": 30 * star, "push": 30 * (push + hop)})
+    assert local["push"] > local["star"] and spread["push"] < spread["star"]
+
+
 def test_inspect_says_which_rounds_are_cheaper(tiny_plan):
     from halo_compile.report import inspect_text
 
     plan, _ = tiny_plan
     line = next(x for x in inspect_text(plan).splitlines() if x.startswith("network per token"))
     assert "star rounds" in line and "push rounds" in line and "cheaper on these links" in line
+
+
+@pytest.mark.parametrize(("latency_ms", "asked", "view_bytes", "expected"),
+                         [(0.01, "auto", 0, "star"), (2.0, "auto", 0, "push"), (2.0, "auto", 2**40, "star"),
+                          (0.01, "push", 0, "push"), (2.0, "star", 0, "star")])
+def test_the_compiler_records_the_cheaper_rounds(tiny_plan, latency_ms, asked, view_bytes, expected):
+    """`Plan.rounds` (what halo-run runs by default): push where every link is slow enough that its
+    hop saves more than its datagrams cost, star on fast links or where a push view would not fit
+    beside a device's weights; what `halo-compile plan --rounds` names, whatever the cost model says."""
+    from dataclasses import replace
+
+    from halo_compile.place import choose_rounds
+    from halo_compile.report import inspect_text
+    from halo_runtime.core.plan import Plan
+
+    plan, _ = tiny_plan
+    slow = replace(plan, devices=tuple(replace(d, latency_ms=latency_ms) for d in plan.devices))
+    chosen = choose_rounds(slow, asked, view_bytes)
+    assert chosen.rounds == expected
+    assert Plan.from_json(chosen.to_json()) == chosen
+    assert ('"rounds"' in chosen.to_json()) == (expected == "push")  # star plans keep their bytes
+    line = next(x for x in inspect_text(chosen).splitlines() if x.startswith("network per token"))
+    assert f"the plan runs {expected} rounds" in line
+
+
+def test_a_plan_naming_unknown_rounds_is_refused(tiny_plan):
+    from halo_runtime.core.plan import Plan
+
+    plan, _ = tiny_plan
+    text = plan.to_json().replace('"schema_version"', '"rounds": "ring", "schema_version"')
+    with pytest.raises(ValueError, match="rounds: 'ring' is not one of star, push"):
+        Plan.from_json(text, "plan.json")
 
 
 def test_inspect_says_where_a_push_view_does_not_fit(tiny_plan):

@@ -140,6 +140,26 @@ def test_local_push_rounds_relaxed_and_strict_give_the_reference_tokens(tiny_pla
         assert r["compensated_share"] == 0.0
 
 
+def test_a_plan_for_slow_links_runs_push_rounds_unless_told(tiny_vocab_dir, tmp_path):
+    """The compiler records the rounds its cost model finds cheaper (push where every link is 2 ms
+    away), `halo-run` runs them unless `--rounds` says otherwise, and eval scores them by default."""
+    from conftest import compile_tiny
+    from test_runtime import PROMPT as TEXT
+
+    from halo_compile.evaluate import EvalOptions, evaluate
+
+    plan, directory = compile_tiny(tiny_vocab_dir, tmp_path, latency_ms=2.0, coordinator_gflops=0.001)
+    assert plan.network_rounds() and plan.rounds == "push"
+    args = ("local", "--plan", str(directory), "--prompt", TEXT, "--max-tokens", "6", "--ignore-eos", "--wire", "fp32",
+            "--plr", "0", "--json", "--quiet")
+    pushed, star = halo_run(*args), halo_run(*args, "--rounds", "star")
+    assert (pushed["rounds"], star["rounds"]) == ("push", "star")
+    assert pushed["tokens"] == star["tokens"]
+    report = evaluate(directory, EvalOptions(plrs=(0.0,), tokens=60, context=30, recall_windows=0, greedy_prompts=0,
+                                             progress=False))
+    assert report["rounds"] == "push" and report["results"][0]["views"]["differing"] == 0
+
+
 @pytest.mark.parametrize("sync", ["relaxed", "strict"])
 def test_sessions_sharing_push_passes_get_the_lone_logits(roomy_plan, sync):
     """Several sessions in one push pass (what `serve --rounds push` runs): each view attends with

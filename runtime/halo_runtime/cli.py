@@ -52,9 +52,10 @@ def _coordinator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", required=True, help="compiled plan directory")
     p.add_argument("--sync", choices=["relaxed", "strict"], default="relaxed",
                    help="relaxed: UDP, deadlines and compensation (default); strict: TCP, await everything")
-    p.add_argument("--rounds", choices=ROUNDS, default=ROUNDS[0],
-                   help="star: every network round a round trip through the coordinator (default); push: each "
-                        "device sends its part to every other, one hop a round")
+    p.add_argument("--rounds", choices=("plan", *ROUNDS), default="plan",
+                   help="star: every network round a round trip through the coordinator; push: each device sends "
+                        "its part to every other, one hop a round; plan: what the plan chose (default; "
+                        "halo-compile inspect says which)")
     p.add_argument("--wire", choices=["fp16", "fp32"], **_field(DeliveryPolicy, "wire"))
     p.add_argument("--redundancy", type=int, **_field(DeliveryPolicy, "redundancy", "; at most 4"))
     p.add_argument("--multi-datagram-copies", type=int,
@@ -325,7 +326,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
         for d, n in s.missing.items():
             per_device[d] = per_device.get(d, 0) + n
     return {
-        "sync": sync, "wire": args.wire, "weights": plan.weights, "kernels": kernels(), "threads": args.threads,
+        "sync": sync, "rounds": args.rounds, "wire": args.wire, "weights": plan.weights, "kernels": kernels(), "threads": args.threads,
         "prompt_tokens": len(prompt), "tokens": gen.tokens,
         "text": tok.decode(gen.tokens, skip_special=True),
         "ttft_ms": round(gen.token_stats[0].total_ms, 3) if gen.token_stats else None,
@@ -360,6 +361,8 @@ def _load_coordinator(args):
         _fail(f"{tok_path}: missing (it is written by halo-compile plan)")
     check_files(args.plan, [PLAN_FILE, TOKENIZER_FILE, plan.shard_file(plan.coordinator)])
     shard = load_shard(args.plan, plan, plan.coordinator)
+    if args.rounds == "plan":
+        args.rounds = plan.rounds
     policy = DeliveryPolicy(wire=args.wire, relaxed_retries=args.relaxed_retries, redundancy=args.redundancy,
                             multi_datagram_copies=args.multi_datagram_copies, dead_after_s=args.dead_after)
     return plan, shard, Tokenizer.from_file(tok_path), policy

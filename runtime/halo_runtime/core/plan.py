@@ -322,6 +322,9 @@ class Plan:
     failover: tuple[Failover, ...] = field(default=(), metadata=OPTIONAL)
     """One per remote device holding critical groups, in device order: where its groups go if it
     dies (the survivors keep their weights in their shards, `shards.failover_tensor`)."""
+    rounds: str = field(default="star", metadata=OPTIONAL)
+    """How the runtime's network rounds travel unless `halo-run --rounds` says otherwise (`ROUNDS`):
+    the kind the compiler's cost model found cheaper on the profile's links."""
 
     def __post_init__(self):
         if self.schema_version != SCHEMA_VERSION:
@@ -338,6 +341,8 @@ class Plan:
             weight_format(self.weights)
         except ValueError as e:
             raise ValueError(f"weights: {e}") from None
+        if self.rounds not in ROUNDS:
+            raise ValueError(f"rounds: {self.rounds!r} is not one of {', '.join(ROUNDS)}")
         if (self.weights == "fp32") != (not self.weights_fingerprint):
             raise ValueError("weights_fingerprint: required for quantised weights, absent for fp32")
         for g in self.groups:

@@ -1,0 +1,110 @@
+"""Star against push rounds on compiled plans: what the cost model predicts, what a run measures.
+
+For each plan: the compiler's choice (`Plan.rounds`) and its cost model's network time a token in
+star and in push rounds (`halo_compile.placecost.plan_network_ms`), then `halo-run local` with
+`--rounds star` and `--rounds push` alternating, every datagram delayed `--delay-ms` one way by
+the in-process shim (device to device as coordinator to device: one hop is one delay, as the
+cost model's links of `--delay-ms`), at each `--plr`. Recorded per run: TPOT p50, time to first
+token, the tokens; the JSON says whether both kinds gave the same tokens.
+
+    python -m benchmarks.rounds_choice --plan out/pi5-2ms --plan out/pi5-tight-2ms [--reps 2]
+
+Example:
+    >>> from benchmarks.rounds_choice import KINDS
+    >>> KINDS
+    ('star', 'push')
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.benchcommon import machine
+
+HERE = Path(__file__).resolve().parent
+KINDS = ("star", "push")
+PROMPT = "The history of the Roman Empire"
+
+
+def run(plan: str, kind: str, plr: float, delay_ms: float, jitter_ms: float, tokens: int) -> dict:
+    """One `halo-run local` run (relaxed, no drafts, fp16 wire): its JSON, abridged."""
+    cmd = [sys.executable, "-m", "halo_runtime.cli", "local", "--plan", plan, "--rounds", kind, "--plr", str(plr),
+           "--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms), "--max-tokens", str(tokens), "--ignore-eos",
+           "--draft", "none", "--json", "--quiet", "--prompt", PROMPT]
+    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return {"rounds": out["rounds"], "plr": plr, "tpot_p50_ms": out["tpot_ms"]["p50"], "ttft_ms": out["ttft_ms"],
+            "tokens": out["tokens"], "load": os.getloadavg()[0]}
+
+
+def measure(plan: str, plrs: list[float], reps: int, delay_ms: float, jitter_ms: float, tokens: int) -> dict:
+    from halo_compile.placecost import plan_network_ms
+    from halo_runtime.core.plan import load_plan
+
+    p = load_plan(plan)
+    net, _ = plan_network_ms(p)
+    runs = [run(plan, kind, plr, delay_ms, jitter_ms, tokens)
+            for _ in range(reps) for plr in plrs for kind in KINDS]
+    summary = {}
+    for plr in plrs:
+        by_kind = {k: sorted(r["tpot_p50_ms"] for r in runs if r["plr"] == plr and r["rounds"] == k) for k in KINDS}
+        summary[str(plr)] = {f"{k}_tpot_p50_ms": v for k, v in by_kind.items()}
+        summary[str(plr)]["same_tokens"] = len({tuple(r["tokens"]) for r in runs if r["plr"] == plr}) == 1
+    return {"plan": plan, "profile": p.profile_name, "chosen": p.rounds, "network_rounds": len(p.network_rounds()),
+            "model_network_ms": {k: round(v, 2) for k, v in net.items()}, "summary": summary, "runs": runs}
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels, x = [], 0
+    for entry in doc["plans"]:
+        for plr, s in entry["summary"].items():
+            for i, kind in enumerate(KINDS):
+                ys = s[f"{kind}_tpot_p50_ms"]
+                ax.scatter([x + (i - 0.5) * 0.3] * len(ys), ys, color=("tab:blue", "tab:orange")[i],
+                           label=kind if x == 0 else None)
+            labels.append(f"{entry['profile']}\nplr {plr}\n(plan: {entry['chosen']})")
+            x += 1
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("TPOT p50, ms")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"star vs push rounds, {doc['delay_ms']} ms one way (local shim)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--plan", action="append", required=True, help="compiled plan directory (repeatable)")
+    p.add_argument("--plr", type=float, action="append", help="loss on the plan's lossy links (default 0 and 0.05)")
+    p.add_argument("--delay-ms", type=float, default=2.0)
+    p.add_argument("--jitter-ms", type=float, default=0.5)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--out", default=str(HERE / "results" / "rounds_choice.json"))
+    a = p.parse_args(argv)
+    doc = {"machine": machine(), "delay_ms": a.delay_ms, "jitter_ms": a.jitter_ms, "tokens": a.tokens,
+           "load_before": os.getloadavg(), "plans": []}
+    for plan in a.plan:
+        doc["plans"].append(measure(plan, a.plr or [0.0, 0.05], a.reps, a.delay_ms, a.jitter_ms, a.tokens))
+        entry = doc["plans"][-1]
+        print(f"{entry['profile']}: plan {entry['chosen']}, model {entry['model_network_ms']}, "
+              f"measured {entry['summary']}", file=sys.stderr)
+    doc["load_after"] = os.getloadavg()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    plot(doc, out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
