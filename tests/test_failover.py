@@ -227,8 +227,9 @@ def test_the_pi5_plan_served_keeps_streaming_when_pi5_1_dies(pi5_plan, tmp_path)
 
 def test_a_resume_hello_is_echoed_only_by_a_worker_that_holds_the_session(tiny_plan, tiny_shards):
     """After push rounds lose a device the coordinator asks the others back (`recovery.RESUME`): a
-    worker that holds the session echoes it and keeps its KV state; one restarted since stays
-    silent, so that it is replaced like a dead one instead of answering from empty caches."""
+    worker that holds the session echoes it and keeps its KV state; one restarted since answers
+    RESET and keeps its state too, so that the coordinator rebuilds its caches (relaxed rounds) or
+    replaces it (strict) instead of using empty ones."""
     plan, _ = tiny_plan
     d = next(x for x in plan.device_names if x != plan.coordinator)
     me = plan.device_names.index(plan.coordinator)
@@ -238,7 +239,7 @@ def test_a_resume_hello_is_echoed_only_by_a_worker_that_holds_the_session(tiny_p
         w.compute.lengths[0, 0] = 5  # KV rows of the session so far
         assert [m.kind for m in w.handle(Message(Kind.HELLO, 7, 0, 0, me, RESUME))] == [Kind.HELLO]
         assert w.session == 7 and w.compute.cache_length(0) == 5
-        assert w.handle(Message(Kind.HELLO, 8, 0, 0, me, RESUME)) == []
+        assert [(m.kind, m.session) for m in w.handle(Message(Kind.HELLO, 8, 0, 0, me, RESUME))] == [(Kind.RESET, 8)]
         assert w.session == 7 and w.compute.cache_length(0) == 5
     finally:
         w.close()

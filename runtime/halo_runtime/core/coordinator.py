@@ -389,9 +389,11 @@ class Coordinator:
                         logits = self.forward(feed, self.step - 1, stats)[None]
                     break
                 except DeviceLost as lost:  # replaced by the plan's failover, then the pass runs again
+                    replaced = len(self.failovers)
                     self._fail_over(lost, start)
-                    gen.failovers.append(self.failovers[-1])
-                    gen.failovers[-1].token = len(gen.tokens)
+                    if len(self.failovers) > replaced:  # not when it restarted and rejoined (push rounds)
+                        gen.failovers.append(self.failovers[-1])
+                        gen.failovers[-1].token = len(gen.tokens)
             tokens, accepted = verify(logits, guesses, seen, choose)
             if guesses:
                 # rejected rows are past the new position: the next pass overwrites them on every device

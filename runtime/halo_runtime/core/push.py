@@ -93,7 +93,8 @@ def load_view(directory, plan: Plan) -> dict[str, np.ndarray]:
 def view_over_memory(plan: Plan, view_bytes: int) -> dict[str, tuple[float, float]]:
     """Remote device -> (MB it would hold, MB the plan gave it) for each device whose weights and
     KV cache, with a push view of `view_bytes` beside them, exceed its memory: placement does not
-    count the view (push rounds are the runtime's choice, `--rounds`)."""
+    count the view (it places for star rounds; `halo_compile.place.choose_rounds` then keeps such a
+    plan on star rounds, and `--rounds push` is the user's choice)."""
     out = {}
     for dev, rep in zip(plan.devices, plan.device_reports):
         held = rep.weight_bytes + rep.kv_cache_bytes + view_bytes
@@ -353,7 +354,8 @@ class PushCoordinator(Coordinator):
     """The coordinator of push rounds over a `PushMesh`: its own view is the star's residual (it
     alone computes the logits); segments, generation and drafts are the star's. A device lost in
     push rounds is replaced by the plan's failover, and the session goes on in star rounds (where
-    failover is built) if its mesh can (`to_star`); else the loss ends the run."""
+    failover is built) if its mesh can (`to_star`; one that restarted meanwhile rejoins instead of
+    being replaced); else the loss ends the run."""
 
     def __init__(self, plan: Plan, shard: dict[str, np.ndarray], mesh: PushMesh, compensation: str | None = None,
                  await_predicted: bool = True, threads: int = 1):
@@ -375,9 +377,11 @@ class PushCoordinator(Coordinator):
         # the device named is the first whose part did not come; one that waited for a dead
         # device's part is silent too, so the star's handshake says which one is gone
         t0 = time.perf_counter()
-        lost = DeviceLost(str(lost), to_star(lost.device))
+        dead = to_star(lost.device, start)
         self.pushing = False
-        super()._fail_over(lost, start)
+        if dead is None:  # it restarted and rejoined: nobody to replace, the pass runs again in star rounds
+            return
+        super()._fail_over(DeviceLost(str(lost), dead), start)
         self.failovers[-1].switch_ms = 1e3 * (time.perf_counter() - t0)  # the star's handshake included
 
     def _segment_done(self, i: int, h, x) -> None:

@@ -178,16 +178,34 @@ class UdpExchange:
         elif dead:  # gone before this session's first token: nothing to rebuild
             self.fail_over(dead.pop(), 0)
 
-    def resume(self, session: int, history: History, timeout_s: float) -> set[str]:
+    def resume(self, session: int, history: History, timeout_s: float, start=0) -> tuple[set[str], set[str]]:
         """Go on with `session`, run in push rounds so far (`push.UdpPush.to_star`), in star rounds:
         each device is asked back with a HELLO of the same session (`recovery.RESUME`: it keeps its
-        KV cache and leaves push rounds; one restarted since stays silent), and `history` (the
-        attention inputs the coordinator's view computed) is what a failover rebuilds from.
-        Returns the devices that did not answer within `timeout_s`."""
+        KV cache and leaves push rounds), and `history` (the attention inputs the coordinator's view
+        computed) is what a failover or a rejoin rebuilds from. A device restarted since answers
+        RESET: it rejoins, its KV caches rebuilt up to `start` (slot 0's position, or slot ->
+        position: the pass the loss interrupted runs again). Returns (the devices that did not
+        answer within `timeout_s` or could not be rebuilt, the devices that rejoined)."""
         self.session, self.history = session, history
         self.endpoint.reassembler.set_watermark(0)
-        return hello_until_echoed(self.endpoint, self.plan, session, RESUME, {d: self.peers[d] for d in self.remote},
-                                  timeout_s)
+        restarted: set[str] = set()
+        silent = hello_until_echoed(self.endpoint, self.plan, session, RESUME, {d: self.peers[d] for d in self.remote},
+                                    timeout_s, restarted)
+        starts = start if isinstance(start, dict) else {0: start}
+        rejoined = set()
+        for d in sorted(restarted):
+            layers = [i for i in range(self.plan.model.num_layers) if d in self.layout["attn"][i]]
+            try:
+                rebuild(d, self.peers[d], self.auth, self.guard, self.me, self.index[d], session, 0,
+                        kv_inputs(history, layers, starts), self.policy.wire, self.policy.dead_after_s)
+            except (TransportError, DeviceLost):
+                silent.add(d)
+                continue
+            rejoined.add(d)
+            self.counters["rejoins"] += 1
+            self.warn(f"device {d} restarted and rejoined the session (KV cache rebuilt: "
+                      f"{sum(starts.values())} tokens in {len(layers)} layers)")
+        return silent, rejoined
 
     def fail_over(self, dead: str, start) -> dict[int, dict[int, np.ndarray]]:
         """See `core.exchange.FailingOver`: the survivors take over `dead`'s groups."""

@@ -26,7 +26,8 @@ A device lost in push rounds (`dead_after_s`) moves the session to star rounds, 
 the devices left keep their KV caches, the dead one's heads are rebuilt on their adopters from
 the attention inputs the coordinator recorded (`UdpPush.to_star`). A relaxed part of several
 rows is cut at row boundaries, and a view uses the rows whose datagrams came (`Mesh.partial_rows`).
-What push rounds do not do yet: rejoin a restarted device.
+A device restarted meanwhile answers the star's HELLO with RESET and rejoins (relaxed rounds:
+its KV caches rebuilt over TCP, as the star's rejoin does) instead of being replaced.
 
 Example (on loopback, as tests/test_push_net.py runs it):
     $ halo-run local --plan artifacts/smollm2-135m-pi5 --rounds push --prompt "Hello"
@@ -313,17 +314,23 @@ class UdpPush:
         if any(d != self.me for d in self.holders["attn"][layer]):
             self.history.append(layer, x, spans)
 
-    def to_star(self, suspect: str) -> str:
+    def to_star(self, suspect: str, start=0) -> str | None:
         """After `suspect` went silent: the session goes on in star rounds, which fail over (the
         star's exchange on the same devices, `resume`d with the attention inputs recorded so far;
         `post`, `collect`, `fail_over` and the counters are its from now on). Returns the device to
         replace: the one that does not answer the star's HELLO (a worker that waits for a dead
-        device's part is silent in push rounds, but answers), else `suspect`."""
+        device's part is silent in push rounds, but answers), else `suspect`; None if `suspect`
+        had restarted and rejoined (relaxed rounds: its KV caches rebuilt up to `start`, slot 0's
+        position or slot -> position) and no other is silent."""
         star = self._star_exchange()
         self._pushed = self.stats()  # the counters go on from the push rounds' (`stats`)
-        silent = star.resume(self.mesh.session, self.history, min(self.policy.dead_after_s, RESUME_S))
+        silent, rejoined = star.resume(self.mesh.session, self.history, min(self.policy.dead_after_s, RESUME_S),
+                                       start)
         self.star = star
         self._leave()
+        if not silent and suspect in rejoined:
+            _warn(f"push rounds lost {suspect}, restarted: the session goes on in star rounds with it")
+            return None
         dead = sorted(silent)[0] if len(silent) == 1 else suspect
         _warn(f"push rounds lost {dead}: the session goes on in star rounds")
         return dead

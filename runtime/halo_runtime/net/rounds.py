@@ -38,10 +38,12 @@ def holders(plan: Plan) -> dict[str, list[list[str]]]:
     return out
 
 
-def hello_until_echoed(endpoint, plan: Plan, session: int, body: bytes, peers: dict, timeout_s: float) -> set[str]:
+def hello_until_echoed(endpoint, plan: Plan, session: int, body: bytes, peers: dict, timeout_s: float,
+                       restarted: set[str] | None = None) -> set[str]:
     """The coordinator's HELLO of `session` (payload `body`) to every device of `peers` (name ->
     address) over UDP, sent again with a growing pause until each echoes it or `timeout_s` passes;
-    the names that did not answer."""
+    the names that did not answer. With `restarted`, a RESET (a device that does not hold the
+    session: restarted since) answers too, and its name is added there."""
     names, me = plan.device_names, plan.device_names.index(plan.coordinator)
     waiting, attempt, deadline = set(peers), 0, time.monotonic() + timeout_s
     while waiting and time.monotonic() < deadline:
@@ -52,8 +54,12 @@ def hello_until_echoed(endpoint, plan: Plan, session: int, body: bytes, peers: d
         until = min(deadline, time.monotonic() + 0.05 * attempt)
         while waiting and time.monotonic() < until:
             got = endpoint.recv(until - time.monotonic())
-            if got and got[0].kind == Kind.HELLO and got[0].session == session and got[0].sender < len(names):
-                waiting.discard(names[got[0].sender])
+            if got and got[0].session == session and got[0].sender < len(names):
+                if got[0].kind == Kind.HELLO:
+                    waiting.discard(names[got[0].sender])
+                elif got[0].kind == Kind.RESET and restarted is not None and names[got[0].sender] in waiting:
+                    waiting.discard(names[got[0].sender])
+                    restarted.add(names[got[0].sender])
     return waiting
 
 

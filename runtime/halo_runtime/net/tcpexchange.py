@@ -87,11 +87,12 @@ class TcpExchange:
         if self.failed:
             self._hand_over(self.failed, {})
 
-    def resume(self, session: int, history: History, timeout_s: float) -> set[str]:
+    def resume(self, session: int, history: History, timeout_s: float, start=0) -> tuple[set[str], set[str]]:
         """Go on with `session`, run in strict push rounds so far (`pushtcp.TcpPush.to_star`), in star
         rounds: a HELLO of the same session on each new connection (`recovery.RESUME`: a device keeps
         its KV cache and leaves push rounds), `history` what a failover rebuilds from. Returns the
-        devices that took no connection or did not echo within `timeout_s`."""
+        devices that took no connection or did not echo within `timeout_s` (a restarted one answers
+        RESET: strict rounds replace it, as they do a dead one), and no rejoined ones."""
         self.session, self.history = session, history
         silent = set(self.unreachable)
         for d, ch in self.channels.items():
@@ -102,11 +103,14 @@ class TcpExchange:
                 while (msg := ch.recv(max(0.0, deadline - time.monotonic()))) is not None:
                     if msg.kind == Kind.HELLO and msg.session == session:
                         break
+                    if msg.kind == Kind.RESET and msg.session == session:  # restarted: no need to wait
+                        silent.add(d)
+                        break
                 else:
                     silent.add(d)
             except TransportError:
                 silent.add(d)
-        return silent
+        return silent, set()
 
     def fail_over(self, dead: str, start) -> dict[int, dict[int, np.ndarray]]:
         """See `core.exchange.FailingOver`: the survivors take over `dead`'s groups."""

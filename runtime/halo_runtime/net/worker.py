@@ -178,7 +178,9 @@ class Worker:
         with self.lock:
             if msg.kind == Kind.HELLO:
                 if msg.payload == RESUME and msg.session != self.session:
-                    return []  # restarted since: the coordinator must replace it, not use its empty caches
+                    # restarted since: say so, so that the coordinator rebuilds its KV caches (or
+                    # replaces it) rather than use empty ones
+                    return [Message(Kind.RESET, msg.session, 0, 0, self.index)]
                 # a new session, or a coordinator rebuilding this device's KV cache (payload "rebuild")
                 if msg.session != self.session or msg.payload == REBUILD:
                     self.session = msg.session
