@@ -5,7 +5,8 @@ star and in push rounds (`halo_compile.placecost.plan_network_ms`), then `halo-r
 `--rounds star` and `--rounds push` alternating, every datagram delayed `--delay-ms` one way by
 the in-process shim (device to device as coordinator to device: one hop is one delay, as the
 cost model's links of `--delay-ms`), at each `--plr`. Recorded per run: TPOT p50, time to first
-token, the tokens; the JSON says whether both kinds gave the same tokens.
+token, the tokens, the coordinator's compensated share and each worker view's own estimates; the
+JSON says whether both kinds gave the same tokens.
 
     python -m benchmarks.rounds_choice --plan out/pi5-2ms --plan out/pi5-tight-2ms [--reps 2]
 
@@ -37,7 +38,10 @@ def run(plan: str, kind: str, plr: float, delay_ms: float, jitter_ms: float, tok
            "--draft", "none", "--json", "--quiet", "--prompt", PROMPT]
     out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     return {"rounds": out["rounds"], "plr": plr, "tpot_p50_ms": out["tpot_ms"]["p50"], "ttft_ms": out["ttft_ms"],
-            "tokens": out["tokens"], "load": os.getloadavg()[0]}
+            "tokens": out["tokens"], "compensated_share": out["compensated_share"],
+            # parts a worker's own view estimated (push rounds): where its residual left the coordinator's
+            "view_compensated": {d: s.get("view_compensated", 0) for d, s in out.get("devices", {}).items()},
+            "load": os.getloadavg()[0]}
 
 
 def measure(plan: str, plrs: list[float], reps: int, delay_ms: float, jitter_ms: float, tokens: int) -> dict:

@@ -348,13 +348,24 @@ def network_ms(rounds: list[list[str]], devices: list[Device], coordinator: str,
         >>> shared["push"] > net["push"] and shared["push"] - net["push"] > shared["star"] - net["star"]
         True
     """
+    costs = pass_network_ms(rounds, devices, coordinator, copies, options)
+    return {"star": sum(s for s, _ in costs), "push": sum(p for _, p in costs)}
+
+
+def pass_network_ms(rounds: list[list[str]], devices: list[Device], coordinator: str, copies: dict[str, int],
+                    options: PlaceOptions) -> list[tuple[float, float]]:
+    """(star, push) of each of `rounds` that leaves the coordinator (`round_network_ms`), push with
+    the handoff of the coordinator's residual where it starts a run of such rounds (`handoffs`)."""
     handoff = max((_lat(devices, coordinator, d.name) + _msg_ms(devices, d.name, options)
                    for d in devices if d.name != coordinator), default=0.0)
-    star = push = 0.0
+    costs, alone = [], True  # a pass starts with the coordinator's embedding
     for held in rounds:
-        s, p = round_network_ms(held, devices, coordinator, copies, options)
-        star, push = star + s, push + p
-    return {"star": star, "push": push + handoffs(rounds, coordinator) * handoff}
+        remote = any(d != coordinator for d in held)
+        if remote:
+            s, p = round_network_ms(held, devices, coordinator, copies, options)
+            costs.append((s, p + (handoff if alone else 0.0)))
+        alone = not remote
+    return costs
 
 
 def handoffs(rounds: list[list[str]], coordinator: str) -> int:
@@ -378,13 +389,11 @@ def pass_rounds(plan: Plan) -> list[list[str]]:
 def plan_network_ms(plan: Plan) -> tuple[dict[str, float], list[tuple[float, float]]]:
     """The network time of a token of `plan` in star rounds and in push rounds (`network_ms`,
     parts on the fp16 wire, the plan's copies per link), and each network round's own (star,
-    push) (`round_network_ms`; `Plan.network_rounds`' order)."""
-    held, devices = pass_rounds(plan), list(plan.devices)
+    push) (`pass_network_ms`; `Plan.network_rounds`' order)."""
     copies = {d: plan.link_copies(d) for d in plan.device_names}
     options = PlaceOptions(message_bytes=2 * plan.model.hidden_size)
-    return (network_ms(held, devices, plan.coordinator, copies, options),
-            [round_network_ms(h, devices, plan.coordinator, copies, options)
-             for h in held if any(d != plan.coordinator for d in h)])
+    costs = pass_network_ms(pass_rounds(plan), list(plan.devices), plan.coordinator, copies, options)
+    return {"star": sum(s for s, _ in costs), "push": sum(p for _, p in costs)}, costs
 
 
 def _lat(devices: list[Device], a: str, b: str) -> float:

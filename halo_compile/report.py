@@ -149,13 +149,14 @@ def _rounds_line(plan: Plan, rounds: list[tuple[int, str]]) -> str:
     the plan runs (`Plan.rounds`, what `halo-run --rounds plan` runs), and in how many rounds the
     other kind alone would be the cheaper (the runtime runs every round one way)."""
     net, by_round = plan_network_ms(plan)
+    n = handoffs(pass_rounds(plan), plan.coordinator)
     cheaper = "push" if net["push"] < net["star"] else "star"
     other = sum((p < s) != (plan.rounds == "push") for s, p in by_round)
     why = ("cheaper on these links" if plan.rounds == cheaper or not net["push"]
            else f"although {cheaper} is cheaper on these links (halo-compile plan --rounds, or the push view's memory)")
     return (f"network per token (cost model, compute aside): star rounds {net['star']:.2f} ms ({len(rounds)} round "
-            f"trips), push rounds {net['push']:.2f} ms ({len(rounds)} one-way hops and "
-            f"{handoffs(pass_rounds(plan), plan.coordinator)} handoffs of the residual); the plan runs "
+            f"trips), push rounds {net['push']:.2f} ms ({len(rounds)} one-way hops and {n} handoff"
+            f"{'s' if n != 1 else ''} of the residual); the plan runs "
             f"{plan.rounds} rounds, {why}"
             + (f"; alone, {'star' if plan.rounds == 'push' else 'push'} would be cheaper in {other} of {len(rounds)} "
                "rounds (a star round among push rounds also pays a hop to hand the residual back)" if other else ""))

@@ -378,7 +378,8 @@ def test_restarted_worker_rejoins_and_output_matches(plan_dir, key, reference, w
 def test_a_worker_restarted_in_push_rounds_rejoins_and_output_matches(plan_dir, key, reference, workers, capfd):
     """The same restart in push rounds: the views wait for its part until `dead_after_s`, the star's
     HELLO finds it restarted (RESET), its KV caches are rebuilt up to the interrupted pass, and the
-    session goes on in star rounds with it: no failover, the undisturbed run's tokens."""
+    session goes on in star rounds with it: no failover, the undisturbed run's tokens. The next
+    session runs in push rounds again."""
     from halo_runtime.core.push import PushCoordinator
     from halo_runtime.net.push import UdpPush
 
@@ -390,9 +391,13 @@ def test_a_worker_restarted_in_push_rounds_rejoins_and_output_matches(plan_dir, 
     mesh = UdpPush(plan, workers.peers, policy, bind_host="127.0.0.1", auth=Authenticator(key))
     restarted, on_token = _restart_at(workers, victim, 8)
     try:
-        gen = PushCoordinator(plan, shard, mesh).generate(PROMPT, 24, session=random.getrandbits(32),
-                                                          keep_logits=True, on_token=on_token)
+        coord = PushCoordinator(plan, shard, mesh)
+        gen = coord.generate(PROMPT, 24, session=random.getrandbits(32), keep_logits=True, on_token=on_token)
         stats = mesh.stats()
+        assert mesh.star is not None and not coord.pushing
+        # the next session finds every device: push rounds again
+        again = coord.generate(PROMPT, 24, session=random.getrandbits(32))
+        assert mesh.star is None and coord.pushing and again.tokens == reference.tokens
     finally:
         mesh.close()
     err = capfd.readouterr().err
@@ -436,6 +441,38 @@ def test_a_replaced_device_takes_its_groups_back_at_the_first_session_after_it_a
         ex.close()
     assert any(f"device {victim} answers again" in w for w in warned), warned
     # the same tokens before, during and after: greedy, nothing lost, every part awaited
+    assert gen.tokens == again.tokens == back.tokens == reference.tokens
+
+
+def test_push_rounds_start_again_at_the_first_session_that_finds_every_device(plan_dir, key, reference, workers):
+    """Push rounds that lost a critical device go on in star rounds with its failover, and stay there
+    while it is dead; restarted, it takes its groups back at the next session, which runs in push
+    rounds again."""
+    from halo_runtime.core.push import PushCoordinator
+    from halo_runtime.net.push import UdpPush
+
+    plan = workers.plan
+    victim = _with_attention(plan)
+    shard = load_shard(plan_dir, plan, plan.coordinator)
+    mesh = UdpPush(plan, workers.peers, DeliveryPolicy(wire="fp32", dead_after_s=1.0, rto_floor_ms=300.0),
+                   bind_host="127.0.0.1", auth=Authenticator(key))
+    coord = PushCoordinator(plan, shard, mesh)
+
+    def on_token(step, token, stats):
+        if step == 5:
+            workers.kill(victim)
+
+    try:
+        gen = coord.generate(PROMPT, 24, session=random.getrandbits(32), on_token=on_token)
+        assert [f.device for f in gen.failovers] == [victim] and not coord.pushing
+        again = coord.generate(PROMPT, 24, session=random.getrandbits(32))
+        assert coord.failed == victim and not coord.pushing  # still replaced: star rounds
+        workers.start(victim, workers.peers[victim][1])
+        workers.wait_ready(victim)
+        back = coord.generate(PROMPT, 24, session=random.getrandbits(32))
+        assert coord.failed is None and coord.pushing and mesh.star is None and back.failovers == []
+    finally:
+        mesh.close()
     assert gen.tokens == again.tokens == back.tokens == reference.tokens
 
 

@@ -366,6 +366,11 @@ class PushCoordinator(Coordinator):
         self.pushing = True
         """False once a lost device moved the session to star rounds."""
 
+    def reset(self, session: int) -> None:
+        super().reset(session)
+        # push rounds again once a session's HELLO finds every device (`UdpPush.begin`)
+        self.pushing = getattr(self.exchange, "star", None) is None
+
     def run(self, feeds, step: int, stats):
         self._pass = (step, tuple(Span(f.slot, f.start, len(f.tokens), f.source) for f in feeds))
         return super().run(feeds, step, stats)

@@ -270,9 +270,13 @@ class UdpPush:
                  bind_host: str = "0.0.0.0", shim=None, auth: Authenticator | None = None):
         self._common(plan, peers, policy, auth)
         self._bind, self._shim = bind_host, shim
-        self.endpoint = UdpEndpoint(bind_host, 0, shim=shim, auth=self.auth, guard=ReplayGuard(),
-                                    me=plan.device_names.index(self.me))
+        self._reopen()
         self.mesh = Mesh(plan, self.me, self.endpoint, peers, policy, 0)
+
+    def _reopen(self) -> None:
+        """A socket of its own for push rounds (`_leave` closed the last one)."""
+        self.endpoint = UdpEndpoint(self._bind, 0, shim=self._shim, auth=self.auth, guard=ReplayGuard(),
+                                    me=self.plan.device_names.index(self.me))
 
     def _common(self, plan: Plan, peers: dict, policy: DeliveryPolicy, auth: Authenticator | None) -> None:
         """What the coordinator's side of push rounds knows whatever carries them (UDP, TCP)."""
@@ -293,9 +297,9 @@ class UdpPush:
 
     def begin(self, session: int, timeout_s: float | None = None) -> None:
         """Start `session` on every device in push mode (HELLO with the addresses and the rule);
-        in star mode after a device was lost (`to_star`)."""
-        if self.star is not None:
-            return self.star.begin(session, timeout_s)
+        in star mode after a device was lost (`to_star`) until a session finds them all again."""
+        if self.star is not None and not self._whole_again(session):
+            return
         timeout_s = self.policy.dead_after_s if timeout_s is None else timeout_s
         self.mesh = Mesh(self.plan, self.me, self.endpoint, self.peers, self.policy, session)
         self.history = History(self.plan.model.num_layers, self.width, self.policy.wire)
@@ -307,6 +311,19 @@ class UdpPush:
             raise DeviceLost(f"device {d} at {self.peers[d][0]}:{self.peers[d][1]} does not start push rounds "
                              f"(is `halo-run worker --device {d}` running there, with this plan's key and the "
                              "coordinator's shard in its plan directory?)", d)
+
+    def _whole_again(self, session: int) -> bool:
+        """In star rounds after a loss: start `session` there (where a replaced device may come
+        back); True, the star left, if every device answered and none is replaced or down: then
+        `session` runs in push rounds (a new session carries nothing over)."""
+        self.star.begin(session)
+        if self.star.failed is not None or getattr(self.star, "down", None) or getattr(self.star, "unreachable", None):
+            return False
+        self.star.close()
+        self.star = None
+        self._reopen()
+        _warn("every device answers: push rounds again from this session")
+        return True
 
     def remember(self, layer: int, x: np.ndarray, spans: tuple) -> None:
         """An attention round's input as the star would have sent it: what a failover rebuilds the

@@ -151,8 +151,8 @@ class TcpPush(UdpPush):
     def begin(self, session: int, timeout_s: float | None = None) -> None:
         """Connect to every device afresh and start `session` in strict push mode; every device has
         connected to every other when its HELLO comes back; in star mode after a device was lost."""
-        if self.star is not None:
-            return self.star.begin(session)
+        if self.star is not None and not self._whole_again(session):
+            return
         self.history = History(self.plan.model.num_layers, self.width, self.policy.wire)
         self._close_channels()
         self.stop = threading.Event()
@@ -184,6 +184,9 @@ class TcpPush(UdpPush):
 
     def _leave(self) -> None:
         self._close_channels()
+
+    def _reopen(self) -> None:
+        """Nothing: `begin` connects to every device afresh."""
 
     def stats(self) -> ExchangeStats:
         if self.star is not None:

@@ -252,8 +252,10 @@ class Engine:
                 self.draft = self.drafts(self.coord) if self.drafts is not None else None
                 self.metrics.absorb(exchange_counters(self.exchange), fresh=True)
                 self._reset()
-            elif not self.active and self.coord.failed is not None:
-                self._reset()  # nothing runs: a replaced device may answer again and take its groups back
+            elif not self.active and (self.coord.failed is not None or not getattr(self.coord, "pushing", True)):
+                # nothing runs: a replaced device may answer again and take its groups back, and push
+                # rounds a loss moved to the star may start again (`net.push.UdpPush.begin`)
+                self._reset()
             return True
         except (DeviceLost, TransportError) as e:
             self._lose(str(e))
