@@ -355,29 +355,25 @@ def network_ms(rounds: list[list[str]], devices: list[Device], coordinator: str,
 def pass_network_ms(rounds: list[list[str]], devices: list[Device], coordinator: str, copies: dict[str, int],
                     options: PlaceOptions) -> list[tuple[float, float]]:
     """(star, push) of each of `rounds` that leaves the coordinator (`round_network_ms`), push with
-    the handoff of the coordinator's residual where it starts a run of such rounds (`handoffs`)."""
+    the handoff of the coordinator's residual where one comes first (`handed_off`)."""
     handoff = max((_lat(devices, coordinator, d.name) + _msg_ms(devices, d.name, options)
                    for d in devices if d.name != coordinator), default=0.0)
-    costs, alone = [], True  # a pass starts with the coordinator's embedding
+    return [(s, p + (handoff if first else 0.0))
+            for held, first in handed_off(rounds, coordinator)
+            for s, p in [round_network_ms(held, devices, coordinator, copies, options)]]
+
+
+def handed_off(rounds: list[list[str]], coordinator: str) -> list[tuple[list[str], bool]]:
+    """Each of `rounds` that leaves the coordinator, and whether a push pass hands every device the
+    coordinator's residual before it: where it starts a run of such rounds (the first after the
+    embedding, the others after a round the coordinator computed alone)."""
+    out, alone = [], True  # a pass starts with the coordinator's embedding
     for held in rounds:
         remote = any(d != coordinator for d in held)
         if remote:
-            s, p = round_network_ms(held, devices, coordinator, copies, options)
-            costs.append((s, p + (handoff if alone else 0.0)))
+            out.append((held, alone))
         alone = not remote
-    return costs
-
-
-def handoffs(rounds: list[list[str]], coordinator: str) -> int:
-    """How many times a push pass hands the coordinator's residual to every device: before each run
-    of `rounds` that leave the coordinator (the first after its embedding, the others after a round
-    it computed alone)."""
-    count, alone = 0, True  # a pass starts with the coordinator's embedding
-    for held in rounds:
-        remote = any(d != coordinator for d in held)
-        count += remote and alone
-        alone = not remote
-    return count
+    return out
 
 
 def pass_rounds(plan: Plan) -> list[list[str]]:

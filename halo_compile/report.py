@@ -43,7 +43,7 @@ from halo_runtime.core.plandir import VIEW_FILE
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.push import view_over_memory
 
-from .placecost import GroupCost, group_cost, handoffs, pass_rounds, plan_network_ms
+from .placecost import GroupCost, group_cost, handed_off, pass_rounds, plan_network_ms
 
 MB = 1024 * 1024
 
@@ -149,7 +149,7 @@ def _rounds_line(plan: Plan, rounds: list[tuple[int, str]]) -> str:
     the plan runs (`Plan.rounds`, what `halo-run --rounds plan` runs), and in how many rounds the
     other kind alone would be the cheaper (the runtime runs every round one way)."""
     net, by_round = plan_network_ms(plan)
-    n = handoffs(pass_rounds(plan), plan.coordinator)
+    n = sum(first for _, first in handed_off(pass_rounds(plan), plan.coordinator))
     cheaper = "push" if net["push"] < net["star"] else "star"
     other = sum((p < s) != (plan.rounds == "push") for s, p in by_round)
     why = ("cheaper on these links" if plan.rounds == cheaper or not net["push"]
