@@ -196,6 +196,7 @@ def verify(directory, model):
 @field_option("--greedy-prompts", of=EVAL, type=int)
 @field_option("--greedy-tokens", of=EVAL, type=int)
 @field_option("--rounds", of=EVAL, type=click.Choice(["plan", *ROUNDS]))
+@field_option("--wire", of=EVAL, type=click.Choice(["fp32", "fp16"]))
 @field_option("--relaxed-retries", of=POLICY, type=int,
               help="Delivery policy simulated: fast re-requests of a late relaxed part before its deadline.")
 @field_option("--redundancy", of=POLICY, type=int,
@@ -208,7 +209,7 @@ def verify(directory, model):
               help="Run DEVICE in predictive loading mode (skip MLP groups predicted inactive); repeatable.")
 @friendly
 def evaluate(directory, plrs, burst, tokens, text_file, seed, methods, context, greedy_prompts, greedy_tokens, rounds,
-             relaxed_retries, redundancy, multi_datagram_copies, as_json, quiet, predictive):
+             wire, relaxed_retries, redundancy, multi_datagram_copies, as_json, quiet, predictive):
     """Perplexity, top-1 agreement and greedy agreement of the plan in DIRECTORY under simulated loss,
     per method, against the plan with nothing lost."""
     import json
@@ -222,7 +223,7 @@ def evaluate(directory, plrs, burst, tokens, text_file, seed, methods, context, 
     torch.set_num_threads(1)  # the machines this runs on are small and shared
     try:
         opts = EvalOptions(plrs=tuple(plrs) or None, burst=burst, tokens=tokens, context=context, text_file=text_file, seed=seed,
-                           greedy_prompts=greedy_prompts, greedy_tokens=greedy_tokens, rounds=rounds,
+                           greedy_prompts=greedy_prompts, greedy_tokens=greedy_tokens, rounds=rounds, wire=wire,
                            methods=tuple(methods) or None, progress=not quiet, predictive=tuple(predictive),
                            policy=DeliveryPolicy(relaxed_retries=relaxed_retries, redundancy=redundancy,
                                                  multi_datagram_copies=multi_datagram_copies))

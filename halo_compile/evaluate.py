@@ -115,7 +115,7 @@ class EvalOptions:
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
     """The runtime delivery policy whose miss rates are simulated."""
     wire: str = "fp32"
-    """Wire dtype simulated in process (fp32 isolates loss from fp16 rounding)."""
+    """Wire dtype simulated in process: fp32 isolates loss from rounding; fp16 is what halo-run sends."""
     recall_windows: int = RECALL_WINDOWS
     """Windows on which the predictor's recall is measured (0 = skip)."""
     greedy_prompts: int = 8
@@ -145,6 +145,8 @@ class EvalOptions:
         for p in self.plrs or ():
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"loss rate {p} is outside [0, 1)")
+        if self.wire not in ("fp32", "fp16"):
+            raise ValueError(f"wire {self.wire!r}: fp32 or fp16")
         if self.rounds not in ("plan", *ROUNDS):
             raise ValueError(f"rounds {self.rounds!r}: one of plan, {', '.join(ROUNDS)}")
         unknown = sorted(set(self.methods or ()) - set(METHODS))

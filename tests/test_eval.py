@@ -260,6 +260,21 @@ def test_cli_prints_one_json_object(tiny_plan):
     assert table.exit_code == 0 and table.stdout.startswith("full model: perplexity"), table.output
 
 
+@pytest.mark.parametrize("rounds", ["star", "push"])
+def test_cli_scores_the_fp16_wire_the_runtime_sends(tiny_plan, rounds):
+    """`--wire fp16`: every part rounded as halo-run sends it (push: the coordinator's own parts too);
+    nothing lost, the full model's perplexity up to that rounding."""
+    _, directory = tiny_plan
+    res = CliRunner().invoke(main, ["eval", str(directory), "--json", "--quiet", "--tokens", "256", "--context",
+                                    "128", "--plr", "0", "--method", "zero", "--wire", "fp16", "--rounds", rounds])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert (out["wire"], out["rounds"]) == ("fp16", rounds)
+    assert all(abs(r["delta"]) < 1e-2 for r in out["results"]), out["results"]
+    bad = CliRunner().invoke(main, ["eval", str(directory), "--wire", "bf16"])
+    assert bad.exit_code == 2 and "bf16" in bad.output
+
+
 def test_cli_bad_directory_is_one_line_exit_2(tmp_path):
     res = CliRunner().invoke(main, ["eval", str(tmp_path / "nope"), "--json"])
     assert res.exit_code == 2
