@@ -24,6 +24,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # the compiler pins the instruction set torch and MKL sum with (halo_compile/__init__.py): before
 # any test module makes torch compute, so in-process compiles give what `halo-compile` gives
 import halo_compile  # noqa: E402,F401
+# the live-worker fixtures (tests/liveworkers.py) are a plugin the test modules that use them import:
+# its asserts are rewritten like a conftest's
+pytest.register_assert_rewrite("liveworkers")
 
 ROOT = Path(__file__).resolve().parents[1]
 # `make install` installs halo_runtime (editable); a bare checkout still runs the tests.
