@@ -291,8 +291,9 @@ def loss_blind_variant(plan: Plan, shards: dict, solver_time: float = 10.0) -> t
     extras = {k: v for k, v in coord.items() if k.startswith(("predictor.", "compensation."))}
     placed = placement_inputs(plan.model, plan.groups, plan.devices, plan.coordinator, coord, plan.max_context,
                               plan.seed, solver_time, weights=plan.weights).place_loss_blind()
-    # the plan's failover moves its own placement's groups: the re-placed one has none (nor its shards)
-    blind = replace(plan, groups=tuple(replace(g, device=placed.assignment[g.id]) for g in plan.groups), failover=())
+    # the plan's failover and star rounds are its own placement's: the re-placed one has none
+    blind = replace(plan, groups=tuple(replace(g, device=placed.assignment[g.id]) for g in plan.groups), failover=(),
+                    star_rounds=())
     weights = assemble(plan, shards)
     out = {d: slice_device(blind, d, weights) for d in blind.device_names}
     out[blind.coordinator].update(extras)

@@ -69,11 +69,11 @@ from .placecost import (
     link_copies,
     load_ms,
     mb,
-    plan_network_ms,
     predicted_token_ms,
     rounds_per_token,
     stream_share,
 )
+from .roundcost import plan_network_ms
 from .placesolve import LOSS_SCALE, TIME_UNITS_PER_MS, Problem, capacity, optimise
 
 __all__ = ["GroupCost", "InfeasibleError", "PlaceOptions", "Placement", "PlacementInputs", "choose_rounds",
@@ -331,13 +331,16 @@ def mark_streaming(plan: Plan, inputs: PlacementInputs) -> Plan:
 
 def choose_rounds(plan: Plan, rounds: str = "auto", view_bytes: int = 0) -> Plan:
     """`plan` with the rounds the runtime runs by default recorded (`Plan.rounds`): `rounds` itself,
-    or for "auto" the kind with less network time a token (`plan_network_ms`; star on a tie, where
-    no round leaves the coordinator, and where a push view of `view_bytes` would not fit beside a
-    device's weights: `core.push.view_over_memory`). Placement priced star rounds; push is chosen after it."""
+    or for "auto" the kind with less network time a token (`plan_network_ms`: push mixed with the
+    star rounds that cost less, against star; star on a tie, where no round leaves the coordinator,
+    where the mix keeps no push round, and where a push view of `view_bytes` would not fit beside a
+    device's weights: `core.push.view_over_memory`). A push plan records its star rounds
+    (`Plan.star_rounds`). Placement priced star rounds; push is chosen after it."""
+    net, _, star_rounds = plan_network_ms(plan)
     if rounds == "auto":
-        net, _ = plan_network_ms(plan)
-        rounds = "push" if net["push"] < net["star"] and not view_over_memory(plan, view_bytes) else "star"
-    return replace(plan, rounds=rounds)
+        pushes = len(star_rounds) < len(plan.network_rounds())
+        rounds = "push" if net["mixed"] < net["star"] and pushes and not view_over_memory(plan, view_bytes) else "star"
+    return replace(plan, rounds=rounds, star_rounds=star_rounds if rounds == "push" else ())
 
 
 def check_capacity(cfg: ModelConfig, devices, coordinator: str, tensors: dict, max_context: int,

@@ -14,11 +14,8 @@
   copies cost the link and both ends' CPU against the retransmission waits they save (q1_c with
   the link's bursts, which copies sent back to back share). On a clean link 1; at 5% loss on 200
   Mbit/s 2 (q1 falls from 9.8% to 0.5% for 0.14 ms a round); in bursts of 4, 1 (6.3% -> 5.4%).
-- Star against push rounds (`network_ms`, `round_network_ms`, `plan_network_ms`; placement
-  prices star rounds, then the plan records the cheaper kind, `place.choose_rounds`, and `inspect`
-  reports both): a round trip through the coordinator against one hop from every holder to every device,
-  with the busiest link or shared medium (`busiest_link_ms`: devices naming one `medium` take
-  turns on the air) and the datagrams each device seals and opens.
+- Star against push rounds: `roundcost.py` (placement prices star rounds; the plan records the
+  cheaper kind after it).
 - compute(g, d) = g.flops / (d.compute_gflops*1e6) ms.
 - A device with `storage_mbps` may hold more weights than its memory; the groups that do not fit
   are read from storage as needed, costing load(g, d) = g.select_rate * g.weight_bytes /
@@ -74,8 +71,8 @@ from functools import lru_cache
 
 from halo_runtime.core.codec import datagrams
 from halo_runtime.core.config import ModelConfig
-from halo_runtime.core.plan import Device, Group, Plan, SolverReport, network_rounds
-from halo_runtime.core.policy import MAX_COPIES, DeliveryPolicy, pair_link
+from halo_runtime.core.plan import Device, Group, SolverReport, network_rounds
+from halo_runtime.core.policy import MAX_COPIES, DeliveryPolicy
 from halo_runtime.core.residency import BYTES_PER_WEIGHT, weight_bytes
 
 
@@ -323,147 +320,6 @@ def link_copies(d: Device, options: PlaceOptions) -> int:
         return round(2 * sent * copy_ms + q1 * options.rto_ms, 9)
 
     return min(range(1, MAX_COPIES + 1), key=lambda c: (cost(c), c))
-
-
-def network_ms(rounds: list[list[str]], devices: list[Device], coordinator: str, copies: dict[str, int],
-               options: PlaceOptions) -> dict[str, float]:
-    """Per token, the network time of a pass's `rounds` (in order, each: the devices holding a
-    group of it, the coordinator included where it holds one) as star rounds and as push rounds
-    (`core.push`): the sums of `round_network_ms`, plus, for push, one hop of the coordinator's
-    residual before every run of rounds that leave it: at the pass's start (after the embedding)
-    and after every round it computes alone (a layer whose attention stays on the coordinator
-    costs push rounds that hop, as the star's request).
-
-        >>> from halo_runtime.core.plan import Device
-        >>> boards = [Device(f"b{i}", f"10.0.0.{i}:7700", 10**9, 1.0, latency_ms=1.0) for i in range(4)]
-        >>> net = network_ms([["b0", "b1", "b2", "b3"]] * 60, boards, "b0", {}, PlaceOptions())
-        >>> net["push"] < net["star"]                       # one hop a round saves more than its datagrams cost
-        True
-        >>> local = network_ms([["b0"], ["b0", "b1", "b2", "b3"]] * 30, boards, "b0", {}, PlaceOptions())
-        >>> local["push"] > local["star"]                   # attention on the coordinator: a hop each way either way
-        True
-        >>> from dataclasses import replace
-        >>> air = [replace(d, medium="wifi") for d in boards]   # one channel: every datagram takes its turn
-        >>> shared = network_ms([["b0", "b1", "b2", "b3"]] * 60, air, "b0", {}, PlaceOptions())
-        >>> shared["push"] > net["push"] and shared["push"] - net["push"] > shared["star"] - net["star"]
-        True
-    """
-    costs = pass_network_ms(rounds, devices, coordinator, copies, options)
-    return {"star": sum(s for s, _ in costs), "push": sum(p for _, p in costs)}
-
-
-def pass_network_ms(rounds: list[list[str]], devices: list[Device], coordinator: str, copies: dict[str, int],
-                    options: PlaceOptions) -> list[tuple[float, float]]:
-    """(star, push) of each of `rounds` that leaves the coordinator (`round_network_ms`), push with
-    the handoff of the coordinator's residual where one comes first (`handed_off`)."""
-    handoff = max((_lat(devices, coordinator, d.name) + _msg_ms(devices, d.name, options)
-                   for d in devices if d.name != coordinator), default=0.0)
-    return [(s, p + (handoff if first else 0.0))
-            for held, first in handed_off(rounds, coordinator)
-            for s, p in [round_network_ms(held, devices, coordinator, copies, options)]]
-
-
-def handed_off(rounds: list[list[str]], coordinator: str) -> list[tuple[list[str], bool]]:
-    """Each of `rounds` that leaves the coordinator, and whether a push pass hands every device the
-    coordinator's residual before it: where it starts a run of such rounds (the first after the
-    embedding, the others after a round the coordinator computed alone)."""
-    out, alone = [], True  # a pass starts with the coordinator's embedding
-    for held in rounds:
-        remote = any(d != coordinator for d in held)
-        if remote:
-            out.append((held, alone))
-        alone = not remote
-    return out
-
-
-def pass_rounds(plan: Plan) -> list[list[str]]:
-    """Every round of a pass of `plan` in order (attention, MLP, per layer): the devices holding a group of it."""
-    return [sorted({g.device for g in plan.layer_groups(layer, kind)})
-            for layer in range(plan.model.num_layers) for kind in ("attn", "mlp")]
-
-
-def plan_network_ms(plan: Plan) -> tuple[dict[str, float], list[tuple[float, float]]]:
-    """The network time of a token of `plan` in star rounds and in push rounds (`network_ms`,
-    parts on the fp16 wire, the plan's copies per link), and each network round's own (star,
-    push) (`pass_network_ms`; `Plan.network_rounds`' order)."""
-    copies = {d: plan.link_copies(d) for d in plan.device_names}
-    options = PlaceOptions(message_bytes=2 * plan.model.hidden_size)
-    costs = pass_network_ms(pass_rounds(plan), list(plan.devices), plan.coordinator, copies, options)
-    return {"star": sum(s for s, _ in costs), "push": sum(p for _, p in costs)}, costs
-
-
-def _lat(devices: list[Device], a: str, b: str) -> float:
-    """One datagram from a to b crosses a's access link and b's (the coordinator's too, as
-    `benchmarks.plr_sweep --delay-from-plan` builds the lab)."""
-    return sum(d.latency_ms for d in devices if d.name in (a, b))
-
-
-def _msg_ms(devices: list[Device], d: str, options: PlaceOptions) -> float:
-    """One part's time on d's link."""
-    return options.message_bytes * 8 / (next(x for x in devices if x.name == d).bandwidth_mbps * 1e3)
-
-
-def busiest_link_ms(sends: list[tuple[str, str, int]], devices: list[Device], options: PlaceOptions) -> float:
-    """The longest any one link or shared medium is busy carrying `sends` ((sender, receiver,
-    copies) of one part each): on switched links, a device's uplink carries what it sends and its
-    downlink what it receives; devices naming the same `medium` (one Wi-Fi channel) take turns on
-    the air, where a datagram from one station to another goes up to the access point and down
-    again: twice, when both are on that channel.
-
-        >>> from halo_runtime.core.plan import Device
-        >>> d = [Device(n, f"10.0.0.{i}:7700", 10**9, 1.0, bandwidth_mbps=8, medium=m)
-        ...      for i, (n, m) in enumerate([("a", ""), ("b", "air"), ("c", "air")])]
-        >>> o = PlaceOptions(message_bytes=1000)            # 1 ms a part at 8 Mbit/s
-        >>> busiest_link_ms([("a", "b", 1), ("a", "c", 2)], d, o)   # the channel: 1 + 2 transmissions
-        3.0
-        >>> busiest_link_ms([("b", "c", 1)], d, o)          # up and down the same channel
-        2.0
-    """
-    medium = {d.name: d.medium for d in devices}
-    busy: dict[tuple[str, str], float] = {}
-    for s, v, c in sends:
-        for end, direction in ((s, "up"), (v, "down")):
-            key = ("air", medium[end]) if medium[end] else (direction, end)
-            busy[key] = busy.get(key, 0.0) + c * _msg_ms(devices, end, options)
-    return max(busy.values(), default=0.0)
-
-
-def round_network_ms(held: list[str], devices: list[Device], coordinator: str, copies: dict[str, int],
-                     options: PlaceOptions) -> tuple[float, float]:
-    """(star, push): the network time of one round whose groups `held` lists the devices of.
-    `copies`: the plan's per link (between two boards: `core.policy.pair_link`, as the runtime
-    sends). Star round: the slowest participant's round trip (2 latencies, the expected wait for a
-    lost request or reply), the busiest link or medium carrying every request and reply
-    (`busiest_link_ms`), and the coordinator's CPU for every datagram it seals and opens
-    (`datagram_ms`). Push round: the slowest pair's one-way trip (and expected wait), the busiest
-    link or medium carrying every device's part to every other, and the busiest device's CPU for
-    what it sends and receives. So push saves a hop only where the coordinator's link is as slow as
-    the boards': behind a wired coordinator a board-to-board datagram crosses two slow links, as a
-    star's round trip does; and on a shared medium it pays N - 1 times the airtime of a star's
-    replies. Compute is left out: it is the same either way."""
-    by_name = {d.name: d for d in devices}
-    names = list(by_name)
-    one = DeliveryPolicy(relaxed_retries=0)
-    remote = [d for d in held if d != coordinator]
-    if not remote:
-        return 0.0, 0.0
-
-    def pair(a: str, b: str) -> tuple[float, int]:
-        return pair_link(by_name[a].loss, by_name[b].loss, copies.get(a, 1), copies.get(b, 1))
-
-    star = (max(2 * _lat(devices, coordinator, d)
-                + one.miss_probability(by_name[d].loss, planned=copies.get(d, 1)) * options.rto_ms for d in remote)
-            + busiest_link_ms([(a, b, copies.get(d, 1)) for d in remote for a, b in ((coordinator, d), (d, coordinator))],
-                              devices, options)
-            + options.datagram_ms * sum(2 * copies.get(d, 1) for d in remote))
-    sends = [(s, v, pair(s, v)[1]) for s in held for v in names if v != s]
-    handled = dict.fromkeys(names, 0)  # datagrams each device seals or opens
-    for s, v, c in sends:
-        handled[s] += c
-        handled[v] += c
-    push = (max(_lat(devices, s, v) + pair(s, v)[0] ** c * options.rto_ms for s, v, c in sends)
-            + busiest_link_ms(sends, devices, options) + options.datagram_ms * max(handled.values()))
-    return star, push
 
 
 def energy_mj(power_w: tuple[float, float], compute_ms: float, token_ms: float) -> float:

@@ -43,7 +43,8 @@ from halo_runtime.core.plandir import VIEW_FILE
 from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.push import view_over_memory
 
-from .placecost import GroupCost, group_cost, handed_off, pass_rounds, plan_network_ms
+from .placecost import GroupCost, group_cost
+from .roundcost import handed_off, pass_rounds, plan_network_ms
 
 MB = 1024 * 1024
 
@@ -145,21 +146,22 @@ def failover_disk_bytes(plan: Plan) -> dict[str, int]:
 
 
 def _rounds_line(plan: Plan, rounds: list[tuple[int, str]]) -> str:
-    """What the cost model says the network costs a token in star rounds and in push rounds, which
-    the plan runs (`Plan.rounds`, what `halo-run --rounds plan` runs), and in how many rounds the
-    other kind alone would be the cheaper (the runtime runs every round one way)."""
-    net, by_round = plan_network_ms(plan)
+    """What the cost model says the network costs a token in star rounds, in push rounds and in
+    push rounds mixed with the star rounds that cost less (`roundcost.mixed_pass`), what the plan
+    runs (`Plan.rounds`, what `halo-run --rounds plan` runs) and, in push rounds, which rounds push."""
+    net, _, star_rounds = plan_network_ms(plan)
     n = sum(first for _, first in handed_off(pass_rounds(plan), plan.coordinator))
-    cheaper = "push" if net["push"] < net["star"] else "star"
-    other = sum((p < s) != (plan.rounds == "push") for s, p in by_round)
+    cheaper = "push" if net["mixed"] < net["star"] and len(star_rounds) < len(rounds) else "star"
     why = ("cheaper on these links" if plan.rounds == cheaper or not net["push"]
            else f"although {cheaper} is cheaper on these links (halo-compile plan --rounds, or the push view's memory)")
-    return (f"network per token (cost model, compute aside): star rounds {net['star']:.2f} ms ({len(rounds)} round "
+    line = (f"network per token (cost model, compute aside): star rounds {net['star']:.2f} ms ({len(rounds)} round "
             f"trips), push rounds {net['push']:.2f} ms ({len(rounds)} one-way hops and {n} handoff"
-            f"{'s' if n != 1 else ''} of the residual); the plan runs "
-            f"{plan.rounds} rounds, {why}"
-            + (f"; alone, {'star' if plan.rounds == 'push' else 'push'} would be cheaper in {other} of {len(rounds)} "
-               "rounds (a star round among push rounds also pays a hop to hand the residual back)" if other else ""))
+            f"{'s' if n != 1 else ''} of the residual), push with {len(star_rounds)} star rounds where a round trip "
+            f"costs less {net['mixed']:.2f} ms; the plan runs {plan.rounds} rounds, {why}")
+    if plan.rounds == "push" and plan.star_rounds:
+        line += (f"\n  {len(plan.star_rounds)} of them through the coordinator; these push: "
+                 + " ".join(f"{layer}.{kind}" for layer, kind in rounds if (layer, kind) not in plan.starred_rounds()))
+    return line
 
 
 def _failover_lines(plan: Plan) -> list[str]:

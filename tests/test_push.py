@@ -7,6 +7,7 @@ from halo_compile.evaluate import EvalOptions, evaluate
 from halo_runtime.core.coordinator import Coordinator, TokenStats
 from halo_runtime.core.draft import LookupDraft
 from halo_runtime.core.exchange import InProcessExchange
+from halo_runtime.core.plan import Plan
 from halo_runtime.core.push import InProcessPush, PushCoordinator, ViewStats, push_miss
 
 
@@ -45,6 +46,57 @@ def test_nothing_lost_push_generates_the_stars_greedy_tokens_with_a_draft(tiny_p
     push, _ = _push(plan, tiny_shards)
     ref = star.generate(prompt, 12).tokens
     assert push.generate(prompt, 12, draft=LookupDraft(), draft_tokens=3).tokens == ref
+
+
+def _starred(plan, every: int):
+    """`plan` in push rounds with every `every`-th network round a star round (`Plan.star_rounds`)."""
+    from dataclasses import replace
+
+    return replace(plan, rounds="push", star_rounds=tuple(range(every - 1, len(plan.network_rounds()), every)))
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+@pytest.mark.parametrize("wire", ["fp32", "fp16"])
+def test_star_rounds_among_push_rounds_give_the_stars_logits_bit_for_bit(tiny_plan, tiny_shards, every, wire):
+    """A star round's parts come to the coordinator alone, which hands its residual to the views
+    before the next round: nothing lost, the star's bits, and every view's input the coordinator's."""
+    plan = _starred(tiny_plan[0], every)
+    assert plan.star_rounds and len(plan.starred_rounds()) == len(plan.star_rounds)
+    a, b, ex = _star_and_push(plan, tiny_shards, [3, 14, 15, 92, 65, 35, 89, 79], wire)
+    assert np.array_equal(a, b)
+    assert ex.drift.inputs > 0 and ex.drift.differing == 0
+
+
+def test_a_star_round_under_loss_is_decided_by_the_coordinator_alone(tiny_plan, tiny_shards):
+    """Views draw no misses of a star round's parts (they never see them): fewer disagreements
+    than pure push rounds under the same loss, and the views take the coordinator's residual."""
+    plan = tiny_plan[0]
+    miss = dict.fromkeys(_lossy(plan), 0.3)
+    drift = []
+    for p in (_starred(plan, 1), plan):
+        push, ex = _push(p, tiny_shards, miss=miss, seed=1, await_predicted=False)
+        push.reset(1)
+        push.forward(list(range(3, 60)), 0, TokenStats(), all_positions=True)
+        drift.append(ex.drift)
+        assert ex.stats().compensated > 0
+    assert drift[0].disagreements == drift[0].compensated == 0 < drift[1].disagreements
+
+
+def test_a_plan_names_star_rounds_only_in_push_rounds_and_in_range(tiny_plan):
+    from dataclasses import replace
+
+    plan = tiny_plan[0]
+    n = len(plan.network_rounds())
+    with pytest.raises(ValueError, match="star_rounds: only a plan that runs push rounds"):
+        replace(plan, star_rounds=(0,))
+    for bad in [(n,), (1, 0), (0, 0), (-1,)]:
+        with pytest.raises(ValueError, match=f"star_rounds: want increasing indexes of the plan's {n} network rounds"):
+            replace(plan, rounds="push", star_rounds=bad)
+    starred = _starred(plan, 2)
+    assert Plan.from_json(starred.to_json()) == starred
+    assert '"star_rounds"' not in replace(starred, star_rounds=()).to_json()  # push plans without keep their bytes
+    dead = next(d for d in plan.device_names if plan.replaceable(d))
+    assert starred.without(dead).star_rounds == ()  # failover runs star rounds
 
 
 def test_the_coordinators_own_parts_are_rounded_to_the_wire(tiny_vocab_dir, tmp_path):
@@ -149,7 +201,8 @@ def test_the_cost_model_prices_a_round_trip_against_one_hop(latency_ms, coordina
     """Push sends more datagrams (CPU on every device) to save one hop: worth it on slow links, and
     only where the coordinator's own link is slow too (behind a wired one, board to board is two
     slow links, as a round trip is)."""
-    from halo_compile.placecost import PlaceOptions, network_ms
+    from halo_compile.placecost import PlaceOptions
+    from halo_compile.roundcost import network_ms
 
     rounds = [["d0", "d1", "d2", "d3"]] * 60
     devices = _devices(latency_ms, coordinator_ms=coordinator_ms)
@@ -167,7 +220,8 @@ def test_on_a_shared_medium_push_pays_its_airtime(medium, cheaper):
     outweighs the hop it saves; on switched links of the same speed it does not."""
     from dataclasses import replace
 
-    from halo_compile.placecost import PlaceOptions, busiest_link_ms, network_ms, round_network_ms
+    from halo_compile.placecost import PlaceOptions
+    from halo_compile.roundcost import busiest_link_ms, network_ms, round_network_ms
 
     devices = [replace(d, bandwidth_mbps=20.0, medium=medium) for d in _devices(1.0)]
     options, held = PlaceOptions(message_bytes=2304), ["d0", "d1", "d2", "d3"]
@@ -183,7 +237,8 @@ def test_on_a_shared_medium_push_pays_its_airtime(medium, cheaper):
 
 
 def test_the_cost_model_counts_only_rounds_that_leave_the_coordinator():
-    from halo_compile.placecost import PlaceOptions, network_ms
+    from halo_compile.placecost import PlaceOptions
+    from halo_compile.roundcost import network_ms
 
     net = network_ms([["d0"]] * 10, _devices(2.0), "d0", {}, PlaceOptions())
     assert net == {"star": 0.0, "push": 0.0}
@@ -196,16 +251,45 @@ def test_push_pays_a_handoff_after_every_round_the_coordinator_computes_alone():
     """A push pass hands the coordinator's residual to every device before each run of rounds that
     leave it (core.push's PUSH_H): once a pass where every round does, once a layer where attention
     stays on the coordinator, so there push saves no hop over the star's round trip."""
-    from halo_compile.placecost import PlaceOptions, network_ms, round_network_ms
+    from halo_compile.placecost import PlaceOptions
+    from halo_compile.roundcost import handoff_ms, network_ms, round_network_ms
+    from halo_runtime.core.codec import datagrams
 
     devices, held, options = _devices(1.0), ["d0", "d1", "d2", "d3"], PlaceOptions()
     star, push = round_network_ms(held, devices, "d0", {}, options)
     spread = network_ms([held] * 60, devices, "d0", {}, options)
     hop = spread["push"] - 60 * push
-    assert hop == pytest.approx(2.0 + options.message_bytes * 8 / (devices[1].bandwidth_mbps * 1e3))
+    # two 1 ms ends, three fp32 residuals (twice a part's bytes) on the coordinator's link, its CPU for them
+    fp32 = 2 * options.message_bytes * 8 / (devices[1].bandwidth_mbps * 1e3)
+    assert hop == pytest.approx(handoff_ms(devices, "d0", {}, options)) == pytest.approx(
+        2.0 + 3 * fp32 + 3 * datagrams(2 * options.message_bytes) * options.datagram_ms)
     local = network_ms([["d0"], held] * 30, devices, "d0", {}, options)
     assert local == pytest.approx({"star": 30 * star, "push": 30 * (push + hop)})
     assert local["push"] > local["star"] and spread["push"] < spread["star"]
+
+
+ALL = ["d0", "d1", "d2", "d3"]
+
+
+@pytest.mark.parametrize(("rounds", "medium", "mbps", "expected"), [
+    ([ALL] * 6, "", 1000, (5,)),  # push every round but the last: only the coordinator needs its sum
+    ([ALL, ALL, ["d0"]] * 2, "", 1000, (1, 3)),  # the same before each round the coordinator computes alone
+    ([["d0"], ALL] * 3, "", 1000, (0, 1, 2)),  # alone between the coordinator's rounds: a round trip either way
+    ([ALL] * 6, "wifi0", 20, (0, 1, 2, 3, 4, 5)),  # one slow channel: pushing to every device costs airtime
+])
+def test_a_push_pass_sends_a_round_to_the_coordinator_alone_where_that_costs_less(rounds, medium, mbps, expected):
+    from dataclasses import replace
+
+    from halo_compile.placecost import PlaceOptions
+    from halo_compile.roundcost import mixed_pass, network_ms
+
+    devices = [replace(d, medium=medium, bandwidth_mbps=mbps) for d in _devices(1.0)]
+    ms, star_rounds = mixed_pass(rounds, devices, "d0", {}, PlaceOptions())
+    assert star_rounds == expected
+    net = network_ms(rounds, devices, "d0", {}, PlaceOptions())
+    assert ms <= min(net.values()) + 1e-9  # all push and all star are mixes too
+    if len(expected) == sum(any(d != "d0" for d in held) for held in rounds):
+        assert ms == pytest.approx(net["star"])
 
 
 def test_inspect_says_which_rounds_are_cheaper(tiny_plan):
@@ -227,12 +311,13 @@ def test_the_compiler_records_the_cheaper_rounds(tiny_plan, latency_ms, asked, v
 
     from halo_compile.place import choose_rounds
     from halo_compile.report import inspect_text
-    from halo_runtime.core.plan import Plan
+    from halo_compile.roundcost import plan_network_ms
 
     plan, _ = tiny_plan
     slow = replace(plan, devices=tuple(replace(d, latency_ms=latency_ms) for d in plan.devices))
     chosen = choose_rounds(slow, asked, view_bytes)
     assert chosen.rounds == expected
+    assert chosen.star_rounds == (plan_network_ms(slow)[2] if expected == "push" else ())
     assert Plan.from_json(chosen.to_json()) == chosen
     assert ('"rounds"' in chosen.to_json()) == (expected == "push")  # star plans keep their bytes
     line = next(x for x in inspect_text(chosen).splitlines() if x.startswith("network per token"))

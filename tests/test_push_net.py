@@ -27,11 +27,11 @@ FP32 = DeliveryPolicy(wire="fp32", **SLOW)
 
 @pytest.fixture
 def workers(tiny_plan, tiny_shards):
-    """Start every remote device as a Worker thread; returns start(loss) -> peers."""
+    """Start every remote device as a Worker thread; returns start(loss, plan) -> peers."""
     plan, _ = tiny_plan
     started, shims = [], []
 
-    def start(loss: float = 0.0) -> dict:
+    def start(loss: float = 0.0, plan=plan) -> dict:
         peers = {}
         for i, d in enumerate(plan.device_names):
             if d == plan.coordinator:
@@ -98,6 +98,31 @@ def test_strict_push_over_tcp_gives_the_stars_logits_bit_for_bit(tiny_plan, tiny
     assert mesh.stats().relaxed_parts > 0 and mesh.stats().compensated == 0
 
 
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("strict", [False, True])
+def test_star_rounds_among_push_rounds_over_the_network_give_the_stars_logits(tiny_plan, tiny_shards, workers,
+                                                                              strict, every):
+    """Workers send a star round's part to the coordinator alone and wait for the residual it hands
+    out next (UDP and strict TCP): the star's bits, every view using every part."""
+    from test_push import _starred
+
+    plan = _starred(tiny_plan[0], every)
+    peers = workers(plan=plan)
+    mesh = TcpPush(plan, peers, FP32) if strict else UdpPush(plan, peers, FP32, bind_host="127.0.0.1")
+    try:
+        push = PushCoordinator(plan, tiny_shards[plan.coordinator], mesh)
+        got = push.generate(PROMPT, 8, session=5, keep_logits=True)
+        again = push.generate(PROMPT, 8, session=6, draft=LookupDraft(), draft_tokens=3)
+        devices = mesh.device_stats() if not strict else {}
+    finally:
+        mesh.close()
+    ref = _star(plan, tiny_shards, PROMPT, 8)
+    assert got.tokens == ref.tokens == again.tokens
+    assert all(np.array_equal(a, b) for a, b in zip(got.logits, ref.logits))
+    assert mesh.stats().compensated == 0
+    assert all(s.view_compensated == 0 for s in devices.values())
+
+
 def test_push_over_udp_under_loss_completes_pulling_lost_parts(tiny_plan, tiny_shards, workers):
     plan, _ = tiny_plan
     peers = workers(loss=0.3)
@@ -150,6 +175,7 @@ def test_a_plan_for_slow_links_runs_push_rounds_unless_told(tiny_vocab_dir, tmp_
 
     plan, directory = compile_tiny(tiny_vocab_dir, tmp_path, latency_ms=2.0, coordinator_gflops=0.001)
     assert plan.network_rounds() and plan.rounds == "push"
+    assert plan.star_rounds  # the last round's sum only the coordinator needs
     args = ("local", "--plan", str(directory), "--prompt", TEXT, "--max-tokens", "6", "--ignore-eos", "--wire", "fp32",
             "--plr", "0", "--json", "--quiet")
     pushed, star = halo_run(*args), halo_run(*args, "--rounds", "star")

@@ -325,6 +325,10 @@ class Plan:
     rounds: str = field(default="star", metadata=OPTIONAL)
     """How the runtime's network rounds travel unless `halo-run --rounds` says otherwise (`ROUNDS`):
     the kind the compiler's cost model found cheaper on the profile's links."""
+    star_rounds: tuple[int, ...] = field(default=(), metadata=OPTIONAL)
+    """In push rounds, the network rounds (indexes into `network_rounds()`) whose parts go to the
+    coordinator alone, which hands the residual out again before the next: where its round trip
+    costs less than pushing every part to every device (`starred_rounds`)."""
 
     def __post_init__(self):
         if self.schema_version != SCHEMA_VERSION:
@@ -343,6 +347,13 @@ class Plan:
             raise ValueError(f"weights: {e}") from None
         if self.rounds not in ROUNDS:
             raise ValueError(f"rounds: {self.rounds!r} is not one of {', '.join(ROUNDS)}")
+        if self.star_rounds:
+            n = len(self.network_rounds())
+            if self.rounds != "push":
+                raise ValueError("star_rounds: only a plan that runs push rounds has them")
+            if (any(type(i) is not int or not 0 <= i < n for i in self.star_rounds)
+                    or list(self.star_rounds) != sorted(set(self.star_rounds))):
+                raise ValueError(f"star_rounds: want increasing indexes of the plan's {n} network rounds")
         if (self.weights == "fp32") != (not self.weights_fingerprint):
             raise ValueError("weights_fingerprint: required for quantised weights, absent for fp32")
         for g in self.groups:
@@ -415,7 +426,7 @@ class Plan:
             self, groups=tuple(dataclasses.replace(g, device=moved[g.id]) if g.id in moved else g
                                for g in self.groups),
             predicted_token_ms=f.predicted_token_ms, expected_lost_importance=f.expected_lost_importance,
-            failover=())
+            failover=(), star_rounds=())  # failover runs star rounds
 
     def shard_file(self, name: str) -> str:
         return self.shards[self.device_names.index(name)]
@@ -436,6 +447,11 @@ class Plan:
         """The (layer, "attn" | "mlp") rounds that ask a remote device, in order: a round whose
         groups all stay on the coordinator sends nothing (the rounds a token waits on the network)."""
         return network_rounds(((g.layer, g.kind, g.device) for g in self.groups), self.coordinator)
+
+    def starred_rounds(self) -> frozenset[tuple[int, str]]:
+        """The (layer, kind) rounds a push pass runs through the coordinator (`star_rounds`)."""
+        rounds = self.network_rounds()
+        return frozenset(rounds[i] for i in self.star_rounds)
 
     # ---- serialisation ------------------------------------------------------------------------
 

@@ -4,7 +4,10 @@ In the star (`coordinator`), a network round is a round trip: the coordinator se
 input out and the devices send their parts back. With push rounds a device sends its part straight
 to every other device, and each one forms the sum on its own copy of the residual (its *view*):
 one one-way hop per round. The coordinator sends the residual only where it computed rounds alone
-(its segments: the embedding at least), once per pass.
+(its segments: the embedding at least), once per pass. A plan's `star_rounds` send their parts to
+the coordinator alone, which hands the residual out again before the next round: a star round
+within push rounds, where pushing every part to every device costs more than that round trip (the
+last round before one the coordinator computes alone needs no view's sum at all).
 
 The rule every view applies is the coordinator's (`push_sum`): critical parts awaited, a relaxed
 part awaited on the tokens where *its own* predictor (on its own attention input) flags the
@@ -56,6 +59,7 @@ from .plan import ROUNDS, Plan
 from .plandir import VIEW_FILE, PlanError, check_files
 from .predictor import layer_predictor
 from .relaxed import awaited_rows, estimate, relaxed_parts
+from .segment import Segment
 from .shards import load_shard, read_safetensors
 from .spans import Span
 
@@ -257,6 +261,7 @@ class InProcessPush:
         self.miss = miss or {}
         self.gen = np.random.default_rng(seed)
         self.per_device = {d: DeviceStats() for d in self.order}
+        self.starred = plan.starred_rounds()
         self.drift = ViewStats()
         self.spans: tuple = ()
         self.relaxed_parts = self.compensated = self.awaited_relaxed = 0
@@ -287,8 +292,9 @@ class InProcessPush:
             self.drift.add(xd, x)
             if self.devices[d].has_attention(layer):  # computed on its input as the wire carries it
                 parts.append(self._wire(self.devices[d].attention_spans(layer, self._wire(xd), self.spans)))
-        for v in self.views.values():
-            v.add_attention([own] + parts)
+        if (layer, "attn") not in self.starred:  # else the parts came to the coordinator alone
+            for v in self.views.values():
+                v.add_attention([own] + parts)
         return parts
 
     def mlp(self, step: int, layer: int, own: tuple, awaited: dict[str, np.ndarray],
@@ -303,7 +309,7 @@ class InProcessPush:
         T = m.shape[0]
         decided: dict[str, dict[str, np.ndarray]] = {}  # sender -> view -> rows compensated
         at_coordinator = {}
-        for view in [self.plan.coordinator] + self.order:
+        for view in [self.plan.coordinator] + ([] if (layer, "mlp") in self.starred else self.order):
             wanted = awaited if view == self.plan.coordinator else self.views[view].awaited(layer)
             missing = {}
             for s in [self.plan.coordinator] + self.order:
@@ -362,6 +368,7 @@ class PushCoordinator(Coordinator):
         super().__init__(plan, shard, mesh, compensation, await_predicted, threads)
         self.order = [plan.coordinator] + self.remote
         mesh.configure(self.compensation, self.await_predicted)
+        self.starred = plan.starred_rounds()
         self._pass: tuple = (0, ())
         self.pushing = True
         """False once a lost device moved the session to star rounds."""
@@ -392,6 +399,12 @@ class PushCoordinator(Coordinator):
     def _segment_done(self, i: int, h, x) -> None:
         if h is not None and self.pushing:  # the coordinator sends the residual it computed to every view
             self.exchange.handoff(self._pass[0], i + 1, self._pass[1], h, x)
+
+    def _round_done(self, i: int, h: np.ndarray) -> None:
+        # a round whose parts came to the coordinator alone: the views take its residual before the
+        # next round (a segment of the coordinator's hands it out after itself; the head ends the pass)
+        if self.pushing and self.steps[i] in self.starred and not isinstance(self.steps[i + 1], Segment):
+            self.exchange.handoff(self._pass[0], i + 1, self._pass[1], h, None)
 
     def _attention(self, step: int, layer: int, spans: tuple, stats, x: np.ndarray) -> np.ndarray:
         """Push the coordinator's heads, add everyone's (all awaited)."""

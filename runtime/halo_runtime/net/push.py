@@ -17,7 +17,8 @@ lossy link: for two lossy boards, enough to bring the pair's loss to the plan's 
   another part of its sender's (sent right before it: a late sender is late, not lossy), else
   estimated (`core.push.View`).
 A device answers PULLs from the parts it sent (kept per (kind, step, layer)); the coordinator
-sends its latest PUSH_H again with every PULL, so that a device that lost it joins the pass.
+sends its latest PUSH_H again with every PULL, so that a device that lost it joins the pass. In the
+plan's `star_rounds` the parts go to the coordinator alone, and it sends PUSH_H before the next.
 Workers learn the others' addresses, the coordinator's rule and its delivery policy from its HELLO
 ("push" and JSON): every device waits and estimates alike. Here: the mesh and the coordinator's
 side (`UdpPush`); a worker's passes are `pushworker.PushWorker`.
@@ -286,6 +287,7 @@ class UdpPush:
         self.order = [self.me] + self.remote
         self.width = plan.model.hidden_size
         self.holders = holders(plan)
+        self.starred = plan.starred_rounds()
         self.auth = auth or Authenticator()
         self.rule = {"compensation": "lowrank", "await_predicted": True}
         self.history = History(plan.model.num_layers, self.width, policy.wire)
@@ -386,7 +388,7 @@ class UdpPush:
     # encoding them on the wire loses nothing, and every view adds what the coordinator adds.
 
     def attention(self, step: int, layer: int, own: np.ndarray | None, x: np.ndarray) -> list[np.ndarray]:
-        if own is not None:
+        if own is not None and (layer, "attn") not in self.starred:  # a star round's parts come here alone
             self.mesh.push(_ATTN, step, layer, encode_tensor(own, self.wire))
         senders = [d for d in self.holders["attn"][layer] if d != self.me]
         got = self.mesh.collect(step, layer, [(d, _ATTN) for d in senders])
@@ -395,7 +397,7 @@ class UdpPush:
     def mlp(self, step: int, layer: int, own: tuple, awaited: dict[str, np.ndarray],
             m: np.ndarray) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
         for kind, t in zip((_CRIT, _RLX), own):
-            if t is not None:
+            if t is not None and (layer, "mlp") not in self.starred:
                 self.mesh.push(kind, step, layer, encode_tensor(t, self.wire))
         must, optional, relaxed = mlp_want(self.holders, layer, self.me, awaited)
         got = self.mesh.collect(step, layer, must, optional)

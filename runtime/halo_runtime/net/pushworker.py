@@ -1,7 +1,8 @@
 """A worker's side of push rounds (`net.push`): its view of the residual, walked through the
 plan's schedule pass by pass, over a `push.Mesh` (UDP) or a `pushtcp.TcpMesh` (strict). In each
 network round it computes its part from its view's input, pushes it to every other device, collects
-theirs and adds them as the coordinator's rule says (`core.push.View`).
+theirs and adds them as the coordinator's rule says (`core.push.View`); in a star round it sends its
+part to the coordinator alone and takes the residual the coordinator hands out after it.
 
 Example (what `halo-run worker` starts when a push HELLO comes; tests/test_push_net.py runs it):
     $ halo-run local --plan artifacts/smollm2-135m-pi5 --rounds push --prompt "Hello"
@@ -20,8 +21,9 @@ from .wire import Message
 
 def with_x(steps: list, index: int) -> bool:
     """Whether the residual sent before schedule step `index` carries the predictor's input too
-    (columns hidden..2 x hidden): the coordinator's segment before it ended on an attention round."""
-    return steps[index - 1].predictor_layer is not None
+    (columns hidden..2 x hidden): the coordinator's segment before it ended on an attention round
+    (after a star round a view keeps the predictor input it computed)."""
+    return isinstance(steps[index - 1], Segment) and steps[index - 1].predictor_layer is not None
 
 
 class PushWorker:
@@ -38,6 +40,7 @@ class PushWorker:
         self.strict = hello.strict
         self.holders = holders(plan)
         self.steps = schedule(plan)
+        self.starred = plan.starred_rounds()
         self.order = self.view.order
         self.done_step = -1
 
@@ -63,7 +66,7 @@ class PushWorker:
         return spans, hx.shape[0]
 
     def _pass(self, msg: Message) -> None:
-        step, mesh, wire = msg.step, self.mesh, self.wire
+        step, mesh = msg.step, self.mesh
         spans, rows = self._start(msg)
         i = msg.layer
         while i < len(self.steps):
@@ -76,28 +79,22 @@ class PushWorker:
                 i += 1
                 continue
             layer, kind = st
-            if kind == "attn":  # a device computes on its input as the star's request would carry it
-                x = as_wire(self.view.attn_input(layer), wire)
-                with self.lock:
-                    own = self.compute.attention_spans(layer, x, spans) if self.compute.has_attention(layer) else None
-                if own is not None:
-                    sent = encode_tensor(own, wire)
-                    mesh.push(_ATTN, step, layer, sent)
-                    own = decode_tensor(sent, None, self.width)  # what every other view adds
+            if st in self.starred:  # the part goes to the coordinator alone, which hands out the sum
+                (self._attention if kind == "attn" else self._mlp)(step, layer, spans, [self.plan.coordinator])
+                i += 1
+                if not isinstance(self.steps[i], Segment):  # else the segment's handoff comes after it
+                    got = mesh.collect(step, i, [(self.plan.coordinator, _H)])
+                    spans, rows = self._start(got[(self.plan.coordinator, _H)])
+                continue
+            if kind == "attn":
+                own = self._attention(step, layer, spans)
                 senders = [d for d in self.holders["attn"][layer] if d != self.me]
                 got = mesh.collect(step, layer, [(d, _ATTN) for d in senders])
                 parts = {d: decode_tensor(got[(d, _ATTN)].payload, None, self.width) for d in senders}
                 parts[self.me] = own
                 self.view.add_attention([parts.get(d) for d in self.order])
             else:
-                m = as_wire(self.view.mlp_input(layer), wire)
-                with self.lock:
-                    own = self.compute.mlp(layer, m) if self.compute.has_mlp(layer) else (None, None)
-                sent = [None if t is None else encode_tensor(t, wire) for t in own]
-                for k, payload in zip((_CRIT, _RLX), sent):
-                    if payload is not None:
-                        mesh.push(k, step, layer, payload)
-                own = tuple(None if p is None else decode_tensor(p, None, self.width) for p in sent)
+                own = self._mlp(step, layer, spans)
                 must, optional, relaxed = mlp_want(self.holders, layer, self.me, self.view.awaited(layer))
                 got = mesh.collect(step, layer, must, optional)
                 parts, missing = decode_parts(got, self.width, self.order, self.me, own, relaxed, rows,
@@ -105,3 +102,26 @@ class PushWorker:
                 self.mesh.counters["compensated"] += len(missing)
                 self.view.add_mlp(layer, parts, missing)
             i += 1
+
+    def _attention(self, step: int, layer: int, spans: tuple, to: list[str] | None = None):
+        """This device's heads on its view's input as the star's request would carry it, pushed to
+        `to` (default every other device); the part as every view adds it (None: no heads here)."""
+        x = as_wire(self.view.attn_input(layer), self.wire)
+        with self.lock:
+            own = self.compute.attention_spans(layer, x, spans) if self.compute.has_attention(layer) else None
+        if own is None:
+            return None
+        sent = encode_tensor(own, self.wire)
+        self.mesh.push(_ATTN, step, layer, sent, to=to)
+        return decode_tensor(sent, None, self.width)
+
+    def _mlp(self, step: int, layer: int, spans: tuple, to: list[str] | None = None) -> tuple:
+        """This device's (critical, relaxed) MLP parts on its view's input, pushed as `_attention`'s."""
+        m = as_wire(self.view.mlp_input(layer), self.wire)
+        with self.lock:
+            own = self.compute.mlp(layer, m) if self.compute.has_mlp(layer) else (None, None)
+        sent = [None if t is None else encode_tensor(t, self.wire) for t in own]
+        for k, payload in zip((_CRIT, _RLX), sent):
+            if payload is not None:
+                self.mesh.push(k, step, layer, payload, to=to)
+        return tuple(None if p is None else decode_tensor(p, None, self.width) for p in sent)
