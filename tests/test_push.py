@@ -8,7 +8,8 @@ from halo_runtime.core.coordinator import Coordinator, TokenStats
 from halo_runtime.core.draft import LookupDraft
 from halo_runtime.core.exchange import InProcessExchange
 from halo_runtime.core.plan import Plan
-from halo_runtime.core.push import InProcessPush, PushCoordinator, ViewStats, push_miss
+from halo_runtime.core.push import InProcessPush, PushCoordinator, ViewStats, push_miss, requested_rounds
+from halo_runtime.core.segment import schedule
 
 
 def _push(plan, shards, miss=None, seed=0, wire="fp32", **kw):
@@ -64,7 +65,11 @@ def test_star_rounds_among_push_rounds_give_the_stars_logits_bit_for_bit(tiny_pl
     assert plan.star_rounds and len(plan.starred_rounds()) == len(plan.star_rounds)
     a, b, ex = _star_and_push(plan, tiny_shards, [3, 14, 15, 92, 65, 35, 89, 79], wire)
     assert np.array_equal(a, b)
-    assert ex.drift.inputs > 0 and ex.drift.differing == 0
+    viewed = set(plan.network_rounds()) - ex.requested  # rounds whose devices compute from their views
+    assert (ex.drift.inputs > 0) == bool(viewed) and ex.drift.differing == 0
+    assert ex.requested == requested_rounds(schedule(plan), plan.starred_rounds())
+    if every == 1:  # all star rounds: every one opens with a request, as the star's rounds
+        assert ex.requested == plan.starred_rounds()
 
 
 def test_a_star_round_under_loss_is_decided_by_the_coordinator_alone(tiny_plan, tiny_shards):

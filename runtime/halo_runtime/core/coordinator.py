@@ -243,7 +243,7 @@ class Coordinator:
             else:
                 m = rms_norm(h, self.tables.norms[layer][1], self.cfg.rms_norm_eps)
                 h = h + self._mlp(step, layer, spans, bounds, stats, x_pred, m)
-            self._round_done(i, h)
+            self._round_done(i, h, x_pred)
         for f in feeds:
             self.local.lengths[f.slot, :] = f.start + len(f.tokens)
             self.fed[f.slot][f.start:] = f.tokens
@@ -278,9 +278,10 @@ class Coordinator:
         it gave, if any): in
         the star, nothing more (push rounds hand h to the other devices: `core.push`)."""
 
-    def _round_done(self, i: int, h: np.ndarray) -> None:
-        """After the network round at schedule step i: in the star, nothing more (push rounds
-        hand h out after a round that came to the coordinator alone: `core.push`)."""
+    def _round_done(self, i: int, h: np.ndarray, x: np.ndarray | None) -> None:
+        """After the network round at schedule step i (h: the residual, x: the predictor's input of
+        its layer): in the star, nothing more (push rounds hand h out after a round that came to
+        the coordinator alone: `core.push`)."""
 
     def _attention(self, step: int, layer: int, spans: tuple, stats: list[TokenStats], x: np.ndarray) -> np.ndarray:
         """Every device's attention heads on x, all awaited (they hold KV state)."""

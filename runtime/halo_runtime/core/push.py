@@ -59,12 +59,12 @@ from .plan import ROUNDS, Plan
 from .plandir import VIEW_FILE, PlanError, check_files
 from .predictor import layer_predictor
 from .relaxed import awaited_rows, estimate, relaxed_parts
-from .segment import Segment
+from .segment import Segment, schedule
 from .shards import load_shard, read_safetensors
 from .spans import Span
 
 __all__ = ["ROUNDS", "InProcessPush", "PushCoordinator", "PushMesh", "View", "ViewStats", "is_view_tensor",
-           "load_view", "push_miss", "push_sum", "view_over_memory", "view_tensors"]
+           "load_view", "push_miss", "push_sum", "requested_rounds", "view_over_memory", "view_tensors"]
 
 
 def is_view_tensor(name: str) -> bool:
@@ -105,6 +105,23 @@ def view_over_memory(plan: Plan, view_bytes: int) -> dict[str, tuple[float, floa
         if dev.name != plan.coordinator and held > dev.memory_bytes:
             out[dev.name] = (held / 2**20, dev.memory_bytes / 2**20)
     return out
+
+
+def requested_rounds(steps: list, starred: frozenset) -> frozenset:
+    """The star rounds of a push pass (`Plan.starred_rounds`) that open with the star's request
+    (the round's input on the wire) instead of the coordinator's residual: those after one of its
+    segments or after another star round. No view adds such a round's sum, and the coordinator
+    hands its residual out before the next push round, so a view needs nothing else."""
+    return frozenset(st for prev, st in zip(steps, steps[1:])
+                     if st in starred and (isinstance(prev, Segment) or prev in starred))
+
+
+def handoff_with_x(steps: list, index: int) -> bool:
+    """Whether the residual handed out before schedule step `index` carries the predictor's input
+    too (columns hidden..2 x hidden): after a segment of the coordinator's that ended on an
+    attention round, or after a star round of attention (the next round is that layer's MLP)."""
+    prev = steps[index - 1]
+    return prev.predictor_layer is not None if isinstance(prev, Segment) else prev[1] == "attn"
 
 
 def push_miss(sender: float, receiver: float) -> float:
@@ -192,7 +209,12 @@ class PushMesh(Protocol):
     def begin(self, session: int) -> None: ...
 
     def handoff(self, step: int, index: int, spans: tuple, h: np.ndarray, x: np.ndarray | None) -> None:
-        """After the coordinator's segment ending before schedule step `index`: every view takes h."""
+        """Before schedule step `index`, after a segment or a star round of the coordinator's: every
+        view takes h (and x, `handoff_with_x`)."""
+
+    def request(self, step: int, index: int, spans: tuple, inp: np.ndarray) -> None:
+        """Before a star round at schedule step `index` that opens with a request (`requested_rounds`):
+        every device computes on `inp`, the round's input, rounded to the wire."""
 
     def remember(self, layer: int, x: np.ndarray, spans: tuple) -> None:
         """The input of an attention round (what a failover would rebuild KV caches from)."""
@@ -262,6 +284,9 @@ class InProcessPush:
         self.gen = np.random.default_rng(seed)
         self.per_device = {d: DeviceStats() for d in self.order}
         self.starred = plan.starred_rounds()
+        self.requested = requested_rounds(schedule(plan), self.starred)
+        self.input: np.ndarray | None = None
+        """The input of the star round that opened with a request (`request`)."""
         self.drift = ViewStats()
         self.spans: tuple = ()
         self.relaxed_parts = self.compensated = self.awaited_relaxed = 0
@@ -285,11 +310,23 @@ class InProcessPush:
         for v in self.views.values():
             v.start(h, x)
 
+    def request(self, step: int, index: int, spans: tuple, inp: np.ndarray) -> None:
+        self.spans, self.input = spans, self._wire(inp)
+
+    def _inputs(self, layer: int, kind: str, coordinators: np.ndarray) -> dict[str, np.ndarray]:
+        """Each device's input to a round: the request's, or its view's (its drift measured)."""
+        if (layer, kind) in self.requested:
+            return dict.fromkeys(self.order, self.input)
+        out = {}
+        for d in self.order:
+            view = self.views[d]
+            out[d] = view.attn_input(layer) if kind == "attn" else view.mlp_input(layer)
+            self.drift.add(out[d], coordinators)
+        return out
+
     def attention(self, step: int, layer: int, own: np.ndarray | None, x: np.ndarray) -> list[np.ndarray]:
         parts = []
-        for d in self.order:
-            xd = self.views[d].attn_input(layer)
-            self.drift.add(xd, x)
+        for d, xd in self._inputs(layer, "attn", x).items():
             if self.devices[d].has_attention(layer):  # computed on its input as the wire carries it
                 parts.append(self._wire(self.devices[d].attention_spans(layer, self._wire(xd), self.spans)))
         if (layer, "attn") not in self.starred:  # else the parts came to the coordinator alone
@@ -300,9 +337,7 @@ class InProcessPush:
     def mlp(self, step: int, layer: int, own: tuple, awaited: dict[str, np.ndarray],
             m: np.ndarray) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
         parts = {}
-        for d in self.order:
-            md = self.views[d].mlp_input(layer)
-            self.drift.add(md, m)
+        for d, md in self._inputs(layer, "mlp", m).items():
             if self.devices[d].has_mlp(layer):
                 parts[d] = tuple(map(self._wire, self.devices[d].mlp(layer, self._wire(md))))
         every = {self.plan.coordinator: own, **parts}
@@ -369,6 +404,8 @@ class PushCoordinator(Coordinator):
         self.order = [plan.coordinator] + self.remote
         mesh.configure(self.compensation, self.await_predicted)
         self.starred = plan.starred_rounds()
+        self.requested = requested_rounds(self.steps, self.starred)
+        self.index = {st: i for i, st in enumerate(self.steps) if not isinstance(st, Segment)}
         self._pass: tuple = (0, ())
         self.pushing = True
         """False once a lost device moved the session to star rounds."""
@@ -397,20 +434,29 @@ class PushCoordinator(Coordinator):
         self.failovers[-1].switch_ms = 1e3 * (time.perf_counter() - t0)  # the star's handshake included
 
     def _segment_done(self, i: int, h, x) -> None:
-        if h is not None and self.pushing:  # the coordinator sends the residual it computed to every view
+        # the coordinator sends the residual it computed to every view, unless a request opens the next round
+        if h is not None and self.pushing and self.steps[i + 1] not in self.requested:
             self.exchange.handoff(self._pass[0], i + 1, self._pass[1], h, x)
 
-    def _round_done(self, i: int, h: np.ndarray) -> None:
+    def _round_done(self, i: int, h: np.ndarray, x: np.ndarray | None) -> None:
         # a round whose parts came to the coordinator alone: the views take its residual before the
-        # next round (a segment of the coordinator's hands it out after itself; the head ends the pass)
-        if self.pushing and self.steps[i] in self.starred and not isinstance(self.steps[i + 1], Segment):
-            self.exchange.handoff(self._pass[0], i + 1, self._pass[1], h, None)
+        # next push round (a segment of the coordinator's hands it out after itself; the head ends the pass)
+        after = self.steps[i + 1]
+        if self.pushing and self.steps[i] in self.starred and not isinstance(after, Segment) \
+                and after not in self.requested:
+            self.exchange.handoff(self._pass[0], i + 1, self._pass[1], h, x if handoff_with_x(self.steps, i + 1) else None)
+
+    def _opens(self, layer: int, kind: str, inp: np.ndarray) -> None:
+        """A star round that opens with a request: every device gets its input (`requested_rounds`)."""
+        if (layer, kind) in self.requested:
+            self.exchange.request(self._pass[0], self.index[layer, kind], self._pass[1], inp)
 
     def _attention(self, step: int, layer: int, spans: tuple, stats, x: np.ndarray) -> np.ndarray:
         """Push the coordinator's heads, add everyone's (all awaited)."""
         if not self.pushing:
             return super()._attention(step, layer, spans, stats, x)
         self.exchange.remember(layer, x, spans)
+        self._opens(layer, "attn", x)
         t0 = time.perf_counter()
         # rounded to the wire as every device's part is, so that it travels in one datagram a row
         # of fp16 instead of two of fp32, and every view (this one too) adds the same bits
@@ -427,6 +473,7 @@ class PushCoordinator(Coordinator):
         if not self.pushing:
             return super()._mlp(step, layer, spans, bounds, stats, x, m)
         awaited = self._awaited(layer, x)
+        self._opens(layer, "mlp", m)
         t0 = time.perf_counter()
         own = self.part.mlp(layer, m) if self.part.has_mlp(layer) else (None, None)
         own = tuple(as_wire(t, self.exchange.wire) for t in own)  # rounded as the attention part

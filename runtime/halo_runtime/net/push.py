@@ -18,7 +18,8 @@ lossy link: for two lossy boards, enough to bring the pair's loss to the plan's 
   estimated (`core.push.View`).
 A device answers PULLs from the parts it sent (kept per (kind, step, layer)); the coordinator
 sends its latest PUSH_H again with every PULL, so that a device that lost it joins the pass. In the
-plan's `star_rounds` the parts go to the coordinator alone, and it sends PUSH_H before the next.
+plan's `star_rounds` the parts go to the coordinator alone, and it sends PUSH_H before the next: the
+residual before a push round, the round's input on the wire (the star's request) before a star round.
 Workers learn the others' addresses, the coordinator's rule and its delivery policy from its HELLO
 ("push" and JSON): every device waits and estimates alike. Here: the mesh and the coordinator's
 side (`UdpPush`); a worker's passes are `pushworker.PushWorker`.
@@ -46,6 +47,8 @@ from ..core.codec import WireError, datagrams, decode_tensor, encode_request, en
 from ..core.exchange import DeviceLost, ExchangeStats
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy, pair_link
+from ..core.push import requested_rounds
+from ..core.segment import schedule
 from .auth import Authenticator, ReplayGuard
 from .recovery import History
 from .rounds import _warn, hello_until_echoed, holders
@@ -288,6 +291,7 @@ class UdpPush:
         self.width = plan.model.hidden_size
         self.holders = holders(plan)
         self.starred = plan.starred_rounds()
+        self.requested = requested_rounds(schedule(plan), self.starred)
         self.auth = auth or Authenticator()
         self.rule = {"compensation": "lowrank", "await_predicted": True}
         self.history = History(plan.model.num_layers, self.width, policy.wire)
@@ -378,10 +382,17 @@ class UdpPush:
         return self.star.fail_over(dead, start)
 
     def handoff(self, step: int, index: int, spans: tuple, h: np.ndarray, x: np.ndarray | None) -> None:
-        self.mesh.forget_before(step)
-        hx = h if x is None else np.concatenate([h, x], axis=1)  # `with_x`: the schedule says which
+        hx = h if x is None else np.concatenate([h, x], axis=1)  # `handoff_with_x`: the schedule says which
         # in fp32 whatever the wire: every view must start from the coordinator's residual itself
-        self.mesh.push(_H, step, index, encode_request(hx, spans, "fp32"), to=self.remote)
+        self._open(step, index, encode_request(hx, spans, "fp32"))
+
+    def request(self, step: int, index: int, spans: tuple, inp: np.ndarray) -> None:
+        self._open(step, index, encode_request(inp, spans, self.wire))  # the star's request: one datagram a row
+
+    def _open(self, step: int, index: int, payload: bytes) -> None:
+        """PUSH_H before schedule step `index`, sent again with every PULL."""
+        self.mesh.forget_before(step)
+        self.mesh.push(_H, step, index, payload, to=self.remote)
         self.mesh.also_resend = (_H, step, index)
 
     # The coordinator's own parts come rounded to the wire (`PushCoordinator`), as every device's:

@@ -12,18 +12,11 @@ from __future__ import annotations
 from ..core.codec import WireError, as_wire, decode_request, decode_tensor, encode_tensor
 from ..core.exchange import DeviceLost
 from ..core.plan import Plan
-from ..core.push import View
+from ..core.push import View, handoff_with_x, requested_rounds
 from ..core.segment import Segment, schedule
 from .push import _ATTN, _CRIT, _H, _RLX, PushHello, decode_parts, mlp_want
 from .rounds import holders
 from .wire import Message
-
-
-def with_x(steps: list, index: int) -> bool:
-    """Whether the residual sent before schedule step `index` carries the predictor's input too
-    (columns hidden..2 x hidden): the coordinator's segment before it ended on an attention round
-    (after a star round a view keeps the predictor input it computed)."""
-    return isinstance(steps[index - 1], Segment) and steps[index - 1].predictor_layer is not None
 
 
 class PushWorker:
@@ -41,6 +34,7 @@ class PushWorker:
         self.holders = holders(plan)
         self.steps = schedule(plan)
         self.starred = plan.starred_rounds()
+        self.requested = requested_rounds(self.steps, self.starred)
         self.order = self.view.order
         self.done_step = -1
 
@@ -59,32 +53,38 @@ class PushWorker:
             self.log(f"pass of step {msg.step} abandoned: {e}")
         self.done_step = msg.step
 
-    def _start(self, msg: Message) -> tuple:
-        x = with_x(self.steps, msg.layer)
+    def _open(self, msg: Message, index: int) -> tuple:
+        """The coordinator's PUSH_H before schedule step `index`: (spans, rows, the round's input if
+        it is a request, `requested_rounds`; else the view takes the residual, and None)."""
+        if self.steps[index] in self.requested:
+            spans, _, _, inp = decode_request(msg.payload, self.width)
+            return spans, inp.shape[0], inp
+        x = handoff_with_x(self.steps, index)
         spans, _, _, hx = decode_request(msg.payload, 2 * self.width if x else self.width)
         self.view.start(hx[:, :self.width], hx[:, self.width:] if x else None)
-        return spans, hx.shape[0]
+        return spans, hx.shape[0], None
 
     def _pass(self, msg: Message) -> None:
-        step, mesh = msg.step, self.mesh
-        spans, rows = self._start(msg)
-        i = msg.layer
+        step, mesh, coordinator = msg.step, self.mesh, self.plan.coordinator
+        i, opened = msg.layer, msg  # opened: the coordinator's message before step i
         while i < len(self.steps):
             st = self.steps[i]
+            inp = None
+            if opened is not None:
+                spans, rows, inp = self._open(opened, i)
+                opened = None
             if isinstance(st, Segment):
                 if st.head:
                     return
-                got = mesh.collect(step, i + 1, [(self.plan.coordinator, _H)])
-                spans, rows = self._start(got[(self.plan.coordinator, _H)])
                 i += 1
+                opened = mesh.collect(step, i, [(coordinator, _H)])[coordinator, _H]
                 continue
             layer, kind = st
-            if st in self.starred:  # the part goes to the coordinator alone, which hands out the sum
-                (self._attention if kind == "attn" else self._mlp)(step, layer, spans, [self.plan.coordinator])
+            if st in self.starred:  # the part goes to the coordinator alone, which hands out what comes next
+                (self._attention if kind == "attn" else self._mlp)(step, layer, spans, [coordinator], inp)
                 i += 1
-                if not isinstance(self.steps[i], Segment):  # else the segment's handoff comes after it
-                    got = mesh.collect(step, i, [(self.plan.coordinator, _H)])
-                    spans, rows = self._start(got[(self.plan.coordinator, _H)])
+                if not isinstance(self.steps[i], Segment):  # else the segment's comes after it
+                    opened = mesh.collect(step, i, [(coordinator, _H)])[coordinator, _H]
                 continue
             if kind == "attn":
                 own = self._attention(step, layer, spans)
@@ -103,10 +103,11 @@ class PushWorker:
                 self.view.add_mlp(layer, parts, missing)
             i += 1
 
-    def _attention(self, step: int, layer: int, spans: tuple, to: list[str] | None = None):
-        """This device's heads on its view's input as the star's request would carry it, pushed to
-        `to` (default every other device); the part as every view adds it (None: no heads here)."""
-        x = as_wire(self.view.attn_input(layer), self.wire)
+    def _attention(self, step: int, layer: int, spans: tuple, to: list[str] | None = None, inp=None):
+        """This device's heads on its view's input as the star's request would carry it (or on the
+        request's, `inp`), pushed to `to` (default every other device); the part as every view adds
+        it (None: no heads here)."""
+        x = as_wire(self.view.attn_input(layer), self.wire) if inp is None else inp
         with self.lock:
             own = self.compute.attention_spans(layer, x, spans) if self.compute.has_attention(layer) else None
         if own is None:
@@ -115,9 +116,10 @@ class PushWorker:
         self.mesh.push(_ATTN, step, layer, sent, to=to)
         return decode_tensor(sent, None, self.width)
 
-    def _mlp(self, step: int, layer: int, spans: tuple, to: list[str] | None = None) -> tuple:
-        """This device's (critical, relaxed) MLP parts on its view's input, pushed as `_attention`'s."""
-        m = as_wire(self.view.mlp_input(layer), self.wire)
+    def _mlp(self, step: int, layer: int, spans: tuple, to: list[str] | None = None, inp=None) -> tuple:
+        """This device's (critical, relaxed) MLP parts on its view's input (or `inp`), pushed as
+        `_attention`'s."""
+        m = as_wire(self.view.mlp_input(layer), self.wire) if inp is None else inp
         with self.lock:
             own = self.compute.mlp(layer, m) if self.compute.has_mlp(layer) else (None, None)
         sent = [None if t is None else encode_tensor(t, self.wire) for t in own]
