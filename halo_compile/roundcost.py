@@ -8,11 +8,13 @@ the plan (`Plan.rounds`, `Plan.star_rounds`) and `inspect` reports. Placement pr
 - A push round is one hop from every holder to every device: the slowest pair, the busiest link
   carrying each part to every device, the busiest device's CPU. A push pass hands the
   coordinator's residual to every device before each run of rounds that leave it (`handed_off`).
-- A push pass may send a round's parts to the coordinator alone (a star round among push rounds:
-  `gather_ms`, one hop to the coordinator); the next round then starts with a handoff, as after a
-  round the coordinator computed alone, so a star round costs its hop plus that handoff: the
-  star's round trip, paid only where pushing costs more (Wi-Fi airtime, many devices).
-  `mixed_pass` picks each round's kind by dynamic programming.
+- A push pass may send a round's parts to the coordinator alone (a star round among push rounds).
+  After a push round that is one hop to the coordinator (`gather_ms`); after a round the
+  coordinator computed alone or another star round it opens with the star's request, a round trip
+  (`core.push.requested_rounds`). The next push round starts with a handoff, as after a round the
+  coordinator computed alone. `mixed_pass` picks each round's kind by dynamic programming: star
+  rounds where pushing costs more than a hop saves (the last round before the coordinator computes
+  alone, Wi-Fi airtime, many devices).
 
 Example (four boards on 2 ms links: push every round but the last, whose sum only the coordinator
 needs; on one slow Wi-Fi channel, where pushing every part to every board costs airtime, none):
@@ -87,10 +89,11 @@ def pass_network_ms(rounds: list[list[str]], devices: list[Device], coordinator:
 def mixed_pass(rounds: list[list[str]], devices: list[Device], coordinator: str, copies: dict[str, int],
                options: PlaceOptions) -> tuple[float, tuple[int, ...]]:
     """The least network time of a push pass over `rounds` in which any round leaving the
-    coordinator may send its parts to the coordinator alone (`gather_ms`), and the indexes of
-    those rounds among the rounds leaving it (`Plan.star_rounds`). The residual is either in every
-    view (after a push round) or at the coordinator alone (at the pass's start, after a round it
-    computed alone or a star round): leaving the coordinator costs a handoff. Dynamic programming
+    coordinator may send its parts to the coordinator alone, and the indexes of those rounds
+    among the rounds leaving it (`Plan.star_rounds`). The residual is either in every view (after
+    a push round) or at the coordinator alone (at the pass's start, after a round it computed
+    alone or a star round): from there a push round costs a handoff first and a star round is the
+    star's round trip; from the views a star round is one hop (`gather_ms`). Dynamic programming
     over those two states, fewer star rounds on a tie."""
     handoff = handoff_ms(devices, coordinator, copies, options)
     at_views, at_coordinator = None, (0.0, ())  # (ms, star rounds so far) reaching each state
@@ -98,7 +101,7 @@ def mixed_pass(rounds: list[list[str]], devices: list[Device], coordinator: str,
         if first and at_views is not None:  # the coordinator computed alone: the views are behind
             at_coordinator, at_views = min(at_coordinator, at_views, key=_fewer), None
         star, push = round_network_ms(held, devices, coordinator, copies, options)
-        # from the coordinator a star round is the star's round trip (the handoff is its request)
+        # from the coordinator a star round opens with the star's request: its round trip
         pushed = [(at_coordinator[0] + handoff + push, at_coordinator[1])]
         starred = [(at_coordinator[0] + star, at_coordinator[1] + (i,))]
         if at_views is not None:

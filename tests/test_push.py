@@ -127,11 +127,14 @@ def test_the_coordinators_own_parts_are_rounded_to_the_wire(tiny_vocab_dir, tmp_
             assert np.abs(a - b).max() < 1e-2 * np.abs(a).max()
 
 
-def test_sessions_sharing_push_passes_get_the_lone_logits_in_process(roomy_plan):
+@pytest.mark.parametrize("every", [0, 2])
+def test_sessions_sharing_push_passes_get_the_lone_logits_in_process(roomy_plan, every):
+    """Pure push rounds, and every other round a star round (their requests carry every session's spans)."""
     from halo_runtime.core.shards import load_shard
     from test_batch import PROMPTS, TOKENS, alone, assert_same, batched_greedy
 
     plan, directory = roomy_plan
+    plan = _starred(plan, every) if every else plan
     shards = {d: load_shard(directory, plan, d) for d in plan.device_names}
     assert_same(batched_greedy(_push(plan, shards)[0], PROMPTS, TOKENS),
                 [alone(lambda: _push(plan, shards)[0], p) for p in PROMPTS])

@@ -180,6 +180,7 @@ def test_a_plan_for_slow_links_runs_push_rounds_unless_told(tiny_vocab_dir, tmp_
             "--plr", "0", "--json", "--quiet")
     pushed, star = halo_run(*args), halo_run(*args, "--rounds", "star")
     assert (pushed["rounds"], star["rounds"]) == ("push", "star")
+    assert (pushed["star_rounds"], star["star_rounds"]) == (len(plan.star_rounds), 0)
     assert pushed["tokens"] == star["tokens"]
     report = evaluate(directory, EvalOptions(plrs=(0.0,), tokens=60, context=30, recall_windows=0, greedy_prompts=0,
                                              progress=False))

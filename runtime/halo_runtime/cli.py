@@ -327,6 +327,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
             per_device[d] = per_device.get(d, 0) + n
     return {
         "sync": sync, "rounds": args.rounds, "wire": args.wire, "weights": plan.weights, "kernels": kernels(), "threads": args.threads,
+        "star_rounds": len(plan.star_rounds) if args.rounds == "push" else 0,  # of a push pass, through the coordinator
         "prompt_tokens": len(prompt), "tokens": gen.tokens,
         "text": tok.decode(gen.tokens, skip_special=True),
         "ttft_ms": round(gen.token_stats[0].total_ms, 3) if gen.token_stats else None,
