@@ -49,26 +49,36 @@ def test_nothing_lost_push_generates_the_stars_greedy_tokens_with_a_draft(tiny_p
     assert push.generate(prompt, 12, draft=LookupDraft(), draft_tokens=3).tokens == ref
 
 
-def _starred(plan, every: int):
-    """`plan` in push rounds with every `every`-th network round a star round (`Plan.star_rounds`)."""
+STAR_PICKS = {
+    "all": lambda n: range(n),  # every round opens with a request, as the star's
+    "every other": lambda n: range(1, n, 2),  # the MLP rounds: one hop to the coordinator, then a handoff
+    "every third": lambda n: range(2, n, 3),  # an attention round among them: the handoff carries its x
+    "the first two": lambda n: range(2),  # requests, then a handoff before the push rounds
+}
+"""Which network rounds of a plan `_starred` makes star rounds, by name: each path of core.push."""
+
+
+def _starred(plan, pick: str):
+    """`plan` in push rounds with the star rounds `STAR_PICKS[pick]` (`Plan.star_rounds`)."""
     from dataclasses import replace
 
-    return replace(plan, rounds="push", star_rounds=tuple(range(every - 1, len(plan.network_rounds()), every)))
+    return replace(plan, rounds="push", star_rounds=tuple(STAR_PICKS[pick](len(plan.network_rounds()))))
 
 
-@pytest.mark.parametrize("every", [1, 2, 3])
+@pytest.mark.parametrize("pick", list(STAR_PICKS))
 @pytest.mark.parametrize("wire", ["fp32", "fp16"])
-def test_star_rounds_among_push_rounds_give_the_stars_logits_bit_for_bit(tiny_plan, tiny_shards, every, wire):
+def test_star_rounds_among_push_rounds_give_the_stars_logits_bit_for_bit(tiny_plan, tiny_shards, pick, wire):
     """A star round's parts come to the coordinator alone, which hands its residual to the views
-    before the next round: nothing lost, the star's bits, and every view's input the coordinator's."""
-    plan = _starred(tiny_plan[0], every)
+    before the next push round (or its input, as the star's request, before a star round): nothing
+    lost, the star's bits, and every view's input the coordinator's."""
+    plan = _starred(tiny_plan[0], pick)
     assert plan.star_rounds and len(plan.starred_rounds()) == len(plan.star_rounds)
     a, b, ex = _star_and_push(plan, tiny_shards, [3, 14, 15, 92, 65, 35, 89, 79], wire)
     assert np.array_equal(a, b)
     viewed = set(plan.network_rounds()) - ex.requested  # rounds whose devices compute from their views
     assert (ex.drift.inputs > 0) == bool(viewed) and ex.drift.differing == 0
     assert ex.requested == requested_rounds(schedule(plan), plan.starred_rounds())
-    if every == 1:  # all star rounds: every one opens with a request, as the star's rounds
+    if pick == "all":
         assert ex.requested == plan.starred_rounds()
 
 
@@ -78,7 +88,7 @@ def test_a_star_round_under_loss_is_decided_by_the_coordinator_alone(tiny_plan, 
     plan = tiny_plan[0]
     miss = dict.fromkeys(_lossy(plan), 0.3)
     drift = []
-    for p in (_starred(plan, 1), plan):
+    for p in (_starred(plan, "all"), plan):
         push, ex = _push(p, tiny_shards, miss=miss, seed=1, await_predicted=False)
         push.reset(1)
         push.forward(list(range(3, 60)), 0, TokenStats(), all_positions=True)
@@ -97,7 +107,7 @@ def test_a_plan_names_star_rounds_only_in_push_rounds_and_in_range(tiny_plan):
     for bad in [(n,), (1, 0), (0, 0), (-1,)]:
         with pytest.raises(ValueError, match=f"star_rounds: want increasing indexes of the plan's {n} network rounds"):
             replace(plan, rounds="push", star_rounds=bad)
-    starred = _starred(plan, 2)
+    starred = _starred(plan, "every other")
     assert Plan.from_json(starred.to_json()) == starred
     assert '"star_rounds"' not in replace(starred, star_rounds=()).to_json()  # push plans without keep their bytes
     dead = next(d for d in plan.device_names if plan.replaceable(d))
@@ -127,14 +137,14 @@ def test_the_coordinators_own_parts_are_rounded_to_the_wire(tiny_vocab_dir, tmp_
             assert np.abs(a - b).max() < 1e-2 * np.abs(a).max()
 
 
-@pytest.mark.parametrize("every", [0, 2])
-def test_sessions_sharing_push_passes_get_the_lone_logits_in_process(roomy_plan, every):
-    """Pure push rounds, and every other round a star round (their requests carry every session's spans)."""
+@pytest.mark.parametrize("pick", [None, "every third", "the first two"])
+def test_sessions_sharing_push_passes_get_the_lone_logits_in_process(roomy_plan, pick):
+    """Pure push rounds, and with star rounds (handoffs and requests carry every session's spans)."""
     from halo_runtime.core.shards import load_shard
     from test_batch import PROMPTS, TOKENS, alone, assert_same, batched_greedy
 
     plan, directory = roomy_plan
-    plan = _starred(plan, every) if every else plan
+    plan = _starred(plan, pick) if pick else plan
     shards = {d: load_shard(directory, plan, d) for d in plan.device_names}
     assert_same(batched_greedy(_push(plan, shards)[0], PROMPTS, TOKENS),
                 [alone(lambda: _push(plan, shards)[0], p) for p in PROMPTS])
