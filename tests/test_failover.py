@@ -92,6 +92,22 @@ def test_a_killed_critical_worker_is_replaced_and_the_tokens_do_not_change(roomy
     assert out["compensated_share"] == 0.0 or sync == "relaxed"
 
 
+@pytest.mark.parametrize("sync", ["relaxed", "strict"])
+def test_a_push_plan_with_star_rounds_replaces_a_killed_worker_and_the_tokens_do_not_change(
+        tiny_vocab_dir, tmp_path, expected, sync):
+    """A plan compiled for slow links runs push rounds with star rounds among them (`Plan.star_rounds`):
+    a worker killed mid-pass, the session goes on in star rounds on the survivors, the same tokens."""
+    plan, directory = compile_tiny(tiny_vocab_dir, tmp_path, remote_memory_mb=64, latency_ms=2.0,
+                                   coordinator_gflops=0.001)
+    assert plan.rounds == "push" and plan.star_rounds
+    dead = victim(plan)
+    rc, out, err = run_and_kill(directory, dead, "--sync", sync, *(["--dead-after", "1"] if sync == "relaxed" else []))
+    assert rc == 0, err[-2000:]
+    assert out["tokens"] == expected and (out["rounds"], out["star_rounds"]) == ("push", len(plan.star_rounds))
+    (f,) = out["failovers"]
+    assert f["device"] == dead and f["token"] >= 10, f
+
+
 def test_a_killed_relaxed_only_worker_is_compensated_without_failover(tiny_plan):
     plan, directory = tiny_plan  # its lossy device holds relaxed groups only
     covered = {f.device for f in plan.failover}
