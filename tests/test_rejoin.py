@@ -73,6 +73,33 @@ def test_restarted_worker_rejoins_and_output_matches(plan_dir, key, reference, w
         assert np.allclose(a, b, atol=1e-3)
 
 
+def test_a_worker_restarted_in_strict_rounds_rejoins_and_output_matches(plan_dir, key, reference, workers):
+    """The same restart in strict rounds: its TCP connection breaks, the coordinator connects again
+    as soon as it listens, it answers the RESUME HELLO with RESET, its KV caches are rebuilt and the
+    round in flight is sent to it again: no failover, the undisturbed run's tokens."""
+    from halo_runtime.net.tcpexchange import TcpExchange
+
+    plan = workers.plan
+    victim = with_attention(plan)
+    shard = load_shard(plan_dir, plan, plan.coordinator)
+    warned = []
+    ex = TcpExchange(plan, workers.peers, DeliveryPolicy(wire="fp32", dead_after_s=60), auth=Authenticator(key),
+                     warn=warned.append)
+    restarted, on_token = _restart_at(workers, victim, 8)
+    try:
+        gen = Coordinator(plan, shard, ex).generate(PROMPT, 24, session=random.getrandbits(32), keep_logits=True,
+                                                    on_token=on_token)
+        stats = ex.stats()
+    finally:
+        ex.close()
+    assert restarted.is_set()
+    assert gen.failovers == [] and stats.rejoins == 1, (gen.failovers, warned)
+    assert any(f"device {victim} restarted and rejoined" in w for w in warned), warned
+    assert gen.tokens == reference.tokens
+    for a, b in zip(gen.logits, reference.logits):
+        assert np.allclose(a, b, atol=1e-3)
+
+
 def test_a_worker_restarted_in_push_rounds_rejoins_and_output_matches(plan_dir, key, reference, workers, capfd):
     """The same restart in push rounds: the views wait for its part until `dead_after_s`, the star's
     HELLO finds it restarted (RESET), its KV caches are rebuilt up to the interrupted pass, and the

@@ -90,7 +90,7 @@ JSON_EXCHANGE_KEYS = {
     "relaxed": ["retransmissions", "late", "malformed", "compensated", "relaxed_parts", "awaited_relaxed",
                 "max_relaxed_overshoot_ms", "unknown_session", "devices_down", "rejoins", "bytes_sent",
                 "bytes_received", "datagrams_sent", "datagrams_received", "duplicates", "dropped", "down", "rto_ms"],
-    "strict": ["bytes_sent", "bytes_received", "dropped"]}
+    "strict": ["rejoins", "bytes_sent", "bytes_received", "dropped"]}
 JSON_DROP_KEYS = {
     "relaxed": ["malformed", "bad_length", "forged", "misdirected", "replayed", "stale", "unknown_session"],
     "strict": ["malformed", "bad_length", "forged", "misdirected", "replayed", "stale"]}

@@ -55,8 +55,9 @@ class DeliveryPolicy:
     rto_floor_ms: float = 2.0
     """Lowest retransmission timeout."""
     dead_after_s: float = 4.0
-    """A device holding critical parts, asked and silent this long, is declared lost (the run ends);
-    a restarted device must rejoin within it."""
+    """A device holding critical parts, asked and silent this long, is declared lost (the plan's
+    failover replaces it, else the run ends); a restarted device (strict: its connection broken)
+    must rejoin within it."""
     down_after_s: float = 2.0
     """A device holding only relaxed parts, asked and silent this long, is marked down: compensated
     without waiting, probed until it answers."""

@@ -50,7 +50,7 @@ from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
 from .recovery import (RESUME, DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, rebuild,
-                       why_not_replaced)
+                       rebuild_restarted, why_not_replaced)
 from .rounds import PHASE_REQUEST, RETURN_GRACE_S, _layout, _warn, hello_until_echoed
 from .rtt import RttEstimator
 from .shim import PeerShims
@@ -191,21 +191,9 @@ class UdpExchange:
         restarted: set[str] = set()
         silent = hello_until_echoed(self.endpoint, self.plan, session, RESUME, {d: self.peers[d] for d in self.remote},
                                     timeout_s, restarted)
-        starts = start if isinstance(start, dict) else {0: start}
-        rejoined = set()
-        for d in sorted(restarted):
-            layers = [i for i in range(self.plan.model.num_layers) if d in self.layout["attn"][i]]
-            try:
-                rebuild(d, self.peers[d], self.auth, self.guard, self.me, self.index[d], session, 0,
-                        kv_inputs(history, layers, starts), self.policy.wire, self.policy.dead_after_s)
-            except (TransportError, DeviceLost):
-                silent.add(d)
-                continue
-            rejoined.add(d)
-            self.counters["rejoins"] += 1
-            self.warn(f"device {d} restarted and rejoined the session (KV cache rebuilt: "
-                      f"{sum(starts.values())} tokens in {len(layers)} layers)")
-        return silent, rejoined
+        rejoined, failed = rebuild_restarted(self, restarted, history, start)
+        self.counters["rejoins"] += len(rejoined)
+        return silent | failed, rejoined
 
     def fail_over(self, dead: str, start) -> dict[int, dict[int, np.ndarray]]:
         """See `core.exchange.FailingOver`: the survivors take over `dead`'s groups."""

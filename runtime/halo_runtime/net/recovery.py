@@ -29,7 +29,7 @@ from ..core.plan import Plan
 from ..core.shards import adopted_plan
 from ..core.spans import Span, spans_of
 from .auth import Authenticator, ReplayGuard
-from .transport import TcpChannel
+from .transport import TcpChannel, TransportError
 from .wire import Kind, Message
 
 REBUILD = b"rebuild"
@@ -145,6 +145,27 @@ def _replay(ch: TcpChannel, me: int, dest: int, session: int, step: int, inputs:
                 ch.send(Message(Kind.REBUILD_ATTN, session, step, layer, me, body), dest=dest)
                 want[(Kind.REBUILT, layer)] += 1
     return want
+
+
+def rebuild_restarted(ex, restarted: set[str], history: History, start) -> tuple[set[str], set[str]]:
+    """After a RESUME handshake (`UdpExchange.resume`, `TcpExchange.resume`): rebuild the KV caches
+    of the `restarted` devices (they answered RESET) up to `start` (slot 0's position, or slot ->
+    position) over TCP; (those rebuilt, those that could not be). `ex`: the exchange (its plan,
+    peers, keys, layout, policy, session and `warn`)."""
+    starts = start if isinstance(start, dict) else {0: start}
+    rejoined, failed = set(), set()
+    for d in sorted(restarted):
+        layers = [i for i in range(ex.plan.model.num_layers) if d in ex.layout["attn"][i]]
+        try:
+            rebuild(d, ex.peers[d], ex.auth, ex.guard, ex.me, ex.index[d], ex.session, 0,
+                    kv_inputs(history, layers, starts), ex.policy.wire, ex.policy.dead_after_s)
+        except (TransportError, DeviceLost):
+            failed.add(d)
+            continue
+        rejoined.add(d)
+        ex.warn(f"device {d} restarted and rejoined the session (KV cache rebuilt: "
+                f"{sum(starts.values())} tokens in {len(layers)} layers)")
+    return rejoined, failed
 
 
 def kv_inputs(history: History, layers, starts: dict[int, int]) -> dict[int, dict[int, np.ndarray]]:

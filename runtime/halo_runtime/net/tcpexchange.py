@@ -1,6 +1,9 @@
 """The strict baseline: the same requests as `UdpExchange`, over TCP, every part awaited, as
-distributed-llama does; TCP's own retransmission handles loss. A device that dies (its connection
-breaks, or it is silent for `dead_after_s`) is replaced by the plan's failover as in `UdpExchange`.
+distributed-llama does; TCP's own retransmission handles loss. A device whose connection breaks
+(its worker process died) and that takes a new one within `dead_after_s` goes on in the session:
+restarted, its KV caches are rebuilt from the session's attention inputs, as in `UdpExchange`'s
+rejoin. A device that does not come back, or is silent for `dead_after_s`, is replaced by the
+plan's failover.
 
 Example (the checked-in plan, its workers nowhere: connecting names the device that is missing):
     >>> from halo_runtime.core.plan import load_plan
@@ -25,7 +28,8 @@ from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
 from .rounds import PHASE_REQUEST, RETURN_GRACE_S, _layout, _warn
-from .recovery import RESUME, DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, why_not_replaced
+from .recovery import (RESUME, DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, rebuild,
+                       rebuild_restarted, why_not_replaced)
 from .shim import LINUX_RTO_MIN_MS, LossShim
 from .transport import TcpChannel, TransportError
 from .wire import Kind, Message
@@ -66,6 +70,9 @@ class TcpExchange:
                  "socket needs Linux 6.15): in strict sync a lost segment costs that much; `sysctl -w "
                  "net.ipv4.tcp_rto_min_us=8000` (Linux 6.11+) lowers it for the whole machine")
         self.session, self.pending = 0, None
+        self.last: Message | None = None
+        """The request of the round in flight (sent again to a device that rejoins)."""
+        self.warn, self.rejoins = warn, 0
 
     def _connect(self, d: str, timeout_s: float = 5.0) -> TcpChannel:
         return TcpChannel.connect(self.peers[d], timeout_s=timeout_s, shim=self.shims.get(d), auth=self.auth,
@@ -80,9 +87,18 @@ class TcpExchange:
                 self.layout, self.plan, self.failed = _layout(self.full), self.full, None
             except TransportError:
                 pass
-        for d, ch in self.channels.items():
-            ch.send(Message(Kind.HELLO, session, 0, 0, self.me), dest=self.index[d])
-        for d, ch in self.channels.items():
+        self.pending = self.last = None
+        for d in list(self.channels):
+            hello = Message(Kind.HELLO, session, 0, 0, self.me)
+            try:
+                self.channels[d].send(hello, dest=self.index[d])
+            except TransportError:  # restarted since the last session: a new connection will do
+                ch = self._reconnect(d, time.monotonic() + self.policy.dead_after_s)
+                if ch is None:
+                    raise DeviceLost(f"device {d} at {self.peers[d][0]}:{self.peers[d][1]} takes no connection", d) \
+                        from None
+                ch.send(hello, dest=self.index[d])
+        for d in self.channels:
             self._await(d, lambda m: m.kind == Kind.HELLO, "the session handshake")
         if self.failed:
             self._hand_over(self.failed, {})
@@ -90,11 +106,12 @@ class TcpExchange:
     def resume(self, session: int, history: History, timeout_s: float, start=0) -> tuple[set[str], set[str]]:
         """Go on with `session`, run in strict push rounds so far (`pushtcp.TcpPush.to_star`), in star
         rounds: a HELLO of the same session on each new connection (`recovery.RESUME`: a device keeps
-        its KV cache and leaves push rounds), `history` what a failover rebuilds from. Returns the
-        devices that took no connection or did not echo within `timeout_s` (a restarted one answers
-        RESET: strict rounds replace it, as they do a dead one), and no rejoined ones."""
+        its KV cache and leaves push rounds), `history` what a failover or a rejoin rebuilds from. A
+        device restarted since answers RESET: it rejoins, its KV caches rebuilt up to `start` (slot
+        0's position, or slot -> position). Returns (the devices that took no connection, did not
+        echo within `timeout_s` or could not be rebuilt, the devices that rejoined)."""
         self.session, self.history = session, history
-        silent = set(self.unreachable)
+        silent, restarted = set(self.unreachable), set()
         for d, ch in self.channels.items():
             ch.send(Message(Kind.HELLO, session, 0, 0, self.me, RESUME), dest=self.index[d])
         deadline = time.monotonic() + timeout_s
@@ -104,13 +121,15 @@ class TcpExchange:
                     if msg.kind == Kind.HELLO and msg.session == session:
                         break
                     if msg.kind == Kind.RESET and msg.session == session:  # restarted: no need to wait
-                        silent.add(d)
+                        restarted.add(d)
                         break
                 else:
                     silent.add(d)
             except TransportError:
                 silent.add(d)
-        return silent, set()
+        rejoined, failed = rebuild_restarted(self, restarted, history, start)
+        self.rejoins += len(rejoined)
+        return silent | failed, rejoined
 
     def fail_over(self, dead: str, start) -> dict[int, dict[int, np.ndarray]]:
         """See `core.exchange.FailingOver`: the survivors take over `dead`'s groups."""
@@ -141,6 +160,8 @@ class TcpExchange:
             try:
                 msg = self.channels[d].recv(self.policy.dead_after_s)
             except TransportError as e:
+                if self.pending is not None and self._rejoin(d):
+                    continue
                 raise DeviceLost(f"device {d}: {e}", d) from None
             if msg is None:
                 raise DeviceLost(f"device {d} stopped answering ({what}; {self.policy.dead_after_s:g} s)", d)
@@ -154,33 +175,97 @@ class TcpExchange:
                 self.history.append(layer, x, at)
         else:
             targets = [d for d in self.remote if d in self.layout["crit"][layer] or d in self.layout["relaxed"][layer]]
-        body = encode_request(x, at, self.policy.wire)
+        self.last = Message(PHASE_REQUEST[phase], self.session, step, layer, self.me,
+                            encode_request(x, at, self.policy.wire))
+        self.pending = targets
         for d in targets:
             try:
-                self.channels[d].send(Message(PHASE_REQUEST[phase], self.session, step, layer, self.me, body),
-                                      dest=self.index[d])
+                self.channels[d].send(self.last, dest=self.index[d])
             except TransportError as e:
-                raise DeviceLost(f"device {d}: {e}", d) from None
-        self.pending = targets
+                if not self._rejoin(d):  # which sends it the request
+                    raise DeviceLost(f"device {d}: {e}", d) from None
 
     def collect(self, phase: str, step: int, layer: int, awaited: dict[str, np.ndarray]) -> RoundResult:
         result = RoundResult(parts=[])
         for d in self.pending:
-            n = (1 if phase == "attn" else
-                 (d in self.layout["crit"][layer]) + (d in self.layout["relaxed"][layer]))
-            while n:
-                msg = self._await(d, lambda m: m.step == step and m.layer == layer and m.kind in REPLY_KINDS,
+            # by kind: a device that rejoined mid-round sends every part of it again
+            want = ([Kind.REPLY_ATTN] if phase == "attn" else
+                    [k for k, held in ((Kind.REPLY_MLP_CRITICAL, self.layout["crit"][layer]),
+                                       (Kind.REPLY_MLP_RELAXED, self.layout["relaxed"][layer])) if d in held])
+            got = {}
+            while len(got) < len(want):
+                msg = self._await(d, lambda m: m.step == step and m.layer == layer and m.kind in want,
                                   f"layer {layer} {phase}, step {step}")
-                result.parts.append(decode_tensor(msg.payload, self.policy.wire, self.width))
-                n -= 1
+                got[msg.kind] = decode_tensor(msg.payload, self.policy.wire, self.width)
+            result.parts += [got[k] for k in want]  # critical before relaxed, as the device sends them
         return result
+
+    def _reconnect(self, d: str, deadline: float) -> TcpChannel | None:
+        """A new connection to d before `deadline` (a restarting worker refuses until it listens), or None."""
+        old = self.channels.pop(d, None)
+        if old is not None:
+            old.close()
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                self.channels[d] = self._connect(d, min(left, 1.0))
+                return self.channels[d]
+            except TransportError:
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return None
+
+    def _rejoin(self, d: str) -> bool:
+        """d's connection broke (its worker process died): True if it takes a new one within
+        `dead_after_s` and goes on in this session. A worker that kept its state echoes a RESUME
+        HELLO; one restarted answers RESET and gets its KV caches rebuilt from the session's
+        attention inputs (all but the round in flight's: `recovery.rebuild`, as `UdpExchange.rejoin`).
+        Either way the round in flight is sent to it again."""
+        deadline = time.monotonic() + self.policy.dead_after_s
+        while True:
+            ch = self._reconnect(d, deadline)
+            if ch is None:
+                return False
+            try:
+                restarted = self._resume_on(ch, d, deadline)
+                break
+            except TransportError:  # a dying worker's backlog took the connection: again, until it listens anew
+                continue
+            except DeviceLost:
+                return False
+        if restarted is None:
+            return False
+        self.rejoins += 1
+        self.warn(f"device {d} " + ("restarted and rejoined the session (KV cache rebuilt)" if restarted else
+                                    "reconnected") + "; the round in flight is sent to it again")
+        return True
+
+    def _resume_on(self, ch: TcpChannel, d: str, deadline: float) -> bool | None:
+        """`_rejoin`'s handshake on d's new connection: whether d restarted (its KV caches rebuilt
+        then), None if it did not answer by `deadline`; the round in flight sent to it again."""
+        r = self.last
+        ch.send(Message(Kind.HELLO, self.session, 0, 0, self.me, RESUME), dest=self.index[d])
+        while (msg := ch.recv(max(0.0, deadline - time.monotonic()))) is not None:
+            if msg.session == self.session and msg.kind in (Kind.HELLO, Kind.RESET):
+                break
+        else:
+            return None
+        restarted = msg.kind == Kind.RESET
+        if restarted:
+            layers = [i for i in range(self.plan.model.num_layers) if d in self.layout["attn"][i]]
+            in_flight = r is not None and r.kind == Kind.REQUEST_ATTN
+            inputs = {slot: {i: self.history.inputs(i, in_flight and r.layer == i, slot) for i in layers}
+                      for slot in self.history.slots()}
+            rebuild(d, self.peers[d], self.auth, self.guard, self.me, self.index[d], self.session,
+                    r.step if r else 0, inputs, self.policy.wire, max(1.0, deadline - time.monotonic()))
+        if r is not None and d in (self.pending or ()):
+            ch.send(r, dest=self.index[d])
+        return restarted
 
     def stats(self) -> ExchangeStats:
         # TCP retransmits and orders in the kernel: this exchange counts only bytes and drops
         rcs = [c.reassembler.counters for c in self.channels.values()]
         drops = {k: sum(getattr(rc, k) for rc in rcs)
                  for k in ("malformed", "bad_length", "forged", "misdirected", "replayed", "stale")}
-        kept = {"bytes_sent": sum(c.counters.bytes_sent for c in self.channels.values()),
+        kept = {"rejoins": self.rejoins, "bytes_sent": sum(c.counters.bytes_sent for c in self.channels.values()),
                 "bytes_received": sum(c.counters.bytes_received for c in self.channels.values()),
                 "dropped": Drops(**drops, unknown_session=None)}
         return ExchangeStats(**{**{f.name: None for f in fields(ExchangeStats)}, **kept})
