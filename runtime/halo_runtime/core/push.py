@@ -444,7 +444,8 @@ class PushCoordinator(Coordinator):
         after = self.steps[i + 1]
         if self.pushing and self.steps[i] in self.starred and not isinstance(after, Segment) \
                 and after not in self.requested:
-            self.exchange.handoff(self._pass[0], i + 1, self._pass[1], h, x if handoff_with_x(self.steps, i + 1) else None)
+            x = x if handoff_with_x(self.steps, i + 1) else None
+            self.exchange.handoff(self._pass[0], i + 1, self._pass[1], h, x)
 
     def _opens(self, layer: int, kind: str, inp: np.ndarray) -> None:
         """A star round that opens with a request: every device gets its input (`requested_rounds`)."""

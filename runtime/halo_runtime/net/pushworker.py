@@ -2,7 +2,8 @@
 plan's schedule pass by pass, over a `push.Mesh` (UDP) or a `pushtcp.TcpMesh` (strict). In each
 network round it computes its part from its view's input, pushes it to every other device, collects
 theirs and adds them as the coordinator's rule says (`core.push.View`); in a star round it sends its
-part to the coordinator alone and takes the residual the coordinator hands out after it.
+part to the coordinator alone, computed on its view's input or on the request the coordinator sent
+(`core.push.requested_rounds`), and takes what the coordinator hands out next.
 
 Example (what `halo-run worker` starts when a push HELLO comes; tests/test_push_net.py runs it):
     $ halo-run local --plan artifacts/smollm2-135m-pi5 --rounds push --prompt "Hello"
