@@ -130,7 +130,7 @@ class EvalOptions:
     rounds: str = "plan"
     """How network rounds travel: "plan" (as the plan says, what halo-run does by default), "star"
     (through the coordinator) or "push" (every device adds the parts on its own view of the
-    residual, drawing its own misses)."""
+    residual, drawing its own misses; the plan's star rounds among them)."""
     predictive: tuple[str, ...] = ()
     """Devices that skip the MLP groups the predictor marks inactive per token (`halo-run worker
     --load-mode predictive`); the perplexity then includes what that costs."""

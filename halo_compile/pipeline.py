@@ -94,7 +94,8 @@ class CompileOptions:
     failover: bool = True
     """Plan where each remote device's groups go if it dies, and keep their weights in the survivors' shards."""
     rounds: str = "auto"
-    """Rounds the runtime runs by default: star, push, or auto (the cheaper on the profile's links by the cost model)."""
+    """Rounds the runtime runs by default: star, push, or auto (the cheaper on the profile's links by the cost
+    model); push plans also record the rounds that cost less through the coordinator (`Plan.star_rounds`)."""
 
     def __post_init__(self):
         checks = {"calib_tokens": self.calib_tokens >= 16, "chunk_tokens": self.chunk_tokens >= 16,

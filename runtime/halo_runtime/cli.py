@@ -54,8 +54,8 @@ def _coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="relaxed: UDP, deadlines and compensation (default); strict: TCP, await everything")
     p.add_argument("--rounds", choices=("plan", *ROUNDS), default="plan",
                    help="star: every network round a round trip through the coordinator; push: each device sends "
-                        "its part to every other, one hop a round; plan: what the plan chose (default; "
-                        "halo-compile inspect says which)")
+                        "its part to every other, one hop a round (but the plan's star rounds); plan: what the plan "
+                        "chose (default; halo-compile inspect says which)")
     p.add_argument("--wire", choices=["fp16", "fp32"], **_field(DeliveryPolicy, "wire"))
     p.add_argument("--redundancy", type=int, **_field(DeliveryPolicy, "redundancy", "; at most 4"))
     p.add_argument("--multi-datagram-copies", type=int,
