@@ -71,7 +71,7 @@ def measure(plan: str, plrs: list[float], reps: int, delay_ms: float, jitter_ms:
     from halo_runtime.core.plan import load_plan
 
     p = load_plan(plan)
-    net, _, _ = plan_network_ms(p)
+    net, _ = plan_network_ms(p)
     kinds = KINDS if p.star_rounds else KINDS[:2]
     with tempfile.TemporaryDirectory() as tmp:
         pure = pushing_every_round(plan, Path(tmp)) if p.star_rounds else None

@@ -192,7 +192,7 @@ def compile_plan(model_spec: str, profile_path: str | Path, out_dir: str | Path 
                       + 2 * num_layers * cfg.hidden_size * 4)
         plan = choose_rounds(_plan(model, cluster, opts, unplaced, predictors, inputs, placement, blind, failover),
                              opts.rounds, view_bytes)
-        net, _, mix = plan_network_ms(plan)
+        net, mix = plan_network_ms(plan)
         _log(opts, f"      rounds: {plan.rounds} ({'--rounds' if opts.rounds != 'auto' else 'auto'}; cost model: star "
                    f"{net['star']:.1f} ms, push {net['push']:.1f} ms, push with {len(mix)} star rounds "
                    f"{net['mixed']:.1f} ms of network a token)")

@@ -336,7 +336,7 @@ def choose_rounds(plan: Plan, rounds: str = "auto", view_bytes: int = 0) -> Plan
     where the mix keeps no push round, and where a push view of `view_bytes` would not fit beside a
     device's weights: `core.push.view_over_memory`). A push plan records its star rounds
     (`Plan.star_rounds`). Placement priced star rounds; push is chosen after it."""
-    net, _, star_rounds = plan_network_ms(plan)
+    net, star_rounds = plan_network_ms(plan)
     if rounds == "auto":
         pushes = len(star_rounds) < len(plan.network_rounds())
         rounds = "push" if net["mixed"] < net["star"] and pushes and not view_over_memory(plan, view_bytes) else "star"

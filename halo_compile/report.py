@@ -149,7 +149,7 @@ def _rounds_line(plan: Plan, rounds: list[tuple[int, str]]) -> str:
     """What the cost model says the network costs a token in star rounds, in push rounds and in
     push rounds mixed with the star rounds that cost less (`roundcost.mixed_pass`), what the plan
     runs (`Plan.rounds`, what `halo-run --rounds plan` runs) and, in push rounds, which rounds push."""
-    net, _, star_rounds = plan_network_ms(plan)
+    net, star_rounds = plan_network_ms(plan)
     n = sum(first for _, first in handed_off(pass_rounds(plan), plan.coordinator))
     cheaper = "push" if net["mixed"] < net["star"] and len(star_rounds) < len(rounds) else "star"
     why = ("cheaper on these links" if plan.rounds == cheaper or not net["push"]

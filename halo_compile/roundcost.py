@@ -135,16 +135,15 @@ def pass_rounds(plan: Plan) -> list[list[str]]:
             for layer in range(plan.model.num_layers) for kind in ("attn", "mlp")]
 
 
-def plan_network_ms(plan: Plan) -> tuple[dict[str, float], list[tuple[float, float]], tuple[int, ...]]:
+def plan_network_ms(plan: Plan) -> tuple[dict[str, float], tuple[int, ...]]:
     """The network time of a token of `plan` in star, push and mixed rounds (`network_ms`, parts
-    on the fp16 wire, the plan's copies per link), each network round's own (star, push)
-    (`pass_network_ms`; `Plan.network_rounds`' order), and the star rounds of the mix (`mixed_pass`)."""
+    on the fp16 wire, the plan's copies per link), and the star rounds of the mix (`mixed_pass`)."""
     copies = {d: plan.link_copies(d) for d in plan.device_names}
     options = PlaceOptions(message_bytes=2 * plan.model.hidden_size)
     rounds, devices = pass_rounds(plan), list(plan.devices)
-    costs = pass_network_ms(rounds, devices, plan.coordinator, copies, options)
+    net = network_ms(rounds, devices, plan.coordinator, copies, options)
     mixed, star_rounds = mixed_pass(rounds, devices, plan.coordinator, copies, options)
-    return {"star": sum(s for s, _ in costs), "push": sum(p for _, p in costs), "mixed": mixed}, costs, star_rounds
+    return {**net, "mixed": mixed}, star_rounds
 
 
 def _lat(devices: list[Device], a: str, b: str) -> float:

@@ -50,8 +50,8 @@ from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
 from .recovery import (RESUME, DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, rebuild,
-                       rebuild_restarted, why_not_replaced)
-from .rounds import PHASE_REQUEST, RETURN_GRACE_S, _layout, _warn, hello_until_echoed
+                       rebuild_restarted, rejoin_inputs, why_not_replaced)
+from .rounds import PHASE_REQUEST, RETURN_GRACE_S, _layout, _warn, attention_layers, hello_until_echoed
 from .rtt import RttEstimator
 from .shim import PeerShims
 from .transport import TcpChannel, TransportError, UdpEndpoint
@@ -200,7 +200,7 @@ class UdpExchange:
         if self.failed or not self.full.replaceable(dead):
             raise DeviceLost(f"device {dead} cannot be replaced: {why_not_replaced(self.full, dead, self.failed)}",
                              dead)
-        inputs = kv_inputs(self.history, [i for i in range(self.plan.model.num_layers) if dead in self.layout["attn"][i]],
+        inputs = kv_inputs(self.history, attention_layers(self.layout, dead),
                            start if isinstance(start, dict) else {0: start})
         self._use(self.full.without(dead))
         self.failed, self.round = dead, None
@@ -318,9 +318,8 @@ class UdpExchange:
         """Bring a restarted or returning device back: HELLO, then rebuild its KV cache over TCP from
         the attention inputs of this session (all but the round in flight, which is re-requested)."""
         r = self.round
-        layers = [i for i in range(self.plan.model.num_layers) if d in self.layout["attn"][i]]
-        inputs = {slot: {i: self.history.inputs(i, bool(r and r.phase == "attn" and r.layer == i), slot)
-                         for i in layers} for slot in self.history.slots()}
+        layers = attention_layers(self.layout, d)
+        inputs = rejoin_inputs(self.history, layers, r.layer if r and r.phase == "attn" else None)
         try:
             rebuild(d, self.peers[d], self.auth, self.guard, self.me, self.index[d], self.session,
                     r.step if r else 0, inputs, self.policy.wire, self.policy.dead_after_s)

@@ -47,8 +47,6 @@ from ..core.codec import WireError, datagrams, decode_tensor, encode_request, en
 from ..core.exchange import DeviceLost, ExchangeStats
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy, pair_link
-from ..core.push import requested_rounds
-from ..core.segment import schedule
 from .auth import Authenticator, ReplayGuard
 from .recovery import History
 from .rounds import _warn, hello_until_echoed, holders
@@ -291,7 +289,6 @@ class UdpPush:
         self.width = plan.model.hidden_size
         self.holders = holders(plan)
         self.starred = plan.starred_rounds()
-        self.requested = requested_rounds(schedule(plan), self.starred)
         self.auth = auth or Authenticator()
         self.rule = {"compensation": "lowrank", "await_predicted": True}
         self.history = History(plan.model.num_layers, self.width, policy.wire)

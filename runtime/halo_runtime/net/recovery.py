@@ -29,6 +29,7 @@ from ..core.plan import Plan
 from ..core.shards import adopted_plan
 from ..core.spans import Span, spans_of
 from .auth import Authenticator, ReplayGuard
+from .rounds import attention_layers
 from .transport import TcpChannel, TransportError
 from .wire import Kind, Message
 
@@ -155,7 +156,7 @@ def rebuild_restarted(ex, restarted: set[str], history: History, start) -> tuple
     starts = start if isinstance(start, dict) else {0: start}
     rejoined, failed = set(), set()
     for d in sorted(restarted):
-        layers = [i for i in range(ex.plan.model.num_layers) if d in ex.layout["attn"][i]]
+        layers = attention_layers(ex.layout, d)
         try:
             rebuild(d, ex.peers[d], ex.auth, ex.guard, ex.me, ex.index[d], ex.session, 0,
                     kv_inputs(history, layers, starts), ex.policy.wire, ex.policy.dead_after_s)
@@ -166,6 +167,13 @@ def rebuild_restarted(ex, restarted: set[str], history: History, start) -> tuple
         ex.warn(f"device {d} restarted and rejoined the session (KV cache rebuilt: "
                 f"{sum(starts.values())} tokens in {len(layers)} layers)")
     return rejoined, failed
+
+
+def rejoin_inputs(history: History, layers: list[int], in_flight: int | None) -> dict[int, dict[int, np.ndarray]]:
+    """Session slot -> layer -> the attention inputs a device restarted mid-pass is rebuilt from:
+    all this session's, but those of the attention round in flight (`in_flight`: its layer), which
+    is sent to it again."""
+    return {slot: {i: history.inputs(i, i == in_flight, slot) for i in layers} for slot in history.slots()}
 
 
 def kv_inputs(history: History, layers, starts: dict[int, int]) -> dict[int, dict[int, np.ndarray]]:

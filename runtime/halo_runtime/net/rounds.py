@@ -70,5 +70,10 @@ def _layout(plan: Plan) -> dict:
             for kind, per_layer in holders(plan).items()}
 
 
+def attention_layers(layout: dict, device: str) -> list[int]:
+    """The layers in which `device` holds attention heads (`_layout`): the KV caches it keeps."""
+    return [i for i, held in enumerate(layout["attn"]) if device in held]
+
+
 def _warn(msg: str) -> None:
     print(f"halo-run: warning: {msg}", file=sys.stderr, flush=True)

@@ -27,9 +27,9 @@ from ..core.exchange import Drops, ExchangeStats, RoundResult
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .rounds import PHASE_REQUEST, RETURN_GRACE_S, _layout, _warn
+from .rounds import PHASE_REQUEST, RETURN_GRACE_S, _layout, _warn, attention_layers
 from .recovery import (RESUME, DeviceLost, History, adopted_inputs, adopters, hand_over, kv_inputs, rebuild,
-                       rebuild_restarted, why_not_replaced)
+                       rebuild_restarted, rejoin_inputs, why_not_replaced)
 from .shim import LINUX_RTO_MIN_MS, LossShim
 from .transport import TcpChannel, TransportError
 from .wire import Kind, Message
@@ -136,7 +136,7 @@ class TcpExchange:
         if self.failed or not self.full.replaceable(dead):
             raise DeviceLost(f"device {dead} cannot be replaced: {why_not_replaced(self.full, dead, self.failed)}",
                              dead)
-        inputs = kv_inputs(self.history, [i for i in range(self.plan.model.num_layers) if dead in self.layout["attn"][i]],
+        inputs = kv_inputs(self.history, attention_layers(self.layout, dead),
                            start if isinstance(start, dict) else {0: start})
         ch = self.channels.pop(dead, None)
         if ch is not None:
@@ -250,10 +250,8 @@ class TcpExchange:
             return None
         restarted = msg.kind == Kind.RESET
         if restarted:
-            layers = [i for i in range(self.plan.model.num_layers) if d in self.layout["attn"][i]]
-            in_flight = r is not None and r.kind == Kind.REQUEST_ATTN
-            inputs = {slot: {i: self.history.inputs(i, in_flight and r.layer == i, slot) for i in layers}
-                      for slot in self.history.slots()}
+            in_flight = r.layer if r is not None and r.kind == Kind.REQUEST_ATTN else None
+            inputs = rejoin_inputs(self.history, attention_layers(self.layout, d), in_flight)
             rebuild(d, self.peers[d], self.auth, self.guard, self.me, self.index[d], self.session,
                     r.step if r else 0, inputs, self.policy.wire, max(1.0, deadline - time.monotonic()))
         if r is not None and d in (self.pending or ()):
