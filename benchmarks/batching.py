@@ -140,7 +140,11 @@ def condition(plan: str, questions, tokens: int, sync: str, *extra: str) -> dict
 def run(plan: str, clients: int, tokens: int, plr: float, delays: list[float], delayed_tokens: int,
         threads: int = 1, serve_args: tuple[str, ...] = ()) -> dict:
     questions = list(QUESTIONS[:clients])
-    out = {"machine": machine(), "plan": plan, "clients": clients, "tokens": tokens, "threads": threads}
+    from halo_runtime.core.f32rows import library
+
+    # the servers run in this environment: HALO_F32_ROWS=0 leaves their fp32 products to ggml
+    out = {"machine": machine(), "plan": plan, "clients": clients, "tokens": tokens, "threads": threads,
+           "f32_rows": library()[1]}
     more = ("--threads", str(threads), *serve_args)
     for d in delays:
         n = tokens if d == 0 else delayed_tokens

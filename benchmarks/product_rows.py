@@ -10,7 +10,8 @@ if a 2-row tiled product cost what a 1-row dot product does. This measures exact
 distinct [rows x cols] matrices (more than the caches hold, as a decode pass sees a model), each
 times T rows, in one graph, median over `--passes`. Run it once per build and compare the JSONs
 (a second build: `CMAKE_ARGS=-DGGML_LLAMAFILE=ON pip install --no-cache-dir --no-deps --target DIR
-ggml-python`, then `PYTHONPATH=DIR python -m benchmarks.product_rows`).
+ggml-python`, then `PYTHONPATH=DIR python -m benchmarks.product_rows`). fp32 products go through
+`halo_runtime.core.f32rows` where it is built (`HALO_F32_ROWS=0`: ggml's dot products, to compare).
 
     python -m benchmarks.product_rows -o benchmarks/results/product_rows_off.json   # ~1 min
     python -m benchmarks.product_rows --plot out.png A.json B.json
@@ -40,7 +41,7 @@ def measure(fmt: str, rows: int, cols: int, copies: int, passes: int, threads: i
     """{T: median ms of one graph multiplying T rows by every copy} for one format."""
     import ggml.ggml as G
     from halo_runtime.core.formats import FORMATS, quantise
-    from halo_runtime.core.ggmlops import Arena, Graph, new_input
+    from halo_runtime.core.ggmlops import Arena, Graph, mul_mat, new_input
 
     rng = np.random.default_rng(0)
     stored = quantise((rng.standard_normal((rows, cols)) * 0.05).astype(np.float32), fmt)
@@ -50,7 +51,7 @@ def measure(fmt: str, rows: int, cols: int, copies: int, passes: int, threads: i
     for T in ROWS:
         def build(ctx, T=T):
             x = new_input(ctx, G.GGML_TYPE_F32, T, cols)
-            return {"x": x}, {f"y{i}": G.ggml_mul_mat(ctx, w, x) for i, w in enumerate(weights)}
+            return {"x": x}, {f"y{i}": mul_mat(ctx, w, x) for i, w in enumerate(weights)}
 
         graph = Graph(build, 2 * copies + 8)
         graph.inputs["x"][:] = rng.standard_normal(graph.inputs["x"].shape)
@@ -78,7 +79,8 @@ def plot(reports: list[Path], png: Path) -> None:
         rep = json.loads(path.read_text())
         build = "llamafile" if rep["llamafile"] else "dot products"
         for fmt, by_rows in rep["ms"].items():
-            ax.plot(ROWS, [by_rows[str(t)] for t in ROWS], marker="o", label=f"{fmt}, {build}")
+            kernel = "f32rows" if fmt == "fp32" and rep.get("f32_rows", "").startswith("halo") else build
+            ax.plot(ROWS, [by_rows[str(t)] for t in ROWS], marker="o", label=f"{fmt}, {kernel}")
     ax.set_xlabel("rows per product")
     ax.set_ylabel(f"ms per pass over {rep['copies']} matrices")
     ax.set_xticks(ROWS)
@@ -103,8 +105,10 @@ def main(argv=None) -> int:
         plot(args.reports, args.plot)
         return 0
     import ggml.ggml as G
+    from halo_runtime.core.f32rows import library
 
-    report = {"llamafile": bool(G.ggml_cpu_has_llamafile()), "machine": machine(), "rows": args.rows,
+    report = {"llamafile": bool(G.ggml_cpu_has_llamafile()), "f32_rows": library()[1], "machine": machine(),
+              "rows": args.rows,
               "cols": args.cols, "copies": args.copies, "threads": args.threads, "ms": {}}
     for fmt in args.formats.split(","):
         report["ms"][fmt] = measure(fmt, args.rows, args.cols, args.copies, args.passes, args.threads)

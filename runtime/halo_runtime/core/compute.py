@@ -2,20 +2,22 @@
 
 There is one engine, ggml, built for the machine it is installed on (ggml-python compiles it
 with `-march=native`): its kernel for each weight format is the widest this CPU has (AVX-512
-VNNI, AVX2, NEON `sdot`, ...), chosen by ggml, not by us. `kernels()` names what it uses, for
-`halo-run --json` and the start-up line.
+VNNI, AVX2, NEON `sdot`, ...), chosen by ggml, not by us; fp32 weights go through a kernel of
+ours inside ggml's graphs where it builds (`f32rows`: each weight read once for all of a pass's
+rows). `kernels()` names what it uses, for `halo-run --json` and the start-up line.
 
 A row's result must not depend on the pass it travels in: a draft's verification pass must give
 the bits of one-token decoding (so drafts never change a reply), and a row's bits must not depend
 on the thread count. ggml's own products compute every output element with one dot product, whatever
 the rows beside it; llamafile's tiled GEMM (used for passes of 2+ rows when ggml is built with
 `-DGGML_LLAMAFILE=ON`) and ARM's 2-row int8 matmul (i8mm, even row counts) sum in another order.
+`f32rows` sums every element in one order whatever the rows.
 `make install` builds ggml without llamafile; `rows_differ_by_pass()` says where the exactness is lost.
 
 Example:
     >>> from halo_runtime.core.compute import ComputeOptions, kernels
     >>> ComputeOptions(threads=2).threads, sorted(kernels())
-    (2, ['engine', 'rows_exact', 'simd'])
+    (2, ['engine', 'f32_rows', 'rows_exact', 'simd'])
     >>> ComputeOptions(threads=0)
     Traceback (most recent call last):
     ...
@@ -63,13 +65,18 @@ def rows_differ_by_pass() -> str | None:
 @cache
 def kernels() -> dict:
     """{"engine": ggml and its binding's version, "simd": the instruction sets ggml uses here,
+    "f32_rows": what multiplies fp32 weights (`f32rows`, or why ggml does),
     "rows_exact": whether a row's bits are the same in every pass}."""
     import ggml.ggml as G
+
+    from .f32rows import library
 
     try:
         binding = version("ggml-python")
     except PackageNotFoundError:
         binding = "unknown"
     present = [f for f in _FEATURES if getattr(G, f"ggml_cpu_has_{f}", lambda: 0)()]
+    fp32 = library()[1]
     return {"engine": f"ggml (ggml-python {binding})", "simd": present or ["scalar"],
+            "f32_rows": fp32 if fp32.startswith("halo") else f"ggml: {fp32}",
             "rows_exact": rows_differ_by_pass() is None}

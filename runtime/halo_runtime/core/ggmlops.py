@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from functools import cache
 
 import ggml.ggml as G  # PyPI ggml-python: the `ggml` package; nothing of ours shares the name
 import numpy as np
 
+from . import f32rows
 from .formats import WeightFormat
 
 _NUMPY = {G.GGML_TYPE_F32: np.float32, G.GGML_TYPE_F16: np.uint16, G.GGML_TYPE_BF16: np.uint16,
@@ -72,6 +74,28 @@ def dequantise_rows(stored: np.ndarray, fmt: WeightFormat) -> np.ndarray:
     to_float = G.ggml_get_type_traits(fmt.ggml_type).contents.to_float
     to_float(raw.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), rows * cols)
     return out
+
+
+@cache
+def _f32_rows_op():
+    """`f32rows`' ggml custom op as ggml takes it, or None where the kernel is not used."""
+    address = f32rows.op_address()
+    return None if address is None else G.ggml_custom_op_t(address)
+
+
+def mul_mat(ctx, w, x):
+    """ggml_mul_mat (w [K, N] by x [K, R] -> [N, R]): fp32 weights through `f32rows` where it is
+    built (each weight read once for all the pass's rows, a row's bits those of one row), every
+    other format, and fp32 where it is not, through ggml's own products."""
+    op = _f32_rows_op()
+    if op is None or w.contents.type != G.GGML_TYPE_F32 or x.contents.type != G.GGML_TYPE_F32 \
+            or G.ggml_n_dims(x) > 2 or w.contents.nb[0] != 4:
+        return G.ggml_mul_mat(ctx, w, x)
+    if x.contents.nb[0] != 4:
+        x = G.ggml_cont(ctx, x)
+    args = (ctypes.POINTER(G.ggml_tensor) * 2)(w, x)
+    return G.ggml_custom_4d(ctx, G.GGML_TYPE_F32, w.contents.ne[1], x.contents.ne[1], 1, 1, args, 2, op,
+                            G.GGML_N_TASKS_MAX, None)
 
 
 def _view(t, dims: int = 2, dtype=None) -> np.ndarray:

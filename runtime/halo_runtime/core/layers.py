@@ -31,7 +31,7 @@ import ggml.ggml as G
 import numpy as np
 
 from .config import ModelConfig
-from .ggmlops import Arena, new_input
+from .ggmlops import Arena, mul_mat, new_input
 
 KV_BUCKET = 32
 """Keys a decode graph is built for, rounded up to this (its mask hides the rest)."""
@@ -166,9 +166,9 @@ def attention(ctx, cfg: ModelConfig, x, q, k, v, o, cache: KVCache, rows: Rows):
         return G.ggml_rope_ext(ctx, t, rows.positions, rows.factors, hd, G.GGML_ROPE_TYPE_NEOX, 0,
                                cfg.rope_theta, 1.0, 0.0, 1.0, 0.0, 0.0)
 
-    qs = rope(G.ggml_mul_mat(ctx, q, x), nq)
-    ks = rope(G.ggml_mul_mat(ctx, k, x), nkv)
-    vs = G.ggml_reshape_3d(ctx, G.ggml_mul_mat(ctx, v, x), hd, nkv, T)
+    qs = rope(mul_mat(ctx, q, x), nq)
+    ks = rope(mul_mat(ctx, k, x), nkv)
+    vs = G.ggml_reshape_3d(ctx, mul_mat(ctx, v, x), hd, nkv, T)
     keys = G.ggml_set_rows(ctx, cache.keys, G.ggml_permute(ctx, ks, 0, 2, 1, 3), rows.slots)
     values = G.ggml_set_rows(ctx, cache.values, G.ggml_permute(ctx, vs, 0, 2, 1, 3), rows.slots)
     nb, qnb = cache.keys.contents.nb, qs.contents.nb
@@ -182,7 +182,7 @@ def attention(ctx, cfg: ModelConfig, x, q, k, v, o, cache: KVCache, rows: Rows):
         part = G.ggml_reshape_2d(ctx, part, hd * nq, n)
         out = part if out is None else G.ggml_concat(ctx, out, part, 1)
         at += n
-    return G.ggml_mul_mat(ctx, o, out)
+    return mul_mat(ctx, o, out)
 
 
 def mlp(ctx, x, gate, up, down, parts: list[tuple[int, int]], down_bytes_per_col: float, act_mask=None):
@@ -190,16 +190,16 @@ def mlp(ctx, x, gate, up, down, parts: list[tuple[int, int]], down_bytes_per_col
     silu(gate x) * up x: one [T, hidden] output per part. A part's columns are whole blocks.
     act_mask [T, neurons] (0 or 1) keeps only some neurons per row (predictive loading)."""
     T = x.contents.ne[1]
-    act = G.ggml_swiglu_split(ctx, G.ggml_mul_mat(ctx, gate, x), G.ggml_mul_mat(ctx, up, x))
+    act = G.ggml_swiglu_split(ctx, mul_mat(ctx, gate, x), mul_mat(ctx, up, x))
     if act_mask is not None:
         act = G.ggml_mul(ctx, act, act_mask)
     out = []
     hidden, row = down.contents.ne[1], down.contents.nb[1]
     for a, b in parts:
         if (a, b) == (0, down.contents.ne[0]):
-            out.append(G.ggml_mul_mat(ctx, down, act))
+            out.append(mul_mat(ctx, down, act))
             continue
         w = G.ggml_view_2d(ctx, down, b - a, hidden, row, int(a * down_bytes_per_col))
         y = G.ggml_view_2d(ctx, act, b - a, T, act.contents.nb[1], a * ctypes.sizeof(ctypes.c_float))
-        out.append(G.ggml_mul_mat(ctx, w, y))
+        out.append(mul_mat(ctx, w, y))
     return out

@@ -25,7 +25,7 @@ import numpy as np
 
 from .device import DeviceCompute
 from .formats import weight_format
-from .ggmlops import Arena, GraphCache, new_input
+from .ggmlops import Arena, GraphCache, mul_mat, new_input
 from .layers import Rows, attention, kv_keys, mlp, rms_norm
 from .plan import Plan
 
@@ -128,7 +128,7 @@ def build(ctx, seg: Segment, dev, tables: Tables, T: int, keys: int, all_positio
     if seg.head:
         if not all_positions and T > 1:
             h = G.ggml_view_2d(ctx, h, hidden, 1, h.contents.nb[1], (T - 1) * h.contents.nb[1])
-        outputs["logits"] = G.ggml_mul_mat(ctx, tables.head, rms_norm(ctx, h, tables.g_final, eps))
+        outputs["logits"] = mul_mat(ctx, tables.head, rms_norm(ctx, h, tables.g_final, eps))
     else:
         outputs["h"] = h
     return inputs, outputs

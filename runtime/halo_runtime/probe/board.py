@@ -127,7 +127,7 @@ def measure_format(fmt: str, opts: ComputeProbe, threads: int = 1) -> FormatSpee
     import numpy as np
 
     from ..core.formats import FORMATS, quantise
-    from ..core.ggmlops import Arena, Graph, new_input
+    from ..core.ggmlops import Arena, Graph, mul_mat, new_input
 
     rows, cols = opts.shape
     rng = np.random.default_rng(0)
@@ -139,7 +139,7 @@ def measure_format(fmt: str, opts: ComputeProbe, threads: int = 1) -> FormatSpee
 
     def build(ctx):
         x = new_input(ctx, G.GGML_TYPE_F32, 1, cols)
-        return {"x": x}, {f"y{i}": G.ggml_mul_mat(ctx, t, x) for i, t in enumerate(tensors)}
+        return {"x": x}, {f"y{i}": mul_mat(ctx, t, x) for i, t in enumerate(tensors)}
 
     graph = Graph(build)
     try:
