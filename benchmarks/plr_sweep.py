@@ -116,7 +116,7 @@ class Bench:
 
     def __init__(self, plan_dir: str, delay_ms: float, jitter_ms: float, prefix: str, burst: float | None = None,
                  extra_generate: list[str] | None = None, verbose: bool = True, bandwidth: bool = True,
-                 runtime_path: str | None = None, delay_from_plan: bool = False):
+                 runtime_path: str | None = None, delay_from_plan: bool = False, sched: str | None = None):
         from halo_runtime.core.plan import load_plan
 
         self.plan_dir = str(plan_dir)
@@ -126,7 +126,9 @@ class Bench:
         self.remote = [d for d in self.devices if d != self.coord]
         self.lossy = [d.name for d in self.plan.devices if d.loss > 0]
         self.delay_ms, self.jitter_ms, self.burst = delay_ms, jitter_ms, burst
-        self.extra = extra_generate or []
+        # halo-run --sched of every halo process (workers and the coordinator); None: as started
+        self.sched = ["--sched", sched] if sched else []
+        self.extra = [*(extra_generate or []), *self.sched]
         self.verbose = verbose
         ports = ({d.name: PortSpec(up_mbit=d.bandwidth_mbps, down_mbit=d.bandwidth_mbps) for d in self.plan.devices}
                  if bandwidth else {})
@@ -181,7 +183,8 @@ class Bench:
         procs = {}
         for d in self.remote:
             procs[d] = self.lab.popen(d, [sys.executable, "-m", "halo_runtime.cli", "worker", "--plan", self.plan_dir,
-                                          "--device", d, "--bind", f"{self.lab.addr(d)}:{WORKER_PORT}", "--announce"],
+                                          "--device", d, "--bind", f"{self.lab.addr(d)}:{WORKER_PORT}", "--announce",
+                                          *self.sched],
                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
         deadline = time.monotonic() + timeout_s
         for d, p in procs.items():
@@ -341,6 +344,9 @@ def main(argv=None) -> int:
     ap.add_argument("--run-timeout-s", type=float, default=900)
     ap.add_argument("--prefix", default="halobench")
     ap.add_argument("--generate-arg", action="append", default=[], help="extra argument for halo-run generate")
+    ap.add_argument("--sched", choices=("normal", "batch"), default=None,
+                    help="halo-run --sched of every halo process: every device of the lab shares this machine's "
+                         "cores [default: as started, i.e. normal]")
     ap.add_argument("--skip-plan-check", action="store_true")
     ap.add_argument("--code", default=None, metavar="GIT_REV",
                     help="run halo_runtime, plan.json and manifest.json of this git revision [default: the "
@@ -424,12 +430,12 @@ def _sweep(args, plan_dir, out, png, plrs, delays, reps, tokens, gloo_reps, gloo
            "settings": {"plrs": plrs, "delays_ms": delays, "modes": modes, "reps": reps, "tokens": tokens,
                         "gloo_reps": gloo_reps, "gloo_tokens": gloo_tokens,
                         "peer_worker": args.peer_worker, "peer_root": args.peer_root,
-                        "prompts": PROMPTS[:reps], "generate_args": args.generate_arg, "burst": args.burst,
+                        "prompts": PROMPTS[:reps], "generate_args": args.generate_arg, "sched": args.sched, "burst": args.burst,
                         "loss_applies_to": "every directed link to or from a lossy device"},
            "runs": [], "failed_runs": [], "summary": {}}
     per = {(m, p, d): [] for d in delays for p in plrs for m in modes}
     with Bench(plan_dir, 0.0, 0.0, args.prefix, burst=args.burst,
-               extra_generate=args.generate_arg, bandwidth=not args.no_bandwidth, runtime_path=str(snap_dir),
+               extra_generate=args.generate_arg, sched=args.sched, bandwidth=not args.no_bandwidth, runtime_path=str(snap_dir),
                delay_from_plan=args.delay_from_plan) as bench:
         doc["lab"] = {"devices": bench.devices, "coordinator": bench.coord, "lossy": bench.lossy,
                       "delay_ms": "from plan" if args.delay_from_plan else "swept",

@@ -74,9 +74,10 @@ def _coordinator_args(p: argparse.ArgumentParser) -> None:
 
 
 def _threads_arg(p: argparse.ArgumentParser, suffix: str = "") -> None:
-    from .core.compute import ComputeOptions
+    from .core.compute import SCHED_POLICIES, ComputeOptions
 
     p.add_argument("--threads", type=int, metavar="N", **_field(ComputeOptions, "threads", suffix))
+    p.add_argument("--sched", choices=SCHED_POLICIES, **_field(ComputeOptions, "sched"))
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -174,7 +175,9 @@ def main(argv=None) -> None:
     from .net.transport import TransportError
 
     try:
-        ComputeOptions(args.threads)  # validates --threads before anything starts
+        # validates --threads and sets the scheduling before any thread or process starts
+        args.sched = ComputeOptions(args.threads, getattr(args, "sched", None)).apply_sched(
+            args.command == "local" or getattr(args, "local", False))
         if (why := rows_differ_by_pass()) is not None:
             print(f"halo-run: warning: {why}", file=sys.stderr, flush=True)
         {"worker": run_worker, "generate": run_generate, "local": run_local, "serve": run_serve,
@@ -219,7 +222,7 @@ def run_worker(args) -> None:
     from .core.compute import kernels
     if args.announce:
         print(json.dumps({"device": args.device, "host": worker.address[0], "port": worker.address[1],
-                          "kernels": kernels()}), flush=True)
+                          "kernels": kernels(), "sched": args.sched}), flush=True)
     else:
         print(f"halo-run worker {args.device} listening on {worker.address[0]}:{worker.address[1]} (UDP and TCP)",
               file=sys.stderr, flush=True)
@@ -326,7 +329,8 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
         for d, n in s.missing.items():
             per_device[d] = per_device.get(d, 0) + n
     return {
-        "sync": sync, "rounds": args.rounds, "wire": args.wire, "weights": plan.weights, "kernels": kernels(), "threads": args.threads,
+        "sync": sync, "rounds": args.rounds, "wire": args.wire, "weights": plan.weights, "kernels": kernels(),
+        "threads": args.threads, "sched": args.sched,
         "star_rounds": len(plan.star_rounds) if args.rounds == "push" else 0,  # of a push pass, through the coordinator
         "prompt_tokens": len(prompt), "tokens": gen.tokens,
         "text": tok.decode(gen.tokens, skip_special=True),

@@ -25,6 +25,7 @@ Example:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
@@ -37,10 +38,33 @@ class ComputeOptions:
     threads: int = 1
     """ggml threads for this process's graphs (inside the kernels); 1 where several device
     processes share a machine, a board's core count where a device has it to itself."""
+    sched: str | None = None
+    """the process's CPU scheduling: batch (Linux SCHED_BATCH: a process a datagram wakes does not
+    preempt the one that sent it, so a device sending its part to the others is not cut off by the
+    first receiver on its core) where several device processes share a machine's cores; normal on a
+    board of its own; unset: batch for `local` and `serve --local` (every device on this machine),
+    else as started"""
 
     def __post_init__(self):
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
             raise ValueError(f"threads must be a whole number of at least 1, got {self.threads!r}")
+        if self.sched not in (None, *SCHED_POLICIES):
+            raise ValueError(f"sched must be one of {', '.join(SCHED_POLICIES)}, got {self.sched!r}")
+
+    def apply_sched(self, shared_machine: bool) -> str:
+        """Set this process's scheduling policy (threads it starts later inherit it; so do the
+        processes it starts); returns the policy in force: normal, batch, or what it was started
+        with. `shared_machine`: every device runs on this machine (what an unset `sched` means)."""
+        want = self.sched or ("batch" if shared_machine else None)
+        if want is not None and hasattr(os, "SCHED_BATCH"):  # Linux; elsewhere the OS decides
+            os.sched_setscheduler(0, os.SCHED_BATCH if want == "batch" else os.SCHED_OTHER, os.sched_param(0))
+        if not hasattr(os, "sched_getscheduler"):
+            return "normal"
+        return {os.SCHED_OTHER: "normal", os.SCHED_BATCH: "batch"}.get(os.sched_getscheduler(0), "other")
+
+
+SCHED_POLICIES = ("normal", "batch")
+"""`ComputeOptions.sched` values."""
 
 
 _FEATURES = ("avx512_vnni", "avx512", "avx_vnni", "avx2", "matmul_int8", "dotprod", "neon", "sve", "f16c", "fma")
