@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 from halo_runtime.core.coordinator import Coordinator, TokenStats, rms_norm
 from halo_runtime.core.plan import load_plan
+from halo_runtime.core.policy import DeliveryPolicy
 from halo_runtime.core.shards import load_shard
 from halo_runtime.localcluster import local_auth, start_local_workers, stop_workers
 from halo_runtime.net.exchange import UdpExchange
@@ -66,14 +67,14 @@ def wake_cost(width: int, eps: float = 1e-5) -> dict:
             "ratio": round(statistics.median(cold) / hot, 1)}
 
 
-def main(plan_dir: str, tokens: int = 32, reps: int = 1) -> dict:
+def main(plan_dir: str, tokens: int = 32, reps: int = 1, redundancy: int | None = None) -> dict:
     plan = load_plan(plan_dir)
     shard = load_shard(plan_dir, plan, plan.coordinator)
     args = SimpleNamespace(plan=plan_dir, key_file=None, delay_ms=0.0, jitter_ms=0.0, seed=0)
     auth, workers, rows, usage = local_auth(args), {}, [], [0.0, 0.0]
     try:
         peers = start_local_workers(args, plan, {d: 0.0 for d in plan.device_names}, auth, workers)
-        exchange = UdpExchange(plan, peers, bind_host="127.0.0.1", auth=auth)
+        exchange = UdpExchange(plan, peers, DeliveryPolicy(redundancy=redundancy), bind_host="127.0.0.1", auth=auth)
         coord = Coordinator(plan, shard, exchange)
         cpu = {"compute": 0.0}
         coord.local.attention = _timed(coord.local.attention, cpu)
@@ -114,5 +115,8 @@ if __name__ == "__main__":
     ap.add_argument("plan", help="a compiled plan directory with its shards")
     ap.add_argument("tokens", nargs="?", type=int, default=32, help="tokens decoded per repetition")
     ap.add_argument("reps", nargs="?", type=int, default=1, help="repetitions")
+    ap.add_argument("--redundancy", type=int, default=None,
+                    help="copies of every message to and from a lossy device (halo-run --redundancy) "
+                         "[default: as many as the plan chose]")
     a = ap.parse_args()
-    print(json.dumps(main(a.plan, a.tokens, a.reps)))
+    print(json.dumps(main(a.plan, a.tokens, a.reps, a.redundancy)))
