@@ -344,7 +344,9 @@ def main(argv=None) -> int:
     ap.add_argument("--run-timeout-s", type=float, default=900)
     ap.add_argument("--prefix", default="halobench")
     ap.add_argument("--generate-arg", action="append", default=[], help="extra argument for halo-run generate")
-    ap.add_argument("--sched", choices=("normal", "batch"), default=None,
+    from halo_runtime.core.compute import SCHED_POLICIES
+
+    ap.add_argument("--sched", choices=SCHED_POLICIES, default=None,
                     help="halo-run --sched of every halo process: every device of the lab shares this machine's "
                          "cores [default: as started, i.e. normal]")
     ap.add_argument("--skip-plan-check", action="store_true")
@@ -430,13 +432,14 @@ def _sweep(args, plan_dir, out, png, plrs, delays, reps, tokens, gloo_reps, gloo
            "settings": {"plrs": plrs, "delays_ms": delays, "modes": modes, "reps": reps, "tokens": tokens,
                         "gloo_reps": gloo_reps, "gloo_tokens": gloo_tokens,
                         "peer_worker": args.peer_worker, "peer_root": args.peer_root,
-                        "prompts": PROMPTS[:reps], "generate_args": args.generate_arg, "sched": args.sched, "burst": args.burst,
+                        "prompts": PROMPTS[:reps], "generate_args": args.generate_arg, "sched": args.sched,
+                        "burst": args.burst,
                         "loss_applies_to": "every directed link to or from a lossy device"},
            "runs": [], "failed_runs": [], "summary": {}}
     per = {(m, p, d): [] for d in delays for p in plrs for m in modes}
     with Bench(plan_dir, 0.0, 0.0, args.prefix, burst=args.burst,
-               extra_generate=args.generate_arg, sched=args.sched, bandwidth=not args.no_bandwidth, runtime_path=str(snap_dir),
-               delay_from_plan=args.delay_from_plan) as bench:
+               extra_generate=args.generate_arg, sched=args.sched, bandwidth=not args.no_bandwidth,
+               runtime_path=str(snap_dir), delay_from_plan=args.delay_from_plan) as bench:
         doc["lab"] = {"devices": bench.devices, "coordinator": bench.coord, "lossy": bench.lossy,
                       "delay_ms": "from plan" if args.delay_from_plan else "swept",
                       "jitter_ms": "from plan" if args.delay_from_plan else args.jitter_ms,

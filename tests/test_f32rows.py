@@ -76,3 +76,6 @@ def test_off_and_without_a_compiler_ggml_multiplies(tmp_path):
     assert _library_in({"CC": "false", "HALO_CACHE_DIR": str(tmp_path)}).startswith("build failed")
     assert not list(tmp_path.iterdir())  # nothing half-written left behind
     assert _library_in({"HALO_CACHE_DIR": str(tmp_path)}).startswith("halo f32rows")
+    (built,) = tmp_path.iterdir()
+    built.write_bytes(b"not a library")  # damaged: ggml multiplies, and the reason names the file
+    assert _library_in({"HALO_CACHE_DIR": str(tmp_path)}).startswith(f"cannot load {built}")

@@ -1,7 +1,7 @@
 """fp32 products that stream each weight once for all rows of a pass, with the bits of one row.
 
 ggml multiplies fp32 weights by a few rows with one dot product per (weight row, input row): a
-pass of 8 rows (8 sessions, a draft's guesses) reads every weight 8 times and costs ~3x one row.
+pass of 8 rows (8 sessions, a draft's guesses) reads every weight 8 times and costs 2-3x one row.
 `f32rows.c` reads a weight chunk once for up to 8 rows and sums every output element in one fixed
 order, whatever the rows beside it or the threads, so a row's bits still do not depend on its pass
 (compute.py). It is built on first use with the machine's C compiler for this CPU (as ggml-python
@@ -77,19 +77,25 @@ def library() -> tuple[ctypes.CDLL | None, str]:
                                      " ".join(_command(cc, include, "")).encode(), _cpu().encode()]))
     path = cache_dir() / f"f32rows-{key.hexdigest()[:16]}.so"
     if not path.exists():
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
             os.close(fd)
             done = subprocess.run(_command(cc, include, tmp), capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
-                os.unlink(tmp)
                 last = (done.stderr.strip().splitlines() or ["failed"])[-1]
                 return None, f"build failed: {last}"
             os.replace(tmp, path)  # atomic: processes building at once each load a whole file
         except (OSError, subprocess.SubprocessError) as e:
             return None, f"build failed: {e}"
-    lib = ctypes.CDLL(str(path))
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:  # a damaged cached build: say so; deleting it rebuilds it
+        return None, f"cannot load {path}: {e}"
     width = lib.halo_f32_rows_width()
     if width < 2:
         return None, "no vector fused multiply-add on this CPU (ggml's products are faster)"

@@ -11,6 +11,9 @@ products (AVX2/AVX-512 on x86, NEON `sdot` on ARM), threads inside the kernels. 
   (`compute`); ggml's graph allocator gives its intermediate tensors one buffer; its inputs and
   outputs are numpy views, written and read without copies through ctypes.
 
+Products go through `mul_mat`: ggml's own, except fp32 weights, which take `f32rows` (each weight
+read once for all of a pass's rows) where it is built.
+
 Example (one q8_0 matrix times two vectors, against the dequantised matrix; ggml rounds the
 input to 8-bit blocks too, so they agree to about 1%):
     >>> import numpy as np
