@@ -391,7 +391,9 @@ def _report(result: dict, args) -> None:
               f"tokens per pass, {acc} of guesses accepted")
     k = result.get("kernels") or {}
     print(f"[{result['sync']}] weights {result.get('weights', 'fp32')}; {k.get('engine', '?')}, "
-          f"{'/'.join(k.get('simd', []))}; {result.get('threads', 1)} thread(s)")
+          f"{'/'.join(k.get('simd', []))}"
+          + (f"; fp32 products: {k['f32_rows']}" if result.get("weights", "fp32") == "fp32" and "f32_rows" in k else "")
+          + f"; {result.get('threads', 1)} thread(s), sched {result.get('sched', 'normal')}")
 
 
 def run_generate(args) -> None:
