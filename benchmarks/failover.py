@@ -1,6 +1,6 @@
 """Failover in the lab: how long a dead board costs, from its death to the next token.
 
-One namespace per plan device (`plr_sweep.Bench`: the plan's lossy boards at --plr, every link at
+One namespace per plan device (`labbench.Bench`: the plan's lossy boards at --plr, every link at
 --delay-ms); `halo-run worker` in each remote namespace and `halo-run generate --json` in the
 coordinator's. Once the coordinator has printed token k, the benchmark makes `--device` die, so
 that the pass of token k + 1 runs into it with k + prompt tokens of history (the KV cache the
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from benchmarks.benchcommon import CpuMeter, machine, percentiles
-from benchmarks.plr_sweep import WORKER_PORT, Bench
+from benchmarks.labbench import WORKER_PORT, Bench
 from halo_runtime.core.policy import DeliveryPolicy
 
 HERE = Path(__file__).resolve().parent

@@ -84,7 +84,7 @@ def test_a_captured_run_shows_no_activations(tiny_plan, tmp_path):
     from halo_runtime.net.auth import Authenticator
     from halo_runtime.net.wire import check_datagram
 
-    from benchmarks.plr_sweep import Bench
+    from benchmarks.labbench import Bench
 
     _, plan_dir = tiny_plan
     bench = Bench(plan_dir, 0.0, 0.0, prefix=f"hcp{uuid.uuid4().hex[:8]}", verbose=False)

@@ -15,7 +15,7 @@ import pytest
 import halo_compile
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE_BENCHMARK_MODULES = ["benchmarks.batching", "benchmarks.benchcommon", "benchmarks.compare", "benchmarks.passes", "benchmarks.scale",
+PURE_BENCHMARK_MODULES = ["benchmarks.batching", "benchmarks.benchcommon", "benchmarks.compare", "benchmarks.labbench", "benchmarks.passes", "benchmarks.scale",
                           "benchmarks.sweep_report"]  # the others need root, a lab or minutes
 TEST_HELPERS = ["tinytok"]  # tests/ is on sys.path (rootdir conftest)
 # an example that is skipped or commented out runs nothing and cannot fail

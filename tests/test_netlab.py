@@ -130,7 +130,7 @@ def test_stale_lab_of_the_same_prefix_is_removed():
 def test_generation_in_the_lab_at_5pct_loss(tiny_plan):
     """4 devices, one of them behind a 5% lossy link: relaxed and strict generate every token, the
     gloo baseline with the same partition agrees with strict at 0% loss, and nothing is left."""
-    from benchmarks.plr_sweep import Bench
+    from benchmarks.labbench import Bench
 
     plan, plan_dir = tiny_plan
     delay = 1.0 if INFO.get("netfilterqueue") else 0.0
