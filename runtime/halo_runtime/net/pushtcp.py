@@ -22,7 +22,8 @@ from ..core.exchange import DeviceLost, ExchangeStats
 from ..core.plan import Plan
 from ..core.policy import DeliveryPolicy
 from .auth import Authenticator, ReplayGuard
-from .push import PushHello, UdpPush, take_start
+from .mesh import take_start
+from .push import PushHello, UdpPush
 from .recovery import History
 from .transport import TcpChannel, TransportError
 from .wire import Kind, Message

@@ -15,7 +15,8 @@ from ..core.exchange import DeviceLost
 from ..core.plan import Plan
 from ..core.push import View, handoff_with_x, requested_rounds
 from ..core.segment import Segment, schedule
-from .push import _ATTN, _CRIT, _H, _RLX, PushHello, decode_parts, mlp_want
+from .mesh import _ATTN, _CRIT, _H, _RLX
+from .push import PushHello, decode_parts, mlp_want
 from .rounds import holders
 from .wire import Message
 

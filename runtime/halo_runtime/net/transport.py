@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import errno
+import select
 import selectors
 import socket
 import struct
@@ -125,8 +126,9 @@ class UdpEndpoint:
             raise TransportError(_describe(host, port, e)) from None
         self.address: Addr = tuple(self._sock.getsockname()[:2])
         """(host, port) actually bound."""
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._sock, selectors.EVENT_READ)
+        # poll(2) on the one socket, not `selectors`: its wrapper costs more than the wait's system call
+        self._poll = select.poll()
+        self._poll.register(self._sock.fileno(), select.POLLIN)
 
     @property
     def rcvbuf_bytes(self) -> int:
@@ -233,7 +235,7 @@ class UdpEndpoint:
             if remaining is not None and remaining <= 0:
                 return None
             try:
-                self._sel.select(remaining)
+                self._poll.poll(None if remaining is None else remaining * 1000.0)
             except (OSError, ValueError):  # closed from another thread
                 return None
         return None
@@ -243,10 +245,7 @@ class UdpEndpoint:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._sel.close()
-        finally:
-            self._sock.close()
+        self._sock.close()
 
     def __enter__(self):
         return self

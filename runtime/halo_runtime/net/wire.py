@@ -213,6 +213,11 @@ def encode(msg: Message, max_datagram: int = MAX_DATAGRAM, flags: int | None = N
     _check_range("flags", fl, 8)
     _check_range("dest", dest, 16)
     payload = msg.payload
+    if len(payload) <= room:  # one datagram: every part of a decode round (the loop below, unrolled)
+        seq = auth.next_seq()
+        header = HEADER.pack(MAGIC, VERSION, msg.kind, msg.session, msg.step, msg.layer, msg.sender,
+                             0, 1, len(payload), fl, seq, dest)
+        return [header + auth.seal(msg.session, msg.sender, seq, header, payload)]
     # a relaxed part is cut at row boundaries: the rows of the datagrams that arrive are used
     sizes = row_chunks(payload, room) if msg.kind in _ROW_CUT else None
     count = len(sizes) if sizes else datagrams(len(payload), max_datagram)
@@ -255,24 +260,26 @@ def check_datagram(data: bytes, max_datagram: int = MAX_UDP_PAYLOAD, auth: Authe
         fields = HEADER.unpack_from(data)
     except (TypeError, struct.error):
         return None, MALFORMED
-    return _open(data, fields, max_datagram, auth or _DEFAULT_AUTH)
+    chunk = _unseal(data, fields, max_datagram, auth or _DEFAULT_AUTH)
+    if type(chunk) is str:
+        return None, chunk
+    _, _, kind, session, step, layer, sender, index, count, _, flags, seq, dest = fields
+    return Header(kind, session, step, layer, sender, index, count, flags, seq, dest), chunk
 
 
-def _open(data: bytes, fields: tuple, max_datagram: int, auth: Authenticator) -> tuple[Header | None, bytes | str]:
-    """`check_datagram` of a datagram whose header fields (`HEADER.unpack_from(data)`) are read."""
+def _unseal(data: bytes, fields: tuple, max_datagram: int, auth: Authenticator) -> bytes | str:
+    """The decrypted chunk of a datagram whose header fields are read, else why it is refused."""
     n = len(data)
     if n < HEADER_SIZE + TAG_LEN or n > max_datagram:
-        return None, BAD_LENGTH
-    magic, version, kind, session, step, layer, sender, index, count, clen, flags, seq, dest = fields
+        return BAD_LENGTH
+    magic, version, _, session, _, _, sender, index, count, clen, _, seq, _ = fields
     if magic != MAGIC or version != VERSION or count == 0 or index >= count:
-        return None, MALFORMED
+        return MALFORMED
     if n != HEADER_SIZE + clen + TAG_LEN:
-        return None, BAD_LENGTH
+        return BAD_LENGTH
     view = memoryview(data)
     chunk = auth.unseal(session, sender, seq, view[:HEADER_SIZE], view[HEADER_SIZE:])
-    if chunk is None:
-        return None, FORGED
-    return Header(kind, session, step, layer, sender, index, count, flags, seq, dest), chunk
+    return FORGED if chunk is None else chunk
 
 
 @dataclass(slots=True)
@@ -360,77 +367,68 @@ class Reassembler:
         try:  # the header is read once: to drop a known copy unopened, then to open the rest
             fields = HEADER.unpack_from(datagram)
         except (TypeError, struct.error):
-            fields = None
-        if fields is not None and self._known(fields):
-            c.duplicates += 1
+            reason = check_datagram(datagram, self._max_datagram, self.auth)[1]
+            setattr(c, reason, getattr(c, reason) + 1)
             return None
-        h, chunk = check_datagram(datagram, self._max_datagram, self.auth) if fields is None else \
-            _open(datagram, fields, self._max_datagram, self.auth)
-        if h is None:
+        _, _, kind, session, step, layer, sender, index, count, _, flags, seq, dest = fields
+        attempt = (flags >> ATTEMPT_SHIFT) & 0x0F
+        key = (session, step, layer, kind, sender, attempt)
+        dedup = self._remember > 0 and attempt < MAX_ATTEMPT
+        if (self.me is None or dest == self.me) and self._known(key, dedup, index, count):
+            c.duplicates += 1  # (one addressed elsewhere is opened, and counted as misdirected)
+            return None
+        chunk = _unseal(datagram, fields, self._max_datagram, self.auth)
+        if type(chunk) is str:
             setattr(c, chunk, getattr(c, chunk) + 1)  # chunk holds the reason
             return None
-        if self.me is not None and h.dest != self.me:
+        if self.me is not None and dest != self.me:
             c.misdirected += 1
             return None
-        if not self.guard.accept(h.sender, h.seq):
+        if not self.guard.accept(sender, seq):
             c.replayed += 1
             return None
-        if h.step < self.min_step and not is_control(h.kind):
+        if step < self.min_step and not is_control(kind):
             c.stale += 1
             return None
-        attempt = attempt_of(h.flags)
-        pkey = (h.session, h.step, h.layer, h.kind, h.sender)
-        key = pkey + (attempt,)
-        dedup = self._remember > 0 and attempt < MAX_ATTEMPT
-        if dedup and key in self._done:
-            c.duplicates += 1
-            return None
-        if h.count == 1:
-            return self._complete(key, h, chunk, dedup)
+        if count == 1:
+            return self._complete(key, kind, session, step, layer, sender, flags, chunk, dedup)
         # Chunks of every attempt go into one partial: a retransmission repeats the same bytes, so
         # under loss a long (prefill) message completes from the chunks of several attempts
         # instead of needing one attempt with no chunk lost.
-        key, done_key = pkey, key
-        part = self._partials.get(key)
+        pkey = key[:5]
+        part = self._partials.get(pkey)
         if part is None:
-            part = self._partials[key] = _Partial(h.count)
-        elif part.count != h.count:
+            part = self._partials[pkey] = _Partial(count)
+        elif part.count != count:
             c.malformed += 1
-            return None
-        if h.index in part.chunks:
-            c.duplicates += 1
             return None
         if part.nbytes + len(chunk) > self._max_message_bytes:
-            self._drop(key)
+            self._drop(pkey)
             c.malformed += 1
             return None
-        part.chunks[h.index] = chunk
+        part.chunks[index] = chunk
         part.nbytes += len(chunk)
         self._buffered += len(chunk)
         if len(part.chunks) == part.count:
-            self._partials.pop(key)
+            self._partials.pop(pkey)
             self._buffered -= part.nbytes
             payload = b"".join(part.chunks[i] for i in range(part.count))
-            return self._complete(done_key, h, payload, dedup)
+            return self._complete(key, kind, session, step, layer, sender, flags, payload, dedup)
         # Oldest partials go first: under loss they are the ones least likely to complete.
         while len(self._partials) > self._max_partials or self._buffered > self._max_buffered:
             self._drop(next(iter(self._partials)))
         return None
 
-    def _known(self, fields: tuple) -> bool:
+    def _known(self, key: tuple, dedup: bool, index: int, count: int) -> bool:
         """Whether the header in clear names a chunk already delivered or held: such a datagram
         is dropped before it is decrypted. Copies on lossy links are byte-identical repeats (and
         under loss a third or more of what a device receives), so this is most of their cost
         saved. Safe unauthenticated: at worst a forgery of something already held is dropped,
         which opening it would have done too. A replay of such a datagram is one of these copies
         byte for byte, and is counted with them."""
-        _, _, kind, session, step, layer, sender, index, count, _, flags, _, dest = fields
-        if self.me is not None and dest != self.me:  # opened and counted as misdirected
-            return False
-        attempt = attempt_of(flags)
-        if self._remember > 0 and attempt < MAX_ATTEMPT and (session, step, layer, kind, sender, attempt) in self._done:
+        if dedup and key in self._done:
             return True
-        part = self._partials.get((session, step, layer, kind, sender)) if count > 1 else None
+        part = self._partials.get(key[:5]) if count > 1 else None
         return part is not None and index in part.chunks
 
     def chunks_of(self, session: int, step: int, layer: int, kind: int, sender: int) -> tuple[int, dict] | None:
@@ -443,11 +441,11 @@ class Reassembler:
         self._buffered -= part.nbytes
         self.counters.evicted += 1
 
-    def _complete(self, key: tuple, h: Header, payload: bytes, dedup: bool) -> Message:
+    def _complete(self, key: tuple, kind: int, session: int, step: int, layer: int, sender: int, flags: int,
+                  payload: bytes, dedup: bool) -> Message:
         if dedup:
             self._done[key] = None
             if len(self._done) > self._remember:
                 self._done.popitem(last=False)
         self.counters.completed += 1
-        kind = _KIND_OF.get(h.kind, h.kind)
-        return Message(kind, h.session, h.step, h.layer, h.sender, payload, h.flags)
+        return Message(_KIND_OF.get(kind, kind), session, step, layer, sender, payload, flags)

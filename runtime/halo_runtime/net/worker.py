@@ -40,7 +40,8 @@ from ..core.plandir import PlanError
 from ..core.push import view_over_memory
 from ..core.spans import Span
 from .auth import Authenticator, ReplayGuard
-from .push import HELLO_PUSH, Mesh, PushHello
+from .mesh import Mesh
+from .push import HELLO_PUSH, PushHello
 from .pushworker import PushWorker
 from .recovery import REBUILD, RESUME
 from .pushtcp import PUSH_KINDS, start_worker_mesh
