@@ -36,6 +36,8 @@ def aggregate(mode: str, plr: float, delay_ms: float | None, reps: list[dict]) -
     comp = [r.get("compensated_share", 0.0) for r in reps]
     cpu_busy = [r["cpu"]["busy_share"] for r in reps if r["cpu"]["busy_share"] is not None]
     loads = [r["cpu"][k] for r in reps for k in ("loadavg_1m_start", "loadavg_1m_end")]
+    # halo-run's own count: each device process's CPU per token (the peer reports none)
+    per_device = [r["cpu_ms_per_token"] for r in reps if r.get("cpu_ms_per_token")]
     return {
         "mode": mode, "plr": plr, "delay_ms": delay_ms, "tpot_ms": percentiles(tokens), "tpot_mean_ms": round(statistics.fmean(tokens), 3),
         "observed_loss": round(dropped / sent, 5) if sent else None,
@@ -44,7 +46,9 @@ def aggregate(mode: str, plr: float, delay_ms: float | None, reps: list[dict]) -
         "tokens_per_pass": round(statistics.fmean(r.get("tokens_per_pass", 1.0) for r in reps), 3),
         "tpot_p50_per_rep": [r["tpot_ms"]["p50"] for r in reps],
         "cpu": {"busy_share_mean": round(statistics.fmean(cpu_busy), 3) if cpu_busy else None,
-                "loadavg_1m_min": min(loads), "loadavg_1m_max": max(loads)},
+                "loadavg_1m_min": min(loads), "loadavg_1m_max": max(loads),
+                "ms_per_token_by_device": {d: round(statistics.fmean(p.get(d, 0.0) for p in per_device), 3)
+                                           for d in per_device[0]} if per_device else None},
         "reps": reps,
     }
 

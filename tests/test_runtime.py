@@ -113,6 +113,10 @@ def test_local_network_fp32_matches_single_device_model(tiny_plan, tiny_vocab_di
         assert list(r["exchange"]) == JSON_EXCHANGE_KEYS[r["sync"]]
         assert list(r["exchange"]["dropped"]) == JSON_DROP_KEYS[r["sync"]]
         assert {s["device"] for s in r["devices"].values()} == set(plan.device_names) - {plan.coordinator}
+        # every process's CPU of this run (each worker counts from its session's HELLO), per token
+        cpu = r["cpu_ms_per_token"]
+        assert set(cpu) == set(plan.device_names) and min(cpu.values()) >= 0 and cpu[plan.coordinator] > 0, cpu
+        assert sum(cpu.values()) - cpu[plan.coordinator] > 0, cpu
 
 
 def test_under_loss_relaxed_completes_and_strict_stays_exact(tiny_plan, tiny_vocab_dir):

@@ -315,12 +315,12 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
               f"retx {delta['retransmissions']}  late {delta['late']}  dup {delta['duplicates']}",
               file=sys.stderr, flush=True)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     eos = None if args.ignore_eos else plan.model.eos_token_id
     # a fresh random session: a device never mistakes this run's requests for an earlier run's
     gen = coord.generate(prompt, args.max_tokens, session=secrets.randbits(32), eos=eos, on_token=on_token,
                          draft=draft, draft_tokens=args.draft_tokens if draft is not None else 0)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, 1000 * (time.process_time() - cpu)
     decode = [s.total_ms for s in gen.token_stats[1:]]
     relaxed = sum(s.relaxed_parts for s in gen.token_stats)
     missing = sum(sum(s.missing.values()) for s in gen.token_stats)
@@ -328,6 +328,8 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
     for s in gen.token_stats:
         for d, n in s.missing.items():
             per_device[d] = per_device.get(d, 0) + n
+    devices = {d: s.to_json() for d, s in exchange.device_stats().items()} if hasattr(exchange, "device_stats") else {}
+    cpu = {plan.coordinator: cpu, **{d: s["cpu_ms"] for d, s in devices.items()}}
     return {
         "sync": sync, "rounds": args.rounds, "wire": args.wire, "weights": plan.weights, "kernels": kernels(),
         "threads": args.threads, "sched": args.sched,
@@ -346,9 +348,10 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
         "wait_ms_per_token": round(sum(s.wait_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
         "compute_ms_per_token": round(sum(s.compute_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
         "failovers": [e.to_json() for e in gen.failovers],
+        # each process's CPU over the run, prefill included, per token generated
+        "cpu_ms_per_token": {d: round(ms / max(len(gen.tokens), 1), 3) for d, ms in cpu.items()},
         "exchange": exchange.stats().to_json(),
-        "devices": ({d: s.to_json() for d, s in exchange.device_stats().items()}
-                    if hasattr(exchange, "device_stats") else {}),
+        "devices": devices,
         "per_token": per_token,
     }
 
@@ -374,26 +377,10 @@ def _load_coordinator(args):
 
 
 def _report(result: dict, args) -> None:
-    if args.json:
-        return
-    t = result["tpot_ms"]
-    print(f"\n[{result['sync']}] {result['text']!r}")
-    print(f"[{result['sync']}] {len(result['tokens'])} tokens; TPOT p50 {t['p50']} ms, p90 {t['p90']} ms, "
-          f"p99 {t['p99']} ms; first token {result['ttft_ms']} ms; compensated "
-          f"{100 * result['compensated_share']:.2f}% of relaxed parts")
-    for f in result["failovers"]:
-        print(f"[{result['sync']}] device {f['device']} died at token {f['token']}: replaced by the plan's failover "
-              f"in {f['switch_ms']:.0f} ms ({f['position']} tokens of KV cache rebuilt)")
-    d = result["draft"]
-    if d["source"] != "none":
-        acc = "n/a" if d["acceptance"] is None else f"{100 * d['acceptance']:.1f}%"
-        print(f"[{result['sync']}] draft {d['source']} ({d['tokens']} per pass): {result['tokens_per_pass']} "
-              f"tokens per pass, {acc} of guesses accepted")
-    k = result.get("kernels") or {}
-    print(f"[{result['sync']}] weights {result.get('weights', 'fp32')}; {k.get('engine', '?')}, "
-          f"{'/'.join(k.get('simd', []))}"
-          + (f"; fp32 products: {k['f32_rows']}" if result.get("weights", "fp32") == "fp32" and "f32_rows" in k else "")
-          + f"; {result.get('threads', 1)} thread(s), sched {result.get('sched', 'normal')}")
+    from .runstats import summary_lines
+
+    if not args.json:
+        print("", *summary_lines(result), sep="\n")
 
 
 def run_generate(args) -> None:

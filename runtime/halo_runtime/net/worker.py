@@ -95,6 +95,8 @@ class WorkerStats:
     """Push rounds, this session: relaxed parts this device's view estimated (missed its deadline here)."""
     pulls: int = 0
     """Push rounds, this session: PULLs it sent for parts that had not come."""
+    cpu_ms: int = 0
+    """CPU time of the worker's process this session (user and system, every thread), ms."""
 
     def __post_init__(self):
         if not isinstance(self.device, str):
@@ -147,6 +149,7 @@ class Worker:
         self.channels: list = []
         self.closed_drops = dict.fromkeys(DROP_REASONS, 0)
         self.session: int | None = None
+        self._session_cpu = time.process_time()  # when this session began, in process CPU seconds
         self.failed: str | None = None
         """The dead device whose groups this one computes too, this session (a FAILOVER)."""
         self.replies: OrderedDict[tuple, list[Message]] = OrderedDict()
@@ -172,7 +175,8 @@ class Worker:
         push = self.push.mesh.counters if self.push is not None else {}
         return WorkerStats(self.device, **self.counters, **dropped,
                            datagrams_received=self.udp.counters.datagrams_received,
-                           view_compensated=push.get("compensated", 0), pulls=push.get("pulls", 0))
+                           view_compensated=push.get("compensated", 0), pulls=push.get("pulls", 0),
+                           cpu_ms=round(1000 * (time.process_time() - self._session_cpu)))
 
     def handle(self, msg: Message) -> list[Message]:
         """Replies to one request (the caller sends them); thread-safe."""
@@ -184,6 +188,8 @@ class Worker:
                     return [Message(Kind.RESET, msg.session, 0, 0, self.index)]
                 # a new session, or a coordinator rebuilding this device's KV cache (payload "rebuild")
                 if msg.session != self.session or msg.payload == REBUILD:
+                    if msg.session != self.session:
+                        self._session_cpu = time.process_time()
                     self.session = msg.session
                     self._own_groups_only()
                     self.compute.reset()
