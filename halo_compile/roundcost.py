@@ -194,30 +194,48 @@ def round_network_ms(held: list[str], devices: list[Device], coordinator: str, c
     what it sends and receives. So push saves a hop only where the coordinator's link is as slow as
     the boards': behind a wired coordinator a board-to-board datagram crosses two slow links, as a
     star's round trip does; and on a shared medium it pays N - 1 times the airtime of a star's
-    replies. Compute is left out: it is the same either way."""
+    replies. A part of several datagrams (a wide model's row) counts each of them, and goes to and
+    from a lossy board as the runtime sends it (`_part_link`). Compute is left out: it is the same
+    either way."""
     by_name = {d.name: d for d in devices}
     names = list(by_name)
     one = DeliveryPolicy(relaxed_retries=0)
     remote = [d for d in held if d != coordinator]
     if not remote:
         return 0.0, 0.0
+    n = datagrams(options.message_bytes)  # of one part: a wide model's part takes several
 
     def pair(a: str, b: str) -> tuple[float, int]:
-        return pair_link(by_name[a].loss, by_name[b].loss, copies.get(a, 1), copies.get(b, 1))
+        return _part_link(pair_link(by_name[a].loss, by_name[b].loss, copies.get(a, 1), copies.get(b, 1)), n, one)
 
-    star = (max(2 * _lat(devices, coordinator, d)
-                + one.miss_probability(by_name[d].loss, planned=copies.get(d, 1)) * options.rto_ms for d in remote)
-            + busiest_link_ms([(a, b, copies.get(d, 1)) for d in remote for a, b in ((coordinator, d), (d, coordinator))],
+    # the star's link to d: its loss and copies as the plan chose them for d alone
+    star_copies = {d: _part_link((by_name[d].loss, copies.get(d, 1)), n, one)[1] for d in remote}
+    miss = {d: one.miss_probability(by_name[d].loss, planned=copies.get(d, 1)) if n <= 1 else
+            one.miss_probability(by_name[d].loss, hidden_size=options.message_bytes // 2, planned=copies.get(d, 1))
+            for d in remote}
+    star = (max(2 * _lat(devices, coordinator, d) + miss[d] * options.rto_ms for d in remote)
+            + busiest_link_ms([(a, b, star_copies[d]) for d in remote for a, b in ((coordinator, d), (d, coordinator))],
                               devices, options)
-            + options.datagram_ms * sum(2 * copies.get(d, 1) for d in remote))
+            + options.datagram_ms * n * sum(2 * star_copies[d] for d in remote))
     sends = [(s, v, pair(s, v)[1]) for s in held for v in names if v != s]
     handled = dict.fromkeys(names, 0)  # datagrams each device seals or opens
     for s, v, c in sends:
-        handled[s] += c
-        handled[v] += c
+        handled[s] += c * n
+        handled[v] += c * n
     push = (max(_lat(devices, s, v) + pair(s, v)[0] ** c * options.rto_ms for s, v, c in sends)
             + busiest_link_ms(sends, devices, options) + options.datagram_ms * max(handled.values()))
     return star, push
+
+
+def _part_link(link: tuple[float, int], n: int, policy: DeliveryPolicy) -> tuple[float, int]:
+    """(chance one copy of a part is lost, copies sent) of a part of `n` datagrams on a link of
+    (loss per datagram, copies the plan chose): a copy is lost when any of its datagrams is, and
+    the runtime sends a part of several datagrams `DeliveryPolicy.copies` times. One datagram: the
+    link as it is."""
+    loss, planned = link
+    if n <= 1:
+        return loss, planned
+    return 1.0 - (1.0 - loss) ** n, policy.copies(loss, n, planned)
 
 
 def gather_ms(held: list[str], devices: list[Device], coordinator: str, copies: dict[str, int],
@@ -235,11 +253,13 @@ def _one_way(pairs: list[tuple[str, str]], devices: list[Device], copies: dict[s
     if not pairs:
         return 0.0
     by_name = {d.name: d for d in devices}
-    link = {(a, b): pair_link(by_name[a].loss, by_name[b].loss, copies.get(a, 1), copies.get(b, 1)) for a, b in pairs}
+    n, one = datagrams(options.message_bytes), DeliveryPolicy(relaxed_retries=0)
+    link = {(a, b): _part_link(pair_link(by_name[a].loss, by_name[b].loss, copies.get(a, 1), copies.get(b, 1)), n, one)
+            for a, b in pairs}
     sends = [(a, b, link[a, b][1]) for a, b in pairs]
     handled: dict[str, int] = {}
     for a, b, c in sends:
         for end in (a, b):
-            handled[end] = handled.get(end, 0) + c * datagrams(options.message_bytes)
+            handled[end] = handled.get(end, 0) + c * n
     return (max(_lat(devices, a, b) + link[a, b][0] ** link[a, b][1] * options.rto_ms for a, b in pairs)
             + busiest_link_ms(sends, devices, options) + options.datagram_ms * max(handled.values()))

@@ -265,6 +265,32 @@ def test_the_cost_model_counts_only_rounds_that_leave_the_coordinator():
     assert lossy["star"] > clean["star"] and lossy["push"] > clean["push"]  # copies and expected waits
 
 
+@pytest.mark.parametrize("part_datagrams", [1, 3])
+def test_the_cost_model_counts_every_datagram_of_a_wide_models_part(part_datagrams):
+    """A part of several datagrams (a wide model's row: hidden 2048 in fp16 is 4 KiB) costs the CPU
+    of each of them, in star and push rounds alike; to and from a lossy board it goes as the runtime
+    sends it (`DeliveryPolicy.copies`: at least two copies), and a copy is lost when any of its
+    datagrams is."""
+    from dataclasses import replace
+
+    from halo_compile.placecost import PlaceOptions
+    from halo_compile.roundcost import round_network_ms
+    from halo_runtime.core.codec import chunk_room
+
+    n = part_datagrams
+    options = PlaceOptions(message_bytes=n * chunk_room(), datagram_ms=1.0)  # CPU counts, nothing else does
+    clean = [replace(d, latency_ms=0.0, bandwidth_mbps=1e9) for d in _devices(0.0)]
+    star, push = round_network_ms(ALL, clean, "d0", {}, options)
+    # star: the coordinator seals three requests and opens three replies; push: every device three each way
+    assert (star, push) == (pytest.approx(6 * n), pytest.approx(6 * n))
+    lossy = [replace(d, latency_ms=0.0, bandwidth_mbps=1e9) for d in _devices(0.0, loss=0.05)]
+    star, push = round_network_ms(ALL, lossy, "d0", {}, options)
+    copies = 1 if n == 1 else 2  # the plan's one copy, or the runtime's two of a part of several datagrams
+    lost = 1 - 0.95 ** n  # a copy of the part
+    assert push == pytest.approx(6 * copies * n + lost ** copies * options.rto_ms)  # d3: three parts out, three in
+    assert star > 6 * n + 2 * (copies - 1) * n  # d3's request and reply go `copies` times
+
+
 def test_push_pays_a_handoff_after_every_round_the_coordinator_computes_alone():
     """A push pass hands the coordinator's residual to every device before each run of rounds that
     leave it (core.push's PUSH_H): once a pass where every round does, once a layer where attention
