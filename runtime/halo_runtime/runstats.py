@@ -75,5 +75,5 @@ def summary_lines(result: dict) -> list[str]:
                  + f"; {result.get('threads', 1)} thread(s), sched {result.get('sched', 'normal')}")
     cpu = result.get("cpu_ms_per_token")
     if cpu:  # where the distribution's CPU goes: a device's round is mostly its own Python
-        lines.append(f"{s} CPU per token (prefill included): " + ", ".join(f"{d} {ms:g} ms" for d, ms in cpu.items()))
+        lines.append(f"{s} CPU per token (prefill included): " + ", ".join(f"{d} {ms:.1f} ms" for d, ms in cpu.items()))
     return lines
