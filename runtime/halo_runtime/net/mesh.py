@@ -190,6 +190,7 @@ class Mesh:
             due = min(due, next_pull[d])
         return due
 
+
 FIRST = 1
 """The schedule step every pass starts at on a device: the coordinator's first segment (the
 embedding, at least) is step 0."""
