@@ -210,9 +210,9 @@ def round_network_ms(held: list[str], devices: list[Device], coordinator: str, c
 
     # the star's link to d: its loss and copies as the plan chose them for d alone
     star_copies = {d: _part_link((by_name[d].loss, copies.get(d, 1)), n, one)[1] for d in remote}
-    miss = {d: one.miss_probability(by_name[d].loss, planned=copies.get(d, 1)) if n <= 1 else
-            one.miss_probability(by_name[d].loss, hidden_size=options.message_bytes // 2, planned=copies.get(d, 1))
-            for d in remote}
+    # a part of several datagrams: the policy counts them from the hidden size (fp16: 2 bytes a value)
+    hidden = options.message_bytes // 2 if n > 1 else None
+    miss = {d: one.miss_probability(by_name[d].loss, hidden, planned=copies.get(d, 1)) for d in remote}
     star = (max(2 * _lat(devices, coordinator, d) + miss[d] * options.rto_ms for d in remote)
             + busiest_link_ms([(a, b, star_copies[d]) for d in remote for a, b in ((coordinator, d), (d, coordinator))],
                               devices, options)

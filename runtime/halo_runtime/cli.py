@@ -315,12 +315,12 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
               f"retx {delta['retransmissions']}  late {delta['late']}  dup {delta['duplicates']}",
               file=sys.stderr, flush=True)
 
-    started, cpu = time.perf_counter(), time.process_time()
+    started, cpu_started = time.perf_counter(), time.process_time()
     eos = None if args.ignore_eos else plan.model.eos_token_id
     # a fresh random session: a device never mistakes this run's requests for an earlier run's
     gen = coord.generate(prompt, args.max_tokens, session=secrets.randbits(32), eos=eos, on_token=on_token,
                          draft=draft, draft_tokens=args.draft_tokens if draft is not None else 0)
-    elapsed, cpu = time.perf_counter() - started, 1000 * (time.process_time() - cpu)
+    elapsed, own_cpu_ms = time.perf_counter() - started, 1000 * (time.process_time() - cpu_started)
     decode = [s.total_ms for s in gen.token_stats[1:]]
     relaxed = sum(s.relaxed_parts for s in gen.token_stats)
     missing = sum(sum(s.missing.values()) for s in gen.token_stats)
@@ -329,7 +329,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
         for d, n in s.missing.items():
             per_device[d] = per_device.get(d, 0) + n
     devices = {d: s.to_json() for d, s in exchange.device_stats().items()} if hasattr(exchange, "device_stats") else {}
-    cpu = {plan.coordinator: cpu, **{d: s["cpu_ms"] for d, s in devices.items()}}
+    cpu_ms = {plan.coordinator: own_cpu_ms, **{d: s["cpu_ms"] for d, s in devices.items()}}
     return {
         "sync": sync, "rounds": args.rounds, "wire": args.wire, "weights": plan.weights, "kernels": kernels(),
         "threads": args.threads, "sched": args.sched,
@@ -349,7 +349,7 @@ def generate_once(args, plan, shard, tok, exchange, sync: str, label: str = "", 
         "compute_ms_per_token": round(sum(s.compute_ms for s in gen.token_stats) / max(len(gen.token_stats), 1), 3),
         "failovers": [e.to_json() for e in gen.failovers],
         # each process's CPU over the run, prefill included, per token generated
-        "cpu_ms_per_token": {d: round(ms / max(len(gen.tokens), 1), 3) for d, ms in cpu.items()},
+        "cpu_ms_per_token": {d: round(ms / max(len(gen.tokens), 1), 3) for d, ms in cpu_ms.items()},
         "exchange": exchange.stats().to_json(),
         "devices": devices,
         "per_token": per_token,

@@ -63,8 +63,8 @@ FP16_MAX = 65504.0
 _FP16_LIMIT = np.float32(FP16_MAX)
 
 
-def _saturate(x: np.ndarray) -> np.ndarray:
-    """x clipped to fp16's range: np.clip's bits (NaN stays NaN) without its Python wrapper, which
+def saturate_fp16(x: np.ndarray) -> np.ndarray:
+    """x clipped to fp16's range (what the fp16 wire does to outliers): np.clip's bits (NaN stays NaN) without its Python wrapper, which
     costs more than the 512 values it clips (this runs several times a round)."""
     return np.minimum(np.maximum(x, -_FP16_LIMIT), _FP16_LIMIT)
 
@@ -91,7 +91,7 @@ def encode_tensor(t: np.ndarray, wire: str = "fp16") -> bytes:
     if wire == "fp32":
         arr = x.astype(dt, copy=False)
     elif wire == "fp16":
-        arr = _saturate(x).astype(dt)
+        arr = saturate_fp16(x).astype(dt)
     else:
         bits = np.ascontiguousarray(x).view(np.uint32)
         arr = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(dt)
@@ -130,7 +130,7 @@ def as_wire(t: np.ndarray | None, wire: str) -> np.ndarray | None:
     if x.ndim == 1:
         x = x[None]
     if wire == "fp16":
-        return _saturate(x).astype(np.float16).astype(np.float32)
+        return saturate_fp16(x).astype(np.float16).astype(np.float32)
     if wire != "bf16":
         raise ValueError(f"unknown wire dtype {wire!r}; expected one of {sorted(_WIRES)}")
     bits = np.ascontiguousarray(x).view(np.uint32)

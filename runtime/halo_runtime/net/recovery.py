@@ -23,7 +23,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..core.codec import FP16_MAX, encode_request
+from ..core.codec import encode_request, saturate_fp16
 from ..core.exchange import DeviceLost
 from ..core.plan import Plan
 from ..core.shards import adopted_plan
@@ -71,7 +71,7 @@ class History:
         if at is None:
             at = self.rows.get(0, [0] * self.layers)[layer]
         if self.dtype == np.float16:
-            x = np.clip(x, -FP16_MAX, FP16_MAX)
+            x = saturate_fp16(x)
         offset, spans = 0, spans_of(at, x.shape[0])
         for s in spans:
             if s.slot not in self.rows:
